@@ -1,0 +1,23 @@
+# The two set-up commands of README.md. `make demo` runs the built-in CPU job, `make test` the test suite;
+# both install what they need first (torch pinned to the CPU build for machines without a GPU).
+PY ?= python
+STAMP := .venv-installed
+
+$(STAMP): pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) sample.py --tiny
+
+# Triton kernels run on the CPU under the interpreter, so CI checks them against their references.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q bench --benchmark-only
+
+.PHONY: install demo test bench

@@ -1,0 +1,285 @@
+"""Qwen2.5 in one file: config, RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, LM head
+and a scalar value head for the critic. Reads top to bottom; weights load and save through
+nanoufo/weights.py in Hugging Face's safetensors layout, so parameter names mirror Qwen2ForCausalLM.
+
+    from nanoufo.weights import load_model
+    model = load_model("path/to/Qwen2.5-0.5B-Instruct", device="cuda", dtype=torch.bfloat16)
+    hidden = model(input_ids, position_ids)      # (B, T, H) after the final norm
+    logits = model.logits(hidden)                # (B, T, V)
+
+Sequences in a batch are right-padded or packed; position_ids say which: a token whose position is 0
+starts a new sequence, and a token only attends to earlier tokens of its own sequence. With a KVCache,
+a token's position is also its slot in the cache: new keys/values are written there and a token sees
+every slot up to its own, so prefill, decode and appending a feedback turn are the same call.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional fast path on GPUs; the SDPA path below is the reference
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except ImportError:
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+@dataclass
+class QwenConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    torch_dtype: str = "float32"
+    hf: dict = field(default_factory=dict, repr=False)  # the raw config.json, written back on save
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "QwenConfig":
+        archs = hf.get("architectures") or [hf.get("model_type", "?")]
+        if hf.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ValueError(f"{source}: unsupported architecture {archs} (model_type "
+                             f"{hf.get('model_type')!r}); nanoufo loads {', '.join(SUPPORTED_ARCHITECTURES)}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{source}: rope scaling {rope} is not supported (only the default RoPE)")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+        try:
+            return cls(
+                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=hf["num_attention_heads"],
+                num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                initializer_range=hf.get("initializer_range", 0.02),
+                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+                hf=hf)
+        except KeyError as e:
+            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "QwenConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (a Hugging Face checkpoint directory needs config.json)")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(hf, source=str(path))
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer; slot s of a row holds the token at position s."""
+    k: torch.Tensor  # (L, B, S, Hkv, D)
+    v: torch.Tensor  # (L, B, S, Hkv, D)
+
+    @classmethod
+    def allocate(cls, config: QwenConfig, batch: int, max_len: int, device=None, dtype=None) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # the variance in fp32, as Qwen2 was trained
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, 1, D) for rotating q and k at the given positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
+              cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention for q (B, T, Hq, D); returns (B, T, Hq, D).
+
+    Without cache_rows, k and v (B, T, Hkv, D) are the same tokens as q, and a position-0 token starts a
+    new sequence (packing). With cache_rows (B,), k and v are whole caches (B_cache, S, Hkv, D): query i
+    of item b reads row cache_rows[b] and sees its slots <= position_ids[b, i].
+    """
+    B, T, Hq, D = q.shape
+    if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attention(q, k, v, position_ids, cache_rows)
+    if cache_rows is not None:
+        S = int(position_ids.max()) + 1  # slots past the furthest query are never visible
+        mask = torch.arange(S, device=q.device) <= position_ids[:, :, None]  # (B, T, S)
+        k, v = k[cache_rows, :S], v[cache_rows, :S]  # (B, S, Hkv, D)
+    else:
+        starts = position_ids == 0
+        starts[:, 0] = True
+        if starts[:, 1:].any():  # packed sequences: causal within each sequence only
+            seq = starts.cumsum(dim=1)  # (B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = causal & (seq[:, :, None] == seq[:, None, :])  # (B, T, T)
+        else:
+            mask = None
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, D)
+        attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _flash_attention(q, k, v, position_ids, cache_rows):
+    B, T, Hq, D = q.shape
+    if cache_rows is not None:  # the new keys are already in the cache; bottom-right causal alignment does the rest
+        seqlens = (position_ids[:, 0] + T).to(torch.int32)
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_batch_idx=cache_rows.to(torch.int32),
+                                       causal=True)
+    starts = position_ids.flatten() == 0
+    starts[::T] = True  # every row starts a sequence, whatever its positions
+    cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
+                                 causal=True)
+    return out.view(B, T, Hq, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, Hq, D)
+        k = apply_rotary(self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        if cache is not None:
+            k_cache, v_cache = cache  # (B_cache, S, Hkv, D) each
+            k_cache[cache_rows[:, None], position_ids] = k  # write this call's tokens into their slots
+            v_cache[cache_rows[:, None], position_ids] = v
+            k, v = k_cache, v_cache
+        y = attention(q, k, v, position_ids, cache_rows)  # (B, T, Hq, D)
+        return self.o_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, cache_rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2(nn.Module):
+    """The causal LM (actor, reference) or, with value_head=True, the critic: same trunk, scalar head."""
+
+    def __init__(self, config: QwenConfig, value_head: bool = False):
+        super().__init__()
+        self.config = config
+        self.model = Trunk(config)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:  # (V, H)
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, H) for input_ids (B, T) at position_ids (B, T).
+
+        With a cache, batch item b uses cache row cache_rows[b] (default: row b), so a sampler can drop
+        finished rows from the batch without moving the cache."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if cache is not None and cache_rows is None:
+            cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, position_ids, None if cache is None else (cache.k[i], cache.v[i]), cache_rows)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head_weight.T  # (..., V)
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden).squeeze(-1).float()  # (...,)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init as in transformers (normal(0, initializer_range), zero biases, unit norms)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, self.config.initializer_range, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        if self.value_head is not None:
+            self.value_head.weight.zero_()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def param_shapes(config: QwenConfig, value_head: bool = False) -> dict[str, torch.Size]:
+    """Every tensor name a checkpoint must hold for this config, with its shape (no memory allocated)."""
+    with torch.device("meta"):
+        model = Qwen2(config, value_head=value_head)
+    return {name: p.shape for name, p in model.named_parameters()}

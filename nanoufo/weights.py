@@ -1,0 +1,147 @@
+"""Hugging Face checkpoint directories in and out: config.json plus model.safetensors, or shards listed
+in model.safetensors.index.json. A directory saved here opens in transformers or vLLM unchanged.
+
+    model = load_model("Qwen2.5-3B-Instruct/", device="cuda", dtype=torch.bfloat16)
+    save_model(model, "out/step_200/")
+
+Tensors are read one at a time straight onto the target device and cast there, so no full fp32 copy of
+the model ever sits in CPU memory. Every problem is reported with the file and tensor it concerns.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nanoufo.model import QwenConfig, Qwen2
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, checked to exist."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+        files = [ckpt_dir / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+        return files
+    if (ckpt_dir / SINGLE_NAME).is_file():
+        return [ckpt_dir / SINGLE_NAME]
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
+    hint = " (only .bin weights found: convert them to safetensors)" if any(ckpt_dir.glob("*.bin")) else ""
+    raise FileNotFoundError(f"{ckpt_dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               value_head: bool = False) -> Qwen2:
+    """Build a Qwen2 from a HF checkpoint directory. With value_head=True (the critic) a checkpoint without
+    value_head.* tensors is accepted and the head starts at zero, so the critic starts from the actor."""
+    ckpt_dir = Path(ckpt_dir)
+    config = QwenConfig.from_json(ckpt_dir / "config.json")
+    dtype = dtype or getattr(torch, config.torch_dtype)
+    with torch.device("meta"):
+        model = Qwen2(config, value_head=value_head).to(dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    loaded = set()
+    for path in checkpoint_files(ckpt_dir):
+        for name, tensor in _read_tensors(path, device):
+            if name not in params:
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # some tied checkpoints store the head anyway; it equals the embedding
+                raise ValueError(f"{path}: unexpected tensor {name!r} (not part of a {model.__class__.__name__} "
+                                 f"with config {ckpt_dir / 'config.json'})")
+            if tensor.shape != params[name].shape:
+                raise ValueError(f"{path}: tensor {name!r} has shape {list(tensor.shape)} but config.json implies "
+                                 f"{list(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+    missing = [n for n in params if n not in loaded]
+    if value_head and all(n.startswith("value_head.") for n in missing):
+        with torch.no_grad():
+            for n in missing:
+                params[n].zero_()
+    elif missing:
+        raise ValueError(f"{ckpt_dir}: tensor {missing[0]!r} missing from the checkpoint"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return model
+
+
+def _read_tensors(path: Path, device):
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
+    """config.json for the model: the loaded file with nanoufo's fields written over it."""
+    hf = dict(config.hf)
+    hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=config.vocab_size,
+              hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+              num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+              num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
+              tie_word_embeddings=config.tie_word_embeddings, hidden_act="silu",
+              max_position_embeddings=config.max_position_embeddings,
+              initializer_range=config.initializer_range, torch_dtype=str(dtype).removeprefix("torch."))
+    hf.pop("dtype", None)
+    if "rope_parameters" in hf:
+        hf["rope_parameters"] = dict(hf["rope_parameters"], rope_theta=config.rope_theta)
+    else:
+        hf["rope_theta"] = config.rope_theta
+    return hf
+
+
+def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and the weights (sharded past max_shard_bytes) into out_dir.
+
+    Each file is written under a temporary name and renamed, so a reader never sees half a file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    dtype = next(iter(state.values())).dtype
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards):
+        _atomic(out_dir / fname, lambda tmp, shard=shard: save_file(
+            {k: v.cpu() for k, v in shard.items()}, tmp, metadata={"format": "pt"}))
+    stale = [out_dir / INDEX_NAME] if len(shards) == 1 else [out_dir / SINGLE_NAME]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
+        _atomic(out_dir / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    stale += [p for p in out_dir.glob("model-*-of-*.safetensors") if p.name not in names]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    _atomic(out_dir / "config.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2)))
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints written by transformers, and the real Qwen2.5 tokenizer."""
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from nanoufo.tokenizer import load_tokenizer
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)
+
+
+def make_hf_model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """A random transformers Qwen2ForCausalLM (fp32, eval mode) with TINY's shape and the overrides."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**TINY, **overrides})
+    cfg._attn_implementation = "eager"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: save a tiny random HF Qwen2 model to a directory and return (dir, hf_model)."""
+    def make(name: str = "ckpt", seed: int = 0, max_shard_size: str | None = None, **overrides):
+        model = make_hf_model(seed, **overrides)
+        path = tmp_path / name
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(path, **kwargs)
+        return path, model
+    return make
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    return load_tokenizer()
