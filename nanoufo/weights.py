@@ -97,8 +97,8 @@ def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
               num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
               tie_word_embeddings=config.tie_word_embeddings, hidden_act="silu",
               max_position_embeddings=config.max_position_embeddings,
-              initializer_range=config.initializer_range, torch_dtype=str(dtype).removeprefix("torch."))
-    hf.pop("dtype", None)
+              initializer_range=config.initializer_range)
+    hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")  # older and newer readers' keys
     if "rope_parameters" in hf:
         hf["rope_parameters"] = dict(hf["rope_parameters"], rope_theta=config.rope_theta)
     else:
