@@ -1,0 +1,220 @@
+"""The training configuration: one typed dataclass of defaults, config files, command-line overrides.
+
+    python train.py                                   # the built-in CPU demo (these defaults)
+    python train.py config/ufo_qwen2.5_3b.py --max_steps=50 --actor_lr=2e-6
+
+A config file is a small Python file that assigns known keys (`max_turns = 5`); it is run with runpy and
+every name it defines is checked against the fields below. Command-line values are converted with the
+field's type. Unknown keys, wrong types and impossible combinations fail before any work starts.
+"""
+import dataclasses
+import difflib
+import json
+import runpy
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+ALGORITHMS = ("ufo_ppo", "grpo")
+REWARDS = ("gold", "self_certainty")
+PLACEMENTS = ("last", "per_turn")
+AGGREGATIONS = ("token-mean", "seq-mean")
+KL_ESTIMATORS = ("k1", "k3")
+KL_PLACES = ("reward", "loss")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
+               kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, device=DEVICES, dtype=DTYPES)
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = "out/demo"
+    resume: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "float32"
+    # model, tokenizer, data ("" and "demo" mean the built-in tiny model, char tokenizer and synthetic task)
+    init_from: str = ""  # HF checkpoint directory; "" = the demo's tiny model with a supervised warm-up
+    tokenizer: str = ""  # tokenizer directory; "" = the checkpoint's own, else the bundled Qwen2.5 one
+    train_data: str = "demo"  # "demo", or a jsonl/parquet file or HF dataset for nanoufo.data.load_problems
+    train_format: str = "auto"  # row format for load_problems (e.g. "metamath", "gsm8k", "math")
+    eval_data: str = "demo"
+    eval_format: str = "auto"
+    n_eval_problems: int = 200  # 0 = the whole eval set
+    instruction: str = ""  # appended to every question; "" = the environment's default
+    warmup_steps: int = 300  # demo only: supervised steps before RL when init_from is ""
+    warmup_lr: float = 3e-3
+    # environment (DESIGN.md section 2)
+    max_turns: int = 5
+    feedback: str = "Try again."
+    turn_decay: float = 0.5
+    repetition_penalty: float = 0.5
+    format_penalty: float = 0.0
+    reward_placement: str = "last"
+    # sampling
+    problems_per_step: int = 32  # questions sampled per step, before the group filter
+    n_samples_per_problem: int = 2  # episodes per question (the group)
+    keep_groups: int = 16  # groups kept by the reward-spread filter; 0 keeps all
+    max_new_tokens: int = 16  # per attempt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eval_temperature: float = 0.5
+    eval_k: int = 5
+    # algorithm (DESIGN.md section 3)
+    algorithm: str = "ufo_ppo"
+    reward: str = "gold"
+    ppo_epochs: int = 2
+    minibatch_size: int = 16  # episodes per optimizer step
+    actor_lr: float = 1e-3
+    critic_lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float = 3.0
+    value_clip: float = 0.5
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.001
+    kl_estimator: str = "k1"
+    kl_in: str = "reward"  # "reward": a per-token penalty (UFO), "loss": a term of the policy loss (GRPO)
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = True
+    aggregation: str = "token-mean"
+    # loop
+    max_steps: int = 60
+    eval_interval: int = 0  # 0 = only at the start and the end
+    ckpt_interval: int = 20  # 0 = only at the end (and on Ctrl-C / SIGTERM)
+    plot_interval: int = 0  # steps between plot refreshes; 0 = only at the end
+    max_bad_steps: int = 3  # consecutive non-finite updates before the run aborts
+
+    @property
+    def batch_episodes(self) -> int:
+        groups = self.keep_groups or self.problems_per_step
+        return groups * self.n_samples_per_problem
+
+    @property
+    def is_demo(self) -> bool:
+        return self.train_data == "demo"
+
+
+def _close(name: str) -> str:
+    matches = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(TrainConfig)], n=3)
+    return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def _field_types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_value(key: str, text: str, source: str):
+    """Convert a command-line string to the type of field `key`."""
+    kind = _field_types()[key]
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{source}: --{key}={text!r} is not a boolean (use true or false)")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{source}: --{key}={text!r} is not a valid {kind.__name__}") from None
+
+
+def check_value(key: str, value, source: str):
+    """Type-check a value assigned in a config file; ints are accepted for float fields."""
+    kind = _field_types()[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise TypeError(f"{source}: {key} = {value!r} has type {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def read_config_file(path: str) -> dict:
+    """The known keys assigned in a Python config file (modules, functions and _private names ignored)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    known = _field_types()
+    values = {}
+    for name, value in runpy.run_path(path).items():
+        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        if name not in known:
+            raise KeyError(f"{path}: unknown config key {name!r}{_close(name)}")
+        values[name] = check_value(name, value, path)
+    return values
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """TrainConfig from `[config.py ...] [--key=value ...]`: files first, then overrides, left to right."""
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            values.update(read_config_file(arg))
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if key not in _field_types():
+            raise KeyError(f"command line: unknown config key {key!r}{_close(key)}")
+        if not eq:
+            if _field_types()[key] is not bool:
+                raise ValueError(f"command line: --{key} needs a value (--{key}=...)")
+            text = "true"
+        values[key] = parse_value(key, text, "command line")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible settings before any model is loaded."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config: {key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    positive = ("max_turns", "problems_per_step", "n_samples_per_problem", "max_new_tokens", "ppo_epochs",
+                "minibatch_size", "eval_k", "max_steps", "max_bad_steps")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
+    if cfg.keep_groups < 0 or cfg.keep_groups > cfg.problems_per_step:
+        raise ValueError(f"config: keep_groups={cfg.keep_groups} must be between 0 and "
+                         f"problems_per_step={cfg.problems_per_step}")
+    if cfg.batch_episodes % cfg.minibatch_size:
+        raise ValueError(f"config: the batch of {cfg.batch_episodes} episodes (kept groups x "
+                         f"n_samples_per_problem) is not divisible by minibatch_size={cfg.minibatch_size}")
+    if cfg.algorithm == "grpo" and cfg.n_samples_per_problem < 2:
+        raise ValueError("config: algorithm='grpo' normalizes within groups; n_samples_per_problem must be >= 2")
+    if cfg.reward_placement == "per_turn" and (cfg.algorithm != "ufo_ppo" or cfg.reward != "gold"):
+        raise ValueError("config: reward_placement='per_turn' needs algorithm='ufo_ppo' and reward='gold' "
+                         "(GRPO and self-certainty give one score per episode)")
+    if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
+        raise ValueError("config: temperature and eval_temperature must be > 0 and top_p in (0, 1]")
+    if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and cfg.dual_clip > 1.0):
+        raise ValueError("config: need 0 <= clip_low < 1, clip_high >= 0 and dual_clip > 1")
+    if (cfg.train_data == "demo") != (cfg.eval_data == "demo"):
+        raise ValueError("config: train_data and eval_data must both be 'demo' or both be datasets")
+    if cfg.is_demo and cfg.tokenizer:
+        raise ValueError("config: the demo task uses its own character tokenizer; leave tokenizer empty")
+    if not cfg.is_demo and not cfg.init_from:
+        raise ValueError("config: a dataset run needs init_from=<HF checkpoint directory>")
+    for key in ("init_from", "tokenizer"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_dir():
+            raise FileNotFoundError(f"config: {key}={path!r}: directory not found")
+    for key in ("train_data", "eval_data"):
+        path = getattr(cfg, key)
+        looks_local = path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/"))
+        if path != "demo" and looks_local and not Path(path).exists():
+            raise FileNotFoundError(f"config: {key}={path!r}: file not found")
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def format_config(cfg: TrainConfig) -> str:
+    return "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items())

@@ -1,0 +1,89 @@
+"""Run logging: one JSON object per line in out_dir/log.jsonl, and a PNG plot of the curves.
+
+    python -m nanoufo.logger out/demo/log.jsonl            # writes out/demo/log.png
+    python -m nanoufo.logger out/demo/log.jsonl -o curves.png
+
+Training steps are lines with "kind": "train"; evaluations on the held-out split are "kind": "eval".
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+TRAIN_PANELS = ("reward", "succ_at_k", "mean_turns", "non_repetitive_ratio", "kl", "clip_frac", "entropy",
+                "grad_norm")
+EVAL_PANELS = ("eval/succ_at_k", "eval/pass_at_k", "eval/non_repetitive_ratio")
+
+
+class JsonlLogger:
+    """Appends records to a JSON-lines file; on resume, records past the checkpoint's step are dropped
+    so that the file reads as if the run had never stopped."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: log file not found")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+    return records
+
+
+def plot_log(log_path: str | Path, png_path: str | Path | None = None) -> Path:
+    """Plot every known curve present in the log, one panel each; returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    png_path = Path(png_path or Path(log_path).with_suffix(".png"))
+    panels = [(key, "train") for key in TRAIN_PANELS] + [(key, "eval") for key in EVAL_PANELS]
+    present = [(k, kind) for k, kind in panels
+               if any(r.get("kind") == kind and r.get(k) is not None for r in records)]
+    cols = 4
+    rows = max(1, math.ceil(len(present) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.axis("off")
+    for ax, (key, kind) in zip(axes.flat, present):
+        points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
+        ax.plot(*zip(*points), marker="o" if kind == "eval" else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Plot a nanoufo log.jsonl")
+    parser.add_argument("log", help="path to log.jsonl")
+    parser.add_argument("-o", "--out", default=None, help="PNG path (default: next to the log)")
+    args = parser.parse_args()
+    print(plot_log(args.log, args.out))
+
+
+if __name__ == "__main__":
+    main()

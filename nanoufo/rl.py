@@ -1,0 +1,128 @@
+"""The RL maths as small pure functions on tensors (DESIGN.md section 3); nanoufo/trainer.py calls them
+and tests/test_rl.py checks each against hand-computed cases.
+
+Conventions: a batch is B right-padded trajectories of T tokens; `mask` (B, T) is 1 on tokens the policy
+sampled (the loss mask) and 0 on the prompt, the feedback turns and the padding. Per-token arrays are
+aligned with the tokens: entry i belongs to token i (whose log-prob comes from the hidden state at i-1).
+"""
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (population variance); unmasked entries become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over the sampled tokens of each trajectory.
+
+    rewards, values, mask: (B, T). Tokens outside the mask (feedback turns in between attempts) are not
+    actions: they are skipped, so the step after an attempt's last token is the next attempt's first
+    token. Returns (advantages, returns), both (B, T) and zero outside the mask."""
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = rewards.new_zeros(B)  # value of the next action token; 0 past the end
+    next_adv = rewards.new_zeros(B)
+    m = mask.to(rewards.dtype)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m[:, t]
+        next_value = torch.where(m[:, t] > 0, values[:, t], next_value)
+        next_adv = torch.where(m[:, t] > 0, adv, next_adv)
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (r - group mean) / (group std + eps) for scores (B,) laid out group after group.
+
+    The std is the sample std (n - 1), as in the GRPO papers' reference code."""
+    if scores.numel() % group_size:
+        raise ValueError(f"group_advantages: {scores.numel()} scores are not whole groups of {group_size}")
+    groups = scores.view(-1, group_size)  # (B / G, G)
+    normalized = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    return normalized.flatten()
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # keeps exp finite for far-off tokens
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"kl_penalty: unknown estimator {estimator!r} (k1 or k3)")
+
+
+def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
+    """Align a statistic computed at hidden position i-1 (which predicts token i) with token i.
+
+    per_position: (B, T-1), entry j computed from position j for target token j+1. Returns (B, T) with
+    entry 0 (the first token, never predicted) set to zero."""
+    return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position], dim=1)
+
+
+def sequence_self_certainty(token_sc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Intuitor's score: the mean self-certainty over a trajectory's sampled tokens.
+
+    token_sc (B, T) aligned with the tokens (see shift_to_tokens), mask (B, T). Returns (B,)."""
+    return masked_mean(token_sc, mask, dim=1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last masked token, (B,); a row with no masked token raises."""
+    if not bool(mask.any(1).all()):
+        bad = int((~mask.any(1)).nonzero()[0])
+        raise ValueError(f"last_token_index: trajectory {bad} has no sampled token")
+    T = mask.shape[1]
+    return T - 1 - mask.flip(1).to(torch.int8).argmax(1)
+
+
+def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = None,
+                  turn_rewards: list[list[float]] | None = None,
+                  turn_spans: list[list[tuple[int, int]]] | None = None) -> torch.Tensor:
+    """Token-level rewards (B, T), zero except at reward points.
+
+    "last": pass episode_rewards (B,): each total goes on the trajectory's last sampled token.
+    "per_turn": pass turn_rewards (one list per trajectory) and turn_spans ([start, end) token span of
+    each attempt): each turn's reward goes on that attempt's last token (end - 1)."""
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if episode_rewards is not None:
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        rewards[rows, last_token_index(mask)] = episode_rewards.to(rewards)
+        return rewards
+    if turn_rewards is None or turn_spans is None:
+        raise ValueError("place_rewards: pass episode_rewards, or turn_rewards with turn_spans")
+    for b, (values, spans) in enumerate(zip(turn_rewards, turn_spans, strict=True)):
+        if len(values) != len(spans):
+            raise ValueError(f"place_rewards: trajectory {b} has {len(values)} turn rewards but {len(spans)} turns")
+        for value, (start, end) in zip(values, spans):
+            rewards[b, end - 1] += value
+    return rewards
+
+
+def group_filter(scores: torch.Tensor, group_size: int, keep_groups: int) -> torch.Tensor:
+    """Indices (into scores (B,)) of the episodes of the keep_groups groups with the largest reward spread.
+
+    Groups are contiguous runs of group_size; the spread is the population std within a group, and ties
+    keep the earlier group. Kept groups stay in their original order."""
+    if scores.numel() % group_size:
+        raise ValueError(f"group_filter: {scores.numel()} scores are not whole groups of {group_size}")
+    n_groups = scores.numel() // group_size
+    if not 0 < keep_groups <= n_groups:
+        raise ValueError(f"group_filter: keep_groups={keep_groups} must be in [1, {n_groups}]")
+    spread = scores.view(n_groups, group_size).float().std(1, unbiased=False)  # (n_groups,)
+    order = torch.sort(-spread, stable=True).indices[:keep_groups]
+    kept = order.sort().values  # (keep_groups,)
+    return (kept[:, None] * group_size + torch.arange(group_size, device=scores.device)).flatten()
