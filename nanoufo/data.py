@@ -1,0 +1,162 @@
+"""Math problem sets for UFO episodes: (question, gold answer) pairs read with the `datasets` library.
+
+    from nanoufo.data import load_problems, DEFAULT_EVAL_SETS
+    problems, n_skipped = load_problems(DEFAULT_EVAL_SETS["gsm8k"])              # format detected
+    problems, n_skipped = load_problems("MetaMathQA-395K.json", format="metamath")
+    problems, n_skipped = load_problems("my.parquet", format="generic", question_key="q", answer_key="a")
+
+Sources: a local .jsonl/.json/.parquet file, a directory of them (`split` picks the files), or a hub name
+when online. Formats: gsm8k (answer after the last "#### "), math500 (problem/answer fields), metamath
+(MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows) and generic. A row
+without a usable answer is skipped and counted, never a crash. Tests: `python -m pytest -q tests/test_data.py`.
+"""
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EVAL_SETS = {  # held-out evaluation sets bundled with the project (attribution: data/SOURCES.md)
+    "gsm8k": REPO_ROOT / "data" / "gsm8k" / "test.jsonl",
+    "math500": REPO_ROOT / "data" / "math500" / "test.jsonl",
+}
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
+THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+@dataclass
+class Problem:
+    question: str
+    answer: str
+    id: str  # the source row, e.g. "gsm8k/test.jsonl:17" (0-based row index in the loaded split)
+
+
+def _gsm8k_answer(solution: str) -> str | None:
+    if "#### " not in solution:
+        return None
+    return THOUSANDS_SEPARATOR.sub("", solution.rsplit("#### ", 1)[1].strip())
+
+
+def _metamath_answer(response: str) -> str | None:
+    match = METAMATH_ANSWER.search(response)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class Format:
+    question_key: str
+    answer_key: str
+    parse_answer: Callable[[str], str | None]  # the gold answer from the answer field, None if unusable
+    keep_row: Callable[[dict], bool] = lambda row: True  # rows a format leaves out by design (not "skipped")
+
+
+FORMATS = {
+    "gsm8k": Format("question", "answer", _gsm8k_answer),
+    "math500": Format("problem", "answer", str.strip),
+    "metamath": Format("query", "response", _metamath_answer,
+                       keep_row=lambda row: isinstance(row.get("type"), str) and row["type"].startswith("MATH_")),
+    "generic": Format("question", "answer", str.strip),
+}
+
+
+def _as_text(value) -> str | None:
+    """A field's text: strings as they are, numbers written out; anything else (None, lists, bools) is unusable."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """Where a jsonl file stops being UTF-8 JSON lines, for an error message that names the row."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                if raw.strip():
+                    json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                return f"{path}: line {line_number}: {type(error).__name__}: {error}"
+    return None
+
+
+def _read_local(path: Path, split: str) -> datasets.Dataset:
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=split)
+    if path.suffix not in LOCAL_BUILDERS:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use one of {sorted(LOCAL_BUILDERS)})")
+    try:
+        return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as error:
+        where = _first_bad_line(path) if path.suffix == ".jsonl" else None
+        raise ValueError(where or f"{path}: could not be read: {error}") from error
+
+
+def _read(source: str | Path, split: str, name: str | None) -> tuple[datasets.Dataset, str]:
+    """The rows and a short label for Problem ids: the file's last two path parts, or the hub name."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _read_local(path, split), "/".join(path.resolve().parts[-2:])
+    if path.suffix in LOCAL_BUILDERS or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    try:
+        return datasets.load_dataset(str(source), name, split=split), f"{source}/{split}"
+    except Exception as error:
+        raise FileNotFoundError(f"{source}: not a local file or directory, and loading it from the "
+                                f"Hugging Face hub failed ({type(error).__name__}: {error})") from error
+
+
+def _detect_format(rows: datasets.Dataset, label: str) -> str:
+    columns = set(rows.column_names)
+    if {"query", "response", "type"} <= columns:
+        return "metamath"
+    if {"problem", "answer"} <= columns:
+        return "math500"
+    if {"question", "answer"} <= columns:
+        answers = [_as_text(a) or "" for a in rows.select(range(min(len(rows), 20)))["answer"]]
+        return "gsm8k" if any("#### " in a for a in answers) else "generic"
+    raise ValueError(f"{label}: cannot detect the format from the columns {sorted(columns)}; "
+                     f"pass format= one of {sorted(FORMATS)} (generic with question_key/answer_key)")
+
+
+def load_problems(source: str | Path, format: str = "auto", split: str = "train", limit: int | None = None,
+                  question_key: str | None = None, answer_key: str | None = None,
+                  name: str | None = None) -> tuple[list[Problem], int]:
+    """Problems from `source` and the number of rows skipped for want of a usable question and answer.
+    `question_key`/`answer_key` override the format's field names; `name` is a hub data set's config
+    (e.g. "main" for openai/gsm8k); `limit` stops after that many problems."""
+    if format not in FORMATS and format != "auto":
+        raise ValueError(f"unknown data format {format!r}; valid formats: auto, {', '.join(FORMATS)}")
+    rows, label = _read(source, split, name)
+    chosen = FORMATS[_detect_format(rows, label) if format == "auto" else format]
+    question_key, answer_key = question_key or chosen.question_key, answer_key or chosen.answer_key
+    missing = [key for key in (question_key, answer_key) if key not in rows.column_names]
+    if missing:
+        raise KeyError(f"{label}: no column {missing} (columns: {sorted(rows.column_names)})")
+    problems, skipped = [], Counter()
+    for index, row in enumerate(rows):
+        if limit is not None and len(problems) >= limit:
+            break
+        if not chosen.keep_row(row):
+            continue
+        question, answer_field = _as_text(row[question_key]), _as_text(row[answer_key])
+        answer = chosen.parse_answer(answer_field) if answer_field is not None else None
+        if question is None or answer_field is None:
+            skipped["missing field or wrong type"] += 1
+        elif not question.strip():
+            skipped["empty question"] += 1
+        elif not answer:
+            skipped["no parsable answer"] += 1
+        else:
+            problems.append(Problem(question.strip(), answer, f"{label}:{index}"))
+    if skipped:
+        log.warning("%s: skipped %d rows (%s)", label, sum(skipped.values()), dict(skipped))
+    return problems, sum(skipped.values())

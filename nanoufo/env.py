@@ -1,0 +1,150 @@
+"""The UFO environment (DESIGN.md section 2): a math problem, up to `max_turns` attempts, and after each wrong
+attempt only the feedback text ("Try again."). It owns the chat-template token pieces the sampler needs,
+grades attempts and computes rewards.
+
+    env = UFOEnv(tokenizer)
+    ids = env.prompt_ids(problem.question)        # system + user turn + assistant header
+    episode = Episode(problem)
+    over = env.step(episode, response_text)       # extract, grade, record; True when the episode ends
+    ids += response_ids + env.feedback_ids(ended_with_stop=True)   # when it goes on
+    reward = env.reward(episode)
+
+Works with any Hugging Face tokenizer whose chat template uses <|im_start|>/<|im_end|> turns: the feedback
+tokens are derived from the template itself. Tests: `python -m pytest -q tests/test_env.py`.
+"""
+from dataclasses import dataclass, field
+
+from nanoufo.data import Problem
+from nanoufo.grader import count_distinct_answers, extract_answer, grade_batch
+
+TURN_END = "<|im_end|>"
+RESPONSE_SENTINEL = "<<nanoufo-response>>"  # stands in for an attempt while the template is rendered
+
+
+@dataclass
+class Episode:
+    problem: Problem
+    responses: list[str] = field(default_factory=list)
+    answers: list[str | None] = field(default_factory=list)  # extracted final answers, None if none
+    correct: list[bool] = field(default_factory=list)
+
+    @property
+    def turns(self) -> int:
+        """Attempts made so far."""
+        return len(self.responses)
+
+    @property
+    def solved(self) -> bool:
+        return any(self.correct)
+
+    @property
+    def solved_turn(self) -> int | None:
+        """The 0-based turn of the correct attempt (episodes end on it), or None."""
+        return self.correct.index(True) if self.solved else None
+
+
+class UFOEnv:
+    def __init__(self, tokenizer, feedback: str = "Try again.", max_turns: int = 5, turn_decay: float = 0.5,
+                 repetition_penalty: float = 0.5, format_penalty: float = 0.0,
+                 instruction: str = "Please reason step by step, and put your final answer within \\boxed{}.",
+                 system_prompt: str | None = None, grade_timeout: float = 5.0):
+        """`repetition_penalty` and `format_penalty` are magnitudes (>= 0) that are subtracted; UFO's code
+        uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message."""
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, got {max_turns}")
+        if repetition_penalty < 0 or format_penalty < 0:
+            raise ValueError(f"penalties are magnitudes to subtract and must be >= 0, got repetition_penalty="
+                             f"{repetition_penalty}, format_penalty={format_penalty}")
+        self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
+        self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
+        self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
+        self.turn_end_id = self._special_id(TURN_END)
+        self._feedback_text = self._derive_feedback_text()
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token; UFOEnv needs a <|im_start|>/<|im_end|> chat template")
+        return token_id
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _messages(self, question: str) -> list[dict]:
+        system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+        user = " ".join(part for part in (question.strip(), self.instruction) if part)
+        return system + [{"role": "user", "content": user}]
+
+    def _derive_feedback_text(self) -> str:
+        """The template's text between the end of an attempt's content and the next attempt's content:
+        the assistant turn's close, the feedback user turn and the assistant header. Found as the difference
+        between renderings of the same conversation with and without the extra turns."""
+        opening = self._messages("question")
+        prompt = self._render(opening, add_generation_prompt=True)
+        answered = self._render(opening + [{"role": "assistant", "content": RESPONSE_SENTINEL}], False)
+        retried = self._render(opening + [{"role": "assistant", "content": RESPONSE_SENTINEL},
+                                          {"role": "user", "content": self.feedback}], True)
+        if not answered.startswith(prompt + RESPONSE_SENTINEL) or not retried.startswith(answered):
+            raise ValueError("the chat template does not render a conversation as prompt + attempt + rest; "
+                             "cannot derive the feedback turn's tokens from it")
+        between = retried[len(prompt) + len(RESPONSE_SENTINEL):]  # (turn close)(feedback turn)(assistant header)
+        if not between.startswith(TURN_END):
+            raise ValueError(f"the chat template does not close an assistant turn with {TURN_END}: {between!r}")
+        return between
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The episode's opening tokens: (system), user turn with question and instruction, assistant header."""
+        return self._encode(self._render(self._messages(question), add_generation_prompt=True))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an attempt: <|im_end|>, then the tokenizer's eos and <|endoftext|> where distinct."""
+        candidates = [self.turn_end_id, self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        valid = [i for i in candidates if i is not None and i != self.tokenizer.unk_token_id]
+        return list(dict.fromkeys(valid))
+
+    def feedback_ids(self, ended_with_stop: bool) -> list[int]:
+        """Tokens appended after a wrong attempt so the next one can start: the close of the assistant turn,
+        the user turn with the feedback text and the assistant header. `ended_with_stop`: the attempt's last
+        sampled token was <|im_end|> (it is part of the attempt then); False after a token limit (or any
+        other stop token), and the close's <|im_end|> is included here, not sampled."""
+        text = self._feedback_text[len(TURN_END):] if ended_with_stop else self._feedback_text
+        return self._encode(text)
+
+    def step(self, episode: Episode, response_text: str) -> bool:
+        """Grade one attempt and record it; True when the episode is over (correct, or max_turns reached)."""
+        return self.step_batch([episode], [response_text])[0]
+
+    def step_batch(self, episodes: list[Episode], response_texts: list[str]) -> list[bool]:
+        """step() for many episodes with one call into the grader's worker."""
+        for episode in episodes:
+            if self.is_over(episode):
+                raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
+        answers = [extract_answer(text) for text in response_texts]
+        verdicts = grade_batch(answers, [episode.problem.answer for episode in episodes], self.grade_timeout)
+        for episode, text, answer, verdict in zip(episodes, response_texts, answers, verdicts):
+            episode.responses.append(text)
+            episode.answers.append(answer)
+            episode.correct.append(verdict)
+        return [self.is_over(episode) for episode in episodes]
+
+    def is_over(self, episode: Episode) -> bool:
+        return episode.solved or episode.turns >= self.max_turns
+
+    def turn_rewards(self, episode: Episode) -> list[float]:
+        """Each attempt's share of the episode reward: turn_decay**t on the correct attempt t, minus
+        format_penalty on each attempt without an extractable answer, and the repetition penalty
+        repetition_penalty * (1 - E/T) on the last attempt (E distinct normalized answers among T attempts,
+        missing answers counting as one value; see grader.count_distinct_answers)."""
+        rewards = [(self.turn_decay ** t if correct else 0.0) - (self.format_penalty if answer is None else 0.0)
+                   for t, (answer, correct) in enumerate(zip(episode.answers, episode.correct))]
+        if rewards:
+            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(episode.answers) / episode.turns)
+        return rewards
+
+    def reward(self, episode: Episode) -> float:
+        """The episode's total reward: the sum of turn_rewards (0.0 before any attempt)."""
+        return sum(self.turn_rewards(episode))

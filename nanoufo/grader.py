@@ -1,0 +1,207 @@
+"""Answer extraction and grading for the UFO environment.
+
+    from nanoufo.grader import extract_answer, is_correct, grade_batch
+    answer = extract_answer(response_text)          # last balanced \\boxed{...}, else last <answer>...</answer>
+    ok = is_correct(answer, "\\frac{1}{2}")         # math equivalence with math-verify, never hangs
+    oks = grade_batch(answers, golds, timeout=5.0)  # the fast path for the trainer
+
+Grading runs math-verify in one persistent worker process (started on first use, reused for every call).
+A pathological answer such as 9^{9^{9^9}} can hang sympy inside C code where no signal reaches it, so the
+parent waits at most `timeout` seconds per answer, then kills the worker, counts the answer as wrong and
+starts a fresh worker for the rest. Run `python -m pytest -q tests/test_grader.py` to test it.
+"""
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BOXED_OPEN = re.compile(r"\\boxed\s*\{")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def _braced_content(text: str, start: int) -> str | None:
+    """The text from `start` up to the brace that closes the one just before it, or None if it never closes.
+    A backslash-escaped brace (\\{, \\}) is a literal set brace, not a group, so it is not counted."""
+    depth, i = 1, start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[start:i]
+        i += 1
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last balanced, non-empty \\boxed{...} (nested braces kept), else of the last
+    <answer>...</answer>, else None. An unclosed box (a truncated response) or an empty one (the model
+    echoing the instruction's "\\boxed{}") is passed over in favour of an earlier complete one."""
+    for match in reversed(list(BOXED_OPEN.finditer(text))):
+        content = _braced_content(text, match.end())
+        if content is not None and content.strip():
+            return content.strip()
+    tags = [tag.strip() for tag in ANSWER_TAG.findall(text) if tag.strip()]
+    return tags[-1] if tags else None
+
+
+# normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.
+_NORMALIZE_RULES = [
+    (re.compile(r"\\(?:left|right)\b"), ""),                         # \left( -> (
+    (re.compile(r"\\[,;:! ]|~"), ""),                                # LaTeX spacing commands
+    (re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}"), r"\1"),  # \text{cm} -> cm
+    (re.compile(r"\\[dt]frac"), r"\\frac"),                          # \dfrac, \tfrac -> \frac
+    (re.compile(r"\^\s*\{?\\circ\}?|\\\$|\$|\\%|%"), ""),             # degrees, dollars, percent signs
+    (re.compile(r"\s+"), ""),                                        # all whitespace
+    (re.compile(r"(?<=\d),(?=\d{3}(?!\d))"), ""),                    # thousands separators: 1,000 -> 1000
+    (re.compile(r"(?<=\d)\.0+$"), ""),                               # 18.0 -> 18 (whole numbers only)
+    (re.compile(r"\.$"), ""),                                        # a trailing full stop
+]
+
+
+def normalize_answer(answer: str) -> str:
+    """A canonical spelling of an answer, used only to count distinct answers for the repetition penalty
+    (grading uses math-verify). It drops \\left/\\right, spacing commands, \\text{}/\\mathrm{} wrappers,
+    degree/dollar/percent signs, all whitespace, thousands separators, a whole number's ".0" and a trailing
+    full stop, and maps \\dfrac/\\tfrac to \\frac. Case is kept (x and X may be different answers)."""
+    for pattern, replacement in _NORMALIZE_RULES:
+        answer = pattern.sub(replacement, answer)
+    return answer
+
+
+def count_distinct_answers(answers: list[str | None]) -> int:
+    """Distinct normalized answers among attempts. Attempts with no extractable answer (None) all count
+    as ONE more value, so repeating "no answer" is repetition too (the format penalty is separate)."""
+    return len({None if answer is None else normalize_answer(answer) for answer in answers})
+
+
+def _serve() -> None:
+    """The worker's main loop: one JSON line [answer, gold] in, one line b"1" or b"0" out, until stdin closes.
+    Timeouts are the parent's job (it kills this process), so math-verify's own signal timeouts are off."""
+    import logging
+    import resource
+
+    limit_mb = int(os.environ.get("NANOUFO_GRADER_MEMORY_MB", "4096"))
+    resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))  # a memory bomb -> MemoryError
+    protocol = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # stray prints from sympy/math-verify go to stderr, never into the protocol
+    from math_verify import parse, verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    parsed_golds: dict[str, list] = {}
+    protocol.write(b"ready\n")
+    for line in sys.stdin.buffer:
+        answer, gold = json.loads(line)
+        try:
+            if gold not in parsed_golds:
+                parsed_golds[gold] = parse("\\boxed{" + gold + "}", parsing_timeout=None)
+            target = parse("\\boxed{" + answer + "}", parsing_timeout=None)
+            verdict = verify(parsed_golds[gold], target, timeout_seconds=None)
+        except Exception:  # math-verify on odd input (or a MemoryError): the answer is not shown correct
+            verdict = False
+        protocol.write(b"1\n" if verdict else b"0\n")
+
+
+class Grader:
+    """math-verify in a persistent worker process; an answer that takes longer than `timeout` seconds
+    counts as wrong and costs one worker restart (about a second). Results are cached per (answer, gold)."""
+
+    WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock
+    CACHE_SIZE = 100_000
+
+    def __init__(self, startup_timeout: float = 120.0):
+        self.startup_timeout = startup_timeout
+        self._proc: subprocess.Popen | None = None
+        self._buffer = b""
+        self._cache: dict[tuple[str, str], bool] = {}
+
+    def _start(self) -> None:
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        code = f"import sys; sys.path.insert(0, {package_parent!r}); from nanoufo.grader import _serve; _serve()"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE)
+        self._buffer = b""
+        if self._read_line(self.startup_timeout) != b"ready":
+            self.close()
+            raise RuntimeError("nanoufo/grader.py: the math-verify worker did not start (see its stderr above)")
+
+    def _read_line(self, timeout: float) -> bytes | None:
+        """The worker's next line, or None if it does not come within `timeout` seconds or the worker died."""
+        deadline = time.monotonic() + timeout
+        fd = self._proc.stdout.fileno()  # read the raw descriptor, so select() sees every byte not yet read
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def close(self) -> None:
+        """Kill the worker (the next call starts a fresh one)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                try:
+                    pipe.close()
+                except BrokenPipeError:  # jobs still buffered for the dead worker: dropped on purpose
+                    pass
+            self._proc = None
+
+    def grade(self, answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
+        """Whether each answer equals its gold answer; None or empty answers are wrong without a look."""
+        if len(answers) != len(golds):
+            raise ValueError(f"grade: {len(answers)} answers but {len(golds)} gold answers")
+        results = [self._cache.get((a, g), False) if a else False for a, g in zip(answers, golds)]
+        todo = [i for i, (a, g) in enumerate(zip(answers, golds)) if a and a.strip() and (a, g) not in self._cache]
+        pos = 0
+        while pos < len(todo):
+            if self._proc is None:
+                self._start()
+            window = todo[pos:pos + self.WINDOW]
+            try:
+                self._proc.stdin.write(b"".join(json.dumps([answers[i], golds[i]]).encode() + b"\n" for i in window))
+                self._proc.stdin.flush()
+            except BrokenPipeError:  # the worker died between calls (killed from outside): start another
+                self.close()
+                continue
+            for i in window:
+                line = self._read_line(timeout)
+                pos += 1
+                if line is None:  # too slow (or the worker died): wrong, and the rest of the window is resent
+                    self.close()
+                    self._remember(answers[i], golds[i], False)
+                    break
+                results[i] = line == b"1"
+                self._remember(answers[i], golds[i], results[i])
+        return results
+
+    def _remember(self, answer: str, gold: str, verdict: bool) -> None:
+        if len(self._cache) >= self.CACHE_SIZE:
+            self._cache.clear()
+        self._cache[(answer, gold)] = verdict
+
+
+_default_grader = Grader()
+atexit.register(_default_grader.close)
+
+
+def grade_batch(answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
+    """Grade many answers with the shared worker: one round trip per window of 64, not per answer."""
+    return _default_grader.grade(answers, golds, timeout)
+
+
+def is_correct(answer: str | None, gold: str, timeout: float = 5.0) -> bool:
+    """Whether `answer` (e.g. from extract_answer) equals `gold` mathematically: 0.5 == \\frac{1}{2},
+    \\$18 == 18.0 == 18, [-2,7] == [-2, 7]. Times out after `timeout` seconds and then counts as wrong."""
+    return grade_batch([answer], [gold], timeout)[0]

@@ -1,0 +1,66 @@
+"""Evaluation metrics for UFO episodes (DESIGN.md section 2), as pure functions.
+
+    from nanoufo.metrics import summarize, pass_at_k
+    table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, repetition
+    baseline = pass_at_k(correct_per_problem, k=5)                           # k independent single-turn samples
+
+Succ@k counts an episode solved within its first k sequential attempts (with feedback in between);
+Pass@k is the baseline: any of k independent single-turn samples correct. Ratios are in [0, 1]; a metric
+with nothing to average over is NaN. Tests: `python -m pytest -q tests/test_metrics.py`.
+"""
+from math import comb, nan
+
+from nanoufo.env import Episode
+from nanoufo.grader import count_distinct_answers
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else nan
+
+
+def succ_at_k(episodes: list[Episode], k: int) -> float:
+    """Fraction of episodes solved within their first k attempts."""
+    return _mean([float(e.solved_turn is not None and e.solved_turn < k) for e in episodes])
+
+
+def pass_at_k(correct: list[list[bool]], k: int) -> float:
+    """Mean over problems of the unbiased estimate 1 - C(n-c, k) / C(n, k) that at least one of k samples is
+    correct, from n >= k independent samples of which c are correct (Chen et al. 2021)."""
+    for index, samples in enumerate(correct):
+        if len(samples) < k:
+            raise ValueError(f"pass_at_k: problem {index} has {len(samples)} samples, fewer than k={k}")
+    return _mean([1.0 - comb(len(s) - sum(s), k) / comb(len(s), k) for s in correct])
+
+
+def mean_turns(episodes: list[Episode]) -> float:
+    """Mean attempts made per episode, solved or not (unsolved episodes count all their attempts)."""
+    return _mean([e.turns for e in episodes])
+
+
+def mean_turns_to_solve(episodes: list[Episode]) -> float:
+    """Mean attempts used by the solved episodes, counting the correct one (solved at once = 1)."""
+    return _mean([e.solved_turn + 1 for e in episodes if e.solved])
+
+
+def non_repetitive_ratio(episodes: list[Episode]) -> float:
+    """Mean over episodes with more than one attempt of E/T: distinct normalized answers E among T attempts
+    (missing answers count as one value). Single-attempt episodes are left out, as they cannot repeat."""
+    return _mean([count_distinct_answers(e.answers) / e.turns for e in episodes if e.turns > 1])
+
+
+def tokens_per_episode(lengths: list[int]) -> float:
+    """Mean sampled tokens per episode (policy tokens only: prompt and feedback tokens are not sampled)."""
+    return _mean([float(n) for n in lengths])
+
+
+def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None) -> dict[str, float]:
+    """All multi-turn metrics in one table row: episodes, succ@1..succ@k, mean_turns, mean_turns_to_solve,
+    non_repetitive_ratio and, given per-episode sampled token counts, tokens_per_episode."""
+    table = {"episodes": float(len(episodes))}
+    table.update({f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)})
+    table["mean_turns"] = mean_turns(episodes)
+    table["mean_turns_to_solve"] = mean_turns_to_solve(episodes)
+    table["non_repetitive_ratio"] = non_repetitive_ratio(episodes)
+    if lengths is not None:
+        table["tokens_per_episode"] = tokens_per_episode(lengths)
+    return table
