@@ -1,0 +1,138 @@
+"""The built-in CPU demo: a character tokenizer, a synthetic arithmetic task and a tiny Qwen2 model.
+
+    python train.py                  # warm-up, then UFO PPO on this task (the default config)
+
+The task, "Guess my sum": the question lists 3 to 5 single-digit additions with distinct sums, e.g.
+"Guess my sum: 3+4 2+6 5+1", and the gold answer is the sum of one of them, picked at random when the
+problem is made. One attempt can only guess (about 1/3 to 1/5 right), but every wrong answer rules a
+candidate out, so a model that revises after "Try again." (a different sum each turn) solves every
+problem within 5 turns, while one that repeats itself does not. That is the behaviour UFO trains for.
+Questions whose text hashes into the held-out fifth never appear in training.
+
+The tokenizer is a transformers PreTrainedTokenizerFast with one token per printable character, the
+Qwen specials <|endoftext|>, <|im_start|>, <|im_end|> and a Qwen-style chat template (no system turn),
+so nanoufo.env.UFOEnv runs on it unchanged. The warm-up is supervised on episodes of a policy that guesses
+a candidate uniformly at each turn, independently of its earlier guesses: it teaches the format and the
+additions at every turn, and nothing about revising.
+"""
+import random
+import string
+import zlib
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from nanoufo.data import Problem
+from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.trainer import sft_loss
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+CHAT_TEMPLATE = ("{%- for message in messages %}"
+                 "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                 "{%- endfor %}"
+                 "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+N_CANDIDATES = (3, 4, 5)
+HELD_OUT_BUCKETS = 5  # one question in five (by text hash) is held out
+# The tiny model: 4 layers, grouped-query attention, tied embeddings (about 0.5M parameters).
+TINY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=1024)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character plus the three Qwen specials (ids 0-2)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every character is its own token
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def is_held_out(question: str) -> bool:
+    return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
+
+
+def random_problem(rng: random.Random) -> tuple[str, str]:
+    """(question, gold) with 3-5 additions of distinct sums; the gold is one of the sums."""
+    k = rng.choice(N_CANDIDATES)
+    pairs, sums = [], set()
+    while len(pairs) < k:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if a + b not in sums:
+            pairs.append((a, b))
+            sums.add(a + b)
+    gold = sum(rng.choice(pairs))
+    return "Guess my sum: " + " ".join(f"{a}+{b}" for a, b in pairs), str(gold)
+
+
+def make_problems(split: str, n: int, seed: int) -> list[Problem]:
+    """n problems of the "train" or "test" split; the same seed gives the same list."""
+    if split not in ("train", "test"):
+        raise ValueError(f"demo: unknown split {split!r} (train or test)")
+    rng = random.Random(f"{split}-{seed}")
+    problems = []
+    while len(problems) < n:
+        question, gold = random_problem(rng)
+        if is_held_out(question) == (split == "test"):
+            problems.append(Problem(question, gold, f"demo/{split}:{len(problems)}"))
+    return problems
+
+
+def candidates(question: str) -> list[str]:
+    """Every sum the question lists: the answers an attempt may give."""
+    pairs = [pair.split("+") for pair in question.removeprefix("Guess my sum: ").split()]
+    return [str(int(a) + int(b)) for a, b in pairs]
+
+
+def build_model(vocab_size: int, seed: int) -> Qwen2:
+    config = QwenConfig(vocab_size=vocab_size, **TINY_MODEL)
+    model = Qwen2(config)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def warmup_episode(env, tokenizer, problem: Problem, rng: random.Random, max_turns: int):
+    """Token ids and loss mask of one episode of the uniform guesser, in the environment's own format."""
+    options = candidates(problem.question)
+    ids = list(env.prompt_ids(problem.question))
+    mask = [0] * len(ids)
+    for turn in range(max_turns):
+        guess = rng.choice(options)
+        attempt = tokenizer.encode(f"\\boxed{{{guess}}}", add_special_tokens=False) + [env.stop_ids[0]]
+        ids += attempt
+        mask += [1] * len(attempt)
+        if guess == problem.answer or turn == max_turns - 1:
+            break
+        feedback = list(env.feedback_ids(True))
+        ids += feedback
+        mask += [0] * len(feedback)
+    return ids, mask
+
+
+def warmup(model: Qwen2, env, tokenizer, problems: list[Problem], steps: int, lr: float, batch_size: int,
+           max_turns: int, seed: int, progress=None) -> float:
+    """Supervised warm-up on uniform-guesser episodes; returns the last loss."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        episodes = [warmup_episode(env, tokenizer, rng.choice(problems), rng, max_turns) for _ in range(batch_size)]
+        T = max(len(ids) for ids, _ in episodes)
+        tokens = torch.full((batch_size, T), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(batch_size, T)
+        for b, (ids, m) in enumerate(episodes):
+            tokens[b, :len(ids)] = torch.tensor(ids)
+            mask[b, :len(m)] = torch.tensor(m, dtype=torch.float32)
+        for group in optimizer.param_groups:  # cosine decay to 10% keeps the end of the warm-up stable
+            group["lr"] = lr * (0.55 + 0.45 * torch.cos(torch.tensor(step / steps * torch.pi)).item())
+        loss = sft_loss(model, tokens.to(device), mask.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if progress is not None:
+            progress(step, loss.item())
+    return loss.item()

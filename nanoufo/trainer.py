@@ -1,0 +1,205 @@
+"""One RL update, as functions train.py calls and tests can reach (DESIGN.md section 3).
+
+    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
+    stats |= ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
+
+build_batch scores the episodes (gold rewards from the environment, or Intuitor's self-certainty), keeps
+the groups with the largest reward spread, recomputes the old log-probs (and values, reference log-probs)
+with the trainer's own forward so the first PPO ratio is exactly 1, and computes advantages: GAE over the
+critic's values (UFO PPO) or group-normalized scores (GRPO). ppo_update runs the PPO epochs over
+shuffled minibatches and steps the optimizers with gradient clipping, skipping any update whose loss or
+gradients are not finite so the weights never take a NaN.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels import linear_token_stats, ppo_loss
+from nanoufo import rl
+from nanoufo.config import TrainConfig
+from nanoufo.model import Qwen2
+
+
+@dataclass
+class Batch:
+    """B trajectories of T tokens; every per-token array is aligned with `tokens` (entry i = token i)."""
+    tokens: torch.Tensor  # (B, T) int64, right-padded
+    mask: torch.Tensor  # (B, T) float, 1 on sampled tokens
+    old_logp: torch.Tensor  # (B, T) trainer's log-probs before the update
+    advantages: torch.Tensor  # (B, T)
+    ref_logp: torch.Tensor | None = None  # (B, T) frozen reference, when a KL term is used
+    old_values: torch.Tensor | None = None  # (B, T) critic, UFO PPO only
+    returns: torch.Tensor | None = None  # (B, T) GAE targets for the critic
+
+    @property
+    def positions(self) -> torch.Tensor:
+        B, T = self.tokens.shape
+        return torch.arange(T, device=self.tokens.device).expand(B, T)
+
+    def rows(self, index: torch.Tensor) -> "Batch":
+        pick = lambda x: None if x is None else x[index]
+        return Batch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float):
+    """(logp, entropy, self_certainty) of every token under model, each (B, T) aligned with tokens.
+
+    The hidden state at position i-1 predicts token i, so the statistics are computed from hidden[:, :-1]
+    against tokens[:, 1:] and shifted right by one (token 0 gets zeros)."""
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device).expand(B, T)
+    hidden = model(tokens, positions)  # (B, T, H)
+    h = hidden[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
+    stats = linear_token_stats(h, model.lm_head_weight, tokens[:, 1:].reshape(-1), temperature)
+    return tuple(rl.shift_to_tokens(s.view(B, T - 1)) for s in stats)
+
+
+def sequence_values(critic: Qwen2, tokens: torch.Tensor) -> torch.Tensor:
+    """V(state before token i) aligned with token i, (B, T): the value head read at position i-1."""
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device).expand(B, T)
+    return rl.shift_to_tokens(critic.values(critic(tokens, positions))[:, :-1])
+
+
+def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, mask: torch.Tensor,
+                   episodes) -> torch.Tensor:
+    """One score per trajectory (B,): the environment's reward, or the mean self-certainty (label-free)."""
+    if cfg.reward == "gold":
+        return torch.tensor([env.reward(ep) for ep in episodes], dtype=torch.float32, device=tokens.device)
+    with torch.no_grad():
+        _, _, sc = sequence_stats(actor, tokens, cfg.temperature)
+    return rl.sequence_self_certainty(sc, mask)
+
+
+def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None, rollout,
+                episodes) -> tuple[Batch, dict]:
+    """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages."""
+    T = int(rollout.lengths.max())
+    tokens = rollout.tokens[:, :T]  # (B, T)
+    mask = rollout.loss_mask[:, :T].float()  # (B, T)
+    scores = episode_scores(cfg, env, actor, tokens, mask, episodes)  # (B,)
+    stats = {"score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0}
+    if cfg.keep_groups and cfg.keep_groups < len(episodes) // cfg.n_samples_per_problem:
+        keep = rl.group_filter(scores, cfg.n_samples_per_problem, cfg.keep_groups)
+    else:
+        keep = torch.arange(len(episodes), device=tokens.device)
+    kept_episodes = [episodes[i] for i in keep.tolist()]
+    T = int(rollout.lengths[keep].max())
+    tokens, mask, scores = tokens[keep, :T], mask[keep, :T], scores[keep]
+    stats["kept_score"] = scores.mean().item()
+
+    with torch.no_grad():
+        old_logp, _, _ = sequence_stats(actor, tokens, cfg.temperature)
+        ref_logp = sequence_stats(ref, tokens, cfg.temperature)[0] if ref is not None else None
+        values = sequence_values(critic, tokens) if critic is not None else None
+    sampler_logp = rollout.logprobs[keep, :T].float()
+    stats["logp_diff_sampler"] = rl.masked_mean((sampler_logp - old_logp).abs(), mask).item()
+    if ref_logp is not None:
+        stats["kl_ref"] = rl.masked_mean(rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator), mask).item()
+
+    if cfg.algorithm == "grpo":
+        advantages = rl.group_advantages(scores, cfg.n_samples_per_problem)[:, None] * mask  # (B, T)
+        return Batch(tokens, mask, old_logp, advantages, ref_logp), stats
+    if cfg.reward_placement == "per_turn":
+        spans = [rollout.turn_spans[i] for i in keep.tolist()]
+        rewards = rl.place_rewards(mask, turn_rewards=[env.turn_rewards(ep) for ep in kept_episodes],
+                                   turn_spans=spans)
+    else:
+        rewards = rl.place_rewards(mask, episode_rewards=scores)
+    if ref_logp is not None and cfg.kl_in == "reward":
+        rewards = rewards - cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = rl.masked_whiten(advantages, mask)
+    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns), stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, float]:
+    """PPO's clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), token-mean; and the clip fraction."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    frac = rl.masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask).item()
+    return rl.masked_mean(loss, mask), frac
+
+
+def _grads_finite_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip in place and return the total norm before clipping (inf/nan when a gradient is not finite)."""
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+
+
+def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
+    """(total loss, metrics, max |logp - old|) for one minibatch."""
+    logp, entropy, _ = sequence_stats(actor, mb.tokens, cfg.temperature)
+    kl_in_loss = cfg.kl_in == "loss" and mb.ref_logp is not None
+    loss, metrics = ppo_loss(
+        logp, mb.old_logp, mb.advantages, mb.mask, ref_logp=mb.ref_logp if kl_in_loss else None,
+        entropy=entropy, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
+        entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation)
+    metrics = {f"pg/{k}": float(v) for k, v in metrics.items()}
+    ratio_dev = rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).item()
+    if critic is not None:
+        values = sequence_values(critic, mb.tokens)
+        v_loss, v_clip = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip)
+        metrics |= {"value_loss": v_loss.item(), "value_clip_frac": v_clip}
+        loss = loss + v_loss
+    return loss, metrics, ratio_dev
+
+
+def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers: dict, batch: Batch,
+               seed: int, grad_hook=None) -> dict:
+    """cfg.ppo_epochs passes over shuffled minibatches; returns the mean metrics.
+
+    grad_hook(model) runs after backward and before clipping (data-parallel all-reduce goes there).
+    The shuffle uses its own generator seeded from `seed`, so a resumed run shuffles identically."""
+    models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
+    generator = torch.Generator().manual_seed(seed)
+    B = batch.tokens.shape[0]
+    sums, n_updates, skipped, first_ratio_dev = {}, 0, 0, None
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(batch.tokens.device)
+        for start in range(0, B, cfg.minibatch_size):
+            mb = batch.rows(order[start:start + cfg.minibatch_size])
+            loss, metrics, ratio_dev = minibatch_losses(cfg, actor, critic, mb)
+            first_ratio_dev = ratio_dev if first_ratio_dev is None else first_ratio_dev
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                norms = {}
+                for name, model in models.items():
+                    if grad_hook is not None:
+                        grad_hook(model)
+                    norms[name] = _grads_finite_norm([p for p in model.parameters() if p.grad is not None],
+                                                     cfg.grad_clip)
+                finite = all(math.isfinite(n) for n in norms.values())
+                metrics |= {f"grad_norm/{name}": n for name, n in norms.items()}
+            if not finite:  # skip: the weights and optimizer moments are left untouched
+                skipped += 1
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                continue
+            for opt in optimizers.values():
+                opt.step()
+            metrics["loss"] = loss.item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    out = {k: v / n_updates for k, v in sums.items()} if n_updates else {}
+    return out | {"updates": n_updates, "skipped_updates": skipped, "first_ratio_dev": first_ratio_dev}
+
+
+def make_optimizers(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:
+    opts = {"actor": torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)}
+    if critic is not None:
+        opts["critic"] = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+    return opts
+
+
+def sft_loss(model: Qwen2, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked next-token negative log-likelihood for the supervised warm-up; tokens, mask (B, T)."""
+    logp, _, _ = sequence_stats(model, tokens, 1.0)
+    return -rl.masked_mean(logp, mask)
