@@ -43,7 +43,7 @@ class TrainConfig:
     eval_data: str = "demo"
     eval_format: str = "auto"
     n_eval_problems: int = 200  # 0 = the whole eval set
-    instruction: str = ""  # appended to every question; "" = the environment's default
+    instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
     warmup_steps: int = 300  # demo only: supervised steps before RL when init_from is ""
     warmup_lr: float = 3e-3
     # environment (DESIGN.md section 2)

@@ -35,6 +35,9 @@ CHAT_TEMPLATE = ("{%- for message in messages %}"
                  "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
 N_CANDIDATES = (3, 4, 5)
 HELD_OUT_BUCKETS = 5  # one question in five (by text hash) is held out
+N_TRAIN_PROBLEMS = 20000  # more than any demo run samples, so training rarely sees a question twice
+N_TEST_PROBLEMS = 200
+WARMUP_BATCH = 32
 # The tiny model: 4 layers, grouped-query attention, tied embeddings (about 0.5M parameters).
 TINY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=1024)

@@ -1,0 +1,200 @@
+"""Train a Qwen2.5 policy with multi-turn RL from unary feedback (UFO), GRPO, or Intuitor's self-certainty.
+
+    python train.py                                   # the built-in CPU demo: tiny model, "Guess my sum" task
+    python train.py --max_turns=1 --out_dir=out/demo_single          # the single-turn baseline
+    python train.py --out_dir=out/demo --resume                        # continue from out/demo/latest
+    python train.py config/ufo_qwen2.5_3b.py --init_from=Qwen2.5-3B-Instruct
+    python train.py config/intuitor_qwen2.5_3b.py --init_from=Qwen2.5-3B
+    torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py --init_from=...
+    python -m nanoufo.logger out/demo/log.jsonl                        # redraw the plot at any time
+
+Each step samples episodes, scores them, keeps the groups with the largest reward spread, recomputes
+log-probs, computes advantages and runs PPO epochs (nanoufo/trainer.py). Every key of nanoufo/config.py
+can be set in a config file or as --key=value. Ctrl-C or SIGTERM saves a checkpoint and exits.
+"""
+import functools
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanoufo import demo
+from nanoufo.checkpoint import load_checkpoint, save_checkpoint
+from nanoufo.config import format_config, parse_args, save_config
+from nanoufo.data import load_problems
+from nanoufo.env import UFOEnv
+from nanoufo.evaluate import evaluate
+from nanoufo.logger import JsonlLogger, plot_log
+from nanoufo.metrics import summarize
+from nanoufo.parallel import average_gradients, init_parallel, print0
+from nanoufo.rollout import run_episodes
+from nanoufo.tokenizer import load_tokenizer
+from nanoufo.trainer import build_batch, make_optimizers, ppo_update
+from nanoufo.weights import load_model, save_model
+
+cfg = parse_args(sys.argv[1:])
+
+# -------------------------------------------------------------------------- distributed, seeds, device
+ctx = init_parallel(device=None if cfg.device == "auto" else cfg.device)
+master = ctx.is_main
+dtype = getattr(torch, cfg.dtype)
+torch.manual_seed(cfg.seed + ctx.rank)
+np.random.seed(cfg.seed + ctx.rank)
+out_dir = Path(cfg.out_dir)
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.json")
+print0(f"config (saved to {out_dir / 'config.json'}):\n{format_config(cfg)}")
+
+# -------------------------------------------------------------------------- tokenizer, environment, data
+if cfg.is_demo:
+    tokenizer = demo.build_tokenizer()
+    train_problems = demo.make_problems("train", demo.N_TRAIN_PROBLEMS, cfg.seed)
+    eval_problems = demo.make_problems("test", cfg.n_eval_problems or demo.N_TEST_PROBLEMS, cfg.seed)
+else:
+    has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
+    train_problems, skipped = load_problems(cfg.train_data, cfg.train_format)
+    eval_problems, _ = load_problems(cfg.eval_data, cfg.eval_format, split="test",
+                                     limit=cfg.n_eval_problems or None)
+    print0(f"{len(train_problems)} training problems ({skipped} rows skipped), {len(eval_problems)} eval problems")
+if cfg.instruction == "auto":  # the demo's questions need no instruction; real data gets the env's default
+    env_options = {"instruction": ""} if cfg.is_demo else {}
+else:
+    env_options = {"instruction": cfg.instruction}
+env = UFOEnv(tokenizer, feedback=cfg.feedback, max_turns=cfg.max_turns, turn_decay=cfg.turn_decay,
+             repetition_penalty=cfg.repetition_penalty, format_penalty=cfg.format_penalty, **env_options)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(epoch: int) -> list[int]:
+    return torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+
+
+def problems_at(position: int, n: int) -> list:
+    """n problems of the shuffled stream from `position` on; the order depends only on the position (which
+    a checkpoint stores), epoch e being shuffled with seed + e."""
+    return [train_problems[epoch_order(i // len(train_problems))[i % len(train_problems)]]
+            for i in range(position, position + n)]
+
+
+# -------------------------------------------------------------------------- models
+start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
+if cfg.is_demo and not cfg.init_from and not (start_dir / "config.json").is_file():
+    if master:  # the demo's supervised warm-up, written once and reused by later runs and resumes
+        model = demo.build_model(len(tokenizer), cfg.seed).to(ctx.device)
+        bar = tqdm(total=cfg.warmup_steps, desc="warm-up", disable=not master)
+        loss = demo.warmup(model, env, tokenizer, train_problems, cfg.warmup_steps, cfg.warmup_lr,
+                           demo.WARMUP_BATCH, cfg.max_turns, cfg.seed,
+                           progress=lambda step, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
+        bar.close()
+        print0(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {start_dir}")
+        save_model(model, start_dir)
+    if ctx.world > 1:
+        torch.distributed.barrier()
+actor = load_model(start_dir, device=ctx.device, dtype=dtype)
+critic = load_model(start_dir, device=ctx.device, dtype=dtype, value_head=True) if cfg.algorithm == "ufo_ppo" else None
+ref = load_model(start_dir, device=ctx.device, dtype=dtype).requires_grad_(False) if cfg.kl_coef > 0 else None
+optimizers = make_optimizers(cfg, actor, critic)
+models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
+print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters from {start_dir}; critic: {critic is not None}; "
+       f"reference: {ref is not None}")
+grad_hook = (lambda model: average_gradients(model.parameters(), ctx)) if ctx.dp_size > 1 else None
+
+# -------------------------------------------------------------------------- resume
+step, data_pos = 0, 0
+state = load_checkpoint(out_dir, models, optimizers) if cfg.resume else None
+if state is not None:
+    step, data_pos = state["step"], state["data_pos"]
+    print0(f"resumed from {out_dir} at step {step}")
+elif cfg.resume:
+    print0(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+logger = JsonlLogger(out_dir / "log.jsonl", resume_step=step if state is not None else None) if master else None
+
+
+def save(reason: str) -> None:
+    if master:
+        path = save_checkpoint(out_dir, step, models, optimizers, {"data_pos": data_pos})
+        print0(f"checkpoint ({reason}): {path}")
+
+
+def run_eval(tag: str) -> dict:
+    metrics = evaluate(actor, env, eval_problems, k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.eval_temperature, top_p=1.0, seed=cfg.seed, tokenizer=tokenizer)
+    print0(f"eval ({tag}, step {step}, {len(eval_problems)} held-out problems): "
+           + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if logger:
+        logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+def peak_memory_mb() -> float:
+    if ctx.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+stop_signal = []
+def request_stop(signum, frame):  # finish the current step, then save and exit; a second signal kills
+    stop_signal.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# -------------------------------------------------------------------------- the loop
+before = run_eval("start") if state is None else None
+bad_steps = 0
+bar = tqdm(total=cfg.max_steps, initial=step, desc="rl", disable=not master)
+while step < cfg.max_steps and not stop_signal:
+    t0 = time.time()
+    n = cfg.problems_per_step
+    problems = problems_at(data_pos + ctx.dp_rank * n, n)
+    data_pos += n * ctx.dp_size
+    rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
+                                     max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, top_p=cfg.top_p,
+                                     seed=cfg.seed * 1_000_003 + step * ctx.world + ctx.rank, tokenizer=tokenizer)
+    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
+    update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    step += 1
+    bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
+    elapsed = time.time() - t0
+    summary = summarize(episodes, k=cfg.max_turns)
+    record = {"kind": "train", "step": step, "reward": float(np.mean([env.reward(e) for e in episodes])),
+              "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
+              "tokens_per_s": float(rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
+              "peak_memory_mb": peak_memory_mb()}
+    if logger:
+        logger.log(record)
+    bar.update(1)
+    bar.set_postfix(reward=f"{record['reward']:.3f}", succ=f"{record['succ_at_k']:.2f}")
+    if update["skipped_updates"]:
+        print0(f"step {step}: {update['skipped_updates']} updates skipped (non-finite loss or gradients)")
+    if bad_steps >= cfg.max_bad_steps:
+        sys.exit(f"aborting: {bad_steps} consecutive steps with non-finite loss or gradients "
+                 f"(max_bad_steps={cfg.max_bad_steps}); the last good weights are in {out_dir}/latest")
+    if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
+        run_eval("periodic")
+    if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+        save("periodic")
+    if master and cfg.plot_interval and step % cfg.plot_interval == 0:
+        plot_log(out_dir / "log.jsonl")
+bar.close()
+
+# -------------------------------------------------------------------------- the end (or a signal)
+save("signal" if stop_signal else "end")
+if stop_signal:
+    sys.exit(f"stopped by signal {stop_signal[0]} at step {step}; continue with --resume")
+after = run_eval("end")
+if master:
+    print(f"plot: {plot_log(out_dir / 'log.jsonl')}")
+    if before is not None:
+        print("held-out split, before -> after:")
+        for key in after:
+            if isinstance(after[key], float):
+                print(f"  {key:>24}: {before[key]:.4f} -> {after[key]:.4f}")
