@@ -1,0 +1,110 @@
+"""The token statistics of kernels/token_stats.py fused with the LM head: logp, entropy and
+self-certainty from hidden states (N, H) and the head weight (V, H) without ever holding the (N, V)
+logits. The vocabulary is cut into chunks of chunk_size columns; each chunk's logits
+(N, chunk) = hidden @ weight[chunk].T are made in fp32 (no bf16 rounding of the logits), reduced to
+partial statistics by the token_stats kernel and dropped; chunks merge exactly as tensor-parallel
+ranks do. The backward recomputes each chunk, turns it into the logits gradient (in the input dtype,
+for the tensor cores) and feeds two matmuls: grad_hidden += dz @ W_chunk (fp32 accumulator) and
+grad_W[chunk] = dz.T @ hidden (fp32 accumulation, one rounding). Cost: 8*N*H*V FLOPs forward+backward.
+
+    from kernels import linear_token_stats
+    logp, entropy, sc = linear_token_stats(hidden, model.lm_head_weight, targets, temperature=1.0)
+
+Vocab-parallel: pass the rank's weight slice, its vocab_start and the group. The hidden gradient is
+then this rank's share; the caller's column-parallel input function (identity forward, all-reduce
+backward) sums it across ranks, as for any vocab-parallel head.
+
+Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear.py
+"""
+from dataclasses import replace
+from functools import partial
+
+import torch
+
+from kernels.dispatch import pick_impl
+from kernels.token_stats import (PartialStats, SliceConfig, acc_dtype, check_targets_shape,
+                                 combine_partial_stats, merge_partial_stats, slice_grad, slice_partials,
+                                 token_stats)
+
+DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with a float32 result (float64 for float64 inputs), added into out when given. On CUDA
+    bf16/fp16 operands stay as they are and cuBLAS accumulates in fp32; elsewhere they are upcast."""
+    acc = acc_dtype(a.dtype)
+    if a.is_cuda and a.dtype != acc:
+        if out is None:
+            return torch.mm(a, b, out_dtype=acc)
+        return torch.addmm(out, a, b, out_dtype=acc, out=out)
+    a, b = a.to(acc), b.to(acc)
+    return a @ b if out is None else out.addmm_(a, b)
+
+
+def _chunks(n_cols: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, n_cols)) for start in range(0, n_cols, chunk_size)]
+
+
+def _chunk_config(cfg: SliceConfig, start: int) -> SliceConfig:
+    return replace(cfg, vocab_start=cfg.vocab_start + start)
+
+
+def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size, grads, needs,
+                 hidden, weight):
+    need_hidden, need_weight = needs
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype(hidden.dtype), device=hidden.device) \
+        if need_hidden else None  # (N, H) fp32 accumulator over chunks
+    grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
+    for start, end in _chunks(weight.shape[0], chunk_size):
+        logits = _mm_acc(hidden, weight[start:end].T)  # (N, C) fp32, as in the forward
+        dz = slice_grad(logits, targets, lse, mu, grads, vocab_size, _chunk_config(cfg, start),
+                        hidden.dtype)  # (N, C)
+        del logits
+        if need_hidden:
+            _mm_acc(dz, weight[start:end], out=grad_hidden)
+        if need_weight:
+            grad_weight[start:end] = _mm_acc(dz.T, hidden)  # (C, H)
+    return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
+
+
+def linear_partial_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         temperature: float = 1.0, *, vocab_start: int = 0,
+                         chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100, impl: str = "auto",
+                         block_size: int | None = None) -> PartialStats:
+    """Partial statistics of the logits hidden @ weight.T, weight (V_slice, H) holding global vocab ids
+    [vocab_start, vocab_start + V_slice)."""
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"linear_token_stats: need hidden (N, H) and weight (V, H) with V > 0, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point:
+        raise ValueError(f"linear_token_stats: hidden and weight must share a float dtype, got "
+                         f"{hidden.dtype} and {weight.dtype}")
+    if temperature <= 0 or chunk_size <= 0:
+        raise ValueError(f"linear_token_stats: temperature and chunk_size must be > 0, got "
+                         f"{temperature} and {chunk_size}")
+    targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats")
+    cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size)
+    with torch.no_grad():
+        parts = [slice_partials(_mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))
+                 for start, end in _chunks(weight.shape[0], chunk_size)]
+        stats = merge_partial_stats(torch.stack(parts))  # (5, N)
+    return PartialStats(stats, weight.shape[0], targets, (hidden, weight),
+                        partial(_linear_grad, cfg, chunk_size), ignore_index)
+
+
+def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       temperature: float = 1.0, *, chunk_size: int = DEFAULT_CHUNK, vocab_start: int = 0,
+                       group=None, ignore_index: int = -100, impl: str = "auto",
+                       block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, self_certainty), each (N,) fp32, of the logits hidden @ weight.T at a
+    temperature; differentiable w.r.t. hidden and weight. group/vocab_start: as in token_stats."""
+    partials = linear_partial_stats(hidden, weight, targets, temperature, vocab_start=vocab_start,
+                                    chunk_size=chunk_size, ignore_index=ignore_index, impl=impl,
+                                    block_size=block_size)
+    return combine_partial_stats(partials, group)
+
+
+def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 temperature: float = 1.0, **kwargs) -> tuple[torch.Tensor, ...]:
+    """The unfused path: materialise the (N, V) logits in the input dtype, then the PyTorch statistics."""
+    return token_stats(hidden @ weight.T, targets, temperature, impl="torch", **kwargs)
