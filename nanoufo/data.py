@@ -56,13 +56,15 @@ class Format:
     answer_key: str
     parse_answer: Callable[[str], str | None]  # the gold answer from the answer field, None if unusable
     keep_row: Callable[[dict], bool] = lambda row: True  # rows a format leaves out by design (not "skipped")
+    extra_columns: tuple[str, ...] = ()  # other columns keep_row reads
 
 
 FORMATS = {
     "gsm8k": Format("question", "answer", _gsm8k_answer),
     "math500": Format("problem", "answer", str.strip),
     "metamath": Format("query", "response", _metamath_answer,
-                       keep_row=lambda row: isinstance(row.get("type"), str) and row["type"].startswith("MATH_")),
+                       keep_row=lambda row: isinstance(row["type"], str) and row["type"].startswith("MATH_"),
+                       extra_columns=("type",)),
     "generic": Format("question", "answer", str.strip),
 }
 
@@ -101,10 +103,11 @@ def _read_local(path: Path, split: str) -> datasets.Dataset:
 
 
 def _read(source: str | Path, split: str, name: str | None) -> tuple[datasets.Dataset, str]:
-    """The rows and a short label for Problem ids: the file's last two path parts, or the hub name."""
+    """The rows and a short label for Problem ids: a file's last two path parts, else directory or hub name/split."""
     path = Path(source).expanduser()
     if path.exists():
-        return _read_local(path, split), "/".join(path.resolve().parts[-2:])
+        label = f"{path.resolve().name}/{split}" if path.is_dir() else "/".join(path.resolve().parts[-2:])
+        return _read_local(path, split), label
     if path.suffix in LOCAL_BUILDERS or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{path}: no such file or directory")
     try:
@@ -127,22 +130,16 @@ def _detect_format(rows: datasets.Dataset, label: str) -> str:
                      f"pass format= one of {sorted(FORMATS)} (generic with question_key/answer_key)")
 
 
-def load_problems(source: str | Path, format: str = "auto", split: str = "train", limit: int | None = None,
-                  question_key: str | None = None, answer_key: str | None = None,
-                  name: str | None = None) -> tuple[list[Problem], int]:
-    """Problems from `source` and the number of rows skipped for want of a usable question and answer.
-    `question_key`/`answer_key` override the format's field names; `name` is a hub data set's config
-    (e.g. "main" for openai/gsm8k); `limit` stops after that many problems."""
-    if format not in FORMATS and format != "auto":
-        raise ValueError(f"unknown data format {format!r}; valid formats: auto, {', '.join(FORMATS)}")
-    rows, label = _read(source, split, name)
+def _problems_from_rows(rows: datasets.Dataset, label: str, format: str, limit: int | None,
+                        question_key: str | None, answer_key: str | None) -> tuple[list[Problem], Counter]:
     chosen = FORMATS[_detect_format(rows, label) if format == "auto" else format]
     question_key, answer_key = question_key or chosen.question_key, answer_key or chosen.answer_key
-    missing = [key for key in (question_key, answer_key) if key not in rows.column_names]
+    needed = [question_key, answer_key, *chosen.extra_columns]
+    missing = [key for key in needed if key not in rows.column_names]
     if missing:
         raise KeyError(f"{label}: no column {missing} (columns: {sorted(rows.column_names)})")
     problems, skipped = [], Counter()
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows.select_columns(list(dict.fromkeys(needed)))):
         if limit is not None and len(problems) >= limit:
             break
         if not chosen.keep_row(row):
@@ -157,6 +154,24 @@ def load_problems(source: str | Path, format: str = "auto", split: str = "train"
             skipped["no parsable answer"] += 1
         else:
             problems.append(Problem(question.strip(), answer, f"{label}:{index}"))
+    return problems, skipped
+
+
+def load_problems(source: str | Path, format: str = "auto", split: str = "train", limit: int | None = None,
+                  question_key: str | None = None, answer_key: str | None = None,
+                  name: str | None = None) -> tuple[list[Problem], int]:
+    """Problems from `source` and the number of rows skipped for want of a usable question and answer.
+    `question_key`/`answer_key` override the format's field names; `name` is a hub data set's config
+    (e.g. "main" for openai/gsm8k); `limit` stops after that many problems. Text that is not UTF-8 is
+    an error naming the file (and, for jsonl, the line): it points at a broken file, not a bad row."""
+    if format not in FORMATS and format != "auto":
+        raise ValueError(f"unknown data format {format!r}; valid formats: auto, {', '.join(FORMATS)}")
+    rows, label = _read(source, split, name)
+    try:  # arrow keeps a jsonl string's bytes unchecked, so bad UTF-8 may only show when rows are decoded
+        problems, skipped = _problems_from_rows(rows, label, format, limit, question_key, answer_key)
+    except UnicodeDecodeError as error:
+        where = _first_bad_line(Path(source)) if Path(source).suffix == ".jsonl" else None
+        raise ValueError(where or f"{label}: text that is not valid UTF-8 ({error})") from error
     if skipped:
         log.warning("%s: skipped %d rows (%s)", label, sum(skipped.values()), dict(skipped))
     return problems, sum(skipped.values())

@@ -1,0 +1,120 @@
+"""The UFO environment: chat-template token pieces (checked against the template's own rendering with the real
+Qwen2.5 tokenizer and a character-level one), episode stepping and hand-computed rewards.
+Run: `python -m pytest -q tests/test_env.py`."""
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from nanoufo.data import Problem
+from nanoufo.env import Episode, UFOEnv
+
+QUESTION = "What is 3 * 6?"
+ATTEMPTS = [  # (response text, ended with <|im_end|>): the second one was cut off by the token limit
+    (r"3 * 6 = 17, so the answer is $\boxed{17}$.", True),
+    (r"Let me recompute: 3 * 6 = 1", False),
+    (r"It is $\boxed{18}$.", True),
+]
+
+
+def char_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with the Qwen special tokens and the given chat template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars + ["<unk>"])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
+                                   chat_template=chat_template)
+
+
+@pytest.fixture(params=["qwen", "chars"])
+def tokenizer(request, qwen_tokenizer):
+    return qwen_tokenizer if request.param == "qwen" else char_tokenizer(qwen_tokenizer.chat_template)
+
+
+def rollout_ids(env: UFOEnv, tokenizer) -> tuple[list[int], list[int]]:
+    """The token sequence a sampler builds for ATTEMPTS, and its loss mask (1 on the attempts' tokens)."""
+    ids = env.prompt_ids(QUESTION)
+    mask = [0] * len(ids)
+    for turn, (text, ended_with_stop) in enumerate(ATTEMPTS):
+        if turn > 0:
+            feedback = env.feedback_ids(ended_with_stop=ATTEMPTS[turn - 1][1])
+            ids, mask = ids + feedback, mask + [0] * len(feedback)
+        sampled = tokenizer(text, add_special_tokens=False)["input_ids"] + ([env.turn_end_id] if ended_with_stop else [])
+        ids, mask = ids + sampled, mask + [1] * len(sampled)
+    return ids, mask
+
+
+@pytest.mark.parametrize("system_prompt", [None, "You are a careful mathematician."])
+def test_conversation_tokens_match_the_chat_template(tokenizer, system_prompt):
+    env = UFOEnv(tokenizer, system_prompt=system_prompt)
+    ids, mask = rollout_ids(env, tokenizer)
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    conversation = system + [{"role": "user", "content": f"{QUESTION} {env.instruction}"}]
+    for turn, (text, _) in enumerate(ATTEMPTS):
+        conversation += ([{"role": "user", "content": "Try again."}] if turn else []) + [{"role": "assistant", "content": text}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert rendered == tokenizer.decode(ids) + "\n"  # the template's final newline follows the last <|im_end|>
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"][:-1]
+    assert (system_prompt or "You are Qwen") in tokenizer.decode(env.prompt_ids(QUESTION))
+    # the loss mask covers exactly the sampled text and the <|im_end|> the model wrote itself
+    sampled = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert sampled == ATTEMPTS[0][0] + "<|im_end|>" + ATTEMPTS[1][0] + ATTEMPTS[2][0] + "<|im_end|>"
+
+
+def test_stop_ids_and_feedback_text(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, feedback="Wrong, think again.")
+    assert env.stop_ids == qwen_tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert qwen_tokenizer.decode(env.feedback_ids(ended_with_stop=True)) == \
+        "\n<|im_start|>user\nWrong, think again.<|im_end|>\n<|im_start|>assistant\n"
+    assert env.feedback_ids(ended_with_stop=False) == [env.turn_end_id] + env.feedback_ids(ended_with_stop=True)
+
+
+def play(env: UFOEnv, responses: list[str], gold: str = "18") -> tuple[Episode, list[bool]]:
+    episode = Episode(Problem("q", gold, "test:0"))
+    return episode, [env.step(episode, response) for response in responses]
+
+
+def test_solved_at_once(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer)
+    episode, over = play(env, [r"\boxed{18.0}"])
+    assert over == [True] and (episode.solved, episode.solved_turn, episode.turns) == (True, 0, 1)
+    assert env.reward(episode) == 1.0 and env.turn_rewards(episode) == [1.0]
+    with pytest.raises(ValueError, match="already over"):
+        env.step(episode, r"\boxed{18}")
+
+
+def test_decay_and_repetition_penalty(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, turn_decay=0.5, repetition_penalty=0.5)
+    episode, over = play(env, [r"\boxed{3}", r"\boxed{\dfrac{6}{2}}", r"\boxed{18}"])
+    assert over == [False, False, True] and episode.solved_turn == 2
+    # solved at turn 2: 0.5**2 = 0.25; 3 and \frac{6}{2} are spelled differently, so E = 3 = T: no penalty
+    assert env.reward(episode) == pytest.approx(0.25)
+    episode, _ = play(env, [r"\boxed{3}", r"\boxed{ 3 }", r"\boxed{18}"])
+    # E = 2 distinct of T = 3: 0.25 - 0.5 * (1 - 2/3) = 1/12, all of it on the last turn
+    assert env.turn_rewards(episode) == pytest.approx([0.0, 0.0, 1 / 12])
+    assert env.reward(episode) == pytest.approx(sum(env.turn_rewards(episode)))
+
+
+def test_unsolved_episode_with_format_penalty(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, max_turns=3, turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1)
+    episode, over = play(env, ["I do not know.", r"\boxed{17}", r"\boxed{17.0}"])
+    assert over == [False, False, True] and episode.answers == [None, "17", "17.0"]
+    assert (episode.solved, episode.solved_turn) == (False, None)
+    # answers None, 17, 17 -> E = 2 of T = 3: -0.1 (format) - 0.5 * (1/3) (repetition)
+    assert env.turn_rewards(episode) == pytest.approx([-0.1, 0.0, -0.5 / 3])
+    assert env.reward(episode) == pytest.approx(-0.1 - 0.5 / 3)
+    episode, _ = play(env, ["no answer", "still none", r"\boxed{}"])
+    # three missing answers count as one value: E = 1 of T = 3
+    assert env.reward(episode) == pytest.approx(-0.3 - 0.5 * (1 - 1 / 3))
+
+
+def test_step_batch_and_bad_settings(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, max_turns=2)
+    episodes = [Episode(Problem("q", gold, f"test:{i}")) for i, gold in enumerate(["18", r"\frac{1}{2}"])]
+    assert env.step_batch(episodes, [r"\boxed{17}", r"\boxed{0.5}"]) == [False, True]
+    assert env.step_batch(episodes[:1], [r"\boxed{17}"]) == [True]
+    assert [e.correct for e in episodes] == [[False, False], [True]]
+    with pytest.raises(ValueError, match="magnitudes"):
+        UFOEnv(qwen_tokenizer, format_penalty=-0.1)

@@ -1,0 +1,61 @@
+"""Metrics against hand-computed values. Run: `python -m pytest -q tests/test_metrics.py`."""
+import math
+
+import pytest
+
+from nanoufo.data import Problem
+from nanoufo.env import Episode
+from nanoufo.metrics import (mean_turns, mean_turns_to_solve, non_repetitive_ratio, pass_at_k, succ_at_k, summarize,
+                             tokens_per_episode)
+
+
+def episode(answers: list[str | None], correct: list[bool]) -> Episode:
+    return Episode(Problem("q", "a", "test:0"), [f"response {i}" for i in range(len(answers))], answers, correct)
+
+
+EPISODES = [
+    episode(["1"], [True]),                                           # solved at turn 0
+    episode(["2", "2", "5"], [False, False, True]),                   # solved at turn 2, E/T = 2/3
+    episode([None, "3", "3.0", "4", None], [False] * 5),              # unsolved, E/T = 3/5 (None, 3, 4)
+    episode(["7", "8"], [False, True]),                               # solved at turn 1, E/T = 1
+]
+
+
+def test_succ_at_k_counts_solves_within_k_turns():
+    assert [succ_at_k(EPISODES, k) for k in (1, 2, 3, 5)] == [0.25, 0.5, 0.75, 0.75]
+
+
+def test_pass_at_k_unbiased_estimator():
+    correct = [[True, False, False, False], [False] * 4, [True, True, False, False]]
+    assert pass_at_k(correct, 1) == pytest.approx((1 / 4 + 0 + 2 / 4) / 3)
+    # k=2: 1 - C(3,2)/C(4,2) = 1/2; 0; 1 - C(2,2)/C(4,2) = 5/6
+    assert pass_at_k(correct, 2) == pytest.approx((1 / 2 + 0 + 5 / 6) / 3)
+    assert pass_at_k(correct, 4) == pytest.approx(2 / 3)  # n == k: any of the samples correct
+    with pytest.raises(ValueError, match="problem 0 has 4 samples, fewer than k=5"):
+        pass_at_k(correct, 5)
+
+
+def test_succ_at_k_and_pass_at_k_differ_on_the_same_problem():
+    # one problem: 3 sequential attempts with feedback solve it at the third; 3 independent samples never do
+    assert succ_at_k([episode(["1", "2", "3"], [False, False, True])], 3) == 1.0
+    assert pass_at_k([[False, False, False]], 3) == 0.0
+    # and 1 of 3 independent samples right gives pass@1 = 1/3 but pass@3 = 1
+    assert pass_at_k([[False, True, False]], 1) == pytest.approx(1 / 3)
+    assert pass_at_k([[False, True, False]], 3) == 1.0
+
+
+def test_turns_repetition_and_tokens():
+    assert mean_turns(EPISODES) == pytest.approx((1 + 3 + 5 + 2) / 4)
+    assert mean_turns_to_solve(EPISODES) == pytest.approx((1 + 3 + 2) / 3)
+    assert non_repetitive_ratio(EPISODES) == pytest.approx((2 / 3 + 3 / 5 + 1) / 3)  # the 1-turn episode is left out
+    assert tokens_per_episode([10, 20, 30, 40]) == 25.0
+    assert math.isnan(mean_turns_to_solve([episode(["0"], [False])]))
+    assert math.isnan(non_repetitive_ratio(EPISODES[:1]))
+
+
+def test_summarize():
+    table = summarize(EPISODES, k=3, lengths=[10, 20, 30, 40])
+    assert table == pytest.approx({"episodes": 4.0, "succ@1": 0.25, "succ@2": 0.5, "succ@3": 0.75,
+                                   "mean_turns": 2.75, "mean_turns_to_solve": 2.0,
+                                   "non_repetitive_ratio": (2 / 3 + 3 / 5 + 1) / 3, "tokens_per_episode": 25.0})
+    assert "tokens_per_episode" not in summarize(EPISODES, k=1)
