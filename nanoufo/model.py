@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoufo.parallel import (SINGLE, ColumnParallelLinear, ParallelContext, RowParallelLinear,
+                              VocabParallelEmbedding, check_tp_split, copy_to_tp)
+
 try:  # optional fast path on GPUs; the SDPA path below is the reference
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 except ImportError:
@@ -96,8 +99,10 @@ class KVCache:
     v: torch.Tensor  # (L, B, S, Hkv, D)
 
     @classmethod
-    def allocate(cls, config: QwenConfig, batch: int, max_len: int, device=None, dtype=None) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    def allocate(cls, config: QwenConfig, batch: int, max_len: int, device=None, dtype=None,
+                 tp_size: int = 1) -> "KVCache":
+        """Under tensor parallelism each rank caches only its own KV heads (num_key_value_heads / tp_size)."""
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads // tp_size, config.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
 
@@ -172,13 +177,15 @@ def _flash_attention(q, k, v, position_ids, cache_rows):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: QwenConfig):
+    """Under TP a rank holds whole query heads and the KV heads they read (q/k/v column-, o row-parallel)."""
+
+    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = ColumnParallelLinear(config.hidden_size, self.n_head * self.head_dim, bias=True, tp=tp)
+        self.k_proj = ColumnParallelLinear(config.hidden_size, self.n_kv * self.head_dim, bias=True, tp=tp)
+        self.v_proj = ColumnParallelLinear(config.hidden_size, self.n_kv * self.head_dim, bias=True, tp=tp)
+        self.o_proj = RowParallelLinear(self.n_head * self.head_dim, config.hidden_size, bias=False, tp=tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None) -> torch.Tensor:
@@ -196,23 +203,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: QwenConfig):
+    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=False, tp=tp)
+        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=False, tp=tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, config: QwenConfig):
+    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, cache_rows)
@@ -220,26 +227,35 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    def __init__(self, config: QwenConfig):
+    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(Block(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Qwen2(nn.Module):
-    """The causal LM (actor, reference) or, with value_head=True, the critic: same trunk, scalar head."""
+    """The causal LM (actor, reference) or, with value_head=True, the critic: same trunk, scalar head.
 
-    def __init__(self, config: QwenConfig, value_head: bool = False):
+    With tp (nanoufo/parallel.py) of size > 1 every rank holds its slice of each weight and of the vocabulary:
+    logits() returns the columns [vocab_start, vocab_start + V_local); the value head is replicated."""
+
+    def __init__(self, config: QwenConfig, value_head: bool = False, tp: ParallelContext = SINGLE):
         super().__init__()
-        self.config = config
-        self.model = Trunk(config)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        check_tp_split(config, tp.tp_size)
+        self.config, self.tp = config, tp
+        self.model = Trunk(config, tp)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, bias=False, tp=tp)  # same vocabulary split as the embedding
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:  # (V, H)
+    def lm_head_weight(self) -> torch.Tensor:  # (V_local, H); V_local = V without TP
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def vocab_start(self) -> int:  # the first vocabulary id of this rank's logits columns
+        return self.model.embed_tokens.vocab_start
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None,
                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,7 +272,11 @@ class Qwen2(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head_weight.T  # (..., V)
+        return self.lm_head_input(hidden) @ self.lm_head_weight.T  # (..., V_local)
+
+    def lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden as the vocab-parallel head must see it (Megatron's f), for fused head kernels too."""
+        return copy_to_tp(hidden, self.tp.tp_group)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden).squeeze(-1).float()  # (...,)

@@ -6,6 +6,9 @@ in model.safetensors.index.json. A directory saved here opens in transformers or
 
 Tensors are read one at a time straight onto the target device and cast there, so no full fp32 copy of
 the model ever sits in CPU memory. Every problem is reported with the file and tensor it concerns.
+Under tensor parallelism (tp=ParallelContext from nanoufo/parallel.py) each rank reads only its slice of each
+tensor (safetensors get_slice), so no rank ever holds the whole model; save_model gathers the slices and
+global rank 0 writes one ordinary checkpoint.
 """
 import json
 import os
@@ -15,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.model import QwenConfig, Qwen2, param_shapes
+from nanoufo.parallel import SINGLE, ParallelContext, barrier, check_tp_split, full_state_dict, shard_specs
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -44,29 +48,31 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               value_head: bool = False) -> Qwen2:
+               value_head: bool = False, tp: ParallelContext = SINGLE) -> Qwen2:
     """Build a Qwen2 from a HF checkpoint directory. With value_head=True (the critic) a checkpoint without
-    value_head.* tensors is accepted and the head starts at zero, so the critic starts from the actor."""
+    value_head.* tensors is accepted and the head starts at zero, so the critic starts from the actor.
+    With tp of size > 1 this rank's slices of the weights are read, and nothing else."""
     ckpt_dir = Path(ckpt_dir)
     config = QwenConfig.from_json(ckpt_dir / "config.json")
+    check_tp_split(config, tp.tp_size, source=str(ckpt_dir / "config.json"))
     dtype = dtype or getattr(torch, config.torch_dtype)
     with torch.device("meta"):
-        model = Qwen2(config, value_head=value_head).to(dtype)
+        model = Qwen2(config, value_head=value_head, tp=tp).to(dtype)
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
+    params, full_shapes, shards = dict(model.named_parameters()), param_shapes(config, value_head), shard_specs(model)
     loaded = set()
     for path in checkpoint_files(ckpt_dir):
-        for name, tensor in _read_tensors(path, device):
+        for name, part in _read_slices(path, device):
             if name not in params:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # some tied checkpoints store the head anyway; it equals the embedding
                 raise ValueError(f"{path}: unexpected tensor {name!r} (not part of a {model.__class__.__name__} "
                                  f"with config {ckpt_dir / 'config.json'})")
-            if tensor.shape != params[name].shape:
-                raise ValueError(f"{path}: tensor {name!r} has shape {list(tensor.shape)} but config.json implies "
-                                 f"{list(params[name].shape)}")
+            if part.get_shape() != list(full_shapes[name]):
+                raise ValueError(f"{path}: tensor {name!r} has shape {part.get_shape()} but config.json implies "
+                                 f"{list(full_shapes[name])}")
             with torch.no_grad():
-                params[name].copy_(tensor)
+                params[name].copy_(shards[name].take(part) if name in shards else part[:])
             loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if value_head and all(n.startswith("value_head.") for n in missing):
@@ -79,11 +85,12 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
     return model
 
 
-def _read_tensors(path: Path, device):
+def _read_slices(path: Path, device):
+    """(name, lazy safetensors slice) pairs; indexing a slice reads only the bytes asked for."""
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -109,10 +116,17 @@ def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
 def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json and the weights (sharded past max_shard_bytes) into out_dir.
 
-    Each file is written under a temporary name and renamed, so a reader never sees half a file."""
-    out_dir = Path(out_dir)
+    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+    Under tensor or data parallelism every rank must call it: the slices are gathered, global rank 0 writes
+    one ordinary checkpoint, and every rank returns once it is on disk."""
+    state = full_state_dict(model, model.tp)  # None on every rank but global rank 0
+    if state is not None:
+        _write_checkpoint(state, model.config, Path(out_dir), max_shard_bytes)
+    barrier(model.tp)
+
+
+def _write_checkpoint(state: dict[str, torch.Tensor], config: QwenConfig, out_dir: Path, max_shard_bytes: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     dtype = next(iter(state.values())).dtype
     shards, size = [{}], 0
     for name, t in state.items():
@@ -136,7 +150,7 @@ def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**
     for p in stale:
         p.unlink(missing_ok=True)
     _atomic(out_dir / "config.json",
-            lambda tmp: Path(tmp).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2)))
+            lambda tmp: Path(tmp).write_text(json.dumps(hf_config_dict(config, dtype), indent=2)))
 
 
 def _atomic(path: Path, write) -> None:

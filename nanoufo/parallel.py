@@ -1,0 +1,299 @@
+"""Tensor parallelism (Megatron-style) and data parallelism over torch.distributed, in one small module.
+
+Ranks form a 2D grid: consecutive ranks make a tensor-parallel (TP) group (the GPUs of one node), and ranks
+with the same TP rank across groups make a data-parallel (DP) group. torchrun sets RANK / WORLD_SIZE /
+LOCAL_RANK; init_parallel reads them and returns a ParallelContext that layers and trainers are handed
+(there is no hidden global state).
+
+    torchrun --nproc_per_node=2 train.py --tp 2 ...   # TP=2
+    torchrun --nproc_per_node=8 train.py --tp 2 ...   # DP=4 x TP=2
+    ctx = init_parallel(tp=2)                         # NCCL on GPUs, gloo on CPU
+    model = load_model(ckpt, device=ctx.device, tp=ctx)
+
+Column-parallel layers split their output features and take a replicated input; row-parallel layers split
+their input features and all-reduce their output. The two autograd-aware collectives between them are
+Megatron's f (identity forward, all-reduce backward) and g (all-reduce forward, identity backward). Each
+parallel layer records, per parameter, which slice of the full Hugging Face tensor it holds (a Shard), so
+the loader reads only that slice and the saver knows how to put the full tensor back together.
+"""
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the DP x TP grid; groups are None when their size is 1."""
+    rank: int = 0
+    world: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __deepcopy__(self, memo) -> "ParallelContext":  # models get deep-copied (reference policy); groups must not
+        return self
+
+
+SINGLE = ParallelContext()
+
+
+def init_parallel(tp: int = 1, device: str | torch.device | None = None, timeout_s: float = 600.0) -> ParallelContext:
+    """Join the process group that torchrun describes in the environment and build the TP and DP groups.
+
+    timeout_s bounds every collective: a rank whose peer died or hangs raises instead of waiting forever
+    (gloo notices a dead peer at once; NCCL's watchdog aborts the process when the timeout passes)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp={tp} does not divide the world size {world} (WORLD_SIZE): launch a multiple of tp "
+                         f"processes, e.g. torchrun --nproc_per_node={max(tp, 1)} ...")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if world == 1:
+        return ParallelContext(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # a second call only lays out new groups (tests try two layouts in one launch)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+    groups = world // tp
+    tp_group = _subgroup([list(range(g * tp, (g + 1) * tp)) for g in range(groups)]) if tp > 1 else None
+    dp_group = _subgroup([list(range(t, world, tp)) for t in range(tp)]) if groups > 1 else None
+    return ParallelContext(rank, world, rank % tp, tp, rank // tp, groups, tp_group, dp_group, device)
+
+
+def _subgroup(ranks_per_group: list[list[int]]) -> dist.ProcessGroup:
+    group, _ = dist.new_subgroups_by_enumeration(ranks_per_group)  # every rank creates every group, in order
+    return group
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """print on global rank 0 only (works before and without init_parallel)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+def barrier(ctx: ParallelContext) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def check_tp_split(config, tp_size: int, source: str = "config") -> None:
+    """Raise if the model cannot be cut into tp_size pieces; called before any weight is read."""
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(config, key) % tp_size:
+            raise ValueError(f"{source}: {key}={getattr(config, key)} is not divisible by tp={tp_size} "
+                             f"(attention heads are split whole across tensor-parallel ranks)")
+
+
+def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, stop) of rank's part of n items, balanced: the first n % size ranks take one more."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Slice [start, stop) along dim of a full tensor whose size along dim is full."""
+    dim: int
+    start: int
+    stop: int
+    full: int
+
+    def take(self, full_tensor):
+        """This rank's part of a torch tensor or of a safetensors slice (which reads only that part)."""
+        return full_tensor[(slice(None),) * self.dim + (slice(self.start, self.stop),)]
+
+
+def shard_specs(model: nn.Module) -> dict[str, Shard]:
+    """{parameter name: Shard} for every split parameter of the model; the others are replicated.
+
+    The spec lives on the module (its `shards` dict), not on the Parameter, because moving a model off the
+    meta device builds new Parameter objects and would drop any attribute set on the old ones."""
+    return {f"{prefix}.{name}" if prefix else name: shard
+            for prefix, module in model.named_modules() for name, shard in getattr(module, "shards", {}).items()}
+
+
+# Megatron's f and g: the only communication inside the model, and autograd knows about both.
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()  # each rank's shard contributes part of d(loss)/d(input)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None  # the output is replicated, so is its gradient
+
+
+def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """f: identity forward, all-reduce backward; at the input of column-parallel layers."""
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """g: all-reduce forward, identity backward; at the output of row-parallel layers."""
+    return x if group is None else _ReduceFromTP.apply(x, group)
+
+
+class ColumnParallelLinear(nn.Linear):
+    """y = x W.T + b with W's rows (output features) split across TP ranks; the output stays split."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: ParallelContext = SINGLE):
+        start, stop = split_range(out_features, tp.tp_rank, tp.tp_size)
+        super().__init__(in_features, stop - start, bias=bias)
+        self.tp = tp
+        shard = Shard(0, start, stop, out_features)
+        self.shards = {"weight": shard, "bias": shard} if bias else {"weight": shard}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.tp.tp_group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """y = x W.T + b with W's columns (input features) split; takes a split input, returns the full sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: ParallelContext = SINGLE):
+        start, stop = split_range(in_features, tp.tp_rank, tp.tp_size)
+        super().__init__(stop - start, out_features, bias=bias)
+        self.tp = tp
+        self.shards = {"weight": Shard(1, start, stop, in_features)}  # the bias is replicated, added once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.tp.tp_group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Embedding whose rows (the vocabulary) are split; a rank answers for its ids, zeros elsewhere, then sum."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: ParallelContext = SINGLE):
+        self.vocab_start, self.vocab_stop = split_range(num_embeddings, tp.tp_rank, tp.tp_size)
+        super().__init__(self.vocab_stop - self.vocab_start, embedding_dim)
+        self.tp = tp
+        self.shards = {"weight": Shard(0, self.vocab_start, self.vocab_stop, num_embeddings)}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.tp_group is None:
+            return super().forward(ids)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)  # ids another rank owns
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        return reduce_from_tp(x, self.tp.tp_group)  # (..., H)
+
+
+def all_gather_shards(t: torch.Tensor, shard: Shard, tp: ParallelContext) -> torch.Tensor:
+    """The full tensor from every TP rank's part (parts may differ by one row: pad, gather, trim)."""
+    if tp.tp_group is None:
+        return t
+    sizes = [stop - start for start, stop in (split_range(shard.full, r, tp.tp_size) for r in range(tp.tp_size))]
+    pad = list(t.shape)
+    pad[shard.dim] = max(sizes) - t.shape[shard.dim]
+    padded = torch.cat([t, t.new_zeros(pad)], dim=shard.dim).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=tp.tp_group)
+    return torch.cat([p.narrow(shard.dim, 0, n) for p, n in zip(parts, sizes)], dim=shard.dim)
+
+
+def full_state_dict(model: nn.Module, tp: ParallelContext) -> dict[str, torch.Tensor] | None:
+    """Every parameter as its full HF tensor on global rank 0 (on the CPU when gathered); None elsewhere.
+
+    Only the first DP group gathers (the others hold the same weights); all its TP ranks must call this."""
+    if tp.dp_rank != 0:
+        return None
+    shards = shard_specs(model) if tp.tp_size > 1 else {}
+    state = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if name in shards:
+            t = all_gather_shards(t, shards[name], tp).cpu()  # one full tensor at a time on the device
+        if tp.is_main:
+            state[name] = t.contiguous()
+    return state if tp.is_main else None
+
+
+def all_reduce_(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce outside autograd (token counts, statistics); a no-op without a group."""
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def vocab_parallel_argmax(scores: torch.Tensor, vocab_start: int, tp: ParallelContext) -> torch.Tensor:
+    """argmax over the full vocabulary of scores (..., V_local) split across TP ranks; same answer on every
+    rank, and the lowest id wins a tie as in torch.argmax. With Gumbel noise added it samples."""
+    best, idx = scores.float().max(dim=-1)  # (...,) each
+    if tp.tp_group is None:
+        return idx + vocab_start
+    pair = torch.stack([best, (idx + vocab_start).float()])  # ids < 2^24 are exact in fp32
+    pairs = [torch.empty_like(pair) for _ in range(tp.tp_size)]
+    dist.all_gather(pairs, pair, group=tp.tp_group)
+    pairs = torch.stack(pairs)  # (tp, 2, ...)
+    winner = pairs[:, 0].argmax(dim=0, keepdim=True)  # ranks hold ascending ids, so the first max is the lowest id
+    return pairs[:, 1].gather(0, winner)[0].long()
+
+
+def average_gradients(params, tp: ParallelContext) -> None:
+    """Mean of every gradient over the DP group (async all-reduces, then wait); a missing grad counts as 0."""
+    if tp.dp_group is None:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    works = [dist.all_reduce(p.grad, group=tp.dp_group, async_op=True) for p in params]
+    for p, work in zip(params, works):
+        work.wait()
+        p.grad.div_(tp.dp_size)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, tp: ParallelContext) -> torch.Tensor:
+    """Clip by the norm of the full model's gradient: split parameters' squares summed over the TP group,
+    replicated ones (identical on every TP rank) counted once. Returns the norm before clipping."""
+    shards = shard_specs(model) if tp.tp_size > 1 else {}
+    split_sq, replicated_sq = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (split_sq if name in shards else replicated_sq).append(p.grad.float().pow(2).sum())
+    device = next(model.parameters()).device
+    split = all_reduce_(torch.stack(split_sq).sum() if split_sq else torch.zeros((), device=device), tp.tp_group)
+    norm = (split + (torch.stack(replicated_sq).sum() if replicated_sq else 0.0)).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
