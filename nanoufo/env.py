@@ -59,12 +59,15 @@ class UFOEnv:
         self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
         self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
         self.turn_end_id = self._special_id(TURN_END)
-        self._feedback_text = self._derive_feedback_text()
+        close_and_feedback = self._derive_feedback_text()
+        self._feedback_ids = {False: self._encode(close_and_feedback),
+                              True: self._encode(close_and_feedback[len(TURN_END):])}
 
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token; UFOEnv needs a <|im_start|>/<|im_end|> chat template")
+            raise ValueError(f"the tokenizer has no {token} token; UFOEnv needs a chat template with "
+                             "<|im_start|>/<|im_end|> turns")
         return token_id
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -102,7 +105,8 @@ class UFOEnv:
     @property
     def stop_ids(self) -> list[int]:
         """Tokens that end an attempt: <|im_end|>, then the tokenizer's eos and <|endoftext|> where distinct."""
-        candidates = [self.turn_end_id, self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        candidates = [self.turn_end_id, self.tokenizer.eos_token_id, end_of_text]
         valid = [i for i in candidates if i is not None and i != self.tokenizer.unk_token_id]
         return list(dict.fromkeys(valid))
 
@@ -111,8 +115,7 @@ class UFOEnv:
         the user turn with the feedback text and the assistant header. `ended_with_stop`: the attempt's last
         sampled token was <|im_end|> (it is part of the attempt then); False after a token limit (or any
         other stop token), and the close's <|im_end|> is included here, not sampled."""
-        text = self._feedback_text[len(TURN_END):] if ended_with_stop else self._feedback_text
-        return self._encode(text)
+        return list(self._feedback_ids[ended_with_stop])
 
     def step(self, episode: Episode, response_text: str) -> bool:
         """Grade one attempt and record it; True when the episode is over (correct, or max_turns reached)."""

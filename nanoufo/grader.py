@@ -60,9 +60,9 @@ _NORMALIZE_RULES = [
     (re.compile(r"\\[dt]frac"), r"\\frac"),                          # \dfrac, \tfrac -> \frac
     (re.compile(r"\^\s*\{?\\circ\}?|\\\$|\$|\\%|%"), ""),             # degrees, dollars, percent signs
     (re.compile(r"\s+"), ""),                                        # all whitespace
-    (re.compile(r"(?<=\d),(?=\d{3}(?!\d))"), ""),                    # thousands separators: 1,000 -> 1000
-    (re.compile(r"(?<=\d)\.0+$"), ""),                               # 18.0 -> 18 (whole numbers only)
     (re.compile(r"\.$"), ""),                                        # a trailing full stop
+    (re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$"), lambda m: m[0].replace(",", "")),  # 1,000 -> 1000
+    (re.compile(r"(?<=\d)\.0+$"), ""),                               # 18.0 -> 18 (whole numbers only)
 ]
 
 
@@ -82,14 +82,14 @@ def count_distinct_answers(answers: list[str | None]) -> int:
     return len({None if answer is None else normalize_answer(answer) for answer in answers})
 
 
-def _serve() -> None:
+def _serve(memory_limit_mb: int) -> None:
     """The worker's main loop: one JSON line [answer, gold] in, one line b"1" or b"0" out, until stdin closes.
     Timeouts are the parent's job (it kills this process), so math-verify's own signal timeouts are off."""
     import logging
     import resource
 
-    limit_mb = int(os.environ.get("NANOUFO_GRADER_MEMORY_MB", "4096"))
-    resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))  # a memory bomb -> MemoryError
+    limit = memory_limit_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # a memory bomb fails fast instead of swapping
     protocol = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray prints from sympy/math-verify go to stderr, never into the protocol
     from math_verify import parse, verify
@@ -110,20 +110,22 @@ def _serve() -> None:
 
 class Grader:
     """math-verify in a persistent worker process; an answer that takes longer than `timeout` seconds
-    counts as wrong and costs one worker restart (about a second). Results are cached per (answer, gold)."""
+    counts as wrong and costs one worker restart (about a second). Results are cached per (answer, gold).
+    The worker's address space is capped at `memory_limit_mb`."""
 
     WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock
     CACHE_SIZE = 100_000
 
-    def __init__(self, startup_timeout: float = 120.0):
-        self.startup_timeout = startup_timeout
+    def __init__(self, startup_timeout: float = 120.0, memory_limit_mb: int = 4096):
+        self.startup_timeout, self.memory_limit_mb = startup_timeout, memory_limit_mb
         self._proc: subprocess.Popen | None = None
         self._buffer = b""
         self._cache: dict[tuple[str, str], bool] = {}
 
     def _start(self) -> None:
         package_parent = str(Path(__file__).resolve().parent.parent)
-        code = f"import sys; sys.path.insert(0, {package_parent!r}); from nanoufo.grader import _serve; _serve()"
+        code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
+                f"from nanoufo.grader import _serve; _serve({self.memory_limit_mb})")
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE)
         self._buffer = b""
@@ -159,37 +161,34 @@ class Grader:
             self._proc = None
 
     def grade(self, answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
-        """Whether each answer equals its gold answer; None or empty answers are wrong without a look."""
+        """Whether each answer equals its gold answer; None or blank answers are wrong without a look."""
         if len(answers) != len(golds):
             raise ValueError(f"grade: {len(answers)} answers but {len(golds)} gold answers")
-        results = [self._cache.get((a, g), False) if a else False for a, g in zip(answers, golds)]
-        todo = [i for i, (a, g) in enumerate(zip(answers, golds)) if a and a.strip() and (a, g) not in self._cache]
+        pairs = list(zip(answers, golds))
+        verdicts = {pair: self._cache[pair] for pair in pairs if pair in self._cache}
+        todo = list(dict.fromkeys(p for p in pairs if p[0] and p[0].strip() and p not in verdicts))
         pos = 0
         while pos < len(todo):
             if self._proc is None:
                 self._start()
             window = todo[pos:pos + self.WINDOW]
             try:
-                self._proc.stdin.write(b"".join(json.dumps([answers[i], golds[i]]).encode() + b"\n" for i in window))
+                self._proc.stdin.write(b"".join(json.dumps(pair).encode() + b"\n" for pair in window))
                 self._proc.stdin.flush()
             except BrokenPipeError:  # the worker died between calls (killed from outside): start another
                 self.close()
                 continue
-            for i in window:
+            for pair in window:
                 line = self._read_line(timeout)
                 pos += 1
+                verdicts[pair] = line == b"1"
                 if line is None:  # too slow (or the worker died): wrong, and the rest of the window is resent
                     self.close()
-                    self._remember(answers[i], golds[i], False)
                     break
-                results[i] = line == b"1"
-                self._remember(answers[i], golds[i], results[i])
-        return results
-
-    def _remember(self, answer: str, gold: str, verdict: bool) -> None:
-        if len(self._cache) >= self.CACHE_SIZE:
+        if len(self._cache) + len(verdicts) > self.CACHE_SIZE:
             self._cache.clear()
-        self._cache[(answer, gold)] = verdict
+        self._cache.update(verdicts)
+        return [verdicts.get(pair, False) for pair in pairs]
 
 
 _default_grader = Grader()

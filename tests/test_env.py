@@ -41,7 +41,8 @@ def rollout_ids(env: UFOEnv, tokenizer) -> tuple[list[int], list[int]]:
         if turn > 0:
             feedback = env.feedback_ids(ended_with_stop=ATTEMPTS[turn - 1][1])
             ids, mask = ids + feedback, mask + [0] * len(feedback)
-        sampled = tokenizer(text, add_special_tokens=False)["input_ids"] + ([env.turn_end_id] if ended_with_stop else [])
+        sampled = tokenizer(text, add_special_tokens=False)["input_ids"]
+        sampled += [env.turn_end_id] if ended_with_stop else []
         ids, mask = ids + sampled, mask + [1] * len(sampled)
     return ids, mask
 
@@ -53,7 +54,8 @@ def test_conversation_tokens_match_the_chat_template(tokenizer, system_prompt):
     system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     conversation = system + [{"role": "user", "content": f"{QUESTION} {env.instruction}"}]
     for turn, (text, _) in enumerate(ATTEMPTS):
-        conversation += ([{"role": "user", "content": "Try again."}] if turn else []) + [{"role": "assistant", "content": text}]
+        feedback = [{"role": "user", "content": "Try again."}] if turn else []
+        conversation += feedback + [{"role": "assistant", "content": text}]
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
     assert rendered == tokenizer.decode(ids) + "\n"  # the template's final newline follows the last <|im_end|>
     assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"][:-1]
