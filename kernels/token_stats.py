@@ -91,7 +91,7 @@ def _partials_kernel(logits_ptr, targets_ptr, stats_ptr, n_rows, n_cols, row_str
         shift = tl.where(m == float("-inf"), 0.0, m - m_safe)  # s and a are 0 while m is -inf
         scale = tl.exp(shift)
         e = tl.exp(z - m_safe)
-        a = scale * (a + shift * s) + tl.where(e > 0, (z - m_safe) * e, 0.0)  # -inf * 0 guarded
+        a = scale * (a + shift * s) + tl.where(e > 0, z - m_safe, 0.0) * e  # no -inf * 0
         s = scale * s + e
         b += tl.where(live, z, 0.0)
         m = m_new
@@ -133,8 +133,8 @@ def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, mu_ptr, g_logp_ptr, g_ent_ptr
         p = tl.exp(z - lse)
         inner = coef
         if HAS_ENT:
-            inner = coef - g_ent * (z - mu)
-        dz = tl.where(p > 0, p * inner, 0.0)  # p = 0 at -inf logits, where inner may be NaN
+            inner = coef - g_ent * (tl.where(p > 0, z, mu) - mu)  # p = 0 at -inf: keep inner finite
+        dz = p * inner
         if HAS_LOGP:
             dz += tl.where(cols == local, g_logp, 0.0)
         if HAS_SC:

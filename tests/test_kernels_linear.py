@@ -1,0 +1,151 @@
+"""Token statistics fused with the LM head (kernels/linear_token_stats.py) and the vocab-parallel
+form of both paths: chunked Triton and PyTorch paths against a float64 oracle on materialised
+logits, gradients for hidden and weight, gradcheck, and two gloo ranks (torch.multiprocessing spawn)
+whose combined outputs and gradients must equal the single-rank ones.
+
+Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear.py
+"""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kernels.dispatch import interpreting
+from kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
+from kernels.token_stats import token_stats
+from test_kernels_token_stats import IGNORE, oracle
+
+needs_triton = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Statistics: fp32 logits from the same rounded inputs, so fp32 accuracy for every dtype. Gradients:
+# the logits gradient is rounded to the input dtype before the two matmuls; compared by the
+# relative Frobenius error of the whole gradient.
+STAT_TOL = dict(atol=5e-5, rtol=5e-5)
+GRAD_REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def make_case(n: int, h: int, v: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype).to(DEVICE)
+    weight = (torch.randn(v, h, generator=gen) / math.sqrt(h) * 3).to(dtype).to(DEVICE)
+    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    targets[1] = IGNORE
+    grads = [torch.randn(n, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(3)]
+    return hidden, weight, targets, grads
+
+
+def run(fn, hidden, weight, grads, which=(0, 1, 2)):
+    """Outputs of fn(hidden, weight) and the gradients of sum_k <g_k, out_k> w.r.t. hidden and weight."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    outs = fn(h, w)
+    sum((outs[k].double() * grads[k]).sum() for k in which).backward()
+    return [o.detach().double() for o in outs], *(None if t.grad is None else t.grad.double() for t in (h, w))
+
+
+def oracle_linear(targets, temperature):
+    return lambda h, w: oracle(h.double() @ w.double().T, targets, temperature)
+
+
+def assert_grad_close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < rel, f"relative gradient error {err:.2e} above {rel:.0e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl,temperature", [("triton", 0.7), ("torch", 1.0), ("triton", 1.0)])
+def test_fused_matches_float64(dtype, impl, temperature):
+    hidden, weight, targets, grads = make_case(8, 32, 77, dtype)  # chunks of 24, 24, 24, 5 columns
+    fused = lambda h, w: linear_token_stats(h, w, targets, temperature, chunk_size=24, impl=impl, block_size=16)
+    outs, gh, gw = run(fused, hidden, weight, grads)
+    want, want_gh, want_gw = run(oracle_linear(targets, temperature), hidden, weight, grads)
+    for out, ref in zip(outs, want):
+        torch.testing.assert_close(out, ref, **STAT_TOL)
+    assert_grad_close(gh, want_gh, GRAD_REL[dtype])
+    assert_grad_close(gw, want_gw, GRAD_REL[dtype])
+    assert gh.shape == hidden.shape and gw.shape == weight.shape
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,)])
+def test_each_output_and_one_input(which):
+    hidden, weight, targets, grads = make_case(6, 16, 41, torch.float32, seed=1)
+    fused = lambda h, w: linear_token_stats(h, w, targets, 0.7, chunk_size=16, impl="torch")
+    _, gh, gw = run(fused, hidden, weight, grads, which)
+    _, want_gh, want_gw = run(oracle_linear(targets, 0.7), hidden, weight, grads, which)
+    assert_grad_close(gh, want_gh, GRAD_REL[torch.float32])
+    assert_grad_close(gw, want_gw, GRAD_REL[torch.float32])
+    frozen = weight.detach().clone()  # a frozen head: only hidden gets a gradient
+    h = hidden.detach().clone().requires_grad_()
+    linear_token_stats(h, frozen, targets, 0.7, chunk_size=16, impl="torch")[which[0]].sum().backward()
+    assert frozen.grad is None and h.grad is not None
+
+
+def test_reference_and_chunking_agree_with_materialised_logits():
+    hidden, weight, targets, _ = make_case(5, 16, 30, torch.float64, seed=2)
+    want = linear_token_stats_reference(hidden, weight, targets, 0.7)
+    for chunk in (7, 30, 64):
+        for got, ref in zip(linear_token_stats(hidden, weight, targets, 0.7, chunk_size=chunk), want):
+            torch.testing.assert_close(got, ref)
+
+
+def test_self_certainty_uses_the_full_vocab_across_chunks():
+    v = 50
+    weight = torch.zeros(v, 8, device=DEVICE)  # every logit 0: uniform over all V
+    _, _, sc = linear_token_stats(torch.randn(2, 8, device=DEVICE), weight, torch.tensor([0, 49], device=DEVICE),
+                                  chunk_size=16, impl="torch")
+    torch.testing.assert_close(sc, torch.full_like(sc, math.log(v)))
+
+
+def test_gradcheck_float64_reference():
+    hidden, weight, targets, _ = make_case(3, 4, 9, torch.float64, seed=3)
+    fn = lambda h, w: linear_token_stats(h, w, targets, 0.7, chunk_size=4, impl="torch")
+    assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_()))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="share a float dtype"):
+        linear_token_stats(torch.randn(2, 4), torch.randn(5, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"hidden \(N, H\) and weight \(V, H\)"):
+        linear_token_stats(torch.randn(2, 4), torch.randn(5, 3), torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- vocab-parallel, 2 ranks
+
+def _vocab_parallel_worker(rank: int, world: int, init_file: str, impl: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        hidden, weight, targets, grads = make_case(6, 16, 53, torch.float32, seed=4)
+        start, end = [(0, 30), (30, 53)][rank]  # unequal slices: the full V comes from the all-reduce
+        logits = hidden @ weight.T
+        kw = dict(impl=impl, block_size=16)
+        full = lambda x, _: token_stats(x, targets, 0.7, **kw)
+        sliced = lambda x, _: token_stats(x[:, start:end], targets, 0.7, vocab_start=start, group=dist.group.WORLD, **kw)
+        want, want_grad, _ = run(full, logits, weight, grads)
+        outs, grad, _ = run(sliced, logits, weight, grads)
+        for out, ref in zip(outs, want):
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad[:, start:end], want_grad[:, start:end], atol=1e-6, rtol=1e-5)
+        assert (grad[:, :start] == 0).all() and (grad[:, end:] == 0).all()  # nothing outside the slice
+
+        kw["chunk_size"] = 16
+        full = lambda h, w: linear_token_stats(h, w, targets, 0.7, **kw)
+        sliced = lambda h, w: linear_token_stats(h, w[start:end], targets, 0.7, vocab_start=start,
+                                                 group=dist.group.WORLD, **kw)
+        want, want_gh, want_gw = run(full, hidden, weight, grads)
+        outs, gh, gw = run(sliced, hidden, weight, grads)
+        for out, ref in zip(outs, want):
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw[start:end], want_gw[start:end], atol=1e-5, rtol=1e-4)
+        dist.all_reduce(gh)  # the caller's column-parallel input function sums the hidden gradient
+        torch.testing.assert_close(gh, want_gh, atol=1e-5, rtol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_triton
+def test_vocab_parallel_two_gloo_ranks(tmp_path):
+    mp.spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "store"), "triton"), nprocs=2, join=True)
