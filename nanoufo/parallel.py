@@ -52,24 +52,29 @@ SINGLE = ParallelContext()
 
 def init_parallel(tp: int = 1, device: str | torch.device | None = None, timeout_s: float = 600.0) -> ParallelContext:
     """Join the process group that torchrun describes in the environment and build the TP and DP groups.
+    tp is capped at the world size, so one process (python train.py) runs without tensor parallelism.
 
     timeout_s bounds every collective: a rank whose peer died or hangs raises instead of waiting forever
     (gloo notices a dead peer at once; NCCL's watchdog aborts the process when the timeout passes)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    tp = min(tp, world)
     if tp < 1 or world % tp:
         raise ValueError(f"tp={tp} does not divide the world size {world} (WORLD_SIZE): launch a multiple of tp "
                          f"processes, e.g. torchrun --nproc_per_node={max(tp, 1)} ...")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per process
     if world == 1:
         return ParallelContext(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # a second call only lays out new groups (tests try two layouts in one launch)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None)
     groups = world // tp
     tp_group = _subgroup([list(range(g * tp, (g + 1) * tp)) for g in range(groups)]) if tp > 1 else None
     dp_group = _subgroup([list(range(t, world, tp)) for t in range(tp)]) if groups > 1 else None
@@ -253,18 +258,30 @@ def all_reduce_(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.Reduce
     return t
 
 
-def vocab_parallel_argmax(scores: torch.Tensor, vocab_start: int, tp: ParallelContext) -> torch.Tensor:
-    """argmax over the full vocabulary of scores (..., V_local) split across TP ranks; same answer on every
-    rank, and the lowest id wins a tie as in torch.argmax. With Gumbel noise added it samples."""
-    best, idx = scores.float().max(dim=-1)  # (...,) each
-    if tp.tp_group is None:
-        return idx + vocab_start
-    pair = torch.stack([best, (idx + vocab_start).float()])  # ids < 2^24 are exact in fp32
-    pairs = [torch.empty_like(pair) for _ in range(tp.tp_size)]
-    dist.all_gather(pairs, pair, group=tp.tp_group)
-    pairs = torch.stack(pairs)  # (tp, 2, ...)
-    winner = pairs[:, 0].argmax(dim=0, keepdim=True)  # ranks hold ascending ids, so the first max is the lowest id
-    return pairs[:, 1].gather(0, winner)[0].long()
+def all_gather_vocab(logits: torch.Tensor, vocab_start: int, vocab_size: int, tp: ParallelContext) -> torch.Tensor:
+    """Full-vocabulary logits (..., V) from every TP rank's columns (..., V_local), identical on every rank,
+    so a sampler run with the same seed on each rank draws the same token column (no rank-0 side channel)."""
+    shard = Shard(logits.ndim - 1, vocab_start, vocab_start + logits.shape[-1], vocab_size)
+    return all_gather_shards(logits, shard, tp)
+
+
+def dp_mean_scale(count: torch.Tensor, tp: ParallelContext) -> float:
+    """Factor for a rank's mean over its `count` items (tokens or rows) such that averaging gradients over
+    the DP group gives the mean over every rank's items, as one process with the whole batch would:
+    count * dp_size / (count summed over the DP group). 1.0 without data parallelism."""
+    if tp.dp_group is None:
+        return 1.0
+    total = all_reduce_(torch.as_tensor(count, dtype=torch.float64).detach().clone(), tp.dp_group)
+    return float(count) * tp.dp_size / max(float(total), 1.0)
+
+
+def all_ranks_true(flag: bool, tp: ParallelContext) -> bool:
+    """True when flag holds on every rank: decisions that skip a collective (a non-finite loss) must agree."""
+    if tp.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=tp.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def average_gradients(params, tp: ParallelContext) -> None:

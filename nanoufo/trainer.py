@@ -19,6 +19,7 @@ from kernels import linear_token_stats, ppo_loss
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2
+from nanoufo.parallel import all_ranks_true, clip_grad_norm_, dp_mean_scale
 
 
 @dataclass
@@ -51,7 +52,8 @@ def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float):
     positions = torch.arange(T, device=tokens.device).expand(B, T)
     hidden = model(tokens, positions)  # (B, T, H)
     h = hidden[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
-    stats = linear_token_stats(h, model.lm_head_weight, tokens[:, 1:].reshape(-1), temperature)
+    stats = linear_token_stats(model.lm_head_input(h), model.lm_head_weight, tokens[:, 1:].reshape(-1), temperature,
+                               vocab_start=model.vocab_start, group=model.tp.tp_group)  # vocab-parallel under TP
     return tuple(rl.shift_to_tokens(s.view(B, T - 1)) for s in stats)
 
 
@@ -124,9 +126,10 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return rl.masked_mean(loss, mask), frac
 
 
-def _grads_finite_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip in place and return the total norm before clipping (inf/nan when a gradient is not finite)."""
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+def _grads_finite_norm(model: Qwen2, max_norm: float) -> float:
+    """Clip in place and return the total norm before clipping (inf/nan when a gradient is not finite);
+    under tensor parallelism it is the norm of the whole model's gradient."""
+    return float(clip_grad_norm_(model, max_norm if max_norm > 0 else math.inf, model.tp))
 
 
 def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
@@ -139,12 +142,16 @@ def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: B
         kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
         entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation)
     metrics = {f"pg/{k}": float(v) for k, v in metrics.items()}
+    # data parallelism: weight this rank's means so the DP-averaged gradient is the mean over the whole batch
+    token_scale = dp_mean_scale(mb.mask.sum(), actor.tp)
+    rows = (mb.mask.sum(1) > 0).sum()
+    loss = loss * (token_scale if cfg.aggregation == "token-mean" else dp_mean_scale(rows, actor.tp))
     ratio_dev = rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).item()
     if critic is not None:
         values = sequence_values(critic, mb.tokens)
         v_loss, v_clip = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip)
         metrics |= {"value_loss": v_loss.item(), "value_clip_frac": v_clip}
-        loss = loss + v_loss
+        loss = loss + v_loss * token_scale
     return loss, metrics, ratio_dev
 
 
@@ -166,15 +173,14 @@ def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers:
             first_ratio_dev = ratio_dev if first_ratio_dev is None else first_ratio_dev
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
+            finite = all_ranks_true(bool(torch.isfinite(loss)), actor.tp)  # DP ranks skip together or not at all
             if finite:
                 loss.backward()
                 norms = {}
                 for name, model in models.items():
                     if grad_hook is not None:
                         grad_hook(model)
-                    norms[name] = _grads_finite_norm([p for p in model.parameters() if p.grad is not None],
-                                                     cfg.grad_clip)
+                    norms[name] = _grads_finite_norm(model, cfg.grad_clip)
                 finite = all(math.isfinite(n) for n in norms.values())
                 metrics |= {f"grad_norm/{name}": n for name, n in norms.items()}
             if not finite:  # skip: the weights and optimizer moments are left untouched

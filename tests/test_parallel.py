@@ -33,37 +33,101 @@ def test_unsplittable_config_fails_before_any_weight_is_read(hf_checkpoint, monk
         init_parallel(tp=2)
 
 
+def _full_logits(model, ids, ctx):
+    from nanoufo.parallel import all_gather_vocab
+    return all_gather_vocab(_logits(model, ids), model.vocab_start, model.config.vocab_size, ctx)
+
+
 def _logits(model, ids):
     return model.logits(model(ids, torch.arange(ids.shape[1]).expand_as(ids)))  # (B, T, V_local)
 
 
-def _full_logits(model, ids, ctx):
-    from nanoufo.parallel import Shard, all_gather_shards
-    V = model.config.vocab_size
-    local = _logits(model, ids)
-    return all_gather_shards(local, Shard(2, model.vocab_start, model.vocab_start + local.shape[2], V), ctx)
+def _max_diff(model, ref, grads: bool = False) -> float:
+    """Largest |model - ref| over parameters (or their gradients), each of model's shards against the
+    same slice of ref's full tensor; relative to the tensor's largest entry where that exceeds 1."""
+    from nanoufo.parallel import shard_specs
+    shards, ref_params = shard_specs(model), dict(ref.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        mine, want = (p.grad, ref_params[name].grad) if grads else (p, ref_params[name])
+        if mine is None or want is None:  # a critic's unused LM head: no gradient on either side
+            assert mine is None and want is None, name
+            continue
+        want = shards[name].take(want) if name in shards else want
+        worst = max(worst, (mine - want).abs().max().item() / max(want.abs().max().item(), 1.0))
+    return worst
 
 
-def _tp_checks(ckpts: list, out_dir: str) -> dict:
-    """Runs on each of 2 ranks with tp=2; returns the largest differences against the TP=1 model."""
+def _toy_batch(vocab: int, rows: int = 4, length: int = 10):
+    """A PPO batch with uneven token counts per row, so data-parallel halves hold different counts."""
+    from nanoufo.trainer import Batch
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (rows, length), generator=g)
+    mask = (torch.arange(length) >= torch.tensor([3, 5, 2, 7])[:rows, None]).float()  # (B, T)
+    noise = lambda: 0.3 * torch.randn(rows, length, generator=g)
+    logp = -2.0 + noise()
+    return Batch(tokens, mask, old_logp=logp, advantages=torch.randn(rows, length, generator=g) * mask,
+                 ref_logp=logp + 0.1 * noise(), old_values=noise(), returns=noise())
+
+
+def _load_pair(ckpt: str, tp):
+    """(actor, critic) on this rank's layout; the critic's head gets fixed non-zero weights so the value loss
+    reaches the trunk."""
+    from nanoufo.weights import load_model
+    actor, critic = load_model(ckpt, tp=tp), load_model(ckpt, value_head=True, tp=tp)
+    with torch.no_grad():
+        critic.value_head.weight.copy_(torch.linspace(-0.5, 0.5, critic.config.hidden_size)[None])
+    return actor, critic
+
+
+def _sgd(actor, critic) -> dict:
+    """Plain SGD: Adam's first steps turn float noise in near-zero gradients into whole lr-sized moves, which
+    would hide the comparison; the update is elementwise either way."""
+    return {name: torch.optim.SGD(m.parameters(), lr=0.1) for name, m in [("actor", actor), ("critic", critic)]}
+
+
+def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
+    """On each of 2 ranks: TP=2 checks, then DP=2 checks on the same processes. Returns the largest
+    differences against one process holding the whole model and the whole batch."""
+    from dataclasses import replace
+    from nanoufo.config import TrainConfig
+    from nanoufo.parallel import average_gradients
+    from nanoufo.trainer import minibatch_losses, ppo_update
     from nanoufo.weights import load_model, save_model
-    ctx = init_parallel(tp=2, timeout_s=60)
+    tp = init_parallel(tp=2, timeout_s=60)
     errors = {}
-    for i, ckpt in enumerate(ckpts):
-        ref, model = load_model(ckpt).eval(), load_model(ckpt, tp=ctx).eval()
+    for i, ckpt in enumerate(ckpts):  # logits, sharded loading, gathered saving
+        ref, model = load_model(ckpt).eval(), load_model(ckpt, tp=tp).eval()
         assert model.num_params() < 0.6 * ref.num_params()  # each rank holds about half the weights
         ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
-            want = _logits(ref, ids)
-            errors[f"logits_{i}"] = (_full_logits(model, ids, ctx) - want).abs().max().item()
+            errors[f"logits_{i}"] = (_full_logits(model, ids, tp) - _logits(ref, ids)).abs().max().item()
         save_model(model, f"{out_dir}/saved_{i}")
+
+    cfg = TrainConfig(minibatch_size=4, kl_in="loss", kl_coef=0.05, entropy_coef=0.01, actor_lr=1e-3)
+    batch = _toy_batch(101)
+    single, split = _load_pair(ckpts[0], ParallelContext()), _load_pair(ckpts[0], tp)
+    for (actor, critic) in (single, split):  # PPO + value loss through the vocab-parallel head: gradients
+        minibatch_losses(cfg, actor, critic, batch)[0].backward()
+    errors["actor_grads"] = _max_diff(split[0], single[0], grads=True)
+    errors["critic_grads"] = _max_diff(split[1], single[1], grads=True)
+    for actor, critic in (single, split):  # and whole updates (clipping by the full model's gradient norm)
+        ppo_update(cfg, actor, critic, _sgd(actor, critic), batch, seed=0)
+    errors["tp_update"] = max(_max_diff(split[0], single[0]), _max_diff(split[1], single[1]))
+
+    dp = init_parallel(tp=1, timeout_s=60)  # the same 2 processes as DP=2 x TP=1
+    actor, critic = _load_pair(ckpts[0], dp)
+    half = batch.rows(torch.arange(2 * dp.dp_rank, 2 * dp.dp_rank + 2))
+    ppo_update(replace(cfg, minibatch_size=2), actor, critic, _sgd(actor, critic), half, seed=0,
+               grad_hook=lambda model: average_gradients(model.parameters(), dp))
+    errors["dp_update"] = max(_max_diff(actor, single[0]), _max_diff(critic, single[1]))
     return errors
 
 
-def test_tp2_matches_tp1(hf_checkpoint, tmp_path):
+def test_tp2_and_dp2_match_one_process(hf_checkpoint, tmp_path):
     untied = hf_checkpoint("untied")  # vocab 101: ranks hold 51 and 50 rows
     tied = hf_checkpoint("tied", tie_word_embeddings=True, num_key_value_heads=4, vocab_size=96)
-    for errors in launch(_tp_checks, 2, args=([str(untied[0]), str(tied[0])], str(tmp_path))):
+    for errors in launch(_tp_dp_checks, 2, args=([str(untied[0]), str(tied[0])], str(tmp_path))):
         assert all(e < TOL for e in errors.values()), errors
     from transformers import Qwen2ForCausalLM
     ids = torch.randint(0, 96, (2, 9))
