@@ -93,6 +93,7 @@ def test_minus_inf_logits_and_masked_rows(impl):
     logits[3, targets[3]] = 1.5
     logits[4] = float("-inf")  # a masked row may hold anything
     targets[4] = IGNORE
+    logits[5] -= 200.0  # all far below 0: a running max started at 0 instead of -inf underflows
     outs, grad = stats_and_grad(lambda x: token_stats(x, targets, 0.7, impl=impl, block_size=32),
                                 logits, targets, grads, (0, 1, 2))
     # the oracle sees -1e4 instead of -inf: p is exactly 0 there in float64, and so are the
