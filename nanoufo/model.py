@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from nanoufo.parallel import (SINGLE, ColumnParallelLinear, ParallelContext, RowParallelLinear,
                               VocabParallelEmbedding, check_tp_split, copy_to_tp)
 
+from kernels.decode_attention import decode_attention
+from kernels.dispatch import pick_impl
+from kernels.kv_append import kv_append
+
 try:  # optional fast path on GPUs; the SDPA path below is the reference
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 except ImportError:
@@ -140,6 +144,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     of item b reads row cache_rows[b] and sees its slots <= position_ids[b, i].
     """
     B, T, Hq, D = q.shape
+    if cache_rows is not None and T == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
+        return decode_attention(q, k, v, position_ids, cache_rows, impl="triton")
     if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attention(q, k, v, position_ids, cache_rows)
     if cache_rows is not None:
@@ -195,8 +201,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         if cache is not None:
             k_cache, v_cache = cache  # (B_cache, S, Hkv, D) each
-            k_cache[cache_rows[:, None], position_ids] = k  # write this call's tokens into their slots
-            v_cache[cache_rows[:, None], position_ids] = v
+            kv_append(k_cache, v_cache, k, v, cache_rows, position_ids)  # this call's tokens into their slots
             k, v = k_cache, v_cache
         y = attention(q, k, v, position_ids, cache_rows)  # (B, T, Hq, D)
         return self.o_proj(y.reshape(B, T, -1))
