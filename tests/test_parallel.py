@@ -135,3 +135,29 @@ def test_tp2_and_dp2_match_one_process(hf_checkpoint, tmp_path):
         saved = Qwen2ForCausalLM.from_pretrained(tmp_path / f"saved_{i}").eval()
         with torch.no_grad():
             assert (saved(ids).logits - hf(ids).logits).abs().max() < TOL
+
+
+def _all_reduce_with_a_failing_peer(mode: str, timeout_s: float) -> str:
+    """Rank 1 is SIGKILLed ("killed") or stays away past the timeout ("hung"); rank 0 must raise, not wait."""
+    import os
+    import signal
+    import time
+    import torch.distributed as dist
+    ctx = init_parallel(tp=1, timeout_s=timeout_s)
+    if ctx.rank == 1:
+        if mode == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(2 * timeout_s)
+        return "late"
+    dist.all_reduce(torch.ones(1))
+    return "all_reduce returned without its peer"
+
+
+@pytest.mark.parametrize("mode", ["killed", "hung"])
+def test_a_failed_rank_does_not_leave_the_other_hanging(mode):
+    timeout_s = 3.0
+    survivor, failed = run_ranks(_all_reduce_with_a_failing_peer, 2, args=(mode, timeout_s), timeout_s=60)
+    assert survivor.exitcode == 1 and "Traceback" in (survivor.error or ""), survivor  # raised and exited
+    assert survivor.seconds < 40  # start-up included; the wait itself is bounded by timeout_s
+    if mode == "killed":
+        assert failed.exitcode == -9
