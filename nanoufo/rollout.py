@@ -1,0 +1,35 @@
+"""UFO episodes on the cached sampler: the glue that training and evaluation share. The environment
+writes the prompts, grades each attempt as it ends and answers a wrong one with its feedback turn.
+
+    from nanoufo.rollout import run_episodes
+    rollout, episodes = run_episodes(model, env, problems, n_samples_per_problem=4, max_new_tokens=512,
+                                     temperature=1.0, seed=step)
+
+Row i of the rollout is episodes[i]: problem i // n_samples_per_problem.
+Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
+"""
+from nanoufo.data import Problem
+from nanoufo.env import Episode, UFOEnv
+from nanoufo.model import Qwen2
+from nanoufo.sampler import Rollout, generate
+
+
+def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_samples_per_problem: int = 1,
+                 max_turns: int | None = None, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                 seed: int = 0, tokenizer=None, max_len: int | None = None) -> tuple[Rollout, list[Episode]]:
+    """Sample one episode per (problem, sample): up to max_turns attempts (default env.max_turns), ending on
+    the first correct one. `tokenizer` decodes the attempts for grading (default env.tokenizer)."""
+    tokenizer = tokenizer or env.tokenizer
+    episodes = [Episode(problem) for problem in problems for _ in range(n_samples_per_problem)]
+
+    def next_turn(rows: list[int], responses: list[list[int]], stopped: list[bool]) -> list[list[int] | None]:
+        texts = [tokenizer.decode(r[:-1] if s else r) for r, s in zip(responses, stopped)]  # without the stop token
+        over = env.step_batch([episodes[b] for b in rows], texts)
+        # an attempt closed by <|im_end|> keeps it; any other end needs the close from the feedback turn
+        return [None if done else env.feedback_ids(s and r[-1] == env.turn_end_id)
+                for done, r, s in zip(over, responses, stopped)]
+
+    rollout = generate(model, [env.prompt_ids(e.problem.question) for e in episodes], next_turn,
+                       max_turns=max_turns or env.max_turns, max_new_tokens=max_new_tokens, stop_ids=env.stop_ids,
+                       temperature=temperature, top_p=top_p, seed=seed, max_len=max_len)
+    return rollout, episodes

@@ -1,0 +1,99 @@
+"""nanoufo.rollout and nanoufo.evaluate on a tiny random model with the real Qwen2.5 tokenizer and template.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
+
+The grader is replaced by a schedule in the tests that need solved episodes (a random model never
+solves); the real grader runs in the first test. PyTorch paths (the kernels have their own tests).
+"""
+import json
+
+import pytest
+
+import nanoufo.env
+from nanoufo.data import Problem
+from nanoufo.env import UFOEnv
+from nanoufo.evaluate import evaluate
+from nanoufo.rollout import run_episodes
+from nanoufo.weights import load_model
+
+PROBLEMS = [Problem("What is 2 + 3?", "5", "p0"), Problem("What is 10 / 4?", "2.5", "p1"),
+            Problem("Natalia sold 48 clips in April and half as many in May. How many in all?", "72", "p2")]
+
+
+@pytest.fixture(autouse=True)
+def torch_paths(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+
+
+@pytest.fixture(scope="module")
+def qwen_tiny(tmp_path_factory, qwen_tokenizer):
+    from conftest import make_hf_model
+    hf = make_hf_model(seed=1, vocab_size=len(qwen_tokenizer), hidden_size=16, intermediate_size=32,
+                       num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    path = tmp_path_factory.mktemp("qwen_tiny")
+    hf.save_pretrained(path)
+    return load_model(path).eval()
+
+
+@pytest.fixture
+def solve_at(monkeypatch):
+    """Grade by schedule: a problem whose gold is g is judged correct at its {g: turn}-th grading (0-based)."""
+    def install(schedule: dict[str, int]):
+        graded = {}
+
+        def grade_batch(answers, golds, timeout=5.0):
+            verdicts = []
+            for g in golds:  # one at a time: a batch may hold several samples of one problem
+                verdicts.append(graded.get(g, 0) == schedule.get(g, -1))
+                graded[g] = graded.get(g, 0) + 1
+            return verdicts
+        monkeypatch.setattr(nanoufo.env, "grade_batch", grade_batch)
+    return install
+
+
+def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, max_turns=3)
+    rollout, episodes = run_episodes(qwen_tiny, env, PROBLEMS[:2], n_samples_per_problem=2, max_new_tokens=5,
+                                     temperature=1.0, seed=3)
+    assert [e.problem.id for e in episodes] == ["p0", "p0", "p1", "p1"]
+    for b, episode in enumerate(episodes):
+        assert episode.turns == 3 and not episode.solved  # a random model: every attempt wrong
+        ids = rollout.tokens[b]
+        texts = [qwen_tokenizer.decode(ids[s:e]) for s, e in rollout.turn_spans[b]]
+        assert episode.responses == texts  # graded text = the sampled tokens (no stop token: none sampled)
+        assert rollout.tokens[b, :len(env.prompt_ids(episode.problem.question))].tolist() == \
+            env.prompt_ids(episode.problem.question)
+
+
+def test_episodes_end_on_the_first_correct_attempt(qwen_tiny, qwen_tokenizer, solve_at):
+    solve_at({"5": 0, "2.5": 2})  # p0 at once, p1 at its third attempt, p2 never
+    env = UFOEnv(qwen_tokenizer, max_turns=4)
+    rollout, episodes = run_episodes(qwen_tiny, env, PROBLEMS, max_new_tokens=3, temperature=1.0)
+    assert [e.turns for e in episodes] == [1, 3, 4]
+    assert [len(spans) for spans in rollout.turn_spans] == [1, 3, 4]
+    assert [e.solved_turn for e in episodes] == [0, 2, None]
+    assert rollout.loss_mask.sum(dim=1).tolist() == [3.0, 9.0, 12.0]
+
+
+def test_evaluate_succ_at_k_and_jsonl(qwen_tiny, qwen_tokenizer, solve_at, tmp_path):
+    solve_at({"5": 0, "2.5": 2})
+    out = tmp_path / "eval.jsonl"
+    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, k=3, batch_size=2, max_new_tokens=3, out=out,
+                     progress=False)
+    assert table["succ@1"] == pytest.approx(1 / 3) and table["succ@2"] == pytest.approx(1 / 3)
+    assert table["succ@3"] == pytest.approx(2 / 3)
+    assert table["mean_turns"] == pytest.approx((1 + 3 + 3) / 3) and table["tokens_per_episode"] == 7.0
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["turns"], r["solved"], r["sampled_tokens"]) for r in lines] == \
+        [("p0", 1, True, 3), ("p1", 3, True, 9), ("p2", 3, False, 9)]
+    assert lines[2]["gold"] == "72" and len(lines[2]["responses"]) == 3
+
+
+def test_evaluate_pass_at_k_uses_single_turn_samples(qwen_tiny, qwen_tokenizer, solve_at):
+    solve_at({"5": 1, "2.5": 0})  # p0's second sample, p1's first, none of p2's
+    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, k=2, mode="pass", batch_size=4, max_new_tokens=2,
+                     progress=False)
+    assert table["problems"] == 3.0 and table["tokens_per_episode"] == 2.0  # one attempt per sample
+    assert table["pass@1"] == pytest.approx((0.5 + 0.5 + 0) / 3) and table["pass@2"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="mode"):
+        evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, mode="best")
