@@ -12,8 +12,7 @@ TFLOP/s counts what each path executes: 8*N*H*V with recomputation (nanoufo, gem
 import pytest
 import torch
 
-from bench_token_stats import eager_token_stats
-from conftest import DEVICE, ON_GPU, V_REAL, measure, skip_unless
+from bench_token_stats import ON_GPU, V_REAL, eager_token_stats
 from kernels.linear_token_stats import linear_token_stats
 
 SHAPES = [(n, h, V_REAL) for h in (2048, 3584) for n in (1024, 4096, 16384)] if ON_GPU else [(32, 64, 500)]
@@ -52,11 +51,10 @@ def step_fn(impl: str, hidden, weight, targets):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n,h,v", SHAPES)
-def test_linear_token_stats_fwd_bwd(benchmark, n, h, v, impl):
-    skip_unless(impl)
+def test_linear_token_stats_fwd_bwd(measure, device, n, h, v, impl):
     dtype = torch.bfloat16
-    hidden = torch.randn(n, h, device=DEVICE, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(v, h, device=DEVICE) / h**0.5).to(dtype).requires_grad_()
-    targets = torch.randint(0, v, (n,), device=DEVICE)
+    hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device)
     flops = (8 if impl in ("nanoufo", "gemm-only") else 6) * n * h * v
-    measure(benchmark, step_fn(impl, hidden, weight, targets), flops=flops, n=n, h=h, v=v, impl=impl)
+    measure(step_fn(impl, hidden, weight, targets), flops=flops, n=n, h=h, v=v, impl=impl)

@@ -13,9 +13,9 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, measure, skip_unless
 from kernels.ppo_loss import ppo_loss
 
+ON_GPU = torch.cuda.is_available()
 SHAPES = [(16, 1024), (256, 4096), (512, 8192)] if ON_GPU else [(8, 256)]
 IMPLS = ["nanoufo", "eager", "compile"]
 OPTIONS = dict(kl_coef=0.001, kl_estimator="k3", entropy_coef=0.001)
@@ -31,13 +31,12 @@ def loss_fn(impl: str):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("b,t", SHAPES)
-def test_ppo_loss(benchmark, b, t, impl, backward):
-    skip_unless(impl)
+def test_ppo_loss(measure, device, b, t, impl, backward):
     fn = loss_fn(impl)
-    logp = -torch.rand(b, t, device=DEVICE) * 3
+    logp = -torch.rand(b, t, device=device) * 3
     old, ref = logp + 0.1 * torch.randn_like(logp), logp + 0.1 * torch.randn_like(logp)
     adv, entropy = torch.randn_like(logp), torch.rand_like(logp)
-    mask = torch.rand(b, t, device=DEVICE) > 0.2
+    mask = torch.rand(b, t, device=device) > 0.2
     logp.requires_grad_(), entropy.requires_grad_()
 
     def step():
@@ -45,4 +44,4 @@ def test_ppo_loss(benchmark, b, t, impl, backward):
         if backward:
             torch.autograd.grad(loss, (logp, entropy))
 
-    measure(benchmark, step, bytes_moved=b * t * (38 if backward else 25), b=b, t=t, impl=impl)
+    measure(step, bytes_moved=b * t * (38 if backward else 25), b=b, t=t, impl=impl)

@@ -8,7 +8,11 @@ records achieved GB/s or TFLOP/s, the fraction of the roofline and the peak memo
 On CUDA the benchmarks use the real shapes (V = 151936, H = 2048 and 3584, N from 1k to 16k); on the
 CPU they use tiny shapes and the PyTorch reference, so only the harness is exercised, and they skip
 torch.compile (its CPU compile alone takes tens of seconds here) and the roofline fraction.
+Bench files take `measure` and `device` as fixtures: importing this file by name would pick up
+tests/conftest.py instead when both folders are collected.
 """
+from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -17,8 +21,7 @@ import torch
 # name fragment of torch.cuda.get_device_name() -> (HBM bytes/s, bf16 dense FLOP/s)
 ROOFLINES = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
 ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-V_REAL = 151936
+HERE = Path(__file__).parent
 
 
 def pytest_collect_file(file_path, parent):
@@ -37,12 +40,38 @@ def roofline() -> tuple[float, float] | None:
     return next((row for key, row in ROOFLINES.items() if key in name), None)
 
 
-def skip_unless(impl: str) -> None:
-    """Skip impls that cannot run here: compile on the CPU, liger when not installed."""
-    if impl == "compile" and not ON_GPU:
-        pytest.skip("torch.compile skipped on the CPU: compiling takes longer than the whole CPU run")
-    if impl.startswith("liger"):
-        pytest.importorskip("liger_kernel", reason="Liger-Kernel not installed")
+def _liger_installed() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the impl rows that cannot run here: compile on the CPU, liger when not installed."""
+    no_compile = pytest.mark.skip(reason="torch.compile skipped on the CPU: compiling takes longer than the whole CPU run")
+    no_liger = pytest.mark.skip(reason="Liger-Kernel not installed")
+    liger = _liger_installed()
+    for item in items:
+        impl = getattr(item, "callspec", None) and item.callspec.params.get("impl")
+        if HERE not in Path(item.fspath).parents or not impl:
+            continue
+        if impl == "compile" and not ON_GPU:
+            item.add_marker(no_compile)
+        if impl.startswith("liger") and not liger:
+            item.add_marker(no_liger)
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture
+def measure(benchmark) -> Callable:
+    """measure(fn, bytes_moved=..., flops=..., **info): see _measure."""
+    return partial(_measure, benchmark)
 
 
 def _sync() -> None:
@@ -50,7 +79,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(benchmark, fn: Callable[[], object], *, bytes_moved: float | None = None,
+def _measure(benchmark, fn: Callable[[], object], *, bytes_moved: float | None = None,
             flops: float | None = None, **info) -> None:
     """Time fn (synchronised) and record throughput, roofline fraction and peak memory."""
     def run():
