@@ -11,6 +11,7 @@ torch.compile (its CPU compile alone takes tens of seconds here) and the rooflin
 Bench files take `measure` and `device` as fixtures: importing this file by name would pick up
 tests/conftest.py instead when both folders are collected.
 """
+import importlib.util
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -40,19 +41,11 @@ def roofline() -> tuple[float, float] | None:
     return next((row for key, row in ROOFLINES.items() if key in name), None)
 
 
-def _liger_installed() -> bool:
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def pytest_collection_modifyitems(config, items):
     """Skip the impl rows that cannot run here: compile on the CPU, liger when not installed."""
     no_compile = pytest.mark.skip(reason="torch.compile skipped on the CPU: compiling takes longer than the whole CPU run")
     no_liger = pytest.mark.skip(reason="Liger-Kernel not installed")
-    liger = _liger_installed()
+    liger = importlib.util.find_spec("liger_kernel") is not None
     for item in items:
         impl = getattr(item, "callspec", None) and item.callspec.params.get("impl")
         if HERE not in Path(item.fspath).parents or not impl:
