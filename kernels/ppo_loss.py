@@ -101,7 +101,6 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, dloss_pt
         tl.store(dloss_ptr + offs, tl.where(tok, d_loss, 0.0), mask=in_row)
 
 
-
 def _row_sums_triton(logp, old, adv, mask, ref, entropy, cfg: PPOConfig, store_grad: bool):
     """(7, B) per-row sums and, if store_grad, the masked d(token loss)/d(logp) (B, T)."""
     n_rows, n_cols = logp.shape
@@ -112,8 +111,8 @@ def _row_sums_triton(logp, old, adv, mask, ref, entropy, cfg: PPOConfig, store_g
     dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums
     _ppo_kernel[(n_rows, n_blocks)](
         logp, old, adv, mask, logp if ref is None else ref, logp if entropy is None else entropy, dloss,
-        sums, n_rows, n_cols, n_blocks, cfg.clip_low, cfg.clip_high, cfg.dual_clip or 0.0, cfg.kl_coef,
-        cfg.entropy_coef, HAS_REF=ref is not None, HAS_ENT=entropy is not None,
+        sums, n_rows, n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
+        float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
         USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
         BLOCK=block, ACC=_TL_ACC[acc], num_warps=4)
     return sums.sum(2), (dloss if store_grad else None)
