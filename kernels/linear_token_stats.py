@@ -59,7 +59,7 @@ def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size
         logits = _mm_acc(hidden, weight[start:end].T)  # (N, C) fp32, as in the forward
         dz = slice_grad(logits, targets, lse, mu, grads, vocab_size, _chunk_config(cfg, start),
                         hidden.dtype)  # (N, C)
-        del logits
+        del logits  # free the fp32 chunk before the matmuls allocate theirs
         if need_hidden:
             _mm_acc(dz, weight[start:end], out=grad_hidden)
         if need_weight:
