@@ -5,7 +5,8 @@
     python train.py --out_dir=out/demo --resume                        # continue from out/demo/latest
     python train.py config/ufo_qwen2.5_3b.py --init_from=Qwen2.5-3B-Instruct
     python train.py config/intuitor_qwen2.5_3b.py --init_from=Qwen2.5-3B
-    torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py --init_from=...
+    torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py --init_from=...   # TP=2
+    torchrun --standalone --nproc_per_node=8 train.py config/ufo_qwen2.5_3b.py --init_from=...   # DP=4 x TP=2
     python -m nanoufo.logger out/demo/log.jsonl                        # redraw the plot at any time
 
 Each step samples episodes, scores them, keeps the groups with the largest reward spread, recomputes
@@ -31,7 +32,7 @@ from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
-from nanoufo.parallel import average_gradients, init_parallel, print0
+from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
 from nanoufo.rollout import run_episodes
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update
@@ -40,11 +41,11 @@ from nanoufo.weights import load_model, save_model
 cfg = parse_args(sys.argv[1:])
 
 # -------------------------------------------------------------------------- distributed, seeds, device
-ctx = init_parallel(device=None if cfg.device == "auto" else cfg.device)
+ctx = init_parallel(tp=cfg.tp, device=None if cfg.device == "auto" else cfg.device)
 master = ctx.is_main
 dtype = getattr(torch, cfg.dtype)
-torch.manual_seed(cfg.seed + ctx.rank)
-np.random.seed(cfg.seed + ctx.rank)
+torch.manual_seed(cfg.seed + ctx.dp_rank)  # the ranks of a TP group must draw the same numbers
+np.random.seed(cfg.seed + ctx.dp_rank)
 out_dir = Path(cfg.out_dir)
 if master:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,13 +98,14 @@ if cfg.is_demo and not cfg.init_from and not (start_dir / "config.json").is_file
         save_model(model, start_dir)
     if ctx.world > 1:
         torch.distributed.barrier()
-actor = load_model(start_dir, device=ctx.device, dtype=dtype)
-critic = load_model(start_dir, device=ctx.device, dtype=dtype, value_head=True) if cfg.algorithm == "ufo_ppo" else None
-ref = load_model(start_dir, device=ctx.device, dtype=dtype).requires_grad_(False) if cfg.kl_coef > 0 else None
+load = functools.partial(load_model, start_dir, device=ctx.device, dtype=dtype, tp=ctx)  # this rank's TP slices
+actor = load()
+critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
+ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
 optimizers = make_optimizers(cfg, actor, critic)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
-print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters from {start_dir}; critic: {critic is not None}; "
-       f"reference: {ref is not None}")
+print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
+       f"reference: {ref is not None}; {ctx.world} ranks = DP {ctx.dp_size} x TP {ctx.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), ctx)) if ctx.dp_size > 1 else None
 
 # -------------------------------------------------------------------------- resume
@@ -117,19 +119,26 @@ elif cfg.resume:
 logger = JsonlLogger(out_dir / "log.jsonl", resume_step=step if state is not None else None) if master else None
 
 
-def save(reason: str) -> None:
-    if master:
-        path = save_checkpoint(out_dir, step, models, optimizers, {"data_pos": data_pos})
-        print0(f"checkpoint ({reason}): {path}")
+def save(reason: str) -> None:  # every rank takes part (TP slices are gathered)
+    path = save_checkpoint(out_dir, step, models, optimizers, {"data_pos": data_pos})
+    print0(f"checkpoint ({reason}): {path}")
 
 
 def run_eval(tag: str) -> dict:
-    metrics = evaluate(actor, env, eval_problems, k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.eval_temperature, top_p=1.0, seed=cfg.seed, tokenizer=tokenizer)
-    print0(f"eval ({tag}, step {step}, {len(eval_problems)} held-out problems): "
-           + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    """Succ@k (one episode, feedback between attempts) and Pass@k (k single-turn samples) on held-out data."""
+    options = dict(k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                   seed=cfg.seed, progress=False)
+    succ = evaluate(actor, env, eval_problems, mode="succ", **options)
+    passk = evaluate(actor, env, eval_problems, mode="pass", **options)
+    metrics = {**succ, **{k: v for k, v in passk.items() if k.startswith("pass@")},
+               "pass_tokens_per_sample": passk["tokens_per_episode"]}
+    k = cfg.eval_k
+    print0(f"eval ({tag}, step {step}, {len(eval_problems)} held-out problems): Succ@{k} {metrics[f'succ@{k}']:.3f}, "
+           f"Pass@{k} {metrics[f'pass@{k}']:.3f}, mean turns {metrics['mean_turns']:.2f}, "
+           f"non-repetitive ratio {metrics['non_repetitive_ratio']:.3f}")
     if logger:
-        logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        logger.log({"kind": "eval", "step": step, **{f"eval/{key}": v for key, v in metrics.items()},
+                    "eval/succ_at_k": metrics[f"succ@{k}"], "eval/pass_at_k": metrics[f"pass@{k}"]})
     return metrics
 
 
@@ -150,7 +159,7 @@ signal.signal(signal.SIGTERM, request_stop)
 before = run_eval("start") if state is None else None
 bad_steps = 0
 bar = tqdm(total=cfg.max_steps, initial=step, desc="rl", disable=not master)
-while step < cfg.max_steps and not stop_signal:
+while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal on any rank stops them all here
     t0 = time.time()
     n = cfg.problems_per_step
     problems = problems_at(data_pos + ctx.dp_rank * n, n)
@@ -158,7 +167,7 @@ while step < cfg.max_steps and not stop_signal:
     rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                                      max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
-                                     seed=cfg.seed * 1_000_003 + step * ctx.world + ctx.rank, tokenizer=tokenizer)
+                                     seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer)
     batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
     update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     step += 1
@@ -187,9 +196,10 @@ while step < cfg.max_steps and not stop_signal:
 bar.close()
 
 # -------------------------------------------------------------------------- the end (or a signal)
-save("signal" if stop_signal else "end")
-if stop_signal:
-    sys.exit(f"stopped by signal {stop_signal[0]} at step {step}; continue with --resume")
+stopped = step < cfg.max_steps  # only a signal ends the loop early
+save("signal" if stopped else "end")
+if stopped:
+    sys.exit(f"stopped by a signal at step {step}; continue with --resume")
 after = run_eval("end")
 if master:
     print(f"plot: {plot_log(out_dir / 'log.jsonl')}")

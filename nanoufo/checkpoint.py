@@ -6,7 +6,9 @@ the optimizer states, the step, the data position and every RNG state; out_dir/l
 
 A checkpoint is written completely under a temporary name (files fsynced), renamed into place, and only
 then is `latest` replaced (tmp + os.replace), so a crash at any moment leaves `latest` pointing at a whole
-checkpoint. Older checkpoints are removed after the pointer moves. Only rank 0 should call save.
+checkpoint. Older checkpoints are removed after the pointer moves. Every rank calls save and load: under
+tensor parallelism the models are gathered into ordinary HF checkpoints (rank 0 writes them) and each TP
+rank keeps its own slice of the optimizer state in optimizers-tp<r>.pt.
 """
 import os
 import random
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoufo.parallel import ParallelContext, barrier
 from nanoufo.weights import load_model, save_model
 
 POINTER = "latest"
@@ -52,17 +55,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def optimizer_file(ctx: ParallelContext) -> str:
+    return "optimizers.pt" if ctx.tp_size == 1 else f"optimizers-tp{ctx.tp_rank}.pt"
+
+
 def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: dict, extra: dict) -> Path:
     """Write ckpt-<step> (models by name in HF format, optimizers, extra state, RNG), point `latest` at it,
     remove the older ones. Returns the checkpoint directory."""
+    ctx = next(iter(models.values())).tp
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step}"
     tmp = out_dir / f"ckpt-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-write
-    tmp.mkdir(parents=True)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-write
+        tmp.mkdir(parents=True)
+    barrier(ctx)
     for name, model in models.items():
         save_model(model, tmp / name)
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizers.pt")
+    if ctx.dp_rank == 0:  # the other DP groups hold the same optimizer state
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / optimizer_file(ctx))
+    barrier(ctx)
+    if not ctx.is_main:
+        return final
     torch.save({"step": step, "rng": rng_states(), **extra}, tmp / "state.pt")
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -100,12 +114,13 @@ def load_checkpoint(out_dir: str | Path, models: dict, optimizers: dict) -> dict
     for name, model in models.items():
         param = next(model.parameters())
         saved = load_model(path / name, device=param.device, dtype=param.dtype,
-                           value_head=model.value_head is not None)
+                           value_head=model.value_head is not None, tp=model.tp)
         model.load_state_dict(saved.state_dict())
-    opt_states = torch.load(path / "optimizers.pt", map_location="cpu", weights_only=False)
+    opt_path = path / optimizer_file(next(iter(models.values())).tp)
+    opt_states = torch.load(opt_path, map_location="cpu", weights_only=False)
     for name, opt in optimizers.items():
         if name not in opt_states:
-            raise KeyError(f"{path / 'optimizers.pt'}: no state for optimizer {name!r}")
+            raise KeyError(f"{opt_path}: no state for optimizer {name!r}")
         opt.load_state_dict(opt_states[name])
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     set_rng_states(state.pop("rng"))

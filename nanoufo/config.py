@@ -35,6 +35,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
+    tp: int = 2  # tensor-parallel ranks per group under torchrun (capped at the world size); DP = world / tp
     # model, tokenizer, data ("" and "demo" mean the built-in tiny model, char tokenizer and synthetic task)
     init_from: str = ""  # HF checkpoint directory; "" = the demo's tiny model with a supervised warm-up
     tokenizer: str = ""  # tokenizer directory; "" = the checkpoint's own, else the bundled Qwen2.5 one
@@ -175,7 +176,7 @@ def validate(cfg: TrainConfig) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    positive = ("max_turns", "problems_per_step", "n_samples_per_problem", "max_new_tokens", "ppo_epochs",
+    positive = ("tp", "max_turns", "problems_per_step", "n_samples_per_problem", "max_new_tokens", "ppo_epochs",
                 "minibatch_size", "eval_k", "max_steps", "max_bad_steps")
     for key in positive:
         if getattr(cfg, key) < 1:

@@ -75,14 +75,14 @@ def init_parallel(tp: int = 1, device: str | torch.device | None = None, timeout
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None)
-    groups = world // tp
-    tp_group = _subgroup([list(range(g * tp, (g + 1) * tp)) for g in range(groups)]) if tp > 1 else None
-    dp_group = _subgroup([list(range(t, world, tp)) for t in range(tp)]) if groups > 1 else None
+    groups, timeout = world // tp, timedelta(seconds=timeout_s)
+    tp_group = _subgroup([list(range(g * tp, (g + 1) * tp)) for g in range(groups)], timeout) if tp > 1 else None
+    dp_group = _subgroup([list(range(t, world, tp)) for t in range(tp)], timeout) if groups > 1 else None
     return ParallelContext(rank, world, rank % tp, tp, rank // tp, groups, tp_group, dp_group, device)
 
 
-def _subgroup(ranks_per_group: list[list[int]]) -> dist.ProcessGroup:
-    group, _ = dist.new_subgroups_by_enumeration(ranks_per_group)  # every rank creates every group, in order
+def _subgroup(ranks_per_group: list[list[int]], timeout: timedelta) -> dist.ProcessGroup:
+    group, _ = dist.new_subgroups_by_enumeration(ranks_per_group, timeout=timeout)  # every rank makes every group
     return group
 
 

@@ -46,17 +46,20 @@ def _child(fn, rank: int, world_size: int, port: int, results, args) -> None:
         destroy_parallel()
 
 
-def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.0) -> list[Outcome]:
-    """Run fn(*args) on world_size processes; a process still running at the deadline is killed."""
+def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.0,
+              kill_on_error: bool = False) -> list[Outcome]:
+    """Run fn(*args) on world_size processes; a process still running at the deadline is killed. With
+    kill_on_error, as under torchrun, the deadline moves to 5 s after the first rank reports an error."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port, start = free_port(), time.monotonic()
+    deadline = start + timeout_s
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, results, args)) for r in range(world_size)]
     for p in procs:
         p.start()
     outcomes = [Outcome(r) for r in range(world_size)]
     pending = set(range(world_size))
-    while pending and time.monotonic() - start < timeout_s:
+    while pending and time.monotonic() < deadline:
         silent = all(not procs[r].is_alive() for r in pending)  # then only their last words may be queued
         try:
             rank, value, error = results.get(timeout=1.0 if silent else 0.2)
@@ -67,12 +70,14 @@ def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.
         outcomes[rank].value, outcomes[rank].error = value, error
         outcomes[rank].seconds = time.monotonic() - start
         pending.discard(rank)
+        if error and kill_on_error:
+            deadline = min(deadline, time.monotonic() + 5.0)
     for o, p in zip(outcomes, procs):
-        p.join(timeout=max(0.0, timeout_s - (time.monotonic() - start)))
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
             p.join()
-            o.seconds = timeout_s
+            o.seconds = deadline - start
         else:
             o.exitcode = p.exitcode
     return outcomes
@@ -80,7 +85,7 @@ def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.
 
 def launch(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.0) -> list:
     """run_ranks, then raise with every failing rank's traceback; returns each rank's value."""
-    outcomes = run_ranks(fn, world_size, args, timeout_s)
+    outcomes = run_ranks(fn, world_size, args, timeout_s, kill_on_error=True)
     failures = [o for o in outcomes if o.error or o.exitcode != 0]
     if failures:
         raise AssertionError("\n".join(f"rank {o.rank} (exit code {o.exitcode}):\n{o.error or 'no report'}"

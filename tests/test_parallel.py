@@ -90,6 +90,7 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     """On each of 2 ranks: TP=2 checks, then DP=2 checks on the same processes. Returns the largest
     differences against one process holding the whole model and the whole batch."""
     from dataclasses import replace
+    from nanoufo.checkpoint import load_checkpoint, save_checkpoint
     from nanoufo.config import TrainConfig
     from nanoufo.parallel import average_gradients
     from nanoufo.trainer import minibatch_losses, ppo_update
@@ -114,6 +115,12 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     for actor, critic in (single, split):  # and whole updates (clipping by the full model's gradient norm)
         ppo_update(cfg, actor, critic, _sgd(actor, critic), batch, seed=0)
     errors["tp_update"] = max(_max_diff(split[0], single[0]), _max_diff(split[1], single[1]))
+    models = {"actor": split[0], "critic": split[1]}  # a training checkpoint round trip under TP
+    save_checkpoint(f"{out_dir}/run", 1, models, _sgd(*split), {"data_pos": 7})
+    resumed = dict(zip(models, _load_pair(ckpts[0], tp)))
+    assert load_checkpoint(f"{out_dir}/run", resumed, _sgd(*resumed.values()))["data_pos"] == 7
+    errors["tp_resume"] = max((a - b).abs().max().item() for k in models
+                              for a, b in zip(resumed[k].parameters(), models[k].parameters()))
 
     dp = init_parallel(tp=1, timeout_s=60)  # the same 2 processes as DP=2 x TP=1
     actor, critic = _load_pair(ckpts[0], dp)
