@@ -19,8 +19,8 @@ from typing import Callable
 import pytest
 import torch
 
-# name fragment of torch.cuda.get_device_name() -> (HBM bytes/s, bf16 dense FLOP/s)
-ROOFLINES = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
+from hardware import roofline  # the roofline table, shared with the end-to-end scripts
+
 ON_GPU = torch.cuda.is_available()
 HERE = Path(__file__).parent
 
@@ -31,14 +31,6 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
-
-
-def roofline() -> tuple[float, float] | None:
-    """(bytes/s, FLOP/s) of this GPU, or None on the CPU or an unlisted GPU."""
-    if not ON_GPU:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((row for key, row in ROOFLINES.items() if key in name), None)
 
 
 def pytest_collection_modifyitems(config, items):
