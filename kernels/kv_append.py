@@ -45,7 +45,7 @@ def _kv_append_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, pos_ptr,
 def kv_append_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cache_rows: torch.Tensor, position_ids: torch.Tensor) -> None:
     B, T, Hkv, D = k.shape
-    assert v.shape == k.shape and v.stride() == k.stride() and k.stride(-1) == 1, "k, v: same layout, last dim contiguous"
+    assert v.shape == k.shape and v.stride() == k.stride() and k.stride(-1) == 1, "k, v: one layout, last dim dense"
     assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride() and k_cache.stride(-1) == 1
     assert k_cache.shape[2:] == (Hkv, D), f"cache heads {tuple(k_cache.shape[2:])} != new {(Hkv, D)}"
     assert cache_rows.shape == (B,) and position_ids.shape == (B, T) and position_ids.stride(-1) == 1

@@ -124,7 +124,9 @@ def _sample_kernel(logits_ptr, noise_ids_ptr, tokens_ptr, logprobs_ptr, V, strid
             u = tl.rand(seed, noise_base + cols)
             score = tl.where(z >= theta, z - tl.log(-tl.log(u)), float("-inf"))
         better = score > best  # strict: an earlier block keeps its lane on ties
-        best, best_token, best_z = tl.where(better, score, best), tl.where(better, cols, best_token), tl.where(better, z, best_z)
+        best = tl.where(better, score, best)
+        best_token = tl.where(better, cols, best_token)
+        best_z = tl.where(better, z, best_z)
     top = tl.max(best, axis=0)
     token = tl.min(tl.where(best == top, best_token, V), axis=0)
     z_token = tl.sum(tl.where((best == top) & (best_token == token), best_z, 0.0), axis=0)

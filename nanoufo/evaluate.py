@@ -37,9 +37,10 @@ def write_episodes(path: str | Path, records: list[dict]) -> None:
 
 def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, mode: str = "succ",
              batch_size: int = 64, max_new_tokens: int = 1024, temperature: float = 0.5, top_p: float = 1.0,
-             seed: int = 0, out: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+             seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True) -> dict[str, float]:
     """The metrics table. mode "succ": succ@1..k, mean turns, non-repetitive ratio, tokens per episode;
-    mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample."""
+    mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `tokenizer`
+    decodes attempts for grading (default env.tokenizer); `out` gets one JSON line per episode."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     samples, turns = (1, k) if mode == "succ" else (k, 1)
@@ -48,7 +49,7 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
     for i in tqdm(range(0, len(problems), per_batch), desc=f"{mode}@{k}", unit="batch", disable=not progress):
         rollout, batch = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
                                       max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, seed=seed + i)
+                                      top_p=top_p, seed=seed + i, tokenizer=tokenizer)
         episodes += batch
         lengths += rollout.loss_mask.sum(dim=1).long().tolist()
     if out is not None:

@@ -54,11 +54,13 @@ def reference_greedy(model, prompts, turns, *, max_new_tokens, stop_ids, max_len
         script, seq, mask = Script(turns), list(prompt), [0] * len(prompt)
         while True:
             start = len(seq)
-            while len(seq) < max_len and len(seq) - start < max_new_tokens and not (len(seq) > start and seq[-1] in stop_ids):
+            stopped = False
+            while len(seq) < max_len and len(seq) - start < max_new_tokens and not stopped:
                 ids = torch.tensor([seq])
                 seq.append(int(model.logits(model(ids, torch.arange(len(seq))[None]))[0, -1].argmax()))
                 mask.append(1)
-            reply = script([b], [seq[start:]], [len(seq) > start and seq[-1] in stop_ids])[0]
+                stopped = seq[-1] in stop_ids
+            reply = script([b], [seq[start:]], [stopped])[0]
             if reply is None or len(seq) + len(reply) >= max_len:
                 break
             seq, mask = seq + reply, mask + [0] * len(reply)
@@ -215,7 +217,8 @@ def test_loss_mask_covers_exactly_the_sampled_tokens_with_qwen_template(qwen_tok
         mask = rollout.loss_mask[b, :len(ids)].bool()
         assert ids[mask].tolist() == [t for a in attempts[b] for t in a]  # every sampled token, nothing else
         context = tok.decode(ids[~mask])
-        expected = tok.decode(prompts[b]) + "<|im_end|>\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n" * (turns[b] - 1)
+        feedback = "<|im_end|>\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n"  # after a token limit
+        expected = tok.decode(prompts[b]) + feedback * (turns[b] - 1)
         assert context == expected and question in context
         for (start, end), attempt in zip(rollout.turn_spans[b], attempts[b]):
             assert ids[start:end].tolist() == attempt and mask[start:end].all() and not mask[end:end + 1].any()

@@ -1,0 +1,149 @@
+"""Sample from a Hugging Face Qwen2 checkpoint directory: multi-turn evaluation, the Pass@k baseline, or a
+chat where you play the environment.
+
+    python sample.py --ckpt=Qwen2.5-3B-Instruct                      # Succ@5 on the bundled GSM8K test set
+    python sample.py --ckpt=out/step_200 --data=math500 --limit=100 --k=5 --out=eval.jsonl
+    python sample.py --ckpt=out/step_200 --mode=passk --k=5          # 5 independent single-turn samples
+    python sample.py --ckpt=out/step_200 --mode=chat                 # you type "Try again.", /new <q>, /quit
+    python sample.py --tiny --limit=2                                # no checkpoint: a tiny random model
+
+The tokenizer is the checkpoint's own when it has one, else the bundled Qwen2.5 tokenizer. CUDA + bf16
+when available, else CPU + fp32. In chat mode the conversation lives in one KV cache: each turn appends
+only your feedback and the model's answer.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
+from nanoufo.env import UFOEnv
+from nanoufo.evaluate import evaluate
+from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.sampler import generate
+from nanoufo.tokenizer import load_tokenizer
+from nanoufo.weights import load_model
+
+CHAT_TURNS = 1000  # a chat ends on /new, /quit, end of input or the context limit, not on a turn count
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tiny", action="store_true", help="no checkpoint: a tiny random Qwen2 with the bundled tokenizer")
+    p.add_argument("--mode", choices=("eval", "passk", "chat"), default="eval")
+    p.add_argument("--data", default="gsm8k",
+                   help=f"a bundled set ({', '.join(DEFAULT_EVAL_SETS)}), a file or a hub name")
+    p.add_argument("--split", default="test", help="split of a hub data set")
+    p.add_argument("--limit", type=int, help="evaluate the first N problems only")
+    p.add_argument("--k", type=int, default=5, help="turns per episode (eval) or samples per problem (passk)")
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="per attempt")
+    p.add_argument("--max-len", type=int, default=8192, help="chat mode: the context limit of a conversation")
+    p.add_argument("--batch-size", type=int, default=64, help="episodes sampled together")
+    p.add_argument("--feedback", default="Try again.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write one JSON line per episode here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.tiny:
+        p.error("give --ckpt=DIR (or --tiny for a random test model)")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    return args
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) from --ckpt, or a tiny random model for --tiny."""
+    if args.tiny:
+        tokenizer = load_tokenizer()
+        config = QwenConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = Qwen2(config).to(args.device, args.dtype)
+        model.init_weights(torch.Generator(args.device).manual_seed(args.seed))
+        return model.eval(), tokenizer
+    ckpt = Path(args.ckpt)
+    tokenizer = load_tokenizer(ckpt if (ckpt / "tokenizer_config.json").is_file() else None)
+    return load_model(ckpt, device=args.device, dtype=args.dtype).eval(), tokenizer
+
+
+def run_eval(model, tokenizer, args: argparse.Namespace) -> None:
+    source = DEFAULT_EVAL_SETS.get(args.data, args.data)
+    problems, skipped = load_problems(source, split=args.split, limit=args.limit)
+    print(f"{source}: {len(problems)} problems" + (f", {skipped} rows skipped (no usable answer)" if skipped else ""))
+    env = UFOEnv(tokenizer, feedback=args.feedback, max_turns=args.k)
+    table = evaluate(model, env, problems, k=args.k, mode="succ" if args.mode == "eval" else "pass",
+                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, seed=args.seed, tokenizer=tokenizer, out=args.out)
+    width = max(map(len, table))
+    for name, value in table.items():
+        text = "n/a" if math.isnan(value) else f"{value:.0f}" if name in ("episodes", "problems") else f"{value:.4f}"
+        print(f"{name:<{width}}  {text}")
+    if args.out:
+        print(f"episodes written to {args.out}")
+
+
+def chat(model, tokenizer, args: argparse.Namespace) -> None:
+    """You are the environment: the model answers, you reply with feedback or a new question."""
+    envs = {args.feedback: UFOEnv(tokenizer, feedback=args.feedback)}  # the feedback turn's tokens, per text
+    print("Ask a question. After each answer type feedback (empty line: "
+          f"{args.feedback!r}), /new <question> or /quit.")
+    question, n_conversations = read_line("question> "), 0
+    while question is not None:
+        ended_by = []  # "/quit" or "/new" once you end the conversation
+        following = []  # the next question after /new
+
+        def next_turn(rows, responses, stopped):
+            response = responses[0]
+            print(f"model> {tokenizer.decode(response[:-1] if stopped[0] else response)}\n", flush=True)
+            reply = read_line("you> ")
+            if reply is None or reply.strip() == "/quit":
+                ended_by.append("/quit")
+                return [None]
+            if reply.startswith("/new"):
+                ended_by.append("/new")
+                following.append(reply[len("/new"):].strip() or read_line("question> "))
+                return [None]
+            text = reply.strip() or args.feedback
+            env = envs.setdefault(text, UFOEnv(tokenizer, feedback=text))
+            return [env.feedback_ids(stopped[0] and response[-1] == env.turn_end_id)]
+
+        prompt = envs[args.feedback].prompt_ids(question)
+        generate(model, [prompt], next_turn, max_turns=CHAT_TURNS, max_new_tokens=args.max_new_tokens,
+                 stop_ids=envs[args.feedback].stop_ids, temperature=args.temperature, top_p=args.top_p,
+                 seed=args.seed + n_conversations, max_len=max(args.max_len, len(prompt)))
+        n_conversations += 1
+        if not ended_by:
+            print(f"(the conversation filled --max-len={args.max_len} tokens; ask a new question)")
+            following.append(read_line("question> "))
+        question = following[0] if following else None
+
+
+def read_line(prompt: str) -> str | None:
+    """A line from stdin (None at end of input); the prompt is echoed when stdin is not a terminal."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    if not sys.stdin.isatty():
+        print(line)
+    return line
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(args)
+    print(f"model: {args.ckpt or 'tiny random'} ({model.num_params() / 1e6:.1f}M parameters) on {args.device}, "
+          f"{str(args.dtype).removeprefix('torch.')}")
+    if args.mode == "chat":
+        chat(model, tokenizer, args)
+    else:
+        run_eval(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
