@@ -91,7 +91,7 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, pos_ptr, part_out_p
         return
     # an empty split (past this token's position) stores m = -inf, l = 0, which pass 2 weighs by 0
     part = (pid_q.to(tl.int64) * HQ + heads) * N_SPLITS + split  # (BLOCK_G,)
-    tl.store(part_out_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=gd_mask)
+    tl.store(part_out_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=(g < G)[:, None])  # padding too: 0
     tl.store(part_stat_ptr + part * 2, m, mask=g < G)
     tl.store(part_stat_ptr + part * 2 + 1, l, mask=g < G)
 
