@@ -24,6 +24,7 @@ import torch
 
 from kernels.sampling import sample
 from nanoufo.model import KVCache, Qwen2
+from nanoufo.parallel import all_gather_vocab
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
 
@@ -74,7 +75,7 @@ class _Conversations:
         hidden = self.model(ids, positions, cache=self.cache, cache_rows=torch.tensor(rows, device=self.device))
         last = torch.tensor(n_new, device=self.device) - 1
         self.n_prefill_tokens += sum(n_new)
-        return self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])  # (R, V)
+        return self.logits(hidden[torch.arange(len(rows), device=self.device), last])  # (R, V)
 
     def decode(self, rows: list[int]) -> torch.Tensor:
         """Feed each row's last sampled token; logits (R, V) for the next one."""
@@ -82,7 +83,13 @@ class _Conversations:
         positions = torch.tensor([[len(self.tokens[b]) - 1] for b in rows], device=self.device)
         hidden = self.model(ids, positions, cache=self.cache, cache_rows=torch.tensor(rows, device=self.device))
         self.n_decode_steps += 1
-        return self.model.logits(hidden[:, 0])  # (R, V)
+        return self.logits(hidden[:, 0])  # (R, V)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, V) over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
+        so each rank's sampler draws the same token with the same seed."""
+        m = self.model
+        return all_gather_vocab(m.logits(hidden), m.vocab_start, m.config.vocab_size, m.tp)
 
     def append(self, b: int, tokens: list[int], logprobs: list[float] | None = None) -> None:
         """Extend row b: sampled tokens (with their log-probs, loss mask 1) or given ones (mask 0)."""

@@ -80,6 +80,26 @@ def _load_pair(ckpt: str, tp):
     return actor, critic
 
 
+def _sampling_differences(ckpt: str, tp) -> float:
+    """Greedy multi-turn rollouts of the TP model against one process; then, sampling at temperature 1 with
+    top-p, the two TP ranks against each other. Returns the number of differing tokens (0 expected)."""
+    import torch.distributed as dist
+    from nanoufo.sampler import generate
+    from nanoufo.weights import load_model
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    feedback = lambda rows, responses, stopped: [[20, 21, 22]] * len(rows)  # "Try again." after every attempt
+    run = lambda model, **kw: generate(model, prompts, feedback, max_turns=3, max_new_tokens=5, stop_ids=[0],
+                                       **kw).tokens
+    want = run(load_model(ckpt), temperature=0.0)
+    got = run(load_model(ckpt, tp=tp), temperature=0.0)
+    assert got.shape == want.shape and got.shape[1] > 8 + 5  # a row went past its first attempt
+    differing = (got != want).sum()
+    sampled = run(load_model(ckpt, tp=tp), temperature=1.0, top_p=0.9, seed=3)
+    other = [torch.empty_like(sampled) for _ in range(tp.tp_size)]
+    dist.all_gather(other, sampled, group=tp.tp_group)
+    return float(differing + sum((o != sampled).sum() for o in other))
+
+
 def _sgd(actor, critic) -> dict:
     """Plain SGD: Adam's first steps turn float noise in near-zero gradients into whole lr-sized moves, which
     would hide the comparison; the update is elementwise either way."""
@@ -104,6 +124,8 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
         with torch.no_grad():
             errors[f"logits_{i}"] = (_full_logits(model, ids, tp) - _logits(ref, ids)).abs().max().item()
         save_model(model, f"{out_dir}/saved_{i}")
+
+    errors["sampled_tokens"] = _sampling_differences(ckpts[0], tp)
 
     cfg = TrainConfig(minibatch_size=4, kl_in="loss", kl_coef=0.05, entropy_coef=0.01, actor_lr=1e-3)
     batch = _toy_batch(101)
