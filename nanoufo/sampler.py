@@ -65,17 +65,25 @@ class _Conversations:
         self.n_prefill_tokens = self.n_decode_steps = 0
 
     def prefill(self, rows: list[int], n_new: list[int]) -> torch.Tensor:
-        """Run each row's last n_new tokens through the model into its cache slots; logits (R, V) of the last."""
+        """Run each row's last n_new tokens through the model into its cache slots; logits (R, V) of the last.
+        Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
+        start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
         chunks = [self.tokens[b][len(self.tokens[b]) - n:] for b, n in zip(rows, n_new)]
         width = max(n_new)
         ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=self.device)  # (R, width)
         starts = torch.tensor([len(self.tokens[b]) - n for b, n in zip(rows, n_new)], device=self.device)
-        # padding goes to later slots (past max_len: the last one), which a row's real tokens overwrite later
-        positions = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=self.max_len - 1)
+        positions = starts[:, None] + torch.arange(width, device=self.device)  # (R, width)
         hidden = self.model(ids, positions, cache=self.cache, cache_rows=torch.tensor(rows, device=self.device))
         last = torch.tensor(n_new, device=self.device) - 1
         self.n_prefill_tokens += sum(n_new)
         return self.logits(hidden[torch.arange(len(rows), device=self.device), last])  # (R, V)
+
+    def resume(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Prefill each row's last sampled token and its feedback: one call per length (UFO's feedback has one
+        or two), so no padding reaches past a row near the end of its cache. The rows in order, logits (R, V)."""
+        n_new = {b: len(self.tokens[b]) - self.spans[b][-1][1] + 1 for b in rows}
+        groups = [[b for b in rows if n_new[b] == n] for n in sorted(set(n_new.values()))]
+        return sum(groups, []), torch.cat([self.prefill(g, [n_new[b] for b in g]) for g in groups])
 
     def decode(self, rows: list[int]) -> torch.Tensor:
         """Feed each row's last sampled token; logits (R, V) for the next one."""
@@ -173,7 +181,8 @@ def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max
             ready += going
         resumed = end_turns(ended) if ended else []
         if resumed:  # the last sampled token goes in with the feedback
-            parts.append(convs.prefill(resumed, [len(convs.tokens[b]) - convs.spans[b][-1][1] + 1 for b in resumed]))
+            resumed, resumed_logits = convs.resume(resumed)
+            parts.append(resumed_logits)
             ready += resumed
         logits = torch.cat(parts) if parts else logits[:0]
     return convs.rollout()
