@@ -2,15 +2,16 @@
 
     python train.py                  # warm-up, then UFO PPO on this task (the default config)
 
-The task, "Guess my sum": the question lists 3 to 5 single-digit additions with distinct sums, e.g.
-"Guess my sum: 3+4 2+6 5+1", and the gold answer is the sum of one of them, picked at random when the
+The task, "Guess my sum": the question lists 3 to 5 additions of digits with distinct one-digit sums, e.g.
+"Guess my sum: 3+4 2+6 5+0", and the gold answer is the sum of one of them, picked at random when the
 problem is made. One attempt can only guess (about 1/3 to 1/5 right), but every wrong answer rules a
 candidate out, so a model that revises after "Try again." (a different sum each turn) solves every
 problem within 5 turns, while one that repeats itself does not. That is the behaviour UFO trains for.
 Questions whose text hashes into the held-out fifth never appear in training.
 
-The tokenizer is a transformers PreTrainedTokenizerFast with one token per printable character, the
-Qwen specials <|endoftext|>, <|im_start|>, <|im_end|> and a Qwen-style chat template (no system turn),
+The tokenizer is a transformers PreTrainedTokenizerFast with one token per printable character (plus the
+role names and "\\boxed{" as single tokens, which keeps episodes short), the Qwen specials
+<|endoftext|>, <|im_start|>, <|im_end|> and a Qwen-style chat template (no system turn),
 so nanoufo.env.UFOEnv runs on it unchanged. The warm-up is supervised on episodes of a policy that guesses
 a candidate uniformly at each turn, independently of its earlier guesses: it teaches the format and the
 additions at every turn, and nothing about revising.
@@ -28,6 +29,7 @@ from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.trainer import sft_loss
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["user", "assistant", "system", "\\boxed{"]  # whole tokens: an attempt is then 4 tokens long
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 CHAT_TEMPLATE = ("{%- for message in messages %}"
                  "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -38,17 +40,18 @@ HELD_OUT_BUCKETS = 5  # one question in five (by text hash) is held out
 N_TRAIN_PROBLEMS = 20000  # more than any demo run samples, so training rarely sees a question twice
 N_TEST_PROBLEMS = 200
 WARMUP_BATCH = 32
-# The tiny model: 4 layers, grouped-query attention, tied embeddings (about 0.5M parameters).
-TINY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=6,
+# The tiny model: 3 layers, grouped-query attention, tied embeddings (about 0.16M parameters).
+TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=1024)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable character plus the three Qwen specials (ids 0-2)."""
+    """One token per printable character, the WORDS, and the three Qwen specials (ids 0-2)."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every character is its own token
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    backend.add_tokens([AddedToken(w, normalized=False) for w in WORDS])  # matched before the characters
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
 
@@ -58,12 +61,12 @@ def is_held_out(question: str) -> bool:
 
 
 def random_problem(rng: random.Random) -> tuple[str, str]:
-    """(question, gold) with 3-5 additions of distinct sums; the gold is one of the sums."""
+    """(question, gold) with 3-5 additions of distinct one-digit sums; the gold is one of the sums."""
     k = rng.choice(N_CANDIDATES)
     pairs, sums = [], set()
     while len(pairs) < k:
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        if a + b not in sums:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if a + b <= 9 and a + b not in sums:
             pairs.append((a, b))
             sums.add(a + b)
     gold = sum(rng.choice(pairs))

@@ -1,0 +1,87 @@
+"""Config parsing and validation (nanoufo/config.py): files, overrides, types, and clear errors.
+
+    python -m pytest -q tests/test_config.py
+"""
+import json
+
+import pytest
+
+from nanoufo.config import TrainConfig, parse_args, save_config
+
+
+def write(tmp_path, text, name="cfg.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_demo_and_valid():
+    cfg = parse_args([])
+    assert cfg == TrainConfig() and cfg.is_demo and cfg.algorithm == "ufo_ppo"
+
+
+def test_file_then_command_line_with_types(tmp_path):
+    path = write(tmp_path, "import math\nmax_turns = 3\nactor_lr = 1  # an int is fine for a float\n_private = 9\n")
+    cfg = parse_args([path, "--max_turns=2", "--whiten_advantages=false", "--resume", "--kl_coef=5e-3"])
+    assert (cfg.max_turns, cfg.actor_lr, cfg.whiten_advantages, cfg.resume, cfg.kl_coef) == (2, 1.0, False, True, 0.005)
+    assert isinstance(cfg.actor_lr, float)
+
+
+def test_unknown_key_in_file_names_file_key_and_close_match(tmp_path):
+    path = write(tmp_path, "max_turn = 3\n")
+    with pytest.raises(KeyError, match=r"cfg\.py.*'max_turn'.*did you mean max_turns"):
+        parse_args([path])
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(KeyError, match=r"command line.*'actor_rl'.*actor_lr"):
+        parse_args(["--actor_rl=1e-6"])
+
+
+def test_wrong_type_in_file_and_on_command_line(tmp_path):
+    with pytest.raises(TypeError, match=r"cfg\.py: max_turns = '5' has type str, expected int"):
+        parse_args([write(tmp_path, "max_turns = '5'\n")])
+    with pytest.raises(ValueError, match=r"--max_turns='five' is not a valid int"):
+        parse_args(["--max_turns=five"])
+    with pytest.raises(ValueError, match=r"--resume='maybe' is not a boolean"):
+        parse_args(["--resume=maybe"])
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_args(["--max_turns"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algorithm=dpo"], "algorithm='dpo' is not one of ufo_ppo, grpo"),
+    (["--max_turns=0"], "max_turns=0 must be at least 1"),
+    (["--keep_groups=16", "--n_samples_per_problem=3", "--minibatch_size=10"], "not divisible by minibatch_size=10"),
+    (["--keep_groups=40"], "keep_groups=40 must be between 0 and problems_per_step=32"),
+    (["--algorithm=grpo", "--n_samples_per_problem=1", "--minibatch_size=16"], "n_samples_per_problem must be >= 2"),
+    (["--reward_placement=per_turn", "--reward=self_certainty"], "per_turn"),
+    (["--dual_clip=1.0"], "dual_clip > 1"),
+    (["--eval_data=data/gsm8k/test.jsonl"], "both be 'demo'"),
+])
+def test_impossible_combinations_are_rejected(args, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(args)
+
+
+def test_missing_paths_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.py: config file not found"):
+        parse_args([str(tmp_path / "nope.py")])
+    with pytest.raises(FileNotFoundError, match="init_from='/no/such/ckpt'"):
+        parse_args(["--init_from=/no/such/ckpt"])
+    with pytest.raises(FileNotFoundError, match="train_data=.*missing.jsonl"):
+        parse_args([f"--init_from={tmp_path}", f"--train_data={tmp_path}/missing.jsonl",
+                    "--eval_data=data/gsm8k/test.jsonl"])
+
+
+@pytest.mark.parametrize("name", ["ufo_qwen2.5_3b.py", "intuitor_qwen2.5_3b.py"])
+def test_paper_configs_parse(tmp_path, name):
+    data = write(tmp_path, "", "train.jsonl")
+    cfg = parse_args([f"config/{name}", f"--init_from={tmp_path}", f"--train_data={data}"])
+    assert not cfg.is_demo and cfg.init_from == str(tmp_path)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_args(["--max_turns=3"])
+    save_config(cfg, tmp_path / "config.json")
+    assert TrainConfig(**json.loads((tmp_path / "config.json").read_text())) == cfg

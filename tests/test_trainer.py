@@ -1,0 +1,108 @@
+"""The update step (nanoufo/trainer.py) on tiny models: the log-prob shift, a PPO step that lowers the
+loss with a first ratio of exactly 1, skipped non-finite updates, and a batch built from real episodes.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_trainer.py
+"""
+import pytest
+import torch
+
+from nanoufo import demo
+from nanoufo.config import TrainConfig
+from nanoufo.env import UFOEnv
+from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.rollout import run_episodes
+from nanoufo.trainer import Batch, build_batch, make_optimizers, minibatch_losses, ppo_update, sequence_stats
+
+TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def tiny_models(seed=0):
+    actor, critic = Qwen2(TINY), Qwen2(TINY, value_head=True)
+    actor.init_weights(torch.Generator().manual_seed(seed))
+    critic.load_state_dict(actor.state_dict(), strict=False)  # the critic starts from the actor
+    return actor, critic
+
+
+def fixed_batch(actor, B=4, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY.vocab_size, (B, T), generator=g)
+    mask = torch.zeros(B, T)
+    mask[:, 5:] = 1.0
+    mask[1, 9:] = 0.0  # a shorter row
+    with torch.no_grad():
+        old_logp, _, _ = sequence_stats(actor, tokens, 1.0)
+    advantages = torch.randn(B, T, generator=g) * mask
+    returns = torch.randn(B, T, generator=g) * mask
+    return Batch(tokens, mask, old_logp, advantages, None, torch.zeros(B, T), returns)
+
+
+def test_sequence_stats_aligns_each_tokens_logp_with_the_previous_position():
+    actor, _ = tiny_models()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    logp, entropy, _ = sequence_stats(actor, tokens, temperature=0.7)
+    with torch.no_grad():
+        logits = actor.logits(actor(tokens, torch.arange(7).expand(2, 7))) / 0.7  # (B, T, V)
+    expected = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)  # position i-1 -> token i
+    assert torch.allclose(logp[:, 1:], expected, atol=1e-5) and torch.all(logp[:, 0] == 0)
+    p = logits.softmax(-1)[:, :-1]
+    assert torch.allclose(entropy[:, 1:], -(p * p.log()).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
+def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
+    cfg = TrainConfig(ppo_epochs=1, minibatch_size=4, actor_lr=1e-2, critic_lr=1e-2, aggregation=aggregation)
+    actor, critic = tiny_models()
+    batch = fixed_batch(actor)
+    before, _, _ = minibatch_losses(cfg, actor, critic, batch)
+    out = ppo_update(cfg, actor, critic, make_optimizers(cfg, actor, critic), batch, seed=0)
+    after, _, _ = minibatch_losses(cfg, actor, critic, batch)
+    assert out["first_ratio_dev"] == 0.0  # old log-probs come from the same forward: ratio exactly 1
+    assert out["updates"] == 1 and out["skipped_updates"] == 0
+    assert after.item() < before.item() - 1e-3
+
+
+def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone():
+    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2)
+    actor, critic = tiny_models()
+    batch = fixed_batch(actor)
+    batch.advantages[0, 6] = float("nan")  # poisons the minibatches that hold row 0
+    weights = {k: v.clone() for k, v in actor.state_dict().items()}
+    optimizers = make_optimizers(cfg, actor, critic)
+    out = ppo_update(cfg, actor, critic, optimizers, batch, seed=0)
+    assert out["skipped_updates"] == 2 and out["updates"] == 2  # one bad minibatch per epoch
+    assert all(torch.isfinite(p).all() for p in actor.parameters())
+    batch.advantages[:] = float("nan")
+    fresh_actor, fresh_critic = tiny_models()
+    out = ppo_update(cfg, fresh_actor, fresh_critic, make_optimizers(cfg, fresh_actor, fresh_critic), batch, seed=0)
+    assert out["updates"] == 0 and out["skipped_updates"] == 4
+    assert all(torch.equal(v, weights[k]) for k, v in fresh_actor.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def demo_rollout():
+    tokenizer = demo.build_tokenizer()
+    env = UFOEnv(tokenizer, instruction="", max_turns=3)
+    actor = demo.build_model(len(tokenizer), seed=0)
+    problems = demo.make_problems("train", 4, seed=0)
+    rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=2, max_turns=3, max_new_tokens=4,
+                                     temperature=1.0, seed=0)
+    return env, actor, rollout, episodes
+
+
+@pytest.mark.parametrize("algorithm, placement", [("ufo_ppo", "last"), ("ufo_ppo", "per_turn"), ("grpo", "last")])
+def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
+    env, actor, rollout, episodes = demo_rollout
+    cfg = TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3, problems_per_step=4,
+                      n_samples_per_problem=2, keep_groups=2, minibatch_size=4)
+    critic = Qwen2(actor.config, value_head=True) if algorithm == "ufo_ppo" else None
+    if critic is not None:
+        critic.load_state_dict(actor.state_dict(), strict=False)
+        critic.value_head.weight.data.zero_()
+    batch, stats = build_batch(cfg, env, actor, critic, actor, rollout, episodes)
+    assert batch.tokens.shape[0] == 4  # the two groups of two with the largest reward spread
+    assert stats["logp_diff_sampler"] < 1e-4  # sampler and trainer agree on the sampled tokens
+    assert torch.all(batch.advantages[batch.mask == 0] == 0)
+    if algorithm == "grpo":  # one advantage per trajectory on all its tokens
+        per_row = [batch.advantages[b][batch.mask[b] > 0].unique() for b in range(4)]
+        assert all(len(u) == 1 for u in per_row)
