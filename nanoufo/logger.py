@@ -10,8 +10,8 @@ import json
 import math
 from pathlib import Path
 
-TRAIN_PANELS = ("reward", "succ_at_k", "mean_turns", "non_repetitive_ratio", "kl", "clip_frac", "entropy",
-                "grad_norm")
+TRAIN_PANELS = ("reward", "succ_at_k", "mean_turns", "non_repetitive_ratio", "kl_ref", "pg/clip_frac", "pg/entropy",
+                "grad_norm/actor", "value_loss", "logp_diff_sampler", "tokens_per_s")
 EVAL_PANELS = ("eval/succ_at_k", "eval/pass_at_k", "eval/non_repetitive_ratio")
 
 
