@@ -5,8 +5,9 @@ with the same TP rank across groups make a data-parallel (DP) group. torchrun se
 LOCAL_RANK; init_parallel reads them and returns a ParallelContext that layers and trainers are handed
 (there is no hidden global state).
 
-    torchrun --nproc_per_node=2 train.py --tp 2 ...   # TP=2
-    torchrun --nproc_per_node=8 train.py --tp 2 ...   # DP=4 x TP=2
+    torchrun --standalone --nproc_per_node=2 train.py ...          # TP=2 (the default tp=2)
+    torchrun --standalone --nproc_per_node=8 train.py ...          # DP=4 x TP=2
+    torchrun --standalone --nproc_per_node=4 train.py --tp=1 ...   # DP=4
     ctx = init_parallel(tp=2)                         # NCCL on GPUs, gloo on CPU
     model = load_model(ckpt, device=ctx.device, tp=ctx)
 
@@ -15,6 +16,8 @@ their input features and all-reduce their output. The two autograd-aware collect
 Megatron's f (identity forward, all-reduce backward) and g (all-reduce forward, identity backward). Each
 parallel layer records, per parameter, which slice of the full Hugging Face tensor it holds (a Shard), so
 the loader reads only that slice and the saver knows how to put the full tensor back together.
+
+Tests (2 gloo processes on the CPU): TRITON_INTERPRET=1 python -m pytest -q tests/test_parallel.py
 """
 import os
 from dataclasses import dataclass
@@ -52,12 +55,12 @@ SINGLE = ParallelContext()
 
 def init_parallel(tp: int = 1, device: str | torch.device | None = None, timeout_s: float = 600.0) -> ParallelContext:
     """Join the process group that torchrun describes in the environment and build the TP and DP groups.
-    tp is capped at the world size, so one process (python train.py) runs without tensor parallelism.
+    A single process (python train.py) runs without tensor parallelism whatever tp says.
 
     timeout_s bounds every collective: a rank whose peer died or hangs raises instead of waiting forever
     (gloo notices a dead peer at once; NCCL's watchdog aborts the process when the timeout passes)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    tp = min(tp, world)
+    tp = 1 if world == 1 else tp
     if tp < 1 or world % tp:
         raise ValueError(f"tp={tp} does not divide the world size {world} (WORLD_SIZE): launch a multiple of tp "
                          f"processes, e.g. torchrun --nproc_per_node={max(tp, 1)} ...")

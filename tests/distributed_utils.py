@@ -6,6 +6,9 @@
 The function must be importable by name (module level in a test file); it runs in a fresh "spawn" process,
 so it imports torch itself and the launch costs a few seconds: share one launch across several checks.
 Return plain Python values (floats, lists): tensors sent between processes need their sender alive.
+The children run the kernels' PyTorch references (TRITON_INTERPRET is unset in them): the kernels' own tests
+check Triton against those references, these check the parallel logic, and interpreting Triton in two
+processes would take most of the test budget.
 """
 import multiprocessing as mp
 import os
@@ -34,6 +37,7 @@ def free_port() -> int:
 def _child(fn, rank: int, world_size: int, port: int, results, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("TRITON_INTERPRET", None)  # before anything imports the kernels
     import torch
     torch.set_num_threads(1)  # two processes share the test machine's cores
     try:
