@@ -35,7 +35,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
-    tp: int = 2  # tensor-parallel ranks per group under torchrun (capped at the world size); DP = world / tp
+    tp: int = 2  # tensor-parallel ranks per group under torchrun (1 for a single process); DP = world / tp
     # model, tokenizer, data ("" and "demo" mean the built-in tiny model, char tokenizer and synthetic task)
     init_from: str = ""  # HF checkpoint directory; "" = the demo's tiny model with a supervised warm-up
     tokenizer: str = ""  # tokenizer directory; "" = the checkpoint's own, else the bundled Qwen2.5 one
@@ -55,9 +55,9 @@ class TrainConfig:
     format_penalty: float = 0.0
     reward_placement: str = "last"
     # sampling
-    problems_per_step: int = 32  # questions sampled per step, before the group filter
+    problems_per_step: int = 16  # questions sampled per step, before the group filter
     n_samples_per_problem: int = 2  # episodes per question (the group)
-    keep_groups: int = 16  # groups kept by the reward-spread filter; 0 keeps all
+    keep_groups: int = 8  # groups kept by the reward-spread filter; 0 keeps all
     max_new_tokens: int = 16  # per attempt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -67,8 +67,8 @@ class TrainConfig:
     algorithm: str = "ufo_ppo"
     reward: str = "gold"
     ppo_epochs: int = 2
-    minibatch_size: int = 16  # episodes per optimizer step
-    actor_lr: float = 1e-3
+    minibatch_size: int = 8  # episodes per optimizer step
+    actor_lr: float = 5e-4
     critic_lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -85,7 +85,7 @@ class TrainConfig:
     whiten_advantages: bool = True
     aggregation: str = "token-mean"
     # loop
-    max_steps: int = 60
+    max_steps: int = 40
     eval_interval: int = 0  # 0 = only at the start and the end
     ckpt_interval: int = 20  # 0 = only at the end (and on Ctrl-C / SIGTERM)
     plot_interval: int = 0  # steps between plot refreshes; 0 = only at the end

@@ -77,6 +77,7 @@ def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, ma
 def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None, rollout,
                 episodes) -> tuple[Batch, dict]:
     """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages."""
+    rollout = rollout.to(actor.lm_head_weight.device)  # the sampler hands its tensors back on the CPU
     T = int(rollout.lengths.max())
     tokens = rollout.tokens[:, :T]  # (B, T)
     mask = rollout.loss_mask[:, :T].float()  # (B, T)
