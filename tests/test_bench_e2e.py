@@ -1,0 +1,92 @@
+"""The end-to-end benchmark scripts (bench/rollout.py, bench/train_step.py, bench/onpolicy.py) run at their
+tiny preset on the CPU: the final JSON line is printed, parses, and its figures are sane; the
+transformers twin holds the same model; every engine and update path does the same work.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
+
+The scripts run on the PyTorch paths (the kernels are checked against them in tests/test_kernels_*.py):
+that keeps this file fast, and the interpreter cannot run the bf16 rows anyway, since its tl.dot
+multiplies the bit patterns of bfloat16 operands (triton-lang/triton#11584), which would turn the bf16
+decode attention into noise.
+"""
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the scripts import their siblings
+
+common = importlib.import_module("common")
+TINY = common.PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def torch_paths(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+
+
+def run_script(name: str, capsys, *args: str) -> dict:
+    result = importlib.import_module(name).main(["--preset", "tiny", *args])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == json.loads(json.dumps(result))
+    assert result["preset"] == "tiny" and result["device"] == "cpu" and result["rows"]
+    return result
+
+
+def test_hf_twin_has_the_same_weights():
+    model = common.build_model(TINY, seed=1).eval()
+    hf = common.hf_twin(model)
+    ids = torch.tensor([common.synthetic_prompts(TINY, 1, seed=2)[0]])  # (1, T)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        ours = model.logits(model(ids, positions))  # (1, T, V)
+        theirs = hf(input_ids=ids, position_ids=positions).logits  # (1, T, V)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_synthetic_rollout_has_the_workload_layout():
+    rollout = common.synthetic_rollout(TINY, batch=3, seed=0)
+    prompts = common.synthetic_prompts(TINY, 3, seed=0)
+    for b, prompt in enumerate(prompts):
+        spans = rollout.turn_spans[b]
+        assert len(spans) == TINY.turns and spans[0][0] == len(prompt)
+        assert all(end - start == TINY.max_new_tokens for start, end in spans)
+        assert int(rollout.loss_mask[b].sum()) == TINY.turns * TINY.max_new_tokens
+        assert rollout.tokens[b, :len(prompt)].tolist() == prompt
+        assert int(rollout.lengths[b]) == spans[-1][1]
+
+
+def test_rollout_script(capsys):
+    result = run_script("rollout", capsys)
+    (row,) = result["rows"]
+    sampled = row["batch"] * TINY.turns * TINY.max_new_tokens
+    assert row["sampled_tokens"] == row["hf_sampled_tokens"] == sampled  # the same workload in both engines
+    assert row["tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["speedup"] > 0
+    assert row["hf_prefill_per_episode"] > row["prefill_per_episode"] > 0  # the history is re-prefilled
+    assert row["decode_steps"] == TINY.turns * (TINY.max_new_tokens - 1)  # each first token comes from a prefill
+    assert row["decode_step_ms"] > 0 and row["roofline_ms"] is None  # no roofline on the CPU
+
+
+def test_train_step_script(capsys):
+    result = run_script("train_step", capsys)
+    rows = {row["impl"]: row for row in result["rows"]}
+    assert set(rows) == {"fused", "reference", "transformers"}
+    for row in rows.values():
+        assert "error" not in row and row["tokens_per_s"] > 0 and row["mfu"] is None
+        assert row["updates"] == row["batch"] // result["minibatch"] and math.isfinite(row["loss"])
+    # the same weights, data and update, whichever kernels and trunk: the same loss
+    assert rows["reference"]["loss"] == pytest.approx(rows["fused"]["loss"], rel=1e-3, abs=1e-6)
+    assert rows["transformers"]["loss"] == pytest.approx(rows["fused"]["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_onpolicy_script(capsys):
+    rows = {row["compare"]: row for row in run_script("onpolicy", capsys)["rows"]}
+    assert set(rows) == {"bf16", "fp32", "bf16 sampler vs fp32 trainer"}
+    assert rows["fp32"]["max_abs_diff"] < 1e-4
+    for row in rows.values():
+        assert row["tokens"] == row["batch"] * TINY.turns * TINY.max_new_tokens
+        assert 0 <= row["mean_abs_diff"] <= row["max_abs_diff"] < 0.5  # bf16 rounding, not a different policy
