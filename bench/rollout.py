@@ -15,8 +15,8 @@ final JSON line. Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e
 """
 import torch
 
-from common import (all_wrong, build_model, feedback_ids, free_memory, hbm_and_flops, hf_twin, kv_bytes_per_token, parse_args,
-                    ratio, report, synthetic_prompts, timed)
+from common import (all_wrong, build_model, feedback_ids, free_memory, hbm_and_flops, hf_twin, kv_bytes_per_token,
+                    parse_args, ratio, report, synthetic_prompts, timed)
 from kernels.sampling import sample
 from nanoufo.model import KVCache, Qwen2
 from nanoufo.sampler import generate
@@ -77,6 +77,7 @@ def decode_step_seconds(model: Qwen2, batch: int, context: int, steps: int, seed
         return sample(logits, 1.0, 1.0, seed, rows + i * batch)[0]
 
     tokens = step(0)  # warm-up: kernel compilation and autotuning
+
     def run():
         nonlocal tokens
         for i in range(1, steps + 1):
