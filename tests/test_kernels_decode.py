@@ -20,9 +20,9 @@ def test_kv_append_matches_reference():
     g = torch.Generator().manual_seed(0)
     B_cache, S, Hkv, D = 5, 23, 3, 12  # odd head count and head dim: masked lanes
     caches = [torch.randn(B_cache, S, Hkv, D, generator=g) for _ in range(2)]
-    k, v = torch.randn(2, 3, 4, Hkv, D, generator=g)  # (B, T, Hkv, D) each
+    k, v = torch.randn(2, 3, 18, Hkv, D, generator=g)  # (B, T, Hkv, D) each: two blocks of tokens
     rows = torch.tensor([3, 0, 4])
-    pos = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10], [19, 20, 21, 22]])
+    pos = torch.stack([torch.arange(18), torch.arange(2, 20), torch.arange(5, 23)])  # (B, T)
     ref = [c.clone() for c in caches]
     kv_append_reference(*ref, k, v, rows, pos)
     kv_append_triton(*caches, k, v, rows, pos)
