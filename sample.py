@@ -5,7 +5,7 @@ chat where you play the environment.
     python sample.py --ckpt=out/step_200 --data=math500 --limit=100 --k=5 --out=eval.jsonl
     python sample.py --ckpt=out/step_200 --mode=passk --k=5          # 5 independent single-turn samples
     python sample.py --ckpt=out/step_200 --mode=chat                 # you type "Try again.", /new <q>, /quit
-    python sample.py --tiny --limit=2                                # no checkpoint: a tiny random model
+    python sample.py --tiny                                          # no checkpoint: a tiny random model
 
 The tokenizer is the checkpoint's own when it has one, else the bundled Qwen2.5 tokenizer. CUDA + bf16
 when available, else CPU + fp32. In chat mode the conversation lives in one KV cache: each turn appends
@@ -37,11 +37,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", default="gsm8k",
                    help=f"a bundled set ({', '.join(DEFAULT_EVAL_SETS)}), a file or a hub name")
     p.add_argument("--split", default="test", help="split of a hub data set")
-    p.add_argument("--limit", type=int, help="evaluate the first N problems only")
+    p.add_argument("--limit", type=int, help="evaluate the first N problems only (--tiny: 4)")
     p.add_argument("--k", type=int, default=5, help="turns per episode (eval) or samples per problem (passk)")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="per attempt")
+    p.add_argument("--max-new-tokens", type=int, help="per attempt (default 1024; --tiny: 32)")
     p.add_argument("--max-len", type=int, default=8192, help="chat mode: the context limit of a conversation")
     p.add_argument("--batch-size", type=int, default=64, help="episodes sampled together")
     p.add_argument("--feedback", default="Try again.")
@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.ckpt and not args.tiny:
         p.error("give --ckpt=DIR (or --tiny for a random test model)")
+    if args.tiny:  # a smoke run: a few short episodes unless asked otherwise
+        args.limit = args.limit or 4
+    args.max_new_tokens = args.max_new_tokens or (32 if args.tiny else 1024)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return args
 
