@@ -17,13 +17,17 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DEMO = ["--warmup_steps=3", "--max_turns=2", "--problems_per_step=4", "--n_samples_per_problem=2",
-             "--keep_groups=2", "--minibatch_size=2", "--max_new_tokens=4", "--n_eval_problems=3", "--eval_k=2",
+             "--keep_groups=2", "--minibatch_size=2", "--max_new_tokens=4", "--n_eval_problems=2", "--eval_k=2",
              "--ckpt_interval=0", "--tp=1", "--device=cpu"]
 TIMING_KEYS = {"tokens_per_s", "step_time_s", "peak_memory_mb"}
+# The runs use the kernels' PyTorch references (tests/test_kernels_* check the Triton kernels against them):
+# under the interpreter one tiny run takes minutes.
+CHILD_ENV = {**os.environ, "TRITON_INTERPRET": "0"}
 
 
 def train(*args, check=True):
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=CHILD_ENV)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -72,14 +76,15 @@ def test_paper_config_starts_on_a_tiny_random_checkpoint(tmp_path, tiny_qwen_run
           "--eval_k=2", "--eval_interval=1")
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["first_ratio_dev"] == 0.0 or r["updates"] == 0 for r in records)
+    # a minibatch is a different batch shape than the old-log-prob pass, so equal only up to float rounding
+    assert all(r["first_ratio_dev"] < 1e-5 and r["logp_diff_sampler"] < 1e-4 for r in records)
     assert (out / "latest").is_file() and (out / "log.png").is_file()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", *TINY_DEMO, f"--out_dir={out}", "--max_steps=1000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     log = out / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.is_file() and '"train"' in log.read_text()):
