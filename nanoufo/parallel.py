@@ -288,13 +288,12 @@ def all_ranks_true(flag: bool, tp: ParallelContext) -> bool:
 
 
 def average_gradients(params, tp: ParallelContext) -> None:
-    """Mean of every gradient over the DP group (async all-reduces, then wait); a missing grad counts as 0."""
+    """Mean of every gradient over the DP group (async all-reduces, then wait). Parameters without a gradient
+    (a critic's unused LM head) are skipped: which ones have none depends on the graph, not on the data, so
+    every rank skips the same ones."""
     if tp.dp_group is None:
         return
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    params = [p for p in params if p.grad is not None]
     works = [dist.all_reduce(p.grad, group=tp.dp_group, async_op=True) for p in params]
     for p, work in zip(params, works):
         work.wait()
