@@ -68,8 +68,10 @@ if cfg.instruction == "auto":  # the demo's questions need no instruction; real 
     env_options = {"instruction": ""} if cfg.is_demo else {}
 else:
     env_options = {"instruction": cfg.instruction}
-env = UFOEnv(tokenizer, feedback=cfg.feedback, max_turns=cfg.max_turns, turn_decay=cfg.turn_decay,
-             repetition_penalty=cfg.repetition_penalty, format_penalty=cfg.format_penalty, **env_options)
+env_options |= dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
+                   format_penalty=cfg.format_penalty)
+env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options)
+eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options)  # Succ@k needs k turns, whatever training used
 
 
 @functools.lru_cache(maxsize=2)
@@ -128,8 +130,8 @@ def run_eval(tag: str) -> dict:
     """Succ@k (one episode, feedback between attempts) and Pass@k (k single-turn samples) on held-out data."""
     options = dict(k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
                    seed=cfg.seed, progress=False)
-    succ = evaluate(actor, env, eval_problems, mode="succ", **options)
-    passk = evaluate(actor, env, eval_problems, mode="pass", **options)
+    succ = evaluate(actor, eval_env, eval_problems, mode="succ", **options)
+    passk = evaluate(actor, eval_env, eval_problems, mode="pass", **options)
     metrics = {**succ, **{k: v for k, v in passk.items() if k.startswith("pass@")},
                "pass_tokens_per_sample": passk["tokens_per_episode"]}
     k = cfg.eval_k
