@@ -51,14 +51,14 @@ def test_sequence_stats_aligns_each_tokens_logp_with_the_previous_position():
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
 def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
-    cfg = TrainConfig(ppo_epochs=1, minibatch_size=4, actor_lr=1e-2, critic_lr=1e-2, aggregation=aggregation)
+    cfg = TrainConfig(ppo_epochs=3, minibatch_size=4, actor_lr=1e-3, critic_lr=1e-3, aggregation=aggregation)
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     before, _, _ = minibatch_losses(cfg, actor, critic, batch)
     out = ppo_update(cfg, actor, critic, make_optimizers(cfg, actor, critic), batch, seed=0)
     after, _, _ = minibatch_losses(cfg, actor, critic, batch)
     assert out["first_ratio_dev"] == 0.0  # old log-probs come from the same forward: ratio exactly 1
-    assert out["updates"] == 1 and out["skipped_updates"] == 0
+    assert out["updates"] == 3 and out["skipped_updates"] == 0
     assert after.item() < before.item() - 1e-3
 
 
