@@ -1,0 +1,132 @@
+"""Reliability (issue 8): faults, bad input and long runs lose nothing. Checkpoints survive SIGKILL at any
+moment and refuse damaged files; non-finite steps abort train.py cleanly; bad data, overlong prompts and
+adversarial model outputs are skipped or graded wrong within a time bound; config mistakes fail at once.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_reliability.py
+    python -m pytest -q -s tests/test_soak.py        # the long run with flat memory (prints RSS figures)
+
+The train.py runs use the kernels' PyTorch references like tests/test_train_cli.py (CHILD_ENV).
+"""
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoufo import checkpoint
+from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoufo.model import QwenConfig, Qwen2
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD_ENV = {**os.environ, "TRITON_INTERPRET": "0"}
+TINY = QwenConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def models_and_optimizers(fill: float | None = None):
+    """An actor and a critic with AdamW; with `fill`, every weight equals it (a checkpoint's fingerprint)."""
+    models = {"actor": Qwen2(TINY), "critic": Qwen2(TINY, value_head=True)}
+    for seed, model in enumerate(models.values()):
+        model.init_weights(torch.Generator().manual_seed(seed))
+        if fill is not None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(fill)
+    return models, {name: torch.optim.AdamW(m.parameters(), lr=1e-2) for name, m in models.items()}
+
+
+def saved_checkpoint(tmp_path) -> Path:
+    models, opts = models_and_optimizers(fill=1.0)
+    for model, opt in zip(models.values(), opts.values()):  # give the optimizers some state to save
+        sum(p.sum() for p in model.parameters()).backward()
+        opt.step()
+    return save_checkpoint(tmp_path, 3, models, opts, {"data_pos": 12})
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0x10  # in the tensor data near the end: the file still parses
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_bit])
+@pytest.mark.parametrize("name", ["actor/model.safetensors", "critic/model.safetensors", "optimizers.pt",
+                                  "state.pt"])
+def test_a_damaged_checkpoint_file_is_named_at_load(tmp_path, name, damage):
+    damage(saved_checkpoint(tmp_path) / name)
+    with pytest.raises(ValueError, match=rf"ckpt-3/{name}: .*(truncated|corrupted)"):
+        load_checkpoint(tmp_path, *models_and_optimizers())
+
+
+@pytest.mark.parametrize("pointer", ["", "ckpt-3\x00\x7f", "ckpt-2\n"])
+def test_a_damaged_pointer_or_manifest_is_named_at_load(tmp_path, pointer):
+    ckpt = saved_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text(pointer)
+    with pytest.raises(FileNotFoundError, match=r"latest: points at .*, which is not a complete checkpoint"):
+        load_checkpoint(tmp_path, *models_and_optimizers())
+    (tmp_path / "latest").write_text("ckpt-3\n")
+    (ckpt / "manifest.json").write_text('{"state.pt": ')
+    with pytest.raises(ValueError, match=r"ckpt-3/manifest.json: .*damaged"):
+        load_checkpoint(tmp_path, *models_and_optimizers())
+
+
+def test_saving_the_same_step_again_never_unlinks_the_latest_first(tmp_path, monkeypatch):
+    """A resumed run that stops at once saves the step it loaded; a crash during that save keeps the old one."""
+    save_checkpoint(tmp_path, 4, *models_and_optimizers(fill=1.0), {"data_pos": 1})
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(src).name.endswith(".tmp") and Path(src).is_dir():
+            raise KeyboardInterrupt("killed before the rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, *models_and_optimizers(fill=2.0), {"data_pos": 2})
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert load_checkpoint(tmp_path, *models_and_optimizers())["data_pos"] == 1
+    path = save_checkpoint(tmp_path, 4, *models_and_optimizers(fill=2.0), {"data_pos": 2})
+    assert latest_checkpoint(tmp_path) == path and sorted(p.name for p in tmp_path.glob("ckpt-*")) == [path.name]
+    assert load_checkpoint(tmp_path, *models_and_optimizers())["data_pos"] == 2
+
+
+def _save_forever(out_dir: str) -> None:
+    """Child process: save checkpoints 1, 2, 3, ... whose weights all equal their step, until killed."""
+    torch.set_num_threads(1)
+    for step in range(1, 10**6):
+        save_checkpoint(out_dir, step, *models_and_optimizers(fill=float(step)), {"data_pos": step})
+
+
+def test_sigkill_at_random_moments_of_saving_leaves_a_whole_checkpoint(tmp_path):
+    """SIGKILL a process that does nothing but save, at 12 seeded random moments; after each kill the latest
+    checkpoint loads (checksums verified) and its weights are those of the step it names."""
+    rng, fork = random.Random(8), multiprocessing.get_context("fork")
+    steps = []
+    for _ in range(12):
+        child = fork.Process(target=_save_forever, args=(str(tmp_path),))
+        child.start()
+        deadline = time.monotonic() + 30
+        while latest_checkpoint(tmp_path) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        models, opts = models_and_optimizers()
+        state = load_checkpoint(tmp_path, models, opts)
+        assert all(torch.all(p == state["step"]) for m in models.values() for p in m.parameters())
+        assert state["data_pos"] == state["step"]
+        steps.append(state["step"])
+    assert max(steps) > 1  # kills landed after several saves, not only before the first finished
