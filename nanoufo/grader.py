@@ -21,34 +21,42 @@ import time
 from pathlib import Path
 
 BOXED_OPEN = re.compile(r"\\boxed\s*\{")
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
 
 
-def _braced_content(text: str, start: int) -> str | None:
-    """The text from `start` up to the brace that closes the one just before it, or None if it never closes.
-    A backslash-escaped brace (\\{, \\}) is a literal set brace, not a group, so it is not counted."""
-    depth, i = 1, start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return text[start:i]
-        i += 1
-    return None
+def _closed_boxes(text: str) -> list[tuple[int, str]]:
+    """(start, content) of every \\boxed{...} whose brace closes, in one pass over the braces (linear time:
+    a response of 12,000 unclosed boxes must not cost 12,000 scans to its end). A backslash-escaped brace
+    (\\{, \\}) is a literal set brace, not a group, so it is not counted."""
+    box_at = {match.end() - 1: match.start() for match in BOXED_OPEN.finditer(text)}  # "{" position -> box start
+    open_braces, boxes = [], []
+    for token in BRACE_OR_ESCAPE.finditer(text):
+        if token[0] == "{":
+            open_braces.append(token.start())
+        elif token[0] == "}" and open_braces:
+            opened = open_braces.pop()
+            if opened in box_at:
+                boxes.append((box_at[opened], text[opened + 1:token.start()]))
+    return boxes
+
+
+def _answer_tags(text: str) -> list[str]:
+    """The contents of <answer>...</answer> pairs, left to right (linear time: str.find, no backtracking)."""
+    tags, pos = [], 0
+    while (start := text.find("<answer>", pos)) != -1 and (end := text.find("</answer>", start + 8)) != -1:
+        tags.append(text[start + 8:end])
+        pos = end + 9
+    return tags
 
 
 def extract_answer(text: str) -> str | None:
     """The content of the last balanced, non-empty \\boxed{...} (nested braces kept), else of the last
     <answer>...</answer>, else None. An unclosed box (a truncated response) or an empty one (the model
     echoing the instruction's "\\boxed{}") is passed over in favour of an earlier complete one."""
-    for match in reversed(list(BOXED_OPEN.finditer(text))):
-        content = _braced_content(text, match.end())
-        if content is not None and content.strip():
-            return content.strip()
-    tags = [tag.strip() for tag in ANSWER_TAG.findall(text) if tag.strip()]
+    boxes = [(start, content.strip()) for start, content in _closed_boxes(text) if content.strip()]
+    if boxes:
+        return max(boxes, key=lambda box: box[0])[1]  # the box that starts last
+    tags = [tag.strip() for tag in _answer_tags(text) if tag.strip()]
     return tags[-1] if tags else None
 
 
@@ -114,6 +122,7 @@ class Grader:
     The worker's address space is capped at `memory_limit_mb`."""
 
     WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock
+    WINDOW_BYTES = 32 << 10  # and bytes (Linux pipes hold 64 KiB): a write must never wait on a stuck worker
     CACHE_SIZE = 100_000
 
     def __init__(self, startup_timeout: float = 120.0, memory_limit_mb: int = 4096):
@@ -160,6 +169,16 @@ class Grader:
                     pass
             self._proc = None
 
+    def _window_end(self, lines: list[bytes], pos: int) -> int:
+        """Jobs pos..end-1 go out in one write: at most WINDOW jobs and WINDOW_BYTES, so the write fits in
+        the pipe even when the worker hangs on the first. A longer job goes alone: the worker, idle at the
+        start of a window, reads a whole line before it works on it."""
+        end, size = pos + 1, len(lines[pos])
+        while end < min(len(lines), pos + self.WINDOW) and size + len(lines[end]) <= self.WINDOW_BYTES:
+            size += len(lines[end])
+            end += 1
+        return end
+
     def grade(self, answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
         """Whether each answer equals its gold answer; None or blank answers are wrong without a look."""
         if len(answers) != len(golds):
@@ -167,13 +186,14 @@ class Grader:
         pairs = list(zip(answers, golds))
         verdicts = {pair: self._cache[pair] for pair in pairs if pair in self._cache}
         todo = list(dict.fromkeys(p for p in pairs if p[0] and p[0].strip() and p not in verdicts))
+        lines = [json.dumps(pair).encode() + b"\n" for pair in todo]
         pos = 0
         while pos < len(todo):
             if self._proc is None:
                 self._start()
-            window = todo[pos:pos + self.WINDOW]
+            window = todo[pos:self._window_end(lines, pos)]
             try:
-                self._proc.stdin.write(b"".join(json.dumps(pair).encode() + b"\n" for pair in window))
+                self._proc.stdin.write(b"".join(lines[pos:pos + len(window)]))
                 self._proc.stdin.flush()
             except BrokenPipeError:  # the worker died between calls (killed from outside): start another
                 self.close()

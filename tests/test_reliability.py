@@ -23,6 +23,7 @@ import torch
 
 from nanoufo import checkpoint
 from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoufo.grader import Grader, extract_answer
 from nanoufo.model import QwenConfig, Qwen2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,3 +131,47 @@ def test_sigkill_at_random_moments_of_saving_leaves_a_whole_checkpoint(tmp_path)
         assert state["data_pos"] == state["step"]
         steps.append(state["step"])
     assert max(steps) > 1  # kills landed after several saves, not only before the first finished
+
+
+# ------------------------------------------------------------------------------------------- grader
+ADVERSARIAL_OUTPUTS = {  # model outputs that once took minutes to scan, and the answer extracted from each
+    "80k chars of unclosed boxes": ("\\boxed{" * 12_000, None),
+    "unclosed boxes, then one closed": ("\\boxed{" * 10_000 + "}", None),
+    "100k chars of unclosed answer tags": ("<answer>" * 12_500, None),
+    "5,000 nested braces": ("\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}", "{" * 5000 + "1" + "}" * 5000),
+    "a 100k-digit answer": ("\\boxed{" + "9" * 100_000 + "}", "9" * 100_000),
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL_OUTPUTS)
+def test_answer_extraction_is_linear_time_on_adversarial_outputs(name):
+    text, expected = ADVERSARIAL_OUTPUTS[name]
+    start = time.monotonic()
+    answer = extract_answer(text)
+    assert time.monotonic() - start < 1.0, f"{name}: extraction took {time.monotonic() - start:.1f}s"
+    assert answer == expected
+
+
+def test_extraction_keeps_its_rules_on_mixed_boxes_and_tags():
+    text = r"\boxed{1} \\boxed{\{2\}} <answer>a</answer> \boxed{} \boxed{x^{2}} \boxed{ <answer>b</answer> }{"
+    assert extract_answer(text) == "<answer>b</answer>"  # the last closed, non-empty box (nested braces kept)
+    assert extract_answer(text.replace(r"\boxed{ <answer>b</answer> }", "")) == "x^{2}"
+    assert extract_answer("<answer>a</answer> <answer> b </answer> <answer>c") == "b"
+
+
+def test_adversarial_answers_are_wrong_within_the_time_bound():
+    grader = Grader()
+    grader.grade(["1"], ["1"])  # start the worker outside the timed part
+    # deeply nested (recursion in the parser), 100k characters, LaTeX that does not parse, and one right answer
+    answers = ["{" * 5000 + "1" + "}" * 5000, "9" * 100_000, r"\frac{1}{\sqrt[}{", r"\frac{2}{", "}{)(\\", "2"]
+    verdicts = []
+    worker = threading.Thread(target=lambda: verdicts.extend(grader.grade(answers, ["2"] * 6, timeout=1.0)),
+                              daemon=True)  # bounds the test's wall time even if the grader hung
+    start = time.monotonic()
+    worker.start()
+    worker.join(timeout=60)
+    elapsed = time.monotonic() - start
+    grader.close()
+    assert not worker.is_alive(), "grading adversarial answers hung"
+    assert verdicts == [False, False, False, False, False, True]
+    assert elapsed < 15, f"grading took {elapsed:.1f}s: a timeout did not fire in time"
