@@ -61,9 +61,13 @@ else:
     has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
     train_problems, skipped = load_problems(cfg.train_data, cfg.train_format)
-    eval_problems, _ = load_problems(cfg.eval_data, cfg.eval_format, split="test",
-                                     limit=cfg.n_eval_problems or None)
-    print0(f"{len(train_problems)} training problems ({skipped} rows skipped), {len(eval_problems)} eval problems")
+    eval_problems, eval_skipped = load_problems(cfg.eval_data, cfg.eval_format, split="test",
+                                                limit=cfg.n_eval_problems or None)
+    print0(f"{len(train_problems)} training problems ({skipped} rows skipped), {len(eval_problems)} eval problems "
+           f"({eval_skipped} rows skipped)")
+    for source, problems in ((cfg.train_data, train_problems), (cfg.eval_data, eval_problems)):
+        if not problems:
+            sys.exit(f"{source}: no usable problems (every row lacks a question or a parsable answer)")
 if cfg.instruction == "auto":  # the demo's questions need no instruction; real data gets the env's default
     env_options = {"instruction": ""} if cfg.is_demo else {}
 else:
@@ -109,6 +113,23 @@ models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {ctx.world} ranks = DP {ctx.dp_size} x TP {ctx.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), ctx)) if ctx.dp_size > 1 else None
+
+
+def fitting(problems: list, source: str) -> list:
+    """The problems whose prompt leaves room for one whole attempt in the model's context; the others are
+    skipped and counted here, so the sampler never meets them."""
+    limit = actor.config.max_position_embeddings - cfg.max_new_tokens
+    kept = [p for p, fits in zip(problems, env.prompts_fit([p.question for p in problems], limit)) if fits]
+    if len(kept) < len(problems):
+        print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} tokens "
+               f"(max_position_embeddings {actor.config.max_position_embeddings} - max_new_tokens)")
+    if not kept:
+        sys.exit(f"{source}: no problem fits the model's context")
+    return kept
+
+
+if not cfg.is_demo:  # the demo's generated questions are short by construction
+    train_problems, eval_problems = fitting(train_problems, cfg.train_data), fitting(eval_problems, cfg.eval_data)
 
 # -------------------------------------------------------------------------- resume
 step, data_pos = 0, 0

@@ -99,6 +99,13 @@ class UFOEnv:
         """The episode's opening tokens: (system), user turn with question and instruction, assistant header."""
         return self._encode(self._render(self._messages(question), add_generation_prompt=True))
 
+    def prompts_fit(self, questions: list[str], max_tokens: int) -> list[bool]:
+        """Whether each question's prompt has at most max_tokens tokens. Only prompts whose text has more
+        than max_tokens - 1 UTF-8 bytes are tokenized: a byte-level BPE token (Qwen's) covers at least one
+        byte, and the - 1 leaves room for a tokenizer that prepends a word-start piece."""
+        texts = [self._render(self._messages(q), add_generation_prompt=True) for q in questions]
+        return [len(text.encode()) < max_tokens or len(self._encode(text)) <= max_tokens for text in texts]
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

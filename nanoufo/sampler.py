@@ -133,11 +133,13 @@ def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max
     next_turn gets the rows whose attempt just ended, each attempt's sampled tokens (its stop token
     included) and whether it ended on a stop token; it is called after every attempt, the last one
     included. max_len (default: the longest prompt + max_turns attempts + feedback_len tokens per feedback
-    turn) bounds each row: an attempt that reaches it ends, feedback that leaves no room ends the row."""
+    turn, at most the model's max_position_embeddings) bounds each row: an attempt that reaches it ends,
+    feedback that leaves no room ends the row."""
     if not prompts:
         empty = torch.zeros(0, 0)
         return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0)
-    max_len = max_len or max(map(len, prompts)) + max_turns * max_new_tokens + (max_turns - 1) * feedback_len
+    max_len = max_len or min(max(map(len, prompts)) + max_turns * max_new_tokens + (max_turns - 1) * feedback_len,
+                             model.config.max_position_embeddings)  # never past the context the model knows
     _check(prompts, max_len, max_turns, max_new_tokens)
     convs, stop, B = _Conversations(model, prompts, max_len), set(stop_ids), len(prompts)
 

@@ -7,6 +7,7 @@ adversarial model outputs are skipped or graded wrong within a time bound; confi
 
 The train.py runs use the kernels' PyTorch references like tests/test_train_cli.py (CHILD_ENV).
 """
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from nanoufo import checkpoint
 from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoufo.grader import Grader, extract_answer
 from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.sampler import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -175,3 +177,61 @@ def test_adversarial_answers_are_wrong_within_the_time_bound():
     assert not worker.is_alive(), "grading adversarial answers hung"
     assert verdicts == [False, False, False, False, False, True]
     assert elapsed < 15, f"grading took {elapsed:.1f}s: a timeout did not fire in time"
+
+
+# ------------------------------------------------------------------------------------------- sampler
+def test_the_sampler_never_runs_past_the_models_context(monkeypatch):
+    """test_sampler.py covers an explicit max_len; here the default is capped by max_position_embeddings."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths (the kernels have their own tests)
+    model = Qwen2(dataclasses.replace(TINY, max_position_embeddings=12))
+    model.init_weights(torch.Generator().manual_seed(0))
+    feedback = lambda rows, responses, stopped: [[1, 2, 3] for _ in rows]  # never solved  # noqa: E731
+    rollout = generate(model, [[5, 6, 7], [4] * 9], feedback, max_turns=3, max_new_tokens=4, stop_ids=[])
+    assert rollout.lengths.tolist() == [12, 12]  # each row sampled up to the context, then stopped cleanly
+    assert [len(spans) for spans in rollout.turn_spans] == [2, 1]
+    with pytest.raises(ValueError, match="prompt 1 has 13 tokens, more than max_len=12"):
+        generate(model, [[5], [4] * 13], feedback, max_turns=1, max_new_tokens=4, stop_ids=[])
+
+
+# ------------------------------------------------------------------------------------------- train.py runs
+TINY_RUN = ["--max_turns=2", "--problems_per_step=2", "--n_samples_per_problem=2", "--keep_groups=0",
+            "--minibatch_size=2", "--ppo_epochs=1", "--max_new_tokens=3", "--eval_k=1", "--tp=1", "--device=cpu"]
+
+
+def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=CHILD_ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_records(out_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == "train"]
+
+
+def test_bad_rows_and_overlong_prompts_are_skipped_and_counted(tmp_path, hf_checkpoint):
+    """A dataset run on a checkpoint with a 64-token context: broken rows are skipped at load, a prompt that
+    leaves no room for an attempt is skipped before sampling, the counts are printed, and training runs."""
+    ckpt, _ = hf_checkpoint(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                            max_position_embeddings=64)
+    rows = [{"question": "What is 2+3?", "answer": "5"}, {"question": "What is 4*4?", "answer": "16"},
+            {"question": "No answer field"}, {"question": "   ", "answer": "1"}, {"question": "Blank answer", "answer": " "},
+            {"question": ["not", "text"], "answer": "2"}, {"question": "What is 1+1? " * 40, "answer": "2"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    proc = train(*TINY_RUN, f"--init_from={ckpt}", f"--train_data={data}", "--train_format=generic",
+                 f"--eval_data={data}", "--eval_format=generic", "--n_eval_problems=0", "--dtype=float32",
+                 f"--out_dir={out}", "--max_steps=2", "--ckpt_interval=0")
+    assert "3 training problems (4 rows skipped), 3 eval problems (4 rows skipped)" in proc.stdout
+    assert proc.stdout.count("skipped 1 problems whose prompt is longer than 61 tokens") == 2
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows[2:6]))
+    proc = train(*TINY_RUN, f"--init_from={ckpt}", f"--train_data={data}", f"--eval_data={data}", "--dtype=float32",
+                 "--train_format=generic", "--eval_format=generic", f"--out_dir={out}", check=False)
+    assert proc.returncode != 0 and f"{data}: no usable problems" in proc.stderr
+    assert "Traceback" not in proc.stderr
