@@ -10,6 +10,7 @@ field's type. Unknown keys, wrong types and impossible combinations fail before 
 import dataclasses
 import difflib
 import json
+import math
 import runpy
 import types
 from dataclasses import dataclass
@@ -173,6 +174,12 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings before any model is loaded."""
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"config: {key}=nan is not a number")
+    for key in ("actor_lr", "critic_lr", "warmup_lr"):  # an infinite rate makes Adam write inf/NaN weights
+        if not 0.0 <= getattr(cfg, key) < math.inf:
+            raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")

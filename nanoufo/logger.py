@@ -25,9 +25,8 @@ class JsonlLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_log(self.path, drop_torn_tail=True) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -35,16 +34,21 @@ class JsonlLogger:
             f.write(json.dumps(clean) + "\n")
 
 
-def read_log(path: str | Path) -> list[dict]:
+def read_log(path: str | Path, drop_torn_tail: bool = False) -> list[dict]:
+    """The records of a log; with drop_torn_tail, an unparsable last line (a write cut short by a crash or a
+    power loss) is dropped instead of raising."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: log file not found")
+    lines = path.read_text(errors="replace").splitlines()
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if drop_torn_tail and i == len(lines):
+                    break
                 raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
     return records
 

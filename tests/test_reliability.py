@@ -1,11 +1,9 @@
-"""Reliability (issue 8): faults, bad input and long runs lose nothing. Checkpoints survive SIGKILL at any
-moment and refuse damaged files; non-finite steps abort train.py cleanly; bad data, overlong prompts and
-adversarial model outputs are skipped or graded wrong within a time bound; config mistakes fail at once.
+"""Reliability (issue 8), in process: checkpoints survive SIGKILL at any moment of a save and refuse damaged
+files; adversarial model outputs are extracted in linear time and graded wrong within a time bound; the
+sampler stops at the model's context; config mistakes fail before any work. train.py itself under faults
+(SIGKILL and resume, non-finite steps, bad data) and over a long run is tests/test_soak.py.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_reliability.py
-    python -m pytest -q -s tests/test_soak.py        # the long run with flat memory (prints RSS figures)
-
-The train.py runs use the kernels' PyTorch references like tests/test_train_cli.py (CHILD_ENV).
 """
 import dataclasses
 import json
@@ -24,7 +22,9 @@ import torch
 
 from nanoufo import checkpoint
 from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoufo.config import parse_args
 from nanoufo.grader import Grader, extract_answer
+from nanoufo.logger import JsonlLogger, read_log
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.sampler import generate
 
@@ -193,45 +193,24 @@ def test_the_sampler_never_runs_past_the_models_context(monkeypatch):
         generate(model, [[5], [4] * 13], feedback, max_turns=1, max_new_tokens=4, stop_ids=[])
 
 
-# ------------------------------------------------------------------------------------------- train.py runs
-TINY_RUN = ["--max_turns=2", "--problems_per_step=2", "--n_samples_per_problem=2", "--keep_groups=0",
-            "--minibatch_size=2", "--ppo_epochs=1", "--max_new_tokens=3", "--eval_k=1", "--tp=1", "--device=cpu"]
+# ------------------------------------------------------------------------------------------- config, log
+@pytest.mark.parametrize("args, message", [
+    (["--actor_lr=inf"], "actor_lr=inf must be a finite number >= 0"),  # Adam would write inf/NaN weights
+    (["--critic_lr=-1e-5"], "critic_lr=-1e-05 must be a finite number >= 0"),
+    (["--kl_coef=nan"], "kl_coef=nan is not a number"),
+])
+def test_config_mistakes_fail_before_any_work(args, message):
+    """test_config.py covers unknown keys, wrong types and the other impossible combinations."""
+    with pytest.raises(ValueError, match=message):
+        parse_args(args)
 
 
-def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=CHILD_ENV)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def train_records(out_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == "train"]
-
-
-def test_bad_rows_and_overlong_prompts_are_skipped_and_counted(tmp_path, hf_checkpoint):
-    """A dataset run on a checkpoint with a 64-token context: broken rows are skipped at load, a prompt that
-    leaves no room for an attempt is skipped before sampling, the counts are printed, and training runs."""
-    ckpt, _ = hf_checkpoint(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                            max_position_embeddings=64)
-    rows = [{"question": "What is 2+3?", "answer": "5"}, {"question": "What is 4*4?", "answer": "16"},
-            {"question": "No answer field"}, {"question": "   ", "answer": "1"}, {"question": "Blank answer", "answer": " "},
-            {"question": ["not", "text"], "answer": "2"}, {"question": "What is 1+1? " * 40, "answer": "2"}]
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp_path / "run"
-    proc = train(*TINY_RUN, f"--init_from={ckpt}", f"--train_data={data}", "--train_format=generic",
-                 f"--eval_data={data}", "--eval_format=generic", "--n_eval_problems=0", "--dtype=float32",
-                 f"--out_dir={out}", "--max_steps=2", "--ckpt_interval=0")
-    assert "3 training problems (4 rows skipped), 3 eval problems (4 rows skipped)" in proc.stdout
-    assert proc.stdout.count("skipped 1 problems whose prompt is longer than 61 tokens") == 2
-    assert [r["step"] for r in train_records(out)] == [1, 2]
-
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows[2:6]))
-    proc = train(*TINY_RUN, f"--init_from={ckpt}", f"--train_data={data}", f"--eval_data={data}", "--dtype=float32",
-                 "--train_format=generic", "--eval_format=generic", f"--out_dir={out}", check=False)
-    assert proc.returncode != 0 and f"{data}: no usable problems" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    """A power cut can leave log.jsonl's last line half-written; resuming drops it (it is past the checkpoint)."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "train", "st')
+    JsonlLogger(log, resume_step=1).log({"kind": "train", "step": 2})
+    assert [r["step"] for r in read_log(log)] == [1, 2]
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "tr\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl:2: not a JSON line"):  # damage inside is not a torn tail
+        JsonlLogger(log, resume_step=2)
