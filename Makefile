@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) sample.py --tiny
+	$(PY) train.py
 
 # Triton kernels run on the CPU under the interpreter, so CI checks them against their references.
 test: $(STAMP)
