@@ -1,18 +1,16 @@
 """Reliability (issue 8), in process: checkpoints survive SIGKILL at any moment of a save and refuse damaged
 files; adversarial model outputs are extracted in linear time and graded wrong within a time bound; the
-sampler stops at the model's context; config mistakes fail before any work. train.py itself under faults
-(SIGKILL and resume, non-finite steps, bad data) and over a long run is tests/test_soak.py.
+sampler stops at the model's context; config mistakes fail before any work; a torn log line is dropped on
+resume. train.py itself under faults (SIGKILL and resume, non-finite steps, bad data) and over a long run
+is tests/test_soak.py.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_reliability.py
 """
 import dataclasses
-import json
 import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,8 +26,6 @@ from nanoufo.logger import JsonlLogger, read_log
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.sampler import generate
 
-ROOT = Path(__file__).resolve().parent.parent
-CHILD_ENV = {**os.environ, "TRITON_INTERPRET": "0"}
 TINY = QwenConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
 
