@@ -4,6 +4,7 @@ synthetic workload, timing and the printed table plus final JSON line.
 
     python bench/rollout.py --preset tiny      # CPU, seconds: checks the harness only
     python bench/rollout.py --preset 1.5b      # GPU, bf16, Qwen2.5-1.5B shapes (DESIGN.md section 5)
+    python bench/onpolicy.py --preset 1.5b --turns 3 --max-new-tokens 128   # a shorter workload (in the JSON)
 
 The workload (the same for every engine): B prompts of random token ids, lengths drawn uniformly from
 preset.prompt_len (the range of GSM8K questions under the Qwen2.5 template: a short one is 83 tokens),
@@ -15,7 +16,7 @@ import argparse
 import gc
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Callable
 
@@ -63,17 +64,28 @@ PRESETS = {
 }
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(description: str, argv: list[str] | None, extra: Callable | None = None,
                first_batch_only: bool = False) -> argparse.Namespace:
-    """--preset, --batch (default: the preset's batches, or the first one), --seed and the script's extra flags."""
+    """--preset, --batch (default: the preset's batches, or the first one), --seed, --turns and --max-new-tokens
+    (default: the preset's workload) and the script's extra flags."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", help="rollout rows (default: the preset's list)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--turns", type=positive_int, help="attempts per episode (default: the preset's, 5)")
+    parser.add_argument("--max-new-tokens", type=positive_int,
+                        help="tokens per attempt (default: the preset's, 512; tiny 6)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
-    args.preset = PRESETS[args.preset]
+    workload = {k: v for k, v in (("turns", args.turns), ("max_new_tokens", args.max_new_tokens)) if v is not None}
+    args.preset = replace(PRESETS[args.preset], **workload)
     args.batch = args.batch or list(args.preset.batches[:1] if first_batch_only else args.preset.batches)
     if args.preset.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--preset {args.preset.name} needs a CUDA GPU; use --preset tiny on the CPU")

@@ -20,6 +20,7 @@ The fused head's backward recomputation is hardware work, not model FLOPs, so it
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 """
 import math
+import sys
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -138,6 +139,8 @@ def bench_impl(preset, impl: str, batch: int, minibatch: int, seed: int) -> dict
     with reference_losses() if impl != "fused" else nullcontext():
         one_update(train_config(minibatch, minibatch), models, optimizers,
                    synthetic_rollout(preset, minibatch, seed + 1), seed)  # warm-up: kernels, optimizer state
+        # a minibatch step at full length has run: it fits, even if the timed update is cut short
+        print(f"{impl}: warm-up update done, peak GiB {peak_memory_gib()}", file=sys.stderr, flush=True)
         reset_peak_memory()
         metrics, seconds = timed(lambda: one_update(cfg, models, optimizers, rollout, seed))
     _, peak_flops = hbm_and_flops()

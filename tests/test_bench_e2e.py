@@ -84,9 +84,12 @@ def test_train_step_script(capsys):
 
 
 def test_onpolicy_script(capsys):
-    rows = {row["compare"]: row for row in run_script("onpolicy", capsys)["rows"]}
+    """Also with a shorter workload than the preset's (--turns, --max-new-tokens), recorded in the JSON."""
+    result = run_script("onpolicy", capsys, "--turns", "3", "--max-new-tokens", "4")
+    assert (result["turns"], result["max_new_tokens"]) == (3, 4)
+    rows = {row["compare"]: row for row in result["rows"]}
     assert set(rows) == {"bf16", "fp32", "bf16 sampler vs fp32 trainer"}
     assert rows["fp32"]["max_abs_diff"] < 1e-4
     for row in rows.values():
-        assert row["tokens"] == row["batch"] * TINY.turns * TINY.max_new_tokens
+        assert row["tokens"] == row["batch"] * 3 * 4
         assert 0 <= row["mean_abs_diff"] <= row["max_abs_diff"] < 0.5  # bf16 rounding, not a different policy

@@ -1,61 +1,71 @@
-"""The decode kernels (KV append, flash-decoding attention, sampling) against their PyTorch references.
+"""The decode kernels (KV append, flash-decoding attention, sampling) against their PyTorch references;
+the bf16 decode attention only where the kernels are compiled (tests/kernel_device.py).
 
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py               # CPU
+    NANOUFO_TEST_DEVICE=cuda python -m pytest -q tests/test_kernels_decode.py         # GPU, bf16 too
 """
-import os
-
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention_reference, decode_attention_triton
+from kernel_device import DEVICE, gpu_only, needs_triton
+from kernels.decode_attention import BLOCK_S, SPLIT_LEN, decode_attention_reference, decode_attention_triton
 from kernels.kv_append import kv_append_reference, kv_append_triton
 from nanoufo.model import attention
 from kernels.sampling import philox_uniforms, sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="Triton needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_triton
+# fp32: IEEE dots, exact to rounding. bf16 (against the fp32 reference on the same bf16 inputs): the kernel
+# rounds each softmax weight to bf16 before the PV dot (relative 2^-9, so up to 2^-9 * max|v| ~ 8e-3 for
+# randn values) and its output to bf16 (half an ulp, relative 2^-9).
+ATTN_TOL = {torch.float32: dict(atol=1e-5, rtol=0.0), torch.bfloat16: dict(atol=1e-2, rtol=4e-3)}
 
 
 def test_kv_append_matches_reference():
     g = torch.Generator().manual_seed(0)
     B_cache, S, Hkv, D = 5, 23, 3, 12  # odd head count and head dim: masked lanes
-    caches = [torch.randn(B_cache, S, Hkv, D, generator=g) for _ in range(2)]
-    k, v = torch.randn(2, 3, 18, Hkv, D, generator=g)  # (B, T, Hkv, D) each: two blocks of tokens
-    rows = torch.tensor([3, 0, 4])
-    pos = torch.stack([torch.arange(18), torch.arange(2, 20), torch.arange(5, 23)])  # (B, T)
+    caches = [torch.randn(B_cache, S, Hkv, D, generator=g).to(DEVICE) for _ in range(2)]
+    k, v = torch.randn(2, 3, 18, Hkv, D, generator=g).to(DEVICE)  # (B, T, Hkv, D) each: two blocks of tokens
+    rows = torch.tensor([3, 0, 4], device=DEVICE)
+    pos = torch.stack([torch.arange(18), torch.arange(2, 20), torch.arange(5, 23)]).to(DEVICE)  # (B, T)
     ref = [c.clone() for c in caches]
     kv_append_reference(*ref, k, v, rows, pos)
     kv_append_triton(*caches, k, v, rows, pos)
     assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
 
 
-@pytest.mark.parametrize("Hq,Hkv,D,T", [(4, 2, 16, 1), (6, 2, 24, 1), (2, 2, 8, 2)], ids=["gqa2", "gqa3_d24", "mha_t2"])
-def test_decode_attention_matches_reference(Hq, Hkv, D, T, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu_only)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Hq,Hkv,D,T", [(4, 2, 16, 1), (6, 2, 24, 1), (2, 2, 8, 2), (12, 2, 128, 1)],
+                         ids=["gqa2", "gqa3_d24", "mha_t2", "qwen1.5b"])
+def test_decode_attention_matches_reference(Hq, Hkv, D, T, dtype, monkeypatch):
     g = torch.Generator().manual_seed(1)
     B_cache, S = 4, 70
-    k_cache, v_cache = torch.randn(2, B_cache, S, Hkv, D, generator=g)
-    q = torch.randn(3, T, Hq, D, generator=g)
-    rows = torch.tensor([2, 0, 3])
-    last = torch.tensor([0, 33, 69 - T])  # a one-slot row, a mid-split row, the full cache
-    pos = last[:, None] + torch.arange(T)  # (B, T): T new tokens per row
-    ref = decode_attention_reference(q, k_cache, v_cache, pos, rows)
-    with monkeypatch.context() as m:
-        m.setenv("TRITON_INTERPRET", "0")  # the model's own SDPA path, which the kernel replaces for decode
-        assert (attention(q, k_cache, v_cache, pos, rows) - ref).abs().max() < 1e-5
-    for split_len in (16, 256):  # five splits (some empty for short rows), and one
-        out = decode_attention_triton(q, k_cache, v_cache, pos, rows, split_len=split_len, block_s=16)
-        assert (out - ref).abs().max() < 1e-5
+    k_cache, v_cache = torch.randn(2, B_cache, S, Hkv, D, generator=g).to(DEVICE, dtype)
+    q = torch.randn(3, T, Hq, D, generator=g).to(DEVICE, dtype)
+    rows = torch.tensor([2, 0, 3], device=DEVICE)
+    last = torch.tensor([0, 33, 69 - T], device=DEVICE)  # a one-slot row, a mid-split row, the full cache
+    pos = last[:, None] + torch.arange(T, device=DEVICE)  # (B, T): T new tokens per row
+    ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), pos, rows)  # fp32
+    if dtype == torch.float32:  # the model's own SDPA path, which the kernel replaces for decode (on the CPU)
+        with monkeypatch.context() as m:
+            m.setenv("TRITON_INTERPRET", "0")
+            cpu = [x.cpu() for x in (q, k_cache, v_cache, pos, rows)]
+            assert (attention(*cpu) - ref.cpu()).abs().max() < 1e-5
+    # five splits (some empty for short rows), one split, and the model's default blocks
+    for split_len, block_s in ((16, 16), (256, 16), (SPLIT_LEN, BLOCK_S)):
+        out = decode_attention_triton(q, k_cache, v_cache, pos, rows, split_len=split_len, block_s=block_s)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, **ATTN_TOL[dtype])
 
 
 def _logits(n: int, v: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 3
+    return (torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 3).to(DEVICE)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.8)])
 def test_sampling_kernel_replays_reference_exactly(temperature, top_p):
     """Same uniforms, same token; log-probs of the tempered, untruncated softmax."""
     logits = _logits(4, 300, seed=2)
-    noise_ids = torch.tensor([7, 0, 3, 12])
+    noise_ids = torch.tensor([7, 0, 3, 12], device=DEVICE)
     tokens, logprobs = sample_triton(logits, temperature, top_p, seed=5, noise_ids=noise_ids, block_v=128)
     ref_tokens, ref_logprobs = sample_reference(logits, temperature, top_p, philox_uniforms(5, noise_ids, 300))
     assert torch.equal(tokens, ref_tokens)
@@ -74,8 +84,8 @@ def test_sampling_distribution_matches_truncated_softmax():
     z = logits[0] / temperature
     target = torch.softmax(z, -1) * top_p_keep(z[None], top_p)[0]
     target = target / target.sum()
-    ids = torch.arange(n)
-    for uniforms in (philox_uniforms(11, ids, 11), torch_uniforms(11, ids, 11, "cpu")):
+    ids = torch.arange(n, device=DEVICE)
+    for uniforms in (philox_uniforms(11, ids, 11), torch_uniforms(11, ids, 11, DEVICE)):
         tokens, _ = sample_reference(logits, temperature, top_p, uniforms)
         freq = torch.bincount(tokens, minlength=11).float() / n
         sigma = (target * (1 - target) / n).sqrt()
@@ -91,8 +101,9 @@ def test_top_p_keep_is_the_smallest_set_reaching_top_p():
 def test_noise_follows_the_row_not_its_place_in_the_batch():
     logits = _logits(4, 50, seed=4)
     for impl in ("triton", "torch"):
-        tokens, _ = sample(logits, 1.0, 1.0, seed=9, noise_ids=torch.tensor([10, 11, 12, 13]), impl=impl)
-        sub, _ = sample(logits[[3, 1]], 1.0, 1.0, seed=9, noise_ids=torch.tensor([13, 11]), impl=impl)
+        tokens, _ = sample(logits, 1.0, 1.0, seed=9, noise_ids=torch.tensor([10, 11, 12, 13], device=DEVICE),
+                           impl=impl)
+        sub, _ = sample(logits[[3, 1]], 1.0, 1.0, seed=9, noise_ids=torch.tensor([13, 11], device=DEVICE), impl=impl)
         assert torch.equal(sub, tokens[[3, 1]])
 
 

@@ -12,14 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels.dispatch import interpreting
+from kernel_device import DEVICE, needs_triton
 from kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
 from kernels.token_stats import token_stats
 from test_kernels_token_stats import IGNORE, oracle
 
-needs_triton = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
-                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Statistics: fp32 logits from the same rounded inputs, so fp32 accuracy for every dtype. Gradients:
 # the logits gradient is rounded to the input dtype before the two matmuls; compared by the
 # relative Frobenius error of the whole gradient.

@@ -7,12 +7,10 @@ Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_ppo_loss.py
 import pytest
 import torch
 
+from kernel_device import DEVICE, ON_GPU, needs_triton
 from kernels.dispatch import interpreting
 from kernels.ppo_loss import ppo_loss
 
-needs_triton = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
-                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 kernel vs float64 reference: one fp32 pass, short sums
 
 
@@ -90,7 +88,7 @@ def test_hand_computed_example():
     adv = torch.tensor([[1.0, 3.0, 5.0], [2.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     token_loss = [-1.0, -3.0, -2.0 * 1.28]  # the third is clipped
-    for impl in ["torch"] + (["triton"] if interpreting() or torch.cuda.is_available() else []):
+    for impl in ["torch"] + (["triton"] if interpreting() or ON_GPU else []):
         loss, m = ppo_loss(logp.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE), impl=impl)
         assert loss.item() == pytest.approx(sum(token_loss) / 3)
         assert m["clip_frac"].item() == pytest.approx(1 / 3)

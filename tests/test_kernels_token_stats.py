@@ -11,12 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import interpreting, pick_impl
+from kernel_device import DEVICE, needs_triton
+from kernels.dispatch import pick_impl
 from kernels.token_stats import token_stats
 
-needs_triton = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
-                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
 # Both paths do fp32 math on the same rounded inputs, so the statistics agree to fp32 accuracy for
 # every dtype; the logits gradient is written in the logits' dtype and carries its rounding.
