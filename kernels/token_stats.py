@@ -17,7 +17,7 @@ a vocab-parallel rank differentiates its own slice with no communication.
 Edge cases: a row whose target is ignore_index is masked: its three outputs are 0, it gets no
 gradient and its logits are not read. A -inf logit has p = 0 and no gradient, and adds nothing to
 logp or the entropy; the mean logit is then -inf, so the self-certainty is +inf (KL(U || p) is
-infinite). A row that is -inf everywhere but at the target has logp = 0 and entropy 0; a row that is
+infinite). A row that is -inf everywhere but at the target has logp = 0 and entropy 0 (to rounding); a row that is
 -inf everywhere is no distribution and gives NaN, as torch.log_softmax does.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
