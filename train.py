@@ -1,6 +1,6 @@
 """Train a Qwen2.5 policy with multi-turn RL from unary feedback (UFO), GRPO, or Intuitor's self-certainty.
 
-    python train.py                                   # the built-in CPU demo: tiny model, "Guess my sum" task
+    python train.py                                   # the built-in CPU demo: tiny model, "Guess my number" task
     python train.py --max_turns=1 --out_dir=out/demo_single          # the single-turn baseline
     python train.py --out_dir=out/demo --resume                        # continue from out/demo/latest
     python train.py config/ufo_qwen2.5_3b.py --init_from=Qwen2.5-3B-Instruct

@@ -46,7 +46,7 @@ class TrainConfig:
     eval_format: str = "auto"
     n_eval_problems: int = 200  # 0 = the whole eval set
     instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
-    warmup_steps: int = 300  # demo only: supervised steps before RL when init_from is ""
+    warmup_steps: int = 2500  # demo only: supervised steps before RL when init_from is ""
     warmup_lr: float = 3e-3
     # environment (DESIGN.md section 2)
     max_turns: int = 5
@@ -56,9 +56,9 @@ class TrainConfig:
     format_penalty: float = 0.0
     reward_placement: str = "last"
     # sampling
-    problems_per_step: int = 16  # questions sampled per step, before the group filter
-    n_samples_per_problem: int = 2  # episodes per question (the group)
-    keep_groups: int = 8  # groups kept by the reward-spread filter; 0 keeps all
+    problems_per_step: int = 32  # questions sampled per step, before the group filter
+    n_samples_per_problem: int = 4  # episodes per question (the group)
+    keep_groups: int = 0  # groups kept by the reward-spread filter; 0 keeps all
     max_new_tokens: int = 16  # per attempt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -68,8 +68,8 @@ class TrainConfig:
     algorithm: str = "ufo_ppo"
     reward: str = "gold"
     ppo_epochs: int = 2
-    minibatch_size: int = 8  # episodes per optimizer step
-    actor_lr: float = 5e-4
+    minibatch_size: int = 32  # episodes per optimizer step
+    actor_lr: float = 1e-3
     critic_lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -86,7 +86,7 @@ class TrainConfig:
     whiten_advantages: bool = True
     aggregation: str = "token-mean"
     # loop
-    max_steps: int = 40
+    max_steps: int = 150
     eval_interval: int = 0  # 0 = only at the start and the end
     ckpt_interval: int = 20  # 0 = only at the end (and on Ctrl-C / SIGTERM)
     plot_interval: int = 0  # steps between plot refreshes; 0 = only at the end

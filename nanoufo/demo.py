@@ -1,20 +1,26 @@
-"""The built-in CPU demo: a character tokenizer, a synthetic arithmetic task and a tiny Qwen2 model.
+"""The built-in CPU demo: a character tokenizer, a synthetic guessing task and a tiny Qwen2 model.
 
     python train.py                  # warm-up, then UFO PPO on this task (the default config)
 
-The task, "Guess my sum": the question lists 3 to 5 additions of digits with distinct one-digit sums, e.g.
-"Guess my sum: 3+4 2+6 5+0", and the gold answer is the sum of one of them, picked at random when the
-problem is made. One attempt can only guess (about 1/3 to 1/5 right), but every wrong answer rules a
-candidate out, so a model that revises after "Try again." (a different sum each turn) solves every
-problem within 5 turns, while one that repeats itself does not. That is the behaviour UFO trains for.
-Questions whose text hashes into the held-out fifth never appear in training.
+The task, "Guess my number": the question names a range of 3 to 5 digits, e.g. "Game 417: guess my
+number from 3 to 6", and the gold answer is one digit of that range, picked at random when the problem is
+made. One attempt can only guess (1/3 to 1/5 right), but every wrong answer rules a digit out, so a model
+that revises after "Try again." (a different digit each turn) solves every problem within 5 turns, while
+one that repeats itself does not. That is the behaviour UFO trains for. (An earlier version listed
+additions and hid one of their sums; the tiny model's warm-up did not learn to read the sums within the
+CPU budget: README.) Questions whose text hashes into the held-out quarter never appear in training (the
+game number makes the texts many; the 21 ranges themselves occur in both splits).
 
 The tokenizer is a transformers PreTrainedTokenizerFast with one token per printable character (plus the
-role names and "\\boxed{" as single tokens, which keeps episodes short), the Qwen specials
-<|endoftext|>, <|im_start|>, <|im_end|> and a Qwen-style chat template (no system turn),
-so nanoufo.env.UFOEnv runs on it unchanged. The warm-up is supervised on episodes of a policy that guesses
-a candidate uniformly at each turn, independently of its earlier guesses: it teaches the format and the
-additions at every turn, and nothing about revising.
+role names, "\\boxed{" and the feedback "Try again." as single tokens, which keeps episodes short), the
+Qwen specials <|endoftext|>, <|im_start|>, <|im_end|> and a Qwen-style chat template (no system turn), so
+nanoufo.env.UFOEnv runs on it unchanged.
+
+The warm-up is supervised on episodes of a forgetful guesser: at each turn it picks uniformly among the
+digits it has not tried, or, with probability WARMUP_FORGET, among all of them. It teaches the format, the
+range and a weak habit of not repeating, which RL then has to strengthen. Why not an independent guesser:
+from one the model never learns to look at its earlier attempts, and RL from there did not find that
+either (README). Even the careful guesser's habit only appears after about 1,500 warm-up steps.
 """
 import random
 import string
@@ -29,19 +35,20 @@ from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.trainer import sft_loss
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["user", "assistant", "system", "\\boxed{"]  # whole tokens: an attempt is then 4 tokens long
+WORDS = ["user", "assistant", "system", "\\boxed{", "Try again."]  # whole tokens keep episodes short
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 CHAT_TEMPLATE = ("{%- for message in messages %}"
                  "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
                  "{%- endfor %}"
                  "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
 N_CANDIDATES = (3, 4, 5)
-HELD_OUT_BUCKETS = 5  # one question in five (by text hash) is held out
+HELD_OUT_BUCKETS = 4  # one question in four (by text hash) is held out
 N_TRAIN_PROBLEMS = 20000  # more than any demo run samples, so training rarely sees a question twice
 N_TEST_PROBLEMS = 200
 WARMUP_BATCH = 32
-# The tiny model: 3 layers, grouped-query attention, tied embeddings (about 0.16M parameters).
-TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+WARMUP_FORGET = 0.5  # per turn: the chance that the warm-up guesser ignores what it tried
+# The tiny model: 2 layers, grouped-query attention, tied embeddings (0.11M parameters).
+TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=1024)
 
 
@@ -61,16 +68,10 @@ def is_held_out(question: str) -> bool:
 
 
 def random_problem(rng: random.Random) -> tuple[str, str]:
-    """(question, gold) with 3-5 additions of distinct one-digit sums; the gold is one of the sums."""
-    k = rng.choice(N_CANDIDATES)
-    pairs, sums = [], set()
-    while len(pairs) < k:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        if a + b <= 9 and a + b not in sums:
-            pairs.append((a, b))
-            sums.add(a + b)
-    gold = sum(rng.choice(pairs))
-    return "Guess my sum: " + " ".join(f"{a}+{b}" for a, b in pairs), str(gold)
+    """(question, gold): a game number, a range of 3 to 5 digits, and one digit of that range."""
+    low = rng.randint(0, 10 - (n := rng.choice(N_CANDIDATES)))
+    question = f"Game {rng.randint(100, 999)}: guess my number from {low} to {low + n - 1}"
+    return question, str(rng.randint(low, low + n - 1))
 
 
 def make_problems(split: str, n: int, seed: int) -> list[Problem]:
@@ -87,9 +88,9 @@ def make_problems(split: str, n: int, seed: int) -> list[Problem]:
 
 
 def candidates(question: str) -> list[str]:
-    """Every sum the question lists: the answers an attempt may give."""
-    pairs = [pair.split("+") for pair in question.removeprefix("Guess my sum: ").split()]
-    return [str(int(a) + int(b)) for a, b in pairs]
+    """Every digit of the question's range: the answers an attempt may give."""
+    low, high = question.split(" from ")[1].split(" to ")
+    return [str(d) for d in range(int(low), int(high) + 1)]
 
 
 def build_model(vocab_size: int, seed: int) -> Qwen2:
@@ -100,12 +101,15 @@ def build_model(vocab_size: int, seed: int) -> Qwen2:
 
 
 def warmup_episode(env, tokenizer, problem: Problem, rng: random.Random, max_turns: int):
-    """Token ids and loss mask of one episode of the uniform guesser, in the environment's own format."""
+    """Token ids and loss mask of one episode of the forgetful guesser, in the environment's own format."""
     options = candidates(problem.question)
     ids = list(env.prompt_ids(problem.question))
     mask = [0] * len(ids)
+    tried = set()
     for turn in range(max_turns):
-        guess = rng.choice(options)
+        untried = [d for d in options if d not in tried]
+        guess = rng.choice(options if rng.random() < WARMUP_FORGET else untried)
+        tried.add(guess)
         attempt = tokenizer.encode(f"\\boxed{{{guess}}}", add_special_tokens=False) + [env.stop_ids[0]]
         ids += attempt
         mask += [1] * len(attempt)
@@ -119,7 +123,7 @@ def warmup_episode(env, tokenizer, problem: Problem, rng: random.Random, max_tur
 
 def warmup(model: Qwen2, env, tokenizer, problems: list[Problem], steps: int, lr: float, batch_size: int,
            max_turns: int, seed: int, progress=None) -> float:
-    """Supervised warm-up on uniform-guesser episodes; returns the last loss."""
+    """Supervised warm-up on forgetful-guesser episodes; returns the last loss."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device

@@ -53,7 +53,7 @@ def test_wrong_type_in_file_and_on_command_line(tmp_path):
     (["--algorithm=dpo"], "algorithm='dpo' is not one of ufo_ppo, grpo"),
     (["--max_turns=0"], "max_turns=0 must be at least 1"),
     (["--keep_groups=16", "--n_samples_per_problem=3", "--minibatch_size=10"], "not divisible by minibatch_size=10"),
-    (["--keep_groups=40"], "keep_groups=40 must be between 0 and problems_per_step=16"),
+    (["--keep_groups=80"], "keep_groups=80 must be between 0 and problems_per_step=32"),
     (["--algorithm=grpo", "--n_samples_per_problem=1", "--minibatch_size=8"], "n_samples_per_problem must be >= 2"),
     (["--reward_placement=per_turn", "--reward=self_certainty"], "per_turn"),
     (["--dual_clip=1.0"], "dual_clip > 1"),
