@@ -1,10 +1,8 @@
 """Answer extraction, normalization and math-verify grading on real GSM8K / MATH500 gold answers, including
 a pathological answer that must time out. Run: `python -m pytest -q tests/test_grader.py`."""
-import threading
-import time
-
 import pytest
 
+from grading_utils import grade_in_thread
 from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
 from nanoufo.grader import (Grader, count_distinct_answers, extract_answer, grade_batch, is_correct,
                             normalize_answer)
@@ -99,14 +97,8 @@ def test_pathological_answer_times_out_and_the_worker_recovers():
     grader.grade(["1"], ["1"])  # start the worker outside the timed part
     # the repeated pathological answer is graded once per call (its verdict is reused, not timed out twice)
     answers, golds_ = ["3", "9^{9^{9^9}}", "4", "(10^{10^{8}})!", "9^{9^{9^9}}"], ["3", "3", "4", "4", "3"]
-    verdicts = []
-    # a thread bounds the test's wall time even if the grader itself hung
-    worker = threading.Thread(target=lambda: verdicts.extend(grader.grade(answers, golds_, timeout=1.0)), daemon=True)
-    start = time.monotonic()
-    worker.start()
-    worker.join(timeout=30)
-    elapsed = time.monotonic() - start
+    verdicts, elapsed, hung = grade_in_thread(grader, answers, golds_, timeout=1.0, wall_limit=30)
     grader.close()
-    assert not worker.is_alive(), "grading a pathological answer hung"
+    assert not hung, "grading a pathological answer hung"
     assert verdicts == [True, False, True, False, False]
     assert elapsed < 20, f"grading took {elapsed:.1f}s: a timeout did not fire in time"

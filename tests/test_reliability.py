@@ -11,13 +11,13 @@ import multiprocessing
 import os
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from grading_utils import grade_in_thread
 from nanoufo import checkpoint
 from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoufo.config import parse_args
@@ -162,15 +162,9 @@ def test_adversarial_answers_are_wrong_within_the_time_bound():
     grader.grade(["1"], ["1"])  # start the worker outside the timed part
     # deeply nested (recursion in the parser), 100k characters, LaTeX that does not parse, and one right answer
     answers = ["{" * 5000 + "1" + "}" * 5000, "9" * 100_000, r"\frac{1}{\sqrt[}{", r"\frac{2}{", "}{)(\\", "2"]
-    verdicts = []
-    worker = threading.Thread(target=lambda: verdicts.extend(grader.grade(answers, ["2"] * 6, timeout=1.0)),
-                              daemon=True)  # bounds the test's wall time even if the grader hung
-    start = time.monotonic()
-    worker.start()
-    worker.join(timeout=60)
-    elapsed = time.monotonic() - start
+    verdicts, elapsed, hung = grade_in_thread(grader, answers, ["2"] * 6, timeout=1.0, wall_limit=60)
     grader.close()
-    assert not worker.is_alive(), "grading adversarial answers hung"
+    assert not hung, "grading adversarial answers hung"
     assert verdicts == [False, False, False, False, False, True]
     assert elapsed < 15, f"grading took {elapsed:.1f}s: a timeout did not fire in time"
 
