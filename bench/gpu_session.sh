@@ -13,7 +13,8 @@
 #     OUT=/some/empty/dir bash bench/gpu_session.sh                  # on the GPU machine, repository root
 #     GPU_SESSION_DRY=1 OUT=$(mktemp -d) bash bench/gpu_session.sh   # CPU dry run: every step, tiny shapes
 #
-# Budget (estimates from the workload and the code; nothing has been measured on a GPU yet): a step runs under
+# Budget (limits estimated from the workload and the code before any GPU run; the first run, on an H200 on
+# 2026-11-26, took 350 s in all, every step inside its limit; bench/RESULTS.md): a step runs under
 # min(its limit, time left before the deadline) and is skipped when less than its minimum is left.
 # Not run (no time): torch.compile microbenchmark rows (tens of seconds of compilation each, 18 rows), rollout
 # batch 256, the 3b rollout and on-policy rows, the transformers baseline on the full workload (it re-prefills
