@@ -30,7 +30,8 @@ def test_problems_are_reproducible_and_the_splits_disjoint():
 def test_feedback_and_boxed_are_single_tokens(tokenizer):
     assert tokenizer.tokenize("\\boxed{7}Try again.") == ["\\boxed{", "7", "}", "Try again."]
     env = UFOEnv(tokenizer, instruction="")
-    assert tokenizer.decode(env.feedback_ids(True)) == "\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n"
+    feedback = "\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(env.feedback_ids(True)) == feedback
 
 
 @pytest.mark.parametrize("forget", [0.0, 1.0])
