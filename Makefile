@@ -23,13 +23,14 @@ HAS_GPU = $(shell $(PY) -c 'import torch; print(int(torch.cuda.is_available()))'
 	$(SYSTEM_PY) -m venv --system-site-packages .venv || { echo "make: could not create .venv with $(SYSTEM_PY) -m venv (on Debian/Ubuntu: apt install python3-venv)"; exit 2; }
 
 install: $(NEW_VENV)
-	@$(MAKE) --no-print-directory $(STAMP)
+	@echo "make: using $(WHERE) ($$($(PY) -c 'import sys; print(sys.executable, sys.version.split()[0])'))"
+	@$(MAKE) --no-print-directory -s $(STAMP)
 
 .make/installed-%: pyproject.toml
-	@echo "make: using $(WHERE) ($$($(PY) -c 'import sys; print(sys.executable, sys.version.split()[0])'))"
 	@if $(PY) -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 5))' 2>/dev/null; \
 	then echo "make: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else echo "make: no torch >= 2.5 here: installing torch==2.13.0 (CPU build)"; $(PY) -m pip install -q torch==2.13.0; fi
+	@echo "make: pip install -e .[test] (nanoufo and what it needs)"
 	$(PY) -m pip install -q -e ".[test]"
 	@mkdir -p .make && touch $@
 
