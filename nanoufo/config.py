@@ -183,6 +183,9 @@ def validate(cfg: TrainConfig) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.dtype == "float16":  # fp16 gradients underflow and overflow without dynamic loss scaling
+        raise ValueError("config: dtype='float16' cannot train (no loss scaling); use bfloat16 or float32 "
+                         "(sample.py --dtype=float16 still samples and evaluates in float16)")
     positive = ("tp", "max_turns", "problems_per_step", "n_samples_per_problem", "max_new_tokens", "ppo_epochs",
                 "minibatch_size", "eval_k", "max_steps", "max_bad_steps")
     for key in positive:

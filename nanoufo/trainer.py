@@ -19,6 +19,7 @@ from kernels import linear_token_stats, ppo_loss
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2
+from nanoufo.optim import adamw
 from nanoufo.parallel import all_ranks_true, clip_grad_norm_, dp_mean_scale
 
 
@@ -200,9 +201,10 @@ def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers:
 
 
 def make_optimizers(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:
-    opts = {"actor": torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)}
+    """AdamW for the actor and the critic; for bf16 models with fp32 master weights and moments (nanoufo/optim.py)."""
+    opts = {"actor": adamw(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)}
     if critic is not None:
-        opts["critic"] = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+        opts["critic"] = adamw(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
     return opts
 
 

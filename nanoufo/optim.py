@@ -1,0 +1,102 @@
+"""AdamW for training in bfloat16: fp32 master weights and fp32 moments behind bf16 compute parameters.
+
+    opt = adamw(model.parameters(), lr=1e-6, weight_decay=0.0)   # plain AdamW when the params are fp32
+    loss.backward(); clip_grad_norm_(...); opt.step(); opt.zero_grad(set_to_none=True)
+
+Why: a bf16 weight of 0.02 has a spacing of about 1.2e-4, so an Adam update of lr x ~1 = 1e-6 rounds away
+and a bf16 model trained with its own parameters in AdamW does not move at all. Here the forward and
+backward run on the model's bf16 parameters, as before; the optimizer owns an fp32 copy of each (the
+master), keeps its moments in fp32, steps the masters with the gradients read as fp32, and writes the
+rounded masters back into the bf16 parameters. Small updates accumulate in the master until they cross a
+bf16 spacing. The alternative, fp32 parameters under autocast, would make the sampler and the frozen
+reference cast (or keep a second bf16 copy of) every weight at every decode step; with masters in the
+optimizer the sampler, the reference, the TP layers (each rank's masters are its own slices) and the HF
+checkpoints see ordinary bf16 modules and need nothing special.
+
+MasterWeightAdamW is a torch.optim.AdamW whose param_groups hold the masters, so lr schedulers (which set
+group["lr"]), state_dict / load_state_dict and zero_grad work as for any torch optimizer; its state_dict
+adds the masters, so a resumed run continues from the exact fp32 weights, not from their bf16 rounding.
+Gradients stay in the compute dtype on the model (clipping and the non-finite check read them there); the
+step casts them to fp32 a bucket of parameters at a time, so the transient fp32 copy is one bucket, not a
+whole model.
+
+Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_optim.py
+"""
+from typing import Iterable
+
+import torch
+
+BUCKET_NUMEL = 1 << 26  # fp32 gradient elements cast per inner step: 256 MiB (a larger parameter goes alone)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW on the parameters' device with its fast multi-tensor kernels (fused on CUDA, foreach on the CPU);
+    with fp32 master weights and moments when the parameters are in a lower precision."""
+    params = list(params)
+    kernel = {"fused": True} if params[0].is_cuda else {"foreach": True}
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
+    return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
+
+
+def _buckets(params: list[torch.Tensor], max_numel: int) -> list[list[int]]:
+    """Consecutive runs of parameter indices holding at most max_numel elements (or one larger parameter)."""
+    buckets, numel = [[]], 0
+    for i, p in enumerate(params):
+        if buckets[-1] and numel + p.numel() > max_numel:
+            buckets.append([])
+            numel = 0
+        buckets[-1].append(i)
+        numel += p.numel()
+    return buckets
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW over fp32 master copies of lower-precision (bf16) compute parameters; see the module docstring."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], bucket_numel: int = BUCKET_NUMEL, **adamw_options):
+        self.compute_params = list(params)
+        masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
+        super().__init__(masters, **adamw_options)
+        self.masters = masters
+        self.bucket_indices = _buckets(masters, bucket_numel)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One AdamW step of the masters from the compute parameters' gradients; parameters without a
+        gradient are left alone, as AdamW does. Then each stepped master is rounded into its parameter."""
+        for bucket in self.bucket_indices:
+            stepped = [i for i in bucket if self.compute_params[i].grad is not None]
+            for i in stepped:
+                self.masters[i].grad = self.compute_params[i].grad.float()
+            super().step()  # masters without a .grad (the other buckets) are skipped
+            for i in stepped:
+                self.compute_params[i].copy_(self.masters[i])
+                self.masters[i].grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p in self.compute_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"masters": list(self.masters)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Moments, step counts and hyperparameters as AdamW loads them, and the saved fp32 masters, which are
+        then rounded into the compute parameters."""
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("masters", None)
+        shapes = [tuple(m.shape) for m in self.masters]
+        if masters is None or [tuple(m.shape) for m in masters] != shapes:
+            raise ValueError("optimizer state: no fp32 master weights matching this model's parameters (saved by "
+                             "an fp32 run, another model, or before master weights existed)")
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for master, saved, param in zip(self.masters, masters, self.compute_params):
+                master.copy_(saved)
+                param.copy_(master)
