@@ -1,13 +1,15 @@
 """Atomic checkpoints (nanoufo/checkpoint.py): round trip of models, optimizers and RNG states, and a crash
-in the middle of a save never leaves `latest` pointing at a partial checkpoint.
+in the middle of a save never leaves `latest` pointing at a partial checkpoint; a bf16 run's fp32 masters survive.
 
     python -m pytest -q tests/test_checkpoint.py
 """
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nanoufo import checkpoint
 from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -95,3 +97,31 @@ def test_no_checkpoint_and_a_dangling_pointer(tmp_path):
     (tmp_path / "latest").write_text("ckpt-9\n")
     with pytest.raises(FileNotFoundError, match="points at .*ckpt-9, which is not a complete checkpoint"):
         latest_checkpoint(tmp_path)
+
+
+def test_a_bf16_run_resumes_from_its_fp32_masters(tmp_path):
+    """bf16 models with fp32 masters: the checkpoint restores the masters themselves, not their bf16 rounding,
+    while the HF directories a user takes away stay bf16; training then continues identically."""
+    from nanoufo.optim import adamw
+
+    def bf16_run(seed):
+        models, _ = models_and_optimizers(seed)
+        models = {name: m.to(torch.bfloat16) for name, m in models.items()}
+        return models, {name: adamw(m.parameters(), lr=1e-4, weight_decay=0.0) for name, m in models.items()}
+
+    models, opts = bf16_run(0)
+    for _ in range(3):
+        take_a_step(models, opts)
+    masters = opts["actor"].masters
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters)  # finer than bf16
+    path = save_checkpoint(tmp_path, 3, models, opts, {})
+    assert load_file(path / "actor" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert json.loads((path / "actor" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+    fresh, fresh_opts = bf16_run(1)
+    load_checkpoint(tmp_path, fresh, fresh_opts)
+    assert all(torch.equal(a, b) for a, b in zip(masters, fresh_opts["actor"].masters))
+    take_a_step(models, opts), take_a_step(fresh, fresh_opts)
+    for name in models:
+        assert all(torch.equal(a, b) for a, b in zip(opts[name].masters, fresh_opts[name].masters))
+        assert all(torch.equal(a, b) for a, b in zip(models[name].parameters(), fresh[name].parameters()))

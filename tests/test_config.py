@@ -58,6 +58,7 @@ def test_wrong_type_in_file_and_on_command_line(tmp_path):
     (["--reward_placement=per_turn", "--reward=self_certainty"], "per_turn"),
     (["--dual_clip=1.0"], "dual_clip > 1"),
     (["--eval_data=data/gsm8k/test.jsonl"], "both be 'demo'"),
+    (["--dtype=float16"], "dtype='float16' cannot train (no loss scaling); use bfloat16 or float32"),
 ])
 def test_impossible_combinations_are_rejected(args, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -166,6 +166,71 @@ def test_tp2_and_dp2_match_one_process(hf_checkpoint, tmp_path):
             assert (saved(ids).logits - hf(ids).logits).abs().max() < TOL
 
 
+def _master_moves(model, optimizer, start: list) -> dict:
+    """{parameter name: how far the optimizer moved its fp32 master}."""
+    return {name: m - s for (name, _), m, s in zip(model.named_parameters(), optimizer.masters, start)}
+
+
+def _flat_slices(model, full_moves: dict) -> torch.Tensor:
+    """One process's moves cut to the slices this rank's model holds, flattened in parameter order."""
+    from nanoufo.parallel import shard_specs
+    shards = shard_specs(model)
+    return torch.cat([(shards[n].take(full_moves[n]) if n in shards else full_moves[n]).flatten()
+                      for n, _ in model.named_parameters()])
+
+
+def _bf16_updates(ckpt: str, out_dir: str) -> dict:
+    """bf16 models with fp32 masters at lr 1e-6: a PPO update under TP=2 and under DP=2 against one process
+    (cosine and norm ratio of the masters' moves: bf16 compute sums in another order, so not bit-equal), and
+    a TP checkpoint round trip of each rank's masters."""
+    from dataclasses import replace
+    from nanoufo.checkpoint import load_checkpoint, save_checkpoint
+    from nanoufo.config import TrainConfig
+    from nanoufo.parallel import average_gradients
+    from nanoufo.trainer import make_optimizers, ppo_update
+    cfg = TrainConfig(minibatch_size=4, ppo_epochs=2, kl_in="loss", kl_coef=0.05, actor_lr=1e-6, critic_lr=1e-6)
+    batch, tp = _toy_batch(101), init_parallel(tp=2, timeout_s=60)
+
+    def update(layout, rows, grad_hook=None, minibatch=4):
+        models = dict(zip(("actor", "critic"), (m.to(torch.bfloat16) for m in _load_pair(ckpt, layout))))
+        opts = make_optimizers(cfg, *models.values())
+        start = {name: [m.clone() for m in opt.masters] for name, opt in opts.items()}
+        ppo_update(replace(cfg, minibatch_size=minibatch), *models.values(), opts, rows, seed=0, grad_hook=grad_hook)
+        return models, opts, start
+
+    models, opts, start = update(ParallelContext(), batch)
+    single = {name: _master_moves(model, opts[name], start[name]) for name, model in models.items()}
+    dp = init_parallel(tp=1, timeout_s=60)
+    half = batch.rows(torch.arange(2 * dp.dp_rank, 2 * dp.dp_rank + 2))
+    runs = {"tp": update(tp, batch),
+            "dp": update(dp, half, lambda model: average_gradients(model.parameters(), dp), minibatch=2)}
+    out = {}
+    for layout, (models, opts, start) in runs.items():
+        for name, model in models.items():
+            got = torch.cat([d.flatten() for d in _master_moves(model, opts[name], start[name]).values()])
+            want = _flat_slices(model, single[name])
+            out[f"{layout}_{name}_cosine"] = float(got @ want / (got.norm() * want.norm()))
+            out[f"{layout}_{name}_norm_ratio"] = float(got.norm() / want.norm())
+            out[f"{layout}_{name}_compute_is_rounded_master"] = all(
+                torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(model.parameters(), opts[name].masters))
+    models, opts, _ = runs["tp"]  # each TP rank saves and restores its own slices' masters
+    save_checkpoint(f"{out_dir}/bf16", 1, models, opts, {})
+    fresh = dict(zip(models, (m.to(torch.bfloat16) for m in _load_pair(ckpt, tp))))
+    fresh_opts = make_optimizers(cfg, *fresh.values())
+    load_checkpoint(f"{out_dir}/bf16", fresh, fresh_opts)
+    out["tp_resumed_masters_equal"] = all(torch.equal(a, b) for name in opts
+                                          for a, b in zip(opts[name].masters, fresh_opts[name].masters))
+    return out
+
+
+def test_bf16_master_updates_under_tp2_and_dp2_match_one_process(hf_checkpoint, tmp_path):
+    ckpt, _ = hf_checkpoint("untied")
+    for result in launch(_bf16_updates, 2, args=(str(ckpt), str(tmp_path))):
+        assert all(v for k, v in result.items() if isinstance(v, bool)), result
+        assert all(v > 0.99 for k, v in result.items() if k.endswith("cosine")), result
+        assert all(0.98 < v < 1.02 for k, v in result.items() if k.endswith("norm_ratio")), result
+
+
 def _all_reduce_with_a_failing_peer(mode: str, timeout_s: float) -> str:
     """Rank 1 is SIGKILLed ("killed") or stays away past the timeout ("hung"); rank 0 must raise, not wait."""
     import os
