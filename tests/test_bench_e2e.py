@@ -1,4 +1,4 @@
-"""The end-to-end benchmark scripts (bench/rollout.py, bench/train_step.py, bench/onpolicy.py) run at their
+"""The end-to-end benchmark scripts (bench/rollout.py, train_step.py, onpolicy.py, master_weights.py) run at their
 tiny preset on the CPU: the final JSON line is printed, parses, and its figures are sane; the
 transformers twin holds the same model; every engine and update path does the same work.
 
@@ -93,3 +93,10 @@ def test_onpolicy_script(capsys):
     for row in rows.values():
         assert row["tokens"] == row["batch"] * 3 * 4
         assert 0 <= row["mean_abs_diff"] <= row["max_abs_diff"] < 0.5  # bf16 rounding, not a different policy
+
+
+def test_master_weights_script(capsys):
+    rows = {(r["run"], r["model"]): r for r in run_script("master_weights", capsys)["rows"]}
+    masters, direct = rows["bf16 + fp32 masters", "actor"], rows["bf16 parameters in AdamW", "actor"]
+    assert masters["cosine_vs_fp32"] > 0.99 and masters["norm_ratio_vs_fp32"] == pytest.approx(1, rel=0.01)
+    assert masters["moved_share"] > 0.99 and direct["moved_share"] < 0.1  # lr 1e-6 rounds away in bf16
