@@ -1,5 +1,6 @@
-"""Atomic training checkpoints: out_dir/ckpt-<step>/ holds the actor (and critic) in Hugging Face format,
-the optimizer states, the step, the data position and every RNG state; out_dir/latest names the newest.
+"""Atomic training checkpoints: out_dir/ckpt-<step>/ holds the actor (and critic) in Hugging Face format (in
+the compute dtype), the optimizer states (with a bf16 run's fp32 master weights, nanoufo/optim.py), the step,
+the data position and every RNG state; out_dir/latest names the newest.
 
     save_checkpoint(out_dir, step, {"actor": actor, "critic": critic}, optimizers, {"data_pos": 96})
     state = load_checkpoint(out_dir, {"actor": actor, "critic": critic}, optimizers)  # None if none yet
