@@ -3,10 +3,10 @@
     opt = adamw(model.parameters(), lr=1e-6, weight_decay=0.0)   # plain AdamW when the params are fp32
     loss.backward(); clip_grad_norm_(...); opt.step(); opt.zero_grad(set_to_none=True)
 
-Why: a bf16 weight of 0.02 has a spacing of about 1.2e-4, so an Adam update of lr x ~1 = 1e-6 rounds away
-and a bf16 model trained with its own parameters in AdamW does not move at all. Here the forward and
-backward run on the model's bf16 parameters, as before; the optimizer owns an fp32 copy of each (the
-master), keeps its moments in fp32, steps the masters with the gradients read as fp32, and writes the
+Why: a bf16 weight of 0.02 has a spacing of about 1.2e-4, so an Adam update of lr x ~1 = 1e-6 rounds away:
+a bf16 model whose own parameters AdamW steps keeps all but its near-zero weights where they were. Here the
+forward and backward run on the model's bf16 parameters, as before; the optimizer owns an fp32 copy of each
+(the master), keeps its moments in fp32, steps the masters with the gradients read as fp32, and writes the
 rounded masters back into the bf16 parameters. Small updates accumulate in the master until they cross a
 bf16 spacing. The alternative, fp32 parameters under autocast, would make the sampler and the frozen
 reference cast (or keep a second bf16 copy of) every weight at every decode step; with masters in the
@@ -69,7 +69,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             stepped = [i for i in bucket if self.compute_params[i].grad is not None]
             for i in stepped:
                 self.masters[i].grad = self.compute_params[i].grad.float()
-            super().step()  # masters without a .grad (the other buckets) are skipped
+            super().step()  # masters without a .grad (the other buckets) are skipped; elementwise, so equal to one step
             for i in stepped:
                 self.compute_params[i].copy_(self.masters[i])
                 self.masters[i].grad = None
