@@ -1,5 +1,6 @@
-"""Qwen2.5 in one file: config, RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, LM head
-and a scalar value head for the critic. Reads top to bottom; weights load and save through
+"""Qwen2.5 in one file: config, RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, LM head,
+a scalar value head for the critic and the two-class step head of a process reward model (PRM, the
+layout of Qwen2.5-Math-PRM). Reads top to bottom; weights load and save through
 nanoufo/weights.py in Hugging Face's safetensors layout, so parameter names mirror Qwen2ForCausalLM.
 
     from nanoufo.weights import load_model
@@ -32,7 +33,8 @@ try:  # optional fast path on GPUs; the SDPA path below is the reference
 except ImportError:
     flash_attn_varlen_func = flash_attn_with_kvcache = None
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"  # the same trunk with a step-scoring head and no LM head
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", PRM_ARCHITECTURE)
 
 
 @dataclass
@@ -49,11 +51,16 @@ class QwenConfig:
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
     torch_dtype: str = "float32"
+    architecture: str = "Qwen2ForCausalLM"  # or PRM_ARCHITECTURE
     hf: dict = field(default_factory=dict, repr=False)  # the raw config.json, written back on save
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_prm(self) -> bool:
+        return self.architecture == PRM_ARCHITECTURE
 
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "QwenConfig":
@@ -80,7 +87,7 @@ class QwenConfig:
                 max_position_embeddings=hf.get("max_position_embeddings", 32768),
                 initializer_range=hf.get("initializer_range", 0.02),
                 torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-                hf=hf)
+                architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf)
         except KeyError as e:
             raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
 
@@ -241,21 +248,30 @@ class Trunk(nn.Module):
 
 class Qwen2(nn.Module):
     """The causal LM (actor, reference) or, with value_head=True, the critic: same trunk, scalar head.
+    A config whose architecture is PRM_ARCHITECTURE makes a process reward model: the same trunk with the
+    `score` head (Linear(H, H), ReLU, Linear(H, 2): HF's score.0.* and score.2.*) and no LM head.
 
     With tp (nanoufo/parallel.py) of size > 1 every rank holds its slice of each weight and of the vocabulary:
-    logits() returns the columns [vocab_start, vocab_start + V_local); the value head is replicated."""
+    logits() returns the columns [vocab_start, vocab_start + V_local); the value and score heads are
+    replicated (the final hidden states are whole on every rank)."""
 
     def __init__(self, config: QwenConfig, value_head: bool = False, tp: ParallelContext = SINGLE):
         super().__init__()
         check_tp_split(config, tp.tp_size)
+        if value_head and config.is_prm:
+            raise ValueError(f"a {PRM_ARCHITECTURE} checkpoint cannot be loaded as a critic (value_head=True)")
         self.config, self.tp = config, tp
         self.model = Trunk(config, tp)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
-        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(
+        self.lm_head = None if config.tie_word_embeddings or config.is_prm else ColumnParallelLinear(
             config.hidden_size, config.vocab_size, bias=False, tp=tp)  # same vocabulary split as the embedding
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
+        H = config.hidden_size
+        self.score = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 2)) if config.is_prm else None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:  # (V_local, H); V_local = V without TP
+        if self.score is not None:
+            raise ValueError("a process reward model has no LM head: it scores steps (step_probs), it cannot sample")
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @property
@@ -285,6 +301,11 @@ class Qwen2(nn.Module):
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden).squeeze(-1).float()  # (...,)
+
+    def step_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """PRM: P(label 1), the probability that the step is correct, read from hidden states (..., H) taken
+        at step separators; (...,) fp32. Only those positions reach the head, never the whole sequence."""
+        return torch.softmax(self.score(hidden).float(), dim=-1)[..., 1]
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -98,7 +98,7 @@ def _read_slices(path: Path, device):
 def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
     """config.json for the model: the loaded file with nanoufo's fields written over it."""
     hf = dict(config.hf)
-    hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=config.vocab_size,
+    hf.update(architectures=[config.architecture], model_type="qwen2", vocab_size=config.vocab_size,
               hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
               num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
               num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,

@@ -1,0 +1,251 @@
+"""Process reward models (PRMs) in the layout of Qwen2.5-Math-PRM: split a response into steps, build the
+PRM's input with its own tokenizer, and score every step; plus ProcessBench-style evaluation (find the
+earliest wrong step) and Best-of-N selection with a PRM.
+
+    scorer = PRMScorer.load("Qwen2.5-Math-PRM-7B", device="cuda", dtype=torch.bfloat16)
+    steps = split_steps(response)                             # blank lines separate steps
+    probs = scorer.step_scores([question], [steps])[0]        # (n_steps,) P(step correct)
+    score = aggregate(probs, "min")                           # or "product"
+
+The PRM reads a chat: the system prompt below, the question as the user turn, and the steps joined by the
+separator token <extra_0> as the assistant turn, with one more separator after the last step. A step's
+score is the softmax probability of label 1 of the `score` head at that step's separator. The separator's
+id is read from the checkpoint's tokenizer (Qwen2.5-Math-PRM's names id 151651 <extra_0>; the general
+Qwen2.5 tokenizer calls the same id <|quad_end|>, so it is refused rather than guessed).
+
+Inputs of different lengths are packed several to a row (a token at position 0 starts a new sequence,
+see nanoufo/model.py) and only the hidden states at separators go through the head: no (T, V) logits.
+Tests: python -m pytest -q tests/test_prm.py
+"""
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoufo.model import PRM_ARCHITECTURE, Qwen2
+from nanoufo.parallel import SINGLE, ParallelContext
+from nanoufo.tokenizer import load_tokenizer
+from nanoufo.weights import load_model
+
+SEPARATOR = "<extra_0>"
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+AGGREGATES = ("min", "product")
+STEP_BREAK = re.compile(r"\n[ \t]*\n")  # a blank line (possibly holding spaces) ends a step
+
+
+def step_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) character offsets of each step of a response: the non-blank stretches between blank
+    lines, with surrounding whitespace left out. A response of only whitespace has no steps."""
+    spans, start = [], 0
+    for cut in [*STEP_BREAK.finditer(text), None]:
+        end = len(text) if cut is None else cut.start()
+        piece = text[start:end]
+        if piece.strip():
+            left = start + len(piece) - len(piece.lstrip())
+            spans.append((left, start + len(piece.rstrip())))
+        start = end if cut is None else cut.end()
+    return spans
+
+
+def split_steps(text: str) -> list[str]:
+    """The steps of a response (see step_spans)."""
+    return [text[a:b] for a, b in step_spans(text)]
+
+
+def aggregate(scores: torch.Tensor, how: str) -> float:
+    """One number per response from its step scores: the weakest step ("min") or all steps right ("product")."""
+    if how == "min":
+        return float(scores.min())
+    if how == "product":
+        return float(scores.prod())
+    raise ValueError(f"unknown PRM aggregate {how!r} (one of {', '.join(AGGREGATES)})")
+
+
+def separator_id(tokenizer, source: str) -> int:
+    """The id of <extra_0> in the PRM's tokenizer; an error naming `source` when it has none."""
+    token_id = tokenizer.convert_tokens_to_ids(SEPARATOR)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"{source}: the tokenizer has no {SEPARATOR} token, the PRM's step separator (a "
+                         "Qwen2.5-Math-PRM tokenizer has it; the general Qwen2.5 tokenizer does not)")
+    if tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"] != [token_id]:
+        raise ValueError(f"{source}: {SEPARATOR} does not encode as the single token {token_id}")
+    return token_id
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of the items of each row: first fit, longest first; a row holds at most `capacity` tokens
+    unless one item alone is longer (it gets a row of its own)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
+
+
+class PRMScorer:
+    """Step scores from a PRM (a Qwen2 whose config names PRM_ARCHITECTURE) and its own tokenizer.
+
+    tokens_per_row and rows_per_call bound one forward pass (a row packs several inputs); under tensor
+    parallelism every rank of the group makes the same calls and gets the same scores."""
+
+    def __init__(self, model: Qwen2, tokenizer, source: str = "tokenizer", system_prompt: str = SYSTEM_PROMPT,
+                 tokens_per_row: int = 2048, rows_per_call: int = 4):
+        if not model.config.is_prm:
+            raise ValueError(f"{source}: the model is a {model.config.architecture}, not a {PRM_ARCHITECTURE}")
+        self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+        self.separator = separator_id(tokenizer, source)
+        if self.separator >= model.config.vocab_size:
+            raise ValueError(f"{source}: {SEPARATOR} is id {self.separator}, outside the model's vocabulary "
+                             f"of {model.config.vocab_size}")
+        self.tokens_per_row, self.rows_per_call = tokens_per_row, rows_per_call
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, device="cpu", dtype: torch.dtype | None = None, tp: ParallelContext = SINGLE,
+             **options) -> "PRMScorer":
+        """The PRM checkpoint directory's weights and its own tokenizer (the separator is read from it)."""
+        ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"{ckpt_dir}: a PRM checkpoint needs its own tokenizer (tokenizer_config.json), "
+                                    f"which defines the {SEPARATOR} step separator")
+        tokenizer = load_tokenizer(ckpt_dir)
+        separator_id(tokenizer, str(ckpt_dir))  # before any weight is read
+        model = load_model(ckpt_dir, device=device, dtype=dtype, tp=tp).eval()
+        return cls(model, tokenizer, str(ckpt_dir), **options)
+
+    def input_ids(self, question: str, steps: list[str]) -> list[int]:
+        """The PRM's tokens for a question and its steps, one separator after each step. A separator
+        spelled inside a step's text is removed, so separators and steps stay one to one."""
+        steps = [s.replace(SEPARATOR, "") for s in steps]
+        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question},
+                    {"role": "assistant", "content": SEPARATOR.join(steps) + SEPARATOR}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(self.separator) != len(steps):
+            raise ValueError(f"the PRM input has {ids.count(self.separator)} separators for {len(steps)} steps "
+                             "(the chat template or system prompt holds one)")
+        return ids
+
+    @torch.no_grad()
+    def step_scores(self, questions: list[str], step_lists: list[list[str]]) -> list[torch.Tensor | None]:
+        """P(step correct) for every step, one fp32 CPU tensor (n_steps,) per item; None for an item with
+        no steps or whose input is longer than the model's context (callers count those)."""
+        limit = self.model.config.max_position_embeddings
+        inputs = [self.input_ids(q, s) if s else None for q, s in zip(questions, step_lists, strict=True)]
+        scorable = [i for i, ids in enumerate(inputs) if ids is not None and len(ids) <= limit]
+        rows = [[scorable[j] for j in row] for row in pack([len(inputs[i]) for i in scorable], self.tokens_per_row)]
+        results: list[torch.Tensor | None] = [None] * len(inputs)
+        for start in range(0, len(rows), self.rows_per_call):
+            chunk = rows[start:start + self.rows_per_call]
+            for i, probs in zip(sum(chunk, []), self._score_rows([[inputs[i] for i in row] for row in chunk])):
+                results[i] = probs
+        return results
+
+    def _score_rows(self, rows: list[list[list[int]]]) -> list[torch.Tensor]:
+        """One forward over packed rows (each a list of inputs); the step probabilities of each input in order."""
+        device = self.model.model.norm.weight.device
+        width = max(sum(map(len, row)) for row in rows)
+        ids, positions, at_separators, counts = [], [], [], []
+        for r, row in enumerate(rows):
+            flat = sum(row, [])
+            ids.append(flat + [0] * (width - len(flat)))  # padding: one more sequence nobody reads
+            positions.append([p for item in row for p in range(len(item))] + list(range(width - len(flat))))
+            at_separators += [r * width + t for t, token in enumerate(flat) if token == self.separator]
+            counts += [item.count(self.separator) for item in row]
+        hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device))  # (R, W, H)
+        picked = hidden.flatten(0, 1)[torch.tensor(at_separators, device=device)]  # (N_steps, H)
+        return list(self.model.step_probs(picked).cpu().split(counts))
+
+    def response_scores(self, questions: list[str], responses: list[str], how: str) -> list[float | None]:
+        """One score per response (its steps' scores aggregated); None where step_scores gives None."""
+        scores = self.step_scores(questions, [split_steps(r) for r in responses])
+        return [None if s is None else aggregate(s, how) for s in scores]
+
+
+# ------------------------------------------------------------------ ProcessBench: the earliest wrong step
+@dataclass
+class BenchRow:
+    problem: str
+    steps: list[str]
+    label: int  # index of the earliest wrong step, -1 when every step is right
+    id: str  # "file:line"
+
+
+def _bench_problem(row, where: str) -> BenchRow | str:
+    """The row, or why it is skipped."""
+    if not isinstance(row, dict):
+        return f"{where}: not a JSON object"
+    problem, steps, label = row.get("problem"), row.get("steps"), row.get("label")
+    if not isinstance(problem, str) or not problem.strip():
+        return f"{where}: no 'problem' text"
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        return f"{where}: 'steps' is not a list of strings"
+    if not [s for s in steps if s.strip()]:
+        return f"{where}: no steps"
+    if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
+        return f"{where}: label {label!r} is out of range for {len(steps)} steps (-1, or 0 to {len(steps) - 1})"
+    return BenchRow(problem, steps, label, where)
+
+
+def load_processbench(path: str | Path) -> tuple[list[BenchRow], list[str]]:
+    """Rows of a ProcessBench-style file (.jsonl, or .json holding a list) with fields problem, steps (a list
+    of strings) and label, and one message per skipped row (missing fields, no steps, label out of range).
+    A line that is not JSON is an error naming the file and line: the file is broken, not a row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ProcessBench file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = [(f"{path}:{i}", row) for i, row in enumerate(json.loads(text))]
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path}: not a JSON list of rows ({error})") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number}: not JSON ({error})") from None
+    parsed = [_bench_problem(row, where) for where, row in rows]
+    return [r for r in parsed if isinstance(r, BenchRow)], [r for r in parsed if isinstance(r, str)]
+
+
+def first_flagged(scores: torch.Tensor, threshold: float) -> int:
+    """The index of the first step scored below threshold, -1 when none is."""
+    low = (scores < threshold).nonzero()
+    return int(low[0]) if len(low) else -1
+
+
+def processbench_metrics(predicted: list[int], labels: list[int]) -> dict[str, float]:
+    """Accuracy on erroneous samples (the earliest wrong step found exactly), on correct ones (none flagged),
+    and their harmonic mean (F1); NaN where a kind of sample is absent."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    erroneous = mean([p == y for p, y in zip(predicted, labels, strict=True) if y != -1])
+    correct = mean([p == -1 for p, y in zip(predicted, labels) if y == -1])
+    f1 = 2 * erroneous * correct / (erroneous + correct) if erroneous + correct > 0 else 0.0  # NaN stays NaN
+    return {"samples": float(len(labels)), "erroneous": float(sum(y != -1 for y in labels)),
+            "acc_erroneous": erroneous, "acc_correct": correct, "f1": f1}
+
+
+def evaluate_processbench(scorer: PRMScorer, rows: list[BenchRow], threshold: float = 0.5,
+                          batch_size: int = 16) -> tuple[dict[str, float], list[dict]]:
+    """The metrics table and one record per scored row (id, label, prediction, step scores). A row the
+    PRM cannot read (longer than its context) is left out and counted as `unscored`."""
+    records = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        for row, scores in zip(batch, scorer.step_scores([r.problem for r in batch], [r.steps for r in batch])):
+            if scores is not None:
+                records.append({"id": row.id, "label": row.label, "predicted": first_flagged(scores, threshold),
+                                "scores": scores.tolist()})
+    table = processbench_metrics([r["predicted"] for r in records], [r["label"] for r in records])
+    return table | {"unscored": float(len(rows) - len(records))}, records
