@@ -5,11 +5,16 @@ chat where you play the environment.
     python sample.py --ckpt=out/step_200 --data=math500 --limit=100 --k=5 --out=eval.jsonl
     python sample.py --ckpt=out/step_200 --mode=passk --k=5          # 5 independent single-turn samples
     python sample.py --ckpt=out/step_200 --mode=chat                 # you type "Try again.", /new <q>, /quit
+    python sample.py --ckpt=out/step_200 --mode=bon --prm=Qwen2.5-Math-PRM-7B --k=8 --data=gsm8k,math500
+                                          # Pass@1, Pass@8, Maj@8 and RM@8 (Best-of-8 by the PRM) on both sets
+    python sample.py --mode=processbench --prm=Qwen2.5-Math-PRM-7B --data=processbench_gsm8k.jsonl --threshold=0.5
     python sample.py --tiny                                          # no checkpoint: a tiny random model
 
 The tokenizer is the checkpoint's own when it has one, else the bundled Qwen2.5 tokenizer. CUDA + bf16
 when available, else CPU + fp32. In chat mode the conversation lives in one KV cache: each turn appends
-only your feedback and the model's answer.
+only your feedback and the model's answer. A ProcessBench file has one JSON row per line with problem,
+steps (a list of strings) and label (the index of the earliest wrong step, -1 if none); rows that do not
+fit are skipped and counted. In bon mode --data may name several sets, separated by commas.
 """
 import argparse
 import math
@@ -20,12 +25,14 @@ import torch
 
 from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
 from nanoufo.env import UFOEnv
-from nanoufo.evaluate import evaluate
+from nanoufo.evaluate import best_of_n, evaluate, write_episodes
 from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.prm import AGGREGATES, PRMScorer, evaluate_processbench, load_processbench
 from nanoufo.sampler import generate
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
 
+COUNTS = ("episodes", "problems", "samples", "erroneous", "unscored")  # printed as whole numbers
 CHAT_TURNS = 1000  # a chat ends on /new, /quit, end of input or the context limit, not on a turn count
 
 
@@ -33,12 +40,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="Hugging Face checkpoint directory (config.json + safetensors)")
     p.add_argument("--tiny", action="store_true", help="no checkpoint: a tiny random Qwen2 with the bundled tokenizer")
-    p.add_argument("--mode", choices=("eval", "passk", "chat"), default="eval")
+    p.add_argument("--mode", choices=("eval", "passk", "chat", "bon", "processbench"), default="eval")
     p.add_argument("--data", default="gsm8k",
                    help=f"a bundled set ({', '.join(DEFAULT_EVAL_SETS)}), a file or a hub name")
     p.add_argument("--split", default="test", help="split of a hub data set")
     p.add_argument("--limit", type=int, help="evaluate the first N problems only (--tiny: 4)")
-    p.add_argument("--k", type=int, default=5, help="turns per episode (eval) or samples per problem (passk)")
+    p.add_argument("--k", type=int, default=5, help="turns per episode (eval) or samples per problem (passk, bon)")
+    p.add_argument("--prm", help="process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)")
+    p.add_argument("--prm-aggregate", choices=AGGREGATES, default="min", help="bon: a response's score from its steps'")
+    p.add_argument("--threshold", type=float, default=0.5, help="processbench: a step scored below it is wrong")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, help="per attempt (default 1024; --tiny: 32)")
@@ -50,8 +60,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
     args = p.parse_args(argv)
-    if not args.ckpt and not args.tiny:
+    if not args.ckpt and not args.tiny and args.mode != "processbench":
         p.error("give --ckpt=DIR (or --tiny for a random test model)")
+    if args.mode in ("bon", "processbench") and not args.prm:
+        p.error(f"--mode={args.mode} needs --prm=DIR, a process reward model checkpoint")
+    if args.mode == "processbench" and args.data in DEFAULT_EVAL_SETS:
+        p.error("--mode=processbench reads a local ProcessBench file: --data=FILE.jsonl")
     if args.tiny:  # a smoke run: a few short episodes unless asked otherwise
         args.limit = args.limit or 4
     args.max_new_tokens = args.max_new_tokens or (32 if args.tiny else 1024)
@@ -73,20 +87,74 @@ def load(args: argparse.Namespace):
     return load_model(ckpt, device=args.device, dtype=args.dtype).eval(), tokenizer
 
 
-def run_eval(model, tokenizer, args: argparse.Namespace) -> None:
-    source = DEFAULT_EVAL_SETS.get(args.data, args.data)
+def load_set(name: str, args: argparse.Namespace) -> list:
+    """The problems of a bundled set or a file, with a line saying how many (and how many rows were skipped)."""
+    source = DEFAULT_EVAL_SETS.get(name, name)
     problems, skipped = load_problems(source, split=args.split, limit=args.limit)
     print(f"{source}: {len(problems)} problems" + (f", {skipped} rows skipped (no usable answer)" if skipped else ""))
+    return problems
+
+
+def run_eval(model, tokenizer, args: argparse.Namespace) -> None:
+    problems = load_set(args.data, args)
     env = UFOEnv(tokenizer, feedback=args.feedback, max_turns=args.k)
     table = evaluate(model, env, problems, k=args.k, mode="succ" if args.mode == "eval" else "pass",
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, seed=args.seed, tokenizer=tokenizer, out=args.out)
-    width = max(map(len, table))
-    for name, value in table.items():
-        text = "n/a" if math.isnan(value) else f"{value:.0f}" if name in ("episodes", "problems") else f"{value:.4f}"
-        print(f"{name:<{width}}  {text}")
+    print_table(table)
     if args.out:
         print(f"episodes written to {args.out}")
+
+
+def print_table(table: dict[str, float]) -> None:
+    width = max(map(len, table))
+    for name, value in table.items():
+        text = "n/a" if math.isnan(value) else f"{value:.0f}" if name in COUNTS else f"{value:.4f}"
+        print(f"{name:<{width}}  {text}")
+
+
+def load_prm(args: argparse.Namespace) -> PRMScorer:
+    """The PRM of --prm; a bad directory, checkpoint or tokenizer ends the run with its one-line message."""
+    try:
+        return PRMScorer.load(args.prm, device=args.device, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as error:
+        user_error(error)
+
+
+def user_error(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_bon(model, tokenizer, args: argparse.Namespace) -> None:
+    """Best-of-N by the PRM next to Maj@N and Pass@N over the same N samples, on each set of --data."""
+    scorer = load_prm(args)
+    env = UFOEnv(tokenizer, feedback=args.feedback, max_turns=1)
+    for name in args.data.split(","):
+        problems = load_set(name, args)
+        out = f"{args.out}.{name}.jsonl" if args.out and "," in args.data else args.out
+        print_table(best_of_n(model, env, problems, scorer, n=args.k, aggregate=args.prm_aggregate,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, tokenizer=tokenizer,
+                              out=out))
+        if out:
+            print(f"samples and their PRM scores written to {out}")
+
+
+def run_processbench(args: argparse.Namespace) -> None:
+    """The PRM finds the earliest wrong step of each row: accuracy on erroneous and correct rows, F1."""
+    try:
+        rows, skipped = load_processbench(args.data)
+    except (ValueError, FileNotFoundError) as error:
+        user_error(error)
+    for message in skipped:
+        print(f"skipped {message}")
+    print(f"{args.data}: {len(rows)} rows" + (f", {len(skipped)} skipped" if skipped else ""))
+    table, records = evaluate_processbench(load_prm(args), rows[:args.limit], args.threshold, args.batch_size)
+    print_table(table)
+    if args.out:
+        write_episodes(args.out, records)
+        print(f"step scores written to {args.out}")
 
 
 def chat(model, tokenizer, args: argparse.Namespace) -> None:
@@ -139,11 +207,15 @@ def read_line(prompt: str) -> str | None:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.mode == "processbench":
+        return run_processbench(args)
     model, tokenizer = load(args)
     print(f"model: {args.ckpt or 'tiny random'} ({model.num_params() / 1e6:.1f}M parameters) on {args.device}, "
           f"{str(args.dtype).removeprefix('torch.')}")
     if args.mode == "chat":
         chat(model, tokenizer, args)
+    elif args.mode == "bon":
+        run_bon(model, tokenizer, args)
     else:
         run_eval(model, tokenizer, args)
 

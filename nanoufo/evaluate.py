@@ -1,11 +1,12 @@
 """Held-out evaluation: Succ@k (one episode of up to k attempts with "Try again." in between) or the
 Pass@k baseline (k independent single-turn samples), in batches with a progress bar, plus one JSON line
-per episode.
+per episode; and Best-of-N with a process reward model next to majority vote over the same N samples.
 
-    from nanoufo.evaluate import evaluate
+    from nanoufo.evaluate import evaluate, best_of_n
     table = evaluate(model, env, problems, k=5, mode="succ", temperature=0.5, out="eval.jsonl")
+    table = best_of_n(model, env, problems, scorer, n=8)     # pass@1, pass@N, maj@N, rm@N
 
-sample.py --mode=eval / --mode=passk is the command line for it. Tests: python -m pytest -q tests/test_rollout.py
+sample.py --mode=eval / passk / bon is the command line for it. Tests: python -m pytest -q tests/test_rollout.py
 """
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
-from nanoufo.metrics import pass_at_k, summarize, tokens_per_episode
+from nanoufo.metrics import maj_at_n, pass_at_k, rm_at_n, summarize, tokens_per_episode
 from nanoufo.model import Qwen2
 from nanoufo.rollout import run_episodes
 
@@ -44,14 +45,9 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     samples, turns = (1, k) if mode == "succ" else (k, 1)
-    per_batch = max(1, batch_size // samples)
-    episodes, lengths = [], []
-    for i in tqdm(range(0, len(problems), per_batch), desc=f"{mode}@{k}", unit="batch", disable=not progress):
-        rollout, batch = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
-                                      max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, seed=seed + i, tokenizer=tokenizer)
-        episodes += batch
-        lengths += rollout.loss_mask.sum(dim=1).long().tolist()
+    episodes, lengths = sample_episodes(model, env, problems, samples, turns, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"{mode}@{k}")
     if out is not None:
         write_episodes(out, [episode_record(e, j % samples, n) for j, (e, n) in enumerate(zip(episodes, lengths))])
     if mode == "succ":
@@ -61,3 +57,42 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
     table.update({f"pass@{j}": pass_at_k(correct, j) for j in range(1, k + 1)})
     table["tokens_per_episode"] = tokens_per_episode(lengths)
     return table
+
+
+def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples: int, turns: int, *,
+                    batch_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, tokenizer,
+                    progress: bool, desc: str) -> tuple[list, list[int]]:
+    """`samples` episodes of up to `turns` attempts per problem, about batch_size episodes at a time:
+    (episodes problem after problem, sampled tokens of each)."""
+    per_batch = max(1, batch_size // samples)
+    episodes, lengths = [], []
+    for i in tqdm(range(0, len(problems), per_batch), desc=desc, unit="batch", disable=not progress):
+        rollout, batch = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
+                                      max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, seed=seed + i, tokenizer=tokenizer)
+        episodes += batch
+        lengths += rollout.loss_mask.sum(dim=1).long().tolist()
+    return episodes, lengths
+
+
+def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, *, n: int = 8, aggregate: str = "min",
+              batch_size: int = 64, max_new_tokens: int = 1024, temperature: float = 0.5, top_p: float = 1.0,
+              seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+    """N single-turn samples per problem, each scored by the PRM `scorer` (nanoufo.prm.PRMScorer: its steps'
+    scores aggregated by "min" or "product", the question without the instruction as context), then from
+    the same samples: pass@1 and pass@N, maj@N (majority answer) and rm@N (the PRM's favourite). A sample
+    without steps (or too long for the PRM) ranks below every scored one and is counted as `unscored`."""
+    episodes, lengths = sample_episodes(model, env, problems, n, 1, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"bon@{n}")
+    scores = scorer.response_scores([e.problem.question for e in episodes], [e.responses[0] for e in episodes],
+                                    aggregate)
+    if out is not None:
+        write_episodes(out, [episode_record(e, j % n, tokens) | {"prm_score": score}
+                             for j, (e, tokens, score) in enumerate(zip(episodes, lengths, scores))])
+    per_problem = lambda values: [values[j:j + n] for j in range(0, len(values), n)]  # noqa: E731
+    correct = per_problem([e.correct[0] for e in episodes])
+    return {"problems": float(len(correct)), "pass@1": pass_at_k(correct, 1), f"pass@{n}": pass_at_k(correct, n),
+            f"maj@{n}": maj_at_n(per_problem([e.answers[0] for e in episodes]), correct),
+            f"rm@{n}": rm_at_n(per_problem(scores), correct), "unscored": float(scores.count(None)),
+            "tokens_per_episode": tokens_per_episode(lengths)}

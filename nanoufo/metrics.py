@@ -3,15 +3,17 @@
     from nanoufo.metrics import summarize, pass_at_k
     table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, repetition
     baseline = pass_at_k(correct_per_problem, k=5)                           # k independent single-turn samples
+    maj, rm = maj_at_n(answers, correct), rm_at_n(prm_scores, correct)      # Best-of-N over the same samples
 
 Succ@k counts an episode solved within its first k sequential attempts (with feedback in between);
-Pass@k is the baseline: any of k independent single-turn samples correct. Ratios are in [0, 1]; a metric
+Pass@k is the baseline: any of k independent single-turn samples correct. Over N such samples, Maj@N
+grades the most frequent answer and RM@N the sample a reward model scores highest. Ratios are in [0, 1]; a metric
 with nothing to average over is NaN. Tests: `python -m pytest -q tests/test_metrics.py`.
 """
 from math import comb, nan
 
 from nanoufo.env import Episode
-from nanoufo.grader import count_distinct_answers
+from nanoufo.grader import count_distinct_answers, normalize_answer
 
 
 def _mean(values: list[float]) -> float:
@@ -30,6 +32,33 @@ def pass_at_k(correct: list[list[bool]], k: int) -> float:
         if len(samples) < k:
             raise ValueError(f"pass_at_k: problem {index} has {len(samples)} samples, fewer than k={k}")
     return _mean([1.0 - comb(len(s) - sum(s), k) / comb(len(s), k) for s in correct])
+
+
+def majority_pick(answers: list[str | None]) -> int | None:
+    """The sample whose answer wins the vote: the most frequent normalized answer, ties going to the answer
+    seen first; samples without an answer do not vote (None when none has one). Answers are compared as
+    normalized strings (grader.normalize_answer), so "1/2" and "0.5" are two candidates."""
+    votes: dict[str, list[int]] = {}
+    for index, answer in enumerate(answers):
+        if answer is not None:
+            votes.setdefault(normalize_answer(answer), []).append(index)
+    return max(votes.values(), key=len)[0] if votes else None  # max keeps the first of equal counts
+
+
+def maj_at_n(answers: list[list[str | None]], correct: list[list[bool]]) -> float:
+    """Maj@N: mean over problems of whether the majority answer of its samples is correct."""
+    picks = [majority_pick(a) for a in answers]
+    return _mean([pick is not None and c[pick] for pick, c in zip(picks, correct, strict=True)])
+
+
+def best_pick(scores: list[float | None]) -> int:
+    """The sample with the highest score, the first among equals; unscored samples (None) rank last."""
+    return max(range(len(scores)), key=lambda i: (scores[i] is not None, scores[i] or 0.0, -i))
+
+
+def rm_at_n(scores: list[list[float | None]], correct: list[list[bool]]) -> float:
+    """RM@N (Best-of-N): mean over problems of whether the sample its reward model scores highest is correct."""
+    return _mean([c[best_pick(s)] for s, c in zip(scores, correct, strict=True)])
 
 
 def mean_turns(episodes: list[Episode]) -> float:

@@ -5,8 +5,8 @@ import pytest
 
 from nanoufo.data import Problem
 from nanoufo.env import Episode
-from nanoufo.metrics import (mean_turns, mean_turns_to_solve, non_repetitive_ratio, pass_at_k, succ_at_k, summarize,
-                             tokens_per_episode)
+from nanoufo.metrics import (best_pick, maj_at_n, majority_pick, mean_turns, mean_turns_to_solve, non_repetitive_ratio,
+                             pass_at_k, rm_at_n, succ_at_k, summarize, tokens_per_episode)
 
 
 def episode(answers: list[str | None], correct: list[bool]) -> Episode:
@@ -59,3 +59,20 @@ def test_summarize():
                                    "mean_turns": 2.75, "mean_turns_to_solve": 2.0,
                                    "non_repetitive_ratio": (2 / 3 + 3 / 5 + 1) / 3, "tokens_per_episode": 25.0})
     assert "tokens_per_episode" not in summarize(EPISODES, k=1)
+
+
+def test_maj_at_n_votes_on_normalized_answers_ties_to_the_first():
+    answers = [["1", "2", "2 ", None], ["3", "4", None, None], [None, None],
+               ["1/2", "\\dfrac{1}{2}", "0.5", "\\frac{1}{2}"]]
+    correct = [[True, False, False, False], [True, False, False, False], [False, False], [False, True, False, True]]
+    # "2 " counts as "2" and \dfrac{1}{2} as \frac{1}{2} (normalized), but 1/2 and 0.5 are other candidates
+    assert [majority_pick(a) for a in answers] == [1, 0, None, 1]
+    assert maj_at_n(answers, correct) == 0.5
+
+
+def test_rm_at_n_picks_the_best_scored_sample_unscored_last():
+    scores = [[0.1, 0.9, None, 0.2], [None, None, None, None], [0.5, 0.5], [0.3, None, 0.2], [None, 0.0]]
+    correct = [[False, False, True, True], [True, False, False, False], [False, True], [True, False, False],
+               [True, False]]
+    assert [best_pick(s) for s in scores] == [1, 0, 0, 0, 1]
+    assert rm_at_n(scores, correct) == pytest.approx(2 / 5)

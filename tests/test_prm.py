@@ -180,7 +180,8 @@ def test_processbench_file_rows_metrics_and_skipped_rows(tmp_path):
     good, skipped = load_processbench(path)
     assert [r.problem for r in good] == ["p0", "p1", "p2", "p3"]
     assert skipped == [f"{path}:5: label 1 is out of range for 1 steps (-1, or 0 to 0)", f"{path}:6: no steps",
-                       f"{path}:7: label '0' is out of range for 1 steps (-1, or 0 to 0)", f"{path}:8: no 'problem' text"]
+                       f"{path}:7: label '0' is out of range for 1 steps (-1, or 0 to 0)",
+                       f"{path}:8: no 'problem' text"]
     table, records = evaluate_processbench(FakeScorer(), good, threshold=0.5)
     assert [r["predicted"] for r in records] == [1, -1, -1, 0]
     assert (table["acc_erroneous"], table["acc_correct"], table["f1"], table["unscored"]) == (0.5, 0.5, 0.5, 0.0)
