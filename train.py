@@ -33,6 +33,7 @@ from nanoufo.evaluate import evaluate
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
 from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
+from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update
@@ -108,6 +109,8 @@ load = functools.partial(load_model, start_dir, device=ctx.device, dtype=dtype, 
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
+prm = PRMReward(PRMScorer.load(cfg.prm, device=ctx.device, dtype=dtype, tp=ctx), tokenizer, cfg.prm_aggregate,
+                cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
 optimizers = make_optimizers(cfg, actor, critic)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
@@ -191,7 +194,7 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal
                                      max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
                                      seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer)
-    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
+    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes, prm)
     update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0

@@ -16,16 +16,18 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoufo.rl import PRM_AGGREGATES
+
 ALGORITHMS = ("ufo_ppo", "grpo")
-REWARDS = ("gold", "self_certainty")
-PLACEMENTS = ("last", "per_turn")
+REWARDS = ("gold", "self_certainty", "prm")
+PLACEMENTS = ("last", "per_turn", "per_step")
 AGGREGATIONS = ("token-mean", "seq-mean")
 KL_ESTIMATORS = ("k1", "k3")
 KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
-               kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, device=DEVICES, dtype=DTYPES)
+               kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, device=DEVICES, dtype=DTYPES, prm_aggregate=PRM_AGGREGATES)
 
 
 @dataclass
@@ -67,6 +69,9 @@ class TrainConfig:
     # algorithm (DESIGN.md section 3)
     algorithm: str = "ufo_ppo"
     reward: str = "gold"
+    prm: str = ""  # reward = "prm": a process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)
+    prm_aggregate: str = "min"  # an attempt's PRM score from its steps' scores: "min" or "product"
+    prm_gold_weight: float = 0.0  # reward = (1 - w) * PRM score (mean over attempts) + w * gold reward
     ppo_epochs: int = 2
     minibatch_size: int = 32  # episodes per optimizer step
     actor_lr: float = 1e-3
@@ -199,9 +204,16 @@ def validate(cfg: TrainConfig) -> None:
                          f"n_samples_per_problem) is not divisible by minibatch_size={cfg.minibatch_size}")
     if cfg.algorithm == "grpo" and cfg.n_samples_per_problem < 2:
         raise ValueError("config: algorithm='grpo' normalizes within groups; n_samples_per_problem must be >= 2")
-    if cfg.reward_placement == "per_turn" and (cfg.algorithm != "ufo_ppo" or cfg.reward != "gold"):
-        raise ValueError("config: reward_placement='per_turn' needs algorithm='ufo_ppo' and reward='gold' "
+    if cfg.reward_placement == "per_turn" and (cfg.algorithm != "ufo_ppo" or cfg.reward == "self_certainty"):
+        raise ValueError("config: reward_placement='per_turn' needs algorithm='ufo_ppo' and reward='gold' or 'prm' "
                          "(GRPO and self-certainty give one score per episode)")
+    if cfg.reward_placement == "per_step" and (cfg.algorithm != "ufo_ppo" or cfg.reward != "prm"):
+        raise ValueError("config: reward_placement='per_step' needs algorithm='ufo_ppo' and reward='prm' "
+                         "(only a process reward model scores steps)")
+    if cfg.reward == "prm" and not cfg.prm:
+        raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
+    if not 0.0 <= cfg.prm_gold_weight <= 1.0:
+        raise ValueError(f"config: prm_gold_weight={cfg.prm_gold_weight} must be in [0, 1]")
     if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
         raise ValueError("config: temperature and eval_temperature must be > 0 and top_p in (0, 1]")
     if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and cfg.dual_clip > 1.0):
@@ -212,7 +224,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config: the demo task uses its own character tokenizer; leave tokenizer empty")
     if not cfg.is_demo and not cfg.init_from:
         raise ValueError("config: a dataset run needs init_from=<HF checkpoint directory>")
-    for key in ("init_from", "tokenizer"):
+    for key in ("init_from", "tokenizer", "prm"):
         path = getattr(cfg, key)
         if path and not Path(path).is_dir():
             raise FileNotFoundError(f"config: {key}={path!r}: directory not found")

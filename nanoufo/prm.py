@@ -1,6 +1,6 @@
 """Process reward models (PRMs) in the layout of Qwen2.5-Math-PRM: split a response into steps, build the
-PRM's input with its own tokenizer, and score every step; plus ProcessBench-style evaluation (find the
-earliest wrong step) and Best-of-N selection with a PRM.
+PRM's input with its own tokenizer, and score every step; the PRM as a training reward (PRMReward); and
+ProcessBench-style evaluation (find the earliest wrong step). Best-of-N with a PRM is nanoufo/evaluate.py.
 
     scorer = PRMScorer.load("Qwen2.5-Math-PRM-7B", device="cuda", dtype=torch.bfloat16)
     steps = split_steps(response)                             # blank lines separate steps
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nanoufo import rl
 from nanoufo.model import PRM_ARCHITECTURE, Qwen2
 from nanoufo.parallel import SINGLE, ParallelContext
 from nanoufo.tokenizer import load_tokenizer
@@ -32,7 +33,7 @@ from nanoufo.weights import load_model
 
 SEPARATOR = "<extra_0>"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-AGGREGATES = ("min", "product")
+AGGREGATES = rl.PRM_AGGREGATES
 STEP_BREAK = re.compile(r"\n[ \t]*\n")  # a blank line (possibly holding spaces) ends a step
 
 
@@ -167,6 +168,87 @@ class PRMScorer:
         """One score per response (its steps' scores aggregated); None where step_scores gives None."""
         scores = self.step_scores(questions, [split_steps(r) for r in responses])
         return [None if s is None else aggregate(s, how) for s in scores]
+
+
+# ------------------------------------------------------------------ the PRM as a training reward
+def blend(attempt_scores: list[float], gold_turn_rewards: list[float], gold_weight: float) -> list[float]:
+    """Each attempt's reward: (1 - gold_weight) times its PRM score divided by the number of attempts (an
+    episode's PRM part is the mean over its attempts, so a wrong first try costs), plus gold_weight times
+    its gold reward (env.turn_rewards). The episode's score is their sum."""
+    n = len(attempt_scores)
+    return [(1.0 - gold_weight) * score / n + gold_weight * gold
+            for score, gold in zip(attempt_scores, gold_turn_rewards, strict=True)]
+
+
+def step_last_tokens(tokenizer, ids: list[int], char_ends: list[int]) -> list[int]:
+    """For each character offset of the text decode(ids) (ascending), the index of the token that writes
+    the character before it: the smallest i with len(decode(ids[:i + 1])) >= end, found by bisection."""
+    found, low = [], 0
+    for end in char_ends:
+        high = len(ids) - 1
+        while low < high:
+            middle = (low + high) // 2
+            if len(tokenizer.decode(ids[:middle + 1])) >= end:
+                high = middle
+            else:
+                low = middle + 1
+        found.append(low)
+    return found
+
+
+@dataclass
+class PRMRewards:
+    """A batch's PRM rewards; for every placement, the rewards an episode places sum to its score."""
+    scores: torch.Tensor  # (B,) episode scores (group filter, GRPO, "last" placement)
+    turn_rewards: list[list[float]]  # per episode and attempt, for "per_turn" (on the attempt's last token)
+    step_points: list[list[tuple[int, float]]]  # per episode, (token index, reward) pairs for "per_step"
+    prm_mean: float  # the mean PRM score of the attempts (before blending)
+    unscored: int  # attempts the PRM could not score (no steps, or longer than its context): scored 0
+
+
+class PRMReward:
+    """Scores UFO episodes with a PRM: every attempt is read with the question as its context (as the PRM
+    was trained: one question, one solution), its step scores aggregated by "min" or "product", and blended
+    with the gold reward (see blend). For "per_step" placement an attempt's PRM part is spread over its
+    steps' last tokens by rl.step_rewards and its gold part put on its last token. `tokenizer` is the
+    policy's: it maps each step's end in the attempt's text back to a sampled token."""
+
+    def __init__(self, scorer: PRMScorer, tokenizer, aggregate: str = "min", gold_weight: float = 0.0):
+        if aggregate not in AGGREGATES or not 0.0 <= gold_weight <= 1.0:
+            raise ValueError(f"PRMReward: aggregate must be one of {AGGREGATES} and gold_weight in [0, 1], "
+                             f"got {aggregate!r}, {gold_weight}")
+        self.scorer, self.tokenizer, self.aggregate, self.gold_weight = scorer, tokenizer, aggregate, gold_weight
+
+    def __call__(self, env, episodes: list, rollout) -> PRMRewards:
+        attempts = [(b, t) for b, e in enumerate(episodes) for t in range(e.turns)]
+        spans = [step_spans(episodes[b].responses[t]) for b, t in attempts]
+        step_scores = self.scorer.step_scores([episodes[b].problem.question for b, _ in attempts],
+                                              [[episodes[b].responses[t][i:j] for i, j in s]
+                                               for (b, t), s in zip(attempts, spans)])
+        prm = [[0.0] * e.turns for e in episodes]
+        turn_rewards, points = [], [[] for _ in episodes]
+        for (b, t), scores in zip(attempts, step_scores):
+            if scores is not None:
+                prm[b][t] = aggregate(scores, self.aggregate)
+        for b, episode in enumerate(episodes):
+            gold = env.turn_rewards(episode)
+            turn_rewards.append(blend(prm[b], gold, self.gold_weight))
+            points[b] = [(end - 1, self.gold_weight * g) for (_, end), g in zip(rollout.turn_spans[b], gold)
+                         if self.gold_weight * g]
+        for (b, t), scores, text_spans in zip(attempts, step_scores, spans):
+            if scores is not None:
+                points[b] += self._step_points(rollout, b, t, text_spans, scores, episodes[b].turns)
+        total = [sum(r) for r in turn_rewards]
+        return PRMRewards(torch.tensor(total, dtype=torch.float32), turn_rewards, points,
+                          sum(map(sum, prm)) / max(len(attempts), 1), step_scores.count(None))
+
+    def _step_points(self, rollout, b: int, t: int, text_spans, scores: torch.Tensor, turns: int):
+        """(token index, reward) at the last token of each step of attempt t of row b."""
+        start, end = rollout.turn_spans[b][t]
+        ids = rollout.tokens[b, start:end].tolist()  # its text was decoded without a closing stop token, which
+        last = step_last_tokens(self.tokenizer, ids, [e for _, e in text_spans])  # the bisection never needs
+        share = (1.0 - self.gold_weight) / turns
+        return [(start + i, share * r) for i, r in zip(last, rl.step_rewards(scores.tolist(), self.aggregate))]
 
 
 # ------------------------------------------------------------------ ProcessBench: the earliest wrong step

@@ -7,6 +7,8 @@ aligned with the tokens: entry i belongs to token i (whose log-prob comes from t
 """
 import torch
 
+PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     mask = mask.to(x.dtype)
@@ -91,13 +93,23 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = None,
                   turn_rewards: list[list[float]] | None = None,
-                  turn_spans: list[list[tuple[int, int]]] | None = None) -> torch.Tensor:
+                  turn_spans: list[list[tuple[int, int]]] | None = None,
+                  point_rewards: list[list[tuple[int, float]]] | None = None) -> torch.Tensor:
     """Token-level rewards (B, T), zero except at reward points.
 
     "last": pass episode_rewards (B,): each total goes on the trajectory's last sampled token.
     "per_turn": pass turn_rewards (one list per trajectory) and turn_spans ([start, end) token span of
-    each attempt): each turn's reward goes on that attempt's last token (end - 1)."""
+    each attempt): each turn's reward goes on that attempt's last token (end - 1).
+    "per_step": pass point_rewards, (token index, reward) pairs per trajectory (a PRM's steps' last tokens,
+    see step_rewards): each reward is added on its token, which must be a sampled one."""
     rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if point_rewards is not None:
+        for b, points in enumerate(point_rewards):
+            for index, value in points:
+                if not mask[b, index]:
+                    raise ValueError(f"place_rewards: trajectory {b}: token {index} was not sampled")
+                rewards[b, index] += value
+        return rewards
     if episode_rewards is not None:
         rows = torch.arange(mask.shape[0], device=mask.device)
         rewards[rows, last_token_index(mask)] = episode_rewards.to(rewards)
@@ -109,6 +121,22 @@ def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = Non
             raise ValueError(f"place_rewards: trajectory {b} has {len(values)} turn rewards but {len(spans)} turns")
         for value, (start, end) in zip(values, spans):
             rewards[b, end - 1] += value
+    return rewards
+
+
+def step_rewards(scores: list[float], how: str) -> list[float]:
+    """Per-step rewards that sum to the response's aggregate PRM score ("min" or "product" of its step
+    scores): step k gets the change it makes to the running aggregate of steps 0..k, step 0 its own score.
+    A step that leaves the aggregate alone earns 0 and one that lowers it is charged what it took, so the
+    return from the first token is the aggregate however many steps there are (raw step scores placed as
+    rewards would pay for writing more steps)."""
+    if how not in PRM_AGGREGATES:
+        raise ValueError(f"step_rewards: unknown aggregate {how!r} (one of {', '.join(PRM_AGGREGATES)})")
+    rewards, running = [], None
+    for score in scores:
+        now = score if running is None else min(running, score) if how == "min" else running * score
+        rewards.append(now - (running or 0.0))
+        running = now
     return rewards
 
 

@@ -3,11 +3,11 @@
     batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
     stats |= ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
 
-build_batch scores the episodes (gold rewards from the environment, or Intuitor's self-certainty), keeps
-the groups with the largest reward spread, recomputes the old log-probs (and values, reference log-probs)
-with the trainer's own forward so the first PPO ratio is exactly 1, and computes advantages: GAE over the
-critic's values (UFO PPO) or group-normalized scores (GRPO). ppo_update runs the PPO epochs over
-shuffled minibatches and steps the optimizers with gradient clipping, skipping any update whose loss or
+build_batch scores the episodes (gold rewards from the environment, Intuitor's self-certainty, or a process
+reward model's step scores: nanoufo/prm.py), keeps the groups with the largest reward spread, recomputes
+the old log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio
+is exactly 1, and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
+(GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient clipping, skipping any update whose loss or
 gradients are not finite so the weights never take a NaN.
 """
 import math
@@ -76,14 +76,18 @@ def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, ma
 
 
 def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None, rollout,
-                episodes) -> tuple[Batch, dict]:
-    """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages."""
+                episodes, prm=None) -> tuple[Batch, dict]:
+    """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages.
+    prm: a nanoufo.prm.PRMReward, needed when cfg.reward == "prm"."""
     rollout = rollout.to(actor.lm_head_weight.device)  # the sampler hands its tensors back on the CPU
     T = int(rollout.lengths.max())
     tokens = rollout.tokens[:, :T]  # (B, T)
     mask = rollout.loss_mask[:, :T].float()  # (B, T)
-    scores = episode_scores(cfg, env, actor, tokens, mask, episodes)  # (B,)
+    shaped = prm(env, episodes, rollout) if cfg.reward == "prm" else None  # PRM rewards for every placement
+    scores = shaped.scores.to(tokens.device) if shaped else episode_scores(cfg, env, actor, tokens, mask, episodes)
     stats = {"score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0}
+    if shaped:
+        stats |= {"prm_score": shaped.prm_mean, "prm_unscored_attempts": shaped.unscored}
     if cfg.keep_groups and cfg.keep_groups < len(episodes) // cfg.n_samples_per_problem:
         keep = rl.group_filter(scores, cfg.n_samples_per_problem, cfg.keep_groups)
     else:
@@ -105,10 +109,13 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
     if cfg.algorithm == "grpo":
         advantages = rl.group_advantages(scores, cfg.n_samples_per_problem)[:, None] * mask  # (B, T)
         return Batch(tokens, mask, old_logp, advantages, ref_logp), stats
-    if cfg.reward_placement == "per_turn":
+    if cfg.reward_placement == "per_step":
+        rewards = rl.place_rewards(mask, point_rewards=[shaped.step_points[i] for i in keep.tolist()])
+    elif cfg.reward_placement == "per_turn":
         spans = [rollout.turn_spans[i] for i in keep.tolist()]
-        rewards = rl.place_rewards(mask, turn_rewards=[env.turn_rewards(ep) for ep in kept_episodes],
-                                   turn_spans=spans)
+        turns = [shaped.turn_rewards[i] for i in keep.tolist()] if shaped else [env.turn_rewards(ep)
+                                                                               for ep in kept_episodes]
+        rewards = rl.place_rewards(mask, turn_rewards=turns, turn_spans=spans)
     else:
         rewards = rl.place_rewards(mask, episode_rewards=scores)
     if ref_logp is not None and cfg.kl_in == "reward":

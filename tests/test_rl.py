@@ -89,6 +89,27 @@ def test_reward_per_turn_on_each_attempts_last_token():
         rl.place_rewards(mask, turn_rewards=[[0.5]], turn_spans=[[(1, 3), (5, 7)]])
 
 
+def test_reward_per_step_on_the_given_tokens():
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0]])
+    placed = rl.place_rewards(mask, point_rewards=[[(2, 0.25), (3, -0.5), (3, 0.125), (5, 1.0)], []])
+    expected = torch.zeros(2, 6)
+    expected[0, 2], expected[0, 3], expected[0, 5] = 0.25, -0.375, 1.0
+    assert torch.equal(placed, expected)
+    with pytest.raises(ValueError, match="trajectory 1: token 3 was not sampled"):
+        rl.place_rewards(mask, point_rewards=[[], [(3, 1.0)]])
+
+
+def test_step_rewards_telescope_to_the_min_or_the_product():
+    scores = [0.9, 0.6, 0.8, 0.3]
+    assert rl.step_rewards(scores, "min") == pytest.approx([0.9, -0.3, 0.0, -0.3])  # sum 0.3 = min
+    # running products 0.9, 0.54, 0.432, 0.1296
+    assert rl.step_rewards(scores, "product") == pytest.approx([0.9, -0.36, -0.108, -0.3024])
+    assert sum(rl.step_rewards(scores, "product")) == pytest.approx(0.9 * 0.6 * 0.8 * 0.3)
+    assert rl.step_rewards([], "min") == []
+    with pytest.raises(ValueError, match="mean"):
+        rl.step_rewards(scores, "mean")
+
+
 def test_group_filter_keeps_the_groups_with_the_largest_spread():
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.25, 0.0])
     assert rl.group_filter(scores, group_size=2, keep_groups=2).tolist() == [2, 3, 6, 7]

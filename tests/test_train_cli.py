@@ -83,6 +83,22 @@ def test_paper_config_starts_on_a_tiny_random_checkpoint(tmp_path, tiny_qwen_run
     assert (out / "latest").is_file() and (out / "log.png").is_file()
 
 
+def test_a_prm_reward_run_places_step_rewards(tmp_path, tiny_qwen_run):
+    from prm_utils import write_prm_checkpoint
+    ckpt, data = tiny_qwen_run
+    prm, _ = write_prm_checkpoint(tmp_path / "prm")
+    out = tmp_path / "run"
+    train("config/ufo_qwen2.5_3b.py", f"--init_from={ckpt}", f"--train_data={data}", "--train_format=generic",
+          f"--eval_data={data}", "--eval_format=generic", "--n_eval_problems=2", f"--out_dir={out}", "--device=cpu",
+          "--dtype=float32", "--tp=1", "--max_steps=1", "--problems_per_step=2", "--n_samples_per_problem=2",
+          "--keep_groups=0", "--minibatch_size=2", "--max_new_tokens=6", "--max_turns=2", "--eval_k=1",
+          "--reward=prm", f"--prm={prm}", "--reward_placement=per_step", "--prm_gold_weight=0.5",
+          "--temperature=1.0")
+    record = train_records(out)[0]
+    assert 0.0 <= record["prm_score"] <= 1.0 and record["updates"] >= 1
+    assert record["prm_unscored_attempts"] < 8  # a random model's 6 tokens mostly hold a step
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", *TINY_DEMO, f"--out_dir={out}", "--max_steps=1000"],
