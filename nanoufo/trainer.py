@@ -7,8 +7,8 @@ build_batch scores the episodes (gold rewards from the environment, Intuitor's s
 reward model's step scores: nanoufo/prm.py), keeps the groups with the largest reward spread, recomputes
 the old log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio
 is exactly 1, and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
-(GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient clipping, skipping any update whose loss or
-gradients are not finite so the weights never take a NaN.
+(GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient
+clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN.
 """
 import math
 from dataclasses import dataclass
