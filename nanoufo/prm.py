@@ -286,9 +286,13 @@ def load_processbench(path: str | Path) -> tuple[list[BenchRow], list[str]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
-            rows = [(f"{path}:{i}", row) for i, row in enumerate(json.loads(text))]
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ValueError(f"{path}: not a JSON list of rows ({error})") from None
+            listed = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from None
+        if not isinstance(listed, list):
+            raise ValueError(f"{path}: a .json ProcessBench file must hold a list of rows, "
+                             f"not a {type(listed).__name__}")
+        rows = [(f"{path}:{i}", row) for i, row in enumerate(listed)]
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):

@@ -194,3 +194,11 @@ def test_a_processbench_line_that_is_not_json_is_named(tmp_path):
     path.write_text('{"problem": "p", "steps": ["a"], "label": -1}\n{broken\n')
     with pytest.raises(ValueError, match=r"bench\.jsonl: line 2: not JSON"):
         load_processbench(path)
+    listed = tmp_path / "bench.json"  # the .json form holds a list; its rows are named by index
+    listed.write_text('[{"problem": "p", "steps": ["a"], "label": -1}, {"problem": "p", "steps": ["a"], "label": 1}]')
+    rows, skipped = load_processbench(listed)
+    assert [r.id for r in rows] == [f"{listed}:0"] and skipped == [f"{listed}:1: label 1 is out of range for 1 "
+                                                                  "steps (-1, or 0 to 0)"]
+    listed.write_text('{"problem": "p"}')
+    with pytest.raises(ValueError, match=r"bench\.json: a \.json ProcessBench file must hold a list of rows"):
+        load_processbench(listed)
