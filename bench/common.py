@@ -25,6 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hardware import roofline
 from nanoufo.model import Qwen2, QwenConfig
+from nanoufo.parallel import SINGLE, full_state_dict
 from nanoufo.sampler import Rollout
 from nanoufo.weights import hf_config_dict
 
@@ -108,7 +109,7 @@ def hf_twin(model: Qwen2) -> Qwen2ForCausalLM:
     dtype, device = model.lm_head_weight.dtype, model.lm_head_weight.device
     with torch.device(device):
         hf = Qwen2ForCausalLM._from_config(Qwen2Config(**hf_config_dict(model.config, dtype)), dtype=dtype)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("value_head.")}
+    state = {k: v for k, v in full_state_dict(model, SINGLE).items() if not k.startswith("value_head.")}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

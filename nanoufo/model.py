@@ -21,12 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoufo.parallel import (SINGLE, ColumnParallelLinear, ParallelContext, RowParallelLinear,
-                              VocabParallelEmbedding, check_tp_split, copy_to_tp)
+from nanoufo.parallel import (SINGLE, ColumnParallelLinear, MergedColumnParallelLinear, ParallelContext, RowParallelLinear,
+                              VocabParallelEmbedding, check_tp_split, copy_to_tp, hf_tensors)
 
 from kernels.decode_attention import decode_attention
 from kernels.dispatch import pick_impl
-from kernels.kv_append import kv_append
+from kernels.rms_norm import add_rms_norm
+from kernels.rope_kv_append import apply_rotary, rope_kv_append, split_qkv
+from kernels.silu_mul import silu_mul
 
 try:  # optional fast path on GPUs; the SDPA path below is the reference
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -128,6 +130,10 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def fused(self, x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed x + add, x + add) in one kernel (kernels/rms_norm.py; no autograd): the cached path's norm."""
+        return add_rms_norm(x, self.weight, self.eps, add)
+
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin of shape (B, T, 1, D) for rotating q and k at the given positions."""
@@ -135,11 +141,6 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
@@ -190,39 +191,49 @@ def _flash_attention(q, k, v, position_ids, cache_rows):
 
 
 class Attention(nn.Module):
-    """Under TP a rank holds whole query heads and the KV heads they read (q/k/v column-, o row-parallel)."""
+    """Under TP a rank holds whole query heads and the KV heads they read (q/k/v column-, o row-parallel).
+    q, k and v are one merged projection (one GEMM); checkpoints keep q_proj, k_proj, v_proj apart."""
 
     def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = ColumnParallelLinear(config.hidden_size, self.n_head * self.head_dim, bias=True, tp=tp)
-        self.k_proj = ColumnParallelLinear(config.hidden_size, self.n_kv * self.head_dim, bias=True, tp=tp)
-        self.v_proj = ColumnParallelLinear(config.hidden_size, self.n_kv * self.head_dim, bias=True, tp=tp)
+        self.qkv_proj = MergedColumnParallelLinear(
+            config.hidden_size, {"q_proj": self.n_head * self.head_dim, "k_proj": self.n_kv * self.head_dim,
+                                 "v_proj": self.n_kv * self.head_dim}, bias=True, tp=tp)
         self.o_proj = RowParallelLinear(self.n_head * self.head_dim, config.hidden_size, bias=False, tp=tp)
+        self.n_local_heads = self.qkv_proj.part_sizes[0] // self.head_dim  # this rank's query heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, Hq, D)
-        k = apply_rotary(self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        if cache is not None:
-            k_cache, v_cache = cache  # (B_cache, S, Hkv, D) each
-            kv_append(k_cache, v_cache, k, v, cache_rows, position_ids)  # this call's tokens into their slots
-            k, v = k_cache, v_cache
+        qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) D) for this rank's heads
+        if cache is not None:  # RoPE on q and k, k and v into their cache slots: one kernel
+            q = rope_kv_append(qkv, cos, sin, *cache, cache_rows, position_ids, self.n_local_heads)  # (B, T, Hq, D)
+            k, v = cache  # (B_cache, S, Hkv, D) each
+        else:
+            q, k, v = split_qkv(qkv, self.n_local_heads, self.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, Hq | Hkv, D)
         y = attention(q, k, v, position_ids, cache_rows)  # (B, T, Hq, D)
         return self.o_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
+    """SwiGLU; gate and up are one merged projection (one GEMM); checkpoints keep gate_proj and up_proj."""
+
     def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=False, tp=tp)
-        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=False, tp=tp)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp=tp)
+        I = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate_proj": I, "up_proj": I},
+                                                       bias=False, tp=tp)
+        self.down_proj = RowParallelLinear(I, config.hidden_size, bias=False, tp=tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fused: silu(gate) * up in one kernel (kernels/silu_mul.py, no autograd), for the cached path."""
+        gate_up = self.gate_up_proj(x)  # (..., 2 I_local) = [gate | up]
+        if fused:
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -234,8 +245,17 @@ class Block(nn.Module):
         self.mlp = MLP(config, tp)
 
     def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None) -> torch.Tensor:
+        if cache is not None:
+            return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached_forward(self, x, cos, sin, position_ids, cache, cache_rows) -> torch.Tensor:
+        """The sampler's path (no autograd): the residual add fused into the second norm and fused kernels,
+        about 10 launches per layer in a decode step (bench/launches.py)."""
+        h, _ = self.input_layernorm.fused(x)
+        h, x = self.post_attention_layernorm.fused(x, self.self_attn(h, cos, sin, position_ids, cache, cache_rows))
+        return x + self.mlp(h, fused=True)
 
 
 class Trunk(nn.Module):
@@ -290,7 +310,7 @@ class Qwen2(nn.Module):
             cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, position_ids, None if cache is None else (cache.k[i], cache.v[i]), cache_rows)
-        return self.model.norm(x)
+        return self.model.norm(x) if cache is None else self.model.norm.fused(x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head_input(hidden) @ self.lm_head_weight.T  # (..., V_local)
@@ -309,10 +329,13 @@ class Qwen2(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random init as in transformers (normal(0, initializer_range), zero biases, unit norms)."""
+        """Random init as in transformers (normal(0, initializer_range), zero biases, unit norms); a merged
+        projection draws its parts one after the other, as the separate HF modules would."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, self.config.initializer_range, generator=generator)
+                parts = getattr(module, "parts", [(None, 0, module.weight.shape[0], None)])
+                for _, row, rows, _ in parts:
+                    module.weight[row:row + rows].normal_(0.0, self.config.initializer_range, generator=generator)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
@@ -328,4 +351,5 @@ def param_shapes(config: QwenConfig, value_head: bool = False) -> dict[str, torc
     """Every tensor name a checkpoint must hold for this config, with its shape (no memory allocated)."""
     with torch.device("meta"):
         model = Qwen2(config, value_head=value_head)
-    return {name: p.shape for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    return {name: where.local(params).shape for name, where in hf_tensors(model).items()}

@@ -133,13 +133,45 @@ class Shard:
         return full_tensor[(slice(None),) * self.dim + (slice(self.start, self.stop),)]
 
 
-def shard_specs(model: nn.Module) -> dict[str, Shard]:
-    """{parameter name: Shard} for every split parameter of the model; the others are replicated.
+@dataclass(frozen=True)
+class HFTensor:
+    """Where one Hugging Face tensor sits in this rank's model: rows [row, row + rows) of parameter `param`
+    (the whole parameter when rows is None) hold `shard` of the full tensor (all of it when shard is None)."""
+    param: str
+    shard: Shard | None = None
+    row: int = 0
+    rows: int | None = None
 
-    The spec lives on the module (its `shards` dict), not on the Parameter, because moving a model off the
-    meta device builds new Parameter objects and would drop any attribute set on the old ones."""
-    return {f"{prefix}.{name}" if prefix else name: shard
-            for prefix, module in model.named_modules() for name, shard in getattr(module, "shards", {}).items()}
+    def local(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's part of the tensor: a view into the parameter (or into any tensor named like it)."""
+        p = params[self.param]
+        return p if self.rows is None else p.narrow(0, self.row, self.rows)
+
+
+def hf_tensors(model: nn.Module) -> dict[str, HFTensor]:
+    """{Hugging Face tensor name: HFTensor} for every tensor of the model's checkpoint, in module order.
+
+    A module's split parameters are named in its `shards` dict ({attr: Shard}); a merged projection
+    (MergedColumnParallelLinear) holds several HF tensors in one parameter and lists them in `parts`. The
+    specs live on the modules, not on the Parameters, because moving a model off the meta device builds new
+    Parameter objects and would drop any attribute set on the old ones."""
+    layout = {}
+    for prefix, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            name = f"{prefix}.{attr}" if prefix else attr
+            parts = getattr(module, "parts", None)
+            if parts is None:
+                layout[name] = HFTensor(name, getattr(module, "shards", {}).get(attr))
+                continue
+            parent = prefix.rpartition(".")[0]
+            for part, row, rows, shard in parts:
+                layout[f"{parent}.{part}.{attr}" if parent else f"{part}.{attr}"] = HFTensor(name, shard, row, rows)
+    return layout
+
+
+def split_params(model: nn.Module) -> set[str]:
+    """Names of the parameters that hold only this rank's slice (the others are replicated)."""
+    return {t.param for t in hf_tensors(model).values() if t.shard is not None}
 
 
 # Megatron's f and g: the only communication inside the model, and autograd knows about both.
@@ -192,6 +224,28 @@ class ColumnParallelLinear(nn.Linear):
         return F.linear(copy_to_tp(x, self.tp.tp_group), self.weight, self.bias)
 
 
+class MergedColumnParallelLinear(nn.Linear):
+    """Several column-parallel projections of one input as one GEMM (q/k/v, gate/up): the output is this
+    rank's slice of each part, concatenated in order. Checkpoints keep the parts as separate tensors:
+    `parts` lists (HF module name, first output row, rows, Shard of the HF tensor) for hf_tensors."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool, tp: ParallelContext = SINGLE):
+        self.parts, row = [], 0
+        for part, out_features in parts.items():
+            start, stop = split_range(out_features, tp.tp_rank, tp.tp_size)
+            self.parts.append((part, row, stop - start, Shard(0, start, stop, out_features)))
+            row += stop - start
+        super().__init__(in_features, row, bias=bias)
+        self.tp = tp
+
+    @property
+    def part_sizes(self) -> list[int]:  # this rank's output width of each part, for splitting the output
+        return [rows for _, _, rows, _ in self.parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.tp.tp_group), self.weight, self.bias)
+
+
 class RowParallelLinear(nn.Linear):
     """y = x W.T + b with W's columns (input features) split; takes a split input, returns the full sum."""
 
@@ -238,17 +292,17 @@ def all_gather_shards(t: torch.Tensor, shard: Shard, tp: ParallelContext) -> tor
 
 
 def full_state_dict(model: nn.Module, tp: ParallelContext) -> dict[str, torch.Tensor] | None:
-    """Every parameter as its full HF tensor on global rank 0 (on the CPU when gathered); None elsewhere.
+    """Every tensor under its Hugging Face name, whole, on global rank 0 (on the CPU when gathered); None
+    elsewhere. Merged projections come out as their separate HF tensors.
 
     Only the first DP group gathers (the others hold the same weights); all its TP ranks must call this."""
     if tp.dp_rank != 0:
         return None
-    shards = shard_specs(model) if tp.tp_size > 1 else {}
-    state = {}
-    for name, p in model.named_parameters():
-        t = p.detach()
-        if name in shards:
-            t = all_gather_shards(t, shards[name], tp).cpu()  # one full tensor at a time on the device
+    params, state = {name: p.detach() for name, p in model.named_parameters()}, {}
+    for name, where in hf_tensors(model).items():
+        t = where.local(params)
+        if where.shard is not None and tp.tp_size > 1:
+            t = all_gather_shards(t, where.shard, tp).cpu()  # one full tensor at a time on the device
         if tp.is_main:
             state[name] = t.contiguous()
     return state if tp.is_main else None
@@ -303,11 +357,11 @@ def average_gradients(params, tp: ParallelContext) -> None:
 def clip_grad_norm_(model: nn.Module, max_norm: float, tp: ParallelContext) -> torch.Tensor:
     """Clip by the norm of the full model's gradient: split parameters' squares summed over the TP group,
     replicated ones (identical on every TP rank) counted once. Returns the norm before clipping."""
-    shards = shard_specs(model) if tp.tp_size > 1 else {}
+    split_names = split_params(model) if tp.tp_size > 1 else set()
     split_sq, replicated_sq = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            (split_sq if name in shards else replicated_sq).append(p.grad.float().pow(2).sum())
+            (split_sq if name in split_names else replicated_sq).append(p.grad.float().pow(2).sum())
     device = next(model.parameters()).device
     split = all_reduce_(torch.stack(split_sq).sum() if split_sq else torch.zeros((), device=device), tp.tp_group)
     norm = (split + (torch.stack(replicated_sq).sum() if replicated_sq else 0.0)).sqrt()

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoufo.model import QwenConfig, Qwen2, param_shapes
-from nanoufo.parallel import SINGLE, ParallelContext, barrier, check_tp_split, full_state_dict, shard_specs
+from nanoufo.parallel import SINGLE, ParallelContext, barrier, check_tp_split, full_state_dict, hf_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -59,11 +59,11 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
     with torch.device("meta"):
         model = Qwen2(config, value_head=value_head, tp=tp).to(dtype)
     model.to_empty(device=device)
-    params, full_shapes, shards = dict(model.named_parameters()), param_shapes(config, value_head), shard_specs(model)
+    params, full_shapes, layout = dict(model.named_parameters()), param_shapes(config, value_head), hf_tensors(model)
     loaded = set()
     for path in checkpoint_files(ckpt_dir):
         for name, part in _read_slices(path, device):
-            if name not in params:
+            if name not in layout:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # some tied checkpoints store the head anyway; it equals the embedding
                 raise ValueError(f"{path}: unexpected tensor {name!r} (not part of a {model.__class__.__name__} "
@@ -71,14 +71,15 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
             if part.get_shape() != list(full_shapes[name]):
                 raise ValueError(f"{path}: tensor {name!r} has shape {part.get_shape()} but config.json implies "
                                  f"{list(full_shapes[name])}")
+            where = layout[name]
             with torch.no_grad():
-                params[name].copy_(shards[name].take(part) if name in shards else part[:])
+                where.local(params).copy_(part[:] if where.shard is None else where.shard.take(part))
             loaded.add(name)
-    missing = [n for n in params if n not in loaded]
+    missing = [n for n in layout if n not in loaded]
     if value_head and all(n.startswith("value_head.") for n in missing):
         with torch.no_grad():
             for n in missing:
-                params[n].zero_()
+                layout[n].local(params).zero_()
     elif missing:
         raise ValueError(f"{ckpt_dir}: tensor {missing[0]!r} missing from the checkpoint"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

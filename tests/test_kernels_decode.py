@@ -1,4 +1,5 @@
-"""The decode kernels (KV append, flash-decoding attention, sampling) against their PyTorch references;
+"""The decode kernels (RoPE + KV append, fused add + RMSNorm, SiLU-multiply, flash-decoding attention,
+sampling) against their PyTorch references;
 the bf16 decode attention only where the kernels are compiled (tests/kernel_device.py).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py               # CPU
@@ -9,8 +10,10 @@ import torch
 
 from kernel_device import DEVICE, gpu_only, needs_triton
 from kernels.decode_attention import BLOCK_S, SPLIT_LEN, decode_attention_reference, decode_attention_triton
-from kernels.kv_append import kv_append_reference, kv_append_triton
-from nanoufo.model import attention
+from kernels.rms_norm import add_rms_norm_reference, add_rms_norm_triton
+from kernels.rope_kv_append import rope_kv_append_reference, rope_kv_append_triton
+from kernels.silu_mul import silu_mul_reference, silu_mul_triton
+from nanoufo.model import attention, rotary_cos_sin
 from kernels.sampling import philox_uniforms, sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
 
 pytestmark = needs_triton
@@ -20,17 +23,51 @@ pytestmark = needs_triton
 ATTN_TOL = {torch.float32: dict(atol=1e-5, rtol=0.0), torch.bfloat16: dict(atol=1e-2, rtol=4e-3)}
 
 
-def test_kv_append_matches_reference():
+@pytest.mark.parametrize("Hq,Hkv,D", [(6, 3, 12), (4, 1, 16)], ids=["odd_heads_d12", "one_kv_head"])
+def test_rope_kv_append_matches_reference(Hq, Hkv, D):
     g = torch.Generator().manual_seed(0)
-    B_cache, S, Hkv, D = 5, 23, 3, 12  # odd head count and head dim: masked lanes
+    B_cache, S, B, T = 5, 23, 3, 18  # odd head count and head dim: masked lanes
     caches = [torch.randn(B_cache, S, Hkv, D, generator=g).to(DEVICE) for _ in range(2)]
-    k, v = torch.randn(2, 3, 18, Hkv, D, generator=g).to(DEVICE)  # (B, T, Hkv, D) each: two blocks of tokens
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(DEVICE)
     rows = torch.tensor([3, 0, 4], device=DEVICE)
-    pos = torch.stack([torch.arange(18), torch.arange(2, 20), torch.arange(5, 23)]).to(DEVICE)  # (B, T)
+    pos = torch.stack([torch.arange(18), torch.arange(2, 20), torch.arange(6, 24)]).to(DEVICE)  # slot 23: past S
+    cos, sin = rotary_cos_sin(pos, D, 1e4, torch.float32)
+    q_ref = rope_kv_append_reference(qkv, cos, sin, *[c.clone() for c in caches], rows, pos.clamp(max=S - 1), Hq)
     ref = [c.clone() for c in caches]
-    kv_append_reference(*ref, k, v, rows, pos)
-    kv_append_triton(*caches, k, v, rows, pos)
-    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+    rope_kv_append_reference(qkv[:2], cos[:2], sin[:2], *ref, rows[:2], pos[:2], Hq)
+    rope_kv_append_reference(qkv[2:, :-1], cos[2:, :-1], sin[2:, :-1], *ref, rows[2:], pos[2:, :-1], Hq)  # not slot 23
+    q = rope_kv_append_triton(qkv, cos, sin, *caches, rows, pos, Hq)
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[0], ref[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(caches[1], ref[1])  # values are copied, not computed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_add", [True, False], ids=["add", "plain"])
+def test_add_rms_norm_matches_reference(dtype, with_add):
+    g = torch.Generator().manual_seed(2)
+    x, add = (torch.randn(2, 3, 40, generator=g) * 3).to(DEVICE, dtype)  # H = 40: masked lanes
+    weight = (1 + torch.randn(40, generator=g) / 4).to(DEVICE, dtype)
+    add = add if with_add else None
+    normed, residual = add_rms_norm_triton(x, weight, 1e-6, add)
+    ref_normed, ref_residual = add_rms_norm_reference(x, weight, 1e-6, add)
+    # bf16: an ulp per rounding (the interpreter's fp32 -> bf16 cast truncates where the GPU rounds to nearest)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(residual, ref_residual, **tol)
+    torch.testing.assert_close(normed, ref_normed, **tol)
+    if not with_add:  # the model's own RMSNorm is the reference
+        from nanoufo.model import RMSNorm
+        norm = RMSNorm(40, 1e-6).to(DEVICE, dtype)
+        norm.weight.data.copy_(weight)
+        torch.testing.assert_close(normed, norm(x), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_mul_matches_reference(dtype):
+    gate_up = (torch.randn(3, 2, 2 * 37, generator=torch.Generator().manual_seed(3)) * 4).to(DEVICE, dtype)
+    out = silu_mul_triton(gate_up, block=16)  # I = 37: three blocks, the last one masked
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)  # 2 roundings
+    torch.testing.assert_close(out, silu_mul_reference(gate_up), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu_only)], ids=["fp32", "bf16"])

@@ -43,17 +43,18 @@ def _logits(model, ids):
 
 
 def _max_diff(model, ref, grads: bool = False) -> float:
-    """Largest |model - ref| over parameters (or their gradients), each of model's shards against the
-    same slice of ref's full tensor; relative to the tensor's largest entry where that exceeds 1."""
-    from nanoufo.parallel import shard_specs
-    shards, ref_params = shard_specs(model), dict(ref.named_parameters())
+    """Largest |model - ref| over the checkpoint's tensors (or their gradients), each of model's shards
+    against the same slice of ref's full tensor; relative to the tensor's largest entry where that exceeds 1."""
+    from nanoufo.parallel import hf_tensors
+    pick = (lambda m: {n: p.grad for n, p in m.named_parameters()}) if grads else (lambda m: dict(m.named_parameters()))
+    mine_all, want_all, ref_layout = pick(model), pick(ref), hf_tensors(ref)
     worst = 0.0
-    for name, p in model.named_parameters():
-        mine, want = (p.grad, ref_params[name].grad) if grads else (p, ref_params[name])
-        if mine is None or want is None:  # a critic's unused LM head: no gradient on either side
-            assert mine is None and want is None, name
+    for name, where in hf_tensors(model).items():
+        if mine_all[where.param] is None or want_all[ref_layout[name].param] is None:  # a critic's unused LM head
+            assert mine_all[where.param] is None and want_all[ref_layout[name].param] is None, name
             continue
-        want = shards[name].take(want) if name in shards else want
+        mine, want = where.local(mine_all), ref_layout[name].local(want_all)
+        want = where.shard.take(want) if where.shard is not None else want
         worst = max(worst, (mine - want).abs().max().item() / max(want.abs().max().item(), 1.0))
     return worst
 
