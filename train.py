@@ -193,7 +193,8 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal
     rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                                      max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
-                                     seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer)
+                                     seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
+                                     kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
     batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes, prm)
     update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     step += 1

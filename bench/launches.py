@@ -1,4 +1,4 @@
-"""Count what one decode step launches, on the CPU, through the code path a GPU takes: every aten op that
+"""Count what one decode step of the sampler launches, on the CPU, through the code path a GPU takes: every aten op that
 runs a kernel (seen by a TorchDispatchMode; views and allocations launch nothing and are not counted) plus
 every Triton launch (run by the interpreter: TRITON_INTERPRET=1 makes kernels/dispatch.py pick the Triton
 kernels, as on CUDA), attributed to the decoder layer it ran in or to the rest of the step. Host syncs
@@ -26,21 +26,36 @@ NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_str
 SYNC = {"_local_scalar_dense", "nonzero", "is_nonzero"}  # the host waits for the device
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts launches per scope: 'layer' inside a decoder layer (a module named in track()), else 'other'."""
+class HostSync(RuntimeError):
+    """A host sync where none may happen (forbidding_host_syncs)."""
 
-    def __init__(self):
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts launches per scope: 'layer' inside a decoder layer (a module named in track()), else 'other'.
+    strict: raise HostSync on a host sync instead of counting it."""
+
+    def __init__(self, strict: bool = False):
         super().__init__()
-        self.launches, self.syncs, self.ops, self.scope = Counter(), 0, Counter(), "other"
+        self.launches, self.syncs, self.ops, self.scope, self.strict = Counter(), 0, Counter(), "other", strict
+        self.in_triton = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.removeprefix("aten::")
-        if name in SYNC:
+        if name in SYNC or _device_to_host(name, args, kwargs or {}):
+            if self.strict:
+                raise HostSync(f"aten.{name}: a host sync")
             self.syncs += 1
         if not func.is_view and name not in NO_KERNEL:
             self.launches[self.scope] += 1
             self.ops[(self.scope, name)] += 1
         return func(*args, **(kwargs or {}))
+
+    def host_method(self, name: str) -> None:
+        """Tensor.tolist / cpu / numpy was called (the interpreter's own calls inside a launch excepted)."""
+        if not self.in_triton:
+            if self.strict:
+                raise HostSync(f"Tensor.{name}(): a host sync")
+            self.syncs += 1
 
     def triton_launch(self, kernel_name: str) -> None:
         self.launches[self.scope] += 1
@@ -56,6 +71,38 @@ class LaunchCounter(TorchDispatchMode):
         return [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
 
+def _device_to_host(name: str, args, kwargs) -> bool:
+    """A copy from a device tensor into host memory (on a CPU-only machine there are none to see)."""
+    if name == "_to_copy":
+        return args[0].device.type != "cpu" and str(kwargs.get("device", args[0].device)) == "cpu"
+    if name == "copy_":
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
+
+
+HOST_METHODS = ("tolist", "cpu", "numpy")  # .item() reaches the dispatch mode itself
+
+
+@contextmanager
+def counting(counter: LaunchCounter):
+    """The counter active: its dispatch mode, Triton launches and the host-reading Tensor methods."""
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_METHODS}
+
+    def watched(name, method):
+        def call(self, *args, **kwargs):
+            counter.host_method(name)
+            return method(self, *args, **kwargs)
+        return call
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, watched(name, method))
+    try:
+        with counting_triton(counter), counter:
+            yield counter
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
 @contextmanager
 def counting_triton(counter: LaunchCounter):
     """Count each Triton launch once; what the interpreter does inside it (numpy copies) is not a launch."""
@@ -66,8 +113,12 @@ def counting_triton(counter: LaunchCounter):
     def wrap(run):
         def counted(self, *args, **kwargs):
             counter.triton_launch(getattr(self, "__name__", None) or getattr(self.fn, "__name__", "?"))
-            with _disable_current_modes():
-                return run(self, *args, **kwargs)
+            counter.in_triton = True
+            try:
+                with _disable_current_modes():
+                    return run(self, *args, **kwargs)
+            finally:
+                counter.in_triton = False
         return counted
     for cls, run in originals.items():
         cls.run = wrap(run)
@@ -83,7 +134,7 @@ def count_decode_step(step, layers) -> LaunchCounter:
     counter = LaunchCounter()
     handles = counter.track(layers)
     try:
-        with counting_triton(counter), counter:
+        with counting(counter):
             step()
     finally:
         for h in handles:
@@ -91,18 +142,20 @@ def count_decode_step(step, layers) -> LaunchCounter:
     return counter
 
 
-def model_decode_step(model, batch: int, context: int):
-    """The bare decode step (forward on the cache, LM head, sampling kernel), as bench/rollout.py times it."""
-    from kernels.sampling import sample
-    from nanoufo.model import KVCache
-    cache = KVCache.allocate(model.config, batch, context + 2)
-    rows, tokens = torch.arange(batch), torch.zeros(batch, 1, dtype=torch.long)
-    positions = torch.full((batch, 1), context)
+def forbidding_host_syncs():
+    """A context in which any host sync outside a Triton launch raises HostSync (tests/test_batching.py)."""
+    return counting(LaunchCounter(strict=True))
 
-    def step():
-        logits = model.logits(model(tokens, positions, cache=cache, cache_rows=rows)[:, 0])  # (B, V)
-        return sample(logits, 1.0, 1.0, 0, rows)
-    return step
+
+def sampler_decode_step(model, batch: int, context: int):
+    """The sampler's decode step (nanoufo/decode.py: forward on the cache, LM head, sampling, the device-side
+    bookkeeping) for `batch` rows in the middle of an attempt at `context` tokens."""
+    from nanoufo.decode import Decoder, Sampling
+    decoder = Decoder(model, batch, context + 4, Sampling(1.0, 1.0, seed=0), stop_ids=[], max_new_tokens=context)
+    rows = torch.arange(batch)
+    decoder.length[rows], decoder.live[rows] = context, True
+    decoder.set_batch(rows.tolist(), batch)
+    return lambda: decoder.step(batch)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -122,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Qwen2(config).eval()
     with torch.no_grad():
         model.init_weights(torch.Generator().manual_seed(0))
-        step = model_decode_step(model, args.batch, args.context)
+        step = sampler_decode_step(model, args.batch, args.context)
         step()  # warm-up outside the count
         counter = count_decode_step(step, list(model.model.layers))
     per_layer = counter.launches["layer"] / args.layers

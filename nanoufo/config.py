@@ -65,6 +65,8 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     eval_temperature: float = 0.5
+    kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
+    cuda_graphs: bool = False  # decode steps as CUDA graph replays (CUDA only; the CPU always decodes eagerly)
     eval_k: int = 5
     # algorithm (DESIGN.md section 3)
     algorithm: str = "ufo_ppo"
@@ -182,7 +184,7 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in dataclasses.asdict(cfg).items():
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f"config: {key}=nan is not a number")
-    for key in ("actor_lr", "critic_lr", "warmup_lr"):  # an infinite rate makes Adam write inf/NaN weights
+    for key in ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb"):  # an infinite rate: Adam writes inf/NaN weights
         if not 0.0 <= getattr(cfg, key) < math.inf:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
     for key, allowed in CHOICES.items():

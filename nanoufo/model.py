@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoufo.parallel import (SINGLE, ColumnParallelLinear, MergedColumnParallelLinear, ParallelContext, RowParallelLinear,
-                              VocabParallelEmbedding, check_tp_split, copy_to_tp, hf_tensors)
+from nanoufo.parallel import (SINGLE, ColumnParallelLinear, MergedColumnParallelLinear, ParallelContext,
+                              RowParallelLinear, VocabParallelEmbedding, check_tp_split, copy_to_tp, hf_tensors)
 
 from kernels.decode_attention import decode_attention
 from kernels.dispatch import pick_impl

@@ -16,9 +16,12 @@ from nanoufo.sampler import Rollout, generate
 
 def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_samples_per_problem: int = 1,
                  max_turns: int | None = None, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                 seed: int = 0, tokenizer=None, max_len: int | None = None) -> tuple[Rollout, list[Episode]]:
+                 seed: int = 0, tokenizer=None, max_len: int | None = None, kv_budget_bytes: int | None = None,
+                 cuda_graphs: bool = False) -> tuple[Rollout, list[Episode]]:
     """Sample one episode per (problem, sample): up to max_turns attempts (default env.max_turns), ending on
-    the first correct one. `tokenizer` decodes the attempts for grading (default env.tokenizer)."""
+    the first correct one. `tokenizer` decodes the attempts for grading (default env.tokenizer).
+    kv_budget_bytes bounds the sampler's KV cache (rows are reused as episodes end); cuda_graphs: see
+    nanoufo.sampler.generate."""
     tokenizer = tokenizer or env.tokenizer
     episodes = [Episode(problem) for problem in problems for _ in range(n_samples_per_problem)]
 
@@ -31,5 +34,6 @@ def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_sample
 
     rollout = generate(model, [env.prompt_ids(e.problem.question) for e in episodes], next_turn,
                        max_turns=max_turns or env.max_turns, max_new_tokens=max_new_tokens, stop_ids=env.stop_ids,
-                       temperature=temperature, top_p=top_p, seed=seed, max_len=max_len)
+                       temperature=temperature, top_p=top_p, seed=seed, max_len=max_len,
+                       kv_budget_bytes=kv_budget_bytes, cuda_graphs=cuda_graphs)
     return rollout, episodes

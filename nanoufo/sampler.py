@@ -1,32 +1,39 @@
-"""KV-cached, batched, multi-turn sampling: each row is one conversation on one preallocated KV cache.
+"""KV-cached, batched, multi-turn sampling with continuous batching: each episode is one conversation on one
+row of a preallocated KV cache, and a row whose episode ends takes the next waiting episode.
 
     from nanoufo.sampler import generate
     rollout = generate(model, prompts, next_turn, max_turns=5, max_new_tokens=512, stop_ids=env.stop_ids,
-                       temperature=1.0, top_p=1.0, seed=0)
+                       temperature=1.0, top_p=1.0, seed=0, kv_budget_bytes=40 * 2**30)
 
-The prompts (token lists of different lengths) are prefilled in one right-padded batch; a token's
-position is its cache slot. Each step samples one token for every row whose turn is open. A turn ends on a
-stop token, after max_new_tokens, or at the context limit max_len; the rows whose turns ended in a step go
-to `next_turn(rows, responses, ended_with_stop)`, which answers per row with the tokens of the next user
-turn (feedback, template headers) or None to end the episode. Those tokens are prefilled into the same
-cache in one batched call (cache_rows = those rows) and the rows sample again: the history is never
-prefilled twice. A row that has ended leaves the batch, so no step is spent on it.
+The number of cache rows comes from the KV budget (default: one per episode), so the KV memory is bounded
+whatever the number of episodes. Prompts are prefilled in right-padded batches as rows free up; a token's
+position is its cache slot. Each decode step samples one token for every row whose turn is open
+(nanoufo/decode.py: the state lives on the device, the step reads nothing from the host). A turn ends on
+a stop token, after max_new_tokens, or at the context limit max_len. Every `sync_every` steps at most (and
+exactly when the first row can reach a token limit) the host polls which rows ended: their attempts go to
+`next_turn(rows, responses, ended_with_stop)` (rows are episode indices), which answers per episode with
+the tokens of the next user turn (feedback, template headers) or None to end it. Feedback is prefilled into
+the same row (one batched call per length), so a row keeps its cache across its own turns and the history
+is never prefilled twice. A row that is no longer live leaves the batch at the next poll.
 
 A turn's last sampled token is kept out of the cache until the row's next forward (decode or feedback
-prefill), so a row that ends never pays for it. Sampling is kernels/sampling.py: a row's noise depends
-on (seed, step, row) only, so every tensor-parallel rank draws the same tokens.
-Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py
+prefill), so a row that ends never pays for it. Sampling is kernels/sampling.py with noise keyed by
+(episode id, token index): same seed, same episode, same tokens, whatever shares the batch, on every
+tensor-parallel rank. With cuda_graphs=True each decode step is a CUDA graph replay (nanoufo/cuda_graphs.py).
+Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py tests/test_batching.py
 """
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from kernels.sampling import sample
-from nanoufo.model import KVCache, Qwen2
-from nanoufo.parallel import all_gather_vocab
+from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
+from nanoufo.decode import MAX_EPISODE_TOKENS, Decoder, Sampling, kv_bytes_per_row
+from nanoufo.model import Qwen2
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
+SYNC_EVERY = 8  # decode steps between two stop checks at most
 
 
 @dataclass
@@ -48,75 +55,173 @@ class Rollout:
                        self.logprobs.to(device), self.turn_spans, self.n_prefill_tokens, self.n_decode_steps)
 
 
-class _Conversations:
-    """The token lists of every row and the model calls that advance them on one KV cache."""
+class _Episodes:
+    """The host's token lists of every episode (what the rollout returns)."""
 
-    def __init__(self, model: Qwen2, prompts: list[list[int]], max_len: int):
-        self.model, self.max_len = model, max_len
-        weight = model.lm_head_weight
-        self.device = weight.device
-        self.cache = KVCache.allocate(model.config, len(prompts), max_len, self.device, weight.dtype,
-                                      tp_size=model.tp.tp_size)
+    def __init__(self, prompts: list[list[int]]):
         self.tokens = [list(p) for p in prompts]
         self.sampled = [[0.0] * len(p) for p in prompts]  # becomes the loss mask
         self.logprobs = [[0.0] * len(p) for p in prompts]
         self.spans: list[list[tuple[int, int]]] = [[] for _ in prompts]
         self.turn_start = [len(p) for p in prompts]
-        self.n_prefill_tokens = self.n_decode_steps = 0
 
-    def prefill(self, rows: list[int], n_new: list[int]) -> torch.Tensor:
-        """Run each row's last n_new tokens through the model into its cache slots; logits (R, V) of the last.
-        Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
-        start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
-        chunks = [self.tokens[b][len(self.tokens[b]) - n:] for b, n in zip(rows, n_new)]
-        width = max(n_new)
-        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=self.device)  # (R, width)
-        starts = torch.tensor([len(self.tokens[b]) - n for b, n in zip(rows, n_new)], device=self.device)
-        positions = starts[:, None] + torch.arange(width, device=self.device)  # (R, width)
-        hidden = self.model(ids, positions, cache=self.cache, cache_rows=torch.tensor(rows, device=self.device))
-        last = torch.tensor(n_new, device=self.device) - 1
-        self.n_prefill_tokens += sum(n_new)
-        return self.logits(hidden[torch.arange(len(rows), device=self.device), last])  # (R, V)
+    def append(self, e: int, tokens: list[int], logprobs: list[float] | None = None) -> None:
+        """Extend episode e: sampled tokens (with their log-probs, loss mask 1) or given ones (mask 0)."""
+        self.tokens[e] += tokens
+        self.sampled[e] += [0.0 if logprobs is None else 1.0] * len(tokens)
+        self.logprobs[e] += logprobs or [0.0] * len(tokens)
 
-    def resume(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
-        """Prefill each row's last sampled token and its feedback: one call per length (UFO's feedback has one
-        or two), so no padding reaches past a row near the end of its cache. The rows in order, logits (R, V)."""
-        n_new = {b: len(self.tokens[b]) - self.spans[b][-1][1] + 1 for b in rows}
-        groups = [[b for b in rows if n_new[b] == n] for n in sorted(set(n_new.values()))]
-        return sum(groups, []), torch.cat([self.prefill(g, [n_new[b] for b in g]) for g in groups])
-
-    def decode(self, rows: list[int]) -> torch.Tensor:
-        """Feed each row's last sampled token; logits (R, V) for the next one."""
-        ids = torch.tensor([[self.tokens[b][-1]] for b in rows], device=self.device)  # (R, 1)
-        positions = torch.tensor([[len(self.tokens[b]) - 1] for b in rows], device=self.device)
-        hidden = self.model(ids, positions, cache=self.cache, cache_rows=torch.tensor(rows, device=self.device))
-        self.n_decode_steps += 1
-        return self.logits(hidden[:, 0])  # (R, V)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(R, V) over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
-        so each rank's sampler draws the same token with the same seed."""
-        m = self.model
-        return all_gather_vocab(m.logits(hidden), m.vocab_start, m.config.vocab_size, m.tp)
-
-    def append(self, b: int, tokens: list[int], logprobs: list[float] | None = None) -> None:
-        """Extend row b: sampled tokens (with their log-probs, loss mask 1) or given ones (mask 0)."""
-        self.tokens[b] += tokens
-        self.sampled[b] += [0.0 if logprobs is None else 1.0] * len(tokens)
-        self.logprobs[b] += logprobs or [0.0] * len(tokens)
-
-    def rollout(self) -> Rollout:
+    def rollout(self, n_prefill_tokens: int, n_decode_steps: int) -> Rollout:
         lengths = [len(t) for t in self.tokens]
         width = max(lengths)
         pad = lambda rows, value: [r + [value] * (width - len(r)) for r in rows]  # noqa: E731
-        return Rollout(torch.tensor(pad(self.tokens, 0)), torch.tensor(lengths),
-                       torch.tensor(pad(self.sampled, 0.0)), torch.tensor(pad(self.logprobs, 0.0)),
-                       self.spans, self.n_prefill_tokens, self.n_decode_steps)
+        return Rollout(torch.tensor(pad(self.tokens, 0)), torch.tensor(lengths), torch.tensor(pad(self.sampled, 0.0)),
+                       torch.tensor(pad(self.logprobs, 0.0)), self.spans, n_prefill_tokens, n_decode_steps)
 
 
-def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_tokens: int) -> None:
-    if max_turns < 1 or max_new_tokens < 1:
-        raise ValueError(f"max_turns and max_new_tokens must be >= 1, got {max_turns}, {max_new_tokens}")
+def rows_for_budget(model: Qwen2, n_episodes: int, max_len: int, kv_budget_bytes: int | None) -> int:
+    """Cache rows for the episodes: one each without a budget, else as many as fit next to the spare row."""
+    if kv_budget_bytes is None:
+        return n_episodes
+    per_row = kv_bytes_per_row(model, max_len)
+    rows = kv_budget_bytes // per_row - 1  # the spare row (padding) counts against the budget too
+    if rows < 1:
+        raise ValueError(f"KV budget of {kv_budget_bytes:,} bytes holds no episode: a row of max_len={max_len} "
+                         f"tokens takes {per_row:,} bytes and the sampler needs 2 rows (one episode + the spare)")
+    return min(rows, n_episodes)
+
+
+class _Run:
+    """One generate() call: rows, the waiting queue, the host's polls and the prefills."""
+
+    def __init__(self, model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, decoder: Decoder, *,
+                 max_turns: int, stop_ids: list[int], episode_ids: list[int], buckets: list[int] | None,
+                 graphs: DecodeGraphs | None, sync_every: int):
+        self.model, self.next_turn, self.decoder, self.graphs = model, next_turn, decoder, graphs
+        self.max_turns, self.stop, self.episode_ids = max_turns, set(stop_ids), episode_ids
+        self.buckets, self.sync_every, self.max_len = buckets, sync_every, decoder.max_len
+        self.episodes = _Episodes(prompts)
+        self.waiting = deque(range(len(prompts)))
+        self.free = list(range(decoder.spare))  # cache rows without an episode, lowest first
+        self.episode_of: dict[int, int] = {}  # row -> episode
+        self.to_resume: list[int] = []  # rows whose next attempt starts after their feedback is prefilled
+        self.n_prefill_tokens = self.n_decode_steps = 0
+
+    def run(self) -> Rollout:
+        while True:
+            self.admit()
+            self.resume()
+            rows = sorted(self.episode_of)
+            if not rows:
+                return self.episodes.rollout(self.n_prefill_tokens, self.n_decode_steps)
+            live, lengths = self.decoder.poll(rows)  # the stop check
+            ended = [(r, n) for r, n, is_live in zip(rows, lengths, live) if not is_live]
+            if ended:
+                self.end_attempts(ended)
+            else:
+                self.decode([(r, n) for r, n in zip(rows, lengths)])
+
+    def admit(self) -> None:
+        """Waiting episodes into free rows; their prompts prefilled in one call and their first token sampled."""
+        rows = []
+        while self.free and self.waiting:
+            e = self.waiting.popleft()
+            if len(self.episodes.tokens[e]) >= self.max_len:  # a prompt that fills max_len: an empty attempt
+                self.end_turns([e])
+                continue
+            row = self.free.pop(0)
+            self.episode_of[row] = e
+            rows.append(row)
+        if rows:
+            self.begin(rows, [len(self.episodes.tokens[self.episode_of[r]]) for r in rows])
+
+    def resume(self) -> None:
+        """Prefill each resumed row's last sampled token and its feedback: one call per length (UFO's feedback
+        has one or two), so no padding reaches past a row near the end of its cache."""
+        n_new = {r: len(self.episodes.tokens[e]) - self.episodes.spans[e][-1][1] + 1
+                 for r, e in ((r, self.episode_of[r]) for r in self.to_resume)}
+        for n in sorted(set(n_new.values())):
+            group = [r for r in self.to_resume if n_new[r] == n]
+            self.begin(group, [n] * len(group))
+        self.to_resume = []
+
+    def begin(self, rows: list[int], n_new: list[int]) -> None:
+        """Run each row's last n_new tokens through the model into its cache slots, then open its attempt.
+        Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
+        start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
+        device, tokens = self.decoder.batch.device, [self.episodes.tokens[self.episode_of[r]] for r in rows]
+        width = max(n_new)
+        ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)], device=device)
+        starts = torch.tensor([len(t) - n for t, n in zip(tokens, n_new)], device=device)
+        positions = starts[:, None] + torch.arange(width, device=device)  # (R, width)
+        rows_t = torch.tensor(rows, device=device)
+        hidden = self.model(ids, positions, cache=self.decoder.cache, cache_rows=rows_t)
+        last = hidden[torch.arange(len(rows), device=device), torch.tensor(n_new, device=device) - 1]  # (R, H)
+        self.n_prefill_tokens += sum(n_new)
+        episodes = torch.tensor([self.episode_ids[self.episode_of[r]] for r in rows], device=device)
+        self.decoder.begin(rows_t, episodes, torch.tensor([len(t) for t in tokens], device=device),
+                           self.decoder.logits(last))
+
+    def decode(self, rows: list[tuple[int, int]]) -> None:
+        """Steps for the live rows (row, length) until the next stop check: sync_every at most, and no further
+        than the first row that reaches its token limit or max_len."""
+        ep = self.episodes
+        limit = min(min(self.decoder.max_new_tokens - (n - ep.turn_start[self.episode_of[r]]), self.max_len - n)
+                    for r, n in rows)
+        n_rows = len(rows)
+        padded = n_rows if self.buckets is None else bucket_for(n_rows, self.buckets)
+        self.decoder.set_batch([r for r, _ in rows], padded)
+        for _ in range(min(self.sync_every, limit)):
+            if self.graphs is not None:
+                self.graphs.replay(padded)
+            else:
+                self.decoder.step(padded)
+            self.n_decode_steps += 1
+
+    def end_attempts(self, ended: list[tuple[int, int]]) -> None:
+        """Read the ended attempts back, hand them to next_turn; free the rows of episodes that are over."""
+        ep, rows = self.episodes, [r for r, _ in ended]
+        episodes = [self.episode_of[r] for r in rows]
+        attempts = self.decoder.sampled(rows, [ep.turn_start[e] for e in episodes], [n for _, n in ended])
+        for e, (tokens, logprobs) in zip(episodes, attempts):
+            ep.append(e, tokens, logprobs)
+        going = set(self.end_turns(episodes))
+        for r, e in zip(rows, episodes):
+            if e in going:
+                self.to_resume.append(r)
+            else:
+                del self.episode_of[r]
+                self.free.append(r)
+        self.free.sort()
+
+    def end_turns(self, episodes: list[int]) -> list[int]:
+        """Close the episodes' attempts, ask next_turn, append the feedback; the episodes that go on."""
+        ep = self.episodes
+        responses = [ep.tokens[e][ep.turn_start[e]:] for e in episodes]
+        stopped = [bool(r) and r[-1] in self.stop for r in responses]
+        replies = self.next_turn(episodes, responses, stopped)
+        if len(replies) != len(episodes):
+            raise ValueError(f"next_turn returned {len(replies)} replies for {len(episodes)} rows")
+        going = []
+        for e, reply in zip(episodes, replies):
+            ep.spans[e].append((ep.turn_start[e], len(ep.tokens[e])))
+            if reply is None or len(ep.spans[e]) >= self.max_turns or len(ep.tokens[e]) + len(reply) >= self.max_len:
+                continue  # episode over, out of turns, or no room left to sample after the feedback
+            ep.append(e, list(reply))
+            ep.turn_start[e] = len(ep.tokens[e])
+            going.append(e)
+        return going
+
+
+def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_tokens: int, episode_ids: list[int],
+           sync_every: int) -> None:
+    if max_turns < 1 or max_new_tokens < 1 or sync_every < 1:
+        raise ValueError(f"max_turns, max_new_tokens and sync_every must be >= 1, got {max_turns}, "
+                         f"{max_new_tokens}, {sync_every}")
+    if max_len > MAX_EPISODE_TOKENS:
+        raise ValueError(f"max_len={max_len} is more than the sampler's {MAX_EPISODE_TOKENS} tokens per episode")
+    if len(episode_ids) != len(prompts) or min(episode_ids, default=0) < 0:
+        raise ValueError(f"episode_ids needs one id >= 0 per prompt ({len(prompts)}), got {len(episode_ids)}")
     for b, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {b} is empty")
@@ -127,64 +232,30 @@ def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_token
 @torch.no_grad()
 def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max_turns: int, max_new_tokens: int,
              stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_len: int | None = None, feedback_len: int = 32) -> Rollout:
+             max_len: int | None = None, feedback_len: int = 32, episode_ids: list[int] | None = None,
+             kv_budget_bytes: int | None = None, cuda_graphs: bool = False, buckets: list[int] | None = None,
+             sync_every: int = SYNC_EVERY) -> Rollout:
     """Sample up to max_turns attempts per prompt (see the module docstring); greedy when temperature == 0.
 
-    next_turn gets the rows whose attempt just ended, each attempt's sampled tokens (its stop token
+    next_turn gets the episodes whose attempt just ended, each attempt's sampled tokens (its stop token
     included) and whether it ended on a stop token; it is called after every attempt, the last one
     included. max_len (default: the longest prompt + max_turns attempts + feedback_len tokens per feedback
-    turn, at most the model's max_position_embeddings) bounds each row: an attempt that reaches it ends,
-    feedback that leaves no room ends the row."""
+    turn, at most the model's max_position_embeddings) bounds each episode: an attempt that reaches it ends,
+    feedback that leaves no room ends the episode. episode_ids (default 0..B-1) key the sampling noise.
+    kv_budget_bytes bounds the KV cache (default: a row per episode). buckets (default with cuda_graphs: a
+    doubling list) pad each decode batch to a bucket's size with the spare row; cuda_graphs replays one
+    CUDA graph per bucket (CUDA only; the CPU and any failed capture decode eagerly)."""
     if not prompts:
         empty = torch.zeros(0, 0)
         return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0)
     max_len = max_len or min(max(map(len, prompts)) + max_turns * max_new_tokens + (max_turns - 1) * feedback_len,
                              model.config.max_position_embeddings)  # never past the context the model knows
-    _check(prompts, max_len, max_turns, max_new_tokens)
-    convs, stop, B = _Conversations(model, prompts, max_len), set(stop_ids), len(prompts)
-
-    def end_turns(rows: list[int]) -> list[int]:
-        """Close the rows' attempts, ask next_turn, append the feedback; the rows that go on."""
-        responses = [convs.tokens[b][convs.turn_start[b]:] for b in rows]
-        stopped = [bool(r) and r[-1] in stop for r in responses]
-        replies = next_turn(rows, responses, stopped)
-        if len(replies) != len(rows):
-            raise ValueError(f"next_turn returned {len(replies)} replies for {len(rows)} rows")
-        going = []
-        for b, reply in zip(rows, replies):
-            convs.spans[b].append((convs.turn_start[b], len(convs.tokens[b])))
-            if reply is None or len(convs.spans[b]) >= max_turns or len(convs.tokens[b]) + len(reply) >= max_len:
-                continue  # episode over, out of turns, or no room left to sample after the feedback
-            convs.append(b, list(reply))
-            convs.turn_start[b] = len(convs.tokens[b])
-            going.append(b)
-        return going
-
-    logits = convs.prefill(list(range(B)), [len(p) for p in prompts])  # (B, V)
-    ready = [b for b in range(B) if len(prompts[b]) < max_len]
-    logits = logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
-    full = [b for b in range(B) if len(prompts[b]) == max_len]
-    if full:  # a prompt that fills max_len leaves no room: its one attempt is empty
-        end_turns(full)
-    step = 0
-    while ready:
-        noise_ids = torch.tensor(ready, device=logits.device) + step * B  # a stream per (step, row)
-        tokens, logprobs = sample(logits, temperature, top_p, seed, noise_ids)
-        step += 1
-        ended, going = [], []
-        for b, token, logprob in zip(ready, tokens.tolist(), logprobs.tolist()):
-            convs.append(b, [token], [logprob])
-            over = (token in stop or len(convs.tokens[b]) - convs.turn_start[b] >= max_new_tokens
-                    or len(convs.tokens[b]) >= max_len)
-            (ended if over else going).append(b)
-        ready, parts = [], []
-        if going:
-            parts.append(convs.decode(going))
-            ready += going
-        resumed = end_turns(ended) if ended else []
-        if resumed:  # the last sampled token goes in with the feedback
-            resumed, resumed_logits = convs.resume(resumed)
-            parts.append(resumed_logits)
-            ready += resumed
-        logits = torch.cat(parts) if parts else logits[:0]
-    return convs.rollout()
+    episode_ids = list(range(len(prompts))) if episode_ids is None else list(episode_ids)
+    _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every)
+    n_rows = rows_for_budget(model, len(prompts), max_len, kv_budget_bytes)
+    buckets = buckets_for_rows(n_rows, buckets) if cuda_graphs or buckets is not None else None
+    decoder = Decoder(model, n_rows, max_len, Sampling(temperature, top_p, seed), stop_ids, max_new_tokens)
+    device = decoder.batch.device
+    graphs = DecodeGraphs.capture(decoder.step, buckets, device) if cuda_graphs and device.type == "cuda" else None
+    return _Run(model, prompts, next_turn, decoder, max_turns=max_turns, stop_ids=stop_ids, episode_ids=episode_ids,
+                buckets=buckets, graphs=graphs, sync_every=sync_every).run()

@@ -1,0 +1,134 @@
+"""The sampler's device-resident decode loop, continuous batching and CUDA-graph plumbing (nanoufo/decode.py,
+nanoufo/sampler.py, nanoufo/cuda_graphs.py): no host sync between two stop checks, padded static-buffer
+steps equal unpadded ones, each episode gets the tokens it gets alone, the KV cache stays within its budget,
+bad settings fail before sampling, a failed graph capture falls back to eager.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_batching.py
+"""
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_device import needs_triton
+from nanoufo import sampler as sampler_module
+from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
+from nanoufo.decode import kv_bytes_per_row
+from nanoufo.model import KVCache
+from nanoufo.sampler import generate
+from nanoufo.weights import load_model
+from test_sampler import PROMPTS, Script, first_emitted_token
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+launches = importlib.import_module("launches")
+
+EPISODE_PROMPTS = PROMPTS + [[11, 12, 13, 14], [50, 51], [70, 71, 72, 73, 74, 75]]
+TURNS = [3, 1, 2, 3, 2, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import make_hf_model
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_model(seed=3).save_pretrained(path)
+    return load_model(path).eval()
+
+
+@pytest.fixture
+def torch_paths(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+
+
+def run(model, prompts, turns, **kw):
+    kw = {"max_turns": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 7, "max_len": 40, **kw}
+    return generate(model, prompts, Script(turns), **kw)
+
+
+def episode_tokens(rollout, b):
+    return rollout.tokens[b, :int(rollout.lengths[b])].tolist()
+
+
+@needs_triton
+def test_no_host_sync_between_two_stop_checks(tiny, monkeypatch):
+    """On the GPU code path (Triton kernels, here under the interpreter) the steps between two polls raise on
+    .item(), .tolist(), .cpu(), nonzero or a device-to-host copy; the whole rollout still completes."""
+    decode, guarded = sampler_module._Run.decode, []
+
+    def decode_without_syncs(self, rows):
+        with launches.forbidding_host_syncs():
+            decode(self, rows)
+        guarded.append(self.n_decode_steps)
+    monkeypatch.setattr(sampler_module._Run, "decode", decode_without_syncs)
+    stop = first_emitted_token(tiny, PROMPTS[1])
+    rollout = run(tiny, PROMPTS, [2, 1, 1, 2], stop_ids=[stop], max_new_tokens=4, sync_every=3)
+    assert guarded and guarded[-1] == rollout.n_decode_steps and int(rollout.loss_mask.sum()) > 8
+    with pytest.raises(launches.HostSync):  # and the guard does catch a sync
+        with launches.forbidding_host_syncs():
+            torch.ones(2).sum().item()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_padded_static_buffer_steps_equal_unpadded(tiny, torch_paths, temperature):
+    """Buckets pad each decode batch with the spare cache row, as a CUDA graph replay runs it."""
+    stop = first_emitted_token(tiny, PROMPTS[1])
+    kw = dict(stop_ids=[stop], temperature=temperature)
+    plain = run(tiny, EPISODE_PROMPTS, TURNS, **kw)
+    padded = run(tiny, EPISODE_PROMPTS, TURNS, buckets=[2, 8], sync_every=2, **kw)
+    assert torch.equal(plain.tokens, padded.tokens) and torch.equal(plain.loss_mask, padded.loss_mask)
+    assert (plain.logprobs - padded.logprobs).abs().max() < 1e-5
+
+
+def test_continuous_batching_gives_each_episode_its_tokens_alone_within_the_kv_budget(tiny, torch_paths,
+                                                                                      monkeypatch):
+    stop = first_emitted_token(tiny, PROMPTS[1])
+    budget = 3 * kv_bytes_per_row(tiny, 40)  # 2 episodes at a time + the spare row
+    allocated, rows_used = [], []
+    allocate, forward = KVCache.allocate.__func__, tiny.forward
+    with monkeypatch.context() as m:
+        m.setattr(KVCache, "allocate", classmethod(lambda cls, *a, **k: allocated.append(
+            allocate(cls, *a, **k)) or allocated[-1]))
+        m.setattr(tiny, "forward", lambda ids, pos, cache=None, cache_rows=None: (
+            rows_used.append((ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows)))
+        batched = run(tiny, EPISODE_PROMPTS, TURNS, stop_ids=[stop], kv_budget_bytes=budget)
+    assert len(allocated) == 1 and sum(t.numel() * t.element_size() for t in (allocated[0].k, allocated[0].v)) <= budget
+    assert {r for _, rows in rows_used for r in rows} == {0, 1}  # 7 episodes went through 2 rows
+    assert max(len(rows) for _, rows in rows_used) == 2
+    for b, prompt in enumerate(EPISODE_PROMPTS):
+        script = Script(TURNS)  # answers as it would to episode b
+        alone = generate(tiny, [prompt], lambda rows, *a: script([b] * len(rows), *a), max_turns=3, max_new_tokens=5,
+                         temperature=1.0, seed=7, max_len=40, stop_ids=[stop], episode_ids=[b])
+        assert episode_tokens(batched, b) == episode_tokens(alone, 0), f"episode {b}"
+        assert batched.turn_spans[b] == alone.turn_spans[0]
+        n = int(alone.lengths[0])
+        assert (batched.logprobs[b, :n] - alone.logprobs[0, :n]).abs().max() < 1e-5
+    assert sum(len(s) for s in batched.turn_spans) == sum(TURNS)
+
+
+def test_bad_settings_fail_before_sampling(tiny, torch_paths, monkeypatch):
+    monkeypatch.setattr(tiny, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    script = Script([1] * 4)
+    row = kv_bytes_per_row(tiny, 40)
+    with pytest.raises(ValueError, match=rf"KV budget of {row:,} bytes holds no episode: a row of max_len=40"):
+        generate(tiny, PROMPTS, script, max_turns=1, max_new_tokens=3, stop_ids=[], max_len=40, kv_budget_bytes=row)
+    with pytest.raises(ValueError, match=r"bucket list \[1, 2\] does not cover a batch of 4 rows"):
+        generate(tiny, PROMPTS, script, max_turns=1, max_new_tokens=3, stop_ids=[], buckets=[1, 2])
+    with pytest.raises(ValueError, match="prompt 0 has 7 tokens, more than max_len=6"):
+        generate(tiny, PROMPTS, script, max_turns=1, max_new_tokens=3, stop_ids=[], max_len=6)
+    assert script.calls == []
+
+
+def test_bucket_choice():
+    assert [bucket_for(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert buckets_for_rows(5, None) == [1, 2, 4, 5]  # the default list, topped by the row count
+    assert buckets_for_rows(6, [8, 1, 4, 16]) == [1, 4, 8]  # buckets past the one holding every row: unused
+    with pytest.raises(ValueError, match=">= 1"):
+        buckets_for_rows(3, [0, 4])
+
+
+def test_failed_graph_capture_falls_back_to_eager_with_one_warning():
+    steps = []
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding eagerly") as caught:
+        assert DecodeGraphs.capture(steps.append, [1, 2], torch.device("cpu")) is None
+    assert len(caught) == 1 and "\n" not in str(caught[0].message) and steps == []
