@@ -163,6 +163,22 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def mid_attempt_decoder(model: Qwen2, batch: int, context: int, steps: int, seed: int = 0,
+                        cuda_graphs: bool = False) -> Callable[[], None]:
+    """The sampler's decode step (nanoufo/decode.py) for `batch` rows in the middle of an attempt at `context`
+    tokens, runnable `steps` times: a CUDA graph replay with cuda_graphs (captured before any row is live, as
+    the sampler does), else the eager step. The cache holds zeros: attention reads the same slots anyway."""
+    from nanoufo.cuda_graphs import DecodeGraphs
+    from nanoufo.decode import Decoder, Sampling
+    max_len = context + steps + 2
+    decoder = Decoder(model, batch, max_len, Sampling(1.0, 1.0, seed), stop_ids=[], max_new_tokens=max_len)
+    graphs = DecodeGraphs.capture(decoder.step, [batch], decoder.batch.device) if cuda_graphs else None
+    rows = torch.arange(batch, device=decoder.batch.device)
+    decoder.length[rows], decoder.live[rows] = context, True
+    decoder.set_batch(list(range(batch)), batch)
+    return (lambda: graphs.replay(batch)) if graphs is not None else (lambda: decoder.step(batch))
+
+
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
     """(fn(), wall seconds) with the GPU drained before and after."""
     synchronize()

@@ -147,19 +147,8 @@ def forbidding_host_syncs():
     return counting(LaunchCounter(strict=True))
 
 
-def sampler_decode_step(model, batch: int, context: int):
-    """The sampler's decode step (nanoufo/decode.py: forward on the cache, LM head, sampling, the device-side
-    bookkeeping) for `batch` rows in the middle of an attempt at `context` tokens."""
-    from nanoufo.decode import Decoder, Sampling
-    decoder = Decoder(model, batch, context + 4, Sampling(1.0, 1.0, seed=0), stop_ids=[], max_new_tokens=context)
-    rows = torch.arange(batch)
-    decoder.length[rows], decoder.live[rows] = context, True
-    decoder.set_batch(rows.tolist(), batch)
-    return lambda: decoder.step(batch)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    from common import PRESETS
+    from common import PRESETS, mid_attempt_decoder
     from kernels.dispatch import interpreting
     from nanoufo.model import Qwen2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -175,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Qwen2(config).eval()
     with torch.no_grad():
         model.init_weights(torch.Generator().manual_seed(0))
-        step = sampler_decode_step(model, args.batch, args.context)
+        step = mid_attempt_decoder(model, args.batch, args.context, steps=2)
         step()  # warm-up outside the count
         counter = count_decode_step(step, list(model.model.layers))
     per_layer = counter.launches["layer"] / args.layers

@@ -9,28 +9,44 @@ max_new_tokens sampled per attempt, temperature 1).
 
 Per batch: sampled tokens/s of both engines and the speed-up; prefill tokens per episode of both; the
 sampler's wall time per decode step (whole rollout / decode steps: prefills and host work included);
-and one decode step timed alone (model forward on the cache, LM head, sampling kernel) at the episode's
-mean context, against its roofline: (weight bytes + KV bytes read) / HBM bandwidth. Prints a table and a
-final JSON line. Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
+and one decode step of the sampler timed alone (nanoufo/decode.py: model forward on the cache, LM head,
+sampling kernel, device-side bookkeeping; a CUDA graph replay with --cuda-graphs) at the episode's mean
+context, against its roofline: (weight bytes + KV bytes read) / HBM bandwidth; batch_fill = decoded rows per
+step / cache rows. --random-turns ends each episode at a random turn (seeded) instead of running all turns,
+the workload continuous batching is for; --kv-budget-gb bounds the sampler's KV cache (rows are reused).
+Prints a table and a final JSON line. Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 """
 import torch
 
 from common import (all_wrong, build_model, feedback_ids, free_memory, hbm_and_flops, hf_twin, kv_bytes_per_token,
-                    parse_args, ratio, report, synthetic_prompts, timed)
-from kernels.sampling import sample
-from nanoufo.model import KVCache, Qwen2
+                    mid_attempt_decoder, parse_args, ratio, report, synthetic_prompts, timed)
+from nanoufo.model import Qwen2
 from nanoufo.sampler import generate
 
 COLUMNS = ["batch", "tokens_per_s", "hf_tokens_per_s", "speedup", "prefill_per_episode", "hf_prefill_per_episode",
-           "sampler_ms_per_step", "decode_step_ms", "roofline_ms", "step_over_roofline"]
+           "sampler_ms_per_step", "batch_fill", "decode_step_ms", "roofline_ms", "step_over_roofline"]
 
 
-def run_nanoufo(model: Qwen2, prompts: list[list[int]], feedback: list[int], turns: int, max_new_tokens: int,
-                seed: int) -> dict:
-    rollout, seconds = timed(lambda: generate(model, prompts, all_wrong(feedback), max_turns=turns,
-                                              max_new_tokens=max_new_tokens, stop_ids=[], temperature=1.0, seed=seed))
+def random_turns(feedback: list[int], turns: int, batch: int, seed: int):
+    """next_turn for the --random-turns workload: episode b ends after a seeded random number of attempts."""
+    g = torch.Generator().manual_seed(seed + 2)
+    last = torch.randint(1, turns + 1, (batch,), generator=g).tolist()
+    seen = [0] * batch
+
+    def next_turn(rows, responses, stopped):
+        for b in rows:
+            seen[b] += 1
+        return [None if seen[b] >= last[b] else list(feedback) for b in rows]
+    return next_turn
+
+
+def run_nanoufo(model: Qwen2, prompts: list[list[int]], next_turn, turns: int, max_new_tokens: int, seed: int,
+                **options) -> dict:
+    rollout, seconds = timed(lambda: generate(model, prompts, next_turn, max_turns=turns, max_new_tokens=max_new_tokens,
+                                              stop_ids=[], temperature=1.0, seed=seed, **options))
     return dict(seconds=seconds, sampled=int(rollout.loss_mask.sum()), prefill=rollout.n_prefill_tokens,
-                decode_steps=rollout.n_decode_steps)
+                decode_steps=rollout.n_decode_steps,
+                batch_fill=rollout.n_decode_rows / max(rollout.n_decode_steps * rollout.n_cache_rows, 1))
 
 
 @torch.no_grad()
@@ -62,26 +78,14 @@ def run_transformers(hf, prompts: list[list[int]], feedback: list[int], turns: i
 
 
 @torch.no_grad()
-def decode_step_seconds(model: Qwen2, batch: int, context: int, steps: int, seed: int) -> float:
-    """One decode step as the sampler runs it (forward on the cache, LM head, sampling), timed alone.
-
-    The cache holds zeros: attention reads the same `context` slots per row whatever they hold."""
-    weight = model.lm_head_weight
-    cache = KVCache.allocate(model.config, batch, context + steps + 1, weight.device, weight.dtype)
-    rows = torch.arange(batch, device=weight.device)
-    tokens = torch.zeros(batch, dtype=torch.long, device=weight.device)
-
-    def step(i: int) -> torch.Tensor:
-        positions = torch.full((batch, 1), context + i, device=weight.device)  # (B, 1)
-        logits = model.logits(model(tokens[:, None], positions, cache=cache, cache_rows=rows)[:, 0])  # (B, V)
-        return sample(logits, 1.0, 1.0, seed, rows + i * batch)[0]
-
-    tokens = step(0)  # warm-up: kernel compilation and autotuning
+def decode_step_seconds(model: Qwen2, batch: int, context: int, steps: int, seed: int, cuda_graphs: bool) -> float:
+    """One decode step as the sampler runs it (bench/common.py mid_attempt_decoder), timed alone."""
+    step = mid_attempt_decoder(model, batch, context, steps + 1, seed, cuda_graphs)
+    step()  # warm-up: kernel compilation and autotuning
 
     def run():
-        nonlocal tokens
-        for i in range(1, steps + 1):
-            tokens = step(i)
+        for _ in range(steps):
+            step()
     return timed(run)[1] / steps
 
 
@@ -95,18 +99,21 @@ def decode_roofline_seconds(model: Qwen2, batch: int, context: int) -> float | N
     return (weight_bytes + kv_bytes) / bandwidth
 
 
-def bench_batch(model: Qwen2, preset, batch: int, seed: int, skip_transformers: bool, decode_steps: int) -> dict:
+def bench_batch(model: Qwen2, preset, batch: int, seed: int, args) -> dict:
     prompts, feedback = synthetic_prompts(preset, batch, seed), feedback_ids(preset)
-    work = (feedback, preset.turns, preset.max_new_tokens, seed)
+    options = dict(cuda_graphs=args.cuda_graphs,
+                   kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
+    next_turn = random_turns(feedback, preset.turns, batch, seed) if args.random_turns else all_wrong(feedback)
     generate(model, prompts[:2], all_wrong(feedback), max_turns=2, max_new_tokens=2, stop_ids=[])  # warm-up
-    ours = run_nanoufo(model, prompts, *work)
+    ours = run_nanoufo(model, prompts, next_turn, preset.turns, preset.max_new_tokens, seed, **options)
     free_memory()
     row = dict(batch=batch, sampled_tokens=ours["sampled"], tokens_per_s=ours["sampled"] / ours["seconds"],
                prefill_per_episode=ours["prefill"] / batch, decode_steps=ours["decode_steps"],
-               sampler_ms_per_step=1e3 * ours["seconds"] / ours["decode_steps"], seconds=ours["seconds"])
-    if not skip_transformers:
+               sampler_ms_per_step=1e3 * ours["seconds"] / ours["decode_steps"], seconds=ours["seconds"],
+               batch_fill=ours["batch_fill"])
+    if not args.skip_transformers:
         hf = hf_twin(model)
-        theirs = run_transformers(hf, prompts, *work)
+        theirs = run_transformers(hf, prompts, feedback, preset.turns, preset.max_new_tokens, seed)
         del hf
         free_memory()
         row |= dict(hf_sampled_tokens=theirs["sampled"], hf_tokens_per_s=theirs["sampled"] / theirs["seconds"],
@@ -114,7 +121,7 @@ def bench_batch(model: Qwen2, preset, batch: int, seed: int, skip_transformers: 
         row["speedup"] = ratio(row["tokens_per_s"], row["hf_tokens_per_s"])
     mean_prompt = sum(map(len, prompts)) / batch
     context = round(mean_prompt + (preset.turns * preset.max_new_tokens + (preset.turns - 1) * len(feedback)) / 2)
-    step = decode_step_seconds(model, batch, context, decode_steps, seed)
+    step = decode_step_seconds(model, batch, context, args.decode_steps, seed, args.cuda_graphs)
     roof = decode_roofline_seconds(model, batch, context)
     row |= dict(decode_context=context, decode_step_ms=1e3 * step, roofline_ms=None if roof is None else 1e3 * roof,
                 step_over_roofline=ratio(step, roof))
@@ -125,13 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--skip-transformers", action="store_true", help="time nanoufo's sampler only")
         parser.add_argument("--decode-steps", type=int, default=None, help="steps in the alone-timed decode")
+        parser.add_argument("--cuda-graphs", action="store_true", help="decode steps as CUDA graph replays")
+        parser.add_argument("--kv-budget-gb", type=float, default=0.0, help="the sampler's KV cache (0: a row each)")
+        parser.add_argument("--random-turns", action="store_true", help="episodes end at a random turn (seeded)")
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     preset = args.preset
     model = build_model(preset, args.seed).eval()
-    steps = args.decode_steps or (20 if preset.device == "cuda" else 2)
-    rows = [bench_batch(model, preset, b, args.seed, args.skip_transformers, steps) for b in args.batch]
+    args.decode_steps = args.decode_steps or (20 if preset.device == "cuda" else 2)
+    rows = [bench_batch(model, preset, b, args.seed, args) for b in args.batch]
     return report("rollout", preset, rows, COLUMNS, turns=preset.turns, max_new_tokens=preset.max_new_tokens,
-                  feedback_len=len(feedback_ids(preset)), params=model.num_params())
+                  feedback_len=len(feedback_ids(preset)), params=model.num_params(), cuda_graphs=args.cuda_graphs,
+                  kv_budget_gb=args.kv_budget_gb, random_turns=args.random_turns)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,13 @@ class Rollout:
     turn_spans: list[list[tuple[int, int]]]  # per row, [start, end) of each attempt's sampled tokens
     n_prefill_tokens: int  # tokens that went through prefill (prompts, and feedback with the token before it)
     n_decode_steps: int  # single-token forward calls
+    n_decode_rows: int = 0  # rows decoded, summed over the decode steps (padding left out)
+    n_cache_rows: int = 0  # KV-cache rows the episodes shared (the spare row left out)
 
     def to(self, device) -> "Rollout":
         return Rollout(self.tokens.to(device), self.lengths.to(device), self.loss_mask.to(device),
-                       self.logprobs.to(device), self.turn_spans, self.n_prefill_tokens, self.n_decode_steps)
+                       self.logprobs.to(device), self.turn_spans, self.n_prefill_tokens, self.n_decode_steps,
+                       self.n_decode_rows, self.n_cache_rows)
 
 
 class _Episodes:
@@ -71,12 +74,12 @@ class _Episodes:
         self.sampled[e] += [0.0 if logprobs is None else 1.0] * len(tokens)
         self.logprobs[e] += logprobs or [0.0] * len(tokens)
 
-    def rollout(self, n_prefill_tokens: int, n_decode_steps: int) -> Rollout:
+    def rollout(self, *counts: int) -> Rollout:
         lengths = [len(t) for t in self.tokens]
         width = max(lengths)
         pad = lambda rows, value: [r + [value] * (width - len(r)) for r in rows]  # noqa: E731
         return Rollout(torch.tensor(pad(self.tokens, 0)), torch.tensor(lengths), torch.tensor(pad(self.sampled, 0.0)),
-                       torch.tensor(pad(self.logprobs, 0.0)), self.spans, n_prefill_tokens, n_decode_steps)
+                       torch.tensor(pad(self.logprobs, 0.0)), self.spans, *counts)
 
 
 def rows_for_budget(model: Qwen2, n_episodes: int, max_len: int, kv_budget_bytes: int | None) -> int:
@@ -105,7 +108,7 @@ class _Run:
         self.free = list(range(decoder.spare))  # cache rows without an episode, lowest first
         self.episode_of: dict[int, int] = {}  # row -> episode
         self.to_resume: list[int] = []  # rows whose next attempt starts after their feedback is prefilled
-        self.n_prefill_tokens = self.n_decode_steps = 0
+        self.n_prefill_tokens = self.n_decode_steps = self.n_decode_rows = 0
 
     def run(self) -> Rollout:
         while True:
@@ -113,7 +116,8 @@ class _Run:
             self.resume()
             rows = sorted(self.episode_of)
             if not rows:
-                return self.episodes.rollout(self.n_prefill_tokens, self.n_decode_steps)
+                return self.episodes.rollout(self.n_prefill_tokens, self.n_decode_steps, self.n_decode_rows,
+                                             self.decoder.spare)
             live, lengths = self.decoder.poll(rows)  # the stop check
             ended = [(r, n) for r, n, is_live in zip(rows, lengths, live) if not is_live]
             if ended:
@@ -177,6 +181,7 @@ class _Run:
             else:
                 self.decoder.step(padded)
             self.n_decode_steps += 1
+            self.n_decode_rows += n_rows
 
     def end_attempts(self, ended: list[tuple[int, int]]) -> None:
         """Read the ended attempts back, hand them to next_turn; free the rows of episodes that are over."""

@@ -69,6 +69,15 @@ def test_rollout_script(capsys):
     assert row["hf_prefill_per_episode"] > row["prefill_per_episode"] > 0  # the history is re-prefilled
     assert row["decode_steps"] == TINY.turns * (TINY.max_new_tokens - 1)  # each first token comes from a prefill
     assert row["decode_step_ms"] > 0 and row["roofline_ms"] is None  # no roofline on the CPU
+    assert row["batch_fill"] == 1.0  # every episode runs every turn: the batch never thins
+
+
+def test_rollout_script_random_turns_under_a_kv_budget(capsys):
+    """Episodes end at random turns and share 2 cache rows (the budget holds 3 rows of 170 slots, spare included)."""
+    result = run_script("rollout", capsys, "--random-turns", "--kv-budget-gb", "2.5e-4", "--skip-transformers")
+    (row,) = result["rows"]
+    assert result["random_turns"] and 0 < row["sampled_tokens"] < row["batch"] * TINY.turns * TINY.max_new_tokens
+    assert 0.5 < row["batch_fill"] <= 1.0
 
 
 def test_train_step_script(capsys):
