@@ -101,6 +101,11 @@ step microbench bench.log 150 60 "$PY" -m pytest -q bench --benchmark-only -k "n
 # The documented workload (5 turns x 512 tokens): 2,555 decode steps, likely launch-bound at ~15 ms each
 # (28 layers x ~50 eager ops), so ~40 s, + model build, Triton compiles and the alone-timed decode step.
 step "rollout-$SMALL" e2e.log 120 60 "$PY" bench/rollout.py "${E2E[@]}" --skip-transformers
+# Issue 14: the sampler's decode step without host syncs (checked on the GPU) and as CUDA graph replays (graph
+# steps equal eager ones), then the workload above with graphs (15 bucket captures, then ~2,555 replays).
+step sampler-tests tests.log 60 20 env NANOUFO_TEST_DEVICE="$TEST_DEVICE" "$PY" -m pytest -q tests/test_batching.py \
+    -k "sync or graph"
+step "rollout-$SMALL-graphs" e2e.log 100 45 "$PY" bench/rollout.py "${E2E[@]}" --skip-transformers --cuda-graphs
 # ~5 PFLOP (9 forward-equivalents over 181k tokens) at 30-40% MFU: ~20 s, + three models and a warm-up.
 step "train-$SMALL-fused" e2e.log 100 50 "$PY" bench/train_step.py "${E2E[@]}" --impl fused --minibatch "$MINIBATCH"
 # Reduced: 3 turns x 128 tokens (contexts up to ~630, 3 decode splits), a bf16 and an fp32 rollout: ~35 s.

@@ -1,25 +1,28 @@
 """The sampler's device-resident decode loop, continuous batching and CUDA-graph plumbing (nanoufo/decode.py,
 nanoufo/sampler.py, nanoufo/cuda_graphs.py): no host sync between two stop checks, padded static-buffer
 steps equal unpadded ones, each episode gets the tokens it gets alone, the KV cache stays within its budget,
-bad settings fail before sampling, a failed graph capture falls back to eager.
+bad settings fail before sampling, a failed graph capture falls back to eager; on a GPU
+(NANOUFO_TEST_DEVICE=cuda, bench/gpu_session.sh) the model runs there and CUDA-graph steps equal eager ones.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_batching.py
+    NANOUFO_TEST_DEVICE=cuda python -m pytest -q tests/test_batching.py -k "sync or graph"
 """
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from kernel_device import needs_triton
+from kernel_device import DEVICE, ON_GPU, needs_triton
 from nanoufo import sampler as sampler_module
 from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
 from nanoufo.decode import kv_bytes_per_row
 from nanoufo.model import KVCache
 from nanoufo.sampler import generate
 from nanoufo.weights import load_model
-from test_sampler import PROMPTS, Script, first_emitted_token
+from test_sampler import PROMPTS, Script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 launches = importlib.import_module("launches")
@@ -33,7 +36,7 @@ def tiny(tmp_path_factory):
     from conftest import make_hf_model
     path = tmp_path_factory.mktemp("tiny")
     make_hf_model(seed=3).save_pretrained(path)
-    return load_model(path).eval()
+    return load_model(path, device=DEVICE).eval()
 
 
 @pytest.fixture
@@ -44,6 +47,13 @@ def torch_paths(monkeypatch):
 def run(model, prompts, turns, **kw):
     kw = {"max_turns": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 7, "max_len": 40, **kw}
     return generate(model, prompts, Script(turns), **kw)
+
+
+def first_emitted_token(model, prompt):
+    """A token the model emits greedily soon after the prompt, used as a stop token (so stops happen)."""
+    out = generate(model, [prompt], lambda rows, *_: [None] * len(rows), max_turns=1, max_new_tokens=3, stop_ids=[],
+                   temperature=0.0)
+    return int(out.tokens[0, len(prompt) + 2])
 
 
 def episode_tokens(rollout, b):
@@ -125,6 +135,18 @@ def test_bucket_choice():
     assert buckets_for_rows(6, [8, 1, 4, 16]) == [1, 4, 8]  # buckets past the one holding every row: unused
     with pytest.raises(ValueError, match=">= 1"):
         buckets_for_rows(3, [0, 4])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (NANOUFO_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_graph_steps_equal_eager_steps(tiny, temperature):
+    stop = first_emitted_token(tiny, PROMPTS[1])
+    kw = dict(stop_ids=[stop], temperature=temperature, buckets=[2, 4, 8])
+    eager = run(tiny, EPISODE_PROMPTS, TURNS, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would fall back silently to eager: fail instead
+        graphs = run(tiny, EPISODE_PROMPTS, TURNS, cuda_graphs=True, **kw)
+    assert torch.equal(eager.tokens, graphs.tokens) and (eager.logprobs - graphs.logprobs).abs().max() < 1e-5
 
 
 def test_failed_graph_capture_falls_back_to_eager_with_one_warning():
