@@ -258,9 +258,9 @@ def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max
     episode_ids = list(range(len(prompts))) if episode_ids is None else list(episode_ids)
     _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every)
     n_rows = rows_for_budget(model, len(prompts), max_len, kv_budget_bytes)
+    cuda_graphs = cuda_graphs and model.lm_head_weight.is_cuda  # the CPU always decodes eagerly
     buckets = buckets_for_rows(n_rows, buckets) if cuda_graphs or buckets is not None else None
     decoder = Decoder(model, n_rows, max_len, Sampling(temperature, top_p, seed), stop_ids, max_new_tokens)
-    device = decoder.batch.device
-    graphs = DecodeGraphs.capture(decoder.step, buckets, device) if cuda_graphs and device.type == "cuda" else None
+    graphs = DecodeGraphs.capture(decoder.step, buckets, decoder.batch.device) if cuda_graphs else None
     return _Run(model, prompts, next_turn, decoder, max_turns=max_turns, stop_ids=stop_ids, episode_ids=episode_ids,
                 buckets=buckets, graphs=graphs, sync_every=sync_every).run()

@@ -149,6 +149,14 @@ def test_cuda_graph_steps_equal_eager_steps(tiny, temperature):
     assert torch.equal(eager.tokens, graphs.tokens) and (eager.logprobs - graphs.logprobs).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU case")
+def test_cuda_graphs_on_the_cpu_decode_eagerly(tiny, torch_paths):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no capture is tried, so no fallback warning either
+        graphs = run(tiny, PROMPTS, [2] * 4, stop_ids=[], cuda_graphs=True)
+    assert torch.equal(graphs.tokens, run(tiny, PROMPTS, [2] * 4, stop_ids=[]).tokens)
+
+
 def test_failed_graph_capture_falls_back_to_eager_with_one_warning():
     steps = []
     with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding eagerly") as caught:
