@@ -173,10 +173,17 @@ def _master_moves(model, optimizer, start: list) -> dict:
 
 
 def _flat_slices(model, full_moves: dict) -> torch.Tensor:
-    """One process's moves cut to the slices this rank's model holds, flattened in parameter order."""
-    from nanoufo.parallel import shard_specs
-    shards = shard_specs(model)
-    return torch.cat([(shards[n].take(full_moves[n]) if n in shards else full_moves[n]).flatten()
+    """One process's moves cut to the slices this rank's model holds, flattened in parameter order (a merged
+    projection's rank slice is its parts' slices, concatenated)."""
+    from nanoufo.model import Qwen2
+    from nanoufo.parallel import hf_tensors
+    with torch.device("meta"):
+        whole = hf_tensors(Qwen2(model.config, value_head=model.value_head is not None))
+    parts = {}  # this rank's parameter name -> [(first row, slice)]
+    for name, where in hf_tensors(model).items():
+        full = whole[name].local(full_moves)
+        parts.setdefault(where.param, []).append((where.row, full if where.shard is None else where.shard.take(full)))
+    return torch.cat([torch.cat([t for _, t in sorted(parts[n], key=lambda p: p[0])]).flatten()
                       for n, _ in model.named_parameters()])
 
 
