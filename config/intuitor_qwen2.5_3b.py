@@ -45,6 +45,12 @@ kl_in = "loss"
 whiten_advantages = False
 aggregation = "token-mean"
 
+# memory: python -m nanoufo.plan config/intuitor_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 says it fits
+micro_batch_tokens = 8192  # per forward/backward; gradients accumulate over the minibatch of 112 episodes
+pack_sequences = True
+checkpoint_activations = False
+rollout_rows = 256  # episodes sampled at once (896 per step)
+
 max_steps = 200
 eval_interval = 20
 ckpt_interval = 20

@@ -97,3 +97,17 @@ def test_evaluate_pass_at_k_uses_single_turn_samples(qwen_tiny, qwen_tokenizer, 
     assert table["pass@1"] == pytest.approx((0.5 + 0.5 + 0) / 3) and table["pass@2"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="mode"):
         evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, mode="best")
+
+
+def test_waves_of_rows_give_the_same_greedy_episodes(qwen_tiny, qwen_tokenizer, solve_at):
+    """rows_per_wave bounds the rows sampled at once; greedy episodes are the same, in the same rows."""
+    solve_at({"5": 0, "2.5": 2})
+    env = UFOEnv(qwen_tokenizer, max_turns=3)
+    run = lambda **kw: run_episodes(qwen_tiny, env, PROBLEMS, max_new_tokens=3, temperature=0.0, **kw)
+    whole, episodes = run()
+    solve_at({"5": 0, "2.5": 2})  # the schedule again, from its start
+    waves, wave_episodes = run(rows_per_wave=2)
+    assert [e.turns for e in wave_episodes] == [e.turns for e in episodes] == [1, 3, 3]
+    T = int(whole.lengths.max())
+    assert waves.tokens[:, :T].tolist() == whole.tokens[:, :T].tolist() and waves.turn_spans == whole.turn_spans
+    assert waves.loss_mask[:, :T].tolist() == whole.loss_mask[:, :T].tolist()
