@@ -198,8 +198,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
         k, v = k[cache_rows, :S], v[cache_rows, :S]  # (B, S, Hkv, D)
         mask = mask[:, None]  # (B, 1, T, S)
     elif layout.seq_lens is not None:
-        return torch.cat([_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], None)
-                          for s, e in zip(accumulate([0, *layout.seq_lens[:-1]]), accumulate(layout.seq_lens))], dim=1)
+        parts = (x.split(layout.seq_lens, dim=1) for x in (q, k, v))  # split: one op back in the backward
+        return torch.cat([_sdpa(*qkv, None) for qkv in zip(*parts)], dim=1)
     else:
         mask = layout.mask
     return _sdpa(q, k, v, mask)

@@ -231,3 +231,42 @@ def test_vectorised_gae_equals_the_loop(gamma, lam):
     got, want = rl.gae(rewards, values, mask, gamma, lam), _gae_loop(rewards, values, mask, gamma, lam)
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    cfg = TrainConfig(micro_batch_tokens=24)
+    batch = uneven_batch()
+    results = []
+    for checkpointed in (False, True):
+        actor, critic = models()
+        actor.checkpoint_activations = critic.checkpoint_activations = checkpointed
+        accumulate_gradients(cfg, actor, critic, batch, LENGTHS)
+        results.append(grads(actor, critic))
+    assert_grads_close(results[1], results[0], tol=1e-6)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a value back to the host (.item(), bool(), int())."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_packing_is_found_once_per_forward_and_never_with_lengths():
+    config = replace(TINY, num_hidden_layers=4)
+    model = Qwen2(config)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two sequences packed in one row
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    with torch.no_grad(), HostReads() as from_positions:
+        by_positions = model(ids, positions)
+    with torch.no_grad(), HostReads() as from_lengths:
+        by_lengths = model(ids, positions, seq_lens=[5, 7])
+    assert from_positions.reads == 1 and from_lengths.reads == 0  # not once per layer
+    assert (by_positions - by_lengths).abs().max() < 1e-5
+    alone = model(ids[:, 5:], torch.arange(7)[None])  # the second sequence sees none of the first
+    assert (by_lengths[:, 5:] - alone).abs().max() < 1e-5
