@@ -40,7 +40,7 @@ class Preset:
     turns: int = 5
     max_new_tokens: int = 512
     prompt_len: tuple[int, int] = (64, 224)
-    minibatch: int = 4  # episodes per optimizer step in the PPO update (the trainer has no micro-batching)
+    minibatch: int = 4  # episodes per optimizer step in the PPO update (default: no micro-batching)
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
 
