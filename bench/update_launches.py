@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nanoufo import trainer
+from nanoufo import parallel, rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.sampler import Rollout
@@ -131,6 +131,23 @@ def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: i
                 optimizer_syncs_per_minibatch=update.counts["optimizer_syncs"] / n_minibatches)
 
 
+def count_parts(layers: int = 28, rows: int = 64, T: int = 2832) -> dict:
+    """Launches of gradient clipping on a model with the 1.5B shape's parameter count (28 blocks, narrow) and
+    of GAE on a (rows, T) batch: the two loops the issue names."""
+    shape = dataclasses.replace(SHAPE, num_hidden_layers=layers)
+    model = Qwen2(shape, value_head=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with OpCounter() as clip:
+        parallel.clip_grad_norm_(model, 1.0, parallel.SINGLE)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(rows, T, generator=g) > 0.2).float()
+    with OpCounter() as gae:
+        rl.gae(torch.randn(rows, T, generator=g), torch.randn(rows, T, generator=g), mask, 1.0, 1.0)
+    return dict(parameters=len(list(model.parameters())), clip_launches=clip.counts["launches"], gae_rows=rows,
+                gae_T=T, gae_launches=gae.counts["launches"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -140,6 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     for budget in args.micro_batch_tokens:
         print(json.dumps(count(args.batch, args.minibatch, budget, args.max_new_tokens)))
+    print(json.dumps(count_parts()))
 
 
 if __name__ == "__main__":
