@@ -121,7 +121,8 @@ def _row_sums_triton(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig
         logp if weights is None else weights, dloss,
         sums, n_rows, n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
         float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
-        HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
+        HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
+        STORE_GRAD=store_grad,
         BLOCK=block, ACC=_TL_ACC[acc], num_warps=4)
     return sums.sum(2), (dloss if store_grad else None)
 

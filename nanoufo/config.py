@@ -206,6 +206,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     for key in ("micro_batch_tokens", "rollout_rows"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be >= 0 (0: no limit)")
+    if 0 < cfg.micro_batch_tokens < cfg.max_turns * cfg.max_new_tokens:
+        raise ValueError(f"config: micro_batch_tokens={cfg.micro_batch_tokens} is smaller than an episode's "
+                         f"attempts alone (max_turns x max_new_tokens = {cfg.max_turns * cfg.max_new_tokens}); "
+                         f"a micro-batch must hold the longest episode")
     if cfg.gpu_mem_gib < 0:
         raise ValueError(f"config: gpu_mem_gib={cfg.gpu_mem_gib} must be >= 0 (0: the device's own memory)")
     if cfg.keep_groups < 0 or cfg.keep_groups > cfg.problems_per_step:

@@ -199,8 +199,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"plan: tp={tp} does not divide --gpus={gpus}")
     config = model_config(own["model"] or cfg.init_from)
     plan = make_plan(cfg, config, tp, cfg.gpu_mem_gib or None, int(own["prompt_tokens"]))
-    print(f"{gpus} GPU(s) = DP {gpus // tp} x TP {tp}; longest episode {episode_tokens(cfg, int(own['prompt_tokens']))} "
-          f"tokens")
+    longest = episode_tokens(cfg, int(own["prompt_tokens"]))
+    print(f"{gpus} GPU(s) = DP {gpus // tp} x TP {tp}; longest episode {longest} tokens")
     print(plan.format())
     refusal = plan.refusal()
     print(refusal or "fits")

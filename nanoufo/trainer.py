@@ -8,7 +8,10 @@ reward model's step scores: nanoufo/prm.py), keeps the groups with the largest r
 the old log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio
 is exactly 1, and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
 (GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient
-clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN.
+clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN. Every
+forward (scoring and update) runs in micro-batches of at most cfg.micro_batch_tokens tokens, trajectories
+packed end to end; a minibatch's gradients accumulate over its micro-batches with per-token loss weights of
+the whole minibatch (rl.loss_weights), so the step equals the one-shot one.
 """
 import math
 from dataclasses import dataclass

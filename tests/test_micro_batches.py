@@ -87,6 +87,12 @@ def test_micro_batch_split_and_a_budget_below_the_longest_trajectory():
     assert all(torch.equal(v, weights[k]) for k, v in actor.state_dict().items())
 
 
+def test_a_budget_below_the_attempts_is_a_config_error():
+    from nanoufo.config import parse_args
+    with pytest.raises(ValueError, match=r"micro_batch_tokens=50 .*max_turns x max_new_tokens = 80"):
+        parse_args(["--micro_batch_tokens=50", "--max_turns=5", "--max_new_tokens=16"])
+
+
 def test_trajectory_lengths_end_at_the_last_sampled_token():
     assert rl.trajectory_lengths(uneven_batch().mask).tolist() == LENGTHS
     assert rl.trajectory_lengths(torch.zeros(1, 4)).tolist() == [1]

@@ -80,7 +80,8 @@ def test_the_paper_config_fits_its_gpus(args, status):
 
 
 def test_train_refuses_before_reading_weights(tmp_path):
-    """A demo run planned for a 2.05 GiB GPU (0.05 usable) stops with the plan's line, before the warm-up writes anything."""
+    """A demo run planned for a 2.05 GiB GPU (0.05 usable) stops with the plan's line before the warm-up writes
+    anything."""
     out = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}/run", "--gpu_mem_gib=2.05"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "memory plan:" in out.stderr and "Traceback" not in out.stderr
