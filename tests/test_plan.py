@@ -12,7 +12,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig, rotary_cos_sin
-from nanoufo.plan import GIB, RESERVE_GIB, activation_bytes_per_token, episode_tokens, make_plan
+from nanoufo.plan import GIB, RESERVE_GIB, activation_bytes_per_token, episode_tokens, main, make_plan
 
 SMALL = QwenConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=4096)
@@ -72,11 +72,19 @@ def test_a_plan_that_does_not_fit_names_the_knobs():
 @pytest.mark.parametrize("args, status", [(["--gpus=2", "--gpu_mem_gib=80"], 0),
                                           (["--gpus=1", "--tp=1", "--gpu_mem_gib=141"], 0),
                                           (["--gpus=1", "--tp=1", "--gpu_mem_gib=80"], 1)])
-def test_the_paper_config_fits_its_gpus(args, status):
-    out = subprocess.run([sys.executable, "-m", "nanoufo.plan", "config/ufo_qwen2.5_3b.py", *args],
+def test_the_paper_config_fits_its_gpus(args, status, capsys):
+    assert main(["config/ufo_qwen2.5_3b.py", *args]) == status
+    out = capsys.readouterr().out
+    assert ("fits" in out) == (status == 0) and "update" in out
+
+
+def test_the_plan_runs_alone():
+    out = subprocess.run([sys.executable, "-m", "nanoufo.plan", "config/ufo_qwen2.5_3b.py", "--gpus=2",
+                          "--gpu_mem_gib=80"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("fits"), out.stdout + out.stderr
+    bad = subprocess.run([sys.executable, "-m", "nanoufo.plan", "config/ufo_qwen2.5_3b.py", "--model=Qwen9"],
                          capture_output=True, text=True)
-    assert out.returncode == status, out.stdout + out.stderr
-    assert ("fits" in out.stdout) == (status == 0)
+    assert bad.returncode == 1 and "Qwen9" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_train_refuses_before_reading_weights(tmp_path):
