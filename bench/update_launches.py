@@ -1,6 +1,6 @@
 """Launches and host syncs of one PPO update on the CPU (a proxy for GPU launch and sync overhead): every
 op dispatched by build_batch and ppo_update, counted with a TorchDispatchMode, on a tiny model and a
-UFO-like length mix (episodes ending at turns 1-5). Not a timed test: counts only.
+UFO-like length mix (episodes ending at turns 1-5, common.TURN_MIX). Not a timed test: counts only.
 
     python bench/update_launches.py                    # this checkout
     PYTHONPATH=<older checkout> python bench/update_launches.py    # the same counts for another commit
@@ -21,6 +21,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from common import TURN_MIX
 from nanoufo import parallel, rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
@@ -28,7 +29,6 @@ from nanoufo.sampler import Rollout
 
 SHAPE = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)
-TURN_FREQUENCY = [0.35, 0.2, 0.15, 0.1, 0.2]  # episodes ending at turns 1..5 (the last: unsolved)
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
 
 
@@ -65,9 +65,9 @@ def step_counted_apart(optimizer, counter: OpCounter) -> None:
 
 def ufo_rollout(batch: int, max_new_tokens: int, seed: int) -> Rollout:
     """Prompt of 40 tokens, then attempts of max_new_tokens with a 12-token feedback turn between them; the
-    number of attempts drawn from TURN_FREQUENCY."""
+    number of attempts drawn from common.TURN_MIX."""
     g = torch.Generator().manual_seed(seed)
-    turns = torch.multinomial(torch.tensor(TURN_FREQUENCY), batch, replacement=True, generator=g) + 1
+    turns = torch.multinomial(torch.tensor(TURN_MIX), batch, replacement=True, generator=g) + 1
     rows, masks, spans = [], [], []
     for n in turns.tolist():
         tokens, mask, row_spans = [1] * 40, [0.0] * 40, []
