@@ -32,7 +32,9 @@ from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
+from nanoufo.model import QwenConfig
 from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
+from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
 from nanoufo.tokenizer import load_tokenizer
@@ -91,8 +93,21 @@ def problems_at(position: int, n: int) -> list:
             for i in range(position, position + n)]
 
 
-# -------------------------------------------------------------------------- models
+# -------------------------------------------------------------------------- memory plan (before any weight is read)
 start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
+try:
+    shape = QwenConfig(vocab_size=len(tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
+        else model_config(str(start_dir))
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(str(e))
+gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(ctx.device).total_memory / 2**30
+                                  if ctx.device.type == "cuda" else None)
+plan = make_plan(cfg, shape, ctx.tp_size, gpu_mem_gib)
+print0(plan.format())
+if plan.refusal():
+    sys.exit(plan.refusal())
+
+# -------------------------------------------------------------------------- models
 if cfg.is_demo and not cfg.init_from and not (start_dir / "config.json").is_file():
     if master:  # the demo's supervised warm-up, written once and reused by later runs and resumes
         model = demo.build_model(len(tokenizer), cfg.seed).to(ctx.device)

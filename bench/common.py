@@ -30,6 +30,9 @@ from nanoufo.sampler import Rollout
 from nanoufo.weights import hf_config_dict
 
 FEEDBACK_LEN = 12
+# An assumed UFO-like mix (not measured from a run): the share of episodes ending at turns 1..5, the last turn
+# also holding the unsolved ones; mixed workloads draw each row's number of attempts from it.
+TURN_MIX = (0.35, 0.2, 0.15, 0.1, 0.2)
 QWEN_VOCAB = 151936
 
 
@@ -41,7 +44,7 @@ class Preset:
     turns: int = 5
     max_new_tokens: int = 512
     prompt_len: tuple[int, int] = (64, 224)
-    minibatch: int = 4  # episodes per optimizer step in the PPO update (the trainer has no micro-batching)
+    minibatch: int = 4  # episodes per optimizer step in the PPO update (default: no micro-batching)
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
 
@@ -135,14 +138,18 @@ def all_wrong(feedback: list[int]):
     return lambda rows, responses, stopped: [list(feedback)] * len(rows)
 
 
-def synthetic_rollout(preset: Preset, batch: int, seed: int) -> Rollout:
+def synthetic_rollout(preset: Preset, batch: int, seed: int, mixed: bool = False) -> Rollout:
     """The workload's trajectories as the sampler lays them out (prompt, attempt, feedback, ..., attempt),
-    with random sampled ids: the shapes of a real rollout without running one."""
+    with random sampled ids: the shapes of a real rollout without running one. mixed: each row runs
+    1..preset.turns attempts drawn from TURN_MIX (its first preset.turns shares), else all of them."""
     g = torch.Generator().manual_seed(seed + 1)
+    shares = torch.tensor(TURN_MIX[:preset.turns] if preset.turns <= len(TURN_MIX) else [1.0] * preset.turns)
+    turns = torch.multinomial(shares, batch, replacement=True, generator=g) + 1 if mixed \
+        else torch.full((batch,), preset.turns)
     feedback, rows, masks, spans = feedback_ids(preset), [], [], []
-    for prompt in synthetic_prompts(preset, batch, seed):
+    for prompt, n_turns in zip(synthetic_prompts(preset, batch, seed), turns.tolist()):
         tokens, mask, row_spans = list(prompt), [0.0] * len(prompt), []
-        for turn in range(preset.turns):
+        for turn in range(n_turns):
             if turn:
                 tokens, mask = tokens + feedback, mask + [0.0] * len(feedback)
             sampled = torch.randint(0, preset.config.vocab_size, (preset.max_new_tokens,), generator=g).tolist()

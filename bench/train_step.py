@@ -6,6 +6,8 @@ with random weights and synthetic rewards.
     python bench/train_step.py --preset tiny                         # CPU, seconds: the harness only
     python bench/train_step.py --preset 1.5b --batch 64              # GPU, bf16, all three paths
     python bench/train_step.py --preset 3b --batch 64 --impl fused --minibatch 2
+    python bench/train_step.py --preset 3b --batch 64 --minibatch 64 --micro-batch-tokens 6144   # accumulation
+    python bench/train_step.py --preset 1.5b --batch 64 --minibatch 64 --micro-batch-tokens 8192 --turn-mix
 
 Paths (--impl): "fused" is the trainer as it runs (Triton LM-head statistics and PPO loss on CUDA);
 "reference" swaps in the PyTorch references (the full (N, V) logits materialised, then the PyTorch token
@@ -115,10 +117,13 @@ def update_flops(config: QwenConfig, lengths: torch.Tensor) -> float:
     return (1 + 3) * actor + 1 * actor + (1 + 3) * critic
 
 
-def train_config(batch: int, minibatch: int) -> TrainConfig:
+def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: bool = True) -> TrainConfig:
+    """The update's config; transformers' trunks take padded micro-batches (pack=False): their SDPA path has
+    no packed-sequence mask."""
     cfg = TrainConfig(algorithm="ufo_ppo", reward="gold", problems_per_step=batch, n_samples_per_problem=1,
                       keep_groups=0, ppo_epochs=1, minibatch_size=minibatch, actor_lr=1e-6, critic_lr=1e-5,
-                      kl_coef=0.001, kl_in="reward")
+                      kl_coef=0.001, kl_in="reward", micro_batch_tokens=micro_batch_tokens,
+                      pack_sequences=pack)
     validate(cfg)
     return cfg
 
@@ -131,13 +136,15 @@ def one_update(cfg: TrainConfig, models, optimizers, rollout, seed: int) -> dict
     return trainer.ppo_update(cfg, actor, critic, optimizers, ppo_batch, seed=seed)
 
 
-def bench_impl(preset, impl: str, batch: int, minibatch: int, seed: int) -> dict:
+def bench_impl(preset, impl: str, batch: int, minibatch: int, seed: int, micro_batch_tokens: int = 0,
+               mixed: bool = False) -> dict:
     models = build_models(preset, impl, seed)
-    cfg = train_config(batch, minibatch)
+    pack = impl != "transformers"
+    cfg = train_config(batch, minibatch, micro_batch_tokens, pack)
     optimizers = trainer.make_optimizers(cfg, models[0], models[1])
-    rollout = synthetic_rollout(preset, batch, seed)
+    rollout = synthetic_rollout(preset, batch, seed, mixed)
     with reference_losses() if impl != "fused" else nullcontext():
-        one_update(train_config(minibatch, minibatch), models, optimizers,
+        one_update(train_config(minibatch, minibatch, micro_batch_tokens, pack), models, optimizers,
                    synthetic_rollout(preset, minibatch, seed + 1), seed)  # warm-up: kernels, optimizer state
         # a minibatch step at full length has run: it fits, even if the timed update is cut short
         print(f"{impl}: warm-up update done, peak GiB {peak_memory_gib()}", file=sys.stderr, flush=True)
@@ -151,10 +158,11 @@ def bench_impl(preset, impl: str, batch: int, minibatch: int, seed: int) -> dict
                 peak_GiB=peak_memory_gib(), loss=metrics.get("loss", math.nan), updates=metrics["updates"])
 
 
-def bench_row(preset, impl: str, batch: int, minibatch: int, seed: int) -> dict:
+def bench_row(preset, impl: str, batch: int, minibatch: int, seed: int, micro_batch_tokens: int = 0,
+              mixed: bool = False) -> dict:
     """bench_impl, with a GPU out-of-memory reported as the row's error instead of ending the run."""
     try:
-        return bench_impl(preset, impl, batch, minibatch, seed)
+        return bench_impl(preset, impl, batch, minibatch, seed, micro_batch_tokens, mixed)
     except torch.OutOfMemoryError:
         return dict(batch=batch, impl=impl, minibatch=minibatch, error="OOM", peak_GiB=peak_memory_gib())
     finally:
@@ -165,14 +173,20 @@ def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
         parser.add_argument("--minibatch", type=int, default=None, help="episodes per optimizer step")
+        parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                            help="tokens per forward/backward (gradient accumulation); 0 = a whole minibatch")
+        parser.add_argument("--turn-mix", action="store_true",
+                            help="episodes end at turns 1..5 drawn from common.TURN_MIX instead of all running 5")
     args = parse_args(__doc__.splitlines()[0], argv, extra, first_batch_only=True)
     preset = args.preset
     minibatch = args.minibatch or preset.minibatch
-    rows = [bench_row(preset, impl, b, minibatch, args.seed) for b in args.batch for impl in args.impl]
+    rows = [bench_row(preset, impl, b, minibatch, args.seed, args.micro_batch_tokens, args.turn_mix)
+            for b in args.batch for impl in args.impl]
     for row in rows:
         fused = next((r for r in rows if r["batch"] == row["batch"] and r["impl"] == "fused"), None)
         row["speedup_of_fused"] = ratio(fused and fused.get("tokens_per_s"), row.get("tokens_per_s"))
     return report("train_step", preset, rows, COLUMNS + ["speedup_of_fused"], minibatch=minibatch,
+                  micro_batch_tokens=args.micro_batch_tokens, turn_mix=args.turn_mix,
                   turns=preset.turns, max_new_tokens=preset.max_new_tokens)
 
 

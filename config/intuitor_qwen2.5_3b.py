@@ -45,6 +45,12 @@ kl_in = "loss"
 whiten_advantages = False
 aggregation = "token-mean"
 
+# memory: python -m nanoufo.plan config/intuitor_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 says it fits
+micro_batch_tokens = 8192  # per forward/backward; gradients accumulate over the minibatch of 112 episodes
+pack_sequences = True
+checkpoint_activations = False
+kv_budget_gb = 16.0  # rollout KV cache per GPU: ~260 rows of 3,584 tokens at TP=2 (of 896 episodes per step)
+
 max_steps = 200
 eval_interval = 20
 ckpt_interval = 20

@@ -50,6 +50,13 @@ gamma = 1.0
 lam = 1.0
 aggregation = "token-mean"
 
+# memory: python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 (and --gpus=1 --tp=1
+# --gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 1024 + 4 x 32 = 5,760 tokens
+micro_batch_tokens = 6144  # per forward/backward; gradients accumulate over the minibatch of 64 episodes
+pack_sequences = True
+checkpoint_activations = False
+kv_budget_gb = 24.0  # rollout KV cache per GPU: ~240 rows of 5,760 tokens at TP=2 (120 at TP=1), not 512
+
 max_steps = 200
 eval_interval = 20
 ckpt_interval = 20

@@ -9,8 +9,10 @@ Per token where mask is nonzero (masked tokens are never read, so they may hold 
   loss  = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)), and for A < 0 at most -A dual_clip
         + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -20, 20))
         - entropy_coef * entropy
-Aggregation: "token-mean" over every masked token of the batch, or "seq-mean": each row's token-mean,
-averaged over the rows that have at least one token. No tokens at all gives a loss of 0, not NaN.
+Aggregation: "token-mean" over every masked token of the batch, or "seq-mean-token-mean" (short name
+"seq-mean"): each row's token-mean, averaged over the rows that have at least one token. No tokens at all
+gives a loss of 0, not NaN. With `weights` (B, T) (nanoufo.rl.loss_weights over a whole minibatch) the loss
+is sum(weights * token loss) instead: a micro-batch's share of its minibatch's aggregated loss.
 Metrics (0-d tensors, token-means over the masked tokens whatever the aggregation): clip_frac (tokens
 where the clipped branch wins, so their gradient is 0), approx_kl (KL(old || new) by the k3
 estimator ratio - 1 - log ratio), ratio_mean, and kl / entropy when ref_logp / entropy are given.
@@ -31,6 +33,7 @@ from kernels.dispatch import pick_impl
 from kernels.token_stats import acc_dtype
 
 COUNT, LOSS, CLIP, APPROX_KL, RATIO, KL, ENT = range(7)  # rows of the (7, B) per-row sums
+AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-mean")  # seq-mean is seq-mean-token-mean's short name
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -47,10 +50,10 @@ class PPOConfig:
 
 
 @triton.jit
-def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, dloss_ptr, sums_ptr,
+def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, dloss_ptr, sums_ptr,
                 n_rows, n_cols, n_blocks, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-                HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, USE_DUAL: tl.constexpr, KL_K3: tl.constexpr,
-                STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, USE_DUAL: tl.constexpr,
+                KL_K3: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -88,6 +91,10 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, dloss_pt
     if HAS_ENT:
         ent = tl.load(ent_ptr + offs, mask=tok, other=0.0).to(ACC)
         loss -= entropy_coef * ent
+    if HAS_W:  # the LOSS row becomes sum(w * loss); its gradient (and the entropy's) scales with w
+        w = tl.load(w_ptr + offs, mask=tok, other=0.0).to(ACC)
+        loss = loss * w
+        d_loss = d_loss * w
     out = sums_ptr + row * n_blocks + blk
     plane = n_rows * n_blocks  # one (B, n_blocks) plane per statistic, in COUNT .. ENT order
     tl.store(out, tl.sum(tl.where(tok, 1.0, 0.0).to(ACC), 0))
@@ -101,7 +108,7 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, dloss_pt
         tl.store(dloss_ptr + offs, tl.where(tok, d_loss, 0.0), mask=in_row)
 
 
-def _row_sums_triton(logp, old, adv, mask, ref, entropy, cfg: PPOConfig, store_grad: bool):
+def _row_sums_triton(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, store_grad: bool):
     """(7, B) per-row sums and, if store_grad, the masked d(token loss)/d(logp) (B, T)."""
     n_rows, n_cols = logp.shape
     acc = acc_dtype(logp.dtype)
@@ -110,10 +117,12 @@ def _row_sums_triton(logp, old, adv, mask, ref, entropy, cfg: PPOConfig, store_g
     sums = torch.empty((7, n_rows, n_blocks), dtype=acc, device=logp.device)  # (7, B, T-blocks)
     dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums
     _ppo_kernel[(n_rows, n_blocks)](
-        logp, old, adv, mask, logp if ref is None else ref, logp if entropy is None else entropy, dloss,
+        logp, old, adv, mask, logp if ref is None else ref, logp if entropy is None else entropy,
+        logp if weights is None else weights, dloss,
         sums, n_rows, n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
         float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
-        USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
+        HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
+        STORE_GRAD=store_grad,
         BLOCK=block, ACC=_TL_ACC[acc], num_warps=4)
     return sums.sum(2), (dloss if store_grad else None)
 
@@ -122,22 +131,22 @@ class _PPORowSums(torch.autograd.Function):
     """Kernel path: (7, B) row sums whose LOSS row is differentiable w.r.t. logp and entropy."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, old, adv, mask, ref, cfg: PPOConfig):
-        rows, dloss = _row_sums_triton(logp, old, adv, mask, ref, entropy, cfg, ctx.needs_input_grad[0])
-        ctx.save_for_backward(dloss, mask)
+    def forward(ctx, logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig):
+        rows, dloss = _row_sums_triton(logp, old, adv, mask, ref, entropy, weights, cfg, ctx.needs_input_grad[0])
+        ctx.save_for_backward(dloss, (mask != 0) if weights is None else torch.where(mask != 0, weights, 0.0))
         ctx.entropy_coef = cfg.entropy_coef
         return rows
 
     @staticmethod
     def backward(ctx, g_rows):
-        dloss, mask = ctx.saved_tensors
+        dloss, token_weight = ctx.saved_tensors  # token_weight: the mask, or the masked weights
         g = g_rows[LOSS][:, None]  # (B, 1): d(aggregated loss)/d(row loss sum)
         grad_logp = dloss * g if ctx.needs_input_grad[0] else None
-        grad_ent = (mask != 0) * (-ctx.entropy_coef * g) if ctx.needs_input_grad[1] else None
-        return grad_logp, grad_ent, None, None, None, None, None
+        grad_ent = token_weight * (-ctx.entropy_coef * g) if ctx.needs_input_grad[1] else None
+        return grad_logp, grad_ent, None, None, None, None, None, None
 
 
-def _row_sums_torch(logp, old, adv, mask, ref, entropy, cfg: PPOConfig) -> torch.Tensor:
+def _row_sums_torch(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> torch.Tensor:
     """Reference: (7, B) per-row sums, differentiable by autograd."""
     tok = mask != 0
     acc = acc_dtype(logp.dtype)
@@ -156,6 +165,8 @@ def _row_sums_torch(logp, old, adv, mask, ref, entropy, cfg: PPOConfig) -> torch
         loss = loss + cfg.kl_coef * kl
     ent = torch.zeros_like(logp) if entropy is None else torch.where(tok, entropy.to(acc), 0.0)
     loss = loss - cfg.entropy_coef * ent
+    if weights is not None:
+        loss = loss * torch.where(tok, weights.to(acc), 0.0)
     terms = (tok.to(acc), loss, (pg_clip > pg).to(acc), ratio - 1 - log_ratio, ratio, kl, ent)
     return torch.stack([torch.where(tok, term, 0.0).sum(1) for term in terms])
 
@@ -164,11 +175,14 @@ def _k3(d: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def aggregate(rows: torch.Tensor, aggregation: str, has_ref: bool, has_entropy: bool):
-    """Loss and metrics from the (7, B) per-row sums (shared by both paths)."""
+def aggregate(rows: torch.Tensor, aggregation: str, has_ref: bool, has_entropy: bool, weighted: bool = False):
+    """Loss and metrics from the (7, B) per-row sums (shared by both paths); weighted: the LOSS row already
+    holds sum(weights * loss), so the loss is its sum."""
     count = rows[COUNT]  # (B,)
     total = count.sum().clamp(min=1)
-    if aggregation == "token-mean":
+    if weighted:
+        loss = rows[LOSS].sum()
+    elif aggregation == "token-mean":
         loss = rows[LOSS].sum() / total
     else:  # seq-mean over the rows that hold tokens
         loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
@@ -178,15 +192,16 @@ def aggregate(rows: torch.Tensor, aggregation: str, has_ref: bool, has_entropy: 
     return loss, {name: (rows[i].sum() / total).detach() for name, i in names.items()}
 
 
-def _check(logp, old, adv, mask, ref, entropy, cfg: PPOConfig) -> None:
-    named = {"old_logp": old, "advantages": adv, "mask": mask, "ref_logp": ref, "entropy": entropy}
+def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> None:
+    named = {"old_logp": old, "advantages": adv, "mask": mask, "ref_logp": ref, "entropy": entropy,
+             "weights": weights}
     if logp.ndim != 2 or not logp.dtype.is_floating_point:
         raise ValueError(f"ppo_loss: logp must be a float (B, T) tensor, got {logp.dtype} {tuple(logp.shape)}")
     for name, x in named.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"ppo_loss: {name} has shape {tuple(x.shape)}, logp has {tuple(logp.shape)}")
-    if cfg.aggregation not in ("token-mean", "seq-mean") or cfg.kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"ppo_loss: aggregation must be token-mean|seq-mean and kl_estimator k1|k3, "
+    if cfg.aggregation not in AGGREGATIONS or cfg.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"ppo_loss: aggregation must be {'|'.join(AGGREGATIONS)} and kl_estimator k1|k3, "
                          f"got {cfg.aggregation!r}, {cfg.kl_estimator!r}")
     if cfg.clip_low < 0 or cfg.clip_high < 0 or (cfg.dual_clip is not None and cfg.dual_clip <= 1):
         raise ValueError(f"ppo_loss: clips must be >= 0 and dual_clip > 1 (or None), got "
@@ -197,18 +212,19 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
              ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
              clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
              kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-             aggregation: str = "token-mean", impl: str = "auto",
+             aggregation: str = "token-mean", weights: torch.Tensor | None = None, impl: str = "auto",
              block_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss scalar, metrics) of the clipped PPO surrogate over (B, T) tokens; see the module doc."""
     cfg = PPOConfig(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, aggregation,
                     block_size)
-    _check(logp, old_logp, advantages, mask, ref_logp, entropy, cfg)
+    _check(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg)
     old_logp, advantages = old_logp.detach(), advantages.detach()
+    weights = None if weights is None else weights.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
     if pick_impl(impl, logp) == "triton" and logp.numel() > 0:
         inputs = [None if x is None else x.contiguous() for x in (logp, entropy, old_logp, advantages,
-                                                                    mask, ref_logp)]
+                                                                    mask, ref_logp, weights)]
         rows = _PPORowSums.apply(*inputs, cfg)
     else:
-        rows = _row_sums_torch(logp, old_logp, advantages, mask, ref_logp, entropy, cfg)
-    return aggregate(rows, aggregation, ref_logp is not None, entropy is not None)
+        rows = _row_sums_torch(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg)
+    return aggregate(rows, aggregation, ref_logp is not None, entropy is not None, weights is not None)

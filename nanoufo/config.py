@@ -21,7 +21,7 @@ from nanoufo.rl import PRM_AGGREGATES
 ALGORITHMS = ("ufo_ppo", "grpo")
 REWARDS = ("gold", "self_certainty", "prm")
 PLACEMENTS = ("last", "per_turn", "per_step")
-AGGREGATIONS = ("token-mean", "seq-mean")
+AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-mean")  # seq-mean: seq-mean-token-mean's short name
 KL_ESTIMATORS = ("k1", "k3")
 KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
@@ -92,6 +92,11 @@ class TrainConfig:
     lam: float = 1.0
     whiten_advantages: bool = True
     aggregation: str = "token-mean"
+    # memory (nanoufo/plan.py predicts the peak per GPU from these and refuses a config that cannot fit)
+    micro_batch_tokens: int = 0  # tokens per forward/backward; gradients accumulate over a minibatch. 0 = no split
+    pack_sequences: bool = True  # micro-batches hold trajectories end to end (no padding) instead of padded rows
+    checkpoint_activations: bool = False  # recompute each transformer block in the backward
+    gpu_mem_gib: float = 0.0  # the memory plan's budget per GPU; 0 = the device's own (no check on the CPU)
     # loop
     max_steps: int = 150
     eval_interval: int = 0  # 0 = only at the start and the end
@@ -159,8 +164,9 @@ def read_config_file(path: str) -> dict:
     return values
 
 
-def parse_args(argv: list[str]) -> TrainConfig:
-    """TrainConfig from `[config.py ...] [--key=value ...]`: files first, then overrides, left to right."""
+def parse_args(argv: list[str], check_paths: bool = True) -> TrainConfig:
+    """TrainConfig from `[config.py ...] [--key=value ...]`: files first, then overrides, left to right.
+    check_paths=False skips the existence checks of checkpoint and data paths (the memory planner)."""
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -175,11 +181,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
             text = "true"
         values[key] = parse_value(key, text, "command line")
     cfg = TrainConfig(**values)
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Reject impossible settings before any model is loaded."""
     for key, value in dataclasses.asdict(cfg).items():
         if isinstance(value, float) and math.isnan(value):
@@ -198,6 +204,14 @@ def validate(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
+    if cfg.micro_batch_tokens < 0:
+        raise ValueError(f"config: micro_batch_tokens={cfg.micro_batch_tokens} must be >= 0 (0: no limit)")
+    if 0 < cfg.micro_batch_tokens < cfg.max_turns * cfg.max_new_tokens:
+        raise ValueError(f"config: micro_batch_tokens={cfg.micro_batch_tokens} is smaller than an episode's "
+                         f"attempts alone (max_turns x max_new_tokens = {cfg.max_turns * cfg.max_new_tokens}); "
+                         f"a micro-batch must hold the longest episode")
+    if cfg.gpu_mem_gib < 0:
+        raise ValueError(f"config: gpu_mem_gib={cfg.gpu_mem_gib} must be >= 0 (0: the device's own memory)")
     if cfg.keep_groups < 0 or cfg.keep_groups > cfg.problems_per_step:
         raise ValueError(f"config: keep_groups={cfg.keep_groups} must be between 0 and "
                          f"problems_per_step={cfg.problems_per_step}")
@@ -226,6 +240,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config: the demo task uses its own character tokenizer; leave tokenizer empty")
     if not cfg.is_demo and not cfg.init_from:
         raise ValueError("config: a dataset run needs init_from=<HF checkpoint directory>")
+    if not check_paths:
+        return
     for key in ("init_from", "tokenizer", "prm"):
         path = getattr(cfg, key)
         if path and not Path(path).is_dir():

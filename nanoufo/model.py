@@ -15,11 +15,13 @@ every slot up to its own, so prefill, decode and appending a feedback turn are t
 """
 import json
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanoufo.parallel import (SINGLE, ColumnParallelLinear, MergedColumnParallelLinear, ParallelContext,
                               RowParallelLinear, VocabParallelEmbedding, check_tp_split, copy_to_tp, hf_tensors)
@@ -143,44 +145,85 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Which tokens of an uncached forward see which, worked out once per forward (not per layer: finding
+    packed rows from position ids costs a host sync). Both None: every row is one causal sequence."""
+    seq_lens: tuple[int, ...] | None = None  # sequences packed end to end in a single row (B = 1)
+    mask: torch.Tensor | None = None  # (B, 1, T, T) bool, for rows packed by position ids alone
+
+
+def sequence_layout(position_ids: torch.Tensor, seq_lens: list[int] | None = None) -> SequenceLayout:
+    """The layout of position_ids (B, T): seq_lens as given, else a block-diagonal causal mask when some
+    row holds a position 0 after its start (packed), else plain causal."""
+    if seq_lens is not None:
+        if position_ids.shape[0] != 1 or sum(seq_lens) != position_ids.shape[1]:
+            raise ValueError(f"seq_lens {list(seq_lens)} must sum to the length of a single row, got position_ids "
+                             f"{tuple(position_ids.shape)}")
+        return SequenceLayout(seq_lens=tuple(int(n) for n in seq_lens))
+    starts = position_ids == 0
+    starts[:, 0] = True
+    if not starts[:, 1:].any():
+        return SequenceLayout()
+    T = position_ids.shape[1]
+    seq = starts.cumsum(dim=1)  # (B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return SequenceLayout(mask=(causal & (seq[:, :, None] == seq[:, None, :]))[:, None])  # (B, 1, T, T)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
-              cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+              cache_rows: torch.Tensor | None = None, layout: SequenceLayout | None = None) -> torch.Tensor:
     """Causal attention for q (B, T, Hq, D); returns (B, T, Hq, D).
 
     Without cache_rows, k and v (B, T, Hkv, D) are the same tokens as q, and a position-0 token starts a
-    new sequence (packing). With cache_rows (B,), k and v are whole caches (B_cache, S, Hkv, D): query i
-    of item b reads row cache_rows[b] and sees its slots <= position_ids[b, i].
+    new sequence (packing); `layout` (sequence_layout, default: worked out here) says where. With
+    cache_rows (B,), k and v are whole caches (B_cache, S, Hkv, D): query i of item b reads row
+    cache_rows[b] and sees its slots <= position_ids[b, i].
+
+    Packed sequences given by length run one causal SDPA call each, on PyTorch's own kernels (flash or
+    memory-efficient on GPUs, no flash-attn package): exact causal FLOPs (sum of L^2, not N^2 over the
+    packed row), no (N, N) mask in memory, no host sync; a call per sequence is a few launches per layer
+    for sequences of hundreds to thousands of tokens. FlexAttention's document mask would do the same in
+    one launch but needs torch.compile to be fast, which the CPU tests and the eager trainer do not use.
     """
     B, T, Hq, D = q.shape
     if cache_rows is not None and T == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
         return decode_attention(q, k, v, position_ids, cache_rows, impl="triton")
+    if cache_rows is None and layout is None:
+        layout = sequence_layout(position_ids)
     if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash_attention(q, k, v, position_ids, cache_rows)
+        return _flash_attention(q, k, v, position_ids, cache_rows, layout)
     if cache_rows is not None:
         S = int(position_ids.max()) + 1  # slots past the furthest query are never visible
         mask = torch.arange(S, device=q.device) <= position_ids[:, :, None]  # (B, T, S)
         k, v = k[cache_rows, :S], v[cache_rows, :S]  # (B, S, Hkv, D)
+        mask = mask[:, None]  # (B, 1, T, S)
+    elif layout.seq_lens is not None:
+        parts = (x.split(layout.seq_lens, dim=1) for x in (q, k, v))  # split: one op back in the backward
+        return torch.cat([_sdpa(*qkv, None) for qkv in zip(*parts)], dim=1)
     else:
-        starts = position_ids == 0
-        starts[:, 0] = True
-        if starts[:, 1:].any():  # packed sequences: causal within each sequence only
-            seq = starts.cumsum(dim=1)  # (B, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask = causal & (seq[:, :, None] == seq[:, None, :])  # (B, T, T)
-        else:
-            mask = None
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, D)
-        attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, enable_gqa=True)
+        mask = layout.mask
+    return _sdpa(q, k, v, mask)
+
+
+def _sdpa(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA on (B, T, H, D) tensors; causal when mask is None."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, D)
+                                         attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return out.transpose(1, 2)
 
 
-def _flash_attention(q, k, v, position_ids, cache_rows):
+def _flash_attention(q, k, v, position_ids, cache_rows, layout: SequenceLayout | None):
     B, T, Hq, D = q.shape
     if cache_rows is not None:  # the new keys are already in the cache; bottom-right causal alignment does the rest
         seqlens = (position_ids[:, 0] + T).to(torch.int32)
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_batch_idx=cache_rows.to(torch.int32),
                                        causal=True)
+    if layout.seq_lens is not None:
+        cu = torch.tensor([0, *accumulate(layout.seq_lens)], dtype=torch.int32, device=q.device)
+        max_len = max(layout.seq_lens)
+        out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)
+        return out.view(B, T, Hq, D)
     starts = position_ids.flatten() == 0
     starts[::T] = True  # every row starts a sequence, whatever its positions
     cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
@@ -204,7 +247,8 @@ class Attention(nn.Module):
         self.n_local_heads = self.qkv_proj.part_sizes[0] // self.head_dim  # this rank's query heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None,
+                layout: SequenceLayout | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) D) for this rank's heads
         if cache is not None:  # RoPE on q and k, k and v into their cache slots: one kernel
@@ -213,7 +257,7 @@ class Attention(nn.Module):
         else:
             q, k, v = split_qkv(qkv, self.n_local_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, Hq | Hkv, D)
-        y = attention(q, k, v, position_ids, cache_rows)  # (B, T, Hq, D)
+        y = attention(q, k, v, position_ids, cache_rows, layout)  # (B, T, Hq, D)
         return self.o_proj(y.reshape(B, T, -1))
 
 
@@ -244,10 +288,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None, layout=None) -> torch.Tensor:
         if cache is not None:
             return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, cache_rows)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, None, None, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def cached_forward(self, x, cos, sin, position_ids, cache, cache_rows) -> torch.Tensor:
@@ -287,6 +331,7 @@ class Qwen2(nn.Module):
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
         H = config.hidden_size
         self.score = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 2)) if config.is_prm else None
+        self.checkpoint_activations = False  # recompute each block in the backward (trainer sets it from the config)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:  # (V_local, H); V_local = V without TP
@@ -299,17 +344,24 @@ class Qwen2(nn.Module):
         return self.model.embed_tokens.vocab_start
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, seq_lens: list[int] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, H) for input_ids (B, T) at position_ids (B, T).
 
         With a cache, batch item b uses cache row cache_rows[b] (default: row b), so a sampler can drop
-        finished rows from the batch without moving the cache."""
+        finished rows from the batch without moving the cache. Without one, seq_lens (host ints) says that
+        the single row (B = 1) packs sequences of these lengths end to end; otherwise the packing is read
+        from the position ids, once per forward."""
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         if cache is not None and cache_rows is None:
             cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        layout = sequence_layout(position_ids, seq_lens) if cache is None else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, position_ids, None if cache is None else (cache.k[i], cache.v[i]), cache_rows)
+            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, position_ids, None, None, layout, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, position_ids, None if cache is None else (cache.k[i], cache.v[i]), cache_rows,
+                          layout)
         return self.model.norm(x) if cache is None else self.model.norm.fused(x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

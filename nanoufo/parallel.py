@@ -356,17 +356,28 @@ def average_gradients(params, tp: ParallelContext) -> None:
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, tp: ParallelContext) -> torch.Tensor:
     """Clip by the norm of the full model's gradient: split parameters' squares summed over the TP group,
-    replicated ones (identical on every TP rank) counted once. Returns the norm before clipping."""
+    replicated ones (identical on every TP rank) counted once. Returns the norm before clipping.
+
+    Foreach kernels (one multi-tensor launch per group instead of a few per parameter): per-tensor norms
+    in fp32, then one in-place scaling of every gradient."""
     split_names = split_params(model) if tp.tp_size > 1 else set()
-    split_sq, replicated_sq = [], []
+    split, replicated = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
-            (split_sq if name in split_names else replicated_sq).append(p.grad.float().pow(2).sum())
+            (split if name in split_names else replicated).append(p.grad)
     device = next(model.parameters()).device
-    split = all_reduce_(torch.stack(split_sq).sum() if split_sq else torch.zeros((), device=device), tp.tp_group)
-    norm = (split + (torch.stack(replicated_sq).sum() if replicated_sq else 0.0)).sqrt()
+    split_sq = all_reduce_(_sum_of_squares(split, device), tp.tp_group)
+    norm = (split_sq + _sum_of_squares(replicated, device)).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(scale.to(p.grad.dtype))
+    grads = split + replicated
+    for dtype in {g.dtype for g in grads}:
+        torch._foreach_mul_([g for g in grads if g.dtype == dtype], scale.to(dtype))
     return norm
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """sum of squares of every element of grads, fp32 (0 for none)."""
+    if not grads:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # per tensor, accumulated in fp32
+    return torch.stack(norms).pow(2).sum()

@@ -30,20 +30,73 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     rewards, values, mask: (B, T). Tokens outside the mask (feedback turns in between attempts) are not
     actions: they are skipped, so the step after an attempt's last token is the next attempt's first
-    token. Returns (advantages, returns), both (B, T) and zero outside the mask."""
+    token. Returns (advantages, returns), both (B, T) and zero outside the mask.
+
+    Vectorised (a handful of ops whatever T): each row's action tokens are moved to the front in order,
+    delta_t = r_t + gamma V_{t+1} - V_t is taken there, and A_t = sum_k (gamma lam)^(k-t) delta_k is one
+    matmul with the (T, T) upper-triangular matrix of discount powers, whose entries are all <= 1, so it
+    stays exact for any gamma * lam (a reversed cumsum scaled by (gamma lam)^-t would overflow for long T).
+    tests/test_rl.py checks it against the step-by-step loop."""
     B, T = rewards.shape
-    advantages = torch.zeros_like(rewards)
-    next_value = rewards.new_zeros(B)  # value of the next action token; 0 past the end
-    next_adv = rewards.new_zeros(B)
-    m = mask.to(rewards.dtype)
-    for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv = delta + gamma * lam * next_adv
-        advantages[:, t] = adv * m[:, t]
-        next_value = torch.where(m[:, t] > 0, values[:, t], next_value)
-        next_adv = torch.where(m[:, t] > 0, adv, next_adv)
+    m = (mask > 0).to(rewards.dtype)
+    order = torch.sort((mask <= 0).to(torch.int8), dim=1, stable=True).indices  # (B, T) actions first, in order
+    act = m.gather(1, order)  # (B, T) 1 on the first n_b columns of row b
+    v, r = values.to(rewards.dtype).gather(1, order) * act, rewards.gather(1, order) * act  # (B, T)
+    next_v = torch.cat([v[:, 1:], v.new_zeros(B, 1)], dim=1)  # 0 past each row's last action
+    delta = (r + gamma * next_v - v) * act  # (B, T)
+    steps = torch.arange(T, device=rewards.device, dtype=rewards.dtype)
+    ahead = steps[None, :] - steps[:, None]  # (T, T) k - t
+    discount = torch.where(ahead >= 0, (gamma * lam) ** ahead.clamp(min=0), 0.0)  # (T, T)
+    adv = (delta @ discount.T) * act  # (B, T)
+    advantages = torch.zeros_like(rewards).scatter(1, order, adv)
     returns = (advantages + values) * m
     return advantages, returns
+
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights (B, T) that turn per-token losses into the aggregated loss: sum(w * loss).
+
+    Computed over a whole PPO minibatch and then split with its rows (micro-batches, packing), they make
+    the sum of the micro-batches' losses equal the minibatch's loss, so accumulated gradients equal the
+    one-shot ones. "token-mean": 1 / (tokens in the minibatch) on every token; "seq-mean-token-mean" (or its
+    short name "seq-mean"): each row's token-mean averaged over the rows that hold tokens, i.e.
+    1 / (row's tokens * rows with tokens). Zero outside the mask; a mask without tokens gives zeros."""
+    m = (mask > 0).to(torch.float32)
+    if aggregation == "token-mean":
+        return m / m.sum().clamp(min=1)
+    if aggregation in ("seq-mean", "seq-mean-token-mean"):
+        per_row = m.sum(1, keepdim=True)  # (B, 1)
+        return m / per_row.clamp(min=1) / (per_row > 0).sum().clamp(min=1)
+    raise ValueError(f"loss_weights: unknown aggregation {aggregation!r} (token-mean, seq-mean, seq-mean-token-mean)")
+
+
+def trajectory_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Tokens up to and including each row's last sampled token, (B,): the rest is padding (or nothing a
+    loss reads), so a forward may stop there. A row without sampled tokens gets 1."""
+    T = mask.shape[1]
+    return (T - (mask > 0).to(torch.int8).flip(1).argmax(1)).where(mask.gt(0).any(1), 1)
+
+
+def micro_batches(lengths: list[int], budget: int, padded: bool = False,
+                  key: str = "micro_batch_tokens") -> list[list[int]]:
+    """Split rows (in order) into runs of at most `budget` tokens (0: one run of all): the sum of their
+    lengths when packed, rows x the longest when padded.
+
+    A row longer than the budget cannot be split (its tokens attend to each other): ValueError naming key."""
+    if budget <= 0:
+        return [list(range(len(lengths)))] if lengths else []
+    if lengths and max(lengths) > budget:
+        raise ValueError(f"config: {key}={budget} is smaller than the longest trajectory ({max(lengths)} "
+                         f"tokens); raise {key} to at least {max(lengths)}")
+    runs, current, used, longest = [], [], 0, 0
+    for i, n in enumerate(lengths):
+        cost = (len(current) + 1) * max(longest, n) if padded else used + n
+        if current and cost > budget:
+            runs.append(current)
+            current, used, longest = [], 0, 0
+        current.append(i)
+        used, longest = used + n, max(longest, n)
+    return runs + [current] if current else runs
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

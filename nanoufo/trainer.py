@@ -8,10 +8,14 @@ reward model's step scores: nanoufo/prm.py), keeps the groups with the largest r
 the old log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio
 is exactly 1, and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
 (GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient
-clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN.
+clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN. Every
+forward (scoring and update) runs in micro-batches of at most cfg.micro_batch_tokens tokens, trajectories
+packed end to end; a minibatch's gradients accumulate over its micro-batches with per-token loss weights of
+the whole minibatch (rl.loss_weights), so the step equals the one-shot one.
 """
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -43,26 +47,92 @@ class Batch:
         pick = lambda x: None if x is None else x[index]
         return Batch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
+    def columns(self, T: int) -> "Batch":
+        """The first T tokens of every row (a micro-batch's rows end by then)."""
+        pick = lambda x: None if x is None else x[:, :T]
+        return Batch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
-def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float):
+
+def _packing(lengths: list[int], T: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of lengths[b] tokens packed end to end, built on the host from the lengths (no device sync):
+    (index (N,) into the flattened (B, T) rows, positions (N,) restarting at 0 for every trajectory,
+    is_last (N,) True on each trajectory's last token, which predicts nothing)."""
+    index = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    is_last = torch.zeros(len(index), dtype=torch.bool)
+    is_last[torch.tensor(list(accumulate(lengths))) - 1] = True
+    return index.to(device), positions.to(device), is_last.to(device)
+
+
+def _packed_hidden(model: Qwen2, tokens: torch.Tensor, lengths: list[int]):
+    """(hidden (N, H) of the packed trajectories, index, is_last) for a packed forward of tokens (B, T)."""
+    index, positions, is_last = _packing(lengths, tokens.shape[1], tokens.device)
+    hidden = model(tokens.reshape(-1)[index][None], positions[None], seq_lens=lengths)[0]  # (N, H)
+    return hidden, index, is_last
+
+
+def _unpack(per_position: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """A packed statistic (N,), computed at position j for the next token, as (B, T) aligned with the
+    tokens (rl.shift_to_tokens): zero on each row's first token and on the padding."""
+    rows = per_position.new_zeros(B * T).index_put((index,), per_position).view(B, T)  # (B, T)
+    return rl.shift_to_tokens(rows[:, :-1])
+
+
+def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengths: list[int] | None = None):
     """(logp, entropy, self_certainty) of every token under model, each (B, T) aligned with tokens.
 
     The hidden state at position i-1 predicts token i, so the statistics are computed from hidden[:, :-1]
-    against tokens[:, 1:] and shifted right by one (token 0 gets zeros)."""
+    against tokens[:, 1:] and shifted right by one (token 0 gets zeros). With lengths (host ints, row b's
+    first lengths[b] tokens are its trajectory) the rows are packed end to end into one sequence: no
+    padding token is computed, and the entries past each row's length are 0."""
     B, T = tokens.shape
-    positions = torch.arange(T, device=tokens.device).expand(B, T)
-    hidden = model(tokens, positions)  # (B, T, H)
-    h = hidden[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
-    stats = linear_token_stats(model.lm_head_input(h), model.lm_head_weight, tokens[:, 1:].reshape(-1), temperature,
+    if lengths is None:
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        h = model(tokens, positions)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
+        targets = tokens[:, 1:].reshape(-1)
+    else:
+        h, index, is_last = _packed_hidden(model, tokens, lengths)
+        flat = tokens.reshape(-1)
+        targets = flat[(index + 1).clamp(max=B * T - 1)].masked_fill(is_last, -100)  # (N,) -100: ignored, stats 0
+    stats = linear_token_stats(model.lm_head_input(h), model.lm_head_weight, targets, temperature,
                                vocab_start=model.vocab_start, group=model.tp.tp_group)  # vocab-parallel under TP
-    return tuple(rl.shift_to_tokens(s.view(B, T - 1)) for s in stats)
+    if lengths is None:
+        return tuple(rl.shift_to_tokens(s.view(B, T - 1)) for s in stats)
+    return tuple(_unpack(s, index, B, T) for s in stats)
 
 
-def sequence_values(critic: Qwen2, tokens: torch.Tensor) -> torch.Tensor:
-    """V(state before token i) aligned with token i, (B, T): the value head read at position i-1."""
+def sequence_values(critic: Qwen2, tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    """V(state before token i) aligned with token i, (B, T): the value head read at position i-1 (packed
+    when lengths are given, as in sequence_stats)."""
     B, T = tokens.shape
-    positions = torch.arange(T, device=tokens.device).expand(B, T)
-    return rl.shift_to_tokens(critic.values(critic(tokens, positions))[:, :-1])
+    if lengths is None:
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        return rl.shift_to_tokens(critic.values(critic(tokens, positions))[:, :-1])
+    hidden, index, is_last = _packed_hidden(critic, tokens, lengths)
+    return _unpack(critic.values(hidden).masked_fill(is_last, 0.0), index, B, T)
+
+
+def micro_batch_rows(cfg: TrainConfig, lengths: list[int]) -> list[list[int]]:
+    """Runs of rows for one forward each under cfg.micro_batch_tokens (padded rows count at the longest)."""
+    return rl.micro_batches(lengths, cfg.micro_batch_tokens, padded=not cfg.pack_sequences)
+
+
+def in_micro_batches(cfg: TrainConfig, fn, tokens: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
+    """fn(tokens (b, t), lengths or None) -> (b, t) tensors, run over micro-batches of rows (packed or padded
+    as the config says) and put back together as (B, T) tensors, so the peak memory of no-grad scoring
+    depends on cfg.micro_batch_tokens, not on the batch."""
+    B, T = tokens.shape
+    outs = None
+    for rows in micro_batch_rows(cfg, lengths):
+        sizes = [lengths[i] for i in rows]
+        t = max(sizes)
+        index = torch.tensor(rows, device=tokens.device)
+        parts = fn(tokens[index, :t], sizes if cfg.pack_sequences else None)
+        if outs is None:
+            outs = [p.new_zeros(B, T) for p in parts]
+        for out, part in zip(outs, parts):
+            out[index, :t] = part
+    return tuple(outs)
 
 
 def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, mask: torch.Tensor,
@@ -71,7 +141,8 @@ def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, ma
     if cfg.reward == "gold":
         return torch.tensor([env.reward(ep) for ep in episodes], dtype=torch.float32, device=tokens.device)
     with torch.no_grad():
-        _, _, sc = sequence_stats(actor, tokens, cfg.temperature)
+        _, _, sc = in_micro_batches(cfg, lambda t, n: sequence_stats(actor, t, cfg.temperature, n), tokens,
+                                    rl.trajectory_lengths(mask).tolist())
     return rl.sequence_self_certainty(sc, mask)
 
 
@@ -97,10 +168,14 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
     tokens, mask, scores = tokens[keep, :T], mask[keep, :T], scores[keep]
     stats["kept_score"] = scores.mean().item()
 
+    lengths = rl.trajectory_lengths(mask).tolist()  # one host sync; every no-grad forward runs in micro-batches
     with torch.no_grad():
-        old_logp, _, _ = sequence_stats(actor, tokens, cfg.temperature)
-        ref_logp = sequence_stats(ref, tokens, cfg.temperature)[0] if ref is not None else None
-        values = sequence_values(critic, tokens) if critic is not None else None
+        old_logp, = in_micro_batches(cfg, lambda t, n: sequence_stats(actor, t, cfg.temperature, n)[:1], tokens,
+                                     lengths)
+        ref_logp = in_micro_batches(cfg, lambda t, n: sequence_stats(ref, t, cfg.temperature, n)[:1], tokens,
+                                    lengths)[0] if ref is not None else None
+        values = in_micro_batches(cfg, lambda t, n: (sequence_values(critic, t, n),), tokens,
+                                  lengths)[0] if critic is not None else None
     sampler_logp = rollout.logprobs[keep, :T].float()
     stats["logp_diff_sampler"] = rl.masked_mean((sampler_logp - old_logp).abs(), mask).item()
     if ref_logp is not None:
@@ -127,12 +202,13 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> tuple[torch.Tensor, float]:
-    """PPO's clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), token-mean; and the clip fraction."""
+               clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2) per token (B, T), and the clip
+    fraction (0-d tensor, token-mean over the mask)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    frac = rl.masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask).item()
-    return rl.masked_mean(loss, mask), frac
+    frac = rl.masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask).detach()
+    return loss, frac
 
 
 def _grads_finite_norm(model: Qwen2, max_norm: float) -> float:
@@ -141,50 +217,110 @@ def _grads_finite_norm(model: Qwen2, max_norm: float) -> float:
     return float(clip_grad_norm_(model, max_norm if max_norm > 0 else math.inf, model.tp))
 
 
-def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
-    """(total loss, metrics, max |logp - old|) for one minibatch."""
-    logp, entropy, _ = sequence_stats(actor, mb.tokens, cfg.temperature)
+def minibatch_weights(cfg: TrainConfig, mask: torch.Tensor, tp) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, value) per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), scaled so that
+    averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
+    process with the whole minibatch would (parallel.dp_mean_scale)."""
+    token_scale = dp_mean_scale(mask.sum(), tp)
+    per_token = cfg.aggregation == "token-mean"
+    policy_scale = token_scale if per_token else dp_mean_scale((mask.sum(1) > 0).sum(), tp)
+    return (rl.loss_weights(mask, cfg.aggregation) * policy_scale,
+            rl.loss_weights(mask, "token-mean") * token_scale)
+
+
+def policy_loss(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
+    """(loss = sum(weights * per-token PPO loss), metrics as 0-d tensors: token-means over mb's tokens)."""
+    logp, entropy, _ = sequence_stats(actor, mb.tokens, cfg.temperature, lengths)
     kl_in_loss = cfg.kl_in == "loss" and mb.ref_logp is not None
     loss, metrics = ppo_loss(
         logp, mb.old_logp, mb.advantages, mb.mask, ref_logp=mb.ref_logp if kl_in_loss else None,
         entropy=entropy, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
         kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
-        entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation)
-    metrics = {f"pg/{k}": float(v) for k, v in metrics.items()}
-    # data parallelism: weight this rank's means so the DP-averaged gradient is the mean over the whole batch
-    token_scale = dp_mean_scale(mb.mask.sum(), actor.tp)
-    rows = (mb.mask.sum(1) > 0).sum()
-    loss = loss * (token_scale if cfg.aggregation == "token-mean" else dp_mean_scale(rows, actor.tp))
-    ratio_dev = rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).item()
+        entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation, weights=weights)
+    metrics = {f"pg/{k}": v for k, v in metrics.items()}
+    return loss, metrics | {"ratio_dev": rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).detach()}
+
+
+def critic_loss(cfg: TrainConfig, critic: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
+    """(loss = sum(weights * clipped value loss), metrics as 0-d tensors: token-means over mb's tokens)."""
+    values = sequence_values(critic, mb.tokens, lengths)
+    per_token, clip_frac = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip)  # (B, T)
+    loss = (torch.where(mb.mask > 0, per_token, 0.0) * weights).sum()
+    return loss, {"value_loss": rl.masked_mean(per_token.detach(), mb.mask), "value_clip_frac": clip_frac}
+
+
+def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
+    """(total loss, metrics, max |logp - old|) for one minibatch in one padded forward: the one-shot update
+    that accumulate_gradients' micro-batches add up to."""
+    policy_w, value_w = minibatch_weights(cfg, mb.mask, actor.tp)
+    loss, metrics = policy_loss(cfg, actor, mb, policy_w, None)
     if critic is not None:
-        values = sequence_values(critic, mb.tokens)
-        v_loss, v_clip = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip)
-        metrics |= {"value_loss": v_loss.item(), "value_clip_frac": v_clip}
-        loss = loss + v_loss * token_scale
-    return loss, metrics, ratio_dev
+        v_loss, v_metrics = critic_loss(cfg, critic, mb, value_w, None)
+        loss, metrics = loss + v_loss, metrics | v_metrics
+    metrics = {k: float(v) for k, v in metrics.items()}
+    return loss, metrics, metrics.pop("ratio_dev")
+
+
+def accumulate_gradients(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch,
+                         lengths: list[int]) -> tuple[torch.Tensor, dict]:
+    """Backward of one minibatch's loss in micro-batches of at most cfg.micro_batch_tokens tokens (packed
+    or padded): each micro-batch's loss is sum(w * per-token loss) with the weights of the WHOLE minibatch,
+    so the accumulated gradients equal the one-shot minibatch's for every aggregation and under DP. The
+    actor's backward runs before the critic's forward, so only one model's activations are alive.
+    Returns (the minibatch's total loss, 0-d detached; metrics as 0-d tensors, token-means over the
+    minibatch, plus padding_frac), synchronising nothing: the caller reads them once."""
+    policy_w, value_w = minibatch_weights(cfg, mb.mask, actor.tp)
+    total, sums, computed = mb.mask.new_zeros(()), {}, 0
+    for rows in micro_batch_rows(cfg, lengths):
+        sizes = [lengths[i] for i in rows]
+        T = max(sizes)
+        index = torch.tensor(rows, device=mb.tokens.device)
+        micro = mb.rows(index).columns(T)
+        packed = sizes if cfg.pack_sequences else None
+        computed += sum(sizes) if cfg.pack_sequences else len(rows) * T
+        n_tokens = micro.mask.sum()
+        parts = [(actor, policy_loss, policy_w)] + ([(critic, critic_loss, value_w)] if critic is not None else [])
+        for model, loss_fn, weights in parts:
+            loss, metrics = loss_fn(cfg, model, micro, weights[index, :T], packed)
+            loss.backward()  # frees this model's activations before the next forward
+            total = total + loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * n_tokens
+    n_tokens = mb.mask.sum().clamp(min=1)
+    metrics = {k: v / n_tokens for k, v in sums.items()}
+    metrics["padding_frac"] = torch.tensor(1.0 - sum(lengths) / computed, device=n_tokens.device)
+    return total, metrics
 
 
 def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers: dict, batch: Batch,
                seed: int, grad_hook=None) -> dict:
     """cfg.ppo_epochs passes over shuffled minibatches; returns the mean metrics.
 
-    grad_hook(model) runs after backward and before clipping (data-parallel all-reduce goes there).
-    The shuffle uses its own generator seeded from `seed`, so a resumed run shuffles identically."""
+    Each minibatch is one optimizer step whose gradients accumulate over micro-batches (see
+    accumulate_gradients). grad_hook(model) runs after backward and before clipping (data-parallel
+    all-reduce goes there). The shuffle uses its own generator seeded from `seed`, so a resumed run
+    shuffles identically."""
     models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
+    for model in models.values():
+        model.checkpoint_activations = cfg.checkpoint_activations
     generator = torch.Generator().manual_seed(seed)
     B = batch.tokens.shape[0]
+    lengths = rl.trajectory_lengths(batch.mask).tolist()  # one host sync for the whole update
+    micro_batch_rows(cfg, lengths)  # a budget below the longest trajectory fails here, before any forward
     sums, n_updates, skipped, first_ratio_dev = {}, 0, 0, None
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=generator).to(batch.tokens.device)
+        order = torch.randperm(B, generator=generator)
         for start in range(0, B, cfg.minibatch_size):
-            mb = batch.rows(order[start:start + cfg.minibatch_size])
-            loss, metrics, ratio_dev = minibatch_losses(cfg, actor, critic, mb)
-            first_ratio_dev = ratio_dev if first_ratio_dev is None else first_ratio_dev
+            rows = order[start:start + cfg.minibatch_size]
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
+            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(rows.to(batch.tokens.device)),
+                                                 [lengths[i] for i in rows.tolist()])
+            metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch
+            ratio_dev = metrics.pop("ratio_dev")
+            first_ratio_dev = ratio_dev if first_ratio_dev is None else first_ratio_dev
             finite = all_ranks_true(bool(torch.isfinite(loss)), actor.tp)  # DP ranks skip together or not at all
             if finite:
-                loss.backward()
                 norms = {}
                 for name, model in models.items():
                     if grad_hook is not None:

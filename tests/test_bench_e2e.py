@@ -60,6 +60,14 @@ def test_synthetic_rollout_has_the_workload_layout():
         assert int(rollout.lengths[b]) == spans[-1][1]
 
 
+def test_mixed_rollout_ends_rows_at_different_turns():
+    rollout = common.synthetic_rollout(TINY, batch=12, seed=0, mixed=True)
+    turns = [len(spans) for spans in rollout.turn_spans]
+    assert len(set(turns)) > 1 and all(1 <= n <= TINY.turns for n in turns)
+    assert rollout.loss_mask.sum(1).tolist() == [n * TINY.max_new_tokens for n in turns]
+    assert rollout.lengths.tolist() == [spans[-1][1] for spans in rollout.turn_spans]
+
+
 def test_rollout_script(capsys):
     result = run_script("rollout", capsys)
     (row,) = result["rows"]

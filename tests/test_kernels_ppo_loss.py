@@ -130,3 +130,22 @@ def test_bad_inputs_are_named():
         ppo_loss(x, x, x, x, dual_clip=0.5, impl="torch")
     with pytest.raises(ValueError, match="aggregation must be"):
         ppo_loss(x, x, x, x, aggregation="sum", impl="torch")
+
+
+@needs_triton
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_loss_weights_give_the_aggregated_loss_and_split_by_rows(aggregation):
+    """With nanoufo.rl.loss_weights of the whole batch, sum(w * loss) is the aggregated loss on both paths,
+    and the weighted losses of two row subsets add up to it (what micro-batches rely on)."""
+    from nanoufo.rl import loss_weights
+    logp, old, adv, mask, ref, ent = make_batch()
+    options = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, aggregation=aggregation)
+    want = run("torch", logp, old, adv, mask, ref, ent, **options)
+    weights = loss_weights(mask, aggregation).to(logp.dtype)
+    for impl in ("torch", "triton"):
+        loss, _, g_logp, g_ent = run(impl, logp, old, adv, mask, ref, ent, weights=weights, **options)
+        assert_same((loss, want[1], g_logp, g_ent), want)
+    halves = [run("triton", *(x[rows] for x in (logp, old, adv, mask, ref, ent)), weights=weights[rows], **options)
+              for rows in (slice(0, 2), slice(2, None))]
+    torch.testing.assert_close(halves[0][0] + halves[1][0], want[0], **TOL)
+    torch.testing.assert_close(torch.cat([halves[0][2], halves[1][2]]), want[2], **TOL)

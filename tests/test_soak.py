@@ -141,18 +141,18 @@ def test_sigkill_at_a_random_step_then_resume_repeats_the_soaks_steps(soak, tmp_
 POISON = """
 import runpy, sys
 from nanoufo import trainer
-real, calls = trainer.minibatch_losses, []
+real, calls = trainer.policy_loss, []
 
-def poisoned(cfg, actor, critic, mb):  # one minibatch per step: step 2's loss is NaN, step 3's gradient inf
-    loss, metrics, ratio_dev = real(cfg, actor, critic, mb)
+def poisoned(cfg, actor, mb, weights, lengths):  # one micro-batch per step: step 2's loss is NaN, step 3's gradient inf
+    loss, metrics = real(cfg, actor, mb, weights, lengths)
     calls.append(len(calls) + 1)
     if calls[-1] == 2:
         loss = loss * float("nan")
     if calls[-1] == 3:
         next(actor.parameters()).register_hook(lambda grad: grad * float("inf"))
-    return loss, metrics, ratio_dev
+    return loss, metrics
 
-trainer.minibatch_losses = poisoned
+trainer.policy_loss = poisoned
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

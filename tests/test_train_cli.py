@@ -80,6 +80,7 @@ def test_paper_config_starts_on_a_tiny_random_checkpoint(tmp_path, tiny_qwen_run
     assert [r["step"] for r in records] == [1, 2]
     # a minibatch is a different batch shape than the old-log-prob pass, so equal only up to float rounding
     assert all(r["first_ratio_dev"] < 1e-5 and r["logp_diff_sampler"] < 1e-4 for r in records)
+    assert all(r["padding_frac"] == 0.0 for r in records)  # the configs pack micro-batches: no padding computed
     assert (out / "latest").is_file() and (out / "log.png").is_file()
 
 

@@ -1,0 +1,217 @@
+"""The memory plan: the peak memory per GPU of each phase of a training step (rollout, scoring, update),
+predicted from the config, the model's shape and the GPU's memory before any weight is read. train.py
+prints it at start and stops, naming the knob to change, when a phase cannot fit.
+
+    python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80            # TP=2, as configured
+    python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=1 --gpu_mem_gib=141 --tp=1     # one H200
+    python -m nanoufo.plan config/ufo_qwen2.5_3b.py --model=Qwen2.5-7B --gpus=2 --gpu_mem_gib=80
+
+The model's shape comes from --model (a checkpoint directory's config.json or a named Qwen2.5 shape,
+SHAPES), else from the config's init_from (its config.json, or its name with any -Instruct suffix).
+--key=value sets any training config key. Everything is per GPU (one TP rank; DP replicas each hold
+the same), in bytes; what is counted:
+
+- resident for the whole run: the weights of actor, critic and reference in the compute dtype, and per
+  trained model two fp32 AdamW moments (8 B/param) plus fp32 master weights (4 B/param) when the dtype
+  is not float32 (with float32 params the params are the masters);
+- rollout: the sampler's KV cache at its max_len: the rows kv_budget_gb holds (an ended episode's row
+  takes the next waiting one), else a row per episode of the step, plus the spare padding row; the prompts' prefill through one layer (no grad), the decode step's full-vocabulary
+  fp32 logits;
+- scoring (no-grad forwards): one micro-batch through one layer, the fused LM head's fp32 chunk, the
+  batch's per-token arrays and GAE's (T, T) discount matrix;
+- update: the gradients of actor and critic (compute dtype) and the saved activations of the largest
+  micro-batch (activation_bytes_per_token), one layer's backward transient and the LM head's chunk; the
+  actor's backward runs before the critic's forward, so the larger model's activations count, not both.
+
+Lengths: an episode is at most prompt_tokens (a planning figure, default 512: prompts are data) +
+max_turns x max_new_tokens + a 32-token feedback turn between attempts, the sampler's own max_len.
+Not counted: a process reward model (reward="prm"), the CUDA context and allocator slack (RESERVE_GIB is kept
+free for them), the optimizer step's foreach temporaries, and fragmentation. Tests: python -m pytest -q tests/test_plan.py
+"""
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoufo.config import TrainConfig, parse_args
+from nanoufo.model import Qwen2, QwenConfig
+from nanoufo.parallel import ParallelContext
+
+GIB = 2**30
+RESERVE_GIB = 2.0  # CUDA context, cuBLAS workspaces, allocator slack
+FEEDBACK_TOKENS = 32  # the sampler's allowance per feedback turn (nanoufo/sampler.py generate)
+HEAD_CHUNK = 8192  # kernels/linear_token_stats.py DEFAULT_CHUNK: vocab columns per fp32 logits chunk
+PER_TOKEN_ARRAYS = 10  # (B, T) fp32 arrays build_batch keeps: logps, values, rewards, advantages, returns, ...
+_QWEN = dict(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768)
+SHAPES = {  # Qwen2.5 config.json figures
+    "Qwen2.5-0.5B": dict(_QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    "Qwen2.5-1.5B": dict(_QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+    "Qwen2.5-3B": dict(_QWEN, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16),
+    "Qwen2.5-7B": dict(_QWEN, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+
+
+def model_config(source: str) -> QwenConfig:
+    """A checkpoint directory's config.json, or a named shape (SHAPES; '-Instruct' and any path prefix ignored)."""
+    if (Path(source) / "config.json").is_file():
+        return QwenConfig.from_json(Path(source) / "config.json")
+    name = Path(source).name.removesuffix("-Instruct")
+    if name not in SHAPES:
+        raise ValueError(f"plan: {source!r} is neither a checkpoint directory with config.json nor a known shape "
+                         f"({', '.join(SHAPES)})")
+    return QwenConfig(**SHAPES[name])
+
+
+def params_per_rank(config: QwenConfig, tp: int, value_head: bool = False) -> int:
+    """Parameters on TP rank 0 (which holds the larger part of an uneven split), counted on the meta device."""
+    with torch.device("meta"):
+        model = Qwen2(config, value_head=value_head, tp=ParallelContext(world=tp, tp_size=tp))
+    return model.num_params()
+
+
+def activation_bytes_per_token(config: QwenConfig, tp: int, itemsize: int) -> int:
+    """Bytes that autograd saves per token per transformer block for the backward, on a TP rank, with H
+    hidden, q = Hq * D / tp, kv = Hkv * D / tp, I = intermediate / tp and s the dtype's size:
+      2 RMSNorms x (fp32 copy of x 4H + fp32 rsqrt 4 + x * rsqrt rounded to the dtype sH + the normed
+                    output sH, the next matmuls' input)
+      + s * 2q: rotated q and the attention output (o_proj reads it as a view)
+      + s * kv: rotated k (the rotary multiplies save only cos and sin, shared by every block)
+      + s * (q + 2kv): the merged q/k/v projection's output, which v (a view of it) keeps alive
+      + 4 * Hq / tp: the attention's fp32 log-sum-exp (SDPA's flash / memory-efficient kernels and the
+                     CPU's flash kernel save q, k, v, out and it, never the T x T scores)
+      + s * 4I: the merged gate/up output (2I), silu(gate) and the product (down_proj's input).
+    Qwen2.5-1.5B in bf16: 107,064 B per block, 3.00 MB per token over 28 blocks (bench/RESULTS.md measured
+    about 3.1 MB per token for the whole update, peak over weights). tests/test_plan.py checks the formula
+    exactly against the tensors a tiny fp32 block saves on the CPU (saved_tensors_hooks)."""
+    H, D = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * D // tp, config.num_key_value_heads * D // tp
+    intermediate = config.intermediate_size // tp
+    norms = 2 * (4 * H + 4 + 2 * itemsize * H)
+    return norms + itemsize * (3 * q + 3 * kv) + 4 * config.num_attention_heads // tp + itemsize * 4 * intermediate
+
+
+def layer_transient_bytes_per_token(config: QwenConfig, tp: int, itemsize: int) -> int:
+    """Bytes per token alive at once inside one block without saving anything (a no-grad forward, or one
+    block's activation gradients in the backward): residual and normed input, q, k, v and output, gate,
+    up and their product, and the norm's fp32 copy."""
+    H, D = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * D // tp, config.num_key_value_heads * D // tp
+    return 4 * H + itemsize * (2 * H + 2 * q + 2 * kv + 3 * (config.intermediate_size // tp))
+
+
+def episode_tokens(cfg: TrainConfig, prompt_tokens: int) -> int:
+    """The longest episode (the sampler's max_len): prompt, every attempt, a feedback turn between attempts."""
+    return prompt_tokens + cfg.max_turns * cfg.max_new_tokens + (cfg.max_turns - 1) * FEEDBACK_TOKENS
+
+
+@dataclass
+class Plan:
+    phases: dict[str, dict[str, int]]  # phase -> {component: bytes}
+    budget: int | None  # bytes usable per GPU (GPU memory - RESERVE_GIB); None: no check
+    knobs: dict[str, str]  # phase -> what to change when it does not fit
+
+    def peak(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    def over(self) -> list[str]:
+        return [] if self.budget is None else [p for p in self.phases if self.peak(p) > self.budget]
+
+    def format(self) -> str:
+        lines = []
+        for phase, parts in self.phases.items():
+            detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items())
+            lines.append(f"  {phase:>8}: {self.peak(phase) / GIB:7.2f} GiB  ({detail})")
+        budget = "no limit (CPU)" if self.budget is None else f"{self.budget / GIB:.1f} GiB usable per GPU"
+        return f"memory plan per GPU, GiB ({budget}):\n" + "\n".join(lines)
+
+    def refusal(self) -> str | None:
+        """One line naming the phases over budget and the knobs to change; None when everything fits."""
+        over = self.over()
+        if not over:
+            return None
+        worst = max(over, key=self.peak)
+        return (f"memory plan: the {', '.join(over)} phase needs {self.peak(worst) / GIB:.1f} GiB per GPU, more than "
+                f"the {self.budget / GIB:.1f} GiB usable; {'; '.join(self.knobs[p] for p in over)}")
+
+
+def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float | None,
+              prompt_tokens: int = 512) -> Plan:
+    """The per-GPU plan of one training step (see the module docstring for what each phase counts)."""
+    s = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+    actor = params_per_rank(config, tp)
+    critic = params_per_rank(config, tp, value_head=True) if cfg.algorithm == "ufo_ppo" else 0
+    ref = actor if cfg.kl_coef > 0 else 0
+    trained = actor + critic
+    per_param_state = 8 + (4 if cfg.dtype != "float32" else 0)  # two fp32 moments (+ fp32 masters)
+    resident = {"weights": (trained + ref) * s, "optimizer": trained * per_param_state}
+
+    length = min(episode_tokens(cfg, prompt_tokens), config.max_position_embeddings)
+    episodes = cfg.problems_per_step * cfg.n_samples_per_problem
+    kv = 2 * config.num_hidden_layers * (config.num_key_value_heads // tp) * config.head_dim * s
+    budget_rows = int(cfg.kv_budget_gb * GIB) // (length * kv) - 1  # as nanoufo.sampler.rows_for_budget
+    wave = min(max(budget_rows, 1), episodes) if cfg.kv_budget_gb else episodes  # rows decoding at once
+    layer = layer_transient_bytes_per_token(config, tp, s)
+    vocab_local = math.ceil(config.vocab_size / tp)
+    rollout = resident | {"kv_cache": (wave + 1) * length * kv, "prefill": wave * prompt_tokens * layer,
+                          "decode_logits": wave * (vocab_local + config.vocab_size) * 4}
+
+    kept = cfg.batch_episodes
+    micro = cfg.micro_batch_tokens or cfg.minibatch_size * length  # 0: a whole (padded) minibatch at once
+    score_micro = cfg.micro_batch_tokens or kept * length
+    head = lambda n: n * min(HEAD_CHUNK, vocab_local) * (8 + s)  # fp32 logits chunk (+ its gradient, backward)
+    scoring = resident | {"micro_batch": score_micro * layer, "lm_head_chunk": head(score_micro),
+                          "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS, "gae": 3 * length * length * 4}
+
+    saved = activation_bytes_per_token(config, tp, s)
+    blocks = config.num_hidden_layers
+    per_token = (blocks * s * config.hidden_size + saved) if cfg.checkpoint_activations else blocks * saved
+    per_token += 4 * config.hidden_size + 3 * s * config.hidden_size  # final norm, the head's input
+    update = resident | {"gradients": trained * s, "activations": micro * per_token,
+                         "backward_transient": micro * layer, "lm_head_chunk": head(micro),
+                         "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS}
+    knobs = {
+        "rollout": f"lower kv_budget_gb (now {cfg.kv_budget_gb or 'unset: a row per episode'}, {wave} of "
+                   f"{episodes} episodes at once) or raise tp",
+        "scoring": f"lower micro_batch_tokens (now {cfg.micro_batch_tokens or 'unset'}) or raise tp",
+        "update": f"lower micro_batch_tokens (now {cfg.micro_batch_tokens or 'unset: a whole minibatch'}, at least "
+                  f"{length}), set checkpoint_activations=true (now {cfg.checkpoint_activations}) or raise tp "
+                  f"(now {tp})",
+    }
+    budget = None if not gpu_mem_gib else int((gpu_mem_gib - RESERVE_GIB) * GIB)
+    return Plan({"rollout": rollout, "scoring": scoring, "update": update}, budget, knobs)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m nanoufo.plan [config.py ...] [--key=value ...] --gpus=N --gpu_mem_gib=G [--model=...]
+    [--prompt_tokens=512]`: prints the plan; exit status 1 when it does not fit."""
+    own = {"gpus": "1", "gpu_mem_gib": "0", "model": "", "prompt_tokens": "512"}
+    rest = []
+    for arg in argv:
+        key = arg[2:].partition("=")[0]
+        if arg.startswith("--") and key in own and key != "gpu_mem_gib":
+            own[key] = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    cfg = parse_args(rest, check_paths=False)
+    gpus = int(own["gpus"])
+    tp = cfg.tp if gpus > 1 else 1
+    if gpus % tp:
+        raise ValueError(f"plan: tp={tp} does not divide --gpus={gpus}")
+    config = model_config(own["model"] or cfg.init_from)
+    plan = make_plan(cfg, config, tp, cfg.gpu_mem_gib or None, int(own["prompt_tokens"]))
+    longest = episode_tokens(cfg, int(own["prompt_tokens"]))
+    print(f"{gpus} GPU(s) = DP {gpus // tp} x TP {tp}; longest episode {longest} tokens")
+    print(plan.format())
+    refusal = plan.refusal()
+    print(refusal or "fits")
+    return 1 if refusal else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        sys.exit(f"{e}")
