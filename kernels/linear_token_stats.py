@@ -76,13 +76,13 @@ def linear_partial_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or weight.shape[0] == 0:
         raise ValueError(f"linear_token_stats: need hidden (N, H) and weight (V, H) with V > 0, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point:
-        raise ValueError(f"linear_token_stats: hidden and weight must share a float dtype, got "
-                         f"{hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point or hidden.device != weight.device:
+        raise ValueError(f"linear_token_stats: hidden and weight must share a float dtype and a device, got "
+                         f"{hidden.dtype} on {hidden.device} and {weight.dtype} on {weight.device}")
     if temperature <= 0 or chunk_size <= 0:
         raise ValueError(f"linear_token_stats: temperature and chunk_size must be > 0, got "
                          f"{temperature} and {chunk_size}")
-    targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats")
+    targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats", hidden.device)
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size)
     with torch.no_grad():
         parts = [slice_partials(_mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))
