@@ -502,6 +502,19 @@ def finish_stats(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, ig
     return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0)
 
 
+def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig, group=None,
+                   vocab_size: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """No autograd: (logp, entropy, self-certainty) and (2, N) lse, mu of a logits slice. Without a group
+    the slice is the whole vocabulary: one launch on the Triton path. With one, the partials of every
+    rank are all-reduced first (vocab_size: this slice's width, default logits.shape[1])."""
+    if group is None and cfg.impl == "triton" and logits.shape[0] > 0:
+        return _stats_triton(logits, targets, cfg)
+    stats, width = slice_partials(logits, targets, cfg), vocab_size or logits.shape[1]
+    if group is not None:
+        stats, width = _all_reduce_stats(stats, width, group)
+    return finish_stats(stats, targets, width, cfg.ignore_index, cfg.debug)
+
+
 class _TokenStats(torch.autograd.Function):
     """Hands out the finished logp, entropy, self-certainty (computed without autograd); the backward
     differentiates the local slice given the global lse and mu (no communication)."""
@@ -602,9 +615,5 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     logits, targets, cfg = _prepare(logits, targets, temperature, 0, ignore_index, impl, block_size, num_splits,
                                     debug)
     with torch.no_grad():
-        if cfg.impl == "triton" and logits.shape[0] > 0:
-            outs, lse_mu = _stats_triton(logits, targets, cfg)
-        else:
-            outs, lse_mu = finish_stats(_partials_torch(logits, targets, cfg), targets, logits.shape[1],
-                                        ignore_index, cfg.debug)
+        outs, lse_mu = finished_stats(logits, targets, cfg)
     return _TokenStats.apply(partial(_logits_grad, cfg), targets, logits.shape[1], outs, lse_mu, logits)
