@@ -51,6 +51,8 @@ def _chunk_config(cfg: SliceConfig, start: int) -> SliceConfig:
 
 def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size, grads, needs,
                  hidden, weight):
+    # logits = hidden @ W.T, so with dz = d out / d logits (token_stats' backward, per chunk):
+    #   d out / d hidden = dz @ W  (summed over the chunks)      d out / d W[chunk] = dz.T @ hidden
     need_hidden, need_weight = needs
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype(hidden.dtype), device=hidden.device) \
         if need_hidden else None  # (N, H) fp32 accumulator over chunks

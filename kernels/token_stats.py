@@ -412,6 +412,8 @@ def _partials_torch(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfi
 
 
 def _grad_torch(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype) -> torch.Tensor:
+    # dz_j = p_j (-g_logp - g_ent (z_j - mu) + g_sc) + g_logp [j = y] - g_sc / V, dx = dz / T (derived at
+    # _grad_kernel)
     valid = targets != cfg.ignore_index
     z = _scaled_logits(logits, valid, cfg)  # (N, V)
     g_logp, g_ent, g_sc = (None if g is None else torch.where(valid, g.to(z.dtype), 0.0) for g in grads)
