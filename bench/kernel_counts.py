@@ -13,6 +13,9 @@
 
     TRITON_INTERPRET=1 python bench/kernel_counts.py        # launches, syncs, FLOPs, then SASS (subprocess)
     python bench/kernel_counts.py --sass [--source FILE --kernel NAME]   # SASS only, e.g. of an old version
+    TRITON_INTERPRET=1 python bench/kernel_counts.py --root DIR   # the counts of another checkout's kernels/
+
+Prints one JSON line per figure. tests/test_kernel_counts.py asserts the goals with the same functions.
 """
 import argparse
 import importlib
@@ -29,7 +32,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.is_nonzero, aten.equal, aten.masked_select,
             aten.unique_dim, aten._unique2, aten.item}
@@ -161,3 +163,86 @@ def sass_report(source: str | None, kernel_name: str) -> dict:
                       HAS_LOGP=True, HAS_ENT=True, HAS_SC=True)
     stats = loop_stats(compile_sm90(kernel, constexprs, WARPS), BLOCK // (32 * WARPS))
     return dict(kernel=kernel_name, source=source or "kernels/token_stats.py", block=BLOCK, num_warps=WARPS, **stats)
+
+
+# ----------------------------------------------------------------------------- launches, syncs, FLOPs
+
+def count(fn) -> Counts:
+    with Counts() as counts:
+        fn()
+    return counts
+
+
+def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None) -> dict:
+    """Launches and syncs of one token_stats forward and backward (bf16 logits, the Triton path)."""
+    from kernels import token_stats
+    logits = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    split = {} if num_splits is None else dict(num_splits=num_splits)
+    token_stats(logits, targets, impl="triton", block_size=64, **split)  # warm-up: the first split call zeroes
+    outs = []                                                             # the per-row arrival counters
+    forward = count(lambda: outs.extend(token_stats(logits, targets, 0.7, impl="triton", block_size=64, **split)))
+    grads = [torch.randn(n) for _ in outs]
+    backward = count(lambda: torch.autograd.grad(outs, logits, grads))
+    return dict(op="token_stats", n=n, v=v, num_splits=num_splits, forward=forward.summary(),
+                backward=backward.summary())
+
+
+def ppo_loss_counts(b: int = 4, t: int = 64) -> dict:
+    """Launches and syncs of one PPO loss forward and backward (k3 KL and entropy on, the Triton path)."""
+    from kernels import ppo_loss
+    gen = torch.Generator().manual_seed(0)
+    logp = -torch.rand(b, t, generator=gen)
+    old, ref = logp + 0.1 * torch.randn(b, t, generator=gen), logp + 0.1 * torch.randn(b, t, generator=gen)
+    adv, entropy, mask = torch.randn(b, t, generator=gen), torch.rand(b, t, generator=gen), torch.rand(b, t) > 0.2
+    logp.requires_grad_(), entropy.requires_grad_()
+    out = []
+    forward = count(lambda: out.extend(ppo_loss(logp, old, adv, mask, ref_logp=ref, entropy=entropy, kl_coef=0.01,
+                                                entropy_coef=0.01, impl="triton")))
+    g = torch.ones(())
+    backward = count(lambda: torch.autograd.grad(out[0], (logp, entropy), g))
+    return dict(op="ppo_loss", b=b, t=t, forward=forward.summary(), backward=backward.summary())
+
+
+def head_flops(n: int = 16, h: int = 32, v: int = 300) -> list[dict]:
+    """Matmul FLOPs of forward + backward, in units of N H V: the head fused with the PPO loss, and the
+    statistics-only fused head (whose backward recomputes the logits)."""
+    import kernels
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True) / h ** 0.5
+    weight = weight.detach().requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    rows = []
+    if hasattr(kernels, "linear_ppo_loss"):
+        old, adv, mask = -torch.rand(n), torch.randn(n), torch.rand(n) > 0.2
+        step = lambda: kernels.linear_ppo_loss(hidden, weight, targets, old, adv, mask, mask.float() / mask.sum(),
+                                               entropy_coef=0.01, chunk_rows=n // 2, impl="torch")[0].backward()
+        rows.append(("linear_ppo_loss", count(step)))
+    step = lambda: sum(o.sum() for o in kernels.linear_token_stats(hidden, weight, targets, chunk_size=v // 3,
+                                                                     impl="torch")).backward()
+    rows.append(("linear_token_stats", count(step)))
+    return [dict(op=name, n=n, h=h, v=v, matmul_flops=c.flops, per_nhv=c.flops / (n * h * v)) for name, c in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sass", action="store_true", help="only the SASS count (run without TRITON_INTERPRET)")
+    parser.add_argument("--source", help="a token_stats.py to compile instead of this checkout's")
+    parser.add_argument("--kernel", default="_stats_kernel")
+    parser.add_argument("--root", default=str(ROOT), help="the checkout whose kernels/ package is counted")
+    args = parser.parse_args()
+    sys.path.insert(0, args.root)
+    if args.sass:
+        print(json.dumps(sass_report(args.source, args.kernel)))
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("the counts run the Triton path on the CPU: set TRITON_INTERPRET=1")
+    for row in (token_stats_counts(), token_stats_counts(num_splits=4), ppo_loss_counts(), *head_flops()):
+        print(json.dumps(row))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    sass = [sys.executable, __file__, "--sass", "--root", args.root]
+    print(subprocess.run(sass, env=env, capture_output=True, text=True, check=True).stdout, end="")
+
+
+if __name__ == "__main__":
+    main()
