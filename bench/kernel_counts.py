@@ -173,33 +173,34 @@ def count(fn) -> Counts:
     return counts
 
 
-def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None) -> dict:
+def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, device: str = "cpu") -> dict:
     """Launches and syncs of one token_stats forward and backward (bf16 logits, the Triton path)."""
     from kernels import token_stats
-    logits = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, v, (n,))
+    logits = torch.randn(n, v, dtype=torch.bfloat16, device=device, requires_grad=True)
+    targets = torch.randint(0, v, (n,), device=device)
     split = {} if num_splits is None else dict(num_splits=num_splits)
     token_stats(logits, targets, impl="triton", block_size=64, **split)  # warm-up: the first split call zeroes
     outs = []                                                             # the per-row arrival counters
     forward = count(lambda: outs.extend(token_stats(logits, targets, 0.7, impl="triton", block_size=64, **split)))
-    grads = [torch.randn(n) for _ in outs]
+    grads = [torch.randn(n, device=device) for _ in outs]
     backward = count(lambda: torch.autograd.grad(outs, logits, grads))
     return dict(op="token_stats", n=n, v=v, num_splits=num_splits, forward=forward.summary(),
                 backward=backward.summary())
 
 
-def ppo_loss_counts(b: int = 4, t: int = 64) -> dict:
+def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:
     """Launches and syncs of one PPO loss forward and backward (k3 KL and entropy on, the Triton path)."""
     from kernels import ppo_loss
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(b, t, generator=gen)
     old, ref = logp + 0.1 * torch.randn(b, t, generator=gen), logp + 0.1 * torch.randn(b, t, generator=gen)
     adv, entropy, mask = torch.randn(b, t, generator=gen), torch.rand(b, t, generator=gen), torch.rand(b, t) > 0.2
+    logp, old, ref, adv, entropy, mask = (x.to(device) for x in (logp, old, ref, adv, entropy, mask))
     logp.requires_grad_(), entropy.requires_grad_()
     out = []
     forward = count(lambda: out.extend(ppo_loss(logp, old, adv, mask, ref_logp=ref, entropy=entropy, kl_coef=0.01,
                                                 entropy_coef=0.01, impl="triton")))
-    g = torch.ones(())
+    g = torch.ones((), device=device)
     backward = count(lambda: torch.autograd.grad(out[0], (logp, entropy), g))
     return dict(op="ppo_loss", b=b, t=t, forward=forward.summary(), backward=backward.summary())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_device import needs_triton
+from kernel_device import DEVICE, needs_triton
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -25,14 +25,14 @@ kernel_counts = importlib.import_module("kernel_counts")
 @needs_triton
 @pytest.mark.parametrize("num_splits", [None, 4])
 def test_token_stats_is_one_launch_without_sync(num_splits):
-    row = kernel_counts.token_stats_counts(n=4, v=130, num_splits=num_splits)
+    row = kernel_counts.token_stats_counts(n=4, v=130, num_splits=num_splits, device=DEVICE)
     assert row["forward"]["launches"] == 1 and row["forward"]["host_syncs"] == 0, row
     assert row["backward"]["launches"] == 1 and row["backward"]["host_syncs"] == 0, row
 
 
 @needs_triton
 def test_ppo_loss_launches():
-    row = kernel_counts.ppo_loss_counts(b=3, t=40)
+    row = kernel_counts.ppo_loss_counts(b=3, t=40, device=DEVICE)
     assert row["forward"]["launches"] <= 2 and row["backward"]["launches"] <= 1, row
     assert row["forward"]["host_syncs"] == row["backward"]["host_syncs"] == 0, row
 
