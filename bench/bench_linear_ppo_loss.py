@@ -2,7 +2,7 @@
 against its three GEMMs alone (logits, grad_hidden, grad_weight: 6*N*H*V FLOPs), the unfused eager path
 (bf16 logits, fp32 statistics, PyTorch PPO loss), torch.compile of it, and Liger-Kernel's fused linear GRPO
 loss (loss_type "dapo": the token-mean over the whole batch, the same maths as the weights mask / n_tokens
-used here; checked to agree to 1e-7 in float64 on the CPU with liger-kernel 0.8.5 and compiled=False).
+used here; `python bench/bench_linear_ppo_loss.py` compares the two in float64 on the CPU).
 
     TRITON_INTERPRET=1 python -m pytest -q bench/bench_linear_ppo_loss.py --benchmark-only   # CPU harness
     python -m pytest -q bench/bench_linear_ppo_loss.py --benchmark-only                      # GPU
@@ -69,3 +69,38 @@ def test_linear_ppo_loss_fwd_bwd(measure, device, n, h, v, impl):
     mask = torch.rand(n, device=device, generator=gen) > 0.2
     step = step_fn(impl, hidden, weight, targets, old, adv, mask, ref)
     measure(step, flops=6 * n * h * v, n=n, h=h, v=v, impl=impl)
+
+
+def liger_agreement(b: int = 2, t: int = 8, h: int = 16, v: int = 50) -> dict:
+    """Float64 on the CPU: Liger's fused linear GRPO loss (dapo) against linear_ppo_loss with weights
+    mask / n_tokens: |loss difference| and the largest gradient differences."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(b * t, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / 4
+    targets = torch.randint(0, v, (b * t,), generator=gen)
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None])[:, 0]
+    old = logp + 0.3 * torch.randn(b * t, generator=gen, dtype=torch.float64)
+    ref = logp + 0.2 * torch.randn(b * t, generator=gen, dtype=torch.float64)
+    mask = torch.rand(b * t, generator=gen) > 0.2
+    adv = torch.randn(b, generator=gen, dtype=torch.float64).repeat_interleave(t)
+    grads = []
+    for impl in ("liger", "nanoufo"):
+        hid, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if impl == "liger":
+            loss = LigerFusedLinearGRPOLoss(beta=PPO["kl_coef"], epsilon_low=PPO["clip_low"],
+                                            epsilon_high=PPO["clip_high"], loss_type="dapo", compiled=False)(
+                hid.view(b, t, h), w, targets.view(b, t), mask.view(b, t).double(), adv.view(b, t)[:, 0],
+                ref_per_token_logps=ref.view(b, t), old_per_token_logps=old.view(b, t))[0]
+        else:
+            loss = linear_ppo_loss(hid, w, targets, old, adv, mask, mask.double() / mask.sum(), ref_logp=ref,
+                                   impl="torch", **PPO)[0]
+        loss.backward()
+        grads.append((loss.detach(), hid.grad, w.grad))
+    (l0, h0, w0), (l1, h1, w1) = grads
+    return dict(liger_loss=l0.item(), nanoufo_loss=l1.item(), grad_hidden_max_diff=(h0 - h1).abs().max().item(),
+                grad_weight_max_diff=(w0 - w1).abs().max().item())
+
+
+if __name__ == "__main__":  # python bench/bench_linear_ppo_loss.py (with liger-kernel importable)
+    print(liger_agreement())

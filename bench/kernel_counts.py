@@ -6,7 +6,8 @@
   the PPO loss's forward and backward.
 - matmul FLOPs of the LM head fused with the PPO loss, every matmul counted (mm, addmm, addmm_, bmm ...),
   against 6 N H V.
-- SASS instructions per logit in the main loop of the compiled statistics kernel: compiled for sm_90
+- SASS instructions per logit in the main loop of the compiled statistics kernel (and of the backward's
+  kernel): compiled for sm_90
   with Triton's bundled ptxas (no GPU needed), disassembled with the bundled cuobjdump; the loop is the
   span from a backward branch's target to the branch; per logit = its instructions / logits one thread
   handles per iteration. Registers and local memory (spills) from cuobjdump -res-usage.
@@ -98,7 +99,8 @@ class Counts(TorchDispatchMode):
 
 ARG_TYPES = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "bad_ptr": "*i64", "count_ptr": "*i32",
              "n_rows": "i32", "n_cols": "i32", "row_stride": "i32", "cols_per_split": "i32", "vocab_start": "i32",
-             "ignore_index": "i32", "c": "fp32", "inv_temp": "fp32", "inv_vocab": "fp32"}  # other *_ptr: *fp32
+             "ignore_index": "i32", "c": "fp32", "inv_temp": "fp32", "inv_vocab": "fp32", "grad_ptr": "*bf16",
+             "grad_row_stride": "i32"}  # other *_ptr: *fp32
 V_REAL, BLOCK, WARPS = 151936, 4096, 8  # Qwen2.5's vocabulary; the launcher's block and warps at that width
 
 
@@ -241,8 +243,9 @@ def main() -> None:
     for row in (token_stats_counts(), token_stats_counts(num_splits=4), ppo_loss_counts(), *head_flops()):
         print(json.dumps(row))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    sass = [sys.executable, __file__, "--sass", "--root", args.root]
-    print(subprocess.run(sass, env=env, capture_output=True, text=True, check=True).stdout, end="")
+    for kernel in ("_stats_kernel", "_grad_kernel"):
+        sass = [sys.executable, __file__, "--sass", "--root", args.root, "--kernel", kernel]
+        print(subprocess.run(sass, env=env, capture_output=True, text=True, check=True).stdout, end="")
 
 
 if __name__ == "__main__":

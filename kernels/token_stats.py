@@ -196,7 +196,8 @@ def _stats_kernel(logits_ptr, targets_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, p
         # makes the other programs' stores visible to it; it re-zeroes the counter for the next launch
         if tl.atomic_add(count_ptr + row, 1) == SPLIT - 1:
             parts = part_ptr + (row * SPLIT + tl.arange(0, SPLIT)) * 4
-            ms, ss, as_, bs = tl.load(parts), tl.load(parts + 1), tl.load(parts + 2), tl.load(parts + 3)
+            ms, ss = tl.load(parts).to(ACC), tl.load(parts + 1).to(ACC)
+            as_, bs = tl.load(parts + 2).to(ACC), tl.load(parts + 3).to(ACC)
             m = tl.max(ms, 0)
             ss, as_ = _lane_rescale(ms, ss, as_, m, c, ACC)
             tl.store(count_ptr + row, 0)
@@ -227,13 +228,14 @@ def _partials_kernel(logits_ptr, targets_ptr, stats_ptr, n_rows, n_cols, row_str
 @triton.jit
 def _dlogits(x, cols, local, lse_c, mu, coef, g_logp, g_ent, g_sc_v, c, inv_temp, HAS_LOGP: tl.constexpr,
              HAS_ENT: tl.constexpr, ACC: tl.constexpr):
+    """dx = dz / T of one tile; the row's coefficients come already divided by T."""
     p = _exp2(x * c - lse_c, ACC)
-    dz = p * coef - g_sc_v
+    dx = p * coef - g_sc_v
     if HAS_ENT:
-        dz -= g_ent * p * tl.maximum(x * inv_temp - mu, -1e30)  # p = 0 at a -inf logit: keep the product 0
+        dx -= g_ent * p * tl.maximum(x * inv_temp - mu, -1e30)  # p = 0 at a -inf logit: keep the product 0
     if HAS_LOGP:
-        dz += tl.where(cols == local, g_logp, 0.0)
-    return dz * inv_temp
+        dx += tl.where(cols == local, g_logp, 0.0)
+    return dx
 
 
 @triton.jit
@@ -266,6 +268,8 @@ def _grad_kernel(logits_ptr, targets_ptr, lse_ptr, mu_ptr, g_logp_ptr, g_ent_ptr
         g_sc_v = g_sc * inv_vocab
     if HAS_ENT:
         g_ent = tl.where(valid, tl.load(g_ent_ptr + row).to(ACC), 0.0)
+    coef, g_logp, g_ent, g_sc_v = coef * inv_temp, g_logp * inv_temp, g_ent * inv_temp, g_sc_v * inv_temp
+    local = tl.where((local >= 0) & (local < n_cols), local, -1).to(tl.int32)  # one 32-bit compare per logit
     row_ptr = logits_ptr + row * row_stride
     grad_row_ptr = grad_ptr + row * grad_row_stride
     lo = tl.program_id(1) * cols_per_split
