@@ -9,9 +9,10 @@ Per token where mask is nonzero (masked tokens are never read, so they may hold 
   loss  = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)), and for A < 0 at most -A dual_clip
         + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -20, 20))
         - entropy_coef * entropy
-Aggregation: "token-mean" over every masked token of the batch, or "seq-mean": each row's token-mean,
-averaged over the rows that have at least one token; or per-token weights (loss = sum w * token loss), how
-micro-batches of one minibatch share its normaliser. No tokens at all gives a loss of 0, not NaN.
+Aggregation: "token-mean" over every masked token of the batch, or "seq-mean" (long name
+"seq-mean-token-mean"): each row's token-mean, averaged over the rows that have at least one token; or
+per-token weights (loss = sum w * token loss), how micro-batches of one minibatch share its normaliser.
+No tokens at all gives a loss of 0, not NaN.
 Metrics (0-d tensors, token-means over the masked tokens whatever the aggregation): clip_frac (tokens
 where the clipped branch wins, so their gradient is 0), approx_kl (KL(old || new) by the k3
 estimator ratio - 1 - log ratio), ratio_mean, and kl / entropy when ref_logp / entropy are given.
@@ -179,7 +180,7 @@ def _ppo_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr, g_o
         tl.store(grad_ent_ptr + offs, -entropy_coef * g, mask=in_row)
 
 
-AGGREGATIONS = {"token-mean": 0, "seq-mean": 1, "weights": 2}
+AGGREGATIONS = {"token-mean": 0, "seq-mean": 1, "seq-mean-token-mean": 1, "weights": 2}  # seq-mean: the short name
 
 
 def _block(cfg: PPOConfig, n_cols: int) -> int:
@@ -270,10 +271,10 @@ def aggregate(rows: torch.Tensor, aggregation: str) -> tuple[torch.Tensor, torch
     total = count.sum().clamp(min=1)
     if aggregation == "token-mean":
         loss = rows[LOSS].sum() / total
-    elif aggregation == "seq-mean":  # over the rows that hold tokens
-        loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
-    else:  # weights: already inside the LOSS row
+    elif aggregation == "weights":  # already inside the LOSS row
         loss = rows[LOSS].sum()
+    else:  # seq-mean(-token-mean): each row's token-mean, over the rows that hold tokens
+        loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
     return loss, (rows[CLIP:].sum(1) / total).detach()
 
 
@@ -296,7 +297,8 @@ def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: b
         if x is not None and name != "mask" and not x.dtype.is_floating_point:
             raise ValueError(f"ppo_loss: {name} must be a float tensor, got {x.dtype}")
     if cfg.aggregation not in AGGREGATIONS or cfg.kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"ppo_loss: aggregation must be token-mean|seq-mean and kl_estimator k1|k3, "
+        raise ValueError(f"ppo_loss: aggregation must be token-mean|seq-mean(-token-mean) and kl_estimator "
+                         f"k1|k3, "
                          f"got {cfg.aggregation!r}, {cfg.kl_estimator!r}")
     if cfg.clip_low < 0 or cfg.clip_high < 0 or (cfg.dual_clip is not None and cfg.dual_clip <= 1):
         raise ValueError(f"ppo_loss: clips must be >= 0 and dual_clip > 1 (or None), got "

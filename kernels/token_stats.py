@@ -14,11 +14,19 @@ logp = z_y - lse, entropy = log s - a/s and self-certainty = lse - b/V, V the FU
 come from cancelling two large numbers.) The backward needs only lse and mu = m + a/s per row, so
 a vocab-parallel rank differentiates its own slice with no communication.
 
+When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
+kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
+several programs (a 2D grid); the last program of a row to arrive merges their partials. Otherwise the
+partials of the slice are all-reduced and finished by PyTorch ops (combine_partial_stats).
+
 Edge cases: a row whose target is ignore_index is masked: its three outputs are 0, it gets no
 gradient and its logits are not read. A -inf logit has p = 0 and no gradient, and adds nothing to
 logp or the entropy; the mean logit is then -inf, so the self-certainty is +inf (KL(U || p) is
-infinite). A row that is -inf everywhere but at the target has logp = 0 and entropy 0 (to rounding); a row that is
--inf everywhere is no distribution and gives NaN, as torch.log_softmax does.
+infinite). A row that is -inf everywhere but at the target has logp = 0 and entropy 0 (to rounding); a row
+that is -inf everywhere is no distribution and gives NaN, as torch.log_softmax does. A target outside
+[0, V) or a NaN logit in a row gives NaN outputs for that row on the one-launch path (never a plausible
+number); with debug=True or NANOUFO_KERNEL_DEBUG=1 the launcher raises instead, naming the first bad row
+(one host sync). The PyTorch paths and the vocab-parallel combine check the targets on the host and raise.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
@@ -76,7 +84,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # at the end: m / T, s, a ln 2, b / T.
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -146,8 +153,8 @@ def _row_stats(row_ptr, lo, end, c, K: tl.constexpr, GROUPS: tl.constexpr, BF16_
 
 
 @triton.jit
-def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, bad_ptr, n_rows, n_cols, inv_temp,
-                DEBUG: tl.constexpr, ACC: tl.constexpr):
+def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, bad_ptr, n_rows,
+                n_cols, inv_temp, DEBUG: tl.constexpr, ACC: tl.constexpr):
     """logp, entropy, self-certainty, lse and mu (the backward's inputs) of one whole-vocabulary row."""
     in_vocab = (target >= 0) & (target < n_cols)
     x_y = tl.load(row_ptr + tl.where(in_vocab, target, 0), mask=valid & in_vocab, other=0.0).to(ACC)
@@ -171,9 +178,10 @@ def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_p
 
 
 @triton.jit
-def _stats_kernel(logits_ptr, targets_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, part_ptr, count_ptr, bad_ptr, n_rows, n_cols, row_stride,
-                  cols_per_split, c, inv_temp, ignore_index, SPLIT: tl.constexpr, DEBUG: tl.constexpr,
-                  K: tl.constexpr, GROUPS: tl.constexpr, BF16_PAIRS: tl.constexpr, ACC: tl.constexpr):
+def _stats_kernel(logits_ptr, targets_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, part_ptr, count_ptr, bad_ptr,
+                  n_rows, n_cols, row_stride, cols_per_split, c, inv_temp, ignore_index, SPLIT: tl.constexpr,
+                  DEBUG: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr, BF16_PAIRS: tl.constexpr,
+                  ACC: tl.constexpr):
     # grid (N, SPLIT): program (row, j) reduces columns [j * cols_per_split, +cols_per_split) of the row
     row = tl.program_id(0).to(tl.int64)  # int64 so row * row_stride cannot overflow past 2^31
     split = tl.program_id(1)

@@ -119,9 +119,10 @@ def test_hand_computed_example():
         assert loss.item() == pytest.approx(sum(token_loss) / 3)
         assert m["clip_frac"].item() == pytest.approx(1 / 3)
         assert m["ratio_mean"].item() == pytest.approx((2 + torch.e ** 0.5) / 3)
-        loss, _ = ppo_loss(logp.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                           aggregation="seq-mean", impl=impl)
-        assert loss.item() == pytest.approx(((-1.0 - 3.0) / 2 + token_loss[2]) / 2)
+        for aggregation in ("seq-mean", "seq-mean-token-mean"):  # the short and the long name
+            loss, _ = ppo_loss(logp.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
+                               aggregation=aggregation, impl=impl)
+            assert loss.item() == pytest.approx(((-1.0 - 3.0) / 2 + token_loss[2]) / 2)
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
