@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from kernels.dispatch import pick_impl
-from kernels.linear_token_stats import _mm_acc
+from kernels.linear_token_stats import _mm_acc, check_head
 from kernels.ppo_loss import ppo_loss
 from kernels.token_stats import (SliceConfig, acc_dtype, check_targets_shape, debug_mode, finished_stats,
                                  slice_grad, token_stats)
@@ -96,12 +96,7 @@ class _LinearPPOLoss(torch.autograd.Function):
 
 
 def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group) -> None:
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or weight.shape[0] == 0:
-        raise ValueError(f"linear_ppo_loss: need hidden (N, H) and weight (V, H) with V > 0, got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point or hidden.device != weight.device:
-        raise ValueError(f"linear_ppo_loss: hidden and weight must share a float dtype and a device, got "
-                         f"{hidden.dtype} on {hidden.device} and {weight.dtype} on {weight.device}")
+    check_head(hidden, weight, "linear_ppo_loss")
     for name, x in per_token.items():
         if x is not None and (x.shape != hidden.shape[:1] or x.device != hidden.device):
             raise ValueError(f"linear_ppo_loss: {name} must be ({hidden.shape[0]},) on {hidden.device}, got "
