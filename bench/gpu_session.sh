@@ -93,7 +93,7 @@ step env env.txt 30 5 bash -c env_facts
 # ones no CPU run can check.
 step kernel-tests tests.log 100 30 env NANOUFO_TEST_DEVICE="$TEST_DEVICE" "$PY" -m pytest -v --durations=10 \
     tests/test_kernels_decode.py tests/test_kernels_token_stats.py tests/test_kernels_linear.py \
-    tests/test_kernels_ppo_loss.py
+    tests/test_kernels_ppo_loss.py tests/test_kernels_linear_ppo.py tests/test_kernel_counts.py
 # 42 rows x 12 timed calls of at most ~0.1 s (the 71-TFLOP fused head at N=16384, H=3584) + start-up and
 # compilation: ~70 s. The JSON is written at the end only, hence the high minimum.
 step microbench bench.log 150 60 "$PY" -m pytest -q bench --benchmark-only -k "not compile" \

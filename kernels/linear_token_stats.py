@@ -41,6 +41,16 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return a @ b if out is None else out.addmm_(a, b)
 
 
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, where: str) -> None:
+    """hidden (N, H) and weight (V, H), V > 0, of one float dtype on one device, or an error naming them."""
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"{where}: need hidden (N, H) and weight (V, H) with V > 0, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point or hidden.device != weight.device:
+        raise ValueError(f"{where}: hidden and weight must share a float dtype and a device, got "
+                         f"{hidden.dtype} on {hidden.device} and {weight.dtype} on {weight.device}")
+
+
 def _chunks(n_cols: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, n_cols)) for start in range(0, n_cols, chunk_size)]
 
@@ -51,6 +61,8 @@ def _chunk_config(cfg: SliceConfig, start: int) -> SliceConfig:
 
 def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size, grads, needs,
                  hidden, weight):
+    # logits = hidden @ W.T, so with dz = d out / d logits (token_stats' backward, per chunk):
+    #   d out / d hidden = dz @ W  (summed over the chunks)      d out / d W[chunk] = dz.T @ hidden
     need_hidden, need_weight = needs
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype(hidden.dtype), device=hidden.device) \
         if need_hidden else None  # (N, H) fp32 accumulator over chunks
@@ -73,16 +85,11 @@ def linear_partial_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          block_size: int | None = None) -> PartialStats:
     """Partial statistics of the logits hidden @ weight.T, weight (V_slice, H) holding global vocab ids
     [vocab_start, vocab_start + V_slice)."""
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or weight.shape[0] == 0:
-        raise ValueError(f"linear_token_stats: need hidden (N, H) and weight (V, H) with V > 0, got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point:
-        raise ValueError(f"linear_token_stats: hidden and weight must share a float dtype, got "
-                         f"{hidden.dtype} and {weight.dtype}")
+    check_head(hidden, weight, "linear_token_stats")
     if temperature <= 0 or chunk_size <= 0:
         raise ValueError(f"linear_token_stats: temperature and chunk_size must be > 0, got "
                          f"{temperature} and {chunk_size}")
-    targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats")
+    targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats", hidden.device)
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size)
     with torch.no_grad():
         parts = [slice_partials(_mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))

@@ -9,17 +9,19 @@ Per token where mask is nonzero (masked tokens are never read, so they may hold 
   loss  = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)), and for A < 0 at most -A dual_clip
         + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -20, 20))
         - entropy_coef * entropy
-Aggregation: "token-mean" over every masked token of the batch, or "seq-mean-token-mean" (short name
-"seq-mean"): each row's token-mean, averaged over the rows that have at least one token. No tokens at all
-gives a loss of 0, not NaN. With `weights` (B, T) (nanoufo.rl.loss_weights over a whole minibatch) the loss
-is sum(weights * token loss) instead: a micro-batch's share of its minibatch's aggregated loss.
+Aggregation: "token-mean" over every masked token of the batch, or "seq-mean" (long name
+"seq-mean-token-mean"): each row's token-mean, averaged over the rows that have at least one token; or
+per-token weights (loss = sum w * token loss), how micro-batches of one minibatch share its normaliser.
+No tokens at all gives a loss of 0, not NaN.
 Metrics (0-d tensors, token-means over the masked tokens whatever the aggregation): clip_frac (tokens
 where the clipped branch wins, so their gradient is 0), approx_kl (KL(old || new) by the k3
 estimator ratio - 1 - log ratio), ratio_mean, and kl / entropy when ref_logp / entropy are given.
 
-The kernel runs a (B, T/BLOCK) grid; each program reads its tokens once and writes per-block sums
-of the seven row statistics and, when logp needs a gradient, d(token loss)/d(logp), so the backward
-is one multiply per token. Gradients flow to logp and entropy only.
+Triton path: forward = two launches and no host sync: the token kernel (a (B, T/BLOCK) grid; each program
+reads its tokens once and writes per-block sums of the seven row statistics and, when logp needs a
+gradient, d(token loss)/d(logp)) and one program finishing the loss, the metrics and the per-row
+gradient scales on the device; backward = one launch, one multiply per token. Gradients flow to logp and
+entropy only. debug=True (or NANOUFO_KERNEL_DEBUG=1) names the first masked-in NaN input (one sync).
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_ppo_loss.py
 """
@@ -30,10 +32,9 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import pick_impl
-from kernels.token_stats import acc_dtype
+from kernels.token_stats import acc_dtype, debug_mode
 
 COUNT, LOSS, CLIP, APPROX_KL, RATIO, KL, ENT = range(7)  # rows of the (7, B) per-row sums
-AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-mean")  # seq-mean is seq-mean-token-mean's short name
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -63,10 +64,19 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, d
     logp = tl.load(logp_ptr + offs, mask=tok, other=0.0).to(ACC)
     old = tl.load(old_ptr + offs, mask=tok, other=0.0).to(ACC)
     adv = tl.load(adv_ptr + offs, mask=tok, other=0.0).to(ACC)
+    # d_loss = d(token loss) / d logp, branch by branch, with r = exp(clamp(logp - old, -20, 20)):
+    #   dr/dlogp = r inside the clamp, 0 outside it (the clamp is flat there)
+    #   unclipped branch, loss = -A r:                       d_loss = -A dr/dlogp
+    #   clipped branch wins, loss = -A clip(r, 1 - el, 1 + eh): it wins only with r outside the clip range
+    #     (inside, both branches are equal and the unclipped one is taken), where clip(r) is constant: 0
+    #   dual clip, A < 0 and loss > -A c, loss = -A c:       0
+    #   k1, kl = logp - ref:                                 + kl_coef
+    #   k3, kl = e^u - u - 1 with u = clamp(ref - logp):     + kl_coef (1 - e^u) inside the clamp, else 0
+    #   entropy bonus, loss -= entropy_coef H:               d_loss / dH = -entropy_coef (the backward's)
     delta = logp - old
     log_ratio = tl.minimum(tl.maximum(delta, -20.0), 20.0)
     ratio = tl.exp(log_ratio)
-    d_ratio = tl.where(tl.abs(delta) <= 20.0, ratio, 0.0)  # the clamp passes no gradient outside
+    d_ratio = tl.where(tl.abs(delta) <= 20.0, ratio, 0.0)
     pg = -adv * ratio
     pg_clip = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     clipped = pg_clip > pg
@@ -91,10 +101,8 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, d
     if HAS_ENT:
         ent = tl.load(ent_ptr + offs, mask=tok, other=0.0).to(ACC)
         loss -= entropy_coef * ent
-    if HAS_W:  # the LOSS row becomes sum(w * loss); its gradient (and the entropy's) scales with w
-        w = tl.load(w_ptr + offs, mask=tok, other=0.0).to(ACC)
-        loss = loss * w
-        d_loss = d_loss * w
+    if HAS_W:  # the loss is sum_t w_t loss_t: the aggregation is in the weights
+        loss *= tl.load(w_ptr + offs, mask=tok, other=0.0).to(ACC)
     out = sums_ptr + row * n_blocks + blk
     plane = n_rows * n_blocks  # one (B, n_blocks) plane per statistic, in COUNT .. ENT order
     tl.store(out, tl.sum(tl.where(tok, 1.0, 0.0).to(ACC), 0))
@@ -108,46 +116,128 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, d
         tl.store(dloss_ptr + offs, tl.where(tok, d_loss, 0.0), mask=in_row)
 
 
-def _row_sums_triton(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, store_grad: bool):
-    """(7, B) per-row sums and, if store_grad, the masked d(token loss)/d(logp) (B, T)."""
-    n_rows, n_cols = logp.shape
-    acc = acc_dtype(logp.dtype)
-    block = cfg.block_size or min(1024, triton.next_power_of_2(n_cols))
-    n_blocks = triton.cdiv(n_cols, block)
-    sums = torch.empty((7, n_rows, n_blocks), dtype=acc, device=logp.device)  # (7, B, T-blocks)
-    dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums
-    _ppo_kernel[(n_rows, n_blocks)](
-        logp, old, adv, mask, logp if ref is None else ref, logp if entropy is None else entropy,
-        logp if weights is None else weights, dloss,
-        sums, n_rows, n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
-        float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
-        HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
-        STORE_GRAD=store_grad,
-        BLOCK=block, ACC=_TL_ACC[acc], num_warps=4)
-    return sums.sum(2), (dloss if store_grad else None)
+@triton.jit
+def _ppo_finish_kernel(sums_ptr, loss_ptr, metrics_ptr, row_scale_ptr, n_rows, n_blocks, AGG: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCKS: tl.constexpr, ACC: tl.constexpr):
+    # one program: the (7, B, n_blocks) partial sums -> the loss, the metrics (token-means), and what the
+    # backward needs: d loss / d(row r's loss sum) = row_scale[r] * norm, norm = metrics[6]
+    #   token-mean (AGG 0): loss = sum_r L_r / n_tok                 row_scale 1, norm 1 / n_tok
+    #   seq-mean (AGG 1):   loss = sum_r (L_r / n_r) / n_nonempty    row_scale 1 / n_r, norm 1 / n_nonempty
+    #   weights (AGG 2):    loss = sum_r L_r (weights inside L_r)    row_scale 1, norm 1
+    plane = n_rows * n_blocks
+    blocks = tl.arange(0, BLOCKS)
+    totals = tl.zeros([8], ACC)  # count, loss, clip, approx_kl, ratio, kl, entropy, nonempty rows
+    slot = tl.arange(0, 8)
+    for r0 in range(0, n_rows, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        live = rows < n_rows
+        sums = tl.zeros([ROWS, 8], ACC)
+        for b0 in range(0, n_blocks, BLOCKS):
+            idx = rows[:, None] * n_blocks + b0 + blocks[None, :]
+            ok = live[:, None] & (b0 + blocks[None, :] < n_blocks)
+            for k in tl.static_range(7):
+                part = tl.sum(tl.load(sums_ptr + k * plane + idx, mask=ok, other=0.0), 1)  # (ROWS,)
+                sums += tl.where(slot[None, :] == k, part[:, None], 0.0)
+        count = tl.sum(tl.where(slot[None, :] == 0, sums, 0.0), 1)  # (ROWS,)
+        row_scale = tl.full([ROWS], 1.0, ACC)
+        if AGG == 1:
+            row_scale = 1.0 / tl.maximum(count, 1.0)
+            sums = tl.where(slot[None, :] == 1, sums * row_scale[:, None], sums)
+        sums = tl.where(slot[None, :] == 7, tl.where(count > 0, 1.0, 0.0)[:, None], sums)
+        tl.store(row_scale_ptr + rows, row_scale, mask=live)
+        totals += tl.sum(sums, 0)
+    n_tok = tl.maximum(tl.sum(tl.where(slot == 0, totals, 0.0), 0), 1.0)
+    loss = tl.sum(tl.where(slot == 1, totals, 0.0), 0)
+    norm = 1.0
+    if AGG == 0:
+        norm = 1.0 / n_tok
+    if AGG == 1:
+        norm = 1.0 / tl.maximum(tl.sum(tl.where(slot == 7, totals, 0.0), 0), 1.0)
+    tl.store(loss_ptr, loss * norm)
+    metric = (slot >= 2) & (slot <= 6)
+    tl.store(metrics_ptr + slot - 2, totals / n_tok, mask=metric)  # clip_frac .. entropy, token-means
+    tl.store(metrics_ptr + 5, norm)
 
 
-class _PPORowSums(torch.autograd.Function):
-    """Kernel path: (7, B) row sums whose LOSS row is differentiable w.r.t. logp and entropy."""
+@triton.jit
+def _ppo_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr, g_out_ptr, grad_logp_ptr,
+                     grad_ent_ptr, n_cols, entropy_coef, HAS_W: tl.constexpr, LOGP: tl.constexpr,
+                     ENT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # d loss / d logp_t = d_loss_t * (d loss / d L_t), d loss / d H_t = -entropy_coef * (d loss / d L_t), where
+    # d loss / d L_t = g_out * norm * row_scale[r] * (w_t with weights, else 1), L_t the token's loss
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < n_cols
+    offs = row * n_cols + cols
+    scale = tl.load(g_out_ptr).to(ACC) * tl.load(metrics_ptr + 5) * tl.load(row_scale_ptr + row)
+    tok = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    g = tl.where(tok, scale, 0.0)
+    if HAS_W:
+        g *= tl.load(w_ptr + offs, mask=tok, other=0.0).to(ACC)
+    if LOGP:
+        tl.store(grad_logp_ptr + offs, tl.load(dloss_ptr + offs, mask=in_row, other=0.0) * g, mask=in_row)
+    if ENT:
+        tl.store(grad_ent_ptr + offs, -entropy_coef * g, mask=in_row)
+
+
+AGGREGATIONS = {"token-mean": 0, "seq-mean": 1, "seq-mean-token-mean": 1, "weights": 2}  # seq-mean: the short name
+
+
+def _block(cfg: PPOConfig, n_cols: int) -> int:
+    return cfg.block_size or min(1024, triton.next_power_of_2(n_cols))
+
+
+class _PPOLossTriton(torch.autograd.Function):
+    """Forward: the token kernel and the finishing kernel (2 launches, no host sync); backward: one kernel."""
 
     @staticmethod
     def forward(ctx, logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig):
-        rows, dloss = _row_sums_triton(logp, old, adv, mask, ref, entropy, weights, cfg, ctx.needs_input_grad[0])
-        ctx.save_for_backward(dloss, (mask != 0) if weights is None else torch.where(mask != 0, weights, 0.0))
-        ctx.entropy_coef = cfg.entropy_coef
-        return rows
+        n_rows, n_cols = logp.shape
+        acc = acc_dtype(logp.dtype)
+        block = _block(cfg, n_cols)
+        n_blocks = triton.cdiv(n_cols, block)
+        sums = torch.empty((7, n_rows, n_blocks), dtype=acc, device=logp.device)  # (7, B, T-blocks)
+        store_grad = ctx.needs_input_grad[0]
+        dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums  # (B, T)
+        unused = logp
+        _ppo_kernel[(n_rows, n_blocks)](
+            logp, old, adv, mask, unused if ref is None else ref, unused if entropy is None else entropy,
+            unused if weights is None else weights, dloss, sums, n_rows, n_cols, n_blocks, float(cfg.clip_low),
+            float(cfg.clip_high), float(cfg.dual_clip or 0), float(cfg.kl_coef), float(cfg.entropy_coef),
+            HAS_REF=ref is not None, HAS_ENT=entropy is not None, HAS_W=weights is not None,
+            USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
+            BLOCK=block, ACC=_TL_ACC[acc], num_warps=4)
+        loss = torch.empty((), dtype=acc, device=logp.device)
+        metrics = torch.empty(6, dtype=acc, device=logp.device)  # clip .. entropy, then the norm
+        row_scale = torch.empty(n_rows, dtype=acc, device=logp.device)  # (B,)
+        _ppo_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
+                                 AGG=AGGREGATIONS[cfg.aggregation], ROWS=64,
+                                 BLOCKS=min(64, triton.next_power_of_2(n_blocks)), ACC=_TL_ACC[acc], num_warps=4)
+        ctx.save_for_backward(dloss, mask, weights, row_scale, metrics)
+        ctx.cfg, ctx.block = cfg, block
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)  # no zeros launched for the metrics' (absent) gradient
+        return loss, metrics
 
     @staticmethod
-    def backward(ctx, g_rows):
-        dloss, token_weight = ctx.saved_tensors  # token_weight: the mask, or the masked weights
-        g = g_rows[LOSS][:, None]  # (B, 1): d(aggregated loss)/d(row loss sum)
-        grad_logp = dloss * g if ctx.needs_input_grad[0] else None
-        grad_ent = token_weight * (-ctx.entropy_coef * g) if ctx.needs_input_grad[1] else None
+    def backward(ctx, g_loss, _):
+        dloss, mask, weights, row_scale, metrics = ctx.saved_tensors
+        need_logp, need_ent = ctx.needs_input_grad[:2]
+        if g_loss is None or not (need_logp or need_ent):
+            return (None,) * 8
+        n_rows, n_cols = mask.shape
+        grad_logp = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_logp else None
+        grad_ent = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_ent else None
+        _ppo_grad_kernel[(n_rows, triton.cdiv(n_cols, ctx.block))](
+            dloss, mask, mask if weights is None else weights, row_scale, metrics, g_loss.contiguous(),
+            metrics if grad_logp is None else grad_logp, metrics if grad_ent is None else grad_ent, n_cols,
+            float(ctx.cfg.entropy_coef), HAS_W=weights is not None, LOGP=need_logp, ENT=need_ent, BLOCK=ctx.block,
+            ACC=_TL_ACC[metrics.dtype], num_warps=4)
         return grad_logp, grad_ent, None, None, None, None, None, None
 
 
 def _row_sums_torch(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> torch.Tensor:
-    """Reference: (7, B) per-row sums, differentiable by autograd."""
+    """Reference: (7, B) per-row sums (the LOSS row weighted when weights are given), differentiable."""
     tok = mask != 0
     acc = acc_dtype(logp.dtype)
     logp, old, adv = (torch.where(tok, x.to(acc), 0.0) for x in (logp, old, adv))  # (B, T) each
@@ -175,24 +265,26 @@ def _k3(d: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def aggregate(rows: torch.Tensor, aggregation: str, has_ref: bool, has_entropy: bool, weighted: bool = False):
-    """Loss and metrics from the (7, B) per-row sums (shared by both paths); weighted: the LOSS row already
-    holds sum(weights * loss), so the loss is its sum."""
+def aggregate(rows: torch.Tensor, aggregation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the loss and the (5,) metrics (clip_frac .. entropy) from the (7, B) per-row sums."""
     count = rows[COUNT]  # (B,)
     total = count.sum().clamp(min=1)
-    if weighted:
-        loss = rows[LOSS].sum()
-    elif aggregation == "token-mean":
+    if aggregation == "token-mean":
         loss = rows[LOSS].sum() / total
-    else:  # seq-mean over the rows that hold tokens
+    elif aggregation == "weights":  # already inside the LOSS row
+        loss = rows[LOSS].sum()
+    else:  # seq-mean(-token-mean): each row's token-mean, over the rows that hold tokens
         loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
-    names = {"clip_frac": CLIP, "approx_kl": APPROX_KL, "ratio_mean": RATIO}
-    names |= {"kl": KL} if has_ref else {}
-    names |= {"entropy": ENT} if has_entropy else {}
-    return loss, {name: (rows[i].sum() / total).detach() for name, i in names.items()}
+    return loss, (rows[CLIP:].sum(1) / total).detach()
 
 
-def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> None:
+def _metrics(metrics: torch.Tensor, has_ref: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
+    names = {"clip_frac": 0, "approx_kl": 1, "ratio_mean": 2} | ({"kl": 3} if has_ref else {}) | \
+        ({"entropy": 4} if has_entropy else {})
+    return {name: metrics[i] for name, i in names.items()}
+
+
+def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: bool) -> None:
     named = {"old_logp": old, "advantages": adv, "mask": mask, "ref_logp": ref, "entropy": entropy,
              "weights": weights}
     if logp.ndim != 2 or not logp.dtype.is_floating_point:
@@ -200,31 +292,47 @@ def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> None:
     for name, x in named.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"ppo_loss: {name} has shape {tuple(x.shape)}, logp has {tuple(logp.shape)}")
+        if x is not None and x.device != logp.device:
+            raise ValueError(f"ppo_loss: {name} is on {x.device}, logp on {logp.device}")
+        if x is not None and name != "mask" and not x.dtype.is_floating_point:
+            raise ValueError(f"ppo_loss: {name} must be a float tensor, got {x.dtype}")
     if cfg.aggregation not in AGGREGATIONS or cfg.kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"ppo_loss: aggregation must be {'|'.join(AGGREGATIONS)} and kl_estimator k1|k3, "
+        raise ValueError(f"ppo_loss: aggregation must be token-mean|seq-mean(-token-mean) and kl_estimator "
+                         f"k1|k3, "
                          f"got {cfg.aggregation!r}, {cfg.kl_estimator!r}")
     if cfg.clip_low < 0 or cfg.clip_high < 0 or (cfg.dual_clip is not None and cfg.dual_clip <= 1):
         raise ValueError(f"ppo_loss: clips must be >= 0 and dual_clip > 1 (or None), got "
                          f"{cfg.clip_low}, {cfg.clip_high}, {cfg.dual_clip}")
+    if debug:  # one host sync: the first masked token holding NaN, by name and position
+        tok = mask != 0
+        for name, x in ({"logp": logp} | named).items():
+            if x is not None and name != "mask" and (bad := (tok & x.isnan()).nonzero()).numel():
+                raise ValueError(f"ppo_loss: {name}[{int(bad[0, 0])}, {int(bad[0, 1])}] is NaN on a masked-in token")
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
              ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
-             clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
-             kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-             aggregation: str = "token-mean", weights: torch.Tensor | None = None, impl: str = "auto",
-             block_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss scalar, metrics) of the clipped PPO surrogate over (B, T) tokens; see the module doc."""
+             weights: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.28,
+             dual_clip: float | None = 3.0, kl_coef: float = 0.0, kl_estimator: str = "k3",
+             entropy_coef: float = 0.0, aggregation: str = "token-mean", impl: str = "auto",
+             block_size: int | None = None, debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss scalar, metrics) of the clipped PPO surrogate over (B, T) tokens; see the module doc.
+    weights (B, T): per-token loss weights; the loss is then sum(weights * token loss) over the masked
+    tokens and aggregation is not used (micro-batches of a minibatch normalised as a whole)."""
+    if weights is not None:
+        aggregation = "weights"
+    elif aggregation == "weights":
+        raise ValueError("ppo_loss: aggregation='weights' needs the weights tensor")
     cfg = PPOConfig(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, aggregation,
                     block_size)
-    _check(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg)
+    _check(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg, debug_mode(debug))
     old_logp, advantages = old_logp.detach(), advantages.detach()
-    weights = None if weights is None else weights.detach()
-    ref_logp = None if ref_logp is None else ref_logp.detach()
+    ref_logp, weights = (None if x is None else x.detach() for x in (ref_logp, weights))
     if pick_impl(impl, logp) == "triton" and logp.numel() > 0:
-        inputs = [None if x is None else x.contiguous() for x in (logp, entropy, old_logp, advantages,
-                                                                    mask, ref_logp, weights)]
-        rows = _PPORowSums.apply(*inputs, cfg)
+        inputs = [None if x is None else x.contiguous() for x in (logp, entropy, old_logp, advantages, mask,
+                                                                    ref_logp, weights)]
+        loss, metrics = _PPOLossTriton.apply(*inputs, cfg)
     else:
         rows = _row_sums_torch(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg)
-    return aggregate(rows, aggregation, ref_logp is not None, entropy is not None, weights is not None)
+        loss, metrics = aggregate(rows, aggregation)
+    return loss, _metrics(metrics, ref_logp is not None, entropy is not None)

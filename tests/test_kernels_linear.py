@@ -1,7 +1,8 @@
 """Token statistics fused with the LM head (kernels/linear_token_stats.py) and the vocab-parallel
 form of both paths: chunked Triton and PyTorch paths against a float64 oracle on materialised
 logits, gradients for hidden and weight, gradcheck, and two gloo ranks (torch.multiprocessing spawn)
-whose combined outputs and gradients must equal the single-rank ones.
+whose combined outputs and gradients must equal the single-rank ones (the same two ranks check the LM head
+fused with the PPO loss: tests/test_kernels_linear_ppo.py).
 
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear.py
 """
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from kernel_device import DEVICE, needs_triton
 from kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
 from kernels.token_stats import token_stats
+from test_kernels_linear_ppo import check_vocab_parallel
 from test_kernels_token_stats import IGNORE, oracle
 
 # Statistics: fp32 logits from the same rounded inputs, so fp32 accuracy for every dtype. Gradients:
@@ -139,6 +141,7 @@ def _vocab_parallel_worker(rank: int, world: int, init_file: str, impl: str) -> 
         torch.testing.assert_close(gw[start:end], want_gw[start:end], atol=1e-5, rtol=1e-4)
         dist.all_reduce(gh)  # the caller's column-parallel input function sums the hidden gradient
         torch.testing.assert_close(gh, want_gh, atol=1e-5, rtol=1e-4)
+        check_vocab_parallel(rank, impl)  # the LM head fused with the PPO loss, in the same two ranks
     finally:
         dist.destroy_process_group()
 

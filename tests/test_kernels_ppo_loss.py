@@ -1,5 +1,6 @@
 """PPO loss (kernels/ppo_loss.py): the Triton kernel against the PyTorch reference (run in float64
-as the oracle) over options, masks and aggregations; a hand-computed example; fully masked rows and
+as the oracle) over options, masks, aggregations and per-token weights (micro-batches add up to the
+whole minibatch); a hand-computed example; fully masked rows and
 batches; garbage under the mask; gradcheck of both paths in float64.
 
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_ppo_loss.py
@@ -81,6 +82,31 @@ def test_float_mask_and_bf16_inputs():
     assert_same(got16, want16)
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_per_token_weights(impl):
+    logp, old, adv, mask, ref, ent = make_batch(seed=4)
+    opts = dict(kl_coef=0.1, entropy_coef=0.01)
+    # weights mask / n_tokens are the token-mean; split in two micro-batches, the losses and gradients add up
+    weights = mask.double() / mask.sum()
+    whole = run("torch", *[x.double() if x.dtype != torch.bool else x for x in (logp, old, adv, mask, ref, ent)],
+                **opts)
+    got = run(impl, logp, old, adv, mask, ref, ent, weights=weights.float(), **opts)
+    assert_same(got, whole)
+    halves = [run(impl, *(x[rows] for x in (logp, old, adv, mask, ref, ent)), weights=weights[rows].float(), **opts)
+              for rows in (slice(0, 2), slice(2, None))]
+    torch.testing.assert_close(halves[0][0] + halves[1][0], whole[0], **TOL)
+    torch.testing.assert_close(torch.cat([halves[0][2], halves[1][2]]), whole[2], **TOL)
+
+
+@needs_triton
+def test_gradcheck_float64_weights():
+    logp, old, adv, mask, ref, ent = make_batch(b=2, t=6, seed=5, dtype=torch.float64)
+    weights = torch.rand(2, 6, dtype=torch.float64, device=DEVICE)
+    fn = lambda lp, en: ppo_loss(lp, old, adv, mask, ref_logp=ref, entropy=en, weights=weights, kl_coef=0.1,
+                                 kl_estimator="k1", entropy_coef=0.01, impl="triton", block_size=4)[0]
+    assert torch.autograd.gradcheck(fn, (logp.requires_grad_(), ent.requires_grad_()), fast_mode=True)
+
+
 def test_hand_computed_example():
     # row 0: two tokens with ratio 1 (A = 1, 3), row 1: one token with ratio e^0.5 > 1.28 and A = 2
     logp = torch.tensor([[0.0, 0.0, 9.0], [0.5, 0.0, 0.0]])
@@ -93,9 +119,10 @@ def test_hand_computed_example():
         assert loss.item() == pytest.approx(sum(token_loss) / 3)
         assert m["clip_frac"].item() == pytest.approx(1 / 3)
         assert m["ratio_mean"].item() == pytest.approx((2 + torch.e ** 0.5) / 3)
-        loss, _ = ppo_loss(logp.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                           aggregation="seq-mean", impl=impl)
-        assert loss.item() == pytest.approx(((-1.0 - 3.0) / 2 + token_loss[2]) / 2)
+        for aggregation in ("seq-mean", "seq-mean-token-mean"):  # the short and the long name
+            loss, _ = ppo_loss(logp.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
+                               aggregation=aggregation, impl=impl)
+            assert loss.item() == pytest.approx(((-1.0 - 3.0) / 2 + token_loss[2]) / 2)
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -130,6 +157,15 @@ def test_bad_inputs_are_named():
         ppo_loss(x, x, x, x, dual_clip=0.5, impl="torch")
     with pytest.raises(ValueError, match="aggregation must be"):
         ppo_loss(x, x, x, x, aggregation="sum", impl="torch")
+    with pytest.raises(ValueError, match="weights is on meta"):
+        ppo_loss(x, x, x, x, weights=torch.zeros(2, 3, device="meta"), impl="torch")
+    with pytest.raises(ValueError, match="advantages must be a float tensor"):
+        ppo_loss(x, x, torch.zeros(2, 3, dtype=torch.long), x, impl="torch")
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"old_logp\[1, 2\] is NaN on a masked-in token"):
+        ppo_loss(x, nan, x, torch.ones(2, 3), impl="torch", debug=True)
+    ppo_loss(x, nan, x, torch.tensor([[1, 1, 0], [1, 1, 0]]), impl="torch", debug=True)  # masked out: fine
 
 
 @needs_triton

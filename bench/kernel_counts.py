@@ -1,0 +1,252 @@
+"""CPU proxies for the kernels' GPU cost (issue 15), counted on the code path a GPU takes:
+
+- launches: every PyTorch op that runs a kernel (views and empty allocations excluded), counted with a
+  TorchDispatchMode, plus every Triton kernel launch (the JIT function's run, wrapped); host syncs: ops
+  that read a device value on the host (item, nonzero, ...). For token_stats' forward and backward and
+  the PPO loss's forward and backward.
+- matmul FLOPs of the LM head fused with the PPO loss, every matmul counted (mm, addmm, addmm_, bmm ...),
+  against 6 N H V.
+- SASS instructions per logit in the main loop of the compiled statistics kernel (and of the backward's
+  kernel): compiled for sm_90
+  with Triton's bundled ptxas (no GPU needed), disassembled with the bundled cuobjdump; the loop is the
+  span from a backward branch's target to the branch; per logit = its instructions / logits one thread
+  handles per iteration. Registers and local memory (spills) from cuobjdump -res-usage.
+
+    TRITON_INTERPRET=1 python bench/kernel_counts.py        # launches, syncs, FLOPs, then SASS (subprocess)
+    python bench/kernel_counts.py --sass [--source FILE --kernel NAME]   # SASS only, e.g. of an old version
+    TRITON_INTERPRET=1 python bench/kernel_counts.py --root DIR   # the counts of another checkout's kernels/
+
+Prints one JSON line per figure. tests/test_kernel_counts.py asserts the goals with the same functions.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.is_nonzero, aten.equal, aten.masked_select,
+            aten.unique_dim, aten._unique2, aten.item}
+NO_KERNEL = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided,
+             aten.detach, aten.lift_fresh, aten.set_}
+MATMULS = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_, aten.addbmm, aten.addbmm_}
+
+
+class Counts(TorchDispatchMode):
+    """Kernel launches (PyTorch ops + Triton kernels), host syncs and matmul FLOPs inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.torch_ops, self.triton, self.syncs, self.flops = Counter(), Counter(), Counter(), 0
+        self._in_triton = 0
+
+    @property
+    def launches(self) -> int:
+        return sum(self.torch_ops.values()) + sum(self.triton.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._in_triton:  # the interpreter's own host copies are not launches
+            return out
+        packet = func.overloadpacket
+        if packet in SYNC_OPS:
+            self.syncs[str(packet)] += 1
+        if packet in MATMULS:
+            a, b = (args[0], args[1]) if packet in (aten.mm, aten.bmm) else (args[1], args[2])
+            self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
+        if packet not in NO_KERNEL and not func.is_view and packet is not aten._local_scalar_dense:
+            self.torch_ops[str(packet)] += 1
+        return out
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interp
+        from triton.runtime.jit import JITFunction
+        self._patched = []
+        for cls in (JITFunction, interp.InterpretedFunction):
+            original = cls.run
+            self._patched.append((cls, original))
+
+            def run(fn, *args, _original=original, **kwargs):
+                self.triton[fn.fn.__name__] += 1
+                self._in_triton += 1
+                try:
+                    return _original(fn, *args, **kwargs)
+                finally:
+                    self._in_triton -= 1
+            cls.run = run
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, original in self._patched:
+            cls.run = original
+        return super().__exit__(*exc)
+
+    def summary(self) -> dict:
+        return dict(launches=self.launches, triton=dict(self.triton), torch_ops=dict(self.torch_ops),
+                    host_syncs=sum(self.syncs.values()))
+
+
+# ----------------------------------------------------------------------------- SASS of the statistics loop
+
+ARG_TYPES = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "bad_ptr": "*i64", "count_ptr": "*i32",
+             "n_rows": "i32", "n_cols": "i32", "row_stride": "i32", "cols_per_split": "i32", "vocab_start": "i32",
+             "ignore_index": "i32", "c": "fp32", "inv_temp": "fp32", "inv_vocab": "fp32", "grad_ptr": "*bf16",
+             "grad_row_stride": "i32"}  # other *_ptr: *fp32
+V_REAL, BLOCK, WARPS = 151936, 4096, 8  # Qwen2.5's vocabulary; the launcher's block and warps at that width
+
+
+def _nvidia_bin(tool: str) -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
+
+
+def compile_sm90(kernel, constexprs: dict, num_warps: int) -> bytes:
+    """The cubin of a @triton.jit kernel for sm_90 (bf16 logits, fp32 maths), compiled without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else ARG_TYPES.get(n, "*fp32" if n.endswith("_ptr") else None)
+                 for n in names}
+    # what the JIT specializes at V = 151936: pointers and these widths divisible by 16
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if n.endswith("_ptr") or n in ("n_cols", "row_stride", "grad_row_stride", "cols_per_split")}
+    source = ASTSource(kernel, signature, constexprs={n: v for n, v in constexprs.items() if n in names},
+                       attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
+
+
+def loop_stats(cubin: bytes, logits_per_iteration: int) -> dict:
+    """Instructions of the first loop in the SASS, per logit; registers and spills of the kernel."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kernel_counts_{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                               check=True).stdout
+    finally:
+        path.unlink()
+    code = [(int(addr, 16), text.strip()) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(target, 16), addr) for addr, text in code
+             for target in re.findall(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text) if int(target, 16) < addr]
+    start, end = min(loops)  # the first loop in program order: the unmasked full-block loop
+    body = [text for addr, text in code if start <= addr <= end]
+    ops = Counter(text.split()[0].lstrip("@!P0123456789T ").split(".")[0] if not text.startswith("@")
+                  else text.split()[1].split(".")[0] for text in body)
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return dict(loop_instructions=len(body), logits_per_iteration=logits_per_iteration,
+                per_logit=round(len(body) / logits_per_iteration, 2), registers=regs, local_bytes=local,
+                stack_bytes=stack, barriers_in_loop=ops.get("BAR", 0), mix=dict(ops.most_common(8)))
+
+
+def sass_report(source: str | None, kernel_name: str) -> dict:
+    import triton.language as tl
+    if source:
+        spec = importlib.util.spec_from_file_location("kernel_source", source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module("kernels.token_stats")
+    kernel = getattr(module, kernel_name)
+    k = 8
+    constexprs = dict(BLOCK=BLOCK, K=k, GROUPS=BLOCK // (2 * k), SPLIT=1, DEBUG=False, BF16_PAIRS=True, ACC=tl.float32,
+                      HAS_LOGP=True, HAS_ENT=True, HAS_SC=True)
+    stats = loop_stats(compile_sm90(kernel, constexprs, WARPS), BLOCK // (32 * WARPS))
+    return dict(kernel=kernel_name, source=source or "kernels/token_stats.py", block=BLOCK, num_warps=WARPS, **stats)
+
+
+# ----------------------------------------------------------------------------- launches, syncs, FLOPs
+
+def count(fn) -> Counts:
+    with Counts() as counts:
+        fn()
+    return counts
+
+
+def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, device: str = "cpu") -> dict:
+    """Launches and syncs of one token_stats forward and backward (bf16 logits, the Triton path)."""
+    from kernels import token_stats
+    logits = torch.randn(n, v, dtype=torch.bfloat16, device=device, requires_grad=True)
+    targets = torch.randint(0, v, (n,), device=device)
+    split = {} if num_splits is None else dict(num_splits=num_splits)
+    token_stats(logits, targets, impl="triton", block_size=64, **split)  # warm-up: the first split call zeroes
+    outs = []                                                             # the per-row arrival counters
+    forward = count(lambda: outs.extend(token_stats(logits, targets, 0.7, impl="triton", block_size=64, **split)))
+    grads = [torch.randn(n, device=device) for _ in outs]
+    backward = count(lambda: torch.autograd.grad(outs, logits, grads))
+    return dict(op="token_stats", n=n, v=v, num_splits=num_splits, forward=forward.summary(),
+                backward=backward.summary())
+
+
+def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:
+    """Launches and syncs of one PPO loss forward and backward (k3 KL and entropy on, the Triton path)."""
+    from kernels import ppo_loss
+    gen = torch.Generator().manual_seed(0)
+    logp = -torch.rand(b, t, generator=gen)
+    old, ref = logp + 0.1 * torch.randn(b, t, generator=gen), logp + 0.1 * torch.randn(b, t, generator=gen)
+    adv, entropy, mask = torch.randn(b, t, generator=gen), torch.rand(b, t, generator=gen), torch.rand(b, t) > 0.2
+    logp, old, ref, adv, entropy, mask = (x.to(device) for x in (logp, old, ref, adv, entropy, mask))
+    logp.requires_grad_(), entropy.requires_grad_()
+    out = []
+    forward = count(lambda: out.extend(ppo_loss(logp, old, adv, mask, ref_logp=ref, entropy=entropy, kl_coef=0.01,
+                                                entropy_coef=0.01, impl="triton")))
+    g = torch.ones((), device=device)
+    backward = count(lambda: torch.autograd.grad(out[0], (logp, entropy), g))
+    return dict(op="ppo_loss", b=b, t=t, forward=forward.summary(), backward=backward.summary())
+
+
+def head_flops(n: int = 16, h: int = 32, v: int = 300) -> list[dict]:
+    """Matmul FLOPs of forward + backward, in units of N H V: the head fused with the PPO loss, and the
+    statistics-only fused head (whose backward recomputes the logits)."""
+    import kernels
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True) / h ** 0.5
+    weight = weight.detach().requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    rows = []
+    if hasattr(kernels, "linear_ppo_loss"):
+        old, adv, mask = -torch.rand(n), torch.randn(n), torch.rand(n) > 0.2
+        step = lambda: kernels.linear_ppo_loss(hidden, weight, targets, old, adv, mask, mask.float() / mask.sum(),
+                                               entropy_coef=0.01, chunk_rows=n // 2, impl="torch")[0].backward()
+        rows.append(("linear_ppo_loss", count(step)))
+    step = lambda: sum(o.sum() for o in kernels.linear_token_stats(hidden, weight, targets, chunk_size=v // 3,
+                                                                     impl="torch")).backward()
+    rows.append(("linear_token_stats", count(step)))
+    return [dict(op=name, n=n, h=h, v=v, matmul_flops=c.flops, per_nhv=c.flops / (n * h * v)) for name, c in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sass", action="store_true", help="only the SASS count (run without TRITON_INTERPRET)")
+    parser.add_argument("--source", help="a token_stats.py to compile instead of this checkout's")
+    parser.add_argument("--kernel", default="_stats_kernel")
+    parser.add_argument("--root", default=str(ROOT), help="the checkout whose kernels/ package is counted")
+    args = parser.parse_args()
+    sys.path.insert(0, args.root)
+    if args.sass:
+        print(json.dumps(sass_report(args.source, args.kernel)))
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("the counts run the Triton path on the CPU: set TRITON_INTERPRET=1")
+    for row in (token_stats_counts(), token_stats_counts(num_splits=4), ppo_loss_counts(), *head_flops()):
+        print(json.dumps(row))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for kernel in ("_stats_kernel", "_grad_kernel"):
+        sass = [sys.executable, __file__, "--sass", "--root", args.root, "--kernel", kernel]
+        print(subprocess.run(sass, env=env, capture_output=True, text=True, check=True).stdout, end="")
+
+
+if __name__ == "__main__":
+    main()

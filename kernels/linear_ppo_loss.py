@@ -1,0 +1,150 @@
+"""The LM head fused with the PPO loss: from hidden states (N, H), the head weight (V, H) and per-token
+weights, the PPO loss and its gradients w.r.t. hidden and weight, without ever holding the (N, V) logits
+and without recomputing them: 6 N H V matmul FLOPs (forward GEMM, then the grad-hidden and grad-weight
+GEMMs), where the statistics-only head (kernels/linear_token_stats.py) needs 8.
+
+    from kernels.linear_ppo_loss import linear_ppo_loss
+    loss, metrics, logp = linear_ppo_loss(hidden, weight, targets, old_logp, advantages, mask, weights,
+                                          ref_logp=ref_logp, kl_coef=0.005, entropy_coef=0.001)
+
+Why the backward can be done in the forward: the loss is sum_t w_t loss_t, and each token's loss depends on
+the logits of its own row only through logp_t and H_t (the entropy). With the weights fixed in advance
+(the normaliser of the whole minibatch, see kernels/ppo_loss.py), d loss / d logp_t and d loss / d H_t
+are known as soon as row t's statistics are: the PPO loss's backward (kernels/ppo_loss.py, derivations
+there) on that row chunk. The token statistics' backward (kernels/token_stats.py) turns them into the
+logits gradient dz = d loss / d logits of the chunk, and then
+    grad_hidden[chunk] = dz @ W        grad_W += dz.T @ hidden[chunk]          (fp32 accumulation)
+So each row chunk is: one GEMM to fp32 logits, the statistics (one launch), the per-token derivatives,
+dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd backward only multiplies the
+saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
+
+Vocab-parallel (group, vocab_start): each rank holds a weight slice; each chunk's statistics are
+all-reduced (two small all-reduces per chunk), so logp, the loss and the metrics are those of the full
+vocabulary on every rank, grad_W is the rank's slice and grad_hidden the rank's share, which the caller's
+column-parallel input function sums in its backward (as for any vocab-parallel head).
+
+Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
+"""
+from dataclasses import replace
+
+import torch
+
+from kernels.dispatch import pick_impl
+from kernels.linear_token_stats import _mm_acc, check_head
+from kernels.ppo_loss import ppo_loss
+from kernels.token_stats import (SliceConfig, acc_dtype, check_targets_shape, debug_mode, finished_stats,
+                                 slice_grad, token_stats)
+
+CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
+
+
+def _ppo_grads(logp, entropy, old, adv, mask, ref, weights, ppo: dict):
+    """d loss / d logp and d loss / d entropy of one row chunk, each (R,): the PPO loss's own backward."""
+    lp, ent = logp.detach().requires_grad_(), entropy.detach().requires_grad_()
+    with torch.enable_grad():
+        loss, _ = ppo_loss(lp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else ref[None],
+                           entropy=ent[None], weights=weights[None], **ppo)
+    return torch.autograd.grad(loss, (lp, ent))
+
+
+def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceConfig, ppo: dict, group,
+             chunk_rows: int, needs: tuple[bool, bool]):
+    """(loss, metrics (5,), logp (N,), grad_hidden, grad_weight); see the module doc."""
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    logp, entropy = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(2))  # (N,) each
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None  # (N, H)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None  # (V, H) fp32
+    for r0 in range(0, n, chunk_rows):
+        rows = slice(r0, min(r0 + chunk_rows, n))
+        h = hidden[rows]  # (R, H)
+        logits = _mm_acc(h, weight.T)  # (R, V) fp32
+        (logp[rows], entropy[rows], _), lse_mu = finished_stats(logits, targets[rows], cfg, group)
+        if needs[0] or needs[1]:
+            d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], old[rows], adv[rows], mask[rows],
+                                       None if ref is None else ref[rows], weights[rows], ppo)
+            # (R, V) d loss / d logits; V is only used by the self-certainty's term, absent here
+            dz = slice_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg, hidden.dtype)
+            del logits  # free the fp32 chunk before the GEMMs allocate theirs
+            if needs[0]:
+                grad_hidden[rows] = _mm_acc(dz, weight)
+            if needs[1]:
+                _mm_acc(dz.T, h, out=grad_weight)
+    with torch.no_grad():
+        loss, metrics = ppo_loss(logp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else
+                                 ref[None], entropy=entropy[None], weights=weights[None], **ppo)
+    metrics = torch.stack(list(metrics.values()))  # clip_frac, approx_kl, ratio_mean, [kl], entropy
+    return loss, metrics, logp, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+class _LinearPPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, run):
+        loss, metrics, logp, grad_hidden, grad_weight = run(hidden, weight, ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(metrics, logp)
+        ctx.set_materialize_grads(False)
+        return loss, metrics, logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _metrics, _logp):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if g_loss is None:
+            return None, None, None
+        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # d(g loss) = g d loss
+        return scale(grad_hidden), scale(grad_weight), None
+
+
+def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group) -> None:
+    check_head(hidden, weight, "linear_ppo_loss")
+    for name, x in per_token.items():
+        if x is not None and (x.shape != hidden.shape[:1] or x.device != hidden.device):
+            raise ValueError(f"linear_ppo_loss: {name} must be ({hidden.shape[0]},) on {hidden.device}, got "
+                             f"{tuple(x.shape)} on {x.device}")
+    if vocab_start != 0 and group is None:
+        raise ValueError("linear_ppo_loss: vocab_start is the offset of a vocab-parallel slice: pass its group")
+    if chunk_rows is not None and chunk_rows <= 0:
+        raise ValueError(f"linear_ppo_loss: chunk_rows must be > 0, got {chunk_rows}")
+
+
+def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
+                    advantages: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
+                    ref_logp: torch.Tensor | None = None, temperature: float = 1.0, clip_low: float = 0.2,
+                    clip_high: float = 0.28, dual_clip: float | None = 3.0, kl_coef: float = 0.0,
+                    kl_estimator: str = "k3", entropy_coef: float = 0.0, vocab_start: int = 0, group=None,
+                    chunk_rows: int | None = None, impl: str = "auto", block_size: int | None = None,
+                    debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(loss, metrics, logp) of the PPO loss sum_t weights_t loss_t over the tokens where mask is nonzero,
+    loss_t as in kernels/ppo_loss.py from logp_t and entropy_t of the logits hidden @ weight.T / temperature.
+    Per token (N,): targets, old_logp, advantages, mask, weights, ref_logp. The loss is differentiable
+    w.r.t. hidden and weight; logp (N,) fp32 comes detached (masked tokens 0); metrics as ppo_loss's,
+    entropy included. chunk_rows: rows per chunk (default: 2^28 logits)."""
+    per_token = dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask, weights=weights,
+                     ref_logp=ref_logp)
+    _check(hidden, weight, per_token, chunk_rows, vocab_start, group)
+    if not temperature > 0:
+        raise ValueError(f"linear_ppo_loss: temperature must be > 0, got {temperature}")
+    targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)
+    targets = torch.where(mask != 0, targets, -100)  # unmasked rows: never read, no gradient
+    cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
+    ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+               kl_estimator=kl_estimator, entropy_coef=entropy_coef, impl=cfg.impl)
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    detached = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
+    run = lambda h, w, needs: _forward(h, w, targets, *detached, cfg, ppo, group, rows, needs)
+    loss, metrics, logp = _LinearPPOLoss.apply(hidden, weight, run)
+    names = ["clip_frac", "approx_kl", "ratio_mean"] + (["kl"] if ref_logp is not None else []) + ["entropy"]
+    return loss, dict(zip(names, metrics)), logp
+
+
+def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                              weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
+                              temperature: float = 1.0, **ppo) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
+    targets = torch.where(mask != 0, targets, -100)
+    logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
+    loss, metrics = ppo_loss(logp[None], old_logp[None], advantages[None], mask[None], weights=weights[None],
+                             ref_logp=None if ref_logp is None else ref_logp[None], entropy=entropy[None],
+                             impl="torch", **ppo)
+    return loss, metrics, logp.detach()

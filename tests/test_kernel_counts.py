@@ -1,0 +1,52 @@
+"""The kernels' CPU-countable goals (bench/kernel_counts.py), on the code path a GPU takes: token_stats is one
+launch and no host sync forward (rows split across programs too) and one launch backward; the PPO loss is at
+most two launches forward and one backward; the LM head fused with the PPO loss runs 6 N H V matmul FLOPs;
+the compiled statistics loop (sm_90, Triton's bundled ptxas, no GPU) stays at or under 10 SASS instructions
+per logit with no spills.
+
+Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernel_counts.py
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernel_device import DEVICE, needs_triton
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+kernel_counts = importlib.import_module("kernel_counts")
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_token_stats_is_one_launch_without_sync(num_splits):
+    row = kernel_counts.token_stats_counts(n=4, v=130, num_splits=num_splits, device=DEVICE)
+    assert row["forward"]["launches"] == 1 and row["forward"]["host_syncs"] == 0, row
+    assert row["backward"]["launches"] == 1 and row["backward"]["host_syncs"] == 0, row
+
+
+@needs_triton
+def test_ppo_loss_launches():
+    row = kernel_counts.ppo_loss_counts(b=3, t=40, device=DEVICE)
+    assert row["forward"]["launches"] <= 2 and row["backward"]["launches"] <= 1, row
+    assert row["forward"]["host_syncs"] == row["backward"]["host_syncs"] == 0, row
+
+
+def test_fused_head_and_ppo_loss_is_6nhv():
+    rows = {row["op"]: row for row in kernel_counts.head_flops(n=8, h=8, v=60)}
+    assert rows["linear_ppo_loss"]["per_nhv"] == 6
+    assert rows["linear_token_stats"]["per_nhv"] == 8  # its backward recomputes the logits
+
+
+@pytest.mark.skipif(not Path(kernel_counts._nvidia_bin("cuobjdump")).exists(), reason="no bundled cuobjdump")
+def test_statistics_loop_sass_per_logit():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(BENCH / "kernel_counts.py"), "--sass"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    row = json.loads(out.splitlines()[-1])
+    assert row["per_logit"] <= 10 and row["local_bytes"] == 0 and row["barriers_in_loop"] == 0, row
