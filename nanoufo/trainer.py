@@ -6,7 +6,7 @@
 build_batch scores the episodes (gold rewards from the environment, Intuitor's self-certainty, or a process
 reward model's step scores: nanoufo/prm.py), keeps the groups with the largest reward spread, recomputes
 the old log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio
-is exactly 1, and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
+is 1 up to rounding (the update's fused head + loss sums in its own order), and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
 (GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient
 clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN. Every
 forward (scoring and update) runs in micro-batches of at most cfg.micro_batch_tokens tokens, trajectories
@@ -16,10 +16,11 @@ the whole minibatch (rl.loss_weights), so the step equals the one-shot one.
 import math
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Callable
 
 import torch
 
-from kernels import linear_token_stats, ppo_loss
+from kernels import linear_ppo_loss, linear_token_stats
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2
@@ -78,27 +79,42 @@ def _unpack(per_position: torch.Tensor, index: torch.Tensor, B: int, T: int) -> 
     return rl.shift_to_tokens(rows[:, :-1])
 
 
-def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengths: list[int] | None = None):
-    """(logp, entropy, self_certainty) of every token under model, each (B, T) aligned with tokens.
+@dataclass
+class PredictionRows:
+    """The LM head's rows of one forward over tokens (B, T): hidden row n predicts one token, targets[n]
+    (-100 where a packed row's last token predicts nothing). gather(x) takes a token-aligned (B, T) array's
+    entries at the predicted tokens (N,) (0 where nothing is predicted); scatter(s) puts a per-row statistic
+    (N,) back aligned with the tokens (B, T): 0 on each row's first token and on the padding."""
+    hidden: torch.Tensor  # (N, H)
+    targets: torch.Tensor  # (N,)
+    gather: Callable[[torch.Tensor], torch.Tensor]
+    scatter: Callable[[torch.Tensor], torch.Tensor]
 
-    The hidden state at position i-1 predicts token i, so the statistics are computed from hidden[:, :-1]
-    against tokens[:, 1:] and shifted right by one (token 0 gets zeros). With lengths (host ints, row b's
-    first lengths[b] tokens are its trajectory) the rows are packed end to end into one sequence: no
-    padding token is computed, and the entries past each row's length are 0."""
+
+def prediction_rows(model: Qwen2, tokens: torch.Tensor, lengths: list[int] | None = None) -> PredictionRows:
+    """The hidden state at position i-1 predicts token i. Without lengths the rows are the padded (B, T - 1)
+    positions; with lengths (host ints, row b's first lengths[b] tokens are its trajectory) the trajectories
+    are packed end to end into one sequence, so no padding token is computed."""
     B, T = tokens.shape
     if lengths is None:
         positions = torch.arange(T, device=tokens.device).expand(B, T)
-        h = model(tokens, positions)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
-        targets = tokens[:, 1:].reshape(-1)
-    else:
-        h, index, is_last = _packed_hidden(model, tokens, lengths)
-        flat = tokens.reshape(-1)
-        targets = flat[(index + 1).clamp(max=B * T - 1)].masked_fill(is_last, -100)  # (N,) -100: ignored, stats 0
-    stats = linear_token_stats(model.lm_head_input(h), model.lm_head_weight, targets, temperature,
+        hidden = model(tokens, positions)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
+        return PredictionRows(hidden, tokens[:, 1:].reshape(-1), lambda x: x[:, 1:].reshape(-1),
+                              lambda s: rl.shift_to_tokens(s.view(B, T - 1)))
+    hidden, index, is_last = _packed_hidden(model, tokens, lengths)
+    following = (index + 1).clamp(max=B * T - 1)  # (N,) the flat index of the token each row predicts
+    gather = lambda x: x.reshape(-1)[following].masked_fill(is_last, 0)  # noqa: E731
+    return PredictionRows(hidden, gather(tokens).masked_fill(is_last, -100), gather,
+                          lambda s: _unpack(s, index, B, T))
+
+
+def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengths: list[int] | None = None):
+    """(logp, entropy, self_certainty) of every token under model, each (B, T) aligned with tokens (0 on
+    each row's first token and past its length); packed when lengths are given (prediction_rows)."""
+    rows = prediction_rows(model, tokens, lengths)
+    stats = linear_token_stats(model.lm_head_input(rows.hidden), model.lm_head_weight, rows.targets, temperature,
                                vocab_start=model.vocab_start, group=model.tp.tp_group)  # vocab-parallel under TP
-    if lengths is None:
-        return tuple(rl.shift_to_tokens(s.view(B, T - 1)) for s in stats)
-    return tuple(_unpack(s, index, B, T) for s in stats)
+    return tuple(rows.scatter(s) for s in stats)
 
 
 def sequence_values(critic: Qwen2, tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
@@ -229,15 +245,22 @@ def minibatch_weights(cfg: TrainConfig, mask: torch.Tensor, tp) -> tuple[torch.T
 
 
 def policy_loss(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
-    """(loss = sum(weights * per-token PPO loss), metrics as 0-d tensors: token-means over mb's tokens)."""
-    logp, entropy, _ = sequence_stats(actor, mb.tokens, cfg.temperature, lengths)
+    """(loss = sum(weights * per-token PPO loss), metrics as 0-d tensors: token-means over mb's tokens).
+
+    The LM head and the PPO loss run as one fused op (kernels/linear_ppo_loss.py): the logits' gradient is
+    formed chunk by chunk in the forward, so the full-vocabulary logits never exist and the backward does
+    no matmul of its own beyond the two it must (6NHV FLOPs in all)."""
+    rows = prediction_rows(actor, mb.tokens, lengths)
+    at = rows.gather  # token-aligned (B, T) -> the predicted tokens' entries (N,)
     kl_in_loss = cfg.kl_in == "loss" and mb.ref_logp is not None
-    loss, metrics = ppo_loss(
-        logp, mb.old_logp, mb.advantages, mb.mask, ref_logp=mb.ref_logp if kl_in_loss else None,
-        entropy=entropy, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
-        entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation, weights=weights)
+    loss, metrics, logp = linear_ppo_loss(
+        actor.lm_head_input(rows.hidden), actor.lm_head_weight, rows.targets, at(mb.old_logp), at(mb.advantages),
+        at(mb.mask), at(weights), ref_logp=at(mb.ref_logp) if kl_in_loss else None, temperature=cfg.temperature,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
+        vocab_start=actor.vocab_start, group=actor.tp.tp_group)  # vocab-parallel under TP
     metrics = {f"pg/{k}": v for k, v in metrics.items()}
+    logp = rows.scatter(logp)  # (B, T)
     return loss, metrics | {"ratio_dev": rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).detach()}
 
 

@@ -1,5 +1,5 @@
 """The update step (nanoufo/trainer.py) on tiny models: the log-prob shift, a PPO step that lowers the
-loss with a first ratio of exactly 1, skipped non-finite updates, and a batch built from real episodes.
+loss with a first ratio of 1 (up to fp32 rounding), skipped non-finite updates, and a batch built from real episodes.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_trainer.py
 """
@@ -57,7 +57,9 @@ def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
     before, _, _ = minibatch_losses(cfg, actor, critic, batch)
     out = ppo_update(cfg, actor, critic, make_optimizers(cfg, actor, critic), batch, seed=0)
     after, _, _ = minibatch_losses(cfg, actor, critic, batch)
-    assert out["first_ratio_dev"] == 0.0  # old log-probs come from the same forward: ratio exactly 1
+    # old log-probs come from the trainer's own forward (the sampler's differ by ~1e-6 in fp32): the ratio is 1 up
+    # to the rounding of the scoring kernel (linear_token_stats) against the fused head + loss's own sums
+    assert out["first_ratio_dev"] < 1e-7
     assert out["updates"] == 3 and out["skipped_updates"] == 0
     assert after.item() < before.item() - 1e-3
 
