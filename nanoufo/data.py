@@ -28,7 +28,7 @@ DEFAULT_EVAL_SETS = {  # held-out evaluation sets bundled with the project (attr
     "math500": REPO_ROOT / "data" / "math500" / "test.jsonl",
 }
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
+METAMATH_MARKER = re.compile(r"The answer is:?")
 THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
@@ -46,8 +46,13 @@ def _gsm8k_answer(solution: str) -> str | None:
 
 
 def _metamath_answer(response: str) -> str | None:
-    match = METAMATH_ANSWER.search(response)
-    return match.group(1) if match else None
+    """The text after the LAST "The answer is" (colon optional), up to the end of its line, without a final
+    full stop: a response that states an answer twice has its final one as gold, not several sentences."""
+    markers = list(METAMATH_MARKER.finditer(response))
+    if not markers:
+        return None
+    rest = response[markers[-1].end():].strip()
+    return rest.split("\n", 1)[0].strip().removesuffix(".").strip() or None
 
 
 @dataclass(frozen=True)

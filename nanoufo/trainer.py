@@ -75,6 +75,14 @@ def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, ma
     return rl.sequence_self_certainty(sc, mask)
 
 
+def kl_reward_penalty(cfg: TrainConfig, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """kl_coef * KL(pi || ref) per sampled token (B, T) when the KL is part of the reward; zeros otherwise."""
+    if ref_logp is None or cfg.kl_in != "reward":
+        return torch.zeros_like(mask)
+    return cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+
+
 def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None, rollout,
                 episodes, prm=None) -> tuple[Batch, dict]:
     """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages.
@@ -106,8 +114,9 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
     if ref_logp is not None:
         stats["kl_ref"] = rl.masked_mean(rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator), mask).item()
 
-    if cfg.algorithm == "grpo":
-        advantages = rl.group_advantages(scores, cfg.n_samples_per_problem)[:, None] * mask  # (B, T)
+    kl_reward = kl_reward_penalty(cfg, old_logp, ref_logp, mask)  # (B, T), zeros unless the KL is in the reward
+    if cfg.algorithm == "grpo":  # the KL lowers each episode's score by its sum over the tokens, as in verl
+        advantages = rl.group_advantages(scores - kl_reward.sum(1), cfg.n_samples_per_problem)[:, None] * mask
         return Batch(tokens, mask, old_logp, advantages, ref_logp), stats
     if cfg.reward_placement == "per_step":
         rewards = rl.place_rewards(mask, point_rewards=[shaped.step_points[i] for i in keep.tolist()])
@@ -118,8 +127,7 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
         rewards = rl.place_rewards(mask, turn_rewards=turns, turn_spans=spans)
     else:
         rewards = rl.place_rewards(mask, episode_rewards=scores)
-    if ref_logp is not None and cfg.kl_in == "reward":
-        rewards = rewards - cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+    rewards = rewards - kl_reward
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)

@@ -57,9 +57,13 @@ def test_math500_and_metamath_formats(tmp_path):
         {"query": "What is x?", "response": r"So x = 3. The answer is: \frac{1}{2}", "type": "MATH_Rephrased"},
         {"query": "GSM row", "response": "The answer is: 4", "type": "GSM_AnsAug"},
         {"query": "No final line", "response": "It is 5.", "type": "MATH_AnsAug"},
+        {"query": "Said twice", "response": "The answer is 4, we check.\nSo x = 2.\nThe answer is: 7",
+         "type": "MATH_SV"},
+        {"query": "Trailing text", "response": "The answer is 12.\nWe are done.", "type": "MATH_FOBAR"},
     ]))
     problems, skipped = load_problems(metamath, format="metamath")
-    assert [(p.question, p.answer) for p in problems] == [("What is x?", r"\frac{1}{2}")]
+    assert [(p.question, p.answer) for p in problems] == [("What is x?", r"\frac{1}{2}"), ("Said twice", "7"),
+                                                          ("Trailing text", "12")]
     assert skipped == 1  # the GSM_ row is left out by design, not counted as skipped
 
 
