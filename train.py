@@ -41,7 +41,6 @@ from nanoufo.trainer import build_batch, make_optimizers, ppo_update
 from nanoufo.weights import load_model, save_model
 
 
-
 def fail(message: str) -> None:
     """A user mistake (config, data): that one line on stderr and exit status 2, no traceback."""
     print(message, file=sys.stderr)
