@@ -113,8 +113,9 @@ def test_a_prm_reward_run_places_step_rewards(tmp_path, tiny_qwen_run):
     ckpt, data = tiny_qwen_run
     prm, _ = write_prm_checkpoint(tmp_path / "prm")
     out = tmp_path / "run"
-    train("config/ufo_qwen2.5_3b.py", f"--init_from={ckpt}", f"--train_data={data / 'math.jsonl'}",
-          f"--eval_data={data / 'math.jsonl'}", "--n_eval_problems=2", f"--out_dir={out}", "--device=cpu",
+    math = data / "math.jsonl"
+    train("config/ufo_qwen2.5_3b.py", f"--init_from={ckpt}", f"--train_data={math}", "--train_format=math",
+          f"--eval_data={math}", "--eval_format=math", "--n_eval_problems=2", f"--out_dir={out}", "--device=cpu",
           "--dtype=float32", "--tp=1", "--max_steps=1", "--problems_per_step=2", "--n_samples_per_problem=2",
           "--keep_groups=0", "--minibatch_size=2", "--max_new_tokens=6", "--max_turns=2", "--eval_k=1",
           "--reward=prm", f"--prm={prm}", "--reward_placement=per_step", "--prm_gold_weight=0.5",
