@@ -9,6 +9,10 @@ chat where you play the environment.
                                           # Pass@1, Pass@8, Maj@8 and RM@8 (Best-of-8 by the PRM) on both sets
     python sample.py --mode=processbench --prm=Qwen2.5-Math-PRM-7B --data=processbench_gsm8k.jsonl --threshold=0.5
     python sample.py --tiny                                          # no checkpoint: a tiny random model
+    python sample.py --ckpt=out/step_200 --data=mine.jsonl --question_key=prompt --answer_key=solution
+
+Flags are spelled --key=value as in train.py (--max_new_tokens and --max-new-tokens both work). A data file
+that cannot be read ends with one line naming the file, the columns found and the flag to set (exit status 2).
 
 The tokenizer is the checkpoint's own when it has one, else the bundled Qwen2.5 tokenizer. CUDA + bf16
 when available, else CPU + fp32. In chat mode the conversation lives in one KV cache: each turn appends
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
+from nanoufo.data import DEFAULT_EVAL_SETS, FORMATS, error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import best_of_n, evaluate, write_episodes
 from nanoufo.model import QwenConfig, Qwen2
@@ -44,16 +48,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", default="gsm8k",
                    help=f"a bundled set ({', '.join(DEFAULT_EVAL_SETS)}), a file or a hub name")
     p.add_argument("--split", default="test", help="split of a hub data set")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="the data's row format")
+    p.add_argument("--question_key", "--question-key", help="the data's question field, if not the format's")
+    p.add_argument("--answer_key", "--answer-key", help="the data's gold answer field, if not the format's")
     p.add_argument("--limit", type=int, help="evaluate the first N problems only (--tiny: 4)")
     p.add_argument("--k", type=int, default=5, help="turns per episode (eval) or samples per problem (passk, bon)")
     p.add_argument("--prm", help="process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)")
-    p.add_argument("--prm-aggregate", choices=AGGREGATES, default="min", help="bon: a response's score from its steps'")
+    p.add_argument("--prm_aggregate", "--prm-aggregate", choices=AGGREGATES, default="min",
+                   help="bon: a response's score from its steps'")
     p.add_argument("--threshold", type=float, default=0.5, help="processbench: a step scored below it is wrong")
     p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, help="per attempt (default 1024; --tiny: 32)")
-    p.add_argument("--max-len", type=int, default=8192, help="chat mode: the context limit of a conversation")
-    p.add_argument("--batch-size", type=int, default=64, help="episodes sampled together")
+    p.add_argument("--top_p", "--top-p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="per attempt (default 1024; --tiny: 32)")
+    p.add_argument("--max_len", "--max-len", type=int, default=8192,
+                   help="chat mode: the context limit of a conversation")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=64, help="episodes sampled together")
     p.add_argument("--feedback", default="Try again.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write one JSON line per episode here")
@@ -88,9 +97,15 @@ def load(args: argparse.Namespace):
 
 
 def load_set(name: str, args: argparse.Namespace) -> list:
-    """The problems of a bundled set or a file, with a line saying how many (and how many rows were skipped)."""
+    """The problems of a bundled set or a file, with a line saying how many (and how many rows were skipped);
+    a file that cannot be read ends the run with one line naming it, the columns found and the flag to set."""
     source = DEFAULT_EVAL_SETS.get(name, name)
-    problems, skipped = load_problems(source, split=args.split, limit=args.limit)
+    try:
+        problems, skipped = load_problems(source, args.format, split=args.split, limit=args.limit,
+                                          question_key=args.question_key, answer_key=args.answer_key)
+    except (OSError, ValueError) as error:  # exit status 2, no traceback
+        print(f"--data: {error_line(error, lambda key: f'--{key}=')}", file=sys.stderr)
+        sys.exit(2)
     print(f"{source}: {len(problems)} problems" + (f", {skipped} rows skipped (no usable answer)" if skipped else ""))
     return problems
 

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-from nanoufo.config import format_config, parse_args, save_config
-from nanoufo.data import load_problems
+from nanoufo.config import eval_sets, format_config, parse_args, save_config
+from nanoufo.data import error_line, load_problems
 from nanoufo.env import UFOEnv
-from nanoufo.evaluate import evaluate
+from nanoufo.evaluate import held_out_metrics
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
 from nanoufo.model import QwenConfig
@@ -37,11 +37,22 @@ from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, p
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
+from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update
 from nanoufo.weights import load_model, save_model
 
-cfg = parse_args(sys.argv[1:])
+
+def fail(message: str) -> None:
+    """A user mistake (config, data): that one line on stderr and exit status 2, no traceback."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    cfg = parse_args(sys.argv[1:])
+except (KeyError, ValueError, TypeError, OSError) as error:
+    fail(str(error.args[0] if isinstance(error, KeyError) else error))
 
 # -------------------------------------------------------------------------- distributed, seeds, device
 ctx = init_parallel(tp=cfg.tp, device=None if cfg.device == "auto" else cfg.device)
@@ -59,18 +70,28 @@ print0(f"config (saved to {out_dir / 'config.json'}):\n{format_config(cfg)}")
 if cfg.is_demo:
     tokenizer = demo.build_tokenizer()
     train_problems = demo.make_problems("train", demo.N_TRAIN_PROBLEMS, cfg.seed)
-    eval_problems = demo.make_problems("test", cfg.n_eval_problems or demo.N_TEST_PROBLEMS, cfg.seed)
+    eval_problems = {"demo": demo.make_problems("test", cfg.n_eval_problems or demo.N_TEST_PROBLEMS, cfg.seed)}
 else:
+    def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
+        """load_problems; a reading error is one line naming the file, the columns and the --{kind}_* flag."""
+        try:
+            problems, skipped = load_problems(source, format, question_key=question_key or None,
+                                              answer_key=answer_key or None, **options)
+        except (OSError, ValueError) as error:
+            fail(f"{kind}_data: " + error_line(error, lambda key: f"--{kind}_{key}="))
+        print0(f"{source}: {len(problems)} {kind} problems ({skipped} rows skipped)")
+        if not problems:
+            fail(f"{source}: no usable problems (every row lacks a question"
+                 + (" or a parsable answer)" if options.get("need_answers", True) else ")"))
+        return problems
+
     has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
-    train_problems, skipped = load_problems(cfg.train_data, cfg.train_format)
-    eval_problems, eval_skipped = load_problems(cfg.eval_data, cfg.eval_format, split="test",
-                                                limit=cfg.n_eval_problems or None)
-    print0(f"{len(train_problems)} training problems ({skipped} rows skipped), {len(eval_problems)} eval problems "
-           f"({eval_skipped} rows skipped)")
-    for source, problems in ((cfg.train_data, train_problems), (cfg.eval_data, eval_problems)):
-        if not problems:
-            sys.exit(f"{source}: no usable problems (every row lacks a question or a parsable answer)")
+    # label-free training (self-certainty) needs only questions; evaluation always needs gold answers
+    train_problems = read("train", cfg.train_data, cfg.train_format, cfg.train_question_key, cfg.train_answer_key,
+                          need_answers=cfg.reward != "self_certainty")
+    eval_problems = {s.name: read("eval", s.source, s.format, s.question_key, s.answer_key, split="test",
+                                  limit=cfg.n_eval_problems or None) for s in eval_sets(cfg)}
 if cfg.instruction == "auto":  # the demo's questions need no instruction; real data gets the env's default
     env_options = {"instruction": ""} if cfg.is_demo else {}
 else:
@@ -147,7 +168,8 @@ def fitting(problems: list, source: str) -> list:
 
 
 if not cfg.is_demo:  # the demo's generated questions are short by construction
-    train_problems, eval_problems = fitting(train_problems, cfg.train_data), fitting(eval_problems, cfg.eval_data)
+    train_problems = fitting(train_problems, cfg.train_data)
+    eval_problems = {name: fitting(problems, name) for name, problems in eval_problems.items()}
 
 # -------------------------------------------------------------------------- resume
 step, data_pos = 0, 0
@@ -166,21 +188,18 @@ def save(reason: str) -> None:  # every rank takes part (TP slices are gathered)
 
 
 def run_eval(tag: str) -> dict:
-    """Succ@k (one episode, feedback between attempts) and Pass@k (k single-turn samples) on held-out data."""
-    options = dict(k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-                   seed=cfg.seed, progress=False)
-    succ = evaluate(actor, eval_env, eval_problems, mode="succ", **options)
-    passk = evaluate(actor, eval_env, eval_problems, mode="pass", **options)
-    metrics = {**succ, **{k: v for k, v in passk.items() if k.startswith("pass@")},
-               "pass_tokens_per_sample": passk["tokens_per_episode"]}
-    k = cfg.eval_k
-    print0(f"eval ({tag}, step {step}, {len(eval_problems)} held-out problems): Succ@{k} {metrics[f'succ@{k}']:.3f}, "
-           f"Pass@{k} {metrics[f'pass@{k}']:.3f}, mean turns {metrics['mean_turns']:.2f}, "
-           f"non-repetitive ratio {metrics['non_repetitive_ratio']:.3f}")
+    """Succ@k and Pass@k on every held-out set (DP groups share the problems); logged as eval/<set>/<metric>."""
+    results, k = {}, cfg.eval_k
+    for name, problems in eval_problems.items():
+        metrics = held_out_metrics(actor, eval_env, problems, k=k, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.eval_temperature, seed=cfg.seed, progress=False, dp=ctx)
+        print0(f"eval {name} ({tag}, step {step}, {len(problems)} held-out problems): Succ@{k} "
+               f"{metrics['succ_at_k']:.3f}, Pass@{k} {metrics['pass_at_k']:.3f}, mean turns "
+               f"{metrics['mean_turns']:.2f}, non-repetitive ratio {metrics['non_repetitive_ratio']:.3f}")
+        results |= {f"{name}/{key}": v for key, v in metrics.items()}
     if logger:
-        logger.log({"kind": "eval", "step": step, **{f"eval/{key}": v for key, v in metrics.items()},
-                    "eval/succ_at_k": metrics[f"succ@{k}"], "eval/pass_at_k": metrics[f"pass@{k}"]})
-    return metrics
+        logger.log({"kind": "eval", "step": step, **{f"eval/{key}": v for key, v in results.items()}})
+    return results
 
 
 def peak_memory_mb() -> float:
@@ -211,6 +230,7 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal
                                      seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
                                      kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
     batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes, prm)
+    stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
     update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
@@ -246,7 +266,7 @@ after = run_eval("end")
 if master:
     print(f"plot: {plot_log(out_dir / 'log.jsonl')}")
     if before is not None:
-        print("held-out split, before -> after:")
+        print("held-out sets, before -> after:")
         for key in after:
             if isinstance(after[key], float):
-                print(f"  {key:>24}: {before[key]:.4f} -> {after[key]:.4f}")
+                print(f"  {key:>32}: {before[key]:.4f} -> {after[key]:.4f}")

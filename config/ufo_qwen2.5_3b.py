@@ -1,26 +1,31 @@
 """UFO's setting (DESIGN.md section 3): Qwen2.5-3B-Instruct, MetaMathQA MATH_ rows, 5-turn episodes with
 "Try again." feedback, PPO with a critic, GAE gamma = lambda = 1, KL to the reference as a k1 reward
-penalty (0.001), actor lr 1e-6, critic lr 1e-5, 200 steps, temperature 1.0 to train and 0.5 to evaluate.
+penalty (0.001), actor lr 1e-6, critic lr 1e-5, 200 steps, temperature 1.0 to train and 0.5 to evaluate;
+rewards 0.5**t for a solve at turn t, a format penalty of -0.1 for an attempt without an answer, and the
+repetition penalty -0.5 * (1 - E/T) counting only the attempts that gave an answer (nanoufo/env.py); a
+seq-mean-token-mean loss (UFO's micro-batches of one sequence average each sequence's tokens, then the
+sequences: aggregation "seq-mean" here).
 
     torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py \
         --init_from=Qwen2.5-3B-Instruct --train_data=MetaMathQA-395K.json
 
-The batch sizes are this project's choice for one 8-GPU node, not numbers from the paper.
+This project's choices, not numbers from the paper: the batch sizes (for one 8-GPU node), the group filter,
+the asymmetric clip range (clip_high 0.28) and the dual clip.
 """
 out_dir = "out/ufo_qwen2.5_3b"
 init_from = "Qwen2.5-3B-Instruct"  # a local HF checkpoint directory; override with --init_from
 dtype = "bfloat16"
 train_data = "MetaMathQA-395K.json"
 train_format = "metamath"  # keeps only the MATH_ rows
-eval_data = "data/math500/test.jsonl"
-eval_format = "math500"
+eval_data = "math500"  # the bundled MATH500 test set
+eval_format = "auto"
 n_eval_problems = 500
 
 max_turns = 5
 feedback = "Try again."
 turn_decay = 0.5  # reward 0.5**t for a solve at turn t
 repetition_penalty = 0.5
-format_penalty = 0.0
+format_penalty = 0.1  # subtracted: -0.1 per attempt without an extractable answer
 reward_placement = "last"
 
 problems_per_step = 128
@@ -48,7 +53,7 @@ kl_estimator = "k1"
 kl_in = "reward"
 gamma = 1.0
 lam = 1.0
-aggregation = "token-mean"
+aggregation = "seq-mean"  # seq-mean-token-mean
 
 # memory: python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 (and --gpus=1 --tp=1
 # --gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 1024 + 4 x 32 = 5,760 tokens

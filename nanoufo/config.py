@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoufo.rl import PRM_AGGREGATES
+from nanoufo.schedule import SCHEDULES as LR_SCHEDULES
 
 ALGORITHMS = ("ufo_ppo", "grpo")
 REWARDS = ("gold", "self_certainty", "prm")
@@ -27,7 +28,8 @@ KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
-               kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, device=DEVICES, dtype=DTYPES, prm_aggregate=PRM_AGGREGATES)
+               kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES,
+               prm_aggregate=PRM_AGGREGATES)
 
 
 @dataclass
@@ -44,8 +46,12 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer directory; "" = the checkpoint's own, else the bundled Qwen2.5 one
     train_data: str = "demo"  # "demo", or a jsonl/parquet file or HF dataset for nanoufo.data.load_problems
     train_format: str = "auto"  # row format for load_problems (e.g. "metamath", "gsm8k", "math")
-    eval_data: str = "demo"
-    eval_format: str = "auto"
+    train_question_key: str = ""  # the data's field names where they differ from the format's ("" = the format's)
+    train_answer_key: str = ""
+    eval_data: str = "demo"  # comma-separated for several sets ("math500,gsm8k"), each logged as eval/<name>/...
+    eval_format: str = "auto"  # these three: one value for every eval set, or one per set, comma-separated
+    eval_question_key: str = ""
+    eval_answer_key: str = ""
     n_eval_problems: int = 200  # 0 = the whole eval set
     instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
     warmup_steps: int = 2500  # demo only: supervised steps before RL when init_from is ""
@@ -78,6 +84,10 @@ class TrainConfig:
     minibatch_size: int = 32  # episodes per optimizer step
     actor_lr: float = 1e-3
     critic_lr: float = 1e-3
+    lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (towards min_lr_ratio * lr at max_steps)
+    lr_warmup_ratio: float = 0.0  # linear warm-up over this fraction of the schedule's steps (actor and critic alike)
+    min_lr_ratio: float = 0.0
+    lr_schedule_steps: int = 0  # the steps the schedule spans; 0 = max_steps (set it to extend a run unchanged)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_low: float = 0.2
@@ -212,6 +222,11 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                          f"a micro-batch must hold the longest episode")
     if cfg.gpu_mem_gib < 0:
         raise ValueError(f"config: gpu_mem_gib={cfg.gpu_mem_gib} must be >= 0 (0: the device's own memory)")
+    for key in ("lr_warmup_ratio", "min_lr_ratio"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"config: {key}={getattr(cfg, key)} must be between 0 and 1")
+    if cfg.lr_schedule_steps < 0:
+        raise ValueError(f"config: lr_schedule_steps={cfg.lr_schedule_steps} must be >= 0 (0 = max_steps)")
     if cfg.keep_groups < 0 or cfg.keep_groups > cfg.problems_per_step:
         raise ValueError(f"config: keep_groups={cfg.keep_groups} must be between 0 and "
                          f"problems_per_step={cfg.problems_per_step}")
@@ -246,11 +261,56 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         path = getattr(cfg, key)
         if path and not Path(path).is_dir():
             raise FileNotFoundError(f"config: {key}={path!r}: directory not found")
-    for key in ("train_data", "eval_data"):
-        path = getattr(cfg, key)
+    for key, path in [("train_data", cfg.train_data)] + [("eval_data", s.source) for s in eval_sets(cfg)]:
         looks_local = path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/"))
         if path != "demo" and looks_local and not Path(path).exists():
             raise FileNotFoundError(f"config: {key}={path!r}: file not found")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set of a run: its name in logs (eval/<name>/...), where it is read from, and how."""
+    name: str
+    source: str
+    format: str
+    question_key: str
+    answer_key: str
+
+
+def _per_set(cfg: TrainConfig, key: str, n: int) -> list[str]:
+    values = [v.strip() for v in getattr(cfg, key).split(",")]
+    if len(values) not in (1, n):
+        raise ValueError(f"config: {key}={getattr(cfg, key)!r} has {len(values)} values for {n} eval sets "
+                         "(give one for all, or one per set)")
+    return values * n if len(values) == 1 else values
+
+
+def _set_name(entry: str, bundled: dict) -> str:
+    """A bundled set's own name, else the file's stem, or its directory's name for a split file (test.jsonl)."""
+    if entry in bundled:
+        return entry
+    path = Path(entry)
+    return path.parent.name if path.stem in ("train", "test", "validation") and path.parent.name else path.stem
+
+
+def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
+    """cfg.eval_data's comma-separated sets; a bundled name (math500, gsm8k) reads the bundled file."""
+    from nanoufo.data import DEFAULT_EVAL_SETS  # here, not at the top: it imports the datasets library
+    entries = [e.strip() for e in cfg.eval_data.split(",")]
+    if not all(entries):
+        raise ValueError(f"config: eval_data={cfg.eval_data!r} has an empty entry")
+    formats, questions, answers = (_per_set(cfg, key, len(entries))
+                                   for key in ("eval_format", "eval_question_key", "eval_answer_key"))
+    sets, names = [], set()
+    for entry, format, question_key, answer_key in zip(entries, formats, questions, answers):
+        name = base = _set_name(entry, DEFAULT_EVAL_SETS)
+        for n in range(2, len(entries) + 2):  # two files with the same stem get distinct names
+            if name not in names:
+                break
+            name = f"{base}_{n}"
+        names.add(name)
+        sets.append(EvalSet(name, str(DEFAULT_EVAL_SETS.get(entry, entry)), format, question_key, answer_key))
+    return sets
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -7,8 +7,10 @@
 
 Sources: a local .jsonl/.json/.parquet file, a directory of them (`split` picks the files), or a hub name
 when online. Formats: gsm8k (answer after the last "#### "), math500 (problem/answer fields), metamath
-(MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows) and generic. A row
-without a usable answer is skipped and counted, never a crash. Tests: `python -m pytest -q tests/test_data.py`.
+(MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows), math (hendrycks MATH:
+problem, and the gold is the last \\boxed{} of the solution) and generic. A row without a usable answer is
+skipped and counted, never a crash; with need_answers=False (label-free training) it is kept, answer None.
+Tests: `python -m pytest -q tests/test_data.py`.
 """
 import json
 import logging
@@ -20,7 +22,10 @@ from pathlib import Path
 
 import datasets
 
+from nanoufo.grader import last_boxed
+
 log = logging.getLogger(__name__)
+datasets.disable_progress_bars()  # arrow's per-split bars would bury the counts and errors printed here
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL_SETS = {  # held-out evaluation sets bundled with the project (attribution: data/SOURCES.md)
@@ -28,14 +33,14 @@ DEFAULT_EVAL_SETS = {  # held-out evaluation sets bundled with the project (attr
     "math500": REPO_ROOT / "data" / "math500" / "test.jsonl",
 }
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
+METAMATH_MARKER = re.compile(r"The answer is:?")
 THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 @dataclass
 class Problem:
     question: str
-    answer: str
+    answer: str | None  # None: an unlabeled row (label-free training only); never graded as correct
     id: str  # the source row, e.g. "gsm8k/test.jsonl:17" (0-based row index in the loaded split)
 
 
@@ -46,8 +51,13 @@ def _gsm8k_answer(solution: str) -> str | None:
 
 
 def _metamath_answer(response: str) -> str | None:
-    match = METAMATH_ANSWER.search(response)
-    return match.group(1) if match else None
+    """The text after the LAST "The answer is" (colon optional), up to the end of its line, without a final
+    full stop: a response that states an answer twice has its final one as gold, not several sentences."""
+    markers = list(METAMATH_MARKER.finditer(response))
+    if not markers:
+        return None
+    rest = response[markers[-1].end():].strip()
+    return rest.split("\n", 1)[0].strip().removesuffix(".").strip() or None
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,36 @@ class Format:
 FORMATS = {
     "gsm8k": Format("question", "answer", _gsm8k_answer),
     "math500": Format("problem", "answer", str.strip),
+    "math": Format("problem", "solution", last_boxed),  # hendrycks MATH: the gold is the solution's last \boxed{}
     "metamath": Format("query", "response", _metamath_answer,
                        keep_row=lambda row: isinstance(row["type"], str) and row["type"].startswith("MATH_"),
                        extra_columns=("type",)),
     "generic": Format("question", "answer", str.strip),
 }
+
+
+class DataError(ValueError):
+    """A source that cannot be read as problems. It names the source (`where`), what is wrong, the columns
+    found and the load_problems arguments that fix it (`fix`); a script words those as its own flags with
+    message(flag), so the one line it prints names the flag to use."""
+
+    def __init__(self, where: str, problem: str, columns: list[str] | None = None, fix: tuple[str, ...] = ()):
+        self.where, self.problem, self.columns, self.fix = where, problem, columns, fix
+        super().__init__(self.message())
+
+    def message(self, flag: Callable[[str], str] = lambda key: f"{key}=") -> str:
+        parts = [f"{self.where}: {self.problem}"]
+        if self.columns is not None:
+            parts.append(f"columns found: {', '.join(self.columns) or 'none'}")
+        if self.fix:
+            parts.append("set " + " and/or ".join(f"{flag(key)}..." for key in self.fix))
+        return "; ".join(parts)
+
+
+def error_line(error: Exception, flag: Callable[[str], str]) -> str:
+    """A reading error as the one line a script prints: a DataError names the script's flag (flag(key))."""
+    text = error.message(flag) if isinstance(error, DataError) else str(error)
+    return " ".join(text.split())
 
 
 def _as_text(value) -> str | None:
@@ -117,40 +152,63 @@ def _read(source: str | Path, split: str, name: str | None) -> tuple[datasets.Da
                                 f"Hugging Face hub failed ({type(error).__name__}: {error})") from error
 
 
-def _detect_format(rows: datasets.Dataset, label: str) -> str:
+def _detect_format(rows: datasets.Dataset, where: str, need_answers: bool, question_key: str | None) -> str:
+    """The format whose columns the rows have; without need_answers a question column alone will do; rows
+    of no known layout whose question field the caller named are generic."""
     columns = set(rows.column_names)
     if {"query", "response", "type"} <= columns:
         return "metamath"
     if {"problem", "answer"} <= columns:
         return "math500"
+    if {"problem", "solution"} <= columns:
+        return "math"
     if {"question", "answer"} <= columns:
         answers = [_as_text(a) or "" for a in rows.select(range(min(len(rows), 20)))["answer"]]
         return "gsm8k" if any("#### " in a for a in answers) else "generic"
-    raise ValueError(f"{label}: cannot detect the format from the columns {sorted(columns)}; "
-                     f"pass format= one of {sorted(FORMATS)} (generic with question_key/answer_key)")
+    if not need_answers and "problem" in columns:
+        return "math"
+    if (not need_answers and "question" in columns) or (question_key and question_key in columns):
+        return "generic"
+    raise DataError(where, f"cannot detect the format ({', '.join(FORMATS)}) from the columns",
+                    sorted(columns), ("format", "question_key", "answer_key"))
 
 
-def _problems_from_rows(rows: datasets.Dataset, label: str, format: str, limit: int | None,
-                        question_key: str | None, answer_key: str | None) -> tuple[list[Problem], Counter]:
-    chosen = FORMATS[_detect_format(rows, label) if format == "auto" else format]
-    question_key, answer_key = question_key or chosen.question_key, answer_key or chosen.answer_key
-    needed = [question_key, answer_key, *chosen.extra_columns]
-    missing = [key for key in needed if key not in rows.column_names]
+def _check_columns(rows: datasets.Dataset, where: str, format: str, question_key: str, answer_key: str,
+                   chosen: Format, need_answers: bool) -> None:
+    """A DataError naming the missing columns before any row is read."""
+    columns = sorted(rows.column_names)
+    missing = [key for key in (question_key, *chosen.extra_columns) if key not in columns]
     if missing:
-        raise KeyError(f"{label}: no column {missing} (columns: {sorted(rows.column_names)})")
+        raise DataError(where, f"no column {', '.join(missing)} for the {format} format", columns,
+                        ("question_key",) if question_key in missing else ("format",))
+    if need_answers and answer_key not in columns:
+        raise DataError(where, f"no answer column {answer_key!r} (the {format} format's): evaluation and gold "
+                        "rewards need answers", columns, ("answer_key",))
+
+
+def _problems_from_rows(rows: datasets.Dataset, label: str, where: str, format: str, limit: int | None,
+                        question_key: str | None, answer_key: str | None,
+                        need_answers: bool) -> tuple[list[Problem], Counter]:
+    format = _detect_format(rows, where, need_answers, question_key) if format == "auto" else format
+    chosen = FORMATS[format]
+    question_key, answer_key = question_key or chosen.question_key, answer_key or chosen.answer_key
+    _check_columns(rows, where, format, question_key, answer_key, chosen, need_answers)
+    has_answers = answer_key in rows.column_names
+    needed = [question_key, *([answer_key] if has_answers else []), *chosen.extra_columns]
     problems, skipped = [], Counter()
     for index, row in enumerate(rows.select_columns(list(dict.fromkeys(needed)))):
         if limit is not None and len(problems) >= limit:
             break
         if not chosen.keep_row(row):
             continue
-        question, answer_field = _as_text(row[question_key]), _as_text(row[answer_key])
-        answer = chosen.parse_answer(answer_field) if answer_field is not None else None
-        if question is None or answer_field is None:
+        question = _as_text(row[question_key])
+        answer_field = _as_text(row[answer_key]) if has_answers else None
+        answer = (chosen.parse_answer(answer_field) if answer_field is not None else None) or None
+        if question is None or (need_answers and answer_field is None):
             skipped["missing field or wrong type"] += 1
         elif not question.strip():
             skipped["empty question"] += 1
-        elif not answer:
+        elif need_answers and not answer:
             skipped["no parsable answer"] += 1
         else:
             problems.append(Problem(question.strip(), answer, f"{label}:{index}"))
@@ -159,16 +217,20 @@ def _problems_from_rows(rows: datasets.Dataset, label: str, format: str, limit: 
 
 def load_problems(source: str | Path, format: str = "auto", split: str = "train", limit: int | None = None,
                   question_key: str | None = None, answer_key: str | None = None,
-                  name: str | None = None) -> tuple[list[Problem], int]:
+                  name: str | None = None, need_answers: bool = True) -> tuple[list[Problem], int]:
     """Problems from `source` and the number of rows skipped for want of a usable question and answer.
     `question_key`/`answer_key` override the format's field names; `name` is a hub data set's config
-    (e.g. "main" for openai/gsm8k); `limit` stops after that many problems. Text that is not UTF-8 is
-    an error naming the file (and, for jsonl, the line): it points at a broken file, not a bad row."""
+    (e.g. "main" for openai/gsm8k); `limit` stops after that many problems. need_answers=False (label-free
+    training) keeps rows without a usable answer, with answer None, and accepts a file with no answer
+    column. Text that is not UTF-8 is an error naming the file (and, for jsonl, the line): it points at a
+    broken file, not a bad row. A source whose columns do not fit raises DataError."""
     if format not in FORMATS and format != "auto":
-        raise ValueError(f"unknown data format {format!r}; valid formats: auto, {', '.join(FORMATS)}")
+        raise DataError(str(source), f"unknown data format {format!r} (valid: auto, {', '.join(FORMATS)})",
+                        fix=("format",))
     rows, label = _read(source, split, name)
     try:  # arrow keeps a jsonl string's bytes unchecked, so bad UTF-8 may only show when rows are decoded
-        problems, skipped = _problems_from_rows(rows, label, format, limit, question_key, answer_key)
+        problems, skipped = _problems_from_rows(rows, label, str(source), format, limit, question_key, answer_key,
+                                                need_answers)
     except UnicodeDecodeError as error:
         where = _first_bad_line(Path(source)) if Path(source).suffix == ".jsonl" else None
         raise ValueError(where or f"{label}: text that is not valid UTF-8 ({error})") from error

@@ -63,10 +63,13 @@ class Decoder:
         self.batch = torch.full((R,), self.spare, **long)  # the rows of the decode batch, padded with the spare
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, V) over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
-        so each rank's sampler draws the same token with the same seed."""
+        """(N, V) fp32 over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
+        so each rank's sampler draws the same token with the same seed. The head runs in fp32 whatever the
+        model's dtype, as the trainer's linear_token_stats does (bf16 logits put the sampler's log-probs
+        further from the trainer's: bench/RESULTS.md, issue 16 section)."""
         m = self.model
-        return all_gather_vocab(m.logits(hidden), m.vocab_start, m.config.vocab_size, m.tp)
+        local = m.lm_head_input(hidden).float() @ m.lm_head_weight.float().T  # (N, V_local) fp32
+        return all_gather_vocab(local, m.vocab_start, m.config.vocab_size, m.tp)
 
     def begin(self, rows: torch.Tensor, episodes: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> None:
         """Open a turn on rows (N,) whose sequences (lengths (N,), of episodes (N,)) were just prefilled, and

@@ -134,12 +134,21 @@ class UFOEnv:
             if self.is_over(episode):
                 raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
         answers = [extract_answer(text) for text in response_texts]
-        verdicts = grade_batch(answers, [episode.problem.answer for episode in episodes], self.grade_timeout)
+        verdicts = self._grade(answers, [episode.problem.answer for episode in episodes])
         for episode, text, answer, verdict in zip(episodes, response_texts, answers, verdicts):
             episode.responses.append(text)
             episode.answers.append(answer)
             episode.correct.append(verdict)
         return [self.is_over(episode) for episode in episodes]
+
+    def _grade(self, answers: list[str | None], golds: list[str | None]) -> list[bool]:
+        """math-verify verdicts; an unlabeled problem (gold None, label-free training) is never correct."""
+        labeled = [i for i, gold in enumerate(golds) if gold is not None]
+        graded = grade_batch([answers[i] for i in labeled], [golds[i] for i in labeled], self.grade_timeout)
+        verdicts = [False] * len(golds)
+        for i, verdict in zip(labeled, graded):
+            verdicts[i] = verdict
+        return verdicts
 
     def is_over(self, episode: Episode) -> bool:
         return episode.solved or episode.turns >= self.max_turns
@@ -147,12 +156,14 @@ class UFOEnv:
     def turn_rewards(self, episode: Episode) -> list[float]:
         """Each attempt's share of the episode reward: turn_decay**t on the correct attempt t, minus
         format_penalty on each attempt without an extractable answer, and the repetition penalty
-        repetition_penalty * (1 - E/T) on the last attempt (E distinct normalized answers among T attempts,
-        missing answers counting as one value; see grader.count_distinct_answers)."""
+        repetition_penalty * (1 - E/T) on the last attempt, as UFO counts it: E distinct normalized answers
+        among the T attempts that gave one (a missing answer pays the format penalty only, not twice; no
+        answer at all, no repetition penalty)."""
         rewards = [(self.turn_decay ** t if correct else 0.0) - (self.format_penalty if answer is None else 0.0)
                    for t, (answer, correct) in enumerate(zip(episode.answers, episode.correct))]
-        if rewards:
-            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(episode.answers) / episode.turns)
+        valid = [answer for answer in episode.answers if answer is not None]
+        if valid:
+            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(valid) / len(valid))
         return rewards
 
     def reward(self, episode: Episode) -> float:

@@ -6,17 +6,22 @@ per episode; and Best-of-N with a process reward model next to majority vote ove
     table = evaluate(model, env, problems, k=5, mode="succ", temperature=0.5, out="eval.jsonl")
     table = best_of_n(model, env, problems, scorer, n=8)     # pass@1, pass@N, maj@N, rm@N
 
-sample.py --mode=eval / passk / bon is the command line for it. Tests: python -m pytest -q tests/test_rollout.py
+Under data parallelism (dp=ctx) the batches are dealt out to the DP groups and the episodes gathered, so
+every rank returns the table one process would (same batches, same seeds). held_out_metrics is train.py's
+Succ@k + Pass@k row. sample.py --mode=eval / passk / bon is the command line for it.
+Tests: python -m pytest -q tests/test_rollout.py tests/test_dp_statistics.py
 """
 import json
 from pathlib import Path
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
 from nanoufo.metrics import maj_at_n, pass_at_k, rm_at_n, summarize, tokens_per_episode
 from nanoufo.model import Qwen2
+from nanoufo.parallel import ParallelContext
 from nanoufo.rollout import run_episodes
 
 MODES = ("succ", "pass")
@@ -38,17 +43,19 @@ def write_episodes(path: str | Path, records: list[dict]) -> None:
 
 def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, mode: str = "succ",
              batch_size: int = 64, max_new_tokens: int = 1024, temperature: float = 0.5, top_p: float = 1.0,
-             seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+             seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True,
+             dp: ParallelContext | None = None) -> dict[str, float]:
     """The metrics table. mode "succ": succ@1..k, mean turns, non-repetitive ratio, tokens per episode;
     mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `tokenizer`
-    decodes attempts for grading (default env.tokenizer); `out` gets one JSON line per episode."""
+    decodes attempts for grading (default env.tokenizer); `out` gets one JSON line per episode (written by
+    global rank 0); `dp` splits the batches across data-parallel groups."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     samples, turns = (1, k) if mode == "succ" else (k, 1)
     episodes, lengths = sample_episodes(model, env, problems, samples, turns, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"{mode}@{k}")
-    if out is not None:
+                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"{mode}@{k}", dp=dp)
+    if out is not None and (dp is None or dp.is_main):
         write_episodes(out, [episode_record(e, j % samples, n) for j, (e, n) in enumerate(zip(episodes, lengths))])
     if mode == "succ":
         return summarize(episodes, k, lengths)
@@ -61,18 +68,21 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
 
 def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples: int, turns: int, *,
                     batch_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, tokenizer,
-                    progress: bool, desc: str) -> tuple[list, list[int]]:
+                    progress: bool, desc: str, dp: ParallelContext | None = None) -> tuple[list, list[int]]:
     """`samples` episodes of up to `turns` attempts per problem, about batch_size episodes at a time:
-    (episodes problem after problem, sampled tokens of each)."""
+    (episodes problem after problem, sampled tokens of each). With `dp` the batches are dealt out to the
+    data-parallel groups and gathered: every rank gets what one process would (a batch is seeded by its start)."""
     per_batch = max(1, batch_size // samples)
-    episodes, lengths = [], []
-    for i in tqdm(range(0, len(problems), per_batch), desc=desc, unit="batch", disable=not progress):
+    starts = range(0, len(problems), per_batch)
+    dp_rank, dp_size = (dp.dp_rank, dp.dp_size) if dp is not None else (0, 1)
+    done = {}  # batch start -> (episodes, sampled tokens per episode)
+    for i in tqdm(starts[dp_rank::dp_size], desc=desc, unit="batch", disable=not progress):
         rollout, batch = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
                                       max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, seed=seed + i, tokenizer=tokenizer)
-        episodes += batch
-        lengths += rollout.loss_mask.sum(dim=1).long().tolist()
-    return episodes, lengths
+        done[i] = (batch, rollout.loss_mask.sum(dim=1).long().tolist())
+    done = _gather_over_dp(done, dp)
+    return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]
 
 
 def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, *, n: int = 8, aggregate: str = "min",
@@ -96,3 +106,22 @@ def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, *, n: 
             f"maj@{n}": maj_at_n(per_problem([e.answers[0] for e in episodes]), correct),
             f"rm@{n}": rm_at_n(per_problem(scores), correct), "unscored": float(scores.count(None)),
             "tokens_per_episode": tokens_per_episode(lengths)}
+
+
+def _gather_over_dp(done: dict, dp: ParallelContext | None) -> dict:
+    """Every DP group's finished batches on every rank (the batch starts never collide)."""
+    if dp is None or dp.dp_group is None:
+        return done
+    parts = [None] * dp.dp_size
+    dist.all_gather_object(parts, done, group=dp.dp_group)
+    return {start: result for part in parts for start, result in part.items()}
+
+
+def held_out_metrics(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int, **options) -> dict[str, float]:
+    """train.py's evaluation row: Succ@1..k (one episode, feedback between attempts) with its turn and
+    repetition metrics, Pass@1..k (k single-turn samples), and succ_at_k / pass_at_k for the plots."""
+    succ = evaluate(model, env, problems, k=k, mode="succ", **options)
+    passk = evaluate(model, env, problems, k=k, mode="pass", **options)
+    return {**succ, **{key: v for key, v in passk.items() if key.startswith("pass@")},
+            "pass_tokens_per_sample": passk["tokens_per_episode"], "succ_at_k": succ[f"succ@{k}"],
+            "pass_at_k": passk[f"pass@{k}"]}

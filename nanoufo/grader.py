@@ -49,13 +49,20 @@ def _answer_tags(text: str) -> list[str]:
     return tags
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last balanced, non-empty \\boxed{...} (nested braces kept), else None. An unclosed
+    box (a truncated response) or an empty one is passed over in favour of an earlier complete one."""
+    boxes = [(start, content.strip()) for start, content in _closed_boxes(text) if content.strip()]
+    return max(boxes, key=lambda box: box[0])[1] if boxes else None  # the box that starts last
+
+
 def extract_answer(text: str) -> str | None:
-    """The content of the last balanced, non-empty \\boxed{...} (nested braces kept), else of the last
+    """The content of the last balanced, non-empty \\boxed{...} (last_boxed), else of the last
     <answer>...</answer>, else None. An unclosed box (a truncated response) or an empty one (the model
     echoing the instruction's "\\boxed{}") is passed over in favour of an earlier complete one."""
-    boxes = [(start, content.strip()) for start, content in _closed_boxes(text) if content.strip()]
-    if boxes:
-        return max(boxes, key=lambda box: box[0])[1]  # the box that starts last
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
     tags = [tag.strip() for tag in _answer_tags(text) if tag.strip()]
     return tags[-1] if tags else None
 

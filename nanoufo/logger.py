@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 TRAIN_PANELS = ("reward", "succ_at_k", "mean_turns", "non_repetitive_ratio", "kl_ref", "pg/clip_frac", "pg/entropy",
-                "grad_norm/actor", "value_loss", "logp_diff_sampler", "tokens_per_s")
-EVAL_PANELS = ("eval/succ_at_k", "eval/pass_at_k", "eval/non_repetitive_ratio")
+                "grad_norm/actor", "lr/actor", "value_loss", "logp_diff_sampler", "tokens_per_s")
+EVAL_PANELS = ("succ_at_k", "pass_at_k", "non_repetitive_ratio")  # one panel each per eval set: eval/<set>/<key>
 
 
 class JsonlLogger:
@@ -61,7 +61,9 @@ def plot_log(log_path: str | Path, png_path: str | Path | None = None) -> Path:
 
     records = read_log(log_path)
     png_path = Path(png_path or Path(log_path).with_suffix(".png"))
-    panels = [(key, "train") for key in TRAIN_PANELS] + [(key, "eval") for key in EVAL_PANELS]
+    eval_keys = sorted({key for r in records if r.get("kind") == "eval" for key in r
+                        if key.startswith("eval/") and key.rsplit("/", 1)[-1] in EVAL_PANELS})
+    panels = [(key, "train") for key in TRAIN_PANELS] + [(key, "eval") for key in eval_keys]
     present = [(k, kind) for k, kind in panels
                if any(r.get("kind") == kind and r.get(k) is not None for r in records)]
     cols = 4

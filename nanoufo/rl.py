@@ -6,6 +6,9 @@ sampled (the loss mask) and 0 on the prompt, the feedback turns and the padding.
 aligned with the tokens: entry i belongs to token i (whose log-prob comes from the hidden state at i-1).
 """
 import torch
+import torch.distributed as dist
+
+from nanoufo.parallel import all_reduce_
 
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
 
@@ -17,11 +20,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (population variance); unmasked entries become 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (population variance); unmasked entries become 0. With a
+    data-parallel `group` the moments are those of every rank's entries together (sums all-reduced), so
+    DP ranks whiten as one process holding the whole batch would."""
+    m = mask.to(x.dtype)
+    sums = all_reduce_(torch.stack([(x * m).sum(), m.sum()]), group)  # (2,): sum, count
+    count = sums[1].clamp(min=1)
+    mean = sums[0] / count
+    var = all_reduce_(((x - mean) ** 2 * m).sum(), group) / count
+    return (x - mean) * torch.rsqrt(var + eps) * m
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

@@ -13,19 +13,21 @@ forward (scoring and update) runs in micro-batches of at most cfg.micro_batch_to
 packed end to end; a minibatch's gradients accumulate over its micro-batches with per-token loss weights of
 the whole minibatch (rl.loss_weights), so the step equals the one-shot one.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from kernels import linear_ppo_loss, linear_token_stats
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2
 from nanoufo.optim import adamw
-from nanoufo.parallel import all_ranks_true, clip_grad_norm_, dp_mean_scale
+from nanoufo.parallel import ParallelContext, all_ranks_true, clip_grad_norm_, dp_mean_scale
 
 
 @dataclass
@@ -162,6 +164,59 @@ def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, ma
     return rl.sequence_self_certainty(sc, mask)
 
 
+def kl_reward_penalty(cfg: TrainConfig, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """kl_coef * KL(pi || ref) per sampled token (B, T) when the KL is part of the reward; zeros otherwise."""
+    if ref_logp is None or cfg.kl_in != "reward":
+        return torch.zeros_like(mask)
+    return cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+
+
+def dp_group_filter(cfg: TrainConfig, rollout, episodes: list, scores: torch.Tensor, tp: ParallelContext,
+                    shaped=None):
+    """The group filter over the whole data-parallel batch: the keep_groups x dp_size groups with the largest
+    reward spread among every rank's groups (in rank order), dealt out in equal shares of keep_groups, rank
+    r taking the r-th; the rows travel between ranks (with their PRM rewards, `shaped`, when there are
+    some). Returns this rank's (rollout, episodes, scores, shaped)."""
+    B, n = len(episodes), cfg.n_samples_per_problem
+    everyone = [torch.empty_like(scores) for _ in range(tp.dp_size)]
+    dist.all_gather(everyone, scores.contiguous(), group=tp.dp_group)
+    kept = rl.group_filter(torch.cat(everyone), n, cfg.keep_groups * tp.dp_size).tolist()  # indices into all rows
+    here = range(tp.dp_rank * B, (tp.dp_rank + 1) * B)
+    rows = {g: _row(rollout, episodes, scores, shaped, g - here.start) for g in kept if g in here}
+    parts = [None] * tp.dp_size
+    dist.all_gather_object(parts, rows, group=tp.dp_group)
+    pool = {g: row for part in parts for g, row in part.items()}
+    share = kept[tp.dp_rank * cfg.keep_groups * n:(tp.dp_rank + 1) * cfg.keep_groups * n]
+    rollout, episodes, scores = _stack_rows([pool[g] for g in share], rollout)
+    if shaped is not None:
+        shaped = dataclasses.replace(shaped, scores=scores.cpu(), turn_rewards=[pool[g][6][0] for g in share],
+                                     step_points=[pool[g][6][1] for g in share])
+    return rollout, episodes, scores, shaped
+
+
+def _row(rollout, episodes: list, scores: torch.Tensor, shaped, i: int) -> tuple:
+    """Trajectory i without its padding, on the CPU, to send to another rank."""
+    n = int(rollout.lengths[i])
+    prm = (shaped.turn_rewards[i], shaped.step_points[i]) if shaped is not None else None
+    return (rollout.tokens[i, :n].cpu(), rollout.loss_mask[i, :n].cpu(), rollout.logprobs[i, :n].cpu(),
+            rollout.turn_spans[i], episodes[i], float(scores[i]), prm)
+
+
+def _stack_rows(rows: list[tuple], like) -> tuple:
+    """(rollout, episodes, scores) from _row tuples, right-padded, on `like`'s device."""
+    device, T = like.tokens.device, max(len(r[0]) for r in rows)
+
+    def padded(field: int, dtype: torch.dtype) -> torch.Tensor:  # (B, T)
+        rows_padded = [torch.cat([r[field], r[field].new_zeros(T - len(r[field]))]) for r in rows]
+        return torch.stack(rows_padded).to(device, dtype)
+
+    rollout = dataclasses.replace(like, tokens=padded(0, like.tokens.dtype), loss_mask=padded(1, like.loss_mask.dtype),
+                                  logprobs=padded(2, like.logprobs.dtype), turn_spans=[r[3] for r in rows],
+                                  lengths=torch.tensor([len(r[0]) for r in rows], device=device))
+    return rollout, [r[4] for r in rows], torch.tensor([r[5] for r in rows], device=device)
+
+
 def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None, rollout,
                 episodes, prm=None) -> tuple[Batch, dict]:
     """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages.
@@ -175,13 +230,16 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
     stats = {"score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0}
     if shaped:
         stats |= {"prm_score": shaped.prm_mean, "prm_unscored_attempts": shaped.unscored}
-    if cfg.keep_groups and cfg.keep_groups < len(episodes) // cfg.n_samples_per_problem:
+    filtering = cfg.keep_groups and cfg.keep_groups < len(episodes) // cfg.n_samples_per_problem
+    if filtering and actor.tp.dp_group is not None:  # over the whole DP batch: this rank's share of the kept rows
+        rollout, episodes, scores, shaped = dp_group_filter(cfg, rollout, episodes, scores, actor.tp, shaped)
+    if filtering and actor.tp.dp_group is None:
         keep = rl.group_filter(scores, cfg.n_samples_per_problem, cfg.keep_groups)
     else:
         keep = torch.arange(len(episodes), device=tokens.device)
     kept_episodes = [episodes[i] for i in keep.tolist()]
     T = int(rollout.lengths[keep].max())
-    tokens, mask, scores = tokens[keep, :T], mask[keep, :T], scores[keep]
+    tokens, mask, scores = rollout.tokens[keep, :T], rollout.loss_mask[keep, :T].float(), scores[keep]
     stats["kept_score"] = scores.mean().item()
 
     lengths = rl.trajectory_lengths(mask).tolist()  # one host sync; every no-grad forward runs in micro-batches
@@ -197,8 +255,9 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
     if ref_logp is not None:
         stats["kl_ref"] = rl.masked_mean(rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator), mask).item()
 
-    if cfg.algorithm == "grpo":
-        advantages = rl.group_advantages(scores, cfg.n_samples_per_problem)[:, None] * mask  # (B, T)
+    kl_reward = kl_reward_penalty(cfg, old_logp, ref_logp, mask)  # (B, T), zeros unless the KL is in the reward
+    if cfg.algorithm == "grpo":  # the KL lowers each episode's score by its sum over the tokens, as in verl
+        advantages = rl.group_advantages(scores - kl_reward.sum(1), cfg.n_samples_per_problem)[:, None] * mask
         return Batch(tokens, mask, old_logp, advantages, ref_logp), stats
     if cfg.reward_placement == "per_step":
         rewards = rl.place_rewards(mask, point_rewards=[shaped.step_points[i] for i in keep.tolist()])
@@ -209,11 +268,10 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
         rewards = rl.place_rewards(mask, turn_rewards=turns, turn_spans=spans)
     else:
         rewards = rl.place_rewards(mask, episode_rewards=scores)
-    if ref_logp is not None and cfg.kl_in == "reward":
-        rewards = rewards - cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+    rewards = rewards - kl_reward
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = rl.masked_whiten(advantages, mask)
+        advantages = rl.masked_whiten(advantages, mask, group=actor.tp.dp_group)  # moments of the whole DP batch
     return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns), stats
 
 

@@ -3,6 +3,7 @@
     python -m pytest -q tests/test_config.py
 """
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,18 @@ def test_saved_config_round_trips(tmp_path):
     cfg = parse_args(["--max_turns=3"])
     save_config(cfg, tmp_path / "config.json")
     assert TrainConfig(**json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_paper_configs_carry_the_papers_numbers():
+    from dataclasses import replace
+    from nanoufo.config import TrainConfig, eval_sets, read_config_file
+    config_dir = Path(__file__).resolve().parent.parent / "config"
+    ufo = read_config_file(str(config_dir / "ufo_qwen2.5_3b.py"))
+    assert (ufo["format_penalty"], ufo["repetition_penalty"], ufo["aggregation"]) == (0.1, 0.5, "seq-mean")
+    intuitor = TrainConfig(**read_config_file(str(config_dir / "intuitor_qwen2.5_3b.py")))
+    assert (intuitor.max_steps, intuitor.lr_schedule, intuitor.lr_warmup_ratio) == (58, "cosine", 0.1)
+    assert intuitor.max_new_tokens == 3072 and intuitor.ppo_epochs == 1
+    assert intuitor.minibatch_size == intuitor.batch_episodes == 128 * 7  # one optimizer step per rollout
+    assert [s.name for s in eval_sets(intuitor)] == ["math500", "gsm8k"]
+    assert [s.name for s in eval_sets(replace(intuitor, eval_data="a/test.jsonl,b/test.jsonl,b/x.jsonl"))] == [
+        "a", "b", "x"]

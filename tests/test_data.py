@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 
-from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
+from nanoufo.data import DEFAULT_EVAL_SETS, DataError, load_problems
 
 
 def write_jsonl(path, rows):
@@ -57,9 +57,13 @@ def test_math500_and_metamath_formats(tmp_path):
         {"query": "What is x?", "response": r"So x = 3. The answer is: \frac{1}{2}", "type": "MATH_Rephrased"},
         {"query": "GSM row", "response": "The answer is: 4", "type": "GSM_AnsAug"},
         {"query": "No final line", "response": "It is 5.", "type": "MATH_AnsAug"},
+        {"query": "Said twice", "response": "The answer is 4, we check.\nSo x = 2.\nThe answer is: 7",
+         "type": "MATH_SV"},
+        {"query": "Trailing text", "response": "The answer is 12.\nWe are done.", "type": "MATH_FOBAR"},
     ]))
     problems, skipped = load_problems(metamath, format="metamath")
-    assert [(p.question, p.answer) for p in problems] == [("What is x?", r"\frac{1}{2}")]
+    assert [(p.question, p.answer) for p in problems] == [("What is x?", r"\frac{1}{2}"), ("Said twice", "7"),
+                                                          ("Trailing text", "12")]
     assert skipped == 1  # the GSM_ row is left out by design, not counted as skipped
 
 
@@ -68,8 +72,11 @@ def test_generic_format_from_parquet(tmp_path):
     datasets.Dataset.from_list([{"q": "One?", "a": "1"}, {"q": "Two?", "a": " "}]).to_parquet(str(path))
     problems, skipped = load_problems(path, format="generic", question_key="q", answer_key="a")
     assert [(p.question, p.answer) for p in problems] == [("One?", "1")] and skipped == 1
-    with pytest.raises(KeyError, match="rows.parquet.*no column"):
+    with pytest.raises(DataError, match="rows.parquet: no column question.*columns found: a, q") as error:
         load_problems(path, format="generic")
+    assert error.value.message(lambda key: f"--train_{key}=").endswith("set --train_question_key=...")
+    with pytest.raises(DataError, match="no answer column 'answer'.*columns found: a, q.*set answer_key="):
+        load_problems(path, format="generic", question_key="q")
 
 
 def test_directory_source_picks_the_split(tmp_path):
@@ -82,7 +89,7 @@ def test_directory_source_picks_the_split(tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_problems(tmp_path / "nowhere.jsonl")
-    with pytest.raises(ValueError, match="gsm8k, math500, metamath, generic"):
+    with pytest.raises(ValueError, match="auto, gsm8k, math500, math, metamath, generic"):
         load_problems(DEFAULT_EVAL_SETS["gsm8k"], format="csv")
     good = {"question": "a", "answer": "#### 1"}
     latin1_line = b'{"question": "caf\xe9", "answer": "#### 2"}\n'
@@ -94,5 +101,32 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"broken.jsonl: line 2: JSONDecodeError"):
         load_problems(broken)
     unknown = write_jsonl(tmp_path / "other.jsonl", [{"text": "a"}])
-    with pytest.raises(ValueError, match="other.jsonl: cannot detect the format"):
+    with pytest.raises(ValueError, match="other.jsonl: cannot detect the format.*columns found: text"):
         load_problems(unknown)
+
+
+def test_math_format_takes_the_last_boxed_answer_and_is_detected(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        {"problem": "Add.", "solution": r"First \boxed{1}, then $\boxed{\frac{1}{2}}$.", "level": "Level 2",
+         "type": "Algebra"},
+        {"problem": "Nested.", "solution": r"So $x = \boxed{\{1, 2\}^{2}}$", "level": "Level 5", "type": "Algebra"},
+        {"problem": "No box.", "solution": "It is 3.", "level": "Level 1", "type": "Geometry"},
+    ])
+    problems, skipped = load_problems(path)  # no answer column: detected as MATH from problem + solution
+    assert [(p.question, p.answer) for p in problems] == [("Add.", r"\frac{1}{2}"), ("Nested.", r"\{1, 2\}^{2}")]
+    assert skipped == 1
+    assert load_problems(path, format="math")[0] == problems
+
+
+def test_unlabeled_rows_are_kept_only_when_answers_are_not_needed(tmp_path):
+    unlabeled = write_jsonl(tmp_path / "prompts.jsonl",
+                            [{"question": "Why?"}, {"question": "  "}, {"question": "How?"}])
+    problems, skipped = load_problems(unlabeled, need_answers=False)
+    assert [(p.question, p.answer) for p in problems] == [("Why?", None), ("How?", None)] and skipped == 1
+    with pytest.raises(DataError, match=r"prompts.jsonl: cannot detect the format.*columns found: question"):
+        load_problems(unlabeled)  # evaluation and gold rewards need answers
+    math_prompts = write_jsonl(tmp_path / "math.jsonl", [{"problem": "P?"}])
+    assert [p.answer for p in load_problems(math_prompts, need_answers=False)[0]] == [None]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"problem": "A", "solution": r"\boxed{3}"},
+                                                   {"problem": "B", "solution": "none"}])
+    assert [p.answer for p in load_problems(mixed, need_answers=False)[0]] == ["3", None]

@@ -104,12 +104,13 @@ def test_unsolved_episode_with_format_penalty(qwen_tokenizer):
     episode, over = play(env, ["I do not know.", r"\boxed{17}", r"\boxed{17.0}"])
     assert over == [False, False, True] and episode.answers == [None, "17", "17.0"]
     assert (episode.solved, episode.solved_turn) == (False, None)
-    # answers None, 17, 17 -> E = 2 of T = 3: -0.1 (format) - 0.5 * (1/3) (repetition)
-    assert env.turn_rewards(episode) == pytest.approx([-0.1, 0.0, -0.5 / 3])
-    assert env.reward(episode) == pytest.approx(-0.1 - 0.5 / 3)
+    # answers None, 17, 17: the missing one pays the format penalty only; E = 1 of the T = 2 valid answers
+    assert env.turn_rewards(episode) == pytest.approx([-0.1, 0.0, -0.5 * (1 - 1 / 2)])
+    assert env.reward(episode) == pytest.approx(-0.1 - 0.25)
     episode, _ = play(env, ["no answer", "still none", r"\boxed{}"])
-    # three missing answers count as one value: E = 1 of T = 3
-    assert env.reward(episode) == pytest.approx(-0.3 - 0.5 * (1 - 1 / 3))
+    assert env.reward(episode) == pytest.approx(-0.3)  # no valid answer: the format penalty, no repetition penalty
+    episode, _ = play(env, [r"\boxed{4}", "none", r"\boxed{5}"])
+    assert env.turn_rewards(episode) == pytest.approx([0.0, -0.1, 0.0])  # E = T = 2: no repetition
 
 
 def test_step_batch_and_bad_settings(qwen_tokenizer):
@@ -118,5 +119,8 @@ def test_step_batch_and_bad_settings(qwen_tokenizer):
     assert env.step_batch(episodes, [r"\boxed{17}", r"\boxed{0.5}"]) == [False, True]
     assert env.step_batch(episodes[:1], [r"\boxed{17}"]) == [True]
     assert [e.correct for e in episodes] == [[False, False], [True]]
+    unlabeled = [Episode(Problem("q", None, "prompts:0")), Episode(Problem("q", "18", "test:2"))]
+    assert env.step_batch(unlabeled, [r"\boxed{18}", r"\boxed{18}"]) == [False, True]  # no gold: never correct
+    assert unlabeled[0].answers == ["18"] and unlabeled[0].correct == [False]
     with pytest.raises(ValueError, match="magnitudes"):
         UFOEnv(qwen_tokenizer, format_penalty=-0.1)

@@ -70,3 +70,17 @@ def test_chat_ends_at_the_context_limit(ckpt, monkeypatch, capsys):
     stdout = chat(["--ckpt", str(ckpt), "--max-new-tokens", "4", "--max-len", "60"],
                   "What is 1 + 1?\nTry again.\nTry again.\nTry again.\n", monkeypatch, capsys)
     assert "filled --max-len=60 tokens" in stdout
+
+
+def test_a_users_own_field_names_and_a_clear_error_without_them(ckpt, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prompt": "What is 2+3?", "gold": "5"}\n{"prompt": "What is 4*4?", "gold": "16"}\n')
+    sample.main(["--ckpt", str(ckpt), f"--data={data}", "--question_key=prompt", "--answer_key=gold", "--k=1",
+                 "--max_new_tokens=2"])
+    assert f"{data}: 2 problems" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--ckpt", str(ckpt), f"--data={data}", "--format=generic", "--question_key=prompt"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"--data: {data}: no answer column 'answer'") and "columns found: gold, prompt" in err
+    assert err.endswith("set --answer_key=...")

@@ -222,3 +222,18 @@ def test_loss_mask_covers_exactly_the_sampled_tokens_with_qwen_template(qwen_tok
         assert context == expected and question in context
         for (start, end), attempt in zip(rollout.turn_spans[b], attempts[b]):
             assert ids[start:end].tolist() == attempt and mask[start:end].all() and not mask[end:end + 1].any()
+
+
+def test_the_sampling_head_gives_fp32_logits_for_a_bf16_model():
+    """The trainer's fused statistics compute the head in fp32; the sampler does too, so a bf16 policy's
+    sampled log-probs are not rounded to bf16 logits first."""
+    from nanoufo.model import QwenConfig, Qwen2
+    from nanoufo.decode import Decoder, Sampling
+    model = Qwen2(QwenConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.init_weights(torch.Generator().manual_seed(0))
+    model = model.to(torch.bfloat16)
+    hidden = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)  # (R, H)
+    logits = Decoder(model, 1, 4, Sampling(1.0, 1.0, 0), stop_ids=[], max_new_tokens=1).logits(hidden)
+    expected = hidden.float() @ model.lm_head_weight.float().T  # (R, V)
+    assert logits.dtype == torch.float32 and torch.allclose(logits, expected, rtol=1e-6, atol=1e-6)

@@ -191,7 +191,8 @@ def test_bad_rows_and_overlong_prompts_are_skipped_and_counted(tmp_path, hf_chec
     dataset = [*TINY, f"--init_from={ckpt}", f"--train_data={data}", f"--eval_data={data}", "--train_format=generic",
                "--eval_format=generic", "--n_eval_problems=0", "--dtype=float32", "--ckpt_interval=0"]
     stdout, _ = train(tmp_path / "run", *dataset, "--max_steps=1")
-    assert "3 training problems (4 rows skipped), 3 eval problems (4 rows skipped)" in stdout
+    assert f"{data}: 3 train problems (4 rows skipped)" in stdout
+    assert f"{data}: 3 eval problems (4 rows skipped)" in stdout
     assert stdout.count("skipped 1 problems whose prompt is longer than 61 tokens") == 2
     assert [r["step"] for r in train_records(tmp_path / "run")] == [1]
 

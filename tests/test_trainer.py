@@ -108,3 +108,20 @@ def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
     if algorithm == "grpo":  # one advantage per trajectory on all its tokens
         per_row = [batch.advantages[b][batch.mask[b] > 0].unique() for b in range(4)]
         assert all(len(u) == 1 for u in per_row)
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, kl_in):
+    """kl_in="reward" under GRPO: advantages are the group-normalized (score - kl_coef * sum of the token KL);
+    kl_in="loss" leaves the scores alone (the loss adds the KL). The reference differs from the actor."""
+    from nanoufo import rl
+    env, actor, rollout, episodes = demo_rollout
+    cfg = TrainConfig(algorithm="grpo", kl_in=kl_in, kl_coef=0.5, max_turns=3, problems_per_step=4,
+                      n_samples_per_problem=2, minibatch_size=8)
+    ref = demo.build_model(actor.config.vocab_size, seed=1)  # other weights: a non-zero KL on every token
+    batch, _ = build_batch(cfg, env, actor, None, ref, rollout, episodes)
+    scores = torch.tensor([env.reward(e) for e in episodes])
+    if kl_in == "reward":
+        scores = scores - 0.5 * (rl.kl_penalty(batch.old_logp, batch.ref_logp) * batch.mask).sum(1)
+    expected = rl.group_advantages(scores, 2)[:, None] * batch.mask
+    assert torch.allclose(batch.advantages, expected, atol=1e-5)

@@ -1,0 +1,86 @@
+"""Statistics over the whole data-parallel batch: with DP=2 (2 gloo processes, tests/distributed_utils.py) the
+group filter, advantage whitening and the held-out evaluation give what one process with the whole batch gives.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_dp_statistics.py
+"""
+import dataclasses
+import math
+
+import torch
+
+from distributed_utils import launch
+
+# 8 groups of 2 episodes: the four with the largest spread are 0, 1, 2 (first half) and 5 (second half), so
+# the global filter moves group 2 to the second rank, where a per-rank filter would keep groups 4 and 5.
+SCORES = [0.0, 1.0, 0.0, 0.9, 0.0, 0.8, 0.0, 0.0, 0.0, 0.1, 0.0, 0.7, 0.0, 0.0, 0.2, 0.2]
+
+
+class FixedScores:
+    """The environment's reward replaced by SCORES (episode i of the rollout gets SCORES[i])."""
+
+    def __init__(self, episodes: list):
+        self.by_episode = {id(e): s for e, s in zip(episodes, SCORES)}
+
+    def reward(self, episode) -> float:
+        return self.by_episode[id(episode)]
+
+
+def _rows(rollout, index: slice):
+    return dataclasses.replace(rollout, tokens=rollout.tokens[index], lengths=rollout.lengths[index],
+                               loss_mask=rollout.loss_mask[index], logprobs=rollout.logprobs[index],
+                               turn_spans=rollout.turn_spans[index])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def _dp_checks() -> dict:
+    from nanoufo import demo
+    from nanoufo.config import TrainConfig
+    from nanoufo.env import UFOEnv
+    from nanoufo.evaluate import evaluate
+    from nanoufo.model import Qwen2
+    from nanoufo.parallel import init_parallel
+    from nanoufo.rollout import run_episodes
+    from nanoufo.trainer import build_batch
+    dp = init_parallel(tp=1, timeout_s=60)
+    tokenizer = demo.build_tokenizer()
+    env = UFOEnv(tokenizer, instruction="", max_turns=2)
+    single = demo.build_model(len(tokenizer), seed=0)
+    models = {}
+    for tp in (None, dp):  # the same weights as one process and as a DP replica
+        kw = {} if tp is None else {"tp": tp}
+        actor, critic = Qwen2(single.config, **kw), Qwen2(single.config, value_head=True, **kw)
+        actor.load_state_dict(single.state_dict())
+        critic.load_state_dict(single.state_dict(), strict=False)
+        with torch.no_grad():
+            critic.value_head.weight.copy_(torch.linspace(-1, 1, single.config.hidden_size)[None])
+            critic.value_head.bias.fill_(0.1)
+        models[tp is not None] = actor, critic
+    problems = demo.make_problems("train", 8, seed=0)
+    rollout, episodes = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
+                                     temperature=1.0, seed=0)  # every rank samples the same whole batch
+    scores = FixedScores(episodes)
+    cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4, minibatch_size=8)
+    whole, _ = build_batch(cfg, scores, *models[False], None, rollout, episodes)
+    half = slice(8 * dp.dp_rank, 8 * dp.dp_rank + 8)
+    cfg_dp = dataclasses.replace(cfg, problems_per_step=4, keep_groups=2, minibatch_size=4)
+    mine, _ = build_batch(cfg_dp, scores, *models[True], None, _rows(rollout, half), episodes[half])
+    want = whole.rows(torch.arange(4 * dp.dp_rank, 4 * dp.dp_rank + 4))
+    T = mine.tokens.shape[1]
+    assert torch.equal(mine.tokens, want.tokens[:, :T]) and not want.mask[:, T:].any()
+    errors = {f: (getattr(mine, f) - getattr(want, f)[:, :T]).abs().max().item()
+              for f in ("advantages", "returns", "old_logp", "old_values")}
+
+    eval_options = dict(k=2, batch_size=2, max_new_tokens=3, temperature=1.0, seed=5, progress=False)
+    for mode in ("succ", "pass"):  # 5 problems in batches of 1 or 2: the ranks take different numbers
+        alone = evaluate(models[False][0], env, problems[:5], mode=mode, **eval_options)
+        shared = evaluate(models[True][0], env, problems[:5], mode=mode, dp=dp, **eval_options)
+        errors[f"eval_{mode}"] = 0.0 if _same(alone, shared) else 1.0
+    return errors
+
+
+def test_dp2_filter_whitening_and_evaluation_equal_one_process():
+    for errors in launch(_dp_checks, 2, timeout_s=300):
+        assert all(e < 1e-5 for e in errors.values()), str(errors)
