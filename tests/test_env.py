@@ -120,3 +120,10 @@ def test_step_batch_and_bad_settings(qwen_tokenizer):
     assert [e.correct for e in episodes] == [[False, False], [True]]
     with pytest.raises(ValueError, match="magnitudes"):
         UFOEnv(qwen_tokenizer, format_penalty=-0.1)
+
+
+def test_prompts_fit_at_exactly_the_limit(tokenizer):
+    env = UFOEnv(tokenizer)
+    n = len(env.prompt_ids(QUESTION))
+    assert env.prompts_fit([QUESTION, QUESTION + " Show your work."], n) == [True, False]
+    assert env.prompts_fit([QUESTION], n - 1) == [False]

@@ -79,6 +79,24 @@ def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone():
     assert all(torch.equal(v, weights[k]) for k, v in fresh_actor.state_dict().items())
 
 
+def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
+    cfg = TrainConfig(ppo_epochs=1, minibatch_size=2)
+    actor, critic = tiny_models()
+    batch = fixed_batch(actor)
+    weights = {k: v.clone() for k, v in actor.state_dict().items()}
+    poisoned = []
+
+    def one_inf_gradient(model):  # runs after backward, before clipping: the loss itself stayed finite
+        if model is actor:
+            poisoned.append(next(model.parameters()).grad.view(-1)[0].fill_(float("inf")))
+
+    optimizers = make_optimizers(cfg, actor, critic)
+    out = ppo_update(cfg, actor, critic, optimizers, batch, seed=0, grad_hook=one_inf_gradient)
+    assert len(poisoned) == 2 and out["skipped_updates"] == 2 and out["updates"] == 0
+    assert all(torch.equal(v, weights[k]) for k, v in actor.state_dict().items())
+    assert all(not opt.state for opt in optimizers.values())  # no moment was touched
+
+
 @pytest.fixture(scope="module")
 def demo_rollout():
     tokenizer = demo.build_tokenizer()
