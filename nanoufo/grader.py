@@ -103,6 +103,9 @@ def _serve(memory_limit_mb: int) -> None:
     from math_verify import parse, verify
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     parsed_golds: dict[str, list] = {}
+    # math-verify's first call sets itself up (lazy imports, the LaTeX grammar; about 0.3 s idle, seconds on
+    # a loaded machine): done here, it is part of the start-up, and `timeout` bounds each answer's own work
+    verify(parse("\\boxed{1}", parsing_timeout=None), parse("\\boxed{1}", parsing_timeout=None), timeout_seconds=None)
     protocol.write(b"ready\n")
     for line in sys.stdin.buffer:
         answer, gold = json.loads(line)
