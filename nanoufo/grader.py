@@ -121,7 +121,8 @@ def _serve(memory_limit_mb: int) -> None:
 
 class Grader:
     """math-verify in a persistent worker process; an answer that takes longer than `timeout` seconds
-    counts as wrong and costs one worker restart (about a second). Results are cached per (answer, gold).
+    counts as wrong and costs one worker restart (a few seconds; math-verify's first-call set-up is part of
+    it, so `timeout` bounds each answer's own work). Results are cached per (answer, gold).
     The worker's address space is capped at `memory_limit_mb`."""
 
     WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock

@@ -54,13 +54,13 @@ def models(monkeypatch):
     odd tokens (so the k1 KL is 0.2 on odd tokens, 0 on even ones); critic value 0.1 * token."""
     actor, ref, critic = Qwen2(TINY), Qwen2(TINY), Qwen2(TINY, value_head=True)
 
-    def stats(model, tokens, temperature):
+    def stats(model, tokens, *args, **kwargs):
         assert model is actor or model is ref, "sequence_stats called on a model that is neither actor nor reference"
         logp = -0.1 * tokens.float() - (0.2 * (tokens % 2) if model is ref else 0.0)  # (B, T)
         return logp, torch.zeros_like(logp), torch.zeros_like(logp)
 
     monkeypatch.setattr(trainer, "sequence_stats", stats)
-    monkeypatch.setattr(trainer, "sequence_values", lambda model, tokens: 0.1 * tokens.float())
+    monkeypatch.setattr(trainer, "sequence_values", lambda model, tokens, *args, **kwargs: 0.1 * tokens.float())
     return actor, critic, ref
 
 
