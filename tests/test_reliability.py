@@ -152,9 +152,9 @@ ADVERSARIAL_OUTPUTS = {  # model outputs that once took minutes to scan, and the
 @pytest.mark.parametrize("name", ADVERSARIAL_OUTPUTS)
 def test_answer_extraction_is_linear_time_on_adversarial_outputs(name):
     text, expected = ADVERSARIAL_OUTPUTS[name]
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: busy neighbours on a loaded machine do not inflate it
     answer = extract_answer(text)
-    assert time.monotonic() - start < 1.0, f"{name}: extraction took {time.monotonic() - start:.1f}s"
+    assert time.process_time() - start < 1.0, f"{name}: extraction took {time.process_time() - start:.1f}s of CPU"
     assert answer == expected
 
 

@@ -63,7 +63,7 @@ def chat(args: list[str], stdin: str, monkeypatch, capsys) -> str:
 def test_eval_prints_the_table_and_writes_jsonl(ckpt, qwen_tokenizer, tmp_path):
     out = tmp_path / "eval.jsonl"
     args = ["--ckpt", str(ckpt), "--limit", "2", "--k", "2", "--max-new-tokens", "4", "--out", str(out)]
-    done = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     stdout = done.stdout
     assert "gsm8k/test.jsonl: 2 problems" in stdout
