@@ -3,7 +3,7 @@ parallelism, environment, RL maths, the kernels' PyTorch references), run the te
 module, and count the bugs the tests catch. Not a pytest file (pytest collects test_*.py only).
 
     python tests/mutation.py               # every mutant, in a temporary copy of the repository
-    python tests/mutation.py -k sampler    # only the mutants whose name contains "sampler"
+    python tests/mutation.py -k sampler,env:   # only the mutants whose name contains "sampler" or "env:"
     python tests/mutation.py --list        # the mutants, and whether each still applies to the code
 
 Each mutant replaces one fragment of source (which must occur exactly once) with a wrong one. A mutant whose
@@ -184,11 +184,12 @@ def applies(mutant: Mutant, repo: Path) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", default="", help="run only the mutants whose name contains this")
+    parser.add_argument("-k", default="", help="run only the mutants whose name contains one of these "
+                                               "comma-separated words")
     parser.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant's test run (then: caught)")
     args = parser.parse_args()
-    mutants = [m for m in MUTANTS if args.k in m.name]
+    mutants = [m for m in MUTANTS if any(word in m.name for word in args.k.split(","))]
     with tempfile.TemporaryDirectory(prefix="nanoufo-mutants-") as tmp:
         repo = Path(tmp)
         copy_repo(repo)
