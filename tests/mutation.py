@@ -125,7 +125,7 @@ MUTANTS = [
            '    torch.set_rng_state(states["torch"])', "    pass"),
     # parallel.py
     Mutant("parallel: a single process keeps tp", "nanoufo/parallel.py",
-           "return ParallelContext(device=device)", "return ParallelContext(tp_size=tp, device=device)"),
+           "tp = 1 if world == 1 else tp", "tp = tp"),
     Mutant("parallel: DP scale without dp_size", "nanoufo/parallel.py",
            "float(count) * tp.dp_size / max(float(total), 1.0)", "float(count) / max(float(total), 1.0)"),
     Mutant("parallel: DP gradients summed, not averaged", "nanoufo/parallel.py",

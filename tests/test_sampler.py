@@ -157,6 +157,12 @@ def test_a_rows_samples_do_not_depend_on_the_other_rows(tiny, torch_paths):
     assert len(twins[0]) == len(twins[1]) and twins[0] != twins[1]
 
 
+def test_max_turns_ends_an_episode_the_environment_would_continue(tiny, torch_paths):
+    model, _ = tiny
+    rollout, script = run(model, PROMPTS, [5] * 4, max_turns=2, stop_ids=[], max_new_tokens=2)
+    assert [len(spans) for spans in rollout.turn_spans] == [2] * 4 and script.seen == [2] * 4
+
+
 def test_prefill_grows_with_new_tokens_only_and_done_rows_leave(tiny, torch_paths, monkeypatch):
     model, _ = tiny
     events, forward, script = [], model.forward, Script([3, 1, 2, 3])
