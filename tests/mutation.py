@@ -101,14 +101,14 @@ MUTANTS = [
     Mutant("env: feedback close chosen backwards", "nanoufo/env.py",
            "list(self._feedback_ids[ended_with_stop])", "list(self._feedback_ids[not ended_with_stop])"),
     # sampler.py
-    Mutant("sampler: noise keyed by batch position", "nanoufo/sampler.py",
-           "noise_ids = torch.tensor(ready, device=logits.device)", "noise_ids = torch.arange(len(ready), device=logits.device)"),
+    Mutant("sampler: noise keyed by cache row", "nanoufo/sampler.py",
+           "[self.episode_ids[self.episode_of[r]] for r in rows]", "[r for r in rows]"),
     Mutant("sampler: one noise stream for every row", "nanoufo/sampler.py",
-           "noise_ids = torch.tensor(ready, device=logits.device) + step * B", "noise_ids = torch.tensor(ready, device=logits.device) * 0 + step"),
+           "episodes = torch.tensor([self.episode_ids", "episodes = 0 * torch.tensor([self.episode_ids"),
     Mutant("sampler: one token too many per attempt", "nanoufo/sampler.py",
-           "- convs.turn_start[b] >= max_new_tokens", "- convs.turn_start[b] > max_new_tokens"),
+           "self.decoder.max_new_tokens - (n - ep.turn_start", "self.decoder.max_new_tokens + 1 - (n - ep.turn_start"),
     Mutant("sampler: one turn too many", "nanoufo/sampler.py",
-           "len(convs.spans[b]) >= max_turns", "len(convs.spans[b]) > max_turns"),
+           "len(ep.spans[e]) >= self.max_turns", "len(ep.spans[e]) > self.max_turns"),
     Mutant("sampler: feedback tokens in the loss mask", "nanoufo/sampler.py",
            "[0.0 if logprobs is None else 1.0]", "[1.0]"),
     # checkpoint.py
@@ -131,7 +131,7 @@ MUTANTS = [
     Mutant("parallel: DP gradients summed, not averaged", "nanoufo/parallel.py",
            "p.grad.div_(tp.dp_size)", "p.grad.div_(1)"),
     Mutant("parallel: replicated gradients counted on every TP rank", "nanoufo/parallel.py",
-           "(split_sq if name in shards else replicated_sq)", "(split_sq if True else replicated_sq)"),
+           "(split_sq if name in split_names else replicated_sq)", "(split_sq if True else replicated_sq)"),
     Mutant("parallel: unbalanced split", "nanoufo/parallel.py",
            "start = rank * base + min(rank, extra)", "start = rank * (base + 1)"),
     # the kernels' PyTorch references
