@@ -157,6 +157,13 @@ def test_a_rows_samples_do_not_depend_on_the_other_rows(tiny, torch_paths):
     assert len(twins[0]) == len(twins[1]) and twins[0] != twins[1]
 
 
+def test_the_noise_follows_the_episode_id_not_the_batch_row(tiny, torch_paths):
+    model, _ = tiny
+    sample = lambda prompts, ids: generate(model, prompts, Script([1, 1]), max_turns=1, max_new_tokens=6,  # noqa: E731
+                                           stop_ids=[], temperature=1.0, seed=5, episode_ids=ids).tokens.tolist()
+    assert sample([PROMPTS[1], PROMPTS[3]], [5, 9]) == sample([PROMPTS[3], PROMPTS[1]], [9, 5])[::-1]
+
+
 def test_max_turns_ends_an_episode_the_environment_would_continue(tiny, torch_paths):
     model, _ = tiny
     rollout, script = run(model, PROMPTS, [5] * 4, max_turns=2, stop_ids=[], max_new_tokens=2)
