@@ -110,6 +110,9 @@ def _serve(memory_limit_mb: int) -> None:
     from math_verify import parse, verify
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     parsed_golds: dict[str, list] = {}
+    # math-verify's first call sets itself up (lazy imports, the LaTeX grammar; about 0.3 s idle, seconds on
+    # a loaded machine): done here, it is part of the start-up, and `timeout` bounds each answer's own work
+    verify(parse("\\boxed{1}", parsing_timeout=None), parse("\\boxed{1}", parsing_timeout=None), timeout_seconds=None)
     protocol.write(b"ready\n")
     for line in sys.stdin.buffer:
         answer, gold = json.loads(line)
@@ -125,7 +128,8 @@ def _serve(memory_limit_mb: int) -> None:
 
 class Grader:
     """math-verify in a persistent worker process; an answer that takes longer than `timeout` seconds
-    counts as wrong and costs one worker restart (about a second). Results are cached per (answer, gold).
+    counts as wrong and costs one worker restart (a few seconds; math-verify's first-call set-up is part of
+    it, so `timeout` bounds each answer's own work). Results are cached per (answer, gold).
     The worker's address space is capped at `memory_limit_mb`."""
 
     WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock

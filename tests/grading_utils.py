@@ -1,6 +1,25 @@
-"""A wall-time bound for grader tests (tests/test_grader.py, tests/test_reliability.py)."""
+"""Time bounds for grader tests (tests/test_grader.py, tests/test_reliability.py) taken from the grader's own
+contract, not from a wall clock: an answer that takes longer than `timeout` counts as wrong and costs one
+worker restart, and a restart's time is measured on the machine running the test (seconds when idle, many
+more beside busy processes)."""
 import threading
 import time
+
+from nanoufo.grader import Grader
+
+
+def started_grader() -> tuple[Grader, float]:
+    """A grader whose worker is running, and the seconds its start took (a restart costs about as much)."""
+    grader = Grader()
+    start = time.monotonic()
+    grader.grade(["1"], ["1"])
+    return grader, time.monotonic() - start
+
+
+def contract_bound(n_timeouts: int, timeout: float, restart_s: float) -> float:
+    """The longest a grade call may take when n_timeouts answers time out: each waits `timeout`, then the
+    worker restarts (twice the measured start, as start-up varies under load); 10 s for everything else."""
+    return n_timeouts * (timeout + 2 * restart_s) + 10.0
 
 
 def grade_in_thread(grader, answers: list[str], golds: list[str], timeout: float,

@@ -1,10 +1,13 @@
 """Atomic checkpoints (nanoufo/checkpoint.py): round trip of models, optimizers and RNG states, and a crash
-in the middle of a save never leaves `latest` pointing at a partial checkpoint; a bf16 run's fp32 masters survive.
+in the middle of a save never leaves `latest` pointing at a partial checkpoint: a crash is injected at
+every file-system step of a save in turn (rename, fsync, remove, write), deterministically; a bf16 run's
+fp32 masters survive.
 
     python -m pytest -q tests/test_checkpoint.py
 """
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -125,3 +128,53 @@ def test_a_bf16_run_resumes_from_its_fp32_masters(tmp_path):
     for name in models:
         assert all(torch.equal(a, b) for a, b in zip(opts[name].masters, fresh_opts[name].masters))
         assert all(torch.equal(a, b) for a, b in zip(models[name].parameters(), fresh[name].parameters()))
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL at one step of a save: nothing after it runs (not an Exception, so no handler
+    in the code under test can swallow it)."""
+
+
+SAVE_STEPS = [(checkpoint.os, "replace"), (checkpoint.os, "fsync"), (checkpoint.shutil, "rmtree"),
+              (checkpoint, "save_model"), (checkpoint.torch, "save"), (checkpoint, "_write_manifest")]
+
+
+def crash_at_call(monkeypatch, k: int) -> list[str]:
+    """Make the k-th call (from 1; 0: none) of any of SAVE_STEPS raise Crash; returns the calls seen."""
+    calls = []
+
+    def wrap(real, name):
+        def step(*args, **kwargs):
+            calls.append(name)
+            if len(calls) == k:
+                raise Crash(f"crash at call {k}: {name}")
+            return real(*args, **kwargs)
+        return step
+
+    for owner, name in SAVE_STEPS:
+        monkeypatch.setattr(owner, name, wrap(getattr(owner, name), name))
+    return calls
+
+
+def test_a_crash_at_every_step_of_a_save_leaves_latest_on_a_whole_checkpoint(tmp_path, monkeypatch):
+    saved = {1: models_and_optimizers(0), 2: models_and_optimizers(1)}
+    template = tmp_path / "template"
+    save_checkpoint(template, 1, *saved[1], {"data_pos": 1})
+    with monkeypatch.context() as patch:  # count the steps of the second save
+        shutil.copytree(template, tmp_path / "count")
+        calls = crash_at_call(patch, 0)
+        save_checkpoint(tmp_path / "count", 2, *saved[2], {"data_pos": 2})
+    assert {"replace", "fsync", "rmtree", "save_model", "save"} <= set(calls)
+    outcomes = []
+    for k in range(1, len(calls) + 1):
+        out = shutil.copytree(template, tmp_path / f"crash-{k}")
+        with monkeypatch.context() as patch:
+            crash_at_call(patch, k)
+            with pytest.raises(Crash):
+                save_checkpoint(out, 2, *saved[2], {"data_pos": 2})
+        fresh = models_and_optimizers(2)
+        step = load_checkpoint(out, *fresh)["data_pos"]  # raises if `latest` names anything but a whole checkpoint
+        for name, model in saved[step][0].items():
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh[0][name].parameters())), (k, name)
+        outcomes.append(step)
+    assert outcomes == sorted(outcomes) and outcomes[0] == 1 and outcomes[-1] == 2, outcomes

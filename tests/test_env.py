@@ -124,3 +124,10 @@ def test_step_batch_and_bad_settings(qwen_tokenizer):
     assert unlabeled[0].answers == ["18"] and unlabeled[0].correct == [False]
     with pytest.raises(ValueError, match="magnitudes"):
         UFOEnv(qwen_tokenizer, format_penalty=-0.1)
+
+
+def test_prompts_fit_at_exactly_the_limit(tokenizer):
+    env = UFOEnv(tokenizer)
+    n = len(env.prompt_ids(QUESTION))
+    assert env.prompts_fit([QUESTION, QUESTION + " Show your work."], n) == [True, False]
+    assert env.prompts_fit([QUESTION], n - 1) == [False]

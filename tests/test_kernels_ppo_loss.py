@@ -5,6 +5,8 @@ batches; garbage under the mask; gradcheck of both paths in float64.
 
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_ppo_loss.py
 """
+import math
+
 import pytest
 import torch
 
@@ -185,3 +187,55 @@ def test_loss_weights_give_the_aggregated_loss_and_split_by_rows(aggregation):
               for rows in (slice(0, 2), slice(2, None))]
     torch.testing.assert_close(halves[0][0] + halves[1][0], want[0], **TOL)
     torch.testing.assert_close(torch.cat([halves[0][2], halves[1][2]]), want[2], **TOL)
+
+
+def independent_loss(logp, old, adv, mask, ref, ent, aggregation, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                     kl_coef=0.1, entropy_coef=0.01) -> float:
+    """The module docstring's loss token by token in plain Python floats, k3 KL, aggregated without
+    kernels/ppo_loss.py's `aggregate` (which both of its paths share)."""
+    rows = []
+    for b in range(logp.shape[0]):
+        token_losses = []
+        for t in range(logp.shape[1]):
+            if not mask[b, t]:
+                continue
+            lp, a = float(logp[b, t]), float(adv[b, t])
+            ratio = math.exp(min(max(lp - float(old[b, t]), -20.0), 20.0))
+            loss = max(-a * ratio, -a * min(max(ratio, 1 - clip_low), 1 + clip_high))
+            if a < 0:
+                loss = min(loss, -a * dual_clip)
+            d = min(max(float(ref[b, t]) - lp, -20.0), 20.0)
+            token_losses.append(loss + kl_coef * (math.exp(d) - d - 1) - entropy_coef * float(ent[b, t]))
+        rows.append(token_losses)
+    if aggregation == "token-mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    row_means = [sum(r) / len(r) for r in rows if r]  # rows without tokens do not count
+    return sum(row_means) / len(row_means)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
+def test_aggregation_against_an_independent_reference(impl, aggregation):
+    logp, old, adv, mask, ref, ent = make_batch(b=4, t=9, seed=5, dtype=torch.float64)
+    mask[1] = False  # an empty row: seq-mean averages over the 3 rows that hold tokens
+    mask[2, 3:] = False  # a short row: seq-mean weighs it as much as the long ones
+    loss, _ = ppo_loss(logp, old, adv, mask, ref_logp=ref, entropy=ent, kl_coef=0.1, entropy_coef=0.01,
+                       aggregation=aggregation, impl=impl)
+    expected = independent_loss(*(x.cpu() for x in (logp, old, adv, mask, ref, ent)), aggregation)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_k3_kl_past_the_clamp(impl):
+    """ref - logp = +30 and -30: the k3 term uses d clamped to +-20, and passes no gradient out there."""
+    logp = torch.zeros(1, 3, dtype=torch.float64, device=DEVICE)
+    ref = torch.tensor([[30.0, -30.0, 0.5]], dtype=torch.float64, device=DEVICE)
+    zeros, mask = torch.zeros_like(logp), torch.ones(1, 3, dtype=torch.bool, device=DEVICE)
+    lp = logp.clone().requires_grad_()
+    loss, metrics = ppo_loss(lp, zeros, zeros, mask, ref_logp=ref, kl_coef=0.5, impl=impl)  # ratio 1, A = 0
+    kl = [math.exp(20) - 21, math.exp(-20) + 19, math.exp(0.5) - 1.5]
+    assert metrics["kl"].item() == pytest.approx(sum(kl) / 3, rel=1e-9)
+    assert loss.item() == pytest.approx(0.5 * sum(kl) / 3, rel=1e-9)
+    loss.backward()
+    assert lp.grad[0, :2].tolist() == [0.0, 0.0]
+    assert lp.grad[0, 2].item() == pytest.approx(0.5 * (1 - math.exp(0.5)) / 3, rel=1e-9)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grading_utils import grade_in_thread
+from grading_utils import contract_bound, grade_in_thread, started_grader
 from nanoufo import checkpoint
 from nanoufo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoufo.config import parse_args
-from nanoufo.grader import Grader, extract_answer
+from nanoufo.grader import extract_answer
 from nanoufo.logger import JsonlLogger, read_log
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.sampler import generate
@@ -109,26 +109,34 @@ def _save_forever(out_dir: str) -> None:
         save_checkpoint(out_dir, step, *models_and_optimizers(fill=float(step)), {"data_pos": step})
 
 
+def _latest_step(out_dir: Path) -> int:
+    """The step `latest` names (0 before the first save)."""
+    path = latest_checkpoint(out_dir)
+    return 0 if path is None else int(path.name.split("-")[1])
+
+
 def test_sigkill_at_random_moments_of_saving_leaves_a_whole_checkpoint(tmp_path):
-    """SIGKILL a process that does nothing but save, at 12 seeded random moments; after each kill the latest
-    checkpoint loads (checksums verified) and its weights are those of the step it names."""
+    """SIGKILL a process that does nothing but save, at 12 seeded random moments after its second save landed
+    (however long saves take on a loaded machine); after each kill the latest checkpoint loads (checksums
+    verified), its weights are those of the step it names, and it is no older than the last one seen.
+    test_checkpoint.py crashes a save deterministically at each of its steps; this is the real signal."""
     rng, fork = random.Random(8), multiprocessing.get_context("fork")
-    steps = []
-    for _ in range(12):
-        child = fork.Process(target=_save_forever, args=(str(tmp_path),))
+    for kill in range(12):
+        out_dir = tmp_path / f"run{kill}"
+        child = fork.Process(target=_save_forever, args=(str(out_dir),))
         child.start()
-        deadline = time.monotonic() + 30
-        while latest_checkpoint(tmp_path) is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 300
+        while _latest_step(out_dir) < 2 and child.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.3))
+        seen = _latest_step(out_dir)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
+        assert child.exitcode == -signal.SIGKILL and seen >= 2, (child.exitcode, seen)  # killed mid-run, not before
         models, opts = models_and_optimizers()
-        state = load_checkpoint(tmp_path, models, opts)
+        state = load_checkpoint(out_dir, models, opts)
         assert all(torch.all(p == state["step"]) for m in models.values() for p in m.parameters())
-        assert state["data_pos"] == state["step"]
-        steps.append(state["step"])
-    assert max(steps) > 1  # kills landed after several saves, not only before the first finished
+        assert state["data_pos"] == state["step"] >= seen
 
 
 # ------------------------------------------------------------------------------------------- grader
@@ -144,9 +152,9 @@ ADVERSARIAL_OUTPUTS = {  # model outputs that once took minutes to scan, and the
 @pytest.mark.parametrize("name", ADVERSARIAL_OUTPUTS)
 def test_answer_extraction_is_linear_time_on_adversarial_outputs(name):
     text, expected = ADVERSARIAL_OUTPUTS[name]
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: busy neighbours on a loaded machine do not inflate it
     answer = extract_answer(text)
-    assert time.monotonic() - start < 1.0, f"{name}: extraction took {time.monotonic() - start:.1f}s"
+    assert time.process_time() - start < 1.0, f"{name}: extraction took {time.process_time() - start:.1f}s of CPU"
     assert answer == expected
 
 
@@ -158,15 +166,16 @@ def test_extraction_keeps_its_rules_on_mixed_boxes_and_tags():
 
 
 def test_adversarial_answers_are_wrong_within_the_time_bound():
-    grader = Grader()
-    grader.grade(["1"], ["1"])  # start the worker outside the timed part
+    grader, restart_s = started_grader()  # the worker starts outside the timed part; its start-up is measured
     # deeply nested (recursion in the parser), 100k characters, LaTeX that does not parse, and one right answer
+    # (graded by a restarted worker if an adversarial one timed out: `timeout` does not include its start-up)
     answers = ["{" * 5000 + "1" + "}" * 5000, "9" * 100_000, r"\frac{1}{\sqrt[}{", r"\frac{2}{", "}{)(\\", "2"]
-    verdicts, elapsed, hung = grade_in_thread(grader, answers, ["2"] * 6, timeout=1.0, wall_limit=60)
+    bound = contract_bound(n_timeouts=5, timeout=1.0, restart_s=restart_s)  # at worst every wrong one times out
+    verdicts, elapsed, hung = grade_in_thread(grader, answers, ["2"] * 6, timeout=1.0, wall_limit=bound + 60)
     grader.close()
     assert not hung, "grading adversarial answers hung"
     assert verdicts == [False, False, False, False, False, True]
-    assert elapsed < 15, f"grading took {elapsed:.1f}s: a timeout did not fire in time"
+    assert elapsed < bound, f"grading took {elapsed:.1f}s (start-up {restart_s:.1f}s): a timeout did not fire in time"
 
 
 # ------------------------------------------------------------------------------------------- sampler

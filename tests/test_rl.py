@@ -52,6 +52,9 @@ def test_kl_estimators():
     assert torch.allclose(rl.kl_penalty(logp, ref, "k1"), torch.tensor([math.log(2.0)]))
     assert torch.allclose(rl.kl_penalty(logp, ref, "k3"), torch.tensor([0.5 - math.log(0.5) - 1.0]))
     assert rl.kl_penalty(ref, ref, "k3").item() == 0.0
+    far = torch.tensor([30.0, -30.0], dtype=torch.float64)  # ref - logp past the +-20 clamp of k3
+    assert torch.allclose(rl.kl_penalty(torch.zeros(2, dtype=torch.float64), far, "k3"),
+                          torch.tensor([math.exp(20) - 21, math.exp(-20) + 19], dtype=torch.float64))
     with pytest.raises(ValueError, match="k2"):
         rl.kl_penalty(logp, ref, "k2")
 

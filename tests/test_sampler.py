@@ -4,11 +4,13 @@ full-forward log-probs and the real Qwen2.5 template; prefill work, rows leaving
     TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py
 
 The decode kernels are checked against their references in test_kernels_decode.py; here one test runs the
-sampler on them (under the interpreter) and the others take the PyTorch paths, which keeps this file fast.
+sampler on them (under the interpreter; skipped without it) and the others take the PyTorch paths, which
+keeps this file fast.
 """
 import pytest
 import torch
 
+from kernels.dispatch import interpreting
 from nanoufo.env import UFOEnv
 from nanoufo.sampler import generate
 from nanoufo.weights import load_model
@@ -98,8 +100,10 @@ def test_greedy_multi_turn_equals_full_recompute(tiny, torch_paths):
     assert [len(s) for s in rollout.turn_spans] == turns
 
 
+@pytest.mark.skipif(not interpreting(), reason="the model is on the CPU, where only TRITON_INTERPRET=1 runs the "
+                                                "decode kernels; without it this would test the PyTorch paths again")
 def test_greedy_multi_turn_on_triton_kernels(tiny):
-    """The same check with the decode kernels (run by the interpreter on CPU, natively on CUDA)."""
+    """The same check with the decode kernels, run by the interpreter on the CPU."""
     model, _ = tiny
     stop, turns = first_emitted_token(model, PROMPTS[1]), [2, 1, 1, 2]
     rollout, _ = run(model, PROMPTS, turns, stop_ids=[stop], max_new_tokens=4)
@@ -136,6 +140,34 @@ def test_same_seed_same_samples(tiny, torch_paths):
     b, _ = run(model, PROMPTS, [2] * 4, stop_ids=[7], temperature=1.0, seed=11)
     c, _ = run(model, PROMPTS, [2] * 4, stop_ids=[7], temperature=1.0, seed=12)
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+
+
+def test_a_rows_samples_do_not_depend_on_the_other_rows(tiny, torch_paths):
+    """Sampling noise is keyed per row (today by (step, row), after issue 14 by (episode, token index)); both
+    keyings give these two properties, which noise keyed by batch position or shared by all rows breaks."""
+    model, _ = tiny
+
+    def rows(prompts, turns):
+        rollout = run(model, prompts, turns, stop_ids=[], temperature=1.0, seed=5)[0]
+        return [rollout.tokens[b, :n].tolist() for b, n in enumerate(rollout.lengths.tolist())]
+
+    # row 0 leaves the batch after its first attempt instead of its third: rows 1-3 sample exactly as before
+    assert rows(PROMPTS, [3, 3, 3, 3])[1:] == rows(PROMPTS, [1, 3, 3, 3])[1:]
+    twins = rows([PROMPTS[1]] * 2, [1, 1])  # one prompt twice, one attempt each (a group): two different draws
+    assert len(twins[0]) == len(twins[1]) and twins[0] != twins[1]
+
+
+def test_the_noise_follows_the_episode_id_not_the_batch_row(tiny, torch_paths):
+    model, _ = tiny
+    sample = lambda prompts, ids: generate(model, prompts, Script([1, 1]), max_turns=1, max_new_tokens=6,  # noqa: E731
+                                           stop_ids=[], temperature=1.0, seed=5, episode_ids=ids).tokens.tolist()
+    assert sample([PROMPTS[1], PROMPTS[3]], [5, 9]) == sample([PROMPTS[3], PROMPTS[1]], [9, 5])[::-1]
+
+
+def test_max_turns_ends_an_episode_the_environment_would_continue(tiny, torch_paths):
+    model, _ = tiny
+    rollout, script = run(model, PROMPTS, [5] * 4, max_turns=2, stop_ids=[], max_new_tokens=2)
+    assert [len(spans) for spans in rollout.turn_spans] == [2] * 4 and script.seen == [2] * 4
 
 
 def test_prefill_grows_with_new_tokens_only_and_done_rows_leave(tiny, torch_paths, monkeypatch):

@@ -121,6 +121,7 @@ def test_sigkill_at_a_random_step_then_resume_repeats_the_soaks_steps(soak, tmp_
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     finish(proc, out, check=False)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill landed ({proc.returncode})"
     killed = train_records(out)  # read before the resume drops the steps past the checkpoint
     ckpt = latest_checkpoint(out)  # raises if `latest` names anything but a whole checkpoint
     if ckpt is not None:

@@ -1,8 +1,11 @@
 """The update step (nanoufo/trainer.py) on tiny models: the log-prob shift, a PPO step that lowers the
-loss with a first ratio of 1 (up to fp32 rounding), skipped non-finite updates, and a batch built from real episodes.
+loss with a first ratio of 1 (up to fp32 rounding), the value loss and where the KL term goes, skipped non-finite updates
+(a NaN loss, an inf gradient), and a batch built from real episodes.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_trainer.py
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,7 +14,8 @@ from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.rollout import run_episodes
-from nanoufo.trainer import Batch, build_batch, make_optimizers, minibatch_losses, ppo_update, sequence_stats
+from nanoufo.trainer import (Batch, build_batch, make_optimizers, minibatch_losses, ppo_update, sequence_stats,
+                             value_loss)
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -79,6 +83,46 @@ def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone():
     out = ppo_update(cfg, fresh_actor, fresh_critic, make_optimizers(cfg, fresh_actor, fresh_critic), batch, seed=0)
     assert out["updates"] == 0 and out["skipped_updates"] == 4
     assert all(torch.equal(v, weights[k]) for k, v in fresh_actor.state_dict().items())
+
+
+def test_value_loss_by_hand():
+    values, old, returns = torch.tensor([[1.0, 1.0, 0.2, 100.0]]), torch.zeros(1, 4), torch.tensor([[0.0, 2.0, 0.1, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # clip 0.5: v_clipped = 0.5, 0.5, 0.2; 0.5 * max((v - R)^2, (v_clipped - R)^2) = 0.5, 1.125, 0.005
+    loss, clip_frac = value_loss(values, old, returns, mask, clip=0.5)
+    assert (loss * mask)[0, :3].tolist() == pytest.approx([0.5, 1.125, 0.005])
+    assert float(clip_frac) == pytest.approx(1 / 3)  # the clipped branch is the larger one on token 1 only
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_the_kl_term_is_in_the_loss_only_when_asked(kl_in):
+    cfg = TrainConfig(kl_in=kl_in, kl_coef=0.5, kl_estimator="k1")
+    actor, critic = tiny_models()
+    batch = fixed_batch(actor)
+    losses = [minibatch_losses(cfg, actor, critic, replace(batch, ref_logp=batch.old_logp + shift))[0].item()
+              for shift in (-1.0, 1.0)]  # k1 KL = logp - ref: +1 or -1 on every token
+    if kl_in == "reward":  # build_batch put it in the rewards: the loss does not see the reference
+        assert losses[0] == losses[1]
+    else:
+        assert losses[0] - losses[1] == pytest.approx(0.5 * 2, rel=1e-4)
+
+
+def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
+    cfg = TrainConfig(ppo_epochs=1, minibatch_size=2)
+    actor, critic = tiny_models()
+    batch = fixed_batch(actor)
+    weights = {k: v.clone() for k, v in actor.state_dict().items()}
+    poisoned = []
+
+    def one_inf_gradient(model):  # runs after backward, before clipping: the loss itself stayed finite
+        if model is actor:
+            poisoned.append(next(model.parameters()).grad.view(-1)[0].fill_(float("inf")))
+
+    optimizers = make_optimizers(cfg, actor, critic)
+    out = ppo_update(cfg, actor, critic, optimizers, batch, seed=0, grad_hook=one_inf_gradient)
+    assert len(poisoned) == 2 and out["skipped_updates"] == 2 and out["updates"] == 0
+    assert all(torch.equal(v, weights[k]) for k, v in actor.state_dict().items())
+    assert all(not opt.state for opt in optimizers.values())  # no moment was touched
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,234 @@
+"""A small mutation check: plant one plausible bug at a time in the wiring (trainer, sampler, checkpoints,
+parallelism, environment, RL maths, the kernels' PyTorch references), run the test files that cover that
+module, and count the bugs the tests catch. Not a pytest file (pytest collects test_*.py only).
+
+    python tests/mutation.py               # every mutant, in a temporary copy of the repository
+    python tests/mutation.py -k sampler,env:   # only the mutants whose name contains "sampler" or "env:"
+    python tests/mutation.py --list        # the mutants, and whether each still applies to the code
+
+Each mutant replaces one fragment of source (which must occur exactly once) with a wrong one. A mutant whose
+fragment is no longer in the file (the code moved on) is reported "not applicable", not run. The tests run
+with -x, so a caught mutant usually costs seconds; a survivor costs its test files' whole run. The working
+tree is never modified: the copy is made with `git ls-files` and deleted at the end.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PARALLEL = ["tests/test_parallel.py::test_split_range_is_balanced_and_covers_everything",
+            "tests/test_parallel.py::test_a_single_process_runs_without_tp_whatever_tp_says",
+            "tests/test_parallel.py::test_tp2_and_dp2_match_one_process"]  # not the peer-timeout tests (slow)
+TESTS = {  # pytest arguments for a mutant in each module, the most targeted first (-x stops at the first failure)
+    "nanoufo/trainer.py": ["tests/test_build_batch.py", "tests/test_trainer.py", PARALLEL[-1]],
+    "nanoufo/rl.py": ["tests/test_rl.py", "tests/test_build_batch.py", "tests/test_trainer.py"],
+    "nanoufo/env.py": ["tests/test_env.py"],
+    "nanoufo/sampler.py": ["tests/test_sampler.py"],
+    "nanoufo/checkpoint.py": ["tests/test_checkpoint.py", *(f"tests/test_reliability.py::{name}" for name in (
+        "test_a_damaged_checkpoint_file_is_named_at_load", "test_a_damaged_pointer_or_manifest_is_named_at_load",
+        "test_saving_the_same_step_again_never_unlinks_the_latest_first",
+        "test_sigkill_at_random_moments_of_saving_leaves_a_whole_checkpoint")), PARALLEL[-1]],
+    "nanoufo/parallel.py": PARALLEL,
+    "kernels/ppo_loss.py": ["tests/test_kernels_ppo_loss.py", "tests/test_rl.py"],
+    "kernels/sampling.py": ["tests/test_kernels_decode.py"],
+    "kernels/token_stats.py": ["tests/test_kernels_token_stats.py"],
+    "kernels/decode_attention.py": ["tests/test_kernels_decode.py"],
+    "kernels/kv_append.py": ["tests/test_kernels_decode.py"],
+}
+
+
+@dataclass
+class Mutant:
+    name: str
+    file: str
+    original: str
+    mutated: str
+
+
+MUTANTS = [
+    # trainer.py: build_batch and the PPO update
+    Mutant("trainer: no advantage whitening", "nanoufo/trainer.py",
+           "if cfg.whiten_advantages:", "if False:"),
+    Mutant("trainer: KL penalty added to the reward", "nanoufo/trainer.py",
+           "rewards = rewards - cfg.kl_coef", "rewards = rewards + cfg.kl_coef"),
+    Mutant("trainer: reference log-probs from the actor", "nanoufo/trainer.py",
+           "sequence_stats(ref, tokens, cfg.temperature)[0]", "sequence_stats(actor, tokens, cfg.temperature)[0]"),
+    Mutant("trainer: per-turn rewards of the unfiltered episodes", "nanoufo/trainer.py",
+           "kept_episodes = [episodes[i] for i in keep.tolist()]", "kept_episodes = episodes[:len(keep)]"),
+    Mutant("trainer: turn spans of the unfiltered rows", "nanoufo/trainer.py",
+           "spans = [rollout.turn_spans[i] for i in keep.tolist()]", "spans = rollout.turn_spans[:len(keep)]"),
+    Mutant("trainer: gamma and lambda swapped", "nanoufo/trainer.py",
+           "rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)", "rl.gae(rewards, values, mask, cfg.lam, cfg.gamma)"),
+    Mutant("trainer: GRPO advantages on unsampled tokens", "nanoufo/trainer.py",
+           "cfg.n_samples_per_problem)[:, None] * mask", "cfg.n_samples_per_problem)[:, None] * torch.ones_like(mask)"),
+    Mutant("trainer: DP scales seq-mean by tokens", "nanoufo/trainer.py",
+           "loss = loss * (token_scale if cfg.aggregation", "loss = loss * (token_scale if True or cfg.aggregation"),
+    Mutant("trainer: DP value loss not scaled", "nanoufo/trainer.py",
+           "loss = loss + v_loss * token_scale", "loss = loss + v_loss"),
+    Mutant("trainer: a non-finite gradient is not checked", "nanoufo/trainer.py",
+           "finite = all(math.isfinite(n) for n in norms.values())", "finite = True"),
+    Mutant("trainer: value loss takes the min", "nanoufo/trainer.py",
+           "0.5 * torch.maximum((values - returns) ** 2", "0.5 * torch.minimum((values - returns) ** 2"),
+    Mutant("trainer: KL in the loss when it is in the reward", "nanoufo/trainer.py",
+           'kl_in_loss = cfg.kl_in == "loss"', 'kl_in_loss = cfg.kl_in != "loss"'),
+    # rl.py
+    Mutant("rl: GAE does not skip feedback tokens", "nanoufo/rl.py",
+           "next_value = torch.where(m[:, t] > 0, values[:, t], next_value)", "next_value = values[:, t]"),
+    Mutant("rl: whitening leaves unsampled tokens non-zero", "nanoufo/rl.py",
+           "torch.rsqrt(var + eps) * mask.to(x.dtype)", "torch.rsqrt(var + eps)"),
+    Mutant("rl: k3 KL without the clamp", "nanoufo/rl.py",
+           "log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)", "log_ratio = ref_logp - logp"),
+    Mutant("rl: GRPO population std", "nanoufo/rl.py",
+           "(groups.std(1, keepdim=True) + eps)", "(groups.std(1, keepdim=True, unbiased=False) + eps)"),
+    Mutant("rl: per-turn reward one token late", "nanoufo/rl.py",
+           "rewards[b, end - 1] += value", "rewards[b, min(end, rewards.shape[1] - 1)] += value"),
+    Mutant("rl: group filter keeps the smallest spread", "nanoufo/rl.py",
+           "torch.sort(-spread, stable=True)", "torch.sort(spread, stable=True)"),
+    # env.py
+    Mutant("env: a prompt of exactly the limit does not fit", "nanoufo/env.py",
+           "len(self._encode(text)) <= max_tokens", "len(self._encode(text)) < max_tokens"),
+    Mutant("env: turn decay one turn late", "nanoufo/env.py",
+           "self.turn_decay ** t if correct", "self.turn_decay ** (t + 1) if correct"),
+    Mutant("env: repetition ratio over max_turns", "nanoufo/env.py",
+           "count_distinct_answers(episode.answers) / episode.turns", "count_distinct_answers(episode.answers) / self.max_turns"),
+    Mutant("env: feedback close chosen backwards", "nanoufo/env.py",
+           "list(self._feedback_ids[ended_with_stop])", "list(self._feedback_ids[not ended_with_stop])"),
+    # sampler.py
+    Mutant("sampler: noise keyed by cache row", "nanoufo/sampler.py",
+           "[self.episode_ids[self.episode_of[r]] for r in rows]", "[r for r in rows]"),
+    Mutant("sampler: one noise stream for every row", "nanoufo/sampler.py",
+           "episodes = torch.tensor([self.episode_ids", "episodes = 0 * torch.tensor([self.episode_ids"),
+    Mutant("sampler: one token too many per attempt", "nanoufo/sampler.py",
+           "self.decoder.max_new_tokens - (n - ep.turn_start", "self.decoder.max_new_tokens + 1 - (n - ep.turn_start"),
+    Mutant("sampler: one turn too many", "nanoufo/sampler.py",
+           "len(ep.spans[e]) >= self.max_turns", "len(ep.spans[e]) > self.max_turns"),
+    Mutant("sampler: feedback tokens in the loss mask", "nanoufo/sampler.py",
+           "[0.0 if logprobs is None else 1.0]", "[1.0]"),
+    # checkpoint.py
+    Mutant("checkpoint: old checkpoints pruned before `latest` moves", "nanoufo/checkpoint.py",
+           "    os.replace(pointer_tmp, final.parent / POINTER)",
+           "    [shutil.rmtree(o) for o in final.parent.glob('ckpt-*') if o != final]; os.replace(pointer_tmp, final.parent / POINTER)"),
+    Mutant("checkpoint: `latest` moved before the rename", "nanoufo/checkpoint.py",
+           "    os.replace(tmp, final)\n", "    (final.parent / POINTER).write_text(final.name + '\\n'); os.replace(tmp, final)\n"),
+    Mutant("checkpoint: one optimizer file for every TP rank", "nanoufo/checkpoint.py",
+           'return "optimizers.pt" if ctx.tp_size == 1 else', 'return "optimizers.pt" if True else'),
+    Mutant("checkpoint: only global rank 0 saves optimizers", "nanoufo/checkpoint.py",
+           "if ctx.dp_rank == 0:  # the other DP groups", "if ctx.is_main:  # the other DP groups"),
+    Mutant("checkpoint: torch RNG not restored", "nanoufo/checkpoint.py",
+           '    torch.set_rng_state(states["torch"])', "    pass"),
+    # parallel.py
+    Mutant("parallel: a single process keeps tp", "nanoufo/parallel.py",
+           "tp = 1 if world == 1 else tp", "tp = tp"),
+    Mutant("parallel: DP scale without dp_size", "nanoufo/parallel.py",
+           "float(count) * tp.dp_size / max(float(total), 1.0)", "float(count) / max(float(total), 1.0)"),
+    Mutant("parallel: DP gradients summed, not averaged", "nanoufo/parallel.py",
+           "p.grad.div_(tp.dp_size)", "p.grad.div_(1)"),
+    Mutant("parallel: replicated gradients counted on every TP rank", "nanoufo/parallel.py",
+           "(split_sq if name in split_names else replicated_sq)", "(split_sq if True else replicated_sq)"),
+    Mutant("parallel: unbalanced split", "nanoufo/parallel.py",
+           "start = rank * base + min(rank, extra)", "start = rank * (base + 1)"),
+    # the kernels' PyTorch references
+    Mutant("ppo_loss: seq-mean counts empty rows", "kernels/ppo_loss.py",
+           "/ (count > 0).sum().clamp(min=1)", "/ max(len(count), 1)"),
+    Mutant("ppo_loss: k3 KL without the clamp", "kernels/ppo_loss.py",
+           "_k3(ref_delta.clamp(-20, 20))", "_k3(ref_delta)"),
+    Mutant("ppo_loss: clip range swapped", "kernels/ppo_loss.py",
+           "ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)", "ratio.clamp(1 - cfg.clip_high, 1 + cfg.clip_low)"),
+    Mutant("ppo_loss: k1 KL sign", "kernels/ppo_loss.py",
+           'kl = -ref_delta if cfg.kl_estimator == "k1"', 'kl = ref_delta if cfg.kl_estimator == "k1"'),
+    Mutant("sampling: top-p keeps the token that crosses p", "kernels/sampling.py",
+           "mass_before < top_p", "mass_before <= top_p"),
+    Mutant("token_stats: temperature ignored", "kernels/token_stats.py",
+           "z = logits.to(acc_dtype(logits.dtype)) / cfg.temperature", "z = logits.to(acc_dtype(logits.dtype))"),
+    Mutant("decode_attention: a query sees the next slot", "kernels/decode_attention.py",
+           "torch.arange(S, device=q.device) <= position_ids", "torch.arange(S, device=q.device) <= position_ids + 1"),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of the working tree (what a commit would hold)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(repo: Path, tests: list[str], timeout: float, interpret: bool) -> tuple[str, float, str]:
+    """'pass', 'fail' or 'timeout', the seconds taken and the end of pytest's output. Only a kernel's mutants need the Triton interpreter
+    (its tests compare the kernel with the mutated reference); the others run the PyTorch paths, faster."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "TRITON_INTERPRET": "1" if interpret else "0", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=repo, env=env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - start, ""
+    return ("pass" if done.returncode == 0 else "fail"), time.monotonic() - start, done.stdout.decode()[-3000:]
+
+
+def applies(mutant: Mutant, repo: Path) -> str | None:
+    """None if the mutant can be planted in repo, else why not."""
+    count = (repo / mutant.file).read_text().count(mutant.original) if (repo / mutant.file).is_file() else 0
+    return None if count == 1 else "fragment not found" if count == 0 else f"fragment found {count} times"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="run only the mutants whose name contains one of these "
+                                               "comma-separated words")
+    parser.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant's test run (then: caught)")
+    args = parser.parse_args()
+    mutants = [m for m in MUTANTS if any(word in m.name for word in args.k.split(","))]
+    with tempfile.TemporaryDirectory(prefix="nanoufo-mutants-") as tmp:
+        repo = Path(tmp)
+        copy_repo(repo)
+        if args.list:
+            for m in mutants:
+                print(f"{applies(m, repo) or 'applies':<22} {m.name}")
+            return 0
+        for interpret in (False, True):
+            files = sorted({t for m in mutants for t in TESTS[m.file] if interpret == m.file.startswith("kernels/")})
+            status, seconds, output = run_tests(repo, files, args.timeout * 3, interpret) if files else ("pass", 0, "")
+            if status != "pass":
+                print(f"the unmutated tests do not pass ({status}): {' '.join(files)}\n{output}")
+                return 1
+            print(f"unmutated (TRITON_INTERPRET={int(interpret)}): {' '.join(files) or 'none'} pass ({seconds:.0f} s)")
+        results = {"caught": [], "survived": [], "not applicable": []}
+        for m in mutants:
+            path = repo / m.file
+            original = path.read_text()
+            reason = applies(m, repo)
+            if reason:
+                results["not applicable"].append(m)
+                print(f"not applicable  {m.name} ({reason})", flush=True)
+                continue
+            path.write_text(original.replace(m.original, m.mutated))
+            try:
+                status, seconds, _ = run_tests(repo, TESTS[m.file], args.timeout, m.file.startswith("kernels/"))
+            finally:
+                path.write_text(original)
+            outcome = "survived" if status == "pass" else "caught"
+            results[outcome].append(m)
+            print(f"{outcome:<15} {m.name} ({status}, {seconds:.0f} s)", flush=True)
+    applicable = len(results["caught"]) + len(results["survived"])
+    share = 100 * len(results["caught"]) / max(applicable, 1)
+    print(f"\ncaught {len(results['caught'])} of {applicable} mutants ({share:.0f}%); "
+          f"{len(results['not applicable'])} not applicable")
+    for m in results["survived"]:
+        print(f"  survived: {m.name} ({m.file}: {m.original.strip()!r} -> {m.mutated.strip()!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""build_batch (nanoufo/trainer.py) on a hand-made rollout whose every number is worked out below: the group
+filter, rewards placed at the last token or per turn, the KL penalty to a reference that differs from the
+actor, GAE, whitening and GRPO's group advantages. The models' statistics are fixed functions of the tokens
+(the forwards are tested in test_trainer.py), so only the wiring between the RL pieces is under test.
+
+    python -m pytest -q tests/test_build_batch.py
+"""
+import math
+
+import pytest
+import torch
+
+from nanoufo import trainer
+from nanoufo.config import TrainConfig
+from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.sampler import Rollout
+from nanoufo.trainer import build_batch
+
+TINY = QwenConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1)
+
+# Six episodes, three groups of two. Token layout: prompt (0-1), attempt 1 (2-3), feedback (4), attempt 2 (5).
+TOKENS = [[1, 2, 7, 7, 9, 7], [1, 2, 7, 7, 9, 7],  # group 0: equal scores, spread 0: dropped
+          [1, 2, 3, 4, 9, 5], [1, 2, 6, 7, 0, 0],  # group 1: solved at turn 1 (two attempts), at turn 0
+          [1, 2, 3, 6, 0, 0], [1, 2, 4, 4, 9, 5]]  # group 2: solved at turn 0, never solved
+TWO_TURNS, ONE_TURN = [0, 0, 1, 1, 0, 1], [0, 0, 1, 1, 0, 0]
+MASKS = [TWO_TURNS, TWO_TURNS, TWO_TURNS, ONE_TURN, ONE_TURN, TWO_TURNS]
+TURN_REWARDS = [[0.0, 0.5], [0.0, 0.5], [0.25, 0.25], [1.0], [1.0], [-0.1, -0.15]]  # scores 0.5 .5 .5 1 1 -.25
+KEPT = [2, 3, 4, 5]  # spreads (population std) 0, 0.25, 0.625: groups 1 and 2 kept, in order
+ACTIONS = [(2, 2), (2, 3), (2, 5), (3, 2), (3, 3), (4, 2), (4, 3), (5, 2), (5, 3), (5, 5)]  # (row, t) sampled
+
+
+class ScriptedEnv:
+    """The environment's rewards for the episodes above (episodes are their row numbers)."""
+
+    def reward(self, episode: int) -> float:
+        return sum(TURN_REWARDS[episode])
+
+    def turn_rewards(self, episode: int) -> list[float]:
+        return TURN_REWARDS[episode]
+
+
+def rollout() -> Rollout:
+    mask = torch.tensor(MASKS, dtype=torch.float32)
+    spans = [[(2, 4), (5, 6)] if m == TWO_TURNS else [(2, 4)] for m in MASKS]
+    tokens = torch.tensor(TOKENS)
+    return Rollout(tokens=tokens, lengths=torch.tensor([6 if m == TWO_TURNS else 4 for m in MASKS]), loss_mask=mask,
+                   logprobs=-0.1 * tokens * mask, turn_spans=spans, n_prefill_tokens=0, n_decode_steps=0)
+
+
+@pytest.fixture
+def models(monkeypatch):
+    """(actor, critic, ref) whose statistics are: actor log-prob -0.1 * token; reference log-prob 0.2 lower on
+    odd tokens (so the k1 KL is 0.2 on odd tokens, 0 on even ones); critic value 0.1 * token."""
+    actor, ref, critic = Qwen2(TINY), Qwen2(TINY), Qwen2(TINY, value_head=True)
+
+    def stats(model, tokens, *args, **kwargs):
+        assert model is actor or model is ref, "sequence_stats called on a model that is neither actor nor reference"
+        logp = -0.1 * tokens.float() - (0.2 * (tokens % 2) if model is ref else 0.0)  # (B, T)
+        return logp, torch.zeros_like(logp), torch.zeros_like(logp)
+
+    monkeypatch.setattr(trainer, "sequence_stats", stats)
+    monkeypatch.setattr(trainer, "sequence_values", lambda model, tokens, *args, **kwargs: 0.1 * tokens.float())
+    return actor, critic, ref
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(**{**dict(problems_per_step=3, n_samples_per_problem=2, keep_groups=2, max_turns=2,
+                                 kl_coef=0.5, kl_estimator="k1", kl_in="reward", gamma=0.5, lam=1.0,
+                                 whiten_advantages=False, minibatch_size=4), **overrides})
+
+
+def on_actions(values: list[float]) -> torch.Tensor:
+    """(4, 6) tensor holding values at ACTIONS (kept rows renumbered 0-3), zero elsewhere."""
+    out = torch.zeros(4, 6)
+    for (row, t), v in zip(ACTIONS, values):
+        out[KEPT.index(row), t] = v
+    return out
+
+
+# Worked by hand with gamma 0.5, lam 1 (so advantage = discounted return G - value, return = G), rewards =
+# score (or turn rewards) at the reward tokens minus kl_coef 0.5 * KL 0.2 = 0.1 on every odd sampled token.
+# row 2 "last": r = -0.1, 0, -0.1 + 0.5 -> G = 0.0, 0.2, 0.4; V = 0.3, 0.4, 0.5
+# row 3:        r = 0, -0.1 + 1.0      -> G = 0.45, 0.9;     V = 0.6, 0.7
+# row 4:        r = -0.1, 1.0          -> G = 0.4, 1.0;      V = 0.3, 0.6
+# row 5 "last": r = 0, 0, -0.1 - 0.25  -> G = -0.0875, -0.175, -0.35; V = 0.4, 0.4, 0.5
+RETURNS_LAST = [0.0, 0.2, 0.4, 0.45, 0.9, 0.4, 1.0, -0.0875, -0.175, -0.35]
+VALUES = [0.3, 0.4, 0.5, 0.6, 0.7, 0.3, 0.6, 0.4, 0.4, 0.5]
+# "per_turn": row 2 gets 0.25 at t 3 and 0.25 at t 5: r = -0.1, 0.25, 0.15 -> G = 0.0625, 0.325, 0.15;
+# row 5 gets -0.1 at t 3 and -0.15 at t 5: r = 0, -0.1, -0.25 -> G = -0.1125, -0.225, -0.25
+RETURNS_PER_TURN = [0.0625, 0.325, 0.15, 0.45, 0.9, 0.4, 1.0, -0.1125, -0.225, -0.25]
+
+
+@pytest.mark.parametrize("placement, returns", [("last", RETURNS_LAST), ("per_turn", RETURNS_PER_TURN)])
+def test_ufo_ppo_rewards_kl_and_gae_by_hand(models, placement, returns):
+    actor, critic, ref = models
+    batch, stats = build_batch(config(reward_placement=placement), ScriptedEnv(), actor, critic, ref, rollout(),
+                               episodes=list(range(6)))
+    assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
+    assert batch.mask.tolist() == [MASKS[i] for i in KEPT]
+    assert torch.allclose(batch.old_logp, -0.1 * batch.tokens.float())  # the actor's, not the reference's
+    assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
+    assert stats["score"] == pytest.approx(3.25 / 6) and stats["kept_score"] == pytest.approx(2.25 / 4)
+    assert stats["kl_ref"] == pytest.approx(0.1)  # KL 0.2 on 5 of the 10 sampled tokens
+    advantages = [g - v for g, v in zip(returns, VALUES)]
+    assert torch.allclose(batch.advantages, on_actions(advantages), atol=1e-6)
+    assert torch.allclose(batch.returns, on_actions(returns), atol=1e-6)
+
+
+def test_whitening_is_over_the_sampled_tokens(models):
+    actor, critic, ref = models
+    batch, _ = build_batch(config(whiten_advantages=True), ScriptedEnv(), actor, critic, ref, rollout(),
+                           episodes=list(range(6)))
+    raw = [g - v for g, v in zip(RETURNS_LAST, VALUES)]
+    mean = sum(raw) / len(raw)
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / len(raw))  # population std over the 10 sampled tokens
+    assert torch.allclose(batch.advantages, on_actions([(a - mean) / std for a in raw]), atol=1e-5)
+    assert torch.allclose(batch.returns, on_actions(RETURNS_LAST), atol=1e-6)  # the critic's targets stay raw
+
+
+def test_kl_in_the_loss_leaves_the_rewards_alone(models):
+    actor, critic, ref = models
+    batch, _ = build_batch(config(kl_in="loss"), ScriptedEnv(), actor, critic, ref, rollout(), episodes=list(range(6)))
+    # no KL in the rewards: row 2 G = 0.125, 0.25, 0.5; row 3 0.5, 1; row 4 0.5, 1; row 5 -0.0625, -0.125, -0.25
+    returns = [0.125, 0.25, 0.5, 0.5, 1.0, 0.5, 1.0, -0.0625, -0.125, -0.25]
+    assert torch.allclose(batch.returns, on_actions(returns), atol=1e-6)
+    assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
+
+
+def test_grpo_group_advantages_on_every_sampled_token(models):
+    actor, _, ref = models
+    batch, stats = build_batch(config(algorithm="grpo", kl_in="loss"), ScriptedEnv(), actor, None, ref, rollout(),
+                               episodes=list(range(6)))
+    # group 1 scores 0.5, 1.0 and group 2 scores 1.0, -0.25: (s - mean) / sample std = -/+ 1/sqrt(2) each
+    s = 1 / math.sqrt(2)
+    per_row = [-s, s, s, -s]
+    expected = torch.tensor(per_row)[:, None] * torch.tensor([MASKS[i] for i in KEPT], dtype=torch.float32)
+    assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
+    assert torch.allclose(batch.advantages, expected, atol=1e-5)
+    assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
