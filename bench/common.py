@@ -3,7 +3,7 @@ shape presets, random-weight models built straight on the device, their transfor
 synthetic workload, timing and the printed table plus final JSON line.
 
     python bench/rollout.py --preset tiny      # CPU, seconds: checks the harness only
-    python bench/rollout.py --preset 1.5b      # GPU, bf16, Qwen2.5-1.5B shapes (DESIGN.md section 5)
+    python bench/rollout.py --preset 1.5b      # GPU, bf16, Qwen2.5-1.5B shapes
     python bench/onpolicy.py --preset 1.5b --turns 3 --max-new-tokens 128   # a shorter workload (in the JSON)
 
 The workload (the same for every engine): B prompts of random token ids, lengths drawn uniformly from

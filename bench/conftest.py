@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel microbenchmarks: the hardware roofline table (DESIGN.md section 5),
+"""Shared pieces of the kernel microbenchmarks: the hardware roofline table,
 collection of bench_*.py files, and `measure`, which times a callable with pytest-benchmark and
 records achieved GB/s or TFLOP/s, the fraction of the roofline and the peak memory in extra_info.
 

@@ -1,4 +1,4 @@
-"""The hardware limits every benchmark compares against (DESIGN.md section 5), in one place: the
+"""The hardware limits every benchmark compares against, in one place: the
 kernel microbenchmarks (bench/conftest.py) and the end-to-end scripts (bench/common.py) import it.
 
     from hardware import roofline

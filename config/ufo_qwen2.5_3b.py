@@ -1,4 +1,4 @@
-"""UFO's setting (DESIGN.md section 3): Qwen2.5-3B-Instruct, MetaMathQA MATH_ rows, 5-turn episodes with
+"""UFO's setting: Qwen2.5-3B-Instruct, MetaMathQA MATH_ rows, 5-turn episodes with
 "Try again." feedback, PPO with a critic, GAE gamma = lambda = 1, KL to the reference as a k1 reward
 penalty (0.001), actor lr 1e-6, critic lr 1e-5, 200 steps, temperature 1.0 to train and 0.5 to evaluate;
 rewards 0.5**t for a solve at turn t, a format penalty of -0.1 for an attempt without an answer, and the

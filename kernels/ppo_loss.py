@@ -1,5 +1,5 @@
 """The PPO policy loss over (B, T) token tensors in one pass, with its metrics: a Triton kernel and a
-plain PyTorch reference (DESIGN.md section 3).
+plain PyTorch reference.
 
     from kernels import ppo_loss
     loss, metrics = ppo_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=0.005)

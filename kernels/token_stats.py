@@ -1,5 +1,5 @@
 """Fused per-token statistics of the softmax over the vocabulary: the log-prob of the target token,
-the entropy and the self-certainty, in one pass over the logits (DESIGN.md section 4), with the
+the entropy and the self-certainty, in one pass over the logits, with the
 backward of each, a plain PyTorch reference of both passes, and the vocab-parallel form.
 
     from kernels import token_stats
@@ -10,7 +10,7 @@ the max m, and relative to it s = sum exp(z - m), a = sum (z - m) exp(z - m), b 
 (0 where the target lies outside the slice). Slices (vocab chunks of the fused LM head, or
 tensor-parallel ranks) merge by rescaling to the common max; then lse = m + log s,
 logp = z_y - lse, entropy = log s - a/s and self-certainty = lse - b/V, V the FULL vocabulary.
-(a is kept relative to m, unlike DESIGN.md's sum z exp(z - m), so a confident row's entropy does not
+(a is kept relative to m, sum (z - m) exp(z - m) rather than sum z exp(z - m), so a confident row's entropy does not
 come from cancelling two large numbers.) The backward needs only lse and mu = m + a/s per row, so
 a vocab-parallel rank differentiates its own slice with no communication.
 

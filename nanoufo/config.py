@@ -56,7 +56,7 @@ class TrainConfig:
     instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
     warmup_steps: int = 2500  # demo only: supervised steps before RL when init_from is ""
     warmup_lr: float = 3e-3
-    # environment (DESIGN.md section 2)
+    # environment
     max_turns: int = 5
     feedback: str = "Try again."
     turn_decay: float = 0.5
@@ -74,7 +74,7 @@ class TrainConfig:
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
     cuda_graphs: bool = False  # decode steps as CUDA graph replays (CUDA only; the CPU always decodes eagerly)
     eval_k: int = 5
-    # algorithm (DESIGN.md section 3)
+    # algorithm
     algorithm: str = "ufo_ppo"
     reward: str = "gold"
     prm: str = ""  # reward = "prm": a process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)

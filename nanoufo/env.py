@@ -1,4 +1,4 @@
-"""The UFO environment (DESIGN.md section 2): a math problem, up to `max_turns` attempts, and after each wrong
+"""The UFO environment: a math problem, up to `max_turns` attempts, and after each wrong
 attempt only the feedback text ("Try again."). It owns the chat-template token pieces the sampler needs,
 grades attempts and computes rewards.
 

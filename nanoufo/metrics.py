@@ -1,4 +1,4 @@
-"""Evaluation metrics for UFO episodes (DESIGN.md section 2), as pure functions.
+"""Evaluation metrics for UFO episodes, as pure functions.
 
     from nanoufo.metrics import summarize, pass_at_k
     table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, repetition

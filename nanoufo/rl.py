@@ -1,4 +1,4 @@
-"""The RL maths as small pure functions on tensors (DESIGN.md section 3); nanoufo/trainer.py calls them
+"""The RL maths as small pure functions on tensors; nanoufo/trainer.py calls them
 and tests/test_rl.py checks each against hand-computed cases.
 
 Conventions: a batch is B right-padded trajectories of T tokens; `mask` (B, T) is 1 on tokens the policy

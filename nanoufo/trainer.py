@@ -1,4 +1,4 @@
-"""One RL update, as functions train.py calls and tests can reach (DESIGN.md section 3).
+"""One RL update, as functions train.py calls and tests can reach.
 
     batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
     stats |= ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
