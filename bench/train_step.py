@@ -24,14 +24,13 @@ Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 import math
 import sys
 from contextlib import contextmanager, nullcontext
-from functools import partial
 
 import torch
 import torch.nn as nn
 
 from common import (build_model, free_memory, hbm_and_flops, hf_twin, parse_args, peak_memory_gib, ratio, report,
                     reset_peak_memory, synthetic_rollout, timed)
-from kernels import ppo_loss
+from kernels.linear_ppo_loss import linear_ppo_loss_reference
 from kernels.linear_token_stats import linear_token_stats_reference
 from nanoufo import trainer
 from nanoufo.config import TrainConfig, validate
@@ -76,15 +75,20 @@ class SyntheticRewards:
         return self.rewards[episode]
 
 
+def _unfused_head_and_loss(*args, vocab_start: int = 0, group=None, **options):
+    """linear_ppo_loss's reference: full logits, the PyTorch statistics and PPO loss (one GPU, no TP here)."""
+    return linear_ppo_loss_reference(*args, **options)
+
+
 @contextmanager
 def reference_losses():
     """The trainer with the PyTorch reference statistics and PPO loss in place of the fused kernels."""
-    saved = trainer.linear_token_stats, trainer.ppo_loss
-    trainer.linear_token_stats, trainer.ppo_loss = linear_token_stats_reference, partial(ppo_loss, impl="torch")
+    saved = trainer.linear_token_stats, trainer.linear_ppo_loss
+    trainer.linear_token_stats, trainer.linear_ppo_loss = linear_token_stats_reference, _unfused_head_and_loss
     try:
         yield
     finally:
-        trainer.linear_token_stats, trainer.ppo_loss = saved
+        trainer.linear_token_stats, trainer.linear_ppo_loss = saved
 
 
 def build_models(preset, impl: str, seed: int):
