@@ -25,8 +25,6 @@ column-parallel input function sums in its backward (as for any vocab-parallel h
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """
-from dataclasses import replace
-
 import torch
 
 from kernels.dispatch import pick_impl

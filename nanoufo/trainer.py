@@ -122,12 +122,9 @@ def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengt
 def sequence_values(critic: Qwen2, tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
     """V(state before token i) aligned with token i, (B, T): the value head read at position i-1 (packed
     when lengths are given, as in sequence_stats)."""
-    B, T = tokens.shape
-    if lengths is None:
-        positions = torch.arange(T, device=tokens.device).expand(B, T)
-        return rl.shift_to_tokens(critic.values(critic(tokens, positions))[:, :-1])
-    hidden, index, is_last = _packed_hidden(critic, tokens, lengths)
-    return _unpack(critic.values(hidden).masked_fill(is_last, 0.0), index, B, T)
+    rows = prediction_rows(critic, tokens, lengths)
+    values = critic.values(rows.hidden).masked_fill(rows.targets == -100, 0.0)  # (N,) 0 past each trajectory
+    return rows.scatter(values)
 
 
 def micro_batch_rows(cfg: TrainConfig, lengths: list[int]) -> list[list[int]]:
