@@ -15,10 +15,10 @@ Flags are spelled --key=value as in train.py (--max_new_tokens and --max-new-tok
 that cannot be read ends with one line naming the file, the columns found and the flag to set (exit status 2).
 
 The tokenizer is the checkpoint's own when it has one, else the bundled Qwen2.5 tokenizer. CUDA + bf16
-when available, else CPU + fp32. In chat mode the conversation lives in one KV cache: each turn appends
-only your feedback and the model's answer. A ProcessBench file has one JSON row per line with problem,
-steps (a list of strings) and label (the index of the earliest wrong step, -1 if none); rows that do not
-fit are skipped and counted. In bon mode --data may name several sets, separated by commas.
+when available, else CPU + fp32. The chat is nanoufo/chat.py (one KV cache per conversation). A
+ProcessBench file has one JSON row per line with problem, steps (a list of strings) and label (the index of
+the earliest wrong step, -1 if none); rows that do not fit are skipped and counted. In bon mode --data may name several sets, separated by commas.
+Tests: python -m pytest -q tests/test_sample_cli.py tests/test_prm_eval.py
 """
 import argparse
 import math
@@ -27,17 +27,16 @@ from pathlib import Path
 
 import torch
 
+from nanoufo.chat import chat
 from nanoufo.data import DEFAULT_EVAL_SETS, FORMATS, error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import best_of_n, evaluate, write_episodes
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.prm import AGGREGATES, PRMScorer, evaluate_processbench, load_processbench
-from nanoufo.sampler import generate
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
 
 COUNTS = ("episodes", "problems", "samples", "erroneous", "unscored")  # printed as whole numbers
-CHAT_TURNS = 1000  # a chat ends on /new, /quit, end of input or the context limit, not on a turn count
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -172,53 +171,6 @@ def run_processbench(args: argparse.Namespace) -> None:
         print(f"step scores written to {args.out}")
 
 
-def chat(model, tokenizer, args: argparse.Namespace) -> None:
-    """You are the environment: the model answers, you reply with feedback or a new question."""
-    envs = {args.feedback: UFOEnv(tokenizer, feedback=args.feedback)}  # the feedback turn's tokens, per text
-    print("Ask a question. After each answer type feedback (empty line: "
-          f"{args.feedback!r}), /new <question> or /quit.")
-    question, n_conversations = read_line("question> "), 0
-    while question is not None:
-        ended_by = []  # "/quit" or "/new" once you end the conversation
-        following = []  # the next question after /new
-
-        def next_turn(rows, responses, stopped):
-            response = responses[0]
-            print(f"model> {tokenizer.decode(response[:-1] if stopped[0] else response)}\n", flush=True)
-            reply = read_line("you> ")
-            if reply is None or reply.strip() == "/quit":
-                ended_by.append("/quit")
-                return [None]
-            if reply.startswith("/new"):
-                ended_by.append("/new")
-                following.append(reply[len("/new"):].strip() or read_line("question> "))
-                return [None]
-            text = reply.strip() or args.feedback
-            env = envs.setdefault(text, UFOEnv(tokenizer, feedback=text))
-            return [env.feedback_ids(stopped[0] and response[-1] == env.turn_end_id)]
-
-        prompt = envs[args.feedback].prompt_ids(question)
-        generate(model, [prompt], next_turn, max_turns=CHAT_TURNS, max_new_tokens=args.max_new_tokens,
-                 stop_ids=envs[args.feedback].stop_ids, temperature=args.temperature, top_p=args.top_p,
-                 seed=args.seed + n_conversations, max_len=max(args.max_len, len(prompt)))
-        n_conversations += 1
-        if not ended_by:
-            print(f"(the conversation filled --max-len={args.max_len} tokens; ask a new question)")
-            following.append(read_line("question> "))
-        question = following[0] if following else None
-
-
-def read_line(prompt: str) -> str | None:
-    """A line from stdin (None at end of input); the prompt is echoed when stdin is not a terminal."""
-    try:
-        line = input(prompt)
-    except EOFError:
-        return None
-    if not sys.stdin.isatty():
-        print(line)
-    return line
-
-
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -228,7 +180,8 @@ def main(argv: list[str]) -> None:
     print(f"model: {args.ckpt or 'tiny random'} ({model.num_params() / 1e6:.1f}M parameters) on {args.device}, "
           f"{str(args.dtype).removeprefix('torch.')}")
     if args.mode == "chat":
-        chat(model, tokenizer, args)
+        chat(model, tokenizer, feedback=args.feedback, max_new_tokens=args.max_new_tokens, max_len=args.max_len,
+             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     elif args.mode == "bon":
         run_bon(model, tokenizer, args)
     else:

@@ -1,0 +1,63 @@
+"""A chat on the terminal where you play the UFO environment: the model answers a question, you reply with
+feedback (an empty line sends the default, "Try again."), `/new <question>` or `/quit`. The conversation
+lives in one KV cache row of the sampler, so each turn prefills only your reply and decodes the answer.
+
+    python sample.py --ckpt=out/ufo_qwen2.5_3b/ckpt-200/actor --mode=chat
+    python sample.py --tiny --mode=chat          # a tiny random model, no checkpoint
+
+Tests: python -m pytest -q tests/test_sample_cli.py -k chat (stdin scripted, in process)
+"""
+import sys
+
+from nanoufo.env import UFOEnv
+from nanoufo.model import Qwen2
+from nanoufo.sampler import generate
+
+CHAT_TURNS = 1000  # a chat ends on /new, /quit, end of input or the context limit, not on a turn count
+
+
+def chat(model: Qwen2, tokenizer, *, feedback: str, max_new_tokens: int, max_len: int, temperature: float,
+         top_p: float, seed: int) -> None:
+    """Conversations until /quit or the end of stdin; conversation n samples with seed + n."""
+    envs = {feedback: UFOEnv(tokenizer, feedback=feedback)}  # the feedback turn's tokens, per text
+    print(f"Ask a question. After each answer type feedback (empty line: {feedback!r}), /new <question> or /quit.")
+    question, n_conversations = read_line("question> "), 0
+    while question is not None:
+        ended_by = []  # "/quit" or "/new" once you end the conversation
+        following = []  # the next question after /new
+
+        def next_turn(rows, responses, stopped):
+            response = responses[0]
+            print(f"model> {tokenizer.decode(response[:-1] if stopped[0] else response)}\n", flush=True)
+            reply = read_line("you> ")
+            if reply is None or reply.strip() == "/quit":
+                ended_by.append("/quit")
+                return [None]
+            if reply.startswith("/new"):
+                ended_by.append("/new")
+                following.append(reply[len("/new"):].strip() or read_line("question> "))
+                return [None]
+            text = reply.strip() or feedback
+            env = envs.setdefault(text, UFOEnv(tokenizer, feedback=text))
+            return [env.feedback_ids(stopped[0] and response[-1] == env.turn_end_id)]
+
+        prompt = envs[feedback].prompt_ids(question)
+        generate(model, [prompt], next_turn, max_turns=CHAT_TURNS, max_new_tokens=max_new_tokens,
+                 stop_ids=envs[feedback].stop_ids, temperature=temperature, top_p=top_p,
+                 seed=seed + n_conversations, max_len=max(max_len, len(prompt)))
+        n_conversations += 1
+        if not ended_by:
+            print(f"(the conversation filled --max-len={max_len} tokens; ask a new question)")
+            following.append(read_line("question> "))
+        question = following[0] if following else None
+
+
+def read_line(prompt: str) -> str | None:
+    """A line from stdin (None at end of input); the prompt is echoed when stdin is not a terminal."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    if not sys.stdin.isatty():
+        print(line)
+    return line
