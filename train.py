@@ -12,6 +12,7 @@
 Each step samples episodes, scores them, keeps the groups with the largest reward spread, recomputes
 log-probs, computes advantages and runs PPO epochs (nanoufo/trainer.py). Every key of nanoufo/config.py
 can be set in a config file or as --key=value. Ctrl-C or SIGTERM saves a checkpoint and exits.
+Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_train_cli.py tests/test_soak.py tests/test_reliability.py
 """
 import functools
 import resource

@@ -3,6 +3,9 @@ kernel microbenchmarks (bench/conftest.py) and the end-to-end scripts (bench/com
 
     from hardware import roofline
     hbm_bytes_per_s, bf16_flops_per_s = roofline() or (None, None)   # None on the CPU
+
+Not run on its own. Tested through the end-to-end scripts: TRITON_INTERPRET=1 python -m pytest -q
+tests/test_bench_e2e.py (on the CPU the roofline is None).
 """
 import torch
 

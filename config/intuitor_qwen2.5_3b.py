@@ -11,6 +11,7 @@ the whole batch: 128 x 7 = 896 episodes, accumulated over micro-batches of micro
 on MATH500 and GSM8K.
 This project's choices, not numbers from the paper: the learning rate, the group size of 7, the clip range,
 the token-mean aggregation, the sampling and evaluation temperatures and eval_k.
+Tests (every key valid): python -m pytest -q tests/test_config.py
 """
 out_dir = "out/intuitor_qwen2.5_3b"
 init_from = "Qwen2.5-3B"  # a local HF checkpoint directory; override with --init_from

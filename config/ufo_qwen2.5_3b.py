@@ -11,6 +11,7 @@ sequences: aggregation "seq-mean" here).
 
 This project's choices, not numbers from the paper: the batch sizes (for one 8-GPU node), the group filter,
 the asymmetric clip range (clip_high 0.28) and the dual clip.
+Tests (every key valid, the plan fits): python -m pytest -q tests/test_config.py tests/test_plan.py
 """
 out_dir = "out/ufo_qwen2.5_3b"
 init_from = "Qwen2.5-3B-Instruct"  # a local HF checkpoint directory; override with --init_from

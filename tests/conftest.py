@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random Qwen2 checkpoints written by transformers, and the real Qwen2.5 tokenizer."""
+"""Shared fixtures: tiny random Qwen2 checkpoints written by transformers, and the real Qwen2.5 tokenizer.
+pytest loads this file for every test under tests/; it runs nothing itself:
+
+    PYTHONPATH=. TRITON_INTERPRET=1 python -m pytest -q tests
+"""
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM

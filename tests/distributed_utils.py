@@ -9,6 +9,8 @@ Return plain Python values (floats, lists): tensors sent between processes need 
 The children run the kernels' PyTorch references (TRITON_INTERPRET is unset in them): the kernels' own tests
 check Triton against those references, these check the parallel logic, and interpreting Triton in two
 processes would take most of the test budget.
+Not a test file; its users: python -m pytest -q tests/test_parallel.py tests/test_dp_statistics.py
+tests/test_micro_batches.py tests/test_prm.py
 """
 import multiprocessing as mp
 import os

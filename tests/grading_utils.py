@@ -1,7 +1,9 @@
 """Time bounds for grader tests (tests/test_grader.py, tests/test_reliability.py) taken from the grader's own
 contract, not from a wall clock: an answer that takes longer than `timeout` counts as wrong and costs one
 worker restart, and a restart's time is measured on the machine running the test (seconds when idle, many
-more beside busy processes)."""
+more beside busy processes).
+Not a test file; its users: python -m pytest -q tests/test_grader.py tests/test_reliability.py
+"""
 import threading
 import time
 

@@ -8,6 +8,7 @@ The checkpoint: config.json naming Qwen2ForProcessRewardModel, model.safetensors
 model.* and the head under score.0.* / score.2.* (Linear(H, H), ReLU, Linear(H, 2)), no LM head. Its
 tokenizer is the bundled Qwen2.5 one with id 151651 renamed from <|quad_end|> to <extra_0>, which is how
 the real PRM's tokenizer names that id (the vocabulary and every other token are unchanged).
+Not a test file; its users: python -m pytest -q tests/test_prm.py tests/test_prm_eval.py tests/test_train_cli.py
 """
 import json
 import shutil

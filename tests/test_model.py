@@ -1,4 +1,7 @@
-"""nanoufo.model against transformers' Qwen2ForCausalLM on tiny random models (fp32, CPU, 1e-5)."""
+"""nanoufo.model against transformers' Qwen2ForCausalLM on tiny random models (fp32, CPU, 1e-5).
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_model.py
+"""
 import pytest
 import torch
 

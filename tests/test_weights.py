@@ -1,4 +1,7 @@
-"""Loading and saving Hugging Face checkpoint directories, and the error for each kind of bad input."""
+"""Loading and saving Hugging Face checkpoint directories, and the error for each kind of bad input.
+
+    python -m pytest -q tests/test_weights.py
+"""
 import json
 
 import pytest
