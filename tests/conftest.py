@@ -13,6 +13,18 @@ TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)
 
 
+# with vocab_size=len(qwen_tokenizer): the real tokenizer and chat template on a model that costs nothing
+TINY_QWEN = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                 num_hidden_layers=1)
+
+
+@pytest.fixture
+def torch_paths(monkeypatch):
+    """Run the kernels' PyTorch references (kernels/dispatch.py picks them when TRITON_INTERPRET is not 1),
+    for tests whose point is the code around the kernels: the kernels have their own tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def make_hf_model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """A random transformers Qwen2ForCausalLM (fp32, eval mode) with TINY's shape and the overrides."""
     torch.manual_seed(seed)

@@ -39,11 +39,6 @@ def tiny(tmp_path_factory):
     return load_model(path, device=DEVICE).eval()
 
 
-@pytest.fixture
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
-
-
 def run(model, prompts, turns, **kw):
     kw = {"max_turns": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 7, "max_len": 40, **kw}
     return generate(model, prompts, Script(turns), **kw)

@@ -24,9 +24,7 @@ common = importlib.import_module("common")
 TINY = common.PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+pytestmark = pytest.mark.usefixtures("torch_paths")  # the kernels' PyTorch references (tests/conftest.py)
 
 
 def run_script(name: str, capsys, *args: str) -> dict:

@@ -27,9 +27,7 @@ STEPS = [["2 + 3 = 5.\nSo \\boxed{5}."],
          ["x^2 = 4.", "So x = 2 or x = -2.", "x > 0 leaves 2.", "Check: 2^2 = 4.", "\\boxed{2}"]]
 
 
-@pytest.fixture(autouse=True)
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+pytestmark = pytest.mark.usefixtures("torch_paths")  # the kernels' PyTorch references (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

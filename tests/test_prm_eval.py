@@ -15,17 +15,14 @@ from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import best_of_n
 from nanoufo.weights import load_model
+from conftest import TINY_QWEN
 from prm_utils import write_prm_checkpoint
 
 PROBLEMS = [Problem("What is 2 + 3?", "5", "p0"), Problem("What is 10 / 4?", "2.5", "p1"),
             Problem("What is 7 * 6?", "42", "p2")]
-TINY_QWEN = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                 num_hidden_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+pytestmark = pytest.mark.usefixtures("torch_paths")  # the kernels' PyTorch references (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,7 @@ PROBLEMS = [Problem("What is 2 + 3?", "5", "p0"), Problem("What is 10 / 4?", "2.
             Problem("Natalia sold 48 clips in April and half as many in May. How many in all?", "72", "p2")]
 
 
-@pytest.fixture(autouse=True)
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+pytestmark = pytest.mark.usefixtures("torch_paths")  # the kernels' PyTorch references (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,16 @@ from pathlib import Path
 import pytest
 
 import sample
+from conftest import TINY_QWEN
 from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
 from nanoufo.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_QWEN = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                 num_hidden_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
+pytestmark = pytest.mark.usefixtures("torch_paths")  # the kernels' PyTorch references (tests/conftest.py)
 
 
 @pytest.fixture

@@ -18,11 +18,6 @@ from nanoufo.weights import load_model
 PROMPTS = [[5, 17, 3, 88, 41, 9, 12], [7, 2], [60, 61, 62, 63, 64], [33, 34, 35]]
 
 
-@pytest.fixture
-def torch_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels/dispatch.py then picks the PyTorch references
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from conftest import make_hf_model
