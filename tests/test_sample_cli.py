@@ -1,6 +1,7 @@
 """sample.py end to end on a tiny random checkpoint with the real Qwen2.5 vocabulary: multi-turn evaluation
-with a JSONL file (as a subprocess), the Pass@k baseline, and the chat (nanoufo/chat.py) driven through stdin (in process,
-which saves the interpreter start-up). The printed metrics are compared with evaluate() called directly. PyTorch paths: the kernels have their own tests.
+with a JSONL file (as a subprocess), the Pass@k baseline, and the chat (nanoufo/chat.py) driven through
+stdin (in process, which saves the interpreter start-up). The printed metrics are compared with evaluate()
+called directly. PyTorch paths: the kernels have their own tests.
 
     python -m pytest -q tests/test_sample_cli.py
 """
