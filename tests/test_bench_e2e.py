@@ -115,3 +115,14 @@ def test_master_weights_script(capsys):
     masters, direct = rows["bf16 + fp32 masters", "actor"], rows["bf16 parameters in AdamW", "actor"]
     assert masters["cosine_vs_fp32"] > 0.99 and masters["norm_ratio_vs_fp32"] == pytest.approx(1, rel=0.01)
     assert masters["moved_share"] > 0.99 and direct["moved_share"] < 0.1  # lr 1e-6 rounds away in bf16
+
+
+def test_demo_eval_script(tmp_path, capsys):
+    from nanoufo import demo
+    from nanoufo.weights import save_model
+    save_model(demo.build_model(len(demo.build_tokenizer()), seed=0), tmp_path / "m")
+    rows = importlib.import_module("demo_eval").main([str(tmp_path / "m"), "--seeds=1,2", "--n_problems=6"])
+    assert len(rows) == 1 and len(rows[0]["succ_per_seed"]) == 2
+    assert rows[0]["succ"] == pytest.approx(sum(rows[0]["succ_per_seed"]) / 2)
+    assert 0.0 <= rows[0]["non_repetitive"] <= 1.0
+    assert "Succ@5" in capsys.readouterr().out

@@ -1,0 +1,47 @@
+"""The demo's held-out evaluation of saved models over several evaluation seeds: how much of a before -> after
+difference is evaluation noise, and how far apart RL runs from one start end.
+
+    python bench/demo_eval.py out/m1337/warmup out/m1337/ckpt-150/actor --seeds=1,2,3,4
+
+For each model directory: Succ@k and the non-repetitive ratio on the 200 held-out questions of the given data
+seed (the default run's set), at the demo's evaluation temperature, once per evaluation seed, then the mean.
+One seed's Succ@5 moves by about 0.03 between seeds, so compare means, not single draws.
+Test: python -m pytest -q tests/test_bench_e2e.py -k demo_eval
+"""
+import argparse
+
+import torch
+
+from nanoufo import demo
+from nanoufo.config import TrainConfig
+from nanoufo.env import UFOEnv
+from nanoufo.evaluate import evaluate
+from nanoufo.weights import load_model
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+", help="HF model directories (a run's warmup/ or ckpt-N/actor)")
+    p.add_argument("--seeds", default="1,2,3,4", help="evaluation seeds, comma-separated")
+    p.add_argument("--data_seed", type=int, default=TrainConfig.seed, help="the run's --seed: which held-out set")
+    p.add_argument("--n_problems", type=int, default=TrainConfig.n_eval_problems)
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cfg = TrainConfig()
+    env = UFOEnv(demo.build_tokenizer(), max_turns=cfg.eval_k, instruction="")
+    problems = demo.make_problems("test", args.n_problems, args.data_seed)
+    rows = []
+    for path in args.models:
+        model = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
+        tables = [evaluate(model, env, problems, k=cfg.eval_k, mode="succ", max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.eval_temperature, seed=seed, progress=False) for seed in seeds]
+        succ = [t[f"succ@{cfg.eval_k}"] for t in tables]
+        non_rep = sum(t["non_repetitive_ratio"] for t in tables) / len(tables)
+        rows.append({"model": path, "succ": sum(succ) / len(succ), "succ_per_seed": succ, "non_repetitive": non_rep})
+        print(f"{path}: Succ@{cfg.eval_k} {rows[-1]['succ']:.3f} (seeds {', '.join(f'{s:.3f}' for s in succ)}), "
+              f"non-repetitive {non_rep:.3f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
