@@ -76,6 +76,8 @@ MUTANTS = [
            'rl.loss_weights(mask, "token-mean") * token_scale)', 'rl.loss_weights(mask, "token-mean"))'),
     Mutant("trainer: a micro-batch takes the first rows' loss weights", "nanoufo/trainer.py",
            "weights[index, :T], packed)", "weights[:len(rows), :T], packed)"),
+    Mutant("trainer: micro-batch metrics weighted by all their tokens", "nanoufo/trainer.py",
+           "n_tokens = micro.mask.sum()", "n_tokens = micro.mask.numel()"),
     Mutant("trainer: packed rows predict their own token", "nanoufo/trainer.py",
            "following = (index + 1).clamp(max=B * T - 1)", "following = index.clamp(max=B * T - 1)"),
     Mutant("trainer: the fused policy loss at temperature 1", "nanoufo/trainer.py",
