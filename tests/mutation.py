@@ -167,7 +167,7 @@ MUTANTS = [
     Mutant("token_stats: temperature ignored", "kernels/token_stats.py",
            "z = logits.to(acc_dtype(logits.dtype)) / cfg.temperature", "z = logits.to(acc_dtype(logits.dtype))"),
     Mutant("decode_attention: a query sees the next slot", "kernels/decode_attention.py",
-           "torch.arange(S, device=q.device) <= position_ids", "torch.arange(S, device=q.device) <= position_ids + 1"),
+           "<= position_ids[:, None, :, None]", "<= position_ids[:, None, :, None] + 1"),
 ]
 
 
