@@ -27,8 +27,10 @@ PARALLEL = ["tests/test_parallel.py::test_split_range_is_balanced_and_covers_eve
             "tests/test_parallel.py::test_a_single_process_runs_without_tp_whatever_tp_says",
             "tests/test_parallel.py::test_tp2_and_dp2_match_one_process"]  # not the peer-timeout tests (slow)
 TESTS = {  # pytest arguments for a mutant in each module, the most targeted first (-x stops at the first failure)
-    "nanoufo/trainer.py": ["tests/test_build_batch.py", "tests/test_trainer.py", PARALLEL[-1]],
-    "nanoufo/rl.py": ["tests/test_rl.py", "tests/test_build_batch.py", "tests/test_trainer.py"],
+    "nanoufo/trainer.py": ["tests/test_build_batch.py", "tests/test_trainer.py", "tests/test_micro_batches.py",
+                           "tests/test_fused_policy_loss.py", PARALLEL[-1]],
+    "nanoufo/rl.py": ["tests/test_rl.py", "tests/test_micro_batches.py", "tests/test_build_batch.py",
+                      "tests/test_trainer.py"],
     "nanoufo/env.py": ["tests/test_env.py"],
     "nanoufo/sampler.py": ["tests/test_sampler.py"],
     "nanoufo/checkpoint.py": ["tests/test_checkpoint.py", *(f"tests/test_reliability.py::{name}" for name in (
@@ -40,7 +42,7 @@ TESTS = {  # pytest arguments for a mutant in each module, the most targeted fir
     "kernels/sampling.py": ["tests/test_kernels_decode.py"],
     "kernels/token_stats.py": ["tests/test_kernels_token_stats.py"],
     "kernels/decode_attention.py": ["tests/test_kernels_decode.py"],
-    "kernels/kv_append.py": ["tests/test_kernels_decode.py"],
+    "kernels/rope_kv_append.py": ["tests/test_kernels_decode.py"],
 }
 
 
@@ -57,9 +59,9 @@ MUTANTS = [
     Mutant("trainer: no advantage whitening", "nanoufo/trainer.py",
            "if cfg.whiten_advantages:", "if False:"),
     Mutant("trainer: KL penalty added to the reward", "nanoufo/trainer.py",
-           "rewards = rewards - cfg.kl_coef", "rewards = rewards + cfg.kl_coef"),
+           "rewards = rewards - kl_reward", "rewards = rewards + kl_reward"),
     Mutant("trainer: reference log-probs from the actor", "nanoufo/trainer.py",
-           "sequence_stats(ref, tokens, cfg.temperature)[0]", "sequence_stats(actor, tokens, cfg.temperature)[0]"),
+           "sequence_stats(ref, t, cfg.temperature, n)", "sequence_stats(actor, t, cfg.temperature, n)"),
     Mutant("trainer: per-turn rewards of the unfiltered episodes", "nanoufo/trainer.py",
            "kept_episodes = [episodes[i] for i in keep.tolist()]", "kept_episodes = episodes[:len(keep)]"),
     Mutant("trainer: turn spans of the unfiltered rows", "nanoufo/trainer.py",
@@ -69,9 +71,19 @@ MUTANTS = [
     Mutant("trainer: GRPO advantages on unsampled tokens", "nanoufo/trainer.py",
            "cfg.n_samples_per_problem)[:, None] * mask", "cfg.n_samples_per_problem)[:, None] * torch.ones_like(mask)"),
     Mutant("trainer: DP scales seq-mean by tokens", "nanoufo/trainer.py",
-           "loss = loss * (token_scale if cfg.aggregation", "loss = loss * (token_scale if True or cfg.aggregation"),
+           "policy_scale = token_scale if per_token else", "policy_scale = token_scale if True else"),
     Mutant("trainer: DP value loss not scaled", "nanoufo/trainer.py",
-           "loss = loss + v_loss * token_scale", "loss = loss + v_loss"),
+           'rl.loss_weights(mask, "token-mean") * token_scale)', 'rl.loss_weights(mask, "token-mean"))'),
+    Mutant("trainer: a micro-batch takes the first rows' loss weights", "nanoufo/trainer.py",
+           "weights[index, :T], packed)", "weights[:len(rows), :T], packed)"),
+    Mutant("trainer: micro-batch metrics weighted by all their tokens", "nanoufo/trainer.py",
+           "n_tokens = micro.mask.sum()", "n_tokens = micro.mask.numel()"),
+    Mutant("trainer: packed rows predict their own token", "nanoufo/trainer.py",
+           "following = (index + 1).clamp(max=B * T - 1)", "following = index.clamp(max=B * T - 1)"),
+    Mutant("trainer: the fused policy loss at temperature 1", "nanoufo/trainer.py",
+           "else None, temperature=cfg.temperature,", "else None,"),
+    Mutant("trainer: the fused policy loss's clip range swapped", "nanoufo/trainer.py",
+           "clip_low=cfg.clip_low, clip_high=cfg.clip_high", "clip_low=cfg.clip_high, clip_high=cfg.clip_low"),
     Mutant("trainer: a non-finite gradient is not checked", "nanoufo/trainer.py",
            "finite = all(math.isfinite(n) for n in norms.values())", "finite = True"),
     Mutant("trainer: value loss takes the min", "nanoufo/trainer.py",
@@ -80,9 +92,12 @@ MUTANTS = [
            'kl_in_loss = cfg.kl_in == "loss"', 'kl_in_loss = cfg.kl_in != "loss"'),
     # rl.py
     Mutant("rl: GAE does not skip feedback tokens", "nanoufo/rl.py",
-           "next_value = torch.where(m[:, t] > 0, values[:, t], next_value)", "next_value = values[:, t]"),
+           "order = torch.sort((mask <= 0).to(torch.int8), dim=1, stable=True).indices",
+           "order = torch.arange(T, device=rewards.device).expand(B, T)"),
     Mutant("rl: whitening leaves unsampled tokens non-zero", "nanoufo/rl.py",
-           "torch.rsqrt(var + eps) * mask.to(x.dtype)", "torch.rsqrt(var + eps)"),
+           "torch.rsqrt(var + eps) * m", "torch.rsqrt(var + eps)"),
+    Mutant("rl: seq-mean weights count empty rows", "nanoufo/rl.py",
+           "/ (per_row > 0).sum().clamp(min=1)", "/ max(per_row.shape[0], 1)"),
     Mutant("rl: k3 KL without the clamp", "nanoufo/rl.py",
            "log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)", "log_ratio = ref_logp - logp"),
     Mutant("rl: GRPO population std", "nanoufo/rl.py",
@@ -97,7 +112,9 @@ MUTANTS = [
     Mutant("env: turn decay one turn late", "nanoufo/env.py",
            "self.turn_decay ** t if correct", "self.turn_decay ** (t + 1) if correct"),
     Mutant("env: repetition ratio over max_turns", "nanoufo/env.py",
-           "count_distinct_answers(episode.answers) / episode.turns", "count_distinct_answers(episode.answers) / self.max_turns"),
+           "count_distinct_answers(valid) / len(valid)", "count_distinct_answers(valid) / self.max_turns"),
+    Mutant("env: repetition ratio counts attempts without an answer", "nanoufo/env.py",
+           "count_distinct_answers(valid) / len(valid)", "count_distinct_answers(valid) / len(episode.answers)"),
     Mutant("env: feedback close chosen backwards", "nanoufo/env.py",
            "list(self._feedback_ids[ended_with_stop])", "list(self._feedback_ids[not ended_with_stop])"),
     # sampler.py
@@ -131,7 +148,7 @@ MUTANTS = [
     Mutant("parallel: DP gradients summed, not averaged", "nanoufo/parallel.py",
            "p.grad.div_(tp.dp_size)", "p.grad.div_(1)"),
     Mutant("parallel: replicated gradients counted on every TP rank", "nanoufo/parallel.py",
-           "(split_sq if name in split_names else replicated_sq)", "(split_sq if True else replicated_sq)"),
+           "(split if name in split_names else replicated).append", "(split if True else replicated).append"),
     Mutant("parallel: unbalanced split", "nanoufo/parallel.py",
            "start = rank * base + min(rank, extra)", "start = rank * (base + 1)"),
     # the kernels' PyTorch references
@@ -145,10 +162,12 @@ MUTANTS = [
            'kl = -ref_delta if cfg.kl_estimator == "k1"', 'kl = ref_delta if cfg.kl_estimator == "k1"'),
     Mutant("sampling: top-p keeps the token that crosses p", "kernels/sampling.py",
            "mass_before < top_p", "mass_before <= top_p"),
+    Mutant("rope_kv_append: rotate-half with the signs swapped", "kernels/rope_kv_append.py",
+           "torch.cat((-x2, x1), dim=-1)", "torch.cat((x2, -x1), dim=-1)"),
     Mutant("token_stats: temperature ignored", "kernels/token_stats.py",
            "z = logits.to(acc_dtype(logits.dtype)) / cfg.temperature", "z = logits.to(acc_dtype(logits.dtype))"),
     Mutant("decode_attention: a query sees the next slot", "kernels/decode_attention.py",
-           "torch.arange(S, device=q.device) <= position_ids", "torch.arange(S, device=q.device) <= position_ids + 1"),
+           "<= position_ids[:, None, :, None]", "<= position_ids[:, None, :, None] + 1"),
 ]
 
 
@@ -164,16 +183,25 @@ def copy_repo(dest: Path) -> None:
 
 
 def run_tests(repo: Path, tests: list[str], timeout: float, interpret: bool) -> tuple[str, float, str]:
-    """'pass', 'fail' or 'timeout', the seconds taken and the end of pytest's output. Only a kernel's mutants need the Triton interpreter
-    (its tests compare the kernel with the mutated reference); the others run the PyTorch paths, faster."""
-    env = {**os.environ, "PYTHONPATH": str(repo), "TRITON_INTERPRET": "1" if interpret else "0", "OMP_NUM_THREADS": "1"}
+    """'pass', 'fail' or 'timeout', the seconds taken and the end of pytest's output. Only a kernel's mutants
+    need the Triton interpreter (its tests compare the kernel with the mutated reference); the others run the
+    PyTorch paths, faster."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "TRITON_INTERPRET": "1" if interpret else "0",
+           "OMP_NUM_THREADS": "1", "COLUMNS": "300"}  # wide: pytest's summary line keeps the error after the test id
     start = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                               cwd=repo, env=env, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - start, ""
-    return ("pass" if done.returncode == 0 else "fail"), time.monotonic() - start, done.stdout.decode()[-3000:]
+    return ("pass" if done.returncode == 0 else "fail"), time.monotonic() - start, done.stdout.decode()[-6000:]
+
+
+def failed_test(output: str) -> str:
+    """The test that failed, with its error, from pytest's short summary ("FAILED tests/x.py::name - Error: ..."),
+    so a reader can tell a genuine catch from a failure caused by load (a timeout, a slow peer)."""
+    lines = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return lines[0][:300] if lines else "no FAILED line in pytest's output"
 
 
 def applies(mutant: Mutant, repo: Path) -> str | None:
@@ -215,12 +243,14 @@ def main() -> int:
                 continue
             path.write_text(original.replace(m.original, m.mutated))
             try:
-                status, seconds, _ = run_tests(repo, TESTS[m.file], args.timeout, m.file.startswith("kernels/"))
+                status, seconds, output = run_tests(repo, TESTS[m.file], args.timeout, m.file.startswith("kernels/"))
             finally:
                 path.write_text(original)
             outcome = "survived" if status == "pass" else "caught"
             results[outcome].append(m)
             print(f"{outcome:<15} {m.name} ({status}, {seconds:.0f} s)", flush=True)
+            if status == "fail":
+                print(f"                by {failed_test(output)}", flush=True)
     applicable = len(results["caught"]) + len(results["survived"])
     share = 100 * len(results["caught"]) / max(applicable, 1)
     print(f"\ncaught {len(results['caught'])} of {applicable} mutants ({share:.0f}%); "

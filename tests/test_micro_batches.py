@@ -116,7 +116,7 @@ def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
                       kl_coef=0.05, entropy_coef=0.01)
     batch = uneven_batch()
     actor, critic = models()
-    loss, _, _ = minibatch_losses(cfg, actor, critic, batch)
+    loss, want_metrics, want_ratio_dev = minibatch_losses(cfg, actor, critic, batch)
     loss.backward()
     want = grads(actor, critic)
     actor.zero_grad(), critic.zero_grad()
@@ -124,6 +124,8 @@ def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
     assert len(rl.micro_batches(LENGTHS, 24, padded=not pack)) >= 3  # really split
     assert abs(total.item() - loss.item()) < 1e-6
     assert_grads_close(grads(actor, critic), want)
+    for name, value in (want_metrics | {"ratio_dev": want_ratio_dev}).items():  # token-means of the whole minibatch
+        assert abs(metrics[name].item() - value) < 1e-5, name
     assert metrics["padding_frac"].item() == 0.0 if pack else metrics["padding_frac"].item() > 0.1
 
 
