@@ -27,13 +27,27 @@ Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """
 import torch
 
-from kernels.dispatch import pick_impl
-from kernels.linear_token_stats import _mm_acc, check_head
+from kernels.dispatch import acc_dtype, debug_mode, pick_impl
+from kernels.linear_token_stats import check_head, mm_acc
 from kernels.ppo_loss import ppo_loss
-from kernels.token_stats import (SliceConfig, acc_dtype, check_targets_shape, debug_mode, finished_stats,
-                                 slice_grad, token_stats)
+from kernels.softmax_stats import SliceConfig
+from kernels.token_stats import check_targets_shape, finished_stats, token_stats
+from kernels.token_stats_grad import token_stats_grad
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
+
+
+def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                              weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
+                              temperature: float = 1.0, **ppo) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
+    targets = torch.where(mask != 0, targets, -100)
+    logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
+    loss, metrics = ppo_loss(logp[None], old_logp[None], advantages[None], mask[None], weights=weights[None],
+                             ref_logp=None if ref_logp is None else ref_logp[None], entropy=entropy[None],
+                             impl="torch", **ppo)
+    return loss, metrics, logp.detach()
 
 
 def _ppo_grads(logp, entropy, old, adv, mask, ref, weights, ppo: dict):
@@ -56,18 +70,19 @@ def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceCo
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
         h = hidden[rows]  # (R, H)
-        logits = _mm_acc(h, weight.T)  # (R, V) fp32
+        logits = mm_acc(h, weight.T)  # (R, V) fp32
         (logp[rows], entropy[rows], _), lse_mu = finished_stats(logits, targets[rows], cfg, group)
         if needs[0] or needs[1]:
             d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], old[rows], adv[rows], mask[rows],
                                        None if ref is None else ref[rows], weights[rows], ppo)
             # (R, V) d loss / d logits; V is only used by the self-certainty's term, absent here
-            dz = slice_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg, hidden.dtype)
+            dz = token_stats_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg,
+                                  hidden.dtype)
             del logits  # free the fp32 chunk before the GEMMs allocate theirs
             if needs[0]:
-                grad_hidden[rows] = _mm_acc(dz, weight)
+                grad_hidden[rows] = mm_acc(dz, weight)
             if needs[1]:
-                _mm_acc(dz.T, h, out=grad_weight)
+                mm_acc(dz.T, h, out=grad_weight)
     with torch.no_grad():
         loss, metrics = ppo_loss(logp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else
                                  ref[None], entropy=entropy[None], weights=weights[None], **ppo)
@@ -134,15 +149,3 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     names = ["clip_frac", "approx_kl", "ratio_mean"] + (["kl"] if ref_logp is not None else []) + ["entropy"]
     return loss, dict(zip(names, metrics)), logp
 
-
-def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                              weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
-                              temperature: float = 1.0, **ppo) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
-    targets = torch.where(mask != 0, targets, -100)
-    logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
-    loss, metrics = ppo_loss(logp[None], old_logp[None], advantages[None], mask[None], weights=weights[None],
-                             ref_logp=None if ref_logp is None else ref_logp[None], entropy=entropy[None],
-                             impl="torch", **ppo)
-    return loss, metrics, logp.detach()
