@@ -71,7 +71,7 @@ def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceCo
         rows = slice(r0, min(r0 + chunk_rows, n))
         h = hidden[rows]  # (R, H)
         logits = mm_acc(h, weight.T)  # (R, V) fp32
-        (logp[rows], entropy[rows], _), lse_mu = finished_stats(logits, targets[rows], cfg, group)
+        (logp[rows], entropy[rows], _), lse_mu, _ = finished_stats(logits, targets[rows], cfg, group)
         if needs[0] or needs[1]:
             d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], old[rows], adv[rows], mask[rows],
                                        None if ref is None else ref[rows], weights[rows], ppo)

@@ -23,7 +23,7 @@ import torch
 
 from kernels.dispatch import acc_dtype, pick_impl
 from kernels.softmax_stats import SliceConfig, merge_partial_stats
-from kernels.token_stats import PartialStats, check_targets_shape, combine_partial_stats, partial_stats, token_stats
+from kernels.token_stats import TokenStatsFn, check_targets_shape, finish_slice, partial_stats, token_stats
 from kernels.token_stats_grad import token_stats_grad
 
 DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
@@ -102,6 +102,6 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         parts = [partial_stats(mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))
                  for start, end in _chunks(weight.shape[0], chunk_size)]
         stats = merge_partial_stats(torch.stack(parts))  # (5, N)
-    partials = PartialStats(stats, weight.shape[0], targets, (hidden, weight), partial(_linear_grad, cfg, chunk_size),
-                            ignore_index)
-    return combine_partial_stats(partials, group)
+        outs, lse_mu, vocab_size = finish_slice(stats, targets, weight.shape[0], cfg, group)
+    grad_fn = partial(_linear_grad, cfg, chunk_size)
+    return TokenStatsFn.apply(grad_fn, targets, vocab_size, outs, lse_mu, hidden, weight)

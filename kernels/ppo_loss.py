@@ -17,11 +17,12 @@ Metrics (0-d tensors, token-means over the masked tokens whatever the aggregatio
 where the clipped branch wins, so their gradient is 0), approx_kl (KL(old || new) by the k3
 estimator ratio - 1 - log ratio), ratio_mean, and kl / entropy when ref_logp / entropy are given.
 
-Each case's gradient is derived beside the token kernel below. Triton path: forward = two launches and
-no host sync: the token kernel (a (B, T/BLOCK) grid; each program reads its tokens once and writes per-block sums of the seven row statistics and, when logp needs a
-gradient, d(token loss)/d(logp)) and one program finishing the loss, the metrics and the per-row
-gradient scales on the device; backward = one launch, one multiply per token. Gradients flow to logp and
-entropy only. debug=True (or NANOUFO_KERNEL_DEBUG=1) names the first masked-in NaN input (one sync).
+Triton path: forward = two launches and no host sync: the token kernel (a (B, T/BLOCK) grid; each program
+reads its tokens once and writes per-block sums of the seven row statistics and, when logp needs a
+gradient, d(token loss)/d(logp), each case derived beside it) and one program finishing the loss, the
+metrics and the per-row gradient scales on the device; backward = one launch, one multiply per token.
+Gradients flow to logp and entropy only. debug=True (or NANOUFO_KERNEL_DEBUG=1) names the first masked-in
+NaN input (one sync).
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_ppo_loss.py
 """

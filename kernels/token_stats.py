@@ -16,7 +16,7 @@ no communication.
 When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
 kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
 several programs (a 2D grid); the last program of a row to arrive merges their partials. Otherwise the
-partials of the slice are all-reduced and finished by PyTorch ops (combine_partial_stats).
+partials of the slice are all-reduced and finished by PyTorch ops (finish_slice).
 
 Edge cases: a row whose target is ignore_index is masked: its three outputs are 0, it gets no
 gradient and its logits are not read. A -inf logit has p = 0 and no gradient, and adds nothing to
@@ -29,9 +29,7 @@ number); with debug=True or NANOUFO_KERNEL_DEBUG=1 the launcher raises instead, 
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
-from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,18 +42,6 @@ from kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, b
 from kernels.token_stats_grad import token_stats_grad
 
 MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters grow to at least this many rows at once
-
-
-@dataclass
-class PartialStats:
-    """Per-row statistics of one vocab slice, and what the backward recomputes them from.
-    grad_fn(targets, lse, mu, vocab_size, grads, needs_input_grad, *inputs) -> a grad per input."""
-    stats: torch.Tensor  # (5, N): m, s, a, b, z_target
-    vocab_size: int  # width of the slice
-    targets: torch.Tensor  # (N,) global token ids
-    inputs: tuple[torch.Tensor, ...]  # differentiable inputs: (logits,) or (hidden, weight)
-    grad_fn: Callable
-    ignore_index: int
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
@@ -253,22 +239,29 @@ def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torc
     return torch.cat([m[None], packed[:-1].view(4, -1)]), int(packed[-1].item())
 
 
-def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig,
-                   group=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """No autograd: (logp, entropy, self-certainty) and (2, N) lse, mu of a logits slice. Without a group
-    the slice is the whole vocabulary: one launch on the Triton path. With one, the partials of every
-    rank are all-reduced first."""
-    if group is None and cfg.impl == "triton" and logits.shape[0] > 0:
-        return token_stats_triton(logits, targets, cfg)
-    stats, width = partial_stats(logits, targets, cfg), logits.shape[1]
+def finish_slice(stats: torch.Tensor, targets: torch.Tensor, width: int, cfg: SliceConfig,
+                 group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """From the (5, N) statistics of this rank's slice (width columns): logp, entropy, self-certainty, (2, N)
+    lse and mu, and the full vocabulary's size. group: the tensor-parallel process group whose ranks hold the
+    other slices (two all-reduces), or None when the slice is the whole vocabulary."""
     if group is not None:
         stats, width = _all_reduce_stats(stats, width, group)
-    return finish_stats(stats, targets, width, cfg.ignore_index, cfg.debug)
+    return (*finish_stats(stats, targets, width, cfg.ignore_index, cfg.debug), width)
 
 
-class _TokenStats(torch.autograd.Function):
+def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig,
+                   group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """No autograd: finish_slice's outputs for a logits slice. The whole vocabulary (no group, vocab_start 0)
+    on the Triton path is one launch."""
+    if group is None and cfg.vocab_start == 0 and cfg.impl == "triton" and logits.shape[0] > 0:
+        return (*token_stats_triton(logits, targets, cfg), logits.shape[1])
+    return finish_slice(partial_stats(logits, targets, cfg), targets, logits.shape[1], cfg, group)
+
+
+class TokenStatsFn(torch.autograd.Function):
     """Hands out the finished logp, entropy, self-certainty (computed without autograd); the backward
-    differentiates the local slice given the global lse and mu (no communication)."""
+    differentiates the local slice given the global lse and mu (no communication):
+    grad_fn(targets, lse, mu, vocab_size, grads, needs_input_grad, *inputs) -> a gradient per input."""
 
     @staticmethod
     def forward(ctx, grad_fn, targets, vocab_size, outs, lse_mu, *inputs):
@@ -286,18 +279,6 @@ class _TokenStats(torch.autograd.Function):
             return (None,) * (5 + len(inputs))
         return (None,) * 5 + tuple(ctx.grad_fn(targets, lse_mu[0], lse_mu[1], ctx.vocab_size, grads, needs,
                                                *inputs))
-
-
-def combine_partial_stats(partials: PartialStats, group=None, debug: bool = False) -> tuple[torch.Tensor, ...]:
-    """(logp, entropy, self_certainty), each (N,), from this rank's PartialStats. group: the
-    tensor-parallel process group whose ranks hold the other vocab slices, or None when the slice is
-    the whole vocabulary. Forward: two all-reduces; backward: none (each rank's input gradients
-    cover its own slice)."""
-    stats, vocab_size = partials.stats, partials.vocab_size
-    if group is not None:
-        stats, vocab_size = _all_reduce_stats(stats, vocab_size, group)
-    outs, lse_mu = finish_stats(stats.detach(), partials.targets, vocab_size, partials.ignore_index, debug)
-    return _TokenStats.apply(partials.grad_fn, partials.targets, vocab_size, outs, lse_mu, *partials.inputs)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -336,12 +317,6 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, logits), block_size, num_splits,
                       debug_mode(debug))
-    grad_fn = partial(_logits_grad, cfg)
-    if group is not None or vocab_start != 0:
-        with torch.no_grad():
-            stats = partial_stats(logits, targets, cfg)
-        partials = PartialStats(stats, logits.shape[1], targets, (logits,), grad_fn, ignore_index)
-        return combine_partial_stats(partials, group, cfg.debug)
     with torch.no_grad():
-        outs, lse_mu = finished_stats(logits, targets, cfg)
-    return _TokenStats.apply(grad_fn, targets, logits.shape[1], outs, lse_mu, logits)
+        outs, lse_mu, vocab_size = finished_stats(logits, targets, cfg, group)
+    return TokenStatsFn.apply(partial(_logits_grad, cfg), targets, vocab_size, outs, lse_mu, logits)
