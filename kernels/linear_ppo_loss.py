@@ -108,7 +108,7 @@ class _LinearPPOLoss(torch.autograd.Function):
         return scale(grad_hidden), scale(grad_weight), None
 
 
-def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group) -> None:
+def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group, temperature) -> None:
     check_head(hidden, weight, "linear_ppo_loss")
     for name, x in per_token.items():
         if x is not None and (x.shape != hidden.shape[:1] or x.device != hidden.device):
@@ -116,8 +116,8 @@ def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start:
                              f"{tuple(x.shape)} on {x.device}")
     if vocab_start != 0 and group is None:
         raise ValueError("linear_ppo_loss: vocab_start is the offset of a vocab-parallel slice: pass its group")
-    if chunk_rows is not None and chunk_rows <= 0:
-        raise ValueError(f"linear_ppo_loss: chunk_rows must be > 0, got {chunk_rows}")
+    if (chunk_rows is not None and chunk_rows <= 0) or not temperature > 0:
+        raise ValueError(f"linear_ppo_loss: chunk_rows and temperature must be > 0, got {chunk_rows}, {temperature}")
 
 
 def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
@@ -134,9 +134,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     entropy included. chunk_rows: rows per chunk (default: 2^28 logits)."""
     per_token = dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask, weights=weights,
                      ref_logp=ref_logp)
-    _check(hidden, weight, per_token, chunk_rows, vocab_start, group)
-    if not temperature > 0:
-        raise ValueError(f"linear_ppo_loss: temperature must be > 0, got {temperature}")
+    _check(hidden, weight, per_token, chunk_rows, vocab_start, group, temperature)
     targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)
     targets = torch.where(mask != 0, targets, -100)  # unmasked rows: never read, no gradient
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))

@@ -57,12 +57,6 @@ class PPOConfig:
     block_size: int | None = None  # Triton block over T (None: up to MAX_BLOCK)
 
 
-# ----------------------------------------------------------------------------- PyTorch reference
-
-def _k3(d: torch.Tensor) -> torch.Tensor:
-    return torch.exp(d) - d - 1
-
-
 def ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> torch.Tensor:
     """(7, B) per-row sums (the LOSS row weighted when weights are given), differentiable."""
     tok = mask != 0
@@ -78,7 +72,8 @@ def ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg: PPO
     kl = torch.zeros_like(logp)
     if ref is not None:
         ref_delta = torch.where(tok, ref.to(acc), 0.0) - logp
-        kl = -ref_delta if cfg.kl_estimator == "k1" else _k3(ref_delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        u = ref_delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = -ref_delta if cfg.kl_estimator == "k1" else torch.exp(u) - u - 1
         loss = loss + cfg.kl_coef * kl
     ent = torch.zeros_like(logp) if entropy is None else torch.where(tok, entropy.to(acc), 0.0)
     loss = loss - cfg.entropy_coef * ent
@@ -88,26 +83,20 @@ def ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg: PPO
     return torch.stack([torch.where(tok, term, 0.0).sum(1) for term in terms])
 
 
-def aggregate(rows: torch.Tensor, aggregation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and the (5,) metrics (clip_frac .. entropy) from the (7, B) per-row sums."""
+def ppo_loss_reference(logp, entropy, old, adv, mask, ref, weights,
+                       cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the (5,) metrics (clip_frac .. entropy), differentiable w.r.t. logp and entropy by autograd."""
+    rows = ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg)  # (7, B)
     count = rows[COUNT]  # (B,)
     total = count.sum().clamp(min=1)
-    if aggregation == "token-mean":
+    if cfg.aggregation == "token-mean":
         loss = rows[LOSS].sum() / total
-    elif aggregation == "weights":  # already inside the LOSS row
+    elif cfg.aggregation == "weights":  # already inside the LOSS row
         loss = rows[LOSS].sum()
     else:  # seq-mean(-token-mean): each row's token-mean, over the rows that hold tokens
         loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
     return loss, (rows[CLIP:].sum(1) / total).detach()
 
-
-def ppo_loss_reference(logp, entropy, old, adv, mask, ref, weights,
-                       cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and the (5,) metrics, differentiable w.r.t. logp and entropy by autograd."""
-    return aggregate(ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg), cfg.aggregation)
-
-
-# ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
 def _ppo_loss_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, dloss_ptr, sums_ptr,
@@ -240,8 +229,6 @@ def _ppo_loss_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr
         tl.store(grad_ent_ptr + offs, -entropy_coef * g, mask=in_row)
 
 
-# ----------------------------------------------------------------------------- launcher
-
 class _PPOLossTriton(torch.autograd.Function):
     """Forward: the token kernel and the finishing kernel (2 launches, no host sync); backward: one kernel."""
 
@@ -300,12 +287,9 @@ def ppo_loss_triton(logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig)
     return _PPOLossTriton.apply(*inputs, cfg)
 
 
-# ----------------------------------------------------------------------------- public API
-
 def _metrics(metrics: torch.Tensor, has_ref: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
-    names = {"clip_frac": 0, "approx_kl": 1, "ratio_mean": 2} | ({"kl": 3} if has_ref else {}) | \
-        ({"entropy": 4} if has_entropy else {})
-    return {name: metrics[i] for name, i in names.items()}
+    names = ("clip_frac", "approx_kl", "ratio_mean", "kl" if has_ref else "", "entropy" if has_entropy else "")
+    return {name: metrics[i] for i, name in enumerate(names) if name}
 
 
 def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: bool) -> None:

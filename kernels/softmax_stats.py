@@ -58,8 +58,6 @@ def owned_targets(targets, valid, cfg: SliceConfig, n_cols: int) -> tuple[torch.
     return valid & (local >= 0) & (local < n_cols), local.clamp(0, n_cols - 1)
 
 
-# ----------------------------------------------------------------------------- Triton: one row of a slice
-
 @triton.jit
 def exp2_acc(x, ACC: tl.constexpr):
     if ACC == tl.float64:  # fp64 (gradcheck): exact exp, as the GPU has no fp64 exp2
@@ -126,8 +124,6 @@ def row_stats(row_ptr, lo, end, c, K: tl.constexpr, GROUPS: tl.constexpr, BF16_P
     return m_row, tl.sum(s, 0), tl.sum(a, 0), tl.sum(b, 0)
 
 
-# ----------------------------------------------------------------------------- launch geometry
-
 def block_of(cfg: SliceConfig, n_cols: int) -> int:
     return cfg.block_size or min(MAX_BLOCK, triton.next_power_of_2(n_cols))
 
@@ -159,8 +155,6 @@ def splits_of(cfg: SliceConfig, n_rows: int, n_cols: int, block: int, device: to
 def split_width(n_cols: int, splits: int, block: int) -> int:
     return triton.cdiv(triton.cdiv(n_cols, splits), block) * block  # whole blocks: aligned, unmasked loads
 
-
-# ----------------------------------------------------------------------------- merging slices (PyTorch)
 
 def rescale(stats: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """s and a of stats (..., 5, N) re-expressed relative to a new, larger max m (N,)."""

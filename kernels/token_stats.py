@@ -1,17 +1,15 @@
-"""Fused per-token statistics of the softmax over the vocabulary: the log-prob of the target token,
-the entropy and the self-certainty, in one pass over the logits, a plain PyTorch reference, and the
-vocab-parallel form. The backward is kernels/token_stats_grad.py; the row reduction and the merging of
-vocab slices they share are kernels/softmax_stats.py.
+"""Fused per-token statistics of the softmax over the vocabulary: the log-prob of the target token, the
+entropy and the self-certainty, in one pass over the logits; a plain PyTorch reference; the vocab-parallel
+form. The backward is kernels/token_stats_grad.py; what both share is kernels/softmax_stats.py.
 
     from kernels import token_stats
     logp, entropy, self_certainty = token_stats(logits, targets, temperature=0.7)   # each (N,) fp32
 
-How it works: each row of a vocab slice reduces to five partial statistics of z = logits / T (the max m,
-s = sum e^(z - m), a = sum (z - m) e^(z - m), b = sum z and z_target; see kernels/softmax_stats.py). Slices
-merge exactly; then lse = m + log s, logp = z_y - lse, entropy = -sum p log p = log s - a/s and
-self-certainty = lse - b/V (KL(U || p) + log V, U uniform over the FULL vocabulary of size V). The backward
-needs only lse and mu = E_p[z] = m + a/s per row, so a vocab-parallel rank differentiates its own slice with
-no communication.
+How it works: each row of a vocab slice reduces to five partial statistics of z = logits / T (m = max z,
+s = sum e^(z - m), a = sum (z - m) e^(z - m), b = sum z, z_target), which merge exactly across slices; then
+lse = m + log s, logp = z_y - lse, entropy = -sum p log p = log s - a/s, self-certainty = lse - b/V
+(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V). The backward needs only lse and
+mu = E_p[z] = m + a/s per row, so a vocab-parallel rank differentiates its own slice with no communication.
 
 When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
 kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
@@ -43,8 +41,6 @@ from kernels.token_stats_grad import token_stats_grad
 
 MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters grow to at least this many rows at once
 
-
-# ----------------------------------------------------------------------------- PyTorch reference
 
 def partial_stats_reference(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
     """(5, N) partial statistics (m, s, a, b, z_target) of a (N, V_slice) block of logits."""
@@ -82,8 +78,6 @@ def finish_stats(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, ig
     lse_mu = torch.stack([lse, stats[M] + a_over_s])  # (2, N); mu = E_p[z]
     return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0)
 
-
-# ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
 def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, bad_ptr, n_rows,
@@ -166,8 +160,6 @@ def _partial_stats_kernel(logits_ptr, targets_ptr, stats_ptr, n_rows, n_cols, ro
     tl.store(stats_ptr + 4 * n_rows + row, z_y)
 
 
-# ----------------------------------------------------------------------------- launchers
-
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}  # per-row arrival counters of the split kernel, kept zeroed
 
 
@@ -218,8 +210,6 @@ def partial_stats_triton(logits: torch.Tensor, targets: torch.Tensor, cfg: Slice
                                 BF16_PAIRS=bf16_pairs(logits), ACC=TL_ACC[stats.dtype], num_warps=warps)
     return stats
 
-
-# ----------------------------------------------------------------------------- dispatch, merging, autograd
 
 def partial_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
     """(5, N) partial statistics of a (N, V_slice) block of logits; no autograd."""
@@ -280,8 +270,6 @@ class TokenStatsFn(torch.autograd.Function):
         return (None,) * 5 + tuple(ctx.grad_fn(targets, lse_mu[0], lse_mu[1], ctx.vocab_size, grads, needs,
                                                *inputs))
 
-
-# ----------------------------------------------------------------------------- public API
 
 def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: torch.device) -> torch.Tensor:
     if targets.shape != (n_rows,) or targets.dtype.is_floating_point or targets.device != device:
