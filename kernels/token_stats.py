@@ -23,7 +23,7 @@ infinite). A row that is -inf everywhere but at the target has logp = 0 and entr
 that is -inf everywhere is no distribution and gives NaN, as torch.log_softmax does. A target outside
 [0, V) or a NaN logit in a row gives NaN outputs for that row on the one-launch path (never a plausible
 number); with debug=True or NANOUFO_KERNEL_DEBUG=1 the launcher raises instead, naming the first bad row
-(one host sync). The PyTorch paths and the vocab-parallel combine check the targets on the host and raise.
+(one host sync). The PyTorch paths and the vocab-parallel finish check the targets on the host and raise.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
@@ -39,7 +39,7 @@ from kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, b
                                    lanes, owned_targets, rescale, row_stats, scaled_logits, split_width, splits_of)
 from kernels.token_stats_grad import token_stats_grad
 
-MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters grow to at least this many rows at once
+MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters: 1024 rows at least, so few batches regrow them
 
 
 def partial_stats_reference(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
