@@ -157,14 +157,15 @@ def sass_report(source: str | None, kernel_name: str) -> dict:
         spec = importlib.util.spec_from_file_location("kernel_source", source)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module("kernels.token_stats")
+    else:  # the forward's kernels, or the backward's (kernels/token_stats_grad.py)
+        source = "kernels/token_stats_grad.py" if "_grad_" in kernel_name else "kernels/token_stats.py"
+        module = importlib.import_module(source[:-3].replace("/", "."))
     kernel = getattr(module, kernel_name)
     k = 8
     constexprs = dict(BLOCK=BLOCK, K=k, GROUPS=BLOCK // (2 * k), SPLIT=1, DEBUG=False, BF16_PAIRS=True, ACC=tl.float32,
                       HAS_LOGP=True, HAS_ENT=True, HAS_SC=True)
     stats = loop_stats(compile_sm90(kernel, constexprs, WARPS), BLOCK // (32 * WARPS))
-    return dict(kernel=kernel_name, source=source or "kernels/token_stats.py", block=BLOCK, num_warps=WARPS, **stats)
+    return dict(kernel=kernel_name, source=source, block=BLOCK, num_warps=WARPS, **stats)
 
 
 # ----------------------------------------------------------------------------- launches, syncs, FLOPs
@@ -231,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", action="store_true", help="only the SASS count (run without TRITON_INTERPRET)")
     parser.add_argument("--source", help="a token_stats.py to compile instead of this checkout's")
-    parser.add_argument("--kernel", default="_stats_kernel")
+    parser.add_argument("--kernel", default="_token_stats_kernel")
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose kernels/ package is counted")
     args = parser.parse_args()
     sys.path.insert(0, args.root)
@@ -243,7 +244,7 @@ def main() -> None:
     for row in (token_stats_counts(), token_stats_counts(num_splits=4), ppo_loss_counts(), *head_flops()):
         print(json.dumps(row))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for kernel in ("_stats_kernel", "_grad_kernel"):
+    for kernel in ("_token_stats_kernel", "_token_stats_grad_kernel"):
         sass = [sys.executable, __file__, "--sass", "--root", args.root, "--kernel", kernel]
         print(subprocess.run(sass, env=env, capture_output=True, text=True, check=True).stdout, end="")
 

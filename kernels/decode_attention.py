@@ -22,8 +22,9 @@ import triton.language as tl
 
 from kernels.dispatch import pick_impl
 
-SPLIT_LEN = 256  # cache slots per program in pass 1
-BLOCK_S = 64  # slots per inner step
+SPLIT_LEN = 256  # cache slots per pass-1 program: a 4k context is 16 programs per (token, KV head), enough to
+                 # fill a GPU at a small batch, and each still runs 4 steps of BLOCK_S to amortise its q load
+BLOCK_S = 64  # slots per inner step: tl.dot wants >= 16; 64 keys x 128 dims of bf16 is a 16 KiB K (or V) tile
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -41,13 +42,14 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, pos_ptr, part_out_ptr, part_stat_ptr, out_ptr,
-                  T, split_len, sm_scale,
-                  stride_qb, stride_qt, stride_qh,  # q (B, T, Hq, D), and out
-                  stride_cb, stride_cs, stride_ch,  # caches (B_cache, S, Hkv, D)
-                  stride_pb,  # position_ids (B, T)
-                  G: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr, N_SPLITS: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
+def _decode_attention_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, pos_ptr, part_out_ptr, part_stat_ptr,
+                                   out_ptr, T, split_len, sm_scale,
+                                   stride_qb, stride_qt, stride_qh,  # q (B, T, Hq, D), and out
+                                   stride_cb, stride_cs, stride_ch,  # caches (B_cache, S, Hkv, D)
+                                   stride_pb,  # position_ids (B, T)
+                                   G: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr, N_SPLITS: tl.constexpr,
+                                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                   IEEE: tl.constexpr):
     pid_q, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, t = pid_q // T, pid_q % T
     row = tl.load(rows_ptr + b).to(tl.int64)
@@ -97,10 +99,10 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, pos_ptr, part_out_p
 
 
 @triton.jit
-def _merge_kernel(part_out_ptr, part_stat_ptr, out_ptr, T,
-                  stride_ob, stride_ot, stride_oh,  # out (B, T, Hq, D)
-                  D: tl.constexpr, HQ: tl.constexpr, N_SPLITS: tl.constexpr,
-                  BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_attention_merge_kernel(part_out_ptr, part_stat_ptr, out_ptr, T,
+                                   stride_ob, stride_ot, stride_oh,  # out (B, T, Hq, D)
+                                   D: tl.constexpr, HQ: tl.constexpr, N_SPLITS: tl.constexpr,
+                                   BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_q, head = tl.program_id(0), tl.program_id(1)
     b, t = pid_q // T, pid_q % T
     sp, d = tl.arange(0, BLOCK_SPLITS), tl.arange(0, BLOCK_D)
@@ -134,13 +136,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     n_parts = B * T * Hq * n_splits if n_splits > 1 else 0  # one split writes out directly
     part_out = torch.empty(n_parts, BLOCK_D, device=q.device, dtype=torch.float32)
     part_stat = torch.empty(n_parts, 2, device=q.device, dtype=torch.float32)  # (max, sum)
-    _split_kernel[(B * T, Hkv, n_splits)](
+    _decode_attention_split_kernel[(B * T, Hkv, n_splits)](
         q, k_cache, v_cache, cache_rows, position_ids, part_out, part_stat, out, T, split_len, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         position_ids.stride(0), G=G, D=D, HQ=Hq, N_SPLITS=n_splits, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_D=BLOCK_D, BLOCK_S=block_s, IEEE=q.dtype == torch.float32)
     if n_splits > 1:
-        _merge_kernel[(B * T, Hq)](
+        _decode_attention_merge_kernel[(B * T, Hq)](
             part_out, part_stat, out, T, out.stride(0), out.stride(1), out.stride(2), D=D, HQ=Hq,
             N_SPLITS=n_splits, BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=BLOCK_D)
     return out

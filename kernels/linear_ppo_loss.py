@@ -27,13 +27,27 @@ Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """
 import torch
 
-from kernels.dispatch import pick_impl
-from kernels.linear_token_stats import _mm_acc, check_head
+from kernels.dispatch import acc_dtype, debug_mode, pick_impl
+from kernels.linear_token_stats import check_head, mm_acc
 from kernels.ppo_loss import ppo_loss
-from kernels.token_stats import (SliceConfig, acc_dtype, check_targets_shape, debug_mode, finished_stats,
-                                 slice_grad, token_stats)
+from kernels.softmax_stats import SliceConfig
+from kernels.token_stats import check_targets_shape, finished_stats, token_stats
+from kernels.token_stats_grad import token_stats_grad
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
+
+
+def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                              weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
+                              temperature: float = 1.0, **ppo) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
+    targets = torch.where(mask != 0, targets, -100)
+    logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
+    loss, metrics = ppo_loss(logp[None], old_logp[None], advantages[None], mask[None], weights=weights[None],
+                             ref_logp=None if ref_logp is None else ref_logp[None], entropy=entropy[None],
+                             impl="torch", **ppo)
+    return loss, metrics, logp.detach()
 
 
 def _ppo_grads(logp, entropy, old, adv, mask, ref, weights, ppo: dict):
@@ -56,18 +70,19 @@ def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceCo
     for r0 in range(0, n, chunk_rows):
         rows = slice(r0, min(r0 + chunk_rows, n))
         h = hidden[rows]  # (R, H)
-        logits = _mm_acc(h, weight.T)  # (R, V) fp32
-        (logp[rows], entropy[rows], _), lse_mu = finished_stats(logits, targets[rows], cfg, group)
+        logits = mm_acc(h, weight.T)  # (R, V) fp32
+        (logp[rows], entropy[rows], _), lse_mu, _ = finished_stats(logits, targets[rows], cfg, group)
         if needs[0] or needs[1]:
             d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], old[rows], adv[rows], mask[rows],
                                        None if ref is None else ref[rows], weights[rows], ppo)
             # (R, V) d loss / d logits; V is only used by the self-certainty's term, absent here
-            dz = slice_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg, hidden.dtype)
+            dz = token_stats_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg,
+                                  hidden.dtype)
             del logits  # free the fp32 chunk before the GEMMs allocate theirs
             if needs[0]:
-                grad_hidden[rows] = _mm_acc(dz, weight)
+                grad_hidden[rows] = mm_acc(dz, weight)
             if needs[1]:
-                _mm_acc(dz.T, h, out=grad_weight)
+                mm_acc(dz.T, h, out=grad_weight)
     with torch.no_grad():
         loss, metrics = ppo_loss(logp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else
                                  ref[None], entropy=entropy[None], weights=weights[None], **ppo)
@@ -93,7 +108,7 @@ class _LinearPPOLoss(torch.autograd.Function):
         return scale(grad_hidden), scale(grad_weight), None
 
 
-def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group) -> None:
+def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group, temperature) -> None:
     check_head(hidden, weight, "linear_ppo_loss")
     for name, x in per_token.items():
         if x is not None and (x.shape != hidden.shape[:1] or x.device != hidden.device):
@@ -101,8 +116,8 @@ def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start:
                              f"{tuple(x.shape)} on {x.device}")
     if vocab_start != 0 and group is None:
         raise ValueError("linear_ppo_loss: vocab_start is the offset of a vocab-parallel slice: pass its group")
-    if chunk_rows is not None and chunk_rows <= 0:
-        raise ValueError(f"linear_ppo_loss: chunk_rows must be > 0, got {chunk_rows}")
+    if (chunk_rows is not None and chunk_rows <= 0) or not temperature > 0:
+        raise ValueError(f"linear_ppo_loss: chunk_rows and temperature must be > 0, got {chunk_rows}, {temperature}")
 
 
 def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
@@ -119,9 +134,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     entropy included. chunk_rows: rows per chunk (default: 2^28 logits)."""
     per_token = dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask, weights=weights,
                      ref_logp=ref_logp)
-    _check(hidden, weight, per_token, chunk_rows, vocab_start, group)
-    if not temperature > 0:
-        raise ValueError(f"linear_ppo_loss: temperature must be > 0, got {temperature}")
+    _check(hidden, weight, per_token, chunk_rows, vocab_start, group, temperature)
     targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)
     targets = torch.where(mask != 0, targets, -100)  # unmasked rows: never read, no gradient
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
@@ -134,15 +147,3 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     names = ["clip_frac", "approx_kl", "ratio_mean"] + (["kl"] if ref_logp is not None else []) + ["entropy"]
     return loss, dict(zip(names, metrics)), logp
 
-
-def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                              weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
-                              temperature: float = 1.0, **ppo) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
-    targets = torch.where(mask != 0, targets, -100)
-    logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
-    loss, metrics = ppo_loss(logp[None], old_logp[None], advantages[None], mask[None], weights=weights[None],
-                             ref_logp=None if ref_logp is None else ref_logp[None], entropy=entropy[None],
-                             impl="torch", **ppo)
-    return loss, metrics, logp.detach()

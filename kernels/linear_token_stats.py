@@ -21,15 +21,21 @@ from functools import partial
 
 import torch
 
-from kernels.dispatch import pick_impl
-from kernels.token_stats import (PartialStats, SliceConfig, acc_dtype, check_targets_shape,
-                                 combine_partial_stats, merge_partial_stats, slice_grad, slice_partials,
-                                 token_stats)
+from kernels.dispatch import acc_dtype, pick_impl
+from kernels.softmax_stats import SliceConfig, merge_partial_stats
+from kernels.token_stats import TokenStatsFn, check_targets_shape, finish_slice, partial_stats, token_stats
+from kernels.token_stats_grad import token_stats_grad
 
 DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
 
 
-def _mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 temperature: float = 1.0, **kwargs) -> tuple[torch.Tensor, ...]:
+    """The unfused path: materialise the (N, V) logits in the input dtype, then the PyTorch statistics."""
+    return token_stats(hidden @ weight.T, targets, temperature, impl="torch", **kwargs)
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b with a float32 result (float64 for float64 inputs), added into out when given. On CUDA
     bf16/fp16 operands stay as they are and cuBLAS accumulates in fp32; elsewhere they are upcast."""
     acc = acc_dtype(a.dtype)
@@ -68,23 +74,24 @@ def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size
         if need_hidden else None  # (N, H) fp32 accumulator over chunks
     grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
     for start, end in _chunks(weight.shape[0], chunk_size):
-        logits = _mm_acc(hidden, weight[start:end].T)  # (N, C) fp32, as in the forward
-        dz = slice_grad(logits, targets, lse, mu, grads, vocab_size, _chunk_config(cfg, start),
-                        hidden.dtype)  # (N, C)
+        logits = mm_acc(hidden, weight[start:end].T)  # (N, C) fp32, as in the forward
+        dz = token_stats_grad(logits, targets, lse, mu, grads, vocab_size, _chunk_config(cfg, start),
+                              hidden.dtype)  # (N, C)
         del logits  # free the fp32 chunk before the matmuls allocate theirs
         if need_hidden:
-            _mm_acc(dz, weight[start:end], out=grad_hidden)
+            mm_acc(dz, weight[start:end], out=grad_hidden)
         if need_weight:
-            grad_weight[start:end] = _mm_acc(dz.T, hidden)  # (C, H)
+            grad_weight[start:end] = mm_acc(dz.T, hidden)  # (C, H)
     return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
 
 
-def linear_partial_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         temperature: float = 1.0, *, vocab_start: int = 0,
-                         chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100, impl: str = "auto",
-                         block_size: int | None = None) -> PartialStats:
-    """Partial statistics of the logits hidden @ weight.T, weight (V_slice, H) holding global vocab ids
-    [vocab_start, vocab_start + V_slice)."""
+def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       temperature: float = 1.0, *, chunk_size: int = DEFAULT_CHUNK, vocab_start: int = 0,
+                       group=None, ignore_index: int = -100, impl: str = "auto",
+                       block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, self_certainty), each (N,) fp32, of the logits hidden @ weight.T at a temperature;
+    differentiable w.r.t. hidden and weight. weight (V_slice, H) holds global vocab ids
+    [vocab_start, vocab_start + V_slice); group/vocab_start: as in token_stats."""
     check_head(hidden, weight, "linear_token_stats")
     if temperature <= 0 or chunk_size <= 0:
         raise ValueError(f"linear_token_stats: temperature and chunk_size must be > 0, got "
@@ -92,26 +99,9 @@ def linear_partial_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats", hidden.device)
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size)
     with torch.no_grad():
-        parts = [slice_partials(_mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))
+        parts = [partial_stats(mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))
                  for start, end in _chunks(weight.shape[0], chunk_size)]
         stats = merge_partial_stats(torch.stack(parts))  # (5, N)
-    return PartialStats(stats, weight.shape[0], targets, (hidden, weight),
-                        partial(_linear_grad, cfg, chunk_size), ignore_index)
-
-
-def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       temperature: float = 1.0, *, chunk_size: int = DEFAULT_CHUNK, vocab_start: int = 0,
-                       group=None, ignore_index: int = -100, impl: str = "auto",
-                       block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, self_certainty), each (N,) fp32, of the logits hidden @ weight.T at a
-    temperature; differentiable w.r.t. hidden and weight. group/vocab_start: as in token_stats."""
-    partials = linear_partial_stats(hidden, weight, targets, temperature, vocab_start=vocab_start,
-                                    chunk_size=chunk_size, ignore_index=ignore_index, impl=impl,
-                                    block_size=block_size)
-    return combine_partial_stats(partials, group)
-
-
-def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 temperature: float = 1.0, **kwargs) -> tuple[torch.Tensor, ...]:
-    """The unfused path: materialise the (N, V) logits in the input dtype, then the PyTorch statistics."""
-    return token_stats(hidden @ weight.T, targets, temperature, impl="torch", **kwargs)
+        outs, lse_mu, vocab_size = finish_slice(stats, targets, weight.shape[0], cfg, group)
+    grad_fn = partial(_linear_grad, cfg, chunk_size)
+    return TokenStatsFn.apply(grad_fn, targets, vocab_size, outs, lse_mu, hidden, weight)

@@ -5,9 +5,9 @@ plain PyTorch reference.
     loss, metrics = ppo_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=0.005)
 
 Per token where mask is nonzero (masked tokens are never read, so they may hold anything):
-  ratio = exp(clamp(logp - old, -20, 20))
+  ratio = exp(clamp(logp - old, -C, C)), C = LOG_RATIO_CLAMP = 20
   loss  = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)), and for A < 0 at most -A dual_clip
-        + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -20, 20))
+        + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -C, C))
         - entropy_coef * entropy
 Aggregation: "token-mean" over every masked token of the batch, or "seq-mean" (long name
 "seq-mean-token-mean"): each row's token-mean, averaged over the rows that have at least one token; or
@@ -19,9 +19,10 @@ estimator ratio - 1 - log ratio), ratio_mean, and kl / entropy when ref_logp / e
 
 Triton path: forward = two launches and no host sync: the token kernel (a (B, T/BLOCK) grid; each program
 reads its tokens once and writes per-block sums of the seven row statistics and, when logp needs a
-gradient, d(token loss)/d(logp)) and one program finishing the loss, the metrics and the per-row
-gradient scales on the device; backward = one launch, one multiply per token. Gradients flow to logp and
-entropy only. debug=True (or NANOUFO_KERNEL_DEBUG=1) names the first masked-in NaN input (one sync).
+gradient, d(token loss)/d(logp), each case derived beside it) and one program finishing the loss, the
+metrics and the per-row gradient scales on the device; backward = one launch, one multiply per token.
+Gradients flow to logp and entropy only. debug=True (or NANOUFO_KERNEL_DEBUG=1) names the first masked-in
+NaN input (one sync).
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_ppo_loss.py
 """
@@ -31,11 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import pick_impl
-from kernels.token_stats import acc_dtype, debug_mode
+from kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
 
+# The log-ratios inside exp (logp - old for the ratio, ref - logp for the k3 KL) are clamped to +-20, so exp
+# stays finite in fp32 (e^20 ~ 5e8, and so does its product with an advantage) for a token whose log-prob moved
+# very far since sampling; past the clamp the term is flat and passes no gradient. nanoufo/rl.py uses it too.
+LOG_RATIO_CLAMP = 20.0
+_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)  # the same, readable inside @triton.jit code
 COUNT, LOSS, CLIP, APPROX_KL, RATIO, KL, ENT = range(7)  # rows of the (7, B) per-row sums
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+AGGREGATIONS = {"token-mean": 0, "seq-mean": 1, "seq-mean-token-mean": 1, "weights": 2}  # seq-mean: the short name
+MAX_BLOCK = 1024  # tokens per program (4 warps x 32 threads x 8): a response up to 1024 tokens is one block
+FINISH_TILE = 64  # the one finishing program reads the (B, T-blocks) sums in tiles of <= 64 x 64: bounded registers
 
 
 @dataclass(frozen=True)
@@ -47,14 +54,55 @@ class PPOConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
-    block_size: int | None = None  # Triton block over T (None: up to 1024)
+    block_size: int | None = None  # Triton block over T (None: up to MAX_BLOCK)
+
+
+def ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> torch.Tensor:
+    """(7, B) per-row sums (the LOSS row weighted when weights are given), differentiable."""
+    tok = mask != 0
+    acc = acc_dtype(logp.dtype)
+    logp, old, adv = (torch.where(tok, x.to(acc), 0.0) for x in (logp, old, adv))  # (B, T) each
+    log_ratio = (logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg = -adv * ratio
+    pg_clip = -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    loss = torch.maximum(pg, pg_clip)
+    if cfg.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * cfg.dual_clip), loss)
+    kl = torch.zeros_like(logp)
+    if ref is not None:
+        ref_delta = torch.where(tok, ref.to(acc), 0.0) - logp
+        u = ref_delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = -ref_delta if cfg.kl_estimator == "k1" else torch.exp(u) - u - 1
+        loss = loss + cfg.kl_coef * kl
+    ent = torch.zeros_like(logp) if entropy is None else torch.where(tok, entropy.to(acc), 0.0)
+    loss = loss - cfg.entropy_coef * ent
+    if weights is not None:
+        loss = loss * torch.where(tok, weights.to(acc), 0.0)
+    terms = (tok.to(acc), loss, (pg_clip > pg).to(acc), ratio - 1 - log_ratio, ratio, kl, ent)
+    return torch.stack([torch.where(tok, term, 0.0).sum(1) for term in terms])
+
+
+def ppo_loss_reference(logp, entropy, old, adv, mask, ref, weights,
+                       cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the (5,) metrics (clip_frac .. entropy), differentiable w.r.t. logp and entropy by autograd."""
+    rows = ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg)  # (7, B)
+    count = rows[COUNT]  # (B,)
+    total = count.sum().clamp(min=1)
+    if cfg.aggregation == "token-mean":
+        loss = rows[LOSS].sum() / total
+    elif cfg.aggregation == "weights":  # already inside the LOSS row
+        loss = rows[LOSS].sum()
+    else:  # seq-mean(-token-mean): each row's token-mean, over the rows that hold tokens
+        loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
+    return loss, (rows[CLIP:].sum(1) / total).detach()
 
 
 @triton.jit
-def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, dloss_ptr, sums_ptr,
-                n_rows, n_cols, n_blocks, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-                HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, USE_DUAL: tl.constexpr,
-                KL_K3: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _ppo_loss_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, dloss_ptr, sums_ptr,
+                     n_rows, n_cols, n_blocks, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+                     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, USE_DUAL: tl.constexpr,
+                     KL_K3: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -64,19 +112,20 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, d
     logp = tl.load(logp_ptr + offs, mask=tok, other=0.0).to(ACC)
     old = tl.load(old_ptr + offs, mask=tok, other=0.0).to(ACC)
     adv = tl.load(adv_ptr + offs, mask=tok, other=0.0).to(ACC)
-    # d_loss = d(token loss) / d logp, branch by branch, with r = exp(clamp(logp - old, -20, 20)):
+    # d_loss = d(token loss) / d logp, branch by branch, with r = exp(clamp(logp - old, -C, C)):
     #   dr/dlogp = r inside the clamp, 0 outside it (the clamp is flat there)
-    #   unclipped branch, loss = -A r:                       d_loss = -A dr/dlogp
+    #   unclipped branch, loss = -A r:                       d_loss = -A dr/dlogp = -A r
     #   clipped branch wins, loss = -A clip(r, 1 - el, 1 + eh): it wins only with r outside the clip range
     #     (inside, both branches are equal and the unclipped one is taken), where clip(r) is constant: 0
     #   dual clip, A < 0 and loss > -A c, loss = -A c:       0
     #   k1, kl = logp - ref:                                 + kl_coef
     #   k3, kl = e^u - u - 1 with u = clamp(ref - logp):     + kl_coef (1 - e^u) inside the clamp, else 0
+    #     (du/dlogp = -1, so d kl/dlogp = -(e^u - 1))
     #   entropy bonus, loss -= entropy_coef H:               d_loss / dH = -entropy_coef (the backward's)
     delta = logp - old
-    log_ratio = tl.minimum(tl.maximum(delta, -20.0), 20.0)
+    log_ratio = tl.minimum(tl.maximum(delta, -_CLAMP), _CLAMP)
     ratio = tl.exp(log_ratio)
-    d_ratio = tl.where(tl.abs(delta) <= 20.0, ratio, 0.0)
+    d_ratio = tl.where(tl.abs(delta) <= _CLAMP, ratio, 0.0)
     pg = -adv * ratio
     pg_clip = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     clipped = pg_clip > pg
@@ -90,9 +139,9 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, d
     if HAS_REF:
         ref = tl.load(ref_ptr + offs, mask=tok, other=0.0).to(ACC)
         if KL_K3:
-            ref_delta = tl.minimum(tl.maximum(ref - logp, -20.0), 20.0)
+            ref_delta = tl.minimum(tl.maximum(ref - logp, -_CLAMP), _CLAMP)
             kl = tl.exp(ref_delta) - ref_delta - 1.0
-            d_loss += kl_coef * tl.where(tl.abs(ref - logp) <= 20.0, 1.0 - tl.exp(ref_delta), 0.0)
+            d_loss += kl_coef * tl.where(tl.abs(ref - logp) <= _CLAMP, 1.0 - tl.exp(ref_delta), 0.0)
         else:
             kl = logp - ref
             d_loss += kl_coef
@@ -117,10 +166,10 @@ def _ppo_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, d
 
 
 @triton.jit
-def _ppo_finish_kernel(sums_ptr, loss_ptr, metrics_ptr, row_scale_ptr, n_rows, n_blocks, AGG: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCKS: tl.constexpr, ACC: tl.constexpr):
+def _ppo_loss_finish_kernel(sums_ptr, loss_ptr, metrics_ptr, row_scale_ptr, n_rows, n_blocks, AGG: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCKS: tl.constexpr, ACC: tl.constexpr):
     # one program: the (7, B, n_blocks) partial sums -> the loss, the metrics (token-means), and what the
-    # backward needs: d loss / d(row r's loss sum) = row_scale[r] * norm, norm = metrics[6]
+    # backward needs: d loss / d(row r's loss sum) = row_scale[r] * norm, norm = metrics[5]
     #   token-mean (AGG 0): loss = sum_r L_r / n_tok                 row_scale 1, norm 1 / n_tok
     #   seq-mean (AGG 1):   loss = sum_r (L_r / n_r) / n_nonempty    row_scale 1 / n_r, norm 1 / n_nonempty
     #   weights (AGG 2):    loss = sum_r L_r (weights inside L_r)    row_scale 1, norm 1
@@ -160,9 +209,9 @@ def _ppo_finish_kernel(sums_ptr, loss_ptr, metrics_ptr, row_scale_ptr, n_rows, n
 
 
 @triton.jit
-def _ppo_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr, g_out_ptr, grad_logp_ptr,
-                     grad_ent_ptr, n_cols, entropy_coef, HAS_W: tl.constexpr, LOGP: tl.constexpr,
-                     ENT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _ppo_loss_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr, g_out_ptr, grad_logp_ptr,
+                          grad_ent_ptr, n_cols, entropy_coef, HAS_W: tl.constexpr, LOGP: tl.constexpr,
+                          ENT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # d loss / d logp_t = d_loss_t * (d loss / d L_t), d loss / d H_t = -entropy_coef * (d loss / d L_t), where
     # d loss / d L_t = g_out * norm * row_scale[r] * (w_t with weights, else 1), L_t the token's loss
     row = tl.program_id(0).to(tl.int64)
@@ -180,13 +229,6 @@ def _ppo_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr, g_o
         tl.store(grad_ent_ptr + offs, -entropy_coef * g, mask=in_row)
 
 
-AGGREGATIONS = {"token-mean": 0, "seq-mean": 1, "seq-mean-token-mean": 1, "weights": 2}  # seq-mean: the short name
-
-
-def _block(cfg: PPOConfig, n_cols: int) -> int:
-    return cfg.block_size or min(1024, triton.next_power_of_2(n_cols))
-
-
 class _PPOLossTriton(torch.autograd.Function):
     """Forward: the token kernel and the finishing kernel (2 launches, no host sync); backward: one kernel."""
 
@@ -194,25 +236,26 @@ class _PPOLossTriton(torch.autograd.Function):
     def forward(ctx, logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig):
         n_rows, n_cols = logp.shape
         acc = acc_dtype(logp.dtype)
-        block = _block(cfg, n_cols)
+        block = cfg.block_size or min(MAX_BLOCK, triton.next_power_of_2(n_cols))
         n_blocks = triton.cdiv(n_cols, block)
         sums = torch.empty((7, n_rows, n_blocks), dtype=acc, device=logp.device)  # (7, B, T-blocks)
         store_grad = ctx.needs_input_grad[0]
         dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums  # (B, T)
         unused = logp
-        _ppo_kernel[(n_rows, n_blocks)](
+        _ppo_loss_kernel[(n_rows, n_blocks)](
             logp, old, adv, mask, unused if ref is None else ref, unused if entropy is None else entropy,
             unused if weights is None else weights, dloss, sums, n_rows, n_cols, n_blocks, float(cfg.clip_low),
             float(cfg.clip_high), float(cfg.dual_clip or 0), float(cfg.kl_coef), float(cfg.entropy_coef),
             HAS_REF=ref is not None, HAS_ENT=entropy is not None, HAS_W=weights is not None,
             USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
-            BLOCK=block, ACC=_TL_ACC[acc], num_warps=4)
+            BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
         loss = torch.empty((), dtype=acc, device=logp.device)
         metrics = torch.empty(6, dtype=acc, device=logp.device)  # clip .. entropy, then the norm
         row_scale = torch.empty(n_rows, dtype=acc, device=logp.device)  # (B,)
-        _ppo_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
-                                 AGG=AGGREGATIONS[cfg.aggregation], ROWS=64,
-                                 BLOCKS=min(64, triton.next_power_of_2(n_blocks)), ACC=_TL_ACC[acc], num_warps=4)
+        _ppo_loss_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
+                                      AGG=AGGREGATIONS[cfg.aggregation], ROWS=FINISH_TILE,
+                                      BLOCKS=min(FINISH_TILE, triton.next_power_of_2(n_blocks)), ACC=TL_ACC[acc],
+                                      num_warps=4)
         ctx.save_for_backward(dloss, mask, weights, row_scale, metrics)
         ctx.cfg, ctx.block = cfg, block
         ctx.mark_non_differentiable(metrics)
@@ -228,60 +271,25 @@ class _PPOLossTriton(torch.autograd.Function):
         n_rows, n_cols = mask.shape
         grad_logp = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_logp else None
         grad_ent = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_ent else None
-        _ppo_grad_kernel[(n_rows, triton.cdiv(n_cols, ctx.block))](
+        _ppo_loss_grad_kernel[(n_rows, triton.cdiv(n_cols, ctx.block))](
             dloss, mask, mask if weights is None else weights, row_scale, metrics, g_loss.contiguous(),
             metrics if grad_logp is None else grad_logp, metrics if grad_ent is None else grad_ent, n_cols,
             float(ctx.cfg.entropy_coef), HAS_W=weights is not None, LOGP=need_logp, ENT=need_ent, BLOCK=ctx.block,
-            ACC=_TL_ACC[metrics.dtype], num_warps=4)
+            ACC=TL_ACC[metrics.dtype], num_warps=4)
         return grad_logp, grad_ent, None, None, None, None, None, None
 
 
-def _row_sums_torch(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> torch.Tensor:
-    """Reference: (7, B) per-row sums (the LOSS row weighted when weights are given), differentiable."""
-    tok = mask != 0
-    acc = acc_dtype(logp.dtype)
-    logp, old, adv = (torch.where(tok, x.to(acc), 0.0) for x in (logp, old, adv))  # (B, T) each
-    log_ratio = (logp - old).clamp(-20, 20)
-    ratio = torch.exp(log_ratio)
-    pg = -adv * ratio
-    pg_clip = -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
-    loss = torch.maximum(pg, pg_clip)
-    if cfg.dual_clip is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * cfg.dual_clip), loss)
-    kl = torch.zeros_like(logp)
-    if ref is not None:
-        ref_delta = torch.where(tok, ref.to(acc), 0.0) - logp
-        kl = -ref_delta if cfg.kl_estimator == "k1" else _k3(ref_delta.clamp(-20, 20))
-        loss = loss + cfg.kl_coef * kl
-    ent = torch.zeros_like(logp) if entropy is None else torch.where(tok, entropy.to(acc), 0.0)
-    loss = loss - cfg.entropy_coef * ent
-    if weights is not None:
-        loss = loss * torch.where(tok, weights.to(acc), 0.0)
-    terms = (tok.to(acc), loss, (pg_clip > pg).to(acc), ratio - 1 - log_ratio, ratio, kl, ent)
-    return torch.stack([torch.where(tok, term, 0.0).sum(1) for term in terms])
-
-
-def _k3(d: torch.Tensor) -> torch.Tensor:
-    return torch.exp(d) - d - 1
-
-
-def aggregate(rows: torch.Tensor, aggregation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: the loss and the (5,) metrics (clip_frac .. entropy) from the (7, B) per-row sums."""
-    count = rows[COUNT]  # (B,)
-    total = count.sum().clamp(min=1)
-    if aggregation == "token-mean":
-        loss = rows[LOSS].sum() / total
-    elif aggregation == "weights":  # already inside the LOSS row
-        loss = rows[LOSS].sum()
-    else:  # seq-mean(-token-mean): each row's token-mean, over the rows that hold tokens
-        loss = (rows[LOSS] / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
-    return loss, (rows[CLIP:].sum(1) / total).detach()
+def ppo_loss_triton(logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and (6,) metrics (the 5 of the reference, then the backward's norm); no host sync."""
+    inputs = (logp, entropy, old, adv, mask, ref, weights)
+    assert logp.ndim == 2 and logp.numel() > 0 and acc_dtype(logp.dtype) in TL_ACC, "logp: float (B, T)"
+    assert all(x is None or (x.shape == logp.shape and x.is_contiguous()) for x in inputs), "contiguous (B, T)"
+    return _PPOLossTriton.apply(*inputs, cfg)
 
 
 def _metrics(metrics: torch.Tensor, has_ref: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
-    names = {"clip_frac": 0, "approx_kl": 1, "ratio_mean": 2} | ({"kl": 3} if has_ref else {}) | \
-        ({"entropy": 4} if has_entropy else {})
-    return {name: metrics[i] for name, i in names.items()}
+    names = ("clip_frac", "approx_kl", "ratio_mean", "kl" if has_ref else "", "entropy" if has_entropy else "")
+    return {name: metrics[i] for i, name in enumerate(names) if name}
 
 
 def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: bool) -> None:
@@ -298,8 +306,7 @@ def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: b
             raise ValueError(f"ppo_loss: {name} must be a float tensor, got {x.dtype}")
     if cfg.aggregation not in AGGREGATIONS or cfg.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"ppo_loss: aggregation must be token-mean|seq-mean(-token-mean) and kl_estimator "
-                         f"k1|k3, "
-                         f"got {cfg.aggregation!r}, {cfg.kl_estimator!r}")
+                         f"k1|k3, got {cfg.aggregation!r}, {cfg.kl_estimator!r}")
     if cfg.clip_low < 0 or cfg.clip_high < 0 or (cfg.dual_clip is not None and cfg.dual_clip <= 1):
         raise ValueError(f"ppo_loss: clips must be >= 0 and dual_clip > 1 (or None), got "
                          f"{cfg.clip_low}, {cfg.clip_high}, {cfg.dual_clip}")
@@ -331,8 +338,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     if pick_impl(impl, logp) == "triton" and logp.numel() > 0:
         inputs = [None if x is None else x.contiguous() for x in (logp, entropy, old_logp, advantages, mask,
                                                                     ref_logp, weights)]
-        loss, metrics = _PPOLossTriton.apply(*inputs, cfg)
+        loss, metrics = ppo_loss_triton(*inputs, cfg)
     else:
-        rows = _row_sums_torch(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg)
-        loss, metrics = aggregate(rows, aggregation)
+        loss, metrics = ppo_loss_reference(logp, entropy, old_logp, advantages, mask, ref_logp, weights, cfg)
     return loss, _metrics(metrics, ref_logp is not None, entropy is not None)

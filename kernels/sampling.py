@@ -2,8 +2,8 @@
 the token and its log-prob. One Triton program per row streams the vocabulary in blocks, so the
 probabilities are never written out:
   1. lane-wise online max and sum of exp over z = logits / temperature -> lse;
-  2. top-p < 1 only: a 16-way search for the logit threshold theta, the largest one whose tokens
-     (z >= theta) hold at least top_p of the mass; that set is the nucleus of the sorted definition
+  2. top-p < 1 only: a 16-way search (SEARCH_WAYS) for the logit threshold theta, the largest one whose
+     tokens (z >= theta) hold at least top_p of the mass; that set is the nucleus of the sorted definition
      (tokens more than 80 nats below the best one, mass < V * e^-80, are never in it);
   3. argmax of z + Gumbel noise over the nucleus (ties: the lowest token id, as torch.argmax). The noise
      comes from uniforms Philox(seed, noise_id * V + token), so a row draws the same token wherever it
@@ -26,10 +26,11 @@ import triton.language as tl
 
 from kernels.dispatch import pick_impl
 
-SEARCH_ROUNDS = 8  # each round cuts the threshold interval 17-fold: 81 / 17^8 ~ 1e-8, below fp32 spacing
-SEARCH_SPAN = 80.0  # nats below the max logit where the threshold search starts
-BLOCK_V = 1024
-
+SEARCH_WAYS = 16  # thresholds tested per pass over the row: each pass cuts the interval 17-fold for one read
+SEARCH_ROUNDS = 8  # passes: the interval shrinks from 81 nats to 81 / 17^8 ~ 1e-8, below fp32 spacing
+SEARCH_SPAN = 80.0  # the search starts 80 nats below the max: tokens further down hold < V e^-80 ~ 1e-30 of the mass
+BLOCK_V = 1024  # vocab columns per loop step: 8 per thread at 4 warps; the search's (16, BLOCK_V) tile stays small
+UNIFORMS_BLOCK = 4096  # uniforms written per program of philox_uniforms (a test helper: any size works)
 
 def top_p_keep(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean (N, V): the smallest set of most likely tokens whose probability reaches top_p."""
@@ -61,25 +62,16 @@ def torch_uniforms(seed: int, noise_ids: torch.Tensor, V: int, device) -> torch.
 
 
 @triton.jit
-def _uniforms_kernel(noise_ids_ptr, out_ptr, numel, V, seed, BLOCK: tl.constexpr):
+def _philox_uniforms_kernel(noise_ids_ptr, out_ptr, numel, V, seed, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (N * V) index
     mask = idx < numel
     noise_id = tl.load(noise_ids_ptr + idx // V, mask=mask, other=0)
     tl.store(out_ptr + idx, tl.rand(seed, noise_id * V + idx % V), mask=mask)
 
 
-def philox_uniforms(seed: int, noise_ids: torch.Tensor, V: int) -> torch.Tensor:
-    """(N, V): exactly the uniforms the Triton sampling kernel draws for these rows."""
-    out = torch.empty(noise_ids.shape[0], V, device=noise_ids.device, dtype=torch.float32)
-    if out.numel():
-        _uniforms_kernel[(triton.cdiv(out.numel(), 4096),)](noise_ids.to(torch.int64), out, out.numel(), V,
-                                                           seed & (2**63 - 1), BLOCK=4096)
-    return out
-
-
 @triton.jit
 def _sample_kernel(logits_ptr, noise_ids_ptr, tokens_ptr, logprobs_ptr, V, stride_n, inv_temp, top_p, seed,
-                   GREEDY: tl.constexpr, TOP_P: tl.constexpr, SEARCH_ROUNDS: tl.constexpr,
+                   GREEDY: tl.constexpr, TOP_P: tl.constexpr, SEARCH_WAYS: tl.constexpr, SEARCH_ROUNDS: tl.constexpr,
                    SEARCH_SPAN: tl.constexpr, BLOCK_V: tl.constexpr):
     row_ptr = logits_ptr + tl.program_id(0).to(tl.int64) * stride_n
     lanes = tl.arange(0, BLOCK_V)
@@ -98,10 +90,10 @@ def _sample_kernel(logits_ptr, noise_ids_ptr, tokens_ptr, logprobs_ptr, V, strid
     theta = float("-inf")
     if TOP_P:
         lo, hi = m - SEARCH_SPAN, m + 1.0
-        frac = (tl.arange(0, 16) + 1).to(tl.float32) / 17.0
+        frac = (tl.arange(0, SEARCH_WAYS) + 1).to(tl.float32) / (SEARCH_WAYS + 1.0)
         for _ in range(SEARCH_ROUNDS):
-            thresholds = lo + (hi - lo) * frac  # (16,) increasing
-            mass = tl.zeros([16], tl.float32)
+            thresholds = lo + (hi - lo) * frac  # (SEARCH_WAYS,) increasing
+            mass = tl.zeros([SEARCH_WAYS], tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 z = tl.load(row_ptr + v0 + lanes, mask=v0 + lanes < V, other=float("-inf")).to(tl.float32) * inv_temp
                 p = tl.exp(z - lse)
@@ -134,6 +126,16 @@ def _sample_kernel(logits_ptr, noise_ids_ptr, tokens_ptr, logprobs_ptr, V, strid
     tl.store(logprobs_ptr + tl.program_id(0), z_token - lse)
 
 
+def philox_uniforms(seed: int, noise_ids: torch.Tensor, V: int) -> torch.Tensor:
+    """(N, V): exactly the uniforms the Triton sampling kernel draws for these rows."""
+    out = torch.empty(noise_ids.shape[0], V, device=noise_ids.device, dtype=torch.float32)
+    if out.numel():
+        grid = (triton.cdiv(out.numel(), UNIFORMS_BLOCK),)
+        _philox_uniforms_kernel[grid](noise_ids.to(torch.int64), out, out.numel(), V, seed & (2**63 - 1),
+                                      BLOCK=UNIFORMS_BLOCK)
+    return out
+
+
 def sample_triton(logits: torch.Tensor, temperature: float, top_p: float, seed: int, noise_ids: torch.Tensor,
                   block_v: int = BLOCK_V) -> tuple[torch.Tensor, torch.Tensor]:
     N, V = logits.shape
@@ -146,8 +148,8 @@ def sample_triton(logits: torch.Tensor, temperature: float, top_p: float, seed: 
     greedy = temperature == 0
     _sample_kernel[(N,)](
         logits, noise_ids.to(torch.int64), tokens, logprobs, V, logits.stride(0), 1.0 if greedy else 1.0 / temperature,
-        top_p, seed & (2**63 - 1), GREEDY=greedy, TOP_P=not greedy and top_p < 1, SEARCH_ROUNDS=SEARCH_ROUNDS,
-        SEARCH_SPAN=SEARCH_SPAN, BLOCK_V=min(block_v, triton.next_power_of_2(V)))
+        top_p, seed & (2**63 - 1), GREEDY=greedy, TOP_P=not greedy and top_p < 1, SEARCH_WAYS=SEARCH_WAYS,
+        SEARCH_ROUNDS=SEARCH_ROUNDS, SEARCH_SPAN=SEARCH_SPAN, BLOCK_V=min(block_v, triton.next_power_of_2(V)))
     return tokens, logprobs
 
 

@@ -8,6 +8,7 @@ aligned with the tokens: entry i belongs to token i (whose log-prob comes from t
 import torch
 import torch.distributed as dist
 
+from kernels.ppo_loss import LOG_RATIO_CLAMP
 from nanoufo.parallel import all_reduce_
 
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
@@ -124,7 +125,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k3":
-        log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # keeps exp finite for far-off tokens
+        log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # keeps exp finite for far-off tokens
         return torch.exp(log_ratio) - log_ratio - 1.0
     raise ValueError(f"kl_penalty: unknown estimator {estimator!r} (k1 or k3)")
 

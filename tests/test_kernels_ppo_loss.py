@@ -192,7 +192,7 @@ def test_loss_weights_give_the_aggregated_loss_and_split_by_rows(aggregation):
 def independent_loss(logp, old, adv, mask, ref, ent, aggregation, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
                      kl_coef=0.1, entropy_coef=0.01) -> float:
     """The module docstring's loss token by token in plain Python floats, k3 KL, aggregated without
-    kernels/ppo_loss.py's `aggregate` (which both of its paths share)."""
+    kernels/ppo_loss.py (its finishing kernel or ppo_loss_reference)."""
     rows = []
     for b in range(logp.shape[0]):
         token_losses = []

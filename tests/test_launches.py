@@ -25,4 +25,4 @@ def test_counter_counts_kernels_not_views_and_syncs_apart():
 def test_decode_step_launches_at_most_12_per_layer():
     result = launches.main(["--preset", "tiny", "--layers", "2", "--context", "300"])  # 2 attention passes
     assert result["launches_per_layer"] <= 12 and result["host_syncs"] == 0
-    assert result["per_layer_ops"]["triton:_merge_kernel"] == 1  # the count reaches inside the attention
+    assert result["per_layer_ops"]["triton:_decode_attention_merge_kernel"] == 1  # counted inside the attention
