@@ -77,6 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.tiny:  # a smoke run: a few short episodes unless asked otherwise
         args.limit = args.limit or 4
     args.max_new_tokens = args.max_new_tokens or (32 if args.tiny else 1024)
+    if args.k < 1 or args.max_new_tokens < 1:  # the boundary: the library below only asserts
+        p.error("--k and --max_new_tokens must be at least 1")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return args
 

@@ -40,7 +40,7 @@ from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
 from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
-from nanoufo.trainer import build_batch, make_optimizers, ppo_update
+from nanoufo.trainer import TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout
 from nanoufo.weights import load_model, save_model
 
 
@@ -148,7 +148,8 @@ critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
 prm = PRMReward(PRMScorer.load(cfg.prm, device=ctx.device, dtype=dtype, tp=ctx), tokenizer, cfg.prm_aggregate,
                 cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
-optimizers = make_optimizers(cfg, actor, critic)
+trainer_cfg = TrainerConfig.of(cfg)  # what the trainer reads, checked by parse_args
+optimizers = make_optimizers(trainer_cfg, actor, critic)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {ctx.world} ranks = DP {ctx.dp_size} x TP {ctx.tp_size}")
@@ -225,19 +226,21 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal
     n = cfg.problems_per_step
     problems = problems_at(data_pos + ctx.dp_rank * n, n)
     data_pos += n * ctx.dp_size
-    rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
-                                     max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                                     temperature=cfg.temperature, top_p=cfg.top_p,
-                                     seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
-                                     kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
-    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes, prm)
+    rollout = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
+                           max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p,
+                           seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
+                           kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
+    scored, stats = score_rollout(trainer_cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
+    batch, batch_stats = build_batch(trainer_cfg, actor, critic, ref, scored)
+    stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
-    update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    update = ppo_update(trainer_cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
     elapsed = time.time() - t0
-    summary = summarize(episodes, k=cfg.max_turns)
-    record = {"kind": "train", "step": step, "reward": float(np.mean([env.reward(e) for e in episodes])),
+    summary = summarize(rollout.episodes, k=cfg.max_turns)
+    record = {"kind": "train", "step": step, "reward": float(np.mean(rollout.scores.numpy())),  # the env's
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
               "tokens_per_s": float(rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
               "peak_memory_mb": peak_memory_mb()}

@@ -243,6 +243,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                          "(only a process reward model scores steps)")
     if cfg.reward == "prm" and not cfg.prm:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
+    if cfg.repetition_penalty < 0 or cfg.format_penalty < 0:
+        raise ValueError("config: repetition_penalty and format_penalty are magnitudes to subtract and must be >= 0")
     if not 0.0 <= cfg.prm_gold_weight <= 1.0:
         raise ValueError(f"config: prm_gold_weight={cfg.prm_gold_weight} must be in [0, 1]")
     if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
