@@ -27,13 +27,12 @@ from tqdm import tqdm
 
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-from nanoufo.config import eval_sets, format_config, parse_args, save_config
+from nanoufo.config import env_options, eval_sets, format_config, parse_args, save_config
 from nanoufo.data import error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import held_out_metrics
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
-from nanoufo.model import QwenConfig
 from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
@@ -41,7 +40,7 @@ from nanoufo.rollout import run_episodes
 from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout
-from nanoufo.weights import load_model, save_model
+from nanoufo.weights import load_model
 
 
 def fail(message: str) -> None:
@@ -67,14 +66,18 @@ if master:
     save_config(cfg, out_dir / "config.json")
 print0(f"config (saved to {out_dir / 'config.json'}):\n{format_config(cfg)}")
 
-# -------------------------------------------------------------------------- tokenizer, environment, data
-if cfg.is_demo:
-    tokenizer = demo.build_tokenizer()
-    train_problems = demo.make_problems("train", demo.N_TRAIN_PROBLEMS, cfg.seed)
-    eval_problems = {"demo": demo.make_problems("test", cfg.n_eval_problems or demo.N_TEST_PROBLEMS, cfg.seed)}
-else:
+# -------------------------------------------------------------------------- tokenizer, data, environment
+def read_data(cfg) -> tuple:
+    """(tokenizer, training problems, {name: held-out problems}) of a dataset run; a reading error is one
+    line naming the file, the columns and the --{train,eval}_* flag. Problems whose prompt leaves no room for
+    one whole attempt in the model's context are skipped and counted here, so the sampler never meets them."""
+    has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
+    prompts = UFOEnv(tokenizer, **env_options(cfg))  # the prompts' chat template
+    context = model_config(cfg.init_from).max_position_embeddings
+    limit = context - cfg.max_new_tokens
+
     def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
-        """load_problems; a reading error is one line naming the file, the columns and the --{kind}_* flag."""
         try:
             problems, skipped = load_problems(source, format, question_key=question_key or None,
                                               answer_key=answer_key or None, **options)
@@ -84,23 +87,30 @@ else:
         if not problems:
             fail(f"{source}: no usable problems (every row lacks a question"
                  + (" or a parsable answer)" if options.get("need_answers", True) else ")"))
-        return problems
+        kept = [p for p, fits in zip(problems, prompts.prompts_fit([p.question for p in problems], limit)) if fits]
+        if len(kept) < len(problems):
+            print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} "
+                   f"tokens (max_position_embeddings {context} - max_new_tokens)")
+        if not kept:
+            sys.exit(f"{source}: no problem fits the model's context")
+        return kept
 
-    has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
     # label-free training (self-certainty) needs only questions; evaluation always needs gold answers
     train_problems = read("train", cfg.train_data, cfg.train_format, cfg.train_question_key, cfg.train_answer_key,
                           need_answers=cfg.reward != "self_certainty")
     eval_problems = {s.name: read("eval", s.source, s.format, s.question_key, s.answer_key, split="test",
                                   limit=cfg.n_eval_problems or None) for s in eval_sets(cfg)}
-if cfg.instruction == "auto":  # the demo's questions need no instruction; real data gets the env's default
-    env_options = {"instruction": ""} if cfg.is_demo else {}
-else:
-    env_options = {"instruction": cfg.instruction}
-env_options |= dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
-                   format_penalty=cfg.format_penalty)
-env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options)
-eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options)  # Succ@k needs k turns, whatever training used
+    return tokenizer, train_problems, eval_problems
+
+
+start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
+try:  # the demo: its own task and tokenizer, and its warm-up model written to start_dir once
+    tokenizer, train_problems, eval_problems = demo.prepare(cfg, start_dir, ctx) if cfg.is_demo else read_data(cfg)
+    shape = model_config(str(start_dir))
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(str(e))
+env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
+eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options(cfg))  # Succ@k needs k turns, whatever training used
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,12 +126,6 @@ def problems_at(position: int, n: int) -> list:
 
 
 # -------------------------------------------------------------------------- memory plan (before any weight is read)
-start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
-try:
-    shape = QwenConfig(vocab_size=len(tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
-        else model_config(str(start_dir))
-except (ValueError, FileNotFoundError) as e:
-    sys.exit(str(e))
 gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(ctx.device).total_memory / 2**30
                                   if ctx.device.type == "cuda" else None)
 plan = make_plan(cfg, shape, ctx.tp_size, gpu_mem_gib)
@@ -130,18 +134,6 @@ if plan.refusal():
     sys.exit(plan.refusal())
 
 # -------------------------------------------------------------------------- models
-if cfg.is_demo and not cfg.init_from and not (start_dir / "config.json").is_file():
-    if master:  # the demo's supervised warm-up, written once and reused by later runs and resumes
-        model = demo.build_model(len(tokenizer), cfg.seed).to(ctx.device)
-        bar = tqdm(total=cfg.warmup_steps, desc="warm-up", disable=not master)
-        loss = demo.warmup(model, env, tokenizer, train_problems, cfg.warmup_steps, cfg.warmup_lr,
-                           demo.WARMUP_BATCH, cfg.max_turns, cfg.seed,
-                           progress=lambda step, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
-        bar.close()
-        print0(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {start_dir}")
-        save_model(model, start_dir)
-    if ctx.world > 1:
-        torch.distributed.barrier()
 load = functools.partial(load_model, start_dir, device=ctx.device, dtype=dtype, tp=ctx)  # this rank's TP slices
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
@@ -155,23 +147,6 @@ print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_
        f"reference: {ref is not None}; {ctx.world} ranks = DP {ctx.dp_size} x TP {ctx.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), ctx)) if ctx.dp_size > 1 else None
 
-
-def fitting(problems: list, source: str) -> list:
-    """The problems whose prompt leaves room for one whole attempt in the model's context; the others are
-    skipped and counted here, so the sampler never meets them."""
-    limit = actor.config.max_position_embeddings - cfg.max_new_tokens
-    kept = [p for p, fits in zip(problems, env.prompts_fit([p.question for p in problems], limit)) if fits]
-    if len(kept) < len(problems):
-        print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} tokens "
-               f"(max_position_embeddings {actor.config.max_position_embeddings} - max_new_tokens)")
-    if not kept:
-        sys.exit(f"{source}: no problem fits the model's context")
-    return kept
-
-
-if not cfg.is_demo:  # the demo's generated questions are short by construction
-    train_problems = fitting(train_problems, cfg.train_data)
-    eval_problems = {name: fitting(problems, name) for name, problems in eval_problems.items()}
 
 # -------------------------------------------------------------------------- resume
 step, data_pos = 0, 0

@@ -315,6 +315,16 @@ def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
     return sets
 
 
+def env_options(cfg: TrainConfig) -> dict:
+    """nanoufo.env.UFOEnv's options from the config (max_turns apart: training and evaluation differ). The
+    instruction "auto" is none for the demo, whose questions need none, else the environment's default."""
+    options = dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
+                   format_penalty=cfg.format_penalty)
+    if cfg.instruction != "auto" or cfg.is_demo:
+        options["instruction"] = "" if cfg.instruction == "auto" else cfg.instruction
+    return options
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
