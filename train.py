@@ -33,6 +33,7 @@ from nanoufo.env import UFOEnv
 from nanoufo.evaluate import held_out_metrics
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
+from nanoufo.model import QwenConfig
 from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
@@ -74,7 +75,10 @@ def read_data(cfg) -> tuple:
     has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
     prompts = UFOEnv(tokenizer, **env_options(cfg))  # the prompts' chat template
-    context = model_config(cfg.init_from).max_position_embeddings
+    try:
+        context = model_config(cfg.init_from).max_position_embeddings
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(str(e))
     limit = context - cfg.max_new_tokens
 
     def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
@@ -104,11 +108,7 @@ def read_data(cfg) -> tuple:
 
 
 start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
-try:  # the demo: its own task and tokenizer, and its warm-up model written to start_dir once
-    tokenizer, train_problems, eval_problems = demo.prepare(cfg, start_dir, ctx) if cfg.is_demo else read_data(cfg)
-    shape = model_config(str(start_dir))
-except (ValueError, FileNotFoundError) as e:
-    sys.exit(str(e))
+tokenizer, train_problems, eval_problems = demo.task(cfg) if cfg.is_demo else read_data(cfg)
 env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
 eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options(cfg))  # Succ@k needs k turns, whatever training used
 
@@ -126,6 +126,11 @@ def problems_at(position: int, n: int) -> list:
 
 
 # -------------------------------------------------------------------------- memory plan (before any weight is read)
+try:  # the demo's tiny model is not written yet on its first run
+    shape = QwenConfig(vocab_size=len(tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
+        else model_config(str(start_dir))
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(str(e))
 gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(ctx.device).total_memory / 2**30
                                   if ctx.device.type == "cuda" else None)
 plan = make_plan(cfg, shape, ctx.tp_size, gpu_mem_gib)
@@ -134,6 +139,8 @@ if plan.refusal():
     sys.exit(plan.refusal())
 
 # -------------------------------------------------------------------------- models
+if cfg.is_demo and not cfg.init_from:
+    demo.warm_up_once(cfg, start_dir, ctx, tokenizer, train_problems)
 load = functools.partial(load_model, start_dir, device=ctx.device, dtype=dtype, tp=ctx)  # this rank's TP slices
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None

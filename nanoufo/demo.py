@@ -1,7 +1,8 @@
 """The built-in CPU demo: a character tokenizer, a synthetic guessing task and a tiny Qwen2 model.
 
     python train.py                  # warm-up, then UFO PPO on this task (the default config)
-    tokenizer, train_problems, eval_problems = prepare(cfg, warmup_dir, par)   # train.py's one call
+    tokenizer, train_problems, eval_problems = task(cfg)               # train.py's set-up of the demo
+    warm_up_once(cfg, warmup_dir, par, tokenizer, train_problems)     # after the memory plan
 
 The task, "Guess my number": the question names a range of 3 to 5 digits, e.g. "Game 417: guess my
 number from 3 to 6", and the gold answer is one digit of that range, picked at random when the problem is
@@ -156,25 +157,26 @@ def warmup(model: Qwen2, env, tokenizer, problems: list[Problem], steps: int, lr
     return loss.item()
 
 
-def prepare(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext) -> tuple[PreTrainedTokenizerFast, list, dict]:
-    """The demo run's set-up in one call: (tokenizer, training problems, {"demo": held-out problems}), and,
-    when the run starts from no checkpoint, the supervised warm-up written to warmup_dir by the main
-    process once (later runs and resumes reuse it; the other ranks wait for it)."""
-    tokenizer = build_tokenizer()
-    train_problems = make_problems("train", N_TRAIN_PROBLEMS, cfg.seed)
-    eval_problems = {"demo": make_problems("test", cfg.n_eval_problems or N_TEST_PROBLEMS, cfg.seed)}
-    if cfg.init_from or (warmup_dir / "config.json").is_file():
-        return tokenizer, train_problems, eval_problems
+def task(cfg: TrainConfig) -> tuple[PreTrainedTokenizerFast, list[Problem], dict[str, list[Problem]]]:
+    """The demo run's task: (tokenizer, training problems, {"demo": held-out problems})."""
+    return (build_tokenizer(), make_problems("train", N_TRAIN_PROBLEMS, cfg.seed),
+            {"demo": make_problems("test", cfg.n_eval_problems or N_TEST_PROBLEMS, cfg.seed)})
+
+
+def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, tokenizer, problems: list[Problem]) -> None:
+    """The supervised warm-up written to warmup_dir by the main process, unless it is there (later runs and
+    resumes reuse it; the other ranks wait for it)."""
+    if (warmup_dir / "config.json").is_file():
+        return
     if par.is_main:
         env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
         model = build_model(len(tokenizer), cfg.seed).to(par.device)
         bar = tqdm(total=cfg.warmup_steps, desc="warm-up")
         progress = lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))  # noqa: E731
-        loss = warmup(model, env, tokenizer, train_problems, cfg.warmup_steps, cfg.warmup_lr, WARMUP_BATCH,
+        loss = warmup(model, env, tokenizer, problems, cfg.warmup_steps, cfg.warmup_lr, WARMUP_BATCH,
                       cfg.max_turns, cfg.seed, progress=progress)
         bar.close()
         print(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {warmup_dir}")
         save_model(model, warmup_dir)
     if par.world > 1:
         torch.distributed.barrier()
-    return tokenizer, train_problems, eval_problems
