@@ -32,7 +32,8 @@ from nanoufo.data import DEFAULT_EVAL_SETS, FORMATS, error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import best_of_n, evaluate, write_episodes
 from nanoufo.model import QwenConfig, Qwen2
-from nanoufo.prm import AGGREGATES, PRMScorer, evaluate_processbench, load_processbench
+from nanoufo.prm import PRMScorer, evaluate_processbench, load_processbench
+from nanoufo.rl import PRM_AGGREGATES
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
 
@@ -53,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate the first N problems only (--tiny: 4)")
     p.add_argument("--k", type=int, default=5, help="turns per episode (eval) or samples per problem (passk, bon)")
     p.add_argument("--prm", help="process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)")
-    p.add_argument("--prm_aggregate", "--prm-aggregate", choices=AGGREGATES, default="min",
+    p.add_argument("--prm_aggregate", "--prm-aggregate", choices=PRM_AGGREGATES, default="min",
                    help="bon: a response's score from its steps'")
     p.add_argument("--threshold", type=float, default=0.5, help="processbench: a step scored below it is wrong")
     p.add_argument("--temperature", type=float, default=0.5)
@@ -77,6 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.tiny:  # a smoke run: a few short episodes unless asked otherwise
         args.limit = args.limit or 4
     args.max_new_tokens = args.max_new_tokens or (32 if args.tiny else 1024)
+    if args.k < 1 or args.max_new_tokens < 1:  # the boundary: the library below only asserts
+        p.error("--k and --max_new_tokens must be at least 1")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return args
 

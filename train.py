@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-from nanoufo.config import eval_sets, format_config, parse_args, save_config
+from nanoufo.config import env_options, eval_sets, format_config, parse_args, save_config
 from nanoufo.data import error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import held_out_metrics
@@ -40,8 +40,8 @@ from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
 from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
-from nanoufo.trainer import build_batch, make_optimizers, ppo_update
-from nanoufo.weights import load_model, save_model
+from nanoufo.trainer import TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout
+from nanoufo.weights import load_model
 
 
 def fail(message: str) -> None:
@@ -67,14 +67,21 @@ if master:
     save_config(cfg, out_dir / "config.json")
 print0(f"config (saved to {out_dir / 'config.json'}):\n{format_config(cfg)}")
 
-# -------------------------------------------------------------------------- tokenizer, environment, data
-if cfg.is_demo:
-    tokenizer = demo.build_tokenizer()
-    train_problems = demo.make_problems("train", demo.N_TRAIN_PROBLEMS, cfg.seed)
-    eval_problems = {"demo": demo.make_problems("test", cfg.n_eval_problems or demo.N_TEST_PROBLEMS, cfg.seed)}
-else:
+# -------------------------------------------------------------------------- tokenizer, data, environment
+def read_data(cfg) -> tuple:
+    """(tokenizer, training problems, {name: held-out problems}) of a dataset run; a reading error is one
+    line naming the file, the columns and the --{train,eval}_* flag. Problems whose prompt leaves no room for
+    one whole attempt in the model's context are skipped and counted here, so the sampler never meets them."""
+    has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
+    prompts = UFOEnv(tokenizer, **env_options(cfg))  # the prompts' chat template
+    try:
+        context = model_config(cfg.init_from).max_position_embeddings
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(str(e))
+    limit = context - cfg.max_new_tokens
+
     def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
-        """load_problems; a reading error is one line naming the file, the columns and the --{kind}_* flag."""
         try:
             problems, skipped = load_problems(source, format, question_key=question_key or None,
                                               answer_key=answer_key or None, **options)
@@ -84,23 +91,26 @@ else:
         if not problems:
             fail(f"{source}: no usable problems (every row lacks a question"
                  + (" or a parsable answer)" if options.get("need_answers", True) else ")"))
-        return problems
+        kept = [p for p, fits in zip(problems, prompts.prompts_fit([p.question for p in problems], limit)) if fits]
+        if len(kept) < len(problems):
+            print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} "
+                   f"tokens (max_position_embeddings {context} - max_new_tokens)")
+        if not kept:
+            sys.exit(f"{source}: no problem fits the model's context")
+        return kept
 
-    has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
     # label-free training (self-certainty) needs only questions; evaluation always needs gold answers
     train_problems = read("train", cfg.train_data, cfg.train_format, cfg.train_question_key, cfg.train_answer_key,
                           need_answers=cfg.reward != "self_certainty")
     eval_problems = {s.name: read("eval", s.source, s.format, s.question_key, s.answer_key, split="test",
                                   limit=cfg.n_eval_problems or None) for s in eval_sets(cfg)}
-if cfg.instruction == "auto":  # the demo's questions need no instruction; real data gets the env's default
-    env_options = {"instruction": ""} if cfg.is_demo else {}
-else:
-    env_options = {"instruction": cfg.instruction}
-env_options |= dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
-                   format_penalty=cfg.format_penalty)
-env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options)
-eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options)  # Succ@k needs k turns, whatever training used
+    return tokenizer, train_problems, eval_problems
+
+
+start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
+tokenizer, train_problems, eval_problems = demo.task(cfg) if cfg.is_demo else read_data(cfg)
+env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
+eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options(cfg))  # Succ@k needs k turns, whatever training used
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,8 +126,7 @@ def problems_at(position: int, n: int) -> list:
 
 
 # -------------------------------------------------------------------------- memory plan (before any weight is read)
-start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
-try:
+try:  # the demo's tiny model is not written yet on its first run
     shape = QwenConfig(vocab_size=len(tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
         else model_config(str(start_dir))
 except (ValueError, FileNotFoundError) as e:
@@ -130,47 +139,21 @@ if plan.refusal():
     sys.exit(plan.refusal())
 
 # -------------------------------------------------------------------------- models
-if cfg.is_demo and not cfg.init_from and not (start_dir / "config.json").is_file():
-    if master:  # the demo's supervised warm-up, written once and reused by later runs and resumes
-        model = demo.build_model(len(tokenizer), cfg.seed).to(ctx.device)
-        bar = tqdm(total=cfg.warmup_steps, desc="warm-up", disable=not master)
-        loss = demo.warmup(model, env, tokenizer, train_problems, cfg.warmup_steps, cfg.warmup_lr,
-                           demo.WARMUP_BATCH, cfg.max_turns, cfg.seed,
-                           progress=lambda step, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
-        bar.close()
-        print0(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {start_dir}")
-        save_model(model, start_dir)
-    if ctx.world > 1:
-        torch.distributed.barrier()
+if cfg.is_demo and not cfg.init_from:
+    demo.warm_up_once(cfg, start_dir, ctx, tokenizer, train_problems)
 load = functools.partial(load_model, start_dir, device=ctx.device, dtype=dtype, tp=ctx)  # this rank's TP slices
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
 prm = PRMReward(PRMScorer.load(cfg.prm, device=ctx.device, dtype=dtype, tp=ctx), tokenizer, cfg.prm_aggregate,
                 cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
-optimizers = make_optimizers(cfg, actor, critic)
+trainer_cfg = TrainerConfig.of(cfg)  # what the trainer reads, checked by parse_args
+optimizers = make_optimizers(trainer_cfg, actor, critic)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {ctx.world} ranks = DP {ctx.dp_size} x TP {ctx.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), ctx)) if ctx.dp_size > 1 else None
 
-
-def fitting(problems: list, source: str) -> list:
-    """The problems whose prompt leaves room for one whole attempt in the model's context; the others are
-    skipped and counted here, so the sampler never meets them."""
-    limit = actor.config.max_position_embeddings - cfg.max_new_tokens
-    kept = [p for p, fits in zip(problems, env.prompts_fit([p.question for p in problems], limit)) if fits]
-    if len(kept) < len(problems):
-        print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} tokens "
-               f"(max_position_embeddings {actor.config.max_position_embeddings} - max_new_tokens)")
-    if not kept:
-        sys.exit(f"{source}: no problem fits the model's context")
-    return kept
-
-
-if not cfg.is_demo:  # the demo's generated questions are short by construction
-    train_problems = fitting(train_problems, cfg.train_data)
-    eval_problems = {name: fitting(problems, name) for name, problems in eval_problems.items()}
 
 # -------------------------------------------------------------------------- resume
 step, data_pos = 0, 0
@@ -225,19 +208,21 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal
     n = cfg.problems_per_step
     problems = problems_at(data_pos + ctx.dp_rank * n, n)
     data_pos += n * ctx.dp_size
-    rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
-                                     max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                                     temperature=cfg.temperature, top_p=cfg.top_p,
-                                     seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
-                                     kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
-    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes, prm)
+    rollout = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
+                           max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p,
+                           seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
+                           kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
+    scored, stats = score_rollout(trainer_cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
+    batch, batch_stats = build_batch(trainer_cfg, actor, critic, ref, scored)
+    stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
-    update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    update = ppo_update(trainer_cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
     elapsed = time.time() - t0
-    summary = summarize(episodes, k=cfg.max_turns)
-    record = {"kind": "train", "step": step, "reward": float(np.mean([env.reward(e) for e in episodes])),
+    summary = summarize(rollout.episodes, k=cfg.max_turns)
+    record = {"kind": "train", "step": step, "reward": float(np.mean(rollout.scores.numpy())),  # the env's
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
               "tokens_per_s": float(rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
               "peak_memory_mb": peak_memory_mb()}

@@ -21,6 +21,7 @@ counts twice its forward; the update runs actor 1 + 3, reference 1, critic 1 + 3
 The fused head's backward recomputation is hardware work, not model FLOPs, so it is not counted.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 """
+import dataclasses
 import math
 import sys
 from contextlib import contextmanager, nullcontext
@@ -64,15 +65,11 @@ class HFPolicy(nn.Module):
         return self.value_head(hidden).squeeze(-1).float()  # (B, T)
 
 
-class SyntheticRewards:
-    """The environment's reward for episode i (build_batch's only use of it with gold rewards)."""
-
-    def __init__(self, batch: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.rewards = REWARD_LEVELS[torch.randint(len(REWARD_LEVELS), (batch,), generator=g)].tolist()
-
-    def reward(self, episode: int) -> float:
-        return self.rewards[episode]
+def with_rewards(rollout, seed: int):
+    """The rollout with synthetic environment rewards, one per episode (what run_episodes would attach)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = REWARD_LEVELS[torch.randint(len(REWARD_LEVELS), (rollout.tokens.shape[0],), generator=g)].double()
+    return dataclasses.replace(rollout, scores=scores, rewards=torch.zeros_like(rollout.loss_mask))
 
 
 def _unfused_head_and_loss(*args, vocab_start: int = 0, group=None, **options):
@@ -121,7 +118,7 @@ def update_flops(config: QwenConfig, lengths: torch.Tensor) -> float:
     return (1 + 3) * actor + 1 * actor + (1 + 3) * critic
 
 
-def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: bool = True) -> TrainConfig:
+def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: bool = True) -> trainer.TrainerConfig:
     """The update's config; transformers' trunks take padded micro-batches (pack=False): their SDPA path has
     no packed-sequence mask."""
     cfg = TrainConfig(algorithm="ufo_ppo", reward="gold", problems_per_step=batch, n_samples_per_problem=1,
@@ -129,14 +126,13 @@ def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: 
                       kl_coef=0.001, kl_in="reward", micro_batch_tokens=micro_batch_tokens,
                       pack_sequences=pack)
     validate(cfg)
-    return cfg
+    return trainer.TrainerConfig.of(cfg)
 
 
-def one_update(cfg: TrainConfig, models, optimizers, rollout, seed: int) -> dict:
+def one_update(cfg: trainer.TrainerConfig, models, optimizers, rollout, seed: int) -> dict:
     actor, critic, ref = models
-    batch = rollout.tokens.shape[0]
-    env, episodes = SyntheticRewards(batch, seed), list(range(batch))
-    ppo_batch, _ = trainer.build_batch(cfg, env, actor, critic, ref, rollout, episodes)
+    scored, _ = trainer.score_rollout(cfg, actor, with_rewards(rollout, seed))
+    ppo_batch, _ = trainer.build_batch(cfg, actor, critic, ref, scored)
     return trainer.ppo_update(cfg, actor, critic, optimizers, ppo_batch, seed=seed)
 
 

@@ -85,19 +85,19 @@ def ufo_rollout(batch: int, max_new_tokens: int, seed: int) -> Rollout:
                    torch.zeros_like(mask), spans, 0, 0)
 
 
-class Rewards:
-    def __init__(self, rollout: Rollout):
-        self.values = [0.5 ** (len(s) - 1) if len(s) < 5 else 0.0 for s in rollout.turn_spans]
-
-    def reward(self, i: int) -> float:
-        return self.values[i]
+def with_rewards(rollout: Rollout) -> Rollout:
+    """The rollout with the environment's episode rewards, as run_episodes attaches them."""
+    scores = torch.tensor([0.5 ** (len(s) - 1) if len(s) < 5 else 0.0 for s in rollout.turn_spans],
+                          dtype=torch.float64)
+    return dataclasses.replace(rollout, scores=scores, rewards=torch.zeros_like(rollout.loss_mask))
 
 
 def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: int, seed: int = 0) -> dict:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     options = dict(problems_per_step=batch, n_samples_per_problem=1, minibatch_size=minibatch, ppo_epochs=1,
                    kl_coef=0.001, micro_batch_tokens=micro_batch_tokens)
-    cfg = TrainConfig(**{k: v for k, v in options.items() if k in known})  # an older checkout lacks new keys
+    known_options = {k: v for k, v in options.items() if k in known}  # an older checkout lacks new keys
+    cfg = trainer.TrainerConfig.of(TrainConfig(**known_options))
     torch.manual_seed(seed)
     actor, critic = Qwen2(SHAPE), Qwen2(SHAPE, value_head=True)
     ref = Qwen2(SHAPE).requires_grad_(False)
@@ -112,7 +112,8 @@ def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: i
     torch.Tensor.tolist = counted_tolist
     try:
         with OpCounter() as scoring:
-            batch_, _ = trainer.build_batch(cfg, Rewards(rollout), actor, critic, ref, rollout, list(range(batch)))
+            scored, _ = trainer.score_rollout(cfg, actor, with_rewards(rollout))
+            batch_, _ = trainer.build_batch(cfg, actor, critic, ref, scored)
         scoring_tolist, tolist_calls["n"] = tolist_calls["n"], 0
         update = OpCounter()
         for opt in optimizers.values():

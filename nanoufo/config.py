@@ -243,6 +243,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                          "(only a process reward model scores steps)")
     if cfg.reward == "prm" and not cfg.prm:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
+    if cfg.repetition_penalty < 0 or cfg.format_penalty < 0:
+        raise ValueError("config: repetition_penalty and format_penalty are magnitudes to subtract and must be >= 0")
     if not 0.0 <= cfg.prm_gold_weight <= 1.0:
         raise ValueError(f"config: prm_gold_weight={cfg.prm_gold_weight} must be in [0, 1]")
     if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
@@ -311,6 +313,16 @@ def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
         names.add(name)
         sets.append(EvalSet(name, str(DEFAULT_EVAL_SETS.get(entry, entry)), format, question_key, answer_key))
     return sets
+
+
+def env_options(cfg: TrainConfig) -> dict:
+    """nanoufo.env.UFOEnv's options from the config (max_turns apart: training and evaluation differ). The
+    instruction "auto" is none for the demo, whose questions need none, else the environment's default."""
+    options = dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
+                   format_penalty=cfg.format_penalty)
+    if cfg.instruction != "auto" or cfg.is_demo:
+        options["instruction"] = "" if cfg.instruction == "auto" else cfg.instruction
+    return options
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

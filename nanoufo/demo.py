@@ -1,6 +1,8 @@
 """The built-in CPU demo: a character tokenizer, a synthetic guessing task and a tiny Qwen2 model.
 
     python train.py                  # warm-up, then UFO PPO on this task (the default config)
+    tokenizer, train_problems, eval_problems = task(cfg)               # train.py's set-up of the demo
+    warm_up_once(cfg, warmup_dir, par, tokenizer, train_problems)     # after the memory plan
 
 The task, "Guess my number": the question names a range of 3 to 5 digits, e.g. "Game 417: guess my
 number from 3 to 6", and the gold answer is one digit of that range, picked at random when the problem is
@@ -26,13 +28,20 @@ import random
 import string
 import zlib
 
+from pathlib import Path
+
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from nanoufo.config import TrainConfig, env_options
 from nanoufo.data import Problem
+from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.parallel import ParallelContext
 from nanoufo.trainer import sft_loss
+from nanoufo.weights import save_model
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["user", "assistant", "system", "\\boxed{", "Try again."]  # whole tokens keep episodes short
@@ -146,3 +155,28 @@ def warmup(model: Qwen2, env, tokenizer, problems: list[Problem], steps: int, lr
         if progress is not None:
             progress(step, loss.item())
     return loss.item()
+
+
+def task(cfg: TrainConfig) -> tuple[PreTrainedTokenizerFast, list[Problem], dict[str, list[Problem]]]:
+    """The demo run's task: (tokenizer, training problems, {"demo": held-out problems})."""
+    return (build_tokenizer(), make_problems("train", N_TRAIN_PROBLEMS, cfg.seed),
+            {"demo": make_problems("test", cfg.n_eval_problems or N_TEST_PROBLEMS, cfg.seed)})
+
+
+def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, tokenizer, problems: list[Problem]) -> None:
+    """The supervised warm-up written to warmup_dir by the main process, unless it is there (later runs and
+    resumes reuse it; the other ranks wait for it)."""
+    if (warmup_dir / "config.json").is_file():
+        return
+    if par.is_main:
+        env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
+        model = build_model(len(tokenizer), cfg.seed).to(par.device)
+        bar = tqdm(total=cfg.warmup_steps, desc="warm-up")
+        progress = lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))  # noqa: E731
+        loss = warmup(model, env, tokenizer, problems, cfg.warmup_steps, cfg.warmup_lr, WARMUP_BATCH,
+                      cfg.max_turns, cfg.seed, progress=progress)
+        bar.close()
+        print(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {warmup_dir}")
+        save_model(model, warmup_dir)
+    if par.world > 1:
+        torch.distributed.barrier()

@@ -5,9 +5,9 @@ grades attempts and computes rewards.
     env = UFOEnv(tokenizer)
     ids = env.prompt_ids(problem.question)        # system + user turn + assistant header
     episode = Episode(problem)
-    over = env.step(episode, response_text)       # extract, grade, record; True when the episode ends
+    over, = env.step_batch([episode], [response_text])   # extract, grade, record; True when it ends
     ids += response_ids + env.feedback_ids(ended_with_stop=True)   # when it goes on
-    reward = env.reward(episode)
+    rewards = env.turn_rewards(episode)           # each attempt's; their sum is the episode's reward
 
 Works with any Hugging Face tokenizer whose chat template uses <|im_start|>/<|im_end|> turns: the feedback
 tokens are derived from the template itself. Tests: `python -m pytest -q tests/test_env.py`.
@@ -50,11 +50,7 @@ class UFOEnv:
                  system_prompt: str | None = None, grade_timeout: float = 5.0):
         """`repetition_penalty` and `format_penalty` are magnitudes (>= 0) that are subtracted; UFO's code
         uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message."""
-        if max_turns < 1:
-            raise ValueError(f"max_turns must be at least 1, got {max_turns}")
-        if repetition_penalty < 0 or format_penalty < 0:
-            raise ValueError(f"penalties are magnitudes to subtract and must be >= 0, got repetition_penalty="
-                             f"{repetition_penalty}, format_penalty={format_penalty}")
+        assert max_turns >= 1 and repetition_penalty >= 0 and format_penalty >= 0, "checked by the config"
         self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
         self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
         self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
@@ -124,12 +120,9 @@ class UFOEnv:
         other stop token), and the close's <|im_end|> is included here, not sampled."""
         return list(self._feedback_ids[ended_with_stop])
 
-    def step(self, episode: Episode, response_text: str) -> bool:
-        """Grade one attempt and record it; True when the episode is over (correct, or max_turns reached)."""
-        return self.step_batch([episode], [response_text])[0]
-
     def step_batch(self, episodes: list[Episode], response_texts: list[str]) -> list[bool]:
-        """step() for many episodes with one call into the grader's worker."""
+        """Grade each episode's attempt and record it, with one call into the grader's worker; per episode,
+        True when it is over (correct, or max_turns reached)."""
         for episode in episodes:
             if self.is_over(episode):
                 raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
@@ -165,7 +158,3 @@ class UFOEnv:
         if valid:
             rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(valid) / len(valid))
         return rewards
-
-    def reward(self, episode: Episode) -> float:
-        """The episode's total reward: the sum of turn_rewards (0.0 before any attempt)."""
-        return sum(self.turn_rewards(episode))

@@ -49,8 +49,7 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
     mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `tokenizer`
     decodes attempts for grading (default env.tokenizer); `out` gets one JSON line per episode (written by
     global rank 0); `dp` splits the batches across data-parallel groups."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    assert mode in MODES, mode
     samples, turns = (1, k) if mode == "succ" else (k, 1)
     episodes, lengths = sample_episodes(model, env, problems, samples, turns, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -77,10 +76,10 @@ def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples:
     dp_rank, dp_size = (dp.dp_rank, dp.dp_size) if dp is not None else (0, 1)
     done = {}  # batch start -> (episodes, sampled tokens per episode)
     for i in tqdm(starts[dp_rank::dp_size], desc=desc, unit="batch", disable=not progress):
-        rollout, batch = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
-                                      max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, seed=seed + i, tokenizer=tokenizer)
-        done[i] = (batch, rollout.loss_mask.sum(dim=1).long().tolist())
+        rollout = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
+                               max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed + i, tokenizer=tokenizer)
+        done[i] = (rollout.episodes, rollout.loss_mask.sum(dim=1).long().tolist())
     done = _gather_over_dp(done, dp)
     return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]
 

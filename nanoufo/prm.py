@@ -33,7 +33,6 @@ from nanoufo.weights import load_model
 
 SEPARATOR = "<extra_0>"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-AGGREGATES = rl.PRM_AGGREGATES
 STEP_BREAK = re.compile(r"\n[ \t]*\n")  # a blank line (possibly holding spaces) ends a step
 
 
@@ -62,7 +61,7 @@ def aggregate(scores: torch.Tensor, how: str) -> float:
         return float(scores.min())
     if how == "product":
         return float(scores.prod())
-    raise ValueError(f"unknown PRM aggregate {how!r} (one of {', '.join(AGGREGATES)})")
+    raise ValueError(f"unknown PRM aggregate {how!r} (one of {', '.join(rl.PRM_AGGREGATES)})")
 
 
 def separator_id(tokenizer, source: str) -> int:
@@ -214,12 +213,13 @@ class PRMReward:
     policy's: it maps each step's end in the attempt's text back to a sampled token."""
 
     def __init__(self, scorer: PRMScorer, tokenizer, aggregate: str = "min", gold_weight: float = 0.0):
-        if aggregate not in AGGREGATES or not 0.0 <= gold_weight <= 1.0:
-            raise ValueError(f"PRMReward: aggregate must be one of {AGGREGATES} and gold_weight in [0, 1], "
-                             f"got {aggregate!r}, {gold_weight}")
+        assert aggregate in rl.PRM_AGGREGATES and 0.0 <= gold_weight <= 1.0, "checked by nanoufo.config.validate"
         self.scorer, self.tokenizer, self.aggregate, self.gold_weight = scorer, tokenizer, aggregate, gold_weight
 
-    def __call__(self, env, episodes: list, rollout) -> PRMRewards:
+    def __call__(self, rollout) -> PRMRewards:
+        """The rollout's episodes scored; the gold part is the environment's reward of each attempt, which the
+        rollout carries on the attempt's last token (nanoufo/rollout.py)."""
+        episodes, gold_on_tokens = rollout.episodes, rollout.rewards.cpu()  # (B, T)
         attempts = [(b, t) for b, e in enumerate(episodes) for t in range(e.turns)]
         spans = [step_spans(episodes[b].responses[t]) for b, t in attempts]
         step_scores = self.scorer.step_scores([episodes[b].problem.question for b, _ in attempts],
@@ -230,8 +230,8 @@ class PRMReward:
         for (b, t), scores in zip(attempts, step_scores):
             if scores is not None:
                 prm[b][t] = aggregate(scores, self.aggregate)
-        for b, episode in enumerate(episodes):
-            gold = env.turn_rewards(episode)
+        for b in range(len(episodes)):
+            gold = [float(gold_on_tokens[b, end - 1]) for _, end in rollout.turn_spans[b]]
             turn_rewards.append(blend(prm[b], gold, self.gold_weight))
             points[b] = [(end - 1, self.gold_weight * g) for (_, end), g in zip(rollout.turn_spans[b], gold)
                          if self.gold_weight * g]

@@ -71,13 +71,12 @@ def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     one-shot ones. "token-mean": 1 / (tokens in the minibatch) on every token; "seq-mean-token-mean" (or its
     short name "seq-mean"): each row's token-mean averaged over the rows that hold tokens, i.e.
     1 / (row's tokens * rows with tokens). Zero outside the mask; a mask without tokens gives zeros."""
+    assert aggregation in ("token-mean", "seq-mean", "seq-mean-token-mean"), aggregation
     m = (mask > 0).to(torch.float32)
     if aggregation == "token-mean":
         return m / m.sum().clamp(min=1)
-    if aggregation in ("seq-mean", "seq-mean-token-mean"):
-        per_row = m.sum(1, keepdim=True)  # (B, 1)
-        return m / per_row.clamp(min=1) / (per_row > 0).sum().clamp(min=1)
-    raise ValueError(f"loss_weights: unknown aggregation {aggregation!r} (token-mean, seq-mean, seq-mean-token-mean)")
+    per_row = m.sum(1, keepdim=True)  # (B, 1)
+    return m / per_row.clamp(min=1) / (per_row > 0).sum().clamp(min=1)
 
 
 def trajectory_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -113,8 +112,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -
     """GRPO: (r - group mean) / (group std + eps) for scores (B,) laid out group after group.
 
     The std is the sample std (n - 1), as in the GRPO papers' reference code."""
-    if scores.numel() % group_size:
-        raise ValueError(f"group_advantages: {scores.numel()} scores are not whole groups of {group_size}")
+    assert scores.numel() % group_size == 0, (scores.numel(), group_size)
     groups = scores.view(-1, group_size)  # (B / G, G)
     normalized = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
     return normalized.flatten()
@@ -122,12 +120,11 @@ def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1."""
+    assert estimator in ("k1", "k3"), estimator
     if estimator == "k1":
         return logp - ref_logp
-    if estimator == "k3":
-        log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # keeps exp finite for far-off tokens
-        return torch.exp(log_ratio) - log_ratio - 1.0
-    raise ValueError(f"kl_penalty: unknown estimator {estimator!r} (k1 or k3)")
+    log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # keeps exp finite for far-off tokens
+    return torch.exp(log_ratio) - log_ratio - 1.0
 
 
 def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
@@ -193,8 +190,7 @@ def step_rewards(scores: list[float], how: str) -> list[float]:
     A step that leaves the aggregate alone earns 0 and one that lowers it is charged what it took, so the
     return from the first token is the aggregate however many steps there are (raw step scores placed as
     rewards would pay for writing more steps)."""
-    if how not in PRM_AGGREGATES:
-        raise ValueError(f"step_rewards: unknown aggregate {how!r} (one of {', '.join(PRM_AGGREGATES)})")
+    assert how in PRM_AGGREGATES, how
     rewards, running = [], None
     for score in scores:
         now = score if running is None else min(running, score) if how == "min" else running * score
@@ -208,11 +204,8 @@ def group_filter(scores: torch.Tensor, group_size: int, keep_groups: int) -> tor
 
     Groups are contiguous runs of group_size; the spread is the population std within a group, and ties
     keep the earlier group. Kept groups stay in their original order."""
-    if scores.numel() % group_size:
-        raise ValueError(f"group_filter: {scores.numel()} scores are not whole groups of {group_size}")
     n_groups = scores.numel() // group_size
-    if not 0 < keep_groups <= n_groups:
-        raise ValueError(f"group_filter: keep_groups={keep_groups} must be in [1, {n_groups}]")
+    assert scores.numel() % group_size == 0 and 0 < keep_groups <= n_groups, (scores.numel(), group_size, keep_groups)
     spread = scores.view(n_groups, group_size).float().std(1, unbiased=False)  # (n_groups,)
     order = torch.sort(-spread, stable=True).indices[:keep_groups]
     kept = order.sort().values  # (keep_groups,)

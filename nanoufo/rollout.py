@@ -1,13 +1,19 @@
 """UFO episodes on the cached sampler: the glue that training and evaluation share. The environment
-writes the prompts, grades each attempt as it ends and answers a wrong one with its feedback turn.
+writes the prompts, grades each attempt as it ends and answers a wrong one with its feedback turn; the
+rollout comes back with each row's record and rewards, so nothing downstream asks the environment again.
 
     from nanoufo.rollout import run_episodes
-    rollout, episodes = run_episodes(model, env, problems, n_samples_per_problem=4, max_new_tokens=512,
-                                     temperature=1.0, seed=step)
+    rollout = run_episodes(model, env, problems, n_samples_per_problem=4, max_new_tokens=512,
+                           temperature=1.0, seed=step)
+    rollout.episodes[i], rollout.scores[i], rollout.rewards[i]   # row i: problem i // n_samples_per_problem
 
-Row i of the rollout is episodes[i]: problem i // n_samples_per_problem.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
 """
+import dataclasses
+
+import torch
+
+from nanoufo import rl
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
 from nanoufo.model import Qwen2
@@ -17,11 +23,12 @@ from nanoufo.sampler import Rollout, generate
 def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_samples_per_problem: int = 1,
                  max_turns: int | None = None, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seed: int = 0, tokenizer=None, max_len: int | None = None, kv_budget_bytes: int | None = None,
-                 cuda_graphs: bool = False) -> tuple[Rollout, list[Episode]]:
+                 cuda_graphs: bool = False) -> Rollout:
     """Sample one episode per (problem, sample): up to max_turns attempts (default env.max_turns), ending on
-    the first correct one. `tokenizer` decodes the attempts for grading (default env.tokenizer).
-    kv_budget_bytes bounds the sampler's KV cache (rows are reused as episodes end); cuda_graphs: see
-    nanoufo.sampler.generate."""
+    the first correct one. The rollout's episodes are the graded records, its scores the environment's
+    episode rewards and its rewards each attempt's reward on the attempt's last token (env.turn_rewards).
+    `tokenizer` decodes the attempts for grading (default env.tokenizer). kv_budget_bytes bounds the
+    sampler's KV cache (rows are reused as episodes end); cuda_graphs: see nanoufo.sampler.generate."""
     tokenizer = tokenizer or env.tokenizer
     episodes = [Episode(problem) for problem in problems for _ in range(n_samples_per_problem)]
 
@@ -36,4 +43,7 @@ def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_sample
                        max_turns=max_turns or env.max_turns, max_new_tokens=max_new_tokens, stop_ids=env.stop_ids,
                        temperature=temperature, top_p=top_p, seed=seed, max_len=max_len,
                        kv_budget_bytes=kv_budget_bytes, cuda_graphs=cuda_graphs)
-    return rollout, episodes
+    turn_rewards = [env.turn_rewards(e) for e in episodes]
+    return dataclasses.replace(
+        rollout, episodes=episodes, scores=torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float64),
+        rewards=rl.place_rewards(rollout.loss_mask, turn_rewards=turn_rewards, turn_spans=rollout.turn_spans))

@@ -22,6 +22,7 @@ prefill), so a row that ends never pays for it. Sampling is kernels/sampling.py 
 tensor-parallel rank. With cuda_graphs=True each decode step is a CUDA graph replay (nanoufo/cuda_graphs.py).
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py tests/test_batching.py
 """
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -41,7 +42,9 @@ class Rollout:
     """B trajectories (prompt, attempt, feedback, attempt, ...) as right-padded tensors on the CPU.
 
     logprobs are the sampler's log-probs of its tokens under the temperature-scaled distribution, NOT the
-    top-p-truncated one (greedy: temperature 1), which is what a trainer's forward recomputes."""
+    top-p-truncated one (greedy: temperature 1), which is what a trainer's forward recomputes. The sampler
+    leaves episodes, scores and rewards None: nanoufo/rollout.py sets them to the environment's record and
+    rewards of each row, a reward model (nanoufo/trainer.py score_rollout) replaces scores and rewards."""
     tokens: torch.Tensor  # (B, T) int64, 0 after each row's length
     lengths: torch.Tensor  # (B,) int64
     loss_mask: torch.Tensor  # (B, T) fp32, 1 exactly on sampled tokens (attempt content + its stop token)
@@ -51,35 +54,74 @@ class Rollout:
     n_decode_steps: int  # single-token forward calls
     n_decode_rows: int = 0  # rows decoded, summed over the decode steps (padding left out)
     n_cache_rows: int = 0  # KV-cache rows the episodes shared (the spare row left out)
+    episodes: list | None = None  # per row, the environment's record of the episode (nanoufo.env.Episode)
+    scores: torch.Tensor | None = None  # (B,) fp64, each episode's score
+    rewards: torch.Tensor | None = None  # (B, T) fp32, the rewards on the tokens (0 off the reward points)
 
     def to(self, device) -> "Rollout":
-        return Rollout(self.tokens.to(device), self.lengths.to(device), self.loss_mask.to(device),
-                       self.logprobs.to(device), self.turn_spans, self.n_prefill_tokens, self.n_decode_steps,
-                       self.n_decode_rows, self.n_cache_rows)
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return dataclasses.replace(self, **{f: move(getattr(self, f)) for f in TENSORS})
+
+    def rows(self, index: list[int]) -> "Rollout":
+        """Rows index of the rollout (in that order), cut to the longest of them; the counters kept."""
+        T = max(int(self.lengths[i]) for i in index)
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            picked = None if x is None else x[torch.tensor(index, device=x.device)]
+            return picked[:, :T] if picked is not None and picked.dim() == 2 else picked
+
+        listed = lambda x: None if x is None else [x[i] for i in index]  # noqa: E731
+        return dataclasses.replace(self, **{f: pick(getattr(self, f)) for f in TENSORS},
+                                   turn_spans=listed(self.turn_spans), episodes=listed(self.episodes))
 
 
-class _Episodes:
-    """The host's token lists of every episode (what the rollout returns)."""
+TENSORS = ("tokens", "lengths", "loss_mask", "logprobs", "scores", "rewards")  # Rollout's per-row tensors
 
-    def __init__(self, prompts: list[list[int]]):
-        self.tokens = [list(p) for p in prompts]
-        self.sampled = [[0.0] * len(p) for p in prompts]  # becomes the loss mask
-        self.logprobs = [[0.0] * len(p) for p in prompts]
-        self.spans: list[list[tuple[int, int]]] = [[] for _ in prompts]
-        self.turn_start = [len(p) for p in prompts]
 
-    def append(self, e: int, tokens: list[int], logprobs: list[float] | None = None) -> None:
-        """Extend episode e: sampled tokens (with their log-probs, loss mask 1) or given ones (mask 0)."""
-        self.tokens[e] += tokens
-        self.sampled[e] += [0.0 if logprobs is None else 1.0] * len(tokens)
-        self.logprobs[e] += logprobs or [0.0] * len(tokens)
+def cat_rows(parts: list[Rollout]) -> Rollout:
+    """The rows of several rollouts in one, right-padded to the longest (the first part's counters kept)."""
+    T = max(p.tokens.shape[1] for p in parts)
 
-    def rollout(self, *counts: int) -> Rollout:
-        lengths = [len(t) for t in self.tokens]
-        width = max(lengths)
-        pad = lambda rows, value: [r + [value] * (width - len(r)) for r in rows]  # noqa: E731
-        return Rollout(torch.tensor(pad(self.tokens, 0)), torch.tensor(lengths), torch.tensor(pad(self.sampled, 0.0)),
-                       torch.tensor(pad(self.logprobs, 0.0)), self.spans, *counts)
+    def cat(field: str) -> torch.Tensor | None:
+        if getattr(parts[0], field) is None:
+            return None
+        pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1])) if x.dim() == 2 else x  # noqa: E731
+        return torch.cat([pad(getattr(p, field)) for p in parts])
+
+    joined = lambda f: None if getattr(parts[0], f) is None else [x for p in parts for x in getattr(p, f)]  # noqa: E731
+    return dataclasses.replace(parts[0], **{f: cat(f) for f in TENSORS}, turn_spans=joined("turn_spans"),
+                               episodes=joined("episodes"))
+
+
+@dataclass
+class _Conversation:
+    """One episode on the host, as the sampler builds it: its tokens, which of them were sampled (the loss
+    mask) with their log-probs, the [start, end) spans of its ended attempts and where the open one starts."""
+    tokens: list[int]
+    sampled: list[float]
+    logprobs: list[float]
+    spans: list[tuple[int, int]]
+    turn_start: int
+
+    @classmethod
+    def opening(cls, prompt: list[int]) -> "_Conversation":
+        return cls(list(prompt), [0.0] * len(prompt), [0.0] * len(prompt), [], len(prompt))
+
+    def append(self, tokens: list[int], logprobs: list[float] | None = None) -> None:
+        """Sampled tokens (with their log-probs, loss mask 1) or given ones (mask 0)."""
+        self.tokens += tokens
+        self.sampled += [0.0 if logprobs is None else 1.0] * len(tokens)
+        self.logprobs += logprobs or [0.0] * len(tokens)
+
+
+def _rollout(conversations: list[_Conversation], *counts: int) -> Rollout:
+    width = max(len(c.tokens) for c in conversations)
+    pad = lambda rows, value: [r + [value] * (width - len(r)) for r in rows]  # noqa: E731
+    return Rollout(torch.tensor(pad([c.tokens for c in conversations], 0)),
+                   torch.tensor([len(c.tokens) for c in conversations]),
+                   torch.tensor(pad([c.sampled for c in conversations], 0.0)),
+                   torch.tensor(pad([c.logprobs for c in conversations], 0.0)), [c.spans for c in conversations],
+                   *counts)
 
 
 def rows_for_budget(model: Qwen2, n_episodes: int, max_len: int, kv_budget_bytes: int | None) -> int:
@@ -103,7 +145,7 @@ class _Run:
         self.model, self.next_turn, self.decoder, self.graphs = model, next_turn, decoder, graphs
         self.max_turns, self.stop, self.episode_ids = max_turns, set(stop_ids), episode_ids
         self.buckets, self.sync_every, self.max_len = buckets, sync_every, decoder.max_len
-        self.episodes = _Episodes(prompts)
+        self.conversations = [_Conversation.opening(p) for p in prompts]  # per episode
         self.waiting = deque(range(len(prompts)))
         self.free = list(range(decoder.spare))  # cache rows without an episode, lowest first
         self.episode_of: dict[int, int] = {}  # row -> episode
@@ -116,8 +158,8 @@ class _Run:
             self.resume()
             rows = sorted(self.episode_of)
             if not rows:
-                return self.episodes.rollout(self.n_prefill_tokens, self.n_decode_steps, self.n_decode_rows,
-                                             self.decoder.spare)
+                return _rollout(self.conversations, self.n_prefill_tokens, self.n_decode_steps, self.n_decode_rows,
+                                self.decoder.spare)
             live, lengths = self.decoder.poll(rows)  # the stop check
             ended = [(r, n) for r, n, is_live in zip(rows, lengths, live) if not is_live]
             if ended:
@@ -130,20 +172,20 @@ class _Run:
         rows = []
         while self.free and self.waiting:
             e = self.waiting.popleft()
-            if len(self.episodes.tokens[e]) >= self.max_len:  # a prompt that fills max_len: an empty attempt
+            if len(self.conversations[e].tokens) >= self.max_len:  # a prompt that fills max_len: an empty attempt
                 self.end_turns([e])
                 continue
             row = self.free.pop(0)
             self.episode_of[row] = e
             rows.append(row)
         if rows:
-            self.begin(rows, [len(self.episodes.tokens[self.episode_of[r]]) for r in rows])
+            self.begin(rows, [len(self.conversations[self.episode_of[r]].tokens) for r in rows])
 
     def resume(self) -> None:
         """Prefill each resumed row's last sampled token and its feedback: one call per length (UFO's feedback
         has one or two), so no padding reaches past a row near the end of its cache."""
-        n_new = {r: len(self.episodes.tokens[e]) - self.episodes.spans[e][-1][1] + 1
-                 for r, e in ((r, self.episode_of[r]) for r in self.to_resume)}
+        n_new = {r: len(c.tokens) - c.spans[-1][1] + 1
+                 for r, c in ((r, self.conversations[self.episode_of[r]]) for r in self.to_resume)}
         for n in sorted(set(n_new.values())):
             group = [r for r in self.to_resume if n_new[r] == n]
             self.begin(group, [n] * len(group))
@@ -153,7 +195,7 @@ class _Run:
         """Run each row's last n_new tokens through the model into its cache slots, then open its attempt.
         Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
         start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
-        device, tokens = self.decoder.batch.device, [self.episodes.tokens[self.episode_of[r]] for r in rows]
+        device, tokens = self.decoder.batch.device, [self.conversations[self.episode_of[r]].tokens for r in rows]
         width = max(n_new)
         ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)], device=device)
         starts = torch.tensor([len(t) - n for t, n in zip(tokens, n_new)], device=device)
@@ -169,8 +211,8 @@ class _Run:
     def decode(self, rows: list[tuple[int, int]]) -> None:
         """Steps for the live rows (row, length) until the next stop check: sync_every at most, and no further
         than the first row that reaches its token limit or max_len."""
-        ep = self.episodes
-        limit = min(min(self.decoder.max_new_tokens - (n - ep.turn_start[self.episode_of[r]]), self.max_len - n)
+        limit = min(min(self.decoder.max_new_tokens - (n - self.conversations[self.episode_of[r]].turn_start),
+                        self.max_len - n)
                     for r, n in rows)
         n_rows = len(rows)
         padded = n_rows if self.buckets is None else bucket_for(n_rows, self.buckets)
@@ -185,11 +227,11 @@ class _Run:
 
     def end_attempts(self, ended: list[tuple[int, int]]) -> None:
         """Read the ended attempts back, hand them to next_turn; free the rows of episodes that are over."""
-        ep, rows = self.episodes, [r for r, _ in ended]
+        rows = [r for r, _ in ended]
         episodes = [self.episode_of[r] for r in rows]
-        attempts = self.decoder.sampled(rows, [ep.turn_start[e] for e in episodes], [n for _, n in ended])
-        for e, (tokens, logprobs) in zip(episodes, attempts):
-            ep.append(e, tokens, logprobs)
+        starts = [self.conversations[e].turn_start for e in episodes]
+        for e, (tokens, logprobs) in zip(episodes, self.decoder.sampled(rows, starts, [n for _, n in ended])):
+            self.conversations[e].append(tokens, logprobs)
         going = set(self.end_turns(episodes))
         for r, e in zip(rows, episodes):
             if e in going:
@@ -201,32 +243,29 @@ class _Run:
 
     def end_turns(self, episodes: list[int]) -> list[int]:
         """Close the episodes' attempts, ask next_turn, append the feedback; the episodes that go on."""
-        ep = self.episodes
-        responses = [ep.tokens[e][ep.turn_start[e]:] for e in episodes]
+        conversations = [self.conversations[e] for e in episodes]
+        responses = [c.tokens[c.turn_start:] for c in conversations]
         stopped = [bool(r) and r[-1] in self.stop for r in responses]
         replies = self.next_turn(episodes, responses, stopped)
         if len(replies) != len(episodes):
             raise ValueError(f"next_turn returned {len(replies)} replies for {len(episodes)} rows")
         going = []
-        for e, reply in zip(episodes, replies):
-            ep.spans[e].append((ep.turn_start[e], len(ep.tokens[e])))
-            if reply is None or len(ep.spans[e]) >= self.max_turns or len(ep.tokens[e]) + len(reply) >= self.max_len:
+        for e, c, reply in zip(episodes, conversations, replies):
+            c.spans.append((c.turn_start, len(c.tokens)))
+            if reply is None or len(c.spans) >= self.max_turns or len(c.tokens) + len(reply) >= self.max_len:
                 continue  # episode over, out of turns, or no room left to sample after the feedback
-            ep.append(e, list(reply))
-            ep.turn_start[e] = len(ep.tokens[e])
+            c.append(list(reply))
+            c.turn_start = len(c.tokens)
             going.append(e)
         return going
 
 
 def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_tokens: int, episode_ids: list[int],
            sync_every: int) -> None:
-    if max_turns < 1 or max_new_tokens < 1 or sync_every < 1:
-        raise ValueError(f"max_turns, max_new_tokens and sync_every must be >= 1, got {max_turns}, "
-                         f"{max_new_tokens}, {sync_every}")
+    assert min(max_turns, max_new_tokens, sync_every) >= 1, "checked by the scripts' arguments"
+    assert len(episode_ids) == len(prompts) and min(episode_ids, default=0) >= 0, "one id >= 0 per prompt"
     if max_len > MAX_EPISODE_TOKENS:
         raise ValueError(f"max_len={max_len} is more than the sampler's {MAX_EPISODE_TOKENS} tokens per episode")
-    if len(episode_ids) != len(prompts) or min(episode_ids, default=0) < 0:
-        raise ValueError(f"episode_ids needs one id >= 0 per prompt ({len(prompts)}), got {len(episode_ids)}")
     for b, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {b} is empty")

@@ -20,8 +20,7 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, sc
     warmup_steps - 1 (it starts at base_lr / warmup_steps, not 0, so no step is spent at a zero rate); then
     "constant" stays there and "cosine" follows half a cosine from base_lr towards min_ratio * base_lr at
     total_steps (Hugging Face's and verl's cosine-with-warm-up, shifted one step)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lr_at: unknown schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    assert schedule in SCHEDULES, schedule
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":

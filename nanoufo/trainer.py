@@ -1,17 +1,21 @@
 """One RL update, as functions train.py calls and tests can reach.
 
-    batch, stats = build_batch(cfg, env, actor, critic, ref, rollout, episodes)
+    cfg = TrainerConfig.of(train_config)   # train.py: the one place it is built
+    scored, stats = score_rollout(cfg, actor, run_episodes(...), prm)
+    batch, more_stats = build_batch(cfg, actor, critic, ref, scored)
     stats |= ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
 
-build_batch scores the episodes (gold rewards from the environment, Intuitor's self-certainty, or a process
-reward model's step scores: nanoufo/prm.py), keeps the groups with the largest reward spread, recomputes
-the old log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio
-is 1 up to rounding (the update's fused head + loss sums in its own order), and computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores
-(GRPO). ppo_update runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient
-clipping, skipping any update whose loss or gradients are not finite so the weights never take a NaN. Every
-forward (scoring and update) runs in micro-batches of at most cfg.micro_batch_tokens tokens, trajectories
-packed end to end; a minibatch's gradients accumulate over its micro-batches with per-token loss weights of
-the whole minibatch (rl.loss_weights), so the step equals the one-shot one.
+score_rollout turns a rollout's rewards into the ones the update learns from: the environment's (which the
+rollout carries), Intuitor's self-certainty, or a process reward model's step scores (nanoufo/prm.py),
+placed on the tokens. build_batch keeps the groups with the largest reward spread, recomputes the old
+log-probs (and values, reference log-probs) with the trainer's own forward so the first PPO ratio is 1 up
+to rounding (the update's fused head + loss sums in its own order), and computes advantages: GAE over the
+critic's values (UFO PPO) or group-normalized scores (GRPO). ppo_update runs the PPO epochs over shuffled
+minibatches and steps the optimizers with gradient clipping, skipping any update whose loss or gradients
+are not finite so the weights never take a NaN. Every forward (scoring and update) runs in micro-batches of
+at most cfg.micro_batch_tokens tokens, trajectories packed end to end; a minibatch's gradients accumulate
+over its micro-batches with per-token loss weights of the whole minibatch (rl.loss_weights), so the step
+equals the one-shot one.
 """
 import dataclasses
 import math
@@ -24,10 +28,51 @@ import torch.distributed as dist
 
 from kernels import linear_ppo_loss, linear_token_stats
 from nanoufo import rl
-from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2
 from nanoufo.optim import adamw
 from nanoufo.parallel import ParallelContext, all_ranks_true, clip_grad_norm_, dp_mean_scale
+from nanoufo.sampler import Rollout, cat_rows
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What the trainer reads, and nothing else. train.py builds it from the run's TrainConfig (of), whose
+    validate() has checked every value: below that boundary the trainer only asserts."""
+    # the rewards and the batch (score_rollout, build_batch)
+    algorithm: str  # "ufo_ppo" (critic, GAE) or "grpo" (group-normalized scores)
+    reward: str  # "gold", "self_certainty" or "prm"
+    reward_placement: str  # "last", "per_turn" or "per_step"
+    n_samples_per_problem: int  # the group size
+    keep_groups: int  # groups kept by the reward-spread filter; 0 keeps all
+    temperature: float  # the sampler's, so log-probs match
+    kl_coef: float
+    kl_estimator: str
+    kl_in: str  # "reward" or "loss"
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+    # the update (ppo_update)
+    ppo_epochs: int
+    minibatch_size: int
+    aggregation: str
+    clip_low: float
+    clip_high: float
+    dual_clip: float
+    value_clip: float
+    entropy_coef: float
+    grad_clip: float
+    actor_lr: float
+    critic_lr: float
+    weight_decay: float
+    # memory
+    micro_batch_tokens: int  # tokens per forward/backward; 0 = no split
+    pack_sequences: bool
+    checkpoint_activations: bool
+
+    @classmethod
+    def of(cls, config) -> "TrainerConfig":
+        """The trainer's part of a nanoufo.config.TrainConfig (the fields of the same names)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -40,11 +85,6 @@ class Batch:
     ref_logp: torch.Tensor | None = None  # (B, T) frozen reference, when a KL term is used
     old_values: torch.Tensor | None = None  # (B, T) critic, UFO PPO only
     returns: torch.Tensor | None = None  # (B, T) GAE targets for the critic
-
-    @property
-    def positions(self) -> torch.Tensor:
-        B, T = self.tokens.shape
-        return torch.arange(T, device=self.tokens.device).expand(B, T)
 
     def rows(self, index: torch.Tensor) -> "Batch":
         pick = lambda x: None if x is None else x[index]
@@ -127,12 +167,12 @@ def sequence_values(critic: Qwen2, tokens: torch.Tensor, lengths: list[int] | No
     return rows.scatter(values)
 
 
-def micro_batch_rows(cfg: TrainConfig, lengths: list[int]) -> list[list[int]]:
+def micro_batch_rows(cfg: TrainerConfig, lengths: list[int]) -> list[list[int]]:
     """Runs of rows for one forward each under cfg.micro_batch_tokens (padded rows count at the longest)."""
     return rl.micro_batches(lengths, cfg.micro_batch_tokens, padded=not cfg.pack_sequences)
 
 
-def in_micro_batches(cfg: TrainConfig, fn, tokens: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
+def in_micro_batches(cfg: TrainerConfig, fn, tokens: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
     """fn(tokens (b, t), lengths or None) -> (b, t) tensors, run over micro-batches of rows (packed or padded
     as the config says) and put back together as (B, T) tensors, so the peak memory of no-grad scoring
     depends on cfg.micro_batch_tokens, not on the batch."""
@@ -150,18 +190,33 @@ def in_micro_batches(cfg: TrainConfig, fn, tokens: torch.Tensor, lengths: list[i
     return tuple(outs)
 
 
-def episode_scores(cfg: TrainConfig, env, actor: Qwen2, tokens: torch.Tensor, mask: torch.Tensor,
-                   episodes) -> torch.Tensor:
-    """One score per trajectory (B,): the environment's reward, or the mean self-certainty (label-free)."""
-    if cfg.reward == "gold":
-        return torch.tensor([env.reward(ep) for ep in episodes], dtype=torch.float32, device=tokens.device)
-    with torch.no_grad():
-        _, _, sc = in_micro_batches(cfg, lambda t, n: sequence_stats(actor, t, cfg.temperature, n), tokens,
-                                    rl.trajectory_lengths(mask).tolist())
-    return rl.sequence_self_certainty(sc, mask)
+def score_rollout(cfg: TrainerConfig, actor: Qwen2, rollout: Rollout, prm=None) -> tuple[Rollout, dict]:
+    """The rollout with the scores (B,) and token rewards (B, T) the update learns from, on the actor's device,
+    and the reward model's statistics. cfg.reward "gold" keeps the environment's, which the rollout carries;
+    "self_certainty" scores each episode by its mean self-certainty under the actor (label-free); "prm" by
+    the process reward model prm (a nanoufo.prm.PRMReward). The rewards are placed as cfg.reward_placement
+    says: each score on the trajectory's last sampled token, each attempt's reward on its last token, or
+    the PRM's step rewards on each step's last token."""
+    rollout = rollout.to(actor.lm_head_weight.device)  # the sampler hands its tensors back on the CPU
+    mask, stats = rollout.loss_mask.float(), {}  # (B, T)
+    scores, rewards = rollout.scores.float(), rollout.rewards
+    if cfg.reward == "self_certainty":
+        with torch.no_grad():
+            _, _, sc = in_micro_batches(cfg, lambda t, n: sequence_stats(actor, t, cfg.temperature, n),
+                                        rollout.tokens, rl.trajectory_lengths(mask).tolist())
+        scores = rl.sequence_self_certainty(sc, mask)
+    elif cfg.reward == "prm":
+        shaped = prm(rollout)
+        scores = shaped.scores.to(mask.device)
+        rewards = (rl.place_rewards(mask, point_rewards=shaped.step_points) if cfg.reward_placement == "per_step"
+                   else rl.place_rewards(mask, turn_rewards=shaped.turn_rewards, turn_spans=rollout.turn_spans))
+        stats = {"prm_score": shaped.prm_mean, "prm_unscored_attempts": shaped.unscored}
+    if cfg.reward_placement == "last":
+        rewards = rl.place_rewards(mask, episode_rewards=scores)
+    return dataclasses.replace(rollout, scores=scores, rewards=rewards), stats
 
 
-def kl_reward_penalty(cfg: TrainConfig, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+def kl_reward_penalty(cfg: TrainerConfig, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                       mask: torch.Tensor) -> torch.Tensor:
     """kl_coef * KL(pi || ref) per sampled token (B, T) when the KL is part of the reward; zeros otherwise."""
     if ref_logp is None or cfg.kl_in != "reward":
@@ -169,74 +224,37 @@ def kl_reward_penalty(cfg: TrainConfig, old_logp: torch.Tensor, ref_logp: torch.
     return cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
 
 
-def dp_group_filter(cfg: TrainConfig, rollout, episodes: list, scores: torch.Tensor, tp: ParallelContext,
-                    shaped=None):
+def dp_group_filter(cfg: TrainerConfig, rollout: Rollout, tp: ParallelContext) -> Rollout:
     """The group filter over the whole data-parallel batch: the keep_groups x dp_size groups with the largest
     reward spread among every rank's groups (in rank order), dealt out in equal shares of keep_groups, rank
-    r taking the r-th; the rows travel between ranks (with their PRM rewards, `shaped`, when there are
-    some). Returns this rank's (rollout, episodes, scores, shaped)."""
-    B, n = len(episodes), cfg.n_samples_per_problem
-    everyone = [torch.empty_like(scores) for _ in range(tp.dp_size)]
-    dist.all_gather(everyone, scores.contiguous(), group=tp.dp_group)
+    r taking the r-th; the rows travel between ranks. Returns this rank's rows."""
+    B, n = len(rollout.scores), cfg.n_samples_per_problem
+    everyone = [torch.empty_like(rollout.scores) for _ in range(tp.dp_size)]
+    dist.all_gather(everyone, rollout.scores.contiguous(), group=tp.dp_group)
     kept = rl.group_filter(torch.cat(everyone), n, cfg.keep_groups * tp.dp_size).tolist()  # indices into all rows
     here = range(tp.dp_rank * B, (tp.dp_rank + 1) * B)
-    rows = {g: _row(rollout, episodes, scores, shaped, g - here.start) for g in kept if g in here}
+    mine = dataclasses.replace(rollout, episodes=None).to("cpu")  # what travels: the tensors, no records
+    rows = {g: mine.rows([g - here.start]) for g in kept if g in here}
     parts = [None] * tp.dp_size
     dist.all_gather_object(parts, rows, group=tp.dp_group)
     pool = {g: row for part in parts for g, row in part.items()}
     share = kept[tp.dp_rank * cfg.keep_groups * n:(tp.dp_rank + 1) * cfg.keep_groups * n]
-    rollout, episodes, scores = _stack_rows([pool[g] for g in share], rollout)
-    if shaped is not None:
-        shaped = dataclasses.replace(shaped, scores=scores.cpu(), turn_rewards=[pool[g][6][0] for g in share],
-                                     step_points=[pool[g][6][1] for g in share])
-    return rollout, episodes, scores, shaped
+    return cat_rows([pool[g] for g in share]).to(rollout.tokens.device)
 
 
-def _row(rollout, episodes: list, scores: torch.Tensor, shaped, i: int) -> tuple:
-    """Trajectory i without its padding, on the CPU, to send to another rank."""
-    n = int(rollout.lengths[i])
-    prm = (shaped.turn_rewards[i], shaped.step_points[i]) if shaped is not None else None
-    return (rollout.tokens[i, :n].cpu(), rollout.loss_mask[i, :n].cpu(), rollout.logprobs[i, :n].cpu(),
-            rollout.turn_spans[i], episodes[i], float(scores[i]), prm)
-
-
-def _stack_rows(rows: list[tuple], like) -> tuple:
-    """(rollout, episodes, scores) from _row tuples, right-padded, on `like`'s device."""
-    device, T = like.tokens.device, max(len(r[0]) for r in rows)
-
-    def padded(field: int, dtype: torch.dtype) -> torch.Tensor:  # (B, T)
-        rows_padded = [torch.cat([r[field], r[field].new_zeros(T - len(r[field]))]) for r in rows]
-        return torch.stack(rows_padded).to(device, dtype)
-
-    rollout = dataclasses.replace(like, tokens=padded(0, like.tokens.dtype), loss_mask=padded(1, like.loss_mask.dtype),
-                                  logprobs=padded(2, like.logprobs.dtype), turn_spans=[r[3] for r in rows],
-                                  lengths=torch.tensor([len(r[0]) for r in rows], device=device))
-    return rollout, [r[4] for r in rows], torch.tensor([r[5] for r in rows], device=device)
-
-
-def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None, rollout,
-                episodes, prm=None) -> tuple[Batch, dict]:
-    """Score, filter, recompute old log-probs / values / reference log-probs, and compute advantages.
-    prm: a nanoufo.prm.PRMReward, needed when cfg.reward == "prm"."""
-    rollout = rollout.to(actor.lm_head_weight.device)  # the sampler hands its tensors back on the CPU
-    T = int(rollout.lengths.max())
-    tokens = rollout.tokens[:, :T]  # (B, T)
-    mask = rollout.loss_mask[:, :T].float()  # (B, T)
-    shaped = prm(env, episodes, rollout) if cfg.reward == "prm" else None  # PRM rewards for every placement
-    scores = shaped.scores.to(tokens.device) if shaped else episode_scores(cfg, env, actor, tokens, mask, episodes)
-    stats = {"score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0}
-    if shaped:
-        stats |= {"prm_score": shaped.prm_mean, "prm_unscored_attempts": shaped.unscored}
-    filtering = cfg.keep_groups and cfg.keep_groups < len(episodes) // cfg.n_samples_per_problem
+def build_batch(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None,
+                rollout: Rollout) -> tuple[Batch, dict]:
+    """Filter the groups, recompute old log-probs / values / reference log-probs, and compute advantages from
+    a scored rollout (score_rollout): its scores (B,) and token rewards (B, T)."""
+    rollout = rollout.to(actor.lm_head_weight.device)
+    stats = {"score": rollout.scores.mean().item(),
+             "score_std": rollout.scores.std().item() if len(rollout.scores) > 1 else 0.0}
+    filtering = cfg.keep_groups and cfg.keep_groups < len(rollout.scores) // cfg.n_samples_per_problem
     if filtering and actor.tp.dp_group is not None:  # over the whole DP batch: this rank's share of the kept rows
-        rollout, episodes, scores, shaped = dp_group_filter(cfg, rollout, episodes, scores, actor.tp, shaped)
-    if filtering and actor.tp.dp_group is None:
-        keep = rl.group_filter(scores, cfg.n_samples_per_problem, cfg.keep_groups)
-    else:
-        keep = torch.arange(len(episodes), device=tokens.device)
-    kept_episodes = [episodes[i] for i in keep.tolist()]
-    T = int(rollout.lengths[keep].max())
-    tokens, mask, scores = rollout.tokens[keep, :T], rollout.loss_mask[keep, :T].float(), scores[keep]
+        rollout = dp_group_filter(cfg, rollout, actor.tp)
+    elif filtering:
+        rollout = rollout.rows(rl.group_filter(rollout.scores, cfg.n_samples_per_problem, cfg.keep_groups).tolist())
+    tokens, mask, scores = rollout.tokens, rollout.loss_mask.float(), rollout.scores  # (B, T), (B, T), (B,)
     stats["kept_score"] = scores.mean().item()
 
     lengths = rl.trajectory_lengths(mask).tolist()  # one host sync; every no-grad forward runs in micro-batches
@@ -247,7 +265,7 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
                                     lengths)[0] if ref is not None else None
         values = in_micro_batches(cfg, lambda t, n: (sequence_values(critic, t, n),), tokens,
                                   lengths)[0] if critic is not None else None
-    sampler_logp = rollout.logprobs[keep, :T].float()
+    sampler_logp = rollout.logprobs.float()
     stats["logp_diff_sampler"] = rl.masked_mean((sampler_logp - old_logp).abs(), mask).item()
     if ref_logp is not None:
         stats["kl_ref"] = rl.masked_mean(rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator), mask).item()
@@ -256,16 +274,7 @@ def build_batch(cfg: TrainConfig, env, actor: Qwen2, critic: Qwen2 | None, ref: 
     if cfg.algorithm == "grpo":  # the KL lowers each episode's score by its sum over the tokens, as in verl
         advantages = rl.group_advantages(scores - kl_reward.sum(1), cfg.n_samples_per_problem)[:, None] * mask
         return Batch(tokens, mask, old_logp, advantages, ref_logp), stats
-    if cfg.reward_placement == "per_step":
-        rewards = rl.place_rewards(mask, point_rewards=[shaped.step_points[i] for i in keep.tolist()])
-    elif cfg.reward_placement == "per_turn":
-        spans = [rollout.turn_spans[i] for i in keep.tolist()]
-        turns = [shaped.turn_rewards[i] for i in keep.tolist()] if shaped else [env.turn_rewards(ep)
-                                                                               for ep in kept_episodes]
-        rewards = rl.place_rewards(mask, turn_rewards=turns, turn_spans=spans)
-    else:
-        rewards = rl.place_rewards(mask, episode_rewards=scores)
-    rewards = rewards - kl_reward
+    rewards = rollout.rewards - kl_reward
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask, group=actor.tp.dp_group)  # moments of the whole DP batch
@@ -288,18 +297,18 @@ def _grads_finite_norm(model: Qwen2, max_norm: float) -> float:
     return float(clip_grad_norm_(model, max_norm if max_norm > 0 else math.inf, model.tp))
 
 
-def minibatch_weights(cfg: TrainConfig, mask: torch.Tensor, tp) -> tuple[torch.Tensor, torch.Tensor]:
+def minibatch_weights(mask: torch.Tensor, aggregation: str, tp) -> tuple[torch.Tensor, torch.Tensor]:
     """(policy, value) per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), scaled so that
     averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
     process with the whole minibatch would (parallel.dp_mean_scale)."""
     token_scale = dp_mean_scale(mask.sum(), tp)
-    per_token = cfg.aggregation == "token-mean"
+    per_token = aggregation == "token-mean"
     policy_scale = token_scale if per_token else dp_mean_scale((mask.sum(1) > 0).sum(), tp)
-    return (rl.loss_weights(mask, cfg.aggregation) * policy_scale,
+    return (rl.loss_weights(mask, aggregation) * policy_scale,
             rl.loss_weights(mask, "token-mean") * token_scale)
 
 
-def policy_loss(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
+def policy_loss(cfg: TrainerConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
     """(loss = sum(weights * per-token PPO loss), metrics as 0-d tensors: token-means over mb's tokens).
 
     The LM head and the PPO loss run as one fused op (kernels/linear_ppo_loss.py): the logits' gradient is
@@ -319,7 +328,7 @@ def policy_loss(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor
     return loss, metrics | {"ratio_dev": rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).detach()}
 
 
-def critic_loss(cfg: TrainConfig, critic: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
+def critic_loss(cfg: TrainerConfig, critic: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
     """(loss = sum(weights * clipped value loss), metrics as 0-d tensors: token-means over mb's tokens)."""
     values = sequence_values(critic, mb.tokens, lengths)
     per_token, clip_frac = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip)  # (B, T)
@@ -327,10 +336,10 @@ def critic_loss(cfg: TrainConfig, critic: Qwen2, mb: Batch, weights: torch.Tenso
     return loss, {"value_loss": rl.masked_mean(per_token.detach(), mb.mask), "value_clip_frac": clip_frac}
 
 
-def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
+def minibatch_losses(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
     """(total loss, metrics, max |logp - old|) for one minibatch in one padded forward: the one-shot update
     that accumulate_gradients' micro-batches add up to."""
-    policy_w, value_w = minibatch_weights(cfg, mb.mask, actor.tp)
+    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.tp)
     loss, metrics = policy_loss(cfg, actor, mb, policy_w, None)
     if critic is not None:
         v_loss, v_metrics = critic_loss(cfg, critic, mb, value_w, None)
@@ -339,7 +348,7 @@ def minibatch_losses(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: B
     return loss, metrics, metrics.pop("ratio_dev")
 
 
-def accumulate_gradients(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch,
+def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch,
                          lengths: list[int]) -> tuple[torch.Tensor, dict]:
     """Backward of one minibatch's loss in micro-batches of at most cfg.micro_batch_tokens tokens (packed
     or padded): each micro-batch's loss is sum(w * per-token loss) with the weights of the WHOLE minibatch,
@@ -347,7 +356,7 @@ def accumulate_gradients(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, m
     actor's backward runs before the critic's forward, so only one model's activations are alive.
     Returns (the minibatch's total loss, 0-d detached; metrics as 0-d tensors, token-means over the
     minibatch, plus padding_frac), synchronising nothing: the caller reads them once."""
-    policy_w, value_w = minibatch_weights(cfg, mb.mask, actor.tp)
+    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.tp)
     total, sums, computed = mb.mask.new_zeros(()), {}, 0
     for rows in micro_batch_rows(cfg, lengths):
         sizes = [lengths[i] for i in rows]
@@ -370,7 +379,7 @@ def accumulate_gradients(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, m
     return total, metrics
 
 
-def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers: dict, batch: Batch,
+def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizers: dict, batch: Batch,
                seed: int, grad_hook=None) -> dict:
     """cfg.ppo_epochs passes over shuffled minibatches; returns the mean metrics.
 
@@ -421,7 +430,7 @@ def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers:
     return out | {"updates": n_updates, "skipped_updates": skipped, "first_ratio_dev": first_ratio_dev}
 
 
-def make_optimizers(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:
+def make_optimizers(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:
     """AdamW for the actor and the critic; for bf16 models with fp32 master weights and moments (nanoufo/optim.py)."""
     opts = {"actor": adamw(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)}
     if critic is not None:

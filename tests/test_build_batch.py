@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from nanoufo import trainer
+from nanoufo import rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import build_batch
+from nanoufo.trainer import TrainerConfig, build_batch
 
 TINY = QwenConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)
@@ -30,22 +30,21 @@ KEPT = [2, 3, 4, 5]  # spreads (population std) 0, 0.25, 0.625: groups 1 and 2 k
 ACTIONS = [(2, 2), (2, 3), (2, 5), (3, 2), (3, 3), (4, 2), (4, 3), (5, 2), (5, 3), (5, 5)]  # (row, t) sampled
 
 
-class ScriptedEnv:
-    """The environment's rewards for the episodes above (episodes are their row numbers)."""
-
-    def reward(self, episode: int) -> float:
-        return sum(TURN_REWARDS[episode])
-
-    def turn_rewards(self, episode: int) -> list[float]:
-        return TURN_REWARDS[episode]
-
-
 def rollout() -> Rollout:
+    """The rows as run_episodes returns them: the environment's scores, and its turn rewards on the tokens."""
     mask = torch.tensor(MASKS, dtype=torch.float32)
     spans = [[(2, 4), (5, 6)] if m == TWO_TURNS else [(2, 4)] for m in MASKS]
     tokens = torch.tensor(TOKENS)
     return Rollout(tokens=tokens, lengths=torch.tensor([6 if m == TWO_TURNS else 4 for m in MASKS]), loss_mask=mask,
-                   logprobs=-0.1 * tokens * mask, turn_spans=spans, n_prefill_tokens=0, n_decode_steps=0)
+                   logprobs=-0.1 * tokens * mask, turn_spans=spans, n_prefill_tokens=0, n_decode_steps=0,
+                   scores=torch.tensor([sum(r) for r in TURN_REWARDS], dtype=torch.float64),
+                   rewards=rl.place_rewards(mask, turn_rewards=TURN_REWARDS, turn_spans=spans))
+
+
+def batch_of(cfg: TrainerConfig, actor, critic, ref):
+    """build_batch on the rollout scored with the environment's rewards (score_rollout, reward "gold")."""
+    scored, _ = trainer.score_rollout(cfg, actor, rollout())
+    return build_batch(cfg, actor, critic, ref, scored)
 
 
 @pytest.fixture
@@ -64,10 +63,10 @@ def models(monkeypatch):
     return actor, critic, ref
 
 
-def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{**dict(problems_per_step=3, n_samples_per_problem=2, keep_groups=2, max_turns=2,
-                                 kl_coef=0.5, kl_estimator="k1", kl_in="reward", gamma=0.5, lam=1.0,
-                                 whiten_advantages=False, minibatch_size=4), **overrides})
+def config(**overrides) -> TrainerConfig:
+    options = dict(problems_per_step=3, n_samples_per_problem=2, keep_groups=2, max_turns=2, kl_coef=0.5,
+                   kl_estimator="k1", kl_in="reward", gamma=0.5, lam=1.0, whiten_advantages=False, minibatch_size=4)
+    return TrainerConfig.of(TrainConfig(**{**options, **overrides}))
 
 
 def on_actions(values: list[float]) -> torch.Tensor:
@@ -94,8 +93,7 @@ RETURNS_PER_TURN = [0.0625, 0.325, 0.15, 0.45, 0.9, 0.4, 1.0, -0.1125, -0.225, -
 @pytest.mark.parametrize("placement, returns", [("last", RETURNS_LAST), ("per_turn", RETURNS_PER_TURN)])
 def test_ufo_ppo_rewards_kl_and_gae_by_hand(models, placement, returns):
     actor, critic, ref = models
-    batch, stats = build_batch(config(reward_placement=placement), ScriptedEnv(), actor, critic, ref, rollout(),
-                               episodes=list(range(6)))
+    batch, stats = batch_of(config(reward_placement=placement), actor, critic, ref)
     assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
     assert batch.mask.tolist() == [MASKS[i] for i in KEPT]
     assert torch.allclose(batch.old_logp, -0.1 * batch.tokens.float())  # the actor's, not the reference's
@@ -109,8 +107,7 @@ def test_ufo_ppo_rewards_kl_and_gae_by_hand(models, placement, returns):
 
 def test_whitening_is_over_the_sampled_tokens(models):
     actor, critic, ref = models
-    batch, _ = build_batch(config(whiten_advantages=True), ScriptedEnv(), actor, critic, ref, rollout(),
-                           episodes=list(range(6)))
+    batch, _ = batch_of(config(whiten_advantages=True), actor, critic, ref)
     raw = [g - v for g, v in zip(RETURNS_LAST, VALUES)]
     mean = sum(raw) / len(raw)
     std = math.sqrt(sum((a - mean) ** 2 for a in raw) / len(raw))  # population std over the 10 sampled tokens
@@ -120,7 +117,7 @@ def test_whitening_is_over_the_sampled_tokens(models):
 
 def test_kl_in_the_loss_leaves_the_rewards_alone(models):
     actor, critic, ref = models
-    batch, _ = build_batch(config(kl_in="loss"), ScriptedEnv(), actor, critic, ref, rollout(), episodes=list(range(6)))
+    batch, _ = batch_of(config(kl_in="loss"), actor, critic, ref)
     # no KL in the rewards: row 2 G = 0.125, 0.25, 0.5; row 3 0.5, 1; row 4 0.5, 1; row 5 -0.0625, -0.125, -0.25
     returns = [0.125, 0.25, 0.5, 0.5, 1.0, 0.5, 1.0, -0.0625, -0.125, -0.25]
     assert torch.allclose(batch.returns, on_actions(returns), atol=1e-6)
@@ -129,8 +126,7 @@ def test_kl_in_the_loss_leaves_the_rewards_alone(models):
 
 def test_grpo_group_advantages_on_every_sampled_token(models):
     actor, _, ref = models
-    batch, stats = build_batch(config(algorithm="grpo", kl_in="loss"), ScriptedEnv(), actor, None, ref, rollout(),
-                               episodes=list(range(6)))
+    batch, stats = batch_of(config(algorithm="grpo", kl_in="loss"), actor, None, ref)
     # group 1 scores 0.5, 1.0 and group 2 scores 1.0, -0.25: (s - mean) / sample std = -/+ 1/sqrt(2) each
     s = 1 / math.sqrt(2)
     per_row = [-s, s, s, -s]

@@ -15,22 +15,6 @@ from distributed_utils import launch
 SCORES = [0.0, 1.0, 0.0, 0.9, 0.0, 0.8, 0.0, 0.0, 0.0, 0.1, 0.0, 0.7, 0.0, 0.0, 0.2, 0.2]
 
 
-class FixedScores:
-    """The environment's reward replaced by SCORES (episode i of the rollout gets SCORES[i])."""
-
-    def __init__(self, episodes: list):
-        self.by_episode = {id(e): s for e, s in zip(episodes, SCORES)}
-
-    def reward(self, episode) -> float:
-        return self.by_episode[id(episode)]
-
-
-def _rows(rollout, index: slice):
-    return dataclasses.replace(rollout, tokens=rollout.tokens[index], lengths=rollout.lengths[index],
-                               loss_mask=rollout.loss_mask[index], logprobs=rollout.logprobs[index],
-                               turn_spans=rollout.turn_spans[index])
-
-
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
 
@@ -43,7 +27,7 @@ def _dp_checks() -> dict:
     from nanoufo.model import Qwen2
     from nanoufo.parallel import init_parallel
     from nanoufo.rollout import run_episodes
-    from nanoufo.trainer import build_batch
+    from nanoufo.trainer import TrainerConfig, build_batch, score_rollout
     dp = init_parallel(tp=1, timeout_s=60)
     tokenizer = demo.build_tokenizer()
     env = UFOEnv(tokenizer, instruction="", max_turns=2)
@@ -59,14 +43,14 @@ def _dp_checks() -> dict:
             critic.value_head.bias.fill_(0.1)
         models[tp is not None] = actor, critic
     problems = demo.make_problems("train", 8, seed=0)
-    rollout, episodes = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
-                                     temperature=1.0, seed=0)  # every rank samples the same whole batch
-    scores = FixedScores(episodes)
-    cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4, minibatch_size=8)
-    whole, _ = build_batch(cfg, scores, *models[False], None, rollout, episodes)
-    half = slice(8 * dp.dp_rank, 8 * dp.dp_rank + 8)
-    cfg_dp = dataclasses.replace(cfg, problems_per_step=4, keep_groups=2, minibatch_size=4)
-    mine, _ = build_batch(cfg_dp, scores, *models[True], None, _rows(rollout, half), episodes[half])
+    rollout = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
+                           temperature=1.0, seed=0)  # every rank samples the same whole batch
+    cfg = TrainerConfig.of(TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4,
+                                       minibatch_size=8))
+    scored = dataclasses.replace(score_rollout(cfg, single, rollout)[0], scores=torch.tensor(SCORES))
+    whole, _ = build_batch(cfg, *models[False], None, scored)
+    cfg_dp = dataclasses.replace(cfg, keep_groups=2, minibatch_size=4)
+    mine, _ = build_batch(cfg_dp, *models[True], None, scored.rows(list(range(8 * dp.dp_rank, 8 * dp.dp_rank + 8))))
     want = whole.rows(torch.arange(4 * dp.dp_rank, 4 * dp.dp_rank + 4))
     T = mine.tokens.shape[1]
     assert torch.equal(mine.tokens, want.tokens[:, :T]) and not want.mask[:, T:].any()

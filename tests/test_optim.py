@@ -12,7 +12,7 @@ import torch
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.optim import MasterWeightAdamW, adamw
-from nanoufo.trainer import Batch, make_optimizers, ppo_update, sequence_stats
+from nanoufo.trainer import Batch, TrainerConfig, make_optimizers, ppo_update, sequence_stats
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -49,7 +49,7 @@ def trained_weights(optimizer) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for g in optimizer.param_groups for p in g["params"]])
 
 
-def ppo_run(dtype: torch.dtype, cfg: TrainConfig, poison: bool = False):
+def ppo_run(dtype: torch.dtype, cfg: TrainerConfig, poison: bool = False):
     actor, critic = models_in(dtype)
     batch = batch_for(actor)
     if poison:
@@ -62,7 +62,7 @@ def ppo_run(dtype: torch.dtype, cfg: TrainConfig, poison: bool = False):
 
 
 def test_bf16_masters_move_like_an_fp32_run_at_lr_1e_6():
-    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6)
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6))
     fp32, _, _, _ = ppo_run(torch.float32, cfg)
     bf16, out, models, optimizers = ppo_run(torch.bfloat16, cfg)
     assert out["updates"] == 4
@@ -92,7 +92,7 @@ def test_bf16_compute_weights_follow_the_masters():
 
 
 def test_clipping_and_the_master_step_read_the_same_bf16_gradients():
-    cfg = TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=1e-3, actor_lr=1e-6, critic_lr=1e-6)
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=1e-3, actor_lr=1e-6, critic_lr=1e-6))
     _, out, models, optimizers = ppo_run(torch.bfloat16, cfg)
     actor, optimizer = models["actor"], optimizers["actor"]
     assert out["grad_norm/actor"] > 1e-3  # clipped; the last minibatch's gradients stay on the parameters
@@ -103,7 +103,7 @@ def test_clipping_and_the_master_step_read_the_same_bf16_gradients():
 
 
 def test_a_non_finite_bf16_update_is_skipped_and_leaves_masters_and_moments_alone():
-    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6)
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6))
     deltas, out, models, optimizers = ppo_run(torch.bfloat16, cfg, poison=True)
     assert out["skipped_updates"] == 2 and out["updates"] == 2
     for name, opt in optimizers.items():

@@ -23,19 +23,12 @@ class DigitScorer:
         return [torch.tensor([int(s[-1]) / 10 for s in steps]) if steps else None for steps in step_lists]
 
 
-class FixedGold:
-    def __init__(self, rewards):
-        self.rewards = rewards
-
-    def turn_rewards(self, episode):
-        return self.rewards[episode.problem.id]
-
-
-def rollout_of(tokenizer, attempts_per_row: list[list[str]]) -> Rollout:
+def rollout_of(tokenizer, episodes: list[Episode], gold: list[list[float]]) -> Rollout:
     """Rows of a 3-token prompt, then each attempt's characters and a stop token, with a 2-token feedback
-    turn in between; the spans are the attempts' sampled tokens (stop token included)."""
+    turn in between; the spans are the attempts' sampled tokens (stop token included). As run_episodes
+    leaves it: the episodes, and the environment's reward of each attempt (gold) on its last token."""
     rows, spans = [], []
-    for attempts in attempts_per_row:
+    for attempts in [e.responses for e in episodes]:
         ids, row_spans = [1, 1, 1], []
         for i, text in enumerate(attempts):
             ids += [1, 1] if i else []
@@ -50,7 +43,8 @@ def rollout_of(tokenizer, attempts_per_row: list[list[str]]) -> Rollout:
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
             mask[b, start:end] = 1.0
-    return Rollout(tokens, torch.tensor(list(map(len, rows))), mask, torch.zeros(tokens.shape), spans, 0, 0)
+    return Rollout(tokens, torch.tensor(list(map(len, rows))), mask, torch.zeros(tokens.shape), spans, 0, 0,
+                   episodes=episodes, rewards=rl.place_rewards(mask, turn_rewards=gold, turn_spans=spans))
 
 
 def test_blend_by_hand():
@@ -64,9 +58,8 @@ def test_prm_rewards_by_hand_for_every_placement():
     episodes = [Episode(Problem("q0", "6", "e0"), ["s9\n\ns6"]),  # one attempt, steps 0.9 and 0.6
                 Episode(Problem("q1", "2", "e1"), ["s5", "s8\n\n\n\ns2"]),  # 0.5; then 0.8 and 0.2
                 Episode(Problem("q2", "1", "e2"), [" "])]  # no steps: the PRM cannot score it
-    gold = FixedGold({"e0": [1.0], "e1": [0.0, 0.5], "e2": [0.0]})
-    rollout = rollout_of(tokenizer, [e.responses for e in episodes])
-    out = PRMReward(DigitScorer(), tokenizer, "min", gold_weight=0.5)(gold, episodes, rollout)
+    rollout = rollout_of(tokenizer, episodes, gold=[[1.0], [0.0, 0.5], [0.0]])
+    out = PRMReward(DigitScorer(), tokenizer, "min", gold_weight=0.5)(rollout)
     # e0: min 0.6 -> 0.5 * 0.6 + 0.5 * 1.0 = 0.8; e1: mean(0.5, 0.2) / 2 ... -> 0.125 + (0.05 + 0.25) = 0.425
     assert out.scores.tolist() == pytest.approx([0.8, 0.425, 0.0])
     assert out.turn_rewards == [pytest.approx([0.8]), pytest.approx([0.125, 0.3]), [0.0]]
@@ -89,11 +82,11 @@ def test_prm_rewards_by_hand_for_every_placement():
 def test_product_aggregate_and_pure_prm():
     tokenizer = demo.build_tokenizer()
     episodes = [Episode(Problem("q0", "6", "e0"), ["s9\n\ns6"])]
-    rollout = rollout_of(tokenizer, [e.responses for e in episodes])
-    out = PRMReward(DigitScorer(), tokenizer, "product")(FixedGold({"e0": [1.0]}), episodes, rollout)
+    rollout = rollout_of(tokenizer, episodes, gold=[[1.0]])
+    out = PRMReward(DigitScorer(), tokenizer, "product")(rollout)
     assert out.scores.tolist() == pytest.approx([0.54])
     assert sorted(out.step_points[0]) == [(4, pytest.approx(0.9)), (8, pytest.approx(-0.36))]
-    with pytest.raises(ValueError, match="gold_weight"):
+    with pytest.raises(AssertionError):  # the config's checks come first (test_config.py)
         PRMReward(DigitScorer(), tokenizer, "min", gold_weight=1.5)
 
 

@@ -43,7 +43,7 @@ def test_group_advantages_normalize_within_each_group():
     adv = rl.group_advantages(scores, group_size=4)
     a = 0.5 / math.sqrt(1 / 3)  # sample std of (1, 0, 0, 1)
     assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]), atol=1e-5)
-    with pytest.raises(ValueError, match="whole groups"):
+    with pytest.raises(AssertionError):
         rl.group_advantages(scores[:7], group_size=4)
 
 
@@ -55,7 +55,7 @@ def test_kl_estimators():
     far = torch.tensor([30.0, -30.0], dtype=torch.float64)  # ref - logp past the +-20 clamp of k3
     assert torch.allclose(rl.kl_penalty(torch.zeros(2, dtype=torch.float64), far, "k3"),
                           torch.tensor([math.exp(20) - 21, math.exp(-20) + 19], dtype=torch.float64))
-    with pytest.raises(ValueError, match="k2"):
+    with pytest.raises(AssertionError):
         rl.kl_penalty(logp, ref, "k2")
 
 
@@ -109,7 +109,7 @@ def test_step_rewards_telescope_to_the_min_or_the_product():
     assert rl.step_rewards(scores, "product") == pytest.approx([0.9, -0.36, -0.108, -0.3024])
     assert sum(rl.step_rewards(scores, "product")) == pytest.approx(0.9 * 0.6 * 0.8 * 0.3)
     assert rl.step_rewards([], "min") == []
-    with pytest.raises(ValueError, match="mean"):
+    with pytest.raises(AssertionError):
         rl.step_rewards(scores, "mean")
 
 
@@ -117,7 +117,7 @@ def test_group_filter_keeps_the_groups_with_the_largest_spread():
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.25, 0.0])
     assert rl.group_filter(scores, group_size=2, keep_groups=2).tolist() == [2, 3, 6, 7]
     assert rl.group_filter(scores, group_size=2, keep_groups=3).tolist() == [2, 3, 6, 7, 8, 9]
-    with pytest.raises(ValueError, match="keep_groups"):
+    with pytest.raises(AssertionError):
         rl.group_filter(scores, group_size=2, keep_groups=6)
 
 

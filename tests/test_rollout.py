@@ -51,8 +51,9 @@ def solve_at(monkeypatch):
 
 def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
     env = UFOEnv(qwen_tokenizer, max_turns=3)
-    rollout, episodes = run_episodes(qwen_tiny, env, PROBLEMS[:2], n_samples_per_problem=2, max_new_tokens=5,
-                                     temperature=1.0, seed=3)
+    rollout = run_episodes(qwen_tiny, env, PROBLEMS[:2], n_samples_per_problem=2, max_new_tokens=5,
+                           temperature=1.0, seed=3)
+    episodes = rollout.episodes
     assert [e.problem.id for e in episodes] == ["p0", "p0", "p1", "p1"]
     for b, episode in enumerate(episodes):
         assert episode.turns == 3 and not episode.solved  # a random model: every attempt wrong
@@ -66,8 +67,14 @@ def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
 def test_episodes_end_on_the_first_correct_attempt(qwen_tiny, qwen_tokenizer, solve_at):
     solve_at({"5": 0, "2.5": 2})  # p0 at once, p1 at its third attempt, p2 never
     env = UFOEnv(qwen_tokenizer, max_turns=4)
-    rollout, episodes = run_episodes(qwen_tiny, env, PROBLEMS, max_new_tokens=3, temperature=1.0)
+    rollout = run_episodes(qwen_tiny, env, PROBLEMS, max_new_tokens=3, temperature=1.0)
+    episodes = rollout.episodes
     assert [e.turns for e in episodes] == [1, 3, 4]
+    assert rollout.scores.tolist() == [sum(env.turn_rewards(e)) for e in episodes]  # the rewards travel with the rows
+    for b, episode in enumerate(episodes):  # each attempt's reward on its last sampled token, nothing elsewhere
+        ends = [end - 1 for _, end in rollout.turn_spans[b]]
+        assert rollout.rewards[b, ends].tolist() == pytest.approx(env.turn_rewards(episode))
+        assert rollout.rewards[b].count_nonzero() <= len(ends)
     assert [len(spans) for spans in rollout.turn_spans] == [1, 3, 4]
     assert [e.solved_turn for e in episodes] == [0, 2, None]
     assert rollout.loss_mask.sum(dim=1).tolist() == [3.0, 9.0, 12.0]
@@ -93,5 +100,5 @@ def test_evaluate_pass_at_k_uses_single_turn_samples(qwen_tiny, qwen_tokenizer, 
                      progress=False)
     assert table["problems"] == 3.0 and table["tokens_per_episode"] == 2.0  # one attempt per sample
     assert table["pass@1"] == pytest.approx((0.5 + 0.5 + 0) / 3) and table["pass@2"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(AssertionError):
         evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, mode="best")

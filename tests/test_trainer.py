@@ -14,8 +14,8 @@ from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.rollout import run_episodes
-from nanoufo.trainer import (Batch, build_batch, make_optimizers, minibatch_losses, ppo_update, sequence_stats,
-                             value_loss)
+from nanoufo.trainer import (Batch, TrainerConfig, build_batch, make_optimizers, minibatch_losses, ppo_update,
+                             score_rollout, sequence_stats, value_loss)
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -55,7 +55,8 @@ def test_sequence_stats_aligns_each_tokens_logp_with_the_previous_position():
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
 def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
-    cfg = TrainConfig(ppo_epochs=3, minibatch_size=4, actor_lr=1e-3, critic_lr=1e-3, aggregation=aggregation)
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=3, minibatch_size=4, actor_lr=1e-3, critic_lr=1e-3,
+                                       aggregation=aggregation))
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     before, _, _ = minibatch_losses(cfg, actor, critic, batch)
@@ -69,7 +70,7 @@ def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
 
 
 def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone():
-    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2)
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=2, minibatch_size=2))
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     batch.advantages[0, 6] = float("nan")  # poisons the minibatches that hold row 0
@@ -96,7 +97,7 @@ def test_value_loss_by_hand():
 
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 def test_the_kl_term_is_in_the_loss_only_when_asked(kl_in):
-    cfg = TrainConfig(kl_in=kl_in, kl_coef=0.5, kl_estimator="k1")
+    cfg = TrainerConfig.of(TrainConfig(kl_in=kl_in, kl_coef=0.5, kl_estimator="k1"))
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     losses = [minibatch_losses(cfg, actor, critic, replace(batch, ref_logp=batch.old_logp + shift))[0].item()
@@ -108,7 +109,7 @@ def test_the_kl_term_is_in_the_loss_only_when_asked(kl_in):
 
 
 def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
-    cfg = TrainConfig(ppo_epochs=1, minibatch_size=2)
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=1, minibatch_size=2))
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     weights = {k: v.clone() for k, v in actor.state_dict().items()}
@@ -131,21 +132,21 @@ def demo_rollout():
     env = UFOEnv(tokenizer, instruction="", max_turns=3)
     actor = demo.build_model(len(tokenizer), seed=0)
     problems = demo.make_problems("train", 4, seed=0)
-    rollout, episodes = run_episodes(actor, env, problems, n_samples_per_problem=2, max_turns=3, max_new_tokens=4,
-                                     temperature=1.0, seed=0)
-    return env, actor, rollout, episodes
+    rollout = run_episodes(actor, env, problems, n_samples_per_problem=2, max_turns=3, max_new_tokens=4,
+                           temperature=1.0, seed=0)
+    return env, actor, rollout
 
 
 @pytest.mark.parametrize("algorithm, placement", [("ufo_ppo", "last"), ("ufo_ppo", "per_turn"), ("grpo", "last")])
 def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
-    env, actor, rollout, episodes = demo_rollout
-    cfg = TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3, problems_per_step=4,
-                      n_samples_per_problem=2, keep_groups=2, minibatch_size=4)
+    env, actor, rollout = demo_rollout
+    cfg = TrainerConfig.of(TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3,
+                                       problems_per_step=4, n_samples_per_problem=2, keep_groups=2, minibatch_size=4))
     critic = Qwen2(actor.config, value_head=True) if algorithm == "ufo_ppo" else None
     if critic is not None:
         critic.load_state_dict(actor.state_dict(), strict=False)
         critic.value_head.weight.data.zero_()
-    batch, stats = build_batch(cfg, env, actor, critic, actor, rollout, episodes)
+    batch, stats = build_batch(cfg, actor, critic, actor, score_rollout(cfg, actor, rollout)[0])
     assert batch.tokens.shape[0] == 4  # the two groups of two with the largest reward spread
     assert stats["logp_diff_sampler"] < 1e-4  # sampler and trainer agree on the sampled tokens
     assert torch.all(batch.advantages[batch.mask == 0] == 0)
@@ -159,12 +160,12 @@ def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, 
     """kl_in="reward" under GRPO: advantages are the group-normalized (score - kl_coef * sum of the token KL);
     kl_in="loss" leaves the scores alone (the loss adds the KL). The reference differs from the actor."""
     from nanoufo import rl
-    env, actor, rollout, episodes = demo_rollout
-    cfg = TrainConfig(algorithm="grpo", kl_in=kl_in, kl_coef=0.5, max_turns=3, problems_per_step=4,
-                      n_samples_per_problem=2, minibatch_size=8)
+    env, actor, rollout = demo_rollout
+    cfg = TrainerConfig.of(TrainConfig(algorithm="grpo", kl_in=kl_in, kl_coef=0.5, max_turns=3,
+                                       problems_per_step=4, n_samples_per_problem=2, minibatch_size=8))
     ref = demo.build_model(actor.config.vocab_size, seed=1)  # other weights: a non-zero KL on every token
-    batch, _ = build_batch(cfg, env, actor, None, ref, rollout, episodes)
-    scores = torch.tensor([env.reward(e) for e in episodes])
+    batch, _ = build_batch(cfg, actor, None, ref, score_rollout(cfg, actor, rollout)[0])
+    scores = torch.tensor([sum(env.turn_rewards(e)) for e in rollout.episodes])
     if kl_in == "reward":
         scores = scores - 0.5 * (rl.kl_penalty(batch.old_logp, batch.ref_logp) * batch.mask).sum(1)
     expected = rl.group_advantages(scores, 2)[:, None] * batch.mask
