@@ -56,11 +56,11 @@ except (KeyError, ValueError, TypeError, OSError) as error:
     fail(str(error.args[0] if isinstance(error, KeyError) else error))
 
 # -------------------------------------------------------------------------- distributed, seeds, device
-ctx = init_parallel(tp=cfg.tp, device=None if cfg.device == "auto" else cfg.device)
-master = ctx.is_main
+par = init_parallel(tp=cfg.tp, device=None if cfg.device == "auto" else cfg.device)
+master = par.is_main
 dtype = getattr(torch, cfg.dtype)
-torch.manual_seed(cfg.seed + ctx.dp_rank)  # the ranks of a TP group must draw the same numbers
-np.random.seed(cfg.seed + ctx.dp_rank)
+torch.manual_seed(cfg.seed + par.dp_rank)  # the ranks of a TP group must draw the same numbers
+np.random.seed(cfg.seed + par.dp_rank)
 out_dir = Path(cfg.out_dir)
 if master:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,28 +131,28 @@ try:  # the demo's tiny model is not written yet on its first run
         else model_config(str(start_dir))
 except (ValueError, FileNotFoundError) as e:
     sys.exit(str(e))
-gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(ctx.device).total_memory / 2**30
-                                  if ctx.device.type == "cuda" else None)
-plan = make_plan(cfg, shape, ctx.tp_size, gpu_mem_gib)
+gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(par.device).total_memory / 2**30
+                                  if par.device.type == "cuda" else None)
+plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib)
 print0(plan.format())
 if plan.refusal():
     sys.exit(plan.refusal())
 
 # -------------------------------------------------------------------------- models
 if cfg.is_demo and not cfg.init_from:
-    demo.warm_up_once(cfg, start_dir, ctx, tokenizer, train_problems)
-load = functools.partial(load_model, start_dir, device=ctx.device, dtype=dtype, tp=ctx)  # this rank's TP slices
+    demo.warm_up_once(cfg, start_dir, par, tokenizer, train_problems)
+load = functools.partial(load_model, start_dir, device=par.device, dtype=dtype, par=par)  # this rank's TP slices
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
-prm = PRMReward(PRMScorer.load(cfg.prm, device=ctx.device, dtype=dtype, tp=ctx), tokenizer, cfg.prm_aggregate,
+prm = PRMReward(PRMScorer.load(cfg.prm, device=par.device, dtype=dtype, par=par), tokenizer, cfg.prm_aggregate,
                 cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
 trainer_cfg = TrainerConfig.of(cfg)  # what the trainer reads, checked by parse_args
 optimizers = make_optimizers(trainer_cfg, actor, critic)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
-       f"reference: {ref is not None}; {ctx.world} ranks = DP {ctx.dp_size} x TP {ctx.tp_size}")
-grad_hook = (lambda model: average_gradients(model.parameters(), ctx)) if ctx.dp_size > 1 else None
+       f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
+grad_hook = (lambda model: average_gradients(model.parameters(), par)) if par.dp_size > 1 else None
 
 
 # -------------------------------------------------------------------------- resume
@@ -176,7 +176,7 @@ def run_eval(tag: str) -> dict:
     results, k = {}, cfg.eval_k
     for name, problems in eval_problems.items():
         metrics = held_out_metrics(actor, eval_env, problems, k=k, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.eval_temperature, seed=cfg.seed, progress=False, dp=ctx)
+                                   temperature=cfg.eval_temperature, seed=cfg.seed, progress=False, par=par)
         print0(f"eval {name} ({tag}, step {step}, {len(problems)} held-out problems): Succ@{k} "
                f"{metrics['succ_at_k']:.3f}, Pass@{k} {metrics['pass_at_k']:.3f}, mean turns "
                f"{metrics['mean_turns']:.2f}, non-repetitive ratio {metrics['non_repetitive_ratio']:.3f}")
@@ -187,8 +187,8 @@ def run_eval(tag: str) -> dict:
 
 
 def peak_memory_mb() -> float:
-    if ctx.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
+    if par.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(par.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -203,15 +203,15 @@ signal.signal(signal.SIGTERM, request_stop)
 before = run_eval("start") if state is None else None
 bad_steps = 0
 bar = tqdm(total=cfg.max_steps, initial=step, desc="rl", disable=not master)
-while step < cfg.max_steps and all_ranks_true(not stop_signal, ctx):  # a signal on any rank stops them all here
+while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal on any rank stops them all here
     t0 = time.time()
     n = cfg.problems_per_step
-    problems = problems_at(data_pos + ctx.dp_rank * n, n)
-    data_pos += n * ctx.dp_size
+    problems = problems_at(data_pos + par.dp_rank * n, n)
+    data_pos += n * par.dp_size
     rollout = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p,
-                           seed=cfg.seed * 1_000_003 + step * ctx.dp_size + ctx.dp_rank, tokenizer=tokenizer,
+                           seed=cfg.seed * 1_000_003 + step * par.dp_size + par.dp_rank, tokenizer=tokenizer,
                            kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
     scored, stats = score_rollout(trainer_cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(trainer_cfg, actor, critic, ref, scored)

@@ -49,7 +49,7 @@ class HFPolicy(nn.Module):
 
     def __init__(self, hf, value_head: nn.Linear | None = None):
         super().__init__()
-        self.hf, self.value_head, self.tp, self.vocab_start = hf, value_head, SINGLE, 0
+        self.hf, self.value_head, self.par, self.vocab_start = hf, value_head, SINGLE, 0
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.hf.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state

@@ -111,33 +111,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_file(ctx: ParallelContext) -> str:
-    return "optimizers.pt" if ctx.tp_size == 1 else f"optimizers-tp{ctx.tp_rank}.pt"
+def optimizer_file(par: ParallelContext) -> str:
+    return "optimizers.pt" if par.tp_size == 1 else f"optimizers-tp{par.tp_rank}.pt"
 
 
 def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: dict, extra: dict) -> Path:
     """Write ckpt-<step> (models by name in HF format, optimizers, extra state, RNG), point `latest` at it,
     remove the older ones. Returns the checkpoint directory once it is in place, on every rank."""
-    ctx = next(iter(models.values())).tp
+    par = next(iter(models.values())).par
     out_dir = Path(out_dir)
     # a second save of one step (a resumed run that stops at once) takes a new name: the directory `latest`
     # names must stay whole until the pointer has moved
     names = itertools.chain([f"ckpt-{step}"], (f"ckpt-{step}-{n}" for n in itertools.count(1)))
     final = next(out_dir / name for name in names if not (out_dir / name).exists())
     tmp = final.with_name(final.name + ".tmp")
-    if ctx.is_main:
+    if par.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-write
         tmp.mkdir(parents=True)
-    barrier(ctx)
+    barrier(par)
     for name, model in models.items():
         save_model(model, tmp / name)
-    if ctx.dp_rank == 0:  # the other DP groups hold the same optimizer state
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / optimizer_file(ctx))
-    barrier(ctx)
-    if ctx.is_main:
+    if par.dp_rank == 0:  # the other DP groups hold the same optimizer state
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / optimizer_file(par))
+    barrier(par)
+    if par.is_main:
         torch.save({"step": step, "rng": rng_states(), **extra}, tmp / "state.pt")
         _commit(tmp, final)
-    barrier(ctx)  # no rank picks the next checkpoint's name before this one is committed
+    barrier(par)  # no rank picks the next checkpoint's name before this one is committed
     return final
 
 
@@ -175,12 +175,12 @@ def load_checkpoint(out_dir: str | Path, models: dict, optimizers: dict) -> dict
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
-    opt_name = optimizer_file(next(iter(models.values())).tp)
+    opt_name = optimizer_file(next(iter(models.values())).par)
     verify_checkpoint(path, [*models, opt_name, "state.pt"])
     for name, model in models.items():
         param = next(model.parameters())
         saved = load_model(path / name, device=param.device, dtype=param.dtype,
-                           value_head=model.value_head is not None, tp=model.tp)
+                           value_head=model.value_head is not None, par=model.par)
         model.load_state_dict(saved.state_dict())
     opt_path = path / opt_name
     opt_states = torch.load(opt_path, map_location="cpu", weights_only=False)

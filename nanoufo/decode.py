@@ -39,7 +39,7 @@ class Sampling:
 def kv_bytes_per_row(model: Qwen2, max_len: int) -> int:
     """KV-cache bytes of one row of max_len slots on this rank (its own KV heads under tensor parallelism)."""
     c, weight = model.config, model.lm_head_weight
-    return 2 * c.num_hidden_layers * max_len * c.num_key_value_heads // model.tp.tp_size * c.head_dim \
+    return 2 * c.num_hidden_layers * max_len * c.num_key_value_heads // model.par.tp_size * c.head_dim \
         * weight.element_size()
 
 
@@ -50,7 +50,7 @@ class Decoder:
         weight = model.lm_head_weight
         device, R = weight.device, n_rows + 1
         self.spare = n_rows
-        self.cache = KVCache.allocate(model.config, R, max_len, device, weight.dtype, tp_size=model.tp.tp_size)
+        self.cache = KVCache.allocate(model.config, R, max_len, device, weight.dtype, tp_size=model.par.tp_size)
         long = dict(device=device, dtype=torch.long)
         self.last_token = torch.zeros(R, **long)  # the token the next step feeds (not yet in the cache)
         self.length = torch.ones(R, **long)  # tokens in the row's sequence, last_token included
@@ -69,7 +69,7 @@ class Decoder:
         further from the trainer's: bench/RESULTS.md, issue 16 section)."""
         m = self.model
         local = m.lm_head_input(hidden).float() @ m.lm_head_weight.float().T  # (N, V_local) fp32
-        return all_gather_vocab(local, m.vocab_start, m.config.vocab_size, m.tp)
+        return all_gather_vocab(local, m.vocab_start, m.config.vocab_size, m.par)
 
     def begin(self, rows: torch.Tensor, episodes: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> None:
         """Open a turn on rows (N,) whose sequences (lengths (N,), of episodes (N,)) were just prefilled, and

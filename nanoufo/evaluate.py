@@ -6,7 +6,7 @@ per episode; and Best-of-N with a process reward model next to majority vote ove
     table = evaluate(model, env, problems, k=5, mode="succ", temperature=0.5, out="eval.jsonl")
     table = best_of_n(model, env, problems, scorer, n=8)     # pass@1, pass@N, maj@N, rm@N
 
-Under data parallelism (dp=ctx) the batches are dealt out to the DP groups and the episodes gathered, so
+Under data parallelism (par=ParallelContext) the batches are dealt out to the DP groups and the episodes gathered, so
 every rank returns the table one process would (same batches, same seeds). held_out_metrics is train.py's
 Succ@k + Pass@k row. sample.py --mode=eval / passk / bon is the command line for it.
 Tests: python -m pytest -q tests/test_rollout.py tests/test_dp_statistics.py
@@ -44,17 +44,17 @@ def write_episodes(path: str | Path, records: list[dict]) -> None:
 def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, mode: str = "succ",
              batch_size: int = 64, max_new_tokens: int = 1024, temperature: float = 0.5, top_p: float = 1.0,
              seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True,
-             dp: ParallelContext | None = None) -> dict[str, float]:
+             par: ParallelContext | None = None) -> dict[str, float]:
     """The metrics table. mode "succ": succ@1..k, mean turns, non-repetitive ratio, tokens per episode;
     mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `tokenizer`
     decodes attempts for grading (default env.tokenizer); `out` gets one JSON line per episode (written by
-    global rank 0); `dp` splits the batches across data-parallel groups."""
+    global rank 0); `par` splits the batches across data-parallel groups."""
     assert mode in MODES, mode
     samples, turns = (1, k) if mode == "succ" else (k, 1)
     episodes, lengths = sample_episodes(model, env, problems, samples, turns, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"{mode}@{k}", dp=dp)
-    if out is not None and (dp is None or dp.is_main):
+                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"{mode}@{k}", par=par)
+    if out is not None and (par is None or par.is_main):
         write_episodes(out, [episode_record(e, j % samples, n) for j, (e, n) in enumerate(zip(episodes, lengths))])
     if mode == "succ":
         return summarize(episodes, k, lengths)
@@ -67,20 +67,20 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
 
 def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples: int, turns: int, *,
                     batch_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, tokenizer,
-                    progress: bool, desc: str, dp: ParallelContext | None = None) -> tuple[list, list[int]]:
+                    progress: bool, desc: str, par: ParallelContext | None = None) -> tuple[list, list[int]]:
     """`samples` episodes of up to `turns` attempts per problem, about batch_size episodes at a time:
-    (episodes problem after problem, sampled tokens of each). With `dp` the batches are dealt out to the
+    (episodes problem after problem, sampled tokens of each). With `par` the batches are dealt out to the
     data-parallel groups and gathered: every rank gets what one process would (a batch is seeded by its start)."""
     per_batch = max(1, batch_size // samples)
     starts = range(0, len(problems), per_batch)
-    dp_rank, dp_size = (dp.dp_rank, dp.dp_size) if dp is not None else (0, 1)
+    dp_rank, dp_size = (par.dp_rank, par.dp_size) if par is not None else (0, 1)
     done = {}  # batch start -> (episodes, sampled tokens per episode)
     for i in tqdm(starts[dp_rank::dp_size], desc=desc, unit="batch", disable=not progress):
         rollout = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
                                max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=seed + i, tokenizer=tokenizer)
         done[i] = (rollout.episodes, rollout.loss_mask.sum(dim=1).long().tolist())
-    done = _gather_over_dp(done, dp)
+    done = _gather_over_dp(done, par)
     return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]
 
 
@@ -107,12 +107,12 @@ def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, *, n: 
             "tokens_per_episode": tokens_per_episode(lengths)}
 
 
-def _gather_over_dp(done: dict, dp: ParallelContext | None) -> dict:
+def _gather_over_dp(done: dict, par: ParallelContext | None) -> dict:
     """Every DP group's finished batches on every rank (the batch starts never collide)."""
-    if dp is None or dp.dp_group is None:
+    if par is None or par.dp_group is None:
         return done
-    parts = [None] * dp.dp_size
-    dist.all_gather_object(parts, done, group=dp.dp_group)
+    parts = [None] * par.dp_size
+    dist.all_gather_object(parts, done, group=par.dp_group)
     return {start: result for part in parts for start, result in part.items()}
 
 

@@ -237,13 +237,13 @@ class Attention(nn.Module):
     """Under TP a rank holds whole query heads and the KV heads they read (q/k/v column-, o row-parallel).
     q, k and v are one merged projection (one GEMM); checkpoints keep q_proj, k_proj, v_proj apart."""
 
-    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
+    def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.qkv_proj = MergedColumnParallelLinear(
             config.hidden_size, {"q_proj": self.n_head * self.head_dim, "k_proj": self.n_kv * self.head_dim,
-                                 "v_proj": self.n_kv * self.head_dim}, bias=True, tp=tp)
-        self.o_proj = RowParallelLinear(self.n_head * self.head_dim, config.hidden_size, bias=False, tp=tp)
+                                 "v_proj": self.n_kv * self.head_dim}, bias=True, par=par)
+        self.o_proj = RowParallelLinear(self.n_head * self.head_dim, config.hidden_size, bias=False, par=par)
         self.n_local_heads = self.qkv_proj.part_sizes[0] // self.head_dim  # this rank's query heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
@@ -264,12 +264,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU; gate and up are one merged projection (one GEMM); checkpoints keep gate_proj and up_proj."""
 
-    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
+    def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
         I = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate_proj": I, "up_proj": I},
-                                                       bias=False, tp=tp)
-        self.down_proj = RowParallelLinear(I, config.hidden_size, bias=False, tp=tp)
+                                                       bias=False, par=par)
+        self.down_proj = RowParallelLinear(I, config.hidden_size, bias=False, par=par)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """fused: silu(gate) * up in one kernel (kernels/silu_mul.py, no autograd), for the cached path."""
@@ -281,12 +281,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
+    def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, tp)
+        self.self_attn = Attention(config, par)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, tp)
+        self.mlp = MLP(config, par)
 
     def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None, layout=None) -> torch.Tensor:
         if cache is not None:
@@ -303,10 +303,10 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    def __init__(self, config: QwenConfig, tp: ParallelContext = SINGLE):
+    def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(Block(config, tp) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, par)
+        self.layers = nn.ModuleList(Block(config, par) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -315,19 +315,19 @@ class Qwen2(nn.Module):
     A config whose architecture is PRM_ARCHITECTURE makes a process reward model: the same trunk with the
     `score` head (Linear(H, H), ReLU, Linear(H, 2): HF's score.0.* and score.2.*) and no LM head.
 
-    With tp (nanoufo/parallel.py) of size > 1 every rank holds its slice of each weight and of the vocabulary:
+    With par.tp_size > 1 (nanoufo/parallel.py) every rank holds its slice of each weight and of the vocabulary:
     logits() returns the columns [vocab_start, vocab_start + V_local); the value and score heads are
     replicated (the final hidden states are whole on every rank)."""
 
-    def __init__(self, config: QwenConfig, value_head: bool = False, tp: ParallelContext = SINGLE):
+    def __init__(self, config: QwenConfig, value_head: bool = False, par: ParallelContext = SINGLE):
         super().__init__()
-        check_tp_split(config, tp.tp_size)
+        check_tp_split(config, par.tp_size)
         if value_head and config.is_prm:
             raise ValueError(f"a {PRM_ARCHITECTURE} checkpoint cannot be loaded as a critic (value_head=True)")
-        self.config, self.tp = config, tp
-        self.model = Trunk(config, tp)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+        self.config, self.par = config, par
+        self.model = Trunk(config, par)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
         self.lm_head = None if config.tie_word_embeddings or config.is_prm else ColumnParallelLinear(
-            config.hidden_size, config.vocab_size, bias=False, tp=tp)  # same vocabulary split as the embedding
+            config.hidden_size, config.vocab_size, bias=False, par=par)  # same vocabulary split as the embedding
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
         H = config.hidden_size
         self.score = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 2)) if config.is_prm else None
@@ -369,7 +369,7 @@ class Qwen2(nn.Module):
 
     def lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden as the vocab-parallel head must see it (Megatron's f), for fused head kernels too."""
-        return copy_to_tp(hidden, self.tp.tp_group)
+        return copy_to_tp(hidden, self.par.tp_group)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden).squeeze(-1).float()  # (...,)

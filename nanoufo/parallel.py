@@ -8,8 +8,8 @@ LOCAL_RANK; init_parallel reads them and returns a ParallelContext that layers a
     torchrun --standalone --nproc_per_node=2 train.py ...          # TP=2 (the default tp=2)
     torchrun --standalone --nproc_per_node=8 train.py ...          # DP=4 x TP=2
     torchrun --standalone --nproc_per_node=4 train.py --tp=1 ...   # DP=4
-    ctx = init_parallel(tp=2)                         # NCCL on GPUs, gloo on CPU
-    model = load_model(ckpt, device=ctx.device, tp=ctx)
+    par = init_parallel(tp=2)                         # NCCL on GPUs, gloo on CPU
+    model = load_model(ckpt, device=par.device, par=par)
 
 Column-parallel layers split their output features and take a replicated input; row-parallel layers split
 their input features and all-reduce their output. The two autograd-aware collectives between them are
@@ -100,8 +100,8 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def barrier(ctx: ParallelContext) -> None:
-    if ctx.world > 1:
+def barrier(par: ParallelContext) -> None:
+    if par.world > 1:
         dist.barrier()
 
 
@@ -213,15 +213,15 @@ def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Te
 class ColumnParallelLinear(nn.Linear):
     """y = x W.T + b with W's rows (output features) split across TP ranks; the output stays split."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: ParallelContext = SINGLE):
-        start, stop = split_range(out_features, tp.tp_rank, tp.tp_size)
+    def __init__(self, in_features: int, out_features: int, bias: bool, par: ParallelContext = SINGLE):
+        start, stop = split_range(out_features, par.tp_rank, par.tp_size)
         super().__init__(in_features, stop - start, bias=bias)
-        self.tp = tp
+        self.par = par
         shard = Shard(0, start, stop, out_features)
         self.shards = {"weight": shard, "bias": shard} if bias else {"weight": shard}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.tp.tp_group), self.weight, self.bias)
+        return F.linear(copy_to_tp(x, self.par.tp_group), self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(nn.Linear):
@@ -229,83 +229,83 @@ class MergedColumnParallelLinear(nn.Linear):
     rank's slice of each part, concatenated in order. Checkpoints keep the parts as separate tensors:
     `parts` lists (HF module name, first output row, rows, Shard of the HF tensor) for hf_tensors."""
 
-    def __init__(self, in_features: int, parts: dict[str, int], bias: bool, tp: ParallelContext = SINGLE):
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool, par: ParallelContext = SINGLE):
         self.parts, row = [], 0
         for part, out_features in parts.items():
-            start, stop = split_range(out_features, tp.tp_rank, tp.tp_size)
+            start, stop = split_range(out_features, par.tp_rank, par.tp_size)
             self.parts.append((part, row, stop - start, Shard(0, start, stop, out_features)))
             row += stop - start
         super().__init__(in_features, row, bias=bias)
-        self.tp = tp
+        self.par = par
 
     @property
     def part_sizes(self) -> list[int]:  # this rank's output width of each part, for splitting the output
         return [rows for _, _, rows, _ in self.parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.tp.tp_group), self.weight, self.bias)
+        return F.linear(copy_to_tp(x, self.par.tp_group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Linear):
     """y = x W.T + b with W's columns (input features) split; takes a split input, returns the full sum."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: ParallelContext = SINGLE):
-        start, stop = split_range(in_features, tp.tp_rank, tp.tp_size)
+    def __init__(self, in_features: int, out_features: int, bias: bool, par: ParallelContext = SINGLE):
+        start, stop = split_range(in_features, par.tp_rank, par.tp_size)
         super().__init__(stop - start, out_features, bias=bias)
-        self.tp = tp
+        self.par = par
         self.shards = {"weight": Shard(1, start, stop, in_features)}  # the bias is replicated, added once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp.tp_group)
+        y = reduce_from_tp(F.linear(x, self.weight), self.par.tp_group)
         return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Embedding):
     """Embedding whose rows (the vocabulary) are split; a rank answers for its ids, zeros elsewhere, then sum."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp: ParallelContext = SINGLE):
-        self.vocab_start, self.vocab_stop = split_range(num_embeddings, tp.tp_rank, tp.tp_size)
+    def __init__(self, num_embeddings: int, embedding_dim: int, par: ParallelContext = SINGLE):
+        self.vocab_start, self.vocab_stop = split_range(num_embeddings, par.tp_rank, par.tp_size)
         super().__init__(self.vocab_stop - self.vocab_start, embedding_dim)
-        self.tp = tp
+        self.par = par
         self.shards = {"weight": Shard(0, self.vocab_start, self.vocab_stop, num_embeddings)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.tp_group is None:
+        if self.par.tp_group is None:
             return super().forward(ids)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.num_embeddings)  # ids another rank owns
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
-        return reduce_from_tp(x, self.tp.tp_group)  # (..., H)
+        return reduce_from_tp(x, self.par.tp_group)  # (..., H)
 
 
-def all_gather_shards(t: torch.Tensor, shard: Shard, tp: ParallelContext) -> torch.Tensor:
+def all_gather_shards(t: torch.Tensor, shard: Shard, par: ParallelContext) -> torch.Tensor:
     """The full tensor from every TP rank's part (parts may differ by one row: pad, gather, trim)."""
-    if tp.tp_group is None:
+    if par.tp_group is None:
         return t
-    sizes = [stop - start for start, stop in (split_range(shard.full, r, tp.tp_size) for r in range(tp.tp_size))]
+    sizes = [stop - start for start, stop in (split_range(shard.full, r, par.tp_size) for r in range(par.tp_size))]
     pad = list(t.shape)
     pad[shard.dim] = max(sizes) - t.shape[shard.dim]
     padded = torch.cat([t, t.new_zeros(pad)], dim=shard.dim).contiguous()
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=tp.tp_group)
+    dist.all_gather(parts, padded, group=par.tp_group)
     return torch.cat([p.narrow(shard.dim, 0, n) for p, n in zip(parts, sizes)], dim=shard.dim)
 
 
-def full_state_dict(model: nn.Module, tp: ParallelContext) -> dict[str, torch.Tensor] | None:
+def full_state_dict(model: nn.Module, par: ParallelContext) -> dict[str, torch.Tensor] | None:
     """Every tensor under its Hugging Face name, whole, on global rank 0 (on the CPU when gathered); None
     elsewhere. Merged projections come out as their separate HF tensors.
 
     Only the first DP group gathers (the others hold the same weights); all its TP ranks must call this."""
-    if tp.dp_rank != 0:
+    if par.dp_rank != 0:
         return None
     params, state = {name: p.detach() for name, p in model.named_parameters()}, {}
     for name, where in hf_tensors(model).items():
         t = where.local(params)
-        if where.shard is not None and tp.tp_size > 1:
-            t = all_gather_shards(t, where.shard, tp).cpu()  # one full tensor at a time on the device
-        if tp.is_main:
+        if where.shard is not None and par.tp_size > 1:
+            t = all_gather_shards(t, where.shard, par).cpu()  # one full tensor at a time on the device
+        if par.is_main:
             state[name] = t.contiguous()
-    return state if tp.is_main else None
+    return state if par.is_main else None
 
 
 def all_reduce_(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -315,58 +315,58 @@ def all_reduce_(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.Reduce
     return t
 
 
-def all_gather_vocab(logits: torch.Tensor, vocab_start: int, vocab_size: int, tp: ParallelContext) -> torch.Tensor:
+def all_gather_vocab(logits: torch.Tensor, vocab_start: int, vocab_size: int, par: ParallelContext) -> torch.Tensor:
     """Full-vocabulary logits (..., V) from every TP rank's columns (..., V_local), identical on every rank,
     so a sampler run with the same seed on each rank draws the same token column (no rank-0 side channel)."""
     shard = Shard(logits.ndim - 1, vocab_start, vocab_start + logits.shape[-1], vocab_size)
-    return all_gather_shards(logits, shard, tp)
+    return all_gather_shards(logits, shard, par)
 
 
-def dp_mean_scale(count: torch.Tensor, tp: ParallelContext) -> float:
+def dp_mean_scale(count: torch.Tensor, par: ParallelContext) -> float:
     """Factor for a rank's mean over its `count` items (tokens or rows) such that averaging gradients over
     the DP group gives the mean over every rank's items, as one process with the whole batch would:
     count * dp_size / (count summed over the DP group). 1.0 without data parallelism."""
-    if tp.dp_group is None:
+    if par.dp_group is None:
         return 1.0
-    total = all_reduce_(torch.as_tensor(count, dtype=torch.float64).detach().clone(), tp.dp_group)
-    return float(count) * tp.dp_size / max(float(total), 1.0)
+    total = all_reduce_(torch.as_tensor(count, dtype=torch.float64).detach().clone(), par.dp_group)
+    return float(count) * par.dp_size / max(float(total), 1.0)
 
 
-def all_ranks_true(flag: bool, tp: ParallelContext) -> bool:
+def all_ranks_true(flag: bool, par: ParallelContext) -> bool:
     """True when flag holds on every rank: decisions that skip a collective (a non-finite loss) must agree."""
-    if tp.world == 1:
+    if par.world == 1:
         return flag
-    t = torch.tensor([int(flag)], device=tp.device)
+    t = torch.tensor([int(flag)], device=par.device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
-def average_gradients(params, tp: ParallelContext) -> None:
+def average_gradients(params, par: ParallelContext) -> None:
     """Mean of every gradient over the DP group (async all-reduces, then wait). Parameters without a gradient
     (a critic's unused LM head) are skipped: which ones have none depends on the graph, not on the data, so
     every rank skips the same ones."""
-    if tp.dp_group is None:
+    if par.dp_group is None:
         return
     params = [p for p in params if p.grad is not None]
-    works = [dist.all_reduce(p.grad, group=tp.dp_group, async_op=True) for p in params]
+    works = [dist.all_reduce(p.grad, group=par.dp_group, async_op=True) for p in params]
     for p, work in zip(params, works):
         work.wait()
-        p.grad.div_(tp.dp_size)
+        p.grad.div_(par.dp_size)
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, tp: ParallelContext) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, par: ParallelContext) -> torch.Tensor:
     """Clip by the norm of the full model's gradient: split parameters' squares summed over the TP group,
     replicated ones (identical on every TP rank) counted once. Returns the norm before clipping.
 
     Foreach kernels (one multi-tensor launch per group instead of a few per parameter): per-tensor norms
     in fp32, then one in-place scaling of every gradient."""
-    split_names = split_params(model) if tp.tp_size > 1 else set()
+    split_names = split_params(model) if par.tp_size > 1 else set()
     split, replicated = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
             (split if name in split_names else replicated).append(p.grad)
     device = next(model.parameters()).device
-    split_sq = all_reduce_(_sum_of_squares(split, device), tp.tp_group)
+    split_sq = all_reduce_(_sum_of_squares(split, device), par.tp_group)
     norm = (split_sq + _sum_of_squares(replicated, device)).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     grads = split + replicated

@@ -68,7 +68,7 @@ def model_config(source: str) -> QwenConfig:
 def params_per_rank(config: QwenConfig, tp: int, value_head: bool = False) -> int:
     """Parameters on TP rank 0 (which holds the larger part of an uneven split), counted on the meta device."""
     with torch.device("meta"):
-        model = Qwen2(config, value_head=value_head, tp=ParallelContext(world=tp, tp_size=tp))
+        model = Qwen2(config, value_head=value_head, par=ParallelContext(world=tp, tp_size=tp))
     return model.num_params()
 
 

@@ -108,7 +108,7 @@ class PRMScorer:
         self.tokens_per_row, self.rows_per_call = tokens_per_row, rows_per_call
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, device="cpu", dtype: torch.dtype | None = None, tp: ParallelContext = SINGLE,
+    def load(cls, ckpt_dir: str | Path, device="cpu", dtype: torch.dtype | None = None, par: ParallelContext = SINGLE,
              **options) -> "PRMScorer":
         """The PRM checkpoint directory's weights and its own tokenizer (the separator is read from it)."""
         ckpt_dir = Path(ckpt_dir)
@@ -117,7 +117,7 @@ class PRMScorer:
                                     f"which defines the {SEPARATOR} step separator")
         tokenizer = load_tokenizer(ckpt_dir)
         separator_id(tokenizer, str(ckpt_dir))  # before any weight is read
-        model = load_model(ckpt_dir, device=device, dtype=dtype, tp=tp).eval()
+        model = load_model(ckpt_dir, device=device, dtype=dtype, par=par).eval()
         return cls(model, tokenizer, str(ckpt_dir), **options)
 
     def input_ids(self, question: str, steps: list[str]) -> list[int]:

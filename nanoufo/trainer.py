@@ -155,7 +155,7 @@ def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengt
     each row's first token and past its length); packed when lengths are given (prediction_rows)."""
     rows = prediction_rows(model, tokens, lengths)
     stats = linear_token_stats(model.lm_head_input(rows.hidden), model.lm_head_weight, rows.targets, temperature,
-                               vocab_start=model.vocab_start, group=model.tp.tp_group)  # vocab-parallel under TP
+                               vocab_start=model.vocab_start, group=model.par.tp_group)  # vocab-parallel under TP
     return tuple(rows.scatter(s) for s in stats)
 
 
@@ -224,21 +224,21 @@ def kl_reward_penalty(cfg: TrainerConfig, old_logp: torch.Tensor, ref_logp: torc
     return cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
 
 
-def dp_group_filter(cfg: TrainerConfig, rollout: Rollout, tp: ParallelContext) -> Rollout:
+def dp_group_filter(cfg: TrainerConfig, rollout: Rollout, par: ParallelContext) -> Rollout:
     """The group filter over the whole data-parallel batch: the keep_groups x dp_size groups with the largest
     reward spread among every rank's groups (in rank order), dealt out in equal shares of keep_groups, rank
     r taking the r-th; the rows travel between ranks. Returns this rank's rows."""
     B, n = len(rollout.scores), cfg.n_samples_per_problem
-    everyone = [torch.empty_like(rollout.scores) for _ in range(tp.dp_size)]
-    dist.all_gather(everyone, rollout.scores.contiguous(), group=tp.dp_group)
-    kept = rl.group_filter(torch.cat(everyone), n, cfg.keep_groups * tp.dp_size).tolist()  # indices into all rows
-    here = range(tp.dp_rank * B, (tp.dp_rank + 1) * B)
+    everyone = [torch.empty_like(rollout.scores) for _ in range(par.dp_size)]
+    dist.all_gather(everyone, rollout.scores.contiguous(), group=par.dp_group)
+    kept = rl.group_filter(torch.cat(everyone), n, cfg.keep_groups * par.dp_size).tolist()  # indices into all rows
+    here = range(par.dp_rank * B, (par.dp_rank + 1) * B)
     mine = dataclasses.replace(rollout, episodes=None).to("cpu")  # what travels: the tensors, no records
     rows = {g: mine.rows([g - here.start]) for g in kept if g in here}
-    parts = [None] * tp.dp_size
-    dist.all_gather_object(parts, rows, group=tp.dp_group)
+    parts = [None] * par.dp_size
+    dist.all_gather_object(parts, rows, group=par.dp_group)
     pool = {g: row for part in parts for g, row in part.items()}
-    share = kept[tp.dp_rank * cfg.keep_groups * n:(tp.dp_rank + 1) * cfg.keep_groups * n]
+    share = kept[par.dp_rank * cfg.keep_groups * n:(par.dp_rank + 1) * cfg.keep_groups * n]
     return cat_rows([pool[g] for g in share]).to(rollout.tokens.device)
 
 
@@ -250,8 +250,8 @@ def build_batch(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwe
     stats = {"score": rollout.scores.mean().item(),
              "score_std": rollout.scores.std().item() if len(rollout.scores) > 1 else 0.0}
     filtering = cfg.keep_groups and cfg.keep_groups < len(rollout.scores) // cfg.n_samples_per_problem
-    if filtering and actor.tp.dp_group is not None:  # over the whole DP batch: this rank's share of the kept rows
-        rollout = dp_group_filter(cfg, rollout, actor.tp)
+    if filtering and actor.par.dp_group is not None:  # over the whole DP batch: this rank's share of the kept rows
+        rollout = dp_group_filter(cfg, rollout, actor.par)
     elif filtering:
         rollout = rollout.rows(rl.group_filter(rollout.scores, cfg.n_samples_per_problem, cfg.keep_groups).tolist())
     tokens, mask, scores = rollout.tokens, rollout.loss_mask.float(), rollout.scores  # (B, T), (B, T), (B,)
@@ -277,7 +277,7 @@ def build_batch(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwe
     rewards = rollout.rewards - kl_reward
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = rl.masked_whiten(advantages, mask, group=actor.tp.dp_group)  # moments of the whole DP batch
+        advantages = rl.masked_whiten(advantages, mask, group=actor.par.dp_group)  # moments of the whole DP batch
     return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns), stats
 
 
@@ -294,16 +294,16 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 def _grads_finite_norm(model: Qwen2, max_norm: float) -> float:
     """Clip in place and return the total norm before clipping (inf/nan when a gradient is not finite);
     under tensor parallelism it is the norm of the whole model's gradient."""
-    return float(clip_grad_norm_(model, max_norm if max_norm > 0 else math.inf, model.tp))
+    return float(clip_grad_norm_(model, max_norm if max_norm > 0 else math.inf, model.par))
 
 
-def minibatch_weights(mask: torch.Tensor, aggregation: str, tp) -> tuple[torch.Tensor, torch.Tensor]:
+def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
     """(policy, value) per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), scaled so that
     averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
     process with the whole minibatch would (parallel.dp_mean_scale)."""
-    token_scale = dp_mean_scale(mask.sum(), tp)
+    token_scale = dp_mean_scale(mask.sum(), par)
     per_token = aggregation == "token-mean"
-    policy_scale = token_scale if per_token else dp_mean_scale((mask.sum(1) > 0).sum(), tp)
+    policy_scale = token_scale if per_token else dp_mean_scale((mask.sum(1) > 0).sum(), par)
     return (rl.loss_weights(mask, aggregation) * policy_scale,
             rl.loss_weights(mask, "token-mean") * token_scale)
 
@@ -322,7 +322,7 @@ def policy_loss(cfg: TrainerConfig, actor: Qwen2, mb: Batch, weights: torch.Tens
         at(mb.mask), at(weights), ref_logp=at(mb.ref_logp) if kl_in_loss else None, temperature=cfg.temperature,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
         kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
-        vocab_start=actor.vocab_start, group=actor.tp.tp_group)  # vocab-parallel under TP
+        vocab_start=actor.vocab_start, group=actor.par.tp_group)  # vocab-parallel under TP
     metrics = {f"pg/{k}": v for k, v in metrics.items()}
     logp = rows.scatter(logp)  # (B, T)
     return loss, metrics | {"ratio_dev": rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).detach()}
@@ -339,7 +339,7 @@ def critic_loss(cfg: TrainerConfig, critic: Qwen2, mb: Batch, weights: torch.Ten
 def minibatch_losses(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
     """(total loss, metrics, max |logp - old|) for one minibatch in one padded forward: the one-shot update
     that accumulate_gradients' micro-batches add up to."""
-    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.tp)
+    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
     loss, metrics = policy_loss(cfg, actor, mb, policy_w, None)
     if critic is not None:
         v_loss, v_metrics = critic_loss(cfg, critic, mb, value_w, None)
@@ -356,7 +356,7 @@ def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None,
     actor's backward runs before the critic's forward, so only one model's activations are alive.
     Returns (the minibatch's total loss, 0-d detached; metrics as 0-d tensors, token-means over the
     minibatch, plus padding_frac), synchronising nothing: the caller reads them once."""
-    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.tp)
+    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
     total, sums, computed = mb.mask.new_zeros(()), {}, 0
     for rows in micro_batch_rows(cfg, lengths):
         sizes = [lengths[i] for i in rows]
@@ -406,7 +406,7 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
             metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch
             ratio_dev = metrics.pop("ratio_dev")
             first_ratio_dev = ratio_dev if first_ratio_dev is None else first_ratio_dev
-            finite = all_ranks_true(bool(torch.isfinite(loss)), actor.tp)  # DP ranks skip together or not at all
+            finite = all_ranks_true(bool(torch.isfinite(loss)), actor.par)  # DP ranks skip together or not at all
             if finite:
                 norms = {}
                 for name, model in models.items():

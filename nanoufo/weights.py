@@ -6,7 +6,7 @@ in model.safetensors.index.json. A directory saved here opens in transformers or
 
 Tensors are read one at a time straight onto the target device and cast there, so no full fp32 copy of
 the model ever sits in CPU memory. Every problem is reported with the file and tensor it concerns.
-Under tensor parallelism (tp=ParallelContext from nanoufo/parallel.py) each rank reads only its slice of each
+Under tensor parallelism (par=ParallelContext from nanoufo/parallel.py) each rank reads only its slice of each
 tensor (safetensors get_slice), so no rank ever holds the whole model; save_model gathers the slices and
 global rank 0 writes one ordinary checkpoint.
 """
@@ -48,16 +48,16 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               value_head: bool = False, tp: ParallelContext = SINGLE) -> Qwen2:
+               value_head: bool = False, par: ParallelContext = SINGLE) -> Qwen2:
     """Build a Qwen2 from a HF checkpoint directory. With value_head=True (the critic) a checkpoint without
     value_head.* tensors is accepted and the head starts at zero, so the critic starts from the actor.
-    With tp of size > 1 this rank's slices of the weights are read, and nothing else."""
+    With par.tp_size > 1 this rank's slices of the weights are read, and nothing else."""
     ckpt_dir = Path(ckpt_dir)
     config = QwenConfig.from_json(ckpt_dir / "config.json")
-    check_tp_split(config, tp.tp_size, source=str(ckpt_dir / "config.json"))
+    check_tp_split(config, par.tp_size, source=str(ckpt_dir / "config.json"))
     dtype = dtype or getattr(torch, config.torch_dtype)
     with torch.device("meta"):
-        model = Qwen2(config, value_head=value_head, tp=tp).to(dtype)
+        model = Qwen2(config, value_head=value_head, par=par).to(dtype)
     model.to_empty(device=device)
     params, full_shapes, layout = dict(model.named_parameters()), param_shapes(config, value_head), hf_tensors(model)
     loaded = set()
@@ -120,10 +120,10 @@ def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**
     Each file is written under a temporary name and renamed, so a reader never sees half a file.
     Under tensor or data parallelism every rank must call it: the slices are gathered, global rank 0 writes
     one ordinary checkpoint, and every rank returns once it is on disk."""
-    state = full_state_dict(model, model.tp)  # None on every rank but global rank 0
+    state = full_state_dict(model, model.par)  # None on every rank but global rank 0
     if state is not None:
         _write_checkpoint(state, model.config, Path(out_dir), max_shard_bytes)
-    barrier(model.tp)
+    barrier(model.par)
 
 
 def _write_checkpoint(state: dict[str, torch.Tensor], config: QwenConfig, out_dir: Path, max_shard_bytes: int) -> None:

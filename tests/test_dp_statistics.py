@@ -28,20 +28,20 @@ def _dp_checks() -> dict:
     from nanoufo.parallel import init_parallel
     from nanoufo.rollout import run_episodes
     from nanoufo.trainer import TrainerConfig, build_batch, score_rollout
-    dp = init_parallel(tp=1, timeout_s=60)
+    par = init_parallel(tp=1, timeout_s=60)
     tokenizer = demo.build_tokenizer()
     env = UFOEnv(tokenizer, instruction="", max_turns=2)
     single = demo.build_model(len(tokenizer), seed=0)
     models = {}
-    for tp in (None, dp):  # the same weights as one process and as a DP replica
-        kw = {} if tp is None else {"tp": tp}
+    for layout in (None, par):  # the same weights as one process and as a DP replica
+        kw = {} if layout is None else {"par": layout}
         actor, critic = Qwen2(single.config, **kw), Qwen2(single.config, value_head=True, **kw)
         actor.load_state_dict(single.state_dict())
         critic.load_state_dict(single.state_dict(), strict=False)
         with torch.no_grad():
             critic.value_head.weight.copy_(torch.linspace(-1, 1, single.config.hidden_size)[None])
             critic.value_head.bias.fill_(0.1)
-        models[tp is not None] = actor, critic
+        models[layout is not None] = actor, critic
     problems = demo.make_problems("train", 8, seed=0)
     rollout = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
                            temperature=1.0, seed=0)  # every rank samples the same whole batch
@@ -50,8 +50,8 @@ def _dp_checks() -> dict:
     scored = dataclasses.replace(score_rollout(cfg, single, rollout)[0], scores=torch.tensor(SCORES))
     whole, _ = build_batch(cfg, *models[False], None, scored)
     cfg_dp = dataclasses.replace(cfg, keep_groups=2, minibatch_size=4)
-    mine, _ = build_batch(cfg_dp, *models[True], None, scored.rows(list(range(8 * dp.dp_rank, 8 * dp.dp_rank + 8))))
-    want = whole.rows(torch.arange(4 * dp.dp_rank, 4 * dp.dp_rank + 4))
+    mine, _ = build_batch(cfg_dp, *models[True], None, scored.rows(list(range(8 * par.dp_rank, 8 * par.dp_rank + 8))))
+    want = whole.rows(torch.arange(4 * par.dp_rank, 4 * par.dp_rank + 4))
     T = mine.tokens.shape[1]
     assert torch.equal(mine.tokens, want.tokens[:, :T]) and not want.mask[:, T:].any()
     errors = {f: (getattr(mine, f) - getattr(want, f)[:, :T]).abs().max().item()
@@ -60,7 +60,7 @@ def _dp_checks() -> dict:
     eval_options = dict(k=2, batch_size=2, max_new_tokens=3, temperature=1.0, seed=5, progress=False)
     for mode in ("succ", "pass"):  # 5 problems in batches of 1 or 2: the ranks take different numbers
         alone = evaluate(models[False][0], env, problems[:5], mode=mode, **eval_options)
-        shared = evaluate(models[True][0], env, problems[:5], mode=mode, dp=dp, **eval_options)
+        shared = evaluate(models[True][0], env, problems[:5], mode=mode, par=par, **eval_options)
         errors[f"eval_{mode}"] = 0.0 if _same(alone, shared) else 1.0
     return errors
 

@@ -20,7 +20,7 @@ LENGTHS = [9, 5, 12]
 def _actor() -> Qwen2:
     config = QwenConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    actor = Qwen2(config, tp=SINGLE)
+    actor = Qwen2(config, par=SINGLE)
     actor.init_weights(torch.Generator().manual_seed(0))
     return actor
 

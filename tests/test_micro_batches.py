@@ -26,8 +26,8 @@ LENGTHS = [12, 7, 16, 9, 5, 14]  # trajectory lengths: the mask's last token is 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean"]
 
 
-def models(seed: int = 0, tp=SINGLE):
-    actor, critic = Qwen2(TINY, tp=tp), Qwen2(TINY, value_head=True, tp=tp)
+def models(seed: int = 0, par=SINGLE):
+    actor, critic = Qwen2(TINY, par=par), Qwen2(TINY, value_head=True, par=par)
     actor.init_weights(torch.Generator().manual_seed(seed))
     critic.load_state_dict(actor.state_dict(), strict=False)
     with torch.no_grad():
@@ -145,19 +145,19 @@ def _dp_accumulation() -> dict:
     """One rank of DP=2: its half of the minibatch in micro-batches, gradients averaged; returns, per
     aggregation, the largest difference against the whole minibatch's one-shot gradients in this process."""
     from nanoufo.parallel import average_gradients, init_parallel
-    dp = init_parallel(tp=1, timeout_s=60)
+    par = init_parallel(tp=1, timeout_s=60)
     batch, errors = uneven_batch(), {}
-    rows = [0, 2, 4] if dp.dp_rank == 0 else [1, 3, 5]  # uneven token counts per rank
+    rows = [0, 2, 4] if par.dp_rank == 0 else [1, 3, 5]  # uneven token counts per rank
     for aggregation in AGGREGATIONS:
         cfg = TrainerConfig.of(TrainConfig(aggregation=aggregation, micro_batch_tokens=20, kl_in="loss",
                                            kl_coef=0.05, entropy_coef=0.01))
         actor, critic = models()
         minibatch_losses(cfg, actor, critic, batch)[0].backward()  # one process, the whole minibatch
         want = grads(actor, critic)
-        actor, critic = models(tp=dp)  # the same weights as a DP replica
+        actor, critic = models(par=par)  # the same weights as a DP replica
         accumulate_gradients(cfg, actor, critic, batch.rows(torch.tensor(rows)), [LENGTHS[i] for i in rows])
         for model in (actor, critic):
-            average_gradients(model.parameters(), dp)
+            average_gradients(model.parameters(), par)
         got = grads(actor, critic)
         assert len(got) == len(want)
         errors[aggregation] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item() for g, w in zip(got, want))

@@ -29,15 +29,15 @@ def test_unsplittable_config_fails_before_any_weight_is_read(hf_checkpoint, monk
     path, _ = hf_checkpoint(num_attention_heads=4, num_key_value_heads=1)
     (path / "model.safetensors").unlink()  # had the loader touched weights, it would fail on this instead
     with pytest.raises(ValueError, match=r"config\.json: num_key_value_heads=1 is not divisible by tp=2"):
-        load_model(path, tp=ParallelContext(tp_size=2))
+        load_model(path, par=ParallelContext(tp_size=2))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match=r"tp=2 does not divide the world size 3"):
         init_parallel(tp=2)
 
 
-def _full_logits(model, ids, ctx):
+def _full_logits(model, ids, par):
     from nanoufo.parallel import all_gather_vocab
-    return all_gather_vocab(_logits(model, ids), model.vocab_start, model.config.vocab_size, ctx)
+    return all_gather_vocab(_logits(model, ids), model.vocab_start, model.config.vocab_size, par)
 
 
 def _logits(model, ids):
@@ -73,17 +73,17 @@ def _toy_batch(vocab: int, rows: int = 4, length: int = 10):
                  ref_logp=logp + 0.1 * noise(), old_values=noise(), returns=noise())
 
 
-def _load_pair(ckpt: str, tp):
+def _load_pair(ckpt: str, par):
     """(actor, critic) on this rank's layout; the critic's head gets fixed non-zero weights so the value loss
     reaches the trunk."""
     from nanoufo.weights import load_model
-    actor, critic = load_model(ckpt, tp=tp), load_model(ckpt, value_head=True, tp=tp)
+    actor, critic = load_model(ckpt, par=par), load_model(ckpt, value_head=True, par=par)
     with torch.no_grad():
         critic.value_head.weight.copy_(torch.linspace(-0.5, 0.5, critic.config.hidden_size)[None])
     return actor, critic
 
 
-def _sampling_differences(ckpt: str, tp) -> float:
+def _sampling_differences(ckpt: str, par) -> float:
     """Greedy multi-turn rollouts of the TP model against one process; then, sampling at temperature 1 with
     top-p, the two TP ranks against each other. Returns the number of differing tokens (0 expected)."""
     import torch.distributed as dist
@@ -94,12 +94,12 @@ def _sampling_differences(ckpt: str, tp) -> float:
     run = lambda model, **kw: generate(model, prompts, feedback, max_turns=3, max_new_tokens=5, stop_ids=[0],
                                        **kw).tokens
     want = run(load_model(ckpt), temperature=0.0)
-    got = run(load_model(ckpt, tp=tp), temperature=0.0)
+    got = run(load_model(ckpt, par=par), temperature=0.0)
     assert got.shape == want.shape and got.shape[1] > 8 + 5  # a row went past its first attempt
     differing = (got != want).sum()
-    sampled = run(load_model(ckpt, tp=tp), temperature=1.0, top_p=0.9, seed=3)
-    other = [torch.empty_like(sampled) for _ in range(tp.tp_size)]
-    dist.all_gather(other, sampled, group=tp.tp_group)
+    sampled = run(load_model(ckpt, par=par), temperature=1.0, top_p=0.9, seed=3)
+    other = [torch.empty_like(sampled) for _ in range(par.tp_size)]
+    dist.all_gather(other, sampled, group=par.tp_group)
     return float(differing + sum((o != sampled).sum() for o in other))
 
 
@@ -118,21 +118,21 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     from nanoufo.parallel import average_gradients
     from nanoufo.trainer import TrainerConfig, minibatch_losses, ppo_update
     from nanoufo.weights import load_model, save_model
-    tp = init_parallel(tp=2, timeout_s=60)
+    tp_par = init_parallel(tp=2, timeout_s=60)
     errors = {}
     for i, ckpt in enumerate(ckpts):  # logits, sharded loading, gathered saving
-        ref, model = load_model(ckpt).eval(), load_model(ckpt, tp=tp).eval()
+        ref, model = load_model(ckpt).eval(), load_model(ckpt, par=tp_par).eval()
         assert model.num_params() < 0.6 * ref.num_params()  # each rank holds about half the weights
         ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
-            errors[f"logits_{i}"] = (_full_logits(model, ids, tp) - _logits(ref, ids)).abs().max().item()
+            errors[f"logits_{i}"] = (_full_logits(model, ids, tp_par) - _logits(ref, ids)).abs().max().item()
         save_model(model, f"{out_dir}/saved_{i}")
 
-    errors["sampled_tokens"] = _sampling_differences(ckpts[0], tp)
+    errors["sampled_tokens"] = _sampling_differences(ckpts[0], tp_par)
 
     cfg = TrainerConfig.of(TrainConfig(minibatch_size=4, kl_in="loss", kl_coef=0.05, entropy_coef=0.01, actor_lr=1e-3))
     batch = _toy_batch(101)
-    single, split = _load_pair(ckpts[0], ParallelContext()), _load_pair(ckpts[0], tp)
+    single, split = _load_pair(ckpts[0], ParallelContext()), _load_pair(ckpts[0], tp_par)
     for (actor, critic) in (single, split):  # PPO + value loss through the vocab-parallel head: gradients
         minibatch_losses(cfg, actor, critic, batch)[0].backward()
     errors["actor_grads"] = _max_diff(split[0], single[0], grads=True)
@@ -140,21 +140,21 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     for actor, critic in (single, split):  # and whole updates (clipping by the full model's gradient norm)
         ppo_update(cfg, actor, critic, _sgd(actor, critic), batch, seed=0)
     errors["tp_update"] = max(_max_diff(split[0], single[0]), _max_diff(split[1], single[1]))
-    errors["tp_resume"] = _tp_resume_difference(ckpts[0], cfg, batch, split, tp, out_dir)
+    errors["tp_resume"] = _tp_resume_difference(ckpts[0], cfg, batch, split, tp_par, out_dir)
 
-    dp = init_parallel(tp=1, timeout_s=60)  # the same 2 processes as DP=2 x TP=1
-    half = batch.rows(torch.arange(2 * dp.dp_rank, 2 * dp.dp_rank + 2))
+    dp_par = init_parallel(tp=1, timeout_s=60)  # the same 2 processes as DP=2 x TP=1
+    half = batch.rows(torch.arange(2 * dp_par.dp_rank, 2 * dp_par.dp_rank + 2))
     for aggregation in AGGREGATIONS:  # each weights its DP shares differently (tokens, rows)
         whole = _load_pair(ckpts[0], ParallelContext())
         ppo_update(replace(cfg, aggregation=aggregation), *whole, _sgd(*whole), batch, seed=0)
-        actor, critic = _load_pair(ckpts[0], dp)
+        actor, critic = _load_pair(ckpts[0], dp_par)
         ppo_update(replace(cfg, minibatch_size=2, aggregation=aggregation), actor, critic, _sgd(actor, critic), half,
-                   seed=0, grad_hook=lambda model: average_gradients(model.parameters(), dp))
+                   seed=0, grad_hook=lambda model: average_gradients(model.parameters(), dp_par))
         errors[f"dp_update_{aggregation}"] = max(_max_diff(actor, whole[0]), _max_diff(critic, whole[1]))
     return errors
 
 
-def _tp_resume_difference(ckpt: str, cfg, batch, split, tp, out_dir: str) -> float:
+def _tp_resume_difference(ckpt: str, cfg, batch, split, par, out_dir: str) -> float:
     """AdamW steps on the TP=2 pair, a checkpoint, a resume into fresh models: the largest difference in
     weights and in optimizer state (each TP rank's moments are its own slices' and must come back)."""
     from nanoufo.checkpoint import load_checkpoint, save_checkpoint
@@ -162,7 +162,7 @@ def _tp_resume_difference(ckpt: str, cfg, batch, split, tp, out_dir: str) -> flo
     models, optimizers = {"actor": split[0], "critic": split[1]}, make_optimizers(cfg, *split)
     ppo_update(cfg, *split, optimizers, batch, seed=1)
     save_checkpoint(f"{out_dir}/run", 1, models, optimizers, {"data_pos": 7})
-    resumed = dict(zip(models, _load_pair(ckpt, tp)))
+    resumed = dict(zip(models, _load_pair(ckpt, par)))
     resumed_optimizers = make_optimizers(cfg, *resumed.values())
     assert load_checkpoint(f"{out_dir}/run", resumed, resumed_optimizers)["data_pos"] == 7
     pairs = [(a, b) for k in models for a, b in zip(resumed[k].parameters(), models[k].parameters())]
@@ -217,7 +217,7 @@ def _bf16_updates(ckpt: str, out_dir: str) -> dict:
     from nanoufo.trainer import TrainerConfig, make_optimizers, ppo_update
     cfg = TrainerConfig.of(TrainConfig(minibatch_size=4, ppo_epochs=2, kl_in="loss", kl_coef=0.05, actor_lr=1e-6,
                                        critic_lr=1e-6))
-    batch, tp = _toy_batch(101), init_parallel(tp=2, timeout_s=60)
+    batch, tp_par = _toy_batch(101), init_parallel(tp=2, timeout_s=60)
 
     def update(layout, rows, grad_hook=None, minibatch=4):
         models = dict(zip(("actor", "critic"), (m.to(torch.bfloat16) for m in _load_pair(ckpt, layout))))
@@ -228,10 +228,10 @@ def _bf16_updates(ckpt: str, out_dir: str) -> dict:
 
     models, opts, start = update(ParallelContext(), batch)
     single = {name: _master_moves(model, opts[name], start[name]) for name, model in models.items()}
-    dp = init_parallel(tp=1, timeout_s=60)
-    half = batch.rows(torch.arange(2 * dp.dp_rank, 2 * dp.dp_rank + 2))
-    runs = {"tp": update(tp, batch),
-            "dp": update(dp, half, lambda model: average_gradients(model.parameters(), dp), minibatch=2)}
+    dp_par = init_parallel(tp=1, timeout_s=60)
+    half = batch.rows(torch.arange(2 * dp_par.dp_rank, 2 * dp_par.dp_rank + 2))
+    runs = {"tp": update(tp_par, batch),
+            "dp": update(dp_par, half, lambda model: average_gradients(model.parameters(), dp_par), minibatch=2)}
     out = {}
     for layout, (models, opts, start) in runs.items():
         for name, model in models.items():
@@ -243,7 +243,7 @@ def _bf16_updates(ckpt: str, out_dir: str) -> dict:
                 torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(model.parameters(), opts[name].masters))
     models, opts, _ = runs["tp"]  # each TP rank saves and restores its own slices' masters
     save_checkpoint(f"{out_dir}/bf16", 1, models, opts, {})
-    fresh = dict(zip(models, (m.to(torch.bfloat16) for m in _load_pair(ckpt, tp))))
+    fresh = dict(zip(models, (m.to(torch.bfloat16) for m in _load_pair(ckpt, tp_par))))
     fresh_opts = make_optimizers(cfg, *fresh.values())
     load_checkpoint(f"{out_dir}/bf16", fresh, fresh_opts)
     out["tp_resumed_masters_equal"] = all(torch.equal(a, b) for name in opts
@@ -266,10 +266,10 @@ def test_a_single_process_runs_without_tp_whatever_tp_says(hf_checkpoint, monkey
         monkeypatch.delenv(name, raising=False)
     default_tp = TrainConfig().tp
     assert default_tp > 1  # the case under test: the default asks for TP
-    ctx = init_parallel(tp=default_tp, device="cpu")
-    assert (ctx.world, ctx.tp_size, ctx.dp_size, ctx.tp_group, ctx.dp_group) == (1, 1, 1, None, None)
+    par = init_parallel(tp=default_tp, device="cpu")
+    assert (par.world, par.tp_size, par.dp_size, par.tp_group, par.dp_group) == (1, 1, 1, None, None)
     path, hf = hf_checkpoint()
-    model, ids = load_model(path, tp=ctx).eval(), torch.randint(0, 101, (2, 9))
+    model, ids = load_model(path, par=par).eval(), torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert (_logits(model, ids) - hf(ids).logits).abs().max() < TOL  # the whole vocabulary on one process
 
@@ -282,8 +282,8 @@ def _all_reduce_with_a_failing_peer(mode: str, timeout_s: float, marker: str) ->
     import time
     from pathlib import Path
     import torch.distributed as dist
-    ctx = init_parallel(tp=1, timeout_s=timeout_s)
-    if ctx.rank == 1:
+    par = init_parallel(tp=1, timeout_s=timeout_s)
+    if par.rank == 1:
         if mode == "killed":
             os.kill(os.getpid(), signal.SIGKILL)
         deadline = time.monotonic() + 60

@@ -89,8 +89,8 @@ def test_prm_checkpoint_round_trips(prm, tmp_path):
 
 
 def _tp_scores(ckpt: str) -> list[list[float]]:
-    tp = init_parallel(tp=2, timeout_s=60)
-    scorer = PRMScorer.load(ckpt, tp=tp, tokens_per_row=64, rows_per_call=1)
+    par = init_parallel(tp=2, timeout_s=60)
+    scorer = PRMScorer.load(ckpt, par=par, tokens_per_row=64, rows_per_call=1)
     full = sum(shape.numel() for shape in param_shapes(scorer.model.config).values())
     assert scorer.model.num_params() < 0.6 * full  # the trunk is split, the head replicated
     assert scorer.model.score[2].weight.shape == (2, scorer.model.config.hidden_size)
