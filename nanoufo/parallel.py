@@ -89,11 +89,6 @@ def _subgroup(ranks_per_group: list[list[int]], timeout: timedelta) -> dist.Proc
     return group
 
 
-def destroy_parallel() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def print0(*args, **kwargs) -> None:
     """print on global rank 0 only (works before and without init_parallel)."""
     if int(os.environ.get("RANK", 0)) == 0:

@@ -48,8 +48,9 @@ def _child(fn, rank: int, world_size: int, port: int, results, args) -> None:
         results.put((rank, None, traceback.format_exc()))
         raise SystemExit(1)
     finally:
-        from nanoufo.parallel import destroy_parallel
-        destroy_parallel()
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.0,
