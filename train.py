@@ -78,7 +78,7 @@ def read_data(cfg) -> tuple:
     try:
         context = model_config(cfg.init_from).max_position_embeddings
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(str(e))
+        fail(str(e))
     limit = context - cfg.max_new_tokens
 
     def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
@@ -96,7 +96,7 @@ def read_data(cfg) -> tuple:
             print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} "
                    f"tokens (max_position_embeddings {context} - max_new_tokens)")
         if not kept:
-            sys.exit(f"{source}: no problem fits the model's context")
+            fail(f"{source}: no problem fits the model's context")
         return kept
 
     # label-free training (self-certainty) needs only questions; evaluation always needs gold answers
@@ -130,13 +130,13 @@ try:  # the demo's tiny model is not written yet on its first run
     shape = QwenConfig(vocab_size=len(tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
         else model_config(str(start_dir))
 except (ValueError, FileNotFoundError) as e:
-    sys.exit(str(e))
+    fail(str(e))
 gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(par.device).total_memory / 2**30
                                   if par.device.type == "cuda" else None)
 plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib)
 print0(plan.format())
 if plan.refusal():
-    sys.exit(plan.refusal())
+    fail(plan.refusal())  # a config that cannot fit is the user's to change
 
 # -------------------------------------------------------------------------- models
 if cfg.is_demo and not cfg.init_from:

@@ -12,6 +12,7 @@ Sequences in a batch are right-padded or packed; position_ids say which: a token
 starts a new sequence, and a token only attends to earlier tokens of its own sequence. With a KVCache,
 a token's position is also its slot in the cache: new keys/values are written there and a token sees
 every slot up to its own, so prefill, decode and appending a feedback turn are the same call.
+Tests: python -m pytest -q tests/test_model.py (parity with transformers' Qwen2ForCausalLM)
 """
 import json
 from dataclasses import dataclass, field

@@ -9,6 +9,7 @@ the model ever sits in CPU memory. Every problem is reported with the file and t
 Under tensor parallelism (par=ParallelContext from nanoufo/parallel.py) each rank reads only its slice of each
 tensor (safetensors get_slice), so no rank ever holds the whole model; save_model gathers the slices and
 global rank 0 writes one ordinary checkpoint.
+Tests: python -m pytest -q tests/test_weights.py
 """
 import json
 import os

@@ -93,5 +93,5 @@ def test_train_refuses_before_reading_weights(tmp_path):
     anything."""
     out = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}/run", "--gpu_mem_gib=2.05"],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "memory plan:" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "memory plan:" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "warmup").exists()
