@@ -140,7 +140,7 @@ if plan.refusal():
 
 # -------------------------------------------------------------------------- models
 if cfg.is_demo and not cfg.init_from:
-    demo.warm_up_once(cfg, start_dir, par, tokenizer, train_problems)
+    demo.warm_up_once(cfg, start_dir, par, env, train_problems)
 load = functools.partial(load_model, start_dir, device=par.device, dtype=dtype, par=par)  # this rank's TP slices
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None

@@ -2,7 +2,7 @@
 
     python train.py                  # warm-up, then UFO PPO on this task (the default config)
     tokenizer, train_problems, eval_problems = task(cfg)               # train.py's set-up of the demo
-    warm_up_once(cfg, warmup_dir, par, tokenizer, train_problems)     # after the memory plan
+    warm_up_once(cfg, warmup_dir, par, env, train_problems)           # after the memory plan
 
 The task, "Guess my number": the question names a range of 3 to 5 digits, e.g. "Game 417: guess my
 number from 3 to 6", and the gold answer is one digit of that range, picked at random when the problem is
@@ -35,11 +35,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from nanoufo.config import TrainConfig, env_options
+from nanoufo.config import TrainConfig
 from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
-from nanoufo.parallel import ParallelContext
+from nanoufo.parallel import ParallelContext, barrier
 from nanoufo.trainer import sft_loss
 from nanoufo.weights import save_model
 
@@ -163,13 +163,14 @@ def task(cfg: TrainConfig) -> tuple[PreTrainedTokenizerFast, list[Problem], dict
             {"demo": make_problems("test", cfg.n_eval_problems or N_TEST_PROBLEMS, cfg.seed)})
 
 
-def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, tokenizer, problems: list[Problem]) -> None:
-    """The supervised warm-up written to warmup_dir by the main process, unless it is there (later runs and
-    resumes reuse it; the other ranks wait for it)."""
+def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, env: UFOEnv,
+                 problems: list[Problem]) -> None:
+    """The supervised warm-up on the training environment env, written to warmup_dir by the main process,
+    unless it is there (later runs and resumes reuse it; the other ranks wait for it)."""
     if (warmup_dir / "config.json").is_file():
         return
     if par.is_main:
-        env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
+        tokenizer = env.tokenizer
         model = build_model(len(tokenizer), cfg.seed).to(par.device)
         bar = tqdm(total=cfg.warmup_steps, desc="warm-up")
         progress = lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))  # noqa: E731
@@ -178,5 +179,4 @@ def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, token
         bar.close()
         print(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {warmup_dir}")
         save_model(model, warmup_dir)
-    if par.world > 1:
-        torch.distributed.barrier()
+    barrier(par)
