@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from nanoufo import demo
-from nanoufo.config import TrainConfig
+from nanoufo.config import TrainConfig, env_options
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
 from nanoufo.weights import load_model
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     cfg = TrainConfig()
-    env = UFOEnv(demo.build_tokenizer(), max_turns=cfg.eval_k, instruction="")
+    env = UFOEnv(demo.build_tokenizer(), max_turns=cfg.eval_k, **env_options(cfg))  # as train.py's eval_env
     problems = demo.make_problems("test", args.n_problems, args.data_seed)
     rows = []
     for path in args.models:

@@ -200,9 +200,6 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     for key, value in dataclasses.asdict(cfg).items():
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f"config: {key}=nan is not a number")
-    for key in ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb"):  # an infinite rate: Adam writes inf/NaN weights
-        if not 0.0 <= getattr(cfg, key) < math.inf:
-            raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -214,19 +211,18 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
-    if cfg.micro_batch_tokens < 0:
-        raise ValueError(f"config: micro_batch_tokens={cfg.micro_batch_tokens} must be >= 0 (0: no limit)")
+    non_negative = ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb", "gpu_mem_gib", "micro_batch_tokens",
+                    "lr_schedule_steps", "repetition_penalty", "format_penalty")  # penalties are subtracted
+    for key in non_negative:  # an infinite rate would make Adam write inf/NaN weights
+        if not 0 <= getattr(cfg, key) < math.inf:
+            raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
+    for key in ("lr_warmup_ratio", "min_lr_ratio", "prm_gold_weight"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"config: {key}={getattr(cfg, key)} must be in [0, 1]")
     if 0 < cfg.micro_batch_tokens < cfg.max_turns * cfg.max_new_tokens:
         raise ValueError(f"config: micro_batch_tokens={cfg.micro_batch_tokens} is smaller than an episode's "
                          f"attempts alone (max_turns x max_new_tokens = {cfg.max_turns * cfg.max_new_tokens}); "
                          f"a micro-batch must hold the longest episode")
-    if cfg.gpu_mem_gib < 0:
-        raise ValueError(f"config: gpu_mem_gib={cfg.gpu_mem_gib} must be >= 0 (0: the device's own memory)")
-    for key in ("lr_warmup_ratio", "min_lr_ratio"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ValueError(f"config: {key}={getattr(cfg, key)} must be between 0 and 1")
-    if cfg.lr_schedule_steps < 0:
-        raise ValueError(f"config: lr_schedule_steps={cfg.lr_schedule_steps} must be >= 0 (0 = max_steps)")
     if cfg.keep_groups < 0 or cfg.keep_groups > cfg.problems_per_step:
         raise ValueError(f"config: keep_groups={cfg.keep_groups} must be between 0 and "
                          f"problems_per_step={cfg.problems_per_step}")
@@ -243,10 +239,6 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                          "(only a process reward model scores steps)")
     if cfg.reward == "prm" and not cfg.prm:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
-    if cfg.repetition_penalty < 0 or cfg.format_penalty < 0:
-        raise ValueError("config: repetition_penalty and format_penalty are magnitudes to subtract and must be >= 0")
-    if not 0.0 <= cfg.prm_gold_weight <= 1.0:
-        raise ValueError(f"config: prm_gold_weight={cfg.prm_gold_weight} must be in [0, 1]")
     if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
         raise ValueError("config: temperature and eval_temperature must be > 0 and top_p in (0, 1]")
     if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and cfg.dual_clip > 1.0):

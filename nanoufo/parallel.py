@@ -32,8 +32,6 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class ParallelContext:
     """Where this process sits in the DP x TP grid; groups are None when their size is 1."""
-    rank: int = 0
-    world: int = 1
     tp_rank: int = 0
     tp_size: int = 1
     dp_rank: int = 0
@@ -41,6 +39,14 @@ class ParallelContext:
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
+
+    @property
+    def rank(self) -> int:  # consecutive global ranks share a TP group
+        return self.dp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world(self) -> int:
+        return self.dp_size * self.tp_size
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +87,7 @@ def init_parallel(tp: int = 1, device: str | torch.device | None = None, timeout
     groups, timeout = world // tp, timedelta(seconds=timeout_s)
     tp_group = _subgroup([list(range(g * tp, (g + 1) * tp)) for g in range(groups)], timeout) if tp > 1 else None
     dp_group = _subgroup([list(range(t, world, tp)) for t in range(tp)], timeout) if groups > 1 else None
-    return ParallelContext(rank, world, rank % tp, tp, rank // tp, groups, tp_group, dp_group, device)
+    return ParallelContext(rank % tp, tp, rank // tp, groups, tp_group, dp_group, device)
 
 
 def _subgroup(ranks_per_group: list[list[int]], timeout: timedelta) -> dist.ProcessGroup:

@@ -28,6 +28,7 @@ max_turns x max_new_tokens + a 32-token feedback turn between attempts, the samp
 Not counted: a process reward model (reward="prm"), the CUDA context and allocator slack (RESERVE_GIB is kept
 free for them), the optimizer step's foreach temporaries, and fragmentation. Tests: python -m pytest -q tests/test_plan.py
 """
+import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def model_config(source: str) -> QwenConfig:
 def params_per_rank(config: QwenConfig, tp: int, value_head: bool = False) -> int:
     """Parameters on TP rank 0 (which holds the larger part of an uneven split), counted on the meta device."""
     with torch.device("meta"):
-        model = Qwen2(config, value_head=value_head, par=ParallelContext(world=tp, tp_size=tp))
+        model = Qwen2(config, value_head=value_head, par=ParallelContext(tp_size=tp))
     return model.num_params()
 
 
@@ -186,24 +187,21 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
 
 def main(argv: list[str]) -> int:
     """`python -m nanoufo.plan [config.py ...] [--key=value ...] --gpus=N --gpu_mem_gib=G [--model=...]
-    [--prompt_tokens=512]`: prints the plan; exit status 1 when it does not fit."""
-    own = {"gpus": "1", "gpu_mem_gib": "0", "model": "", "prompt_tokens": "512"}
-    rest = []
-    for arg in argv:
-        key = arg[2:].partition("=")[0]
-        if arg.startswith("--") and key in own and key != "gpu_mem_gib":
-            own[key] = arg.partition("=")[2]
-        else:
-            rest.append(arg)
+    [--prompt_tokens=512]`: prints the plan; exit status 1 when it does not fit, 2 on a
+    bad flag, key or model."""
+    own = argparse.ArgumentParser(prog="python -m nanoufo.plan", allow_abbrev=False)
+    own.add_argument("--gpus", type=int, default=1)
+    own.add_argument("--model", default="")
+    own.add_argument("--prompt_tokens", type=int, default=512)
+    args, rest = own.parse_known_args(argv)  # the rest are training config files and keys (gpu_mem_gib among them)
     cfg = parse_args(rest, check_paths=False)
-    gpus = int(own["gpus"])
-    tp = cfg.tp if gpus > 1 else 1
-    if gpus % tp:
-        raise ValueError(f"plan: tp={tp} does not divide --gpus={gpus}")
-    config = model_config(own["model"] or cfg.init_from)
-    plan = make_plan(cfg, config, tp, cfg.gpu_mem_gib or None, int(own["prompt_tokens"]))
-    longest = episode_tokens(cfg, int(own["prompt_tokens"]))
-    print(f"{gpus} GPU(s) = DP {gpus // tp} x TP {tp}; longest episode {longest} tokens")
+    tp = cfg.tp if args.gpus > 1 else 1
+    if args.gpus % tp:
+        raise ValueError(f"plan: tp={tp} does not divide --gpus={args.gpus}")
+    config = model_config(args.model or cfg.init_from)
+    plan = make_plan(cfg, config, tp, cfg.gpu_mem_gib or None, args.prompt_tokens)
+    longest = episode_tokens(cfg, args.prompt_tokens)
+    print(f"{args.gpus} GPU(s) = DP {args.gpus // tp} x TP {tp}; longest episode {longest} tokens")
     print(plan.format())
     refusal = plan.refusal()
     print(refusal or "fits")
@@ -213,5 +211,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        sys.exit(f"{e}")
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:  # a user's mistake: one line, status 2
+        print(e.args[0] if isinstance(e, KeyError) else e, file=sys.stderr)
+        sys.exit(2)

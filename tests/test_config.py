@@ -60,7 +60,7 @@ def test_wrong_type_in_file_and_on_command_line(tmp_path):
     (["--reward_placement=per_step"], "reward_placement='per_step' needs algorithm='ufo_ppo' and reward='prm'"),
     (["--reward=prm"], "reward='prm' needs prm=<process reward model directory>"),
     (["--reward=prm", "--prm=.", "--prm_gold_weight=1.5"], "prm_gold_weight=1.5 must be in"),
-    (["--format_penalty=-0.1"], "format_penalty are magnitudes"),
+    (["--format_penalty=-0.1"], "format_penalty=-0.1 must be a finite number >= 0"),
     (["--reward=prm", "--prm=.", "--prm_aggregate=mean"], "prm_aggregate='mean' is not one of min, product"),
     (["--dual_clip=1.0"], "dual_clip > 1"),
     (["--eval_data=data/gsm8k/test.jsonl"], "both be 'demo'"),

@@ -85,7 +85,7 @@ def test_the_plan_runs_alone():
     assert out.returncode == 0 and out.stdout.rstrip().endswith("fits"), out.stdout + out.stderr
     bad = subprocess.run([sys.executable, "-m", "nanoufo.plan", "config/ufo_qwen2.5_3b.py", "--model=Qwen9"],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and "Qwen9" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "Qwen9" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_train_refuses_before_reading_weights(tmp_path):
