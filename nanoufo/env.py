@@ -54,17 +54,13 @@ class UFOEnv:
         self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
         self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
         self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
-        self.turn_end_id = self._special_id(TURN_END)
+        self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {TURN_END} token; UFOEnv needs a chat template with "
+                             "<|im_start|>/<|im_end|> turns")
         close_and_feedback = self._derive_feedback_text()
         self._feedback_ids = {False: self._encode(close_and_feedback),
                               True: self._encode(close_and_feedback[len(TURN_END):])}
-
-    def _special_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token; UFOEnv needs a chat template with "
-                             "<|im_start|>/<|im_end|> turns")
-        return token_id
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -127,21 +123,15 @@ class UFOEnv:
             if self.is_over(episode):
                 raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
         answers = [extract_answer(text) for text in response_texts]
-        verdicts = self._grade(answers, [episode.problem.answer for episode in episodes])
-        for episode, text, answer, verdict in zip(episodes, response_texts, answers, verdicts):
+        labeled = [i for i, episode in enumerate(episodes) if episode.problem.answer is not None]
+        graded = grade_batch([answers[i] for i in labeled], [episodes[i].problem.answer for i in labeled],
+                             self.grade_timeout)
+        verdicts = dict(zip(labeled, graded))  # an unlabeled problem (label-free training) is never correct
+        for i, (episode, text, answer) in enumerate(zip(episodes, response_texts, answers)):
             episode.responses.append(text)
             episode.answers.append(answer)
-            episode.correct.append(verdict)
+            episode.correct.append(verdicts.get(i, False))
         return [self.is_over(episode) for episode in episodes]
-
-    def _grade(self, answers: list[str | None], golds: list[str | None]) -> list[bool]:
-        """math-verify verdicts; an unlabeled problem (gold None, label-free training) is never correct."""
-        labeled = [i for i, gold in enumerate(golds) if gold is not None]
-        graded = grade_batch([answers[i] for i in labeled], [golds[i] for i in labeled], self.grade_timeout)
-        verdicts = [False] * len(golds)
-        for i, verdict in zip(labeled, graded):
-            verdicts[i] = verdict
-        return verdicts
 
     def is_over(self, episode: Episode) -> bool:
         return episode.solved or episode.turns >= self.max_turns

@@ -11,6 +11,7 @@ parent waits at most `timeout` seconds per answer, then kills the worker, counts
 starts a fresh worker for the rest. Run `python -m pytest -q tests/test_grader.py` to test it.
 """
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -57,9 +58,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last balanced, non-empty \\boxed{...} (last_boxed), else of the last
-    <answer>...</answer>, else None. An unclosed box (a truncated response) or an empty one (the model
-    echoing the instruction's "\\boxed{}") is passed over in favour of an earlier complete one."""
+    """The answer of last_boxed (an empty box, the model echoing the instruction's "\\boxed{}", is passed
+    over), else the content of the last non-empty <answer>...</answer>, else None."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
@@ -82,10 +82,8 @@ _NORMALIZE_RULES = [
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical spelling of an answer, used only to count distinct answers for the repetition penalty
-    (grading uses math-verify). It drops \\left/\\right, spacing commands, \\text{}/\\mathrm{} wrappers,
-    degree/dollar/percent signs, all whitespace, thousands separators, a whole number's ".0" and a trailing
-    full stop, and maps \\dfrac/\\tfrac to \\frac. Case is kept (x and X may be different answers)."""
+    """A canonical spelling of an answer (the rules above), used only to count distinct answers for the
+    repetition penalty; grading uses math-verify. Case is kept (x and X may be different answers)."""
     for pattern, replacement in _NORMALIZE_RULES:
         answer = pattern.sub(replacement, answer)
     return answer
@@ -127,10 +125,9 @@ def _serve(memory_limit_mb: int) -> None:
 
 
 class Grader:
-    """math-verify in a persistent worker process; an answer that takes longer than `timeout` seconds
-    counts as wrong and costs one worker restart (a few seconds; math-verify's first-call set-up is part of
-    it, so `timeout` bounds each answer's own work). Results are cached per (answer, gold).
-    The worker's address space is capped at `memory_limit_mb`."""
+    """math-verify in a persistent worker process (see the module docstring); a timeout costs one worker
+    restart (a few seconds). Results are cached per (answer, gold); the worker's address space is capped
+    at `memory_limit_mb`."""
 
     WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock
     WINDOW_BYTES = 32 << 10  # and bytes (Linux pipes hold 64 KiB): a write must never wait on a stuck worker
@@ -174,10 +171,8 @@ class Grader:
             self._proc.kill()
             self._proc.wait()
             for pipe in (self._proc.stdin, self._proc.stdout):
-                try:
+                with contextlib.suppress(BrokenPipeError):  # jobs still buffered for the dead worker: dropped
                     pipe.close()
-                except BrokenPipeError:  # jobs still buffered for the dead worker: dropped on purpose
-                    pass
             self._proc = None
 
     def _window_end(self, lines: list[bytes], pos: int) -> int:
