@@ -127,23 +127,19 @@ def _first_bad_line(path: Path) -> str | None:
     return None
 
 
-def _read_local(path: Path, split: str) -> datasets.Dataset:
-    if path.is_dir():
-        return datasets.load_dataset(str(path), split=split)
-    if path.suffix not in LOCAL_BUILDERS:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use one of {sorted(LOCAL_BUILDERS)})")
-    try:
-        return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as error:
-        raise ValueError(_first_bad_line(path) or f"{path}: could not be read: {error}") from error
-
-
 def _read(source: str | Path, split: str, name: str | None) -> tuple[datasets.Dataset, str]:
     """The rows and a short label for Problem ids: a file's last two path parts, else directory or hub name/split."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=split), f"{path.resolve().name}/{split}"
     if path.exists():
-        label = f"{path.resolve().name}/{split}" if path.is_dir() else "/".join(path.resolve().parts[-2:])
-        return _read_local(path, split), label
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use one of {sorted(LOCAL_BUILDERS)})")
+        try:
+            rows = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:
+            raise ValueError(_first_bad_line(path) or f"{path}: could not be read: {error}") from error
+        return rows, "/".join(path.resolve().parts[-2:])
     if path.suffix in LOCAL_BUILDERS or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{path}: no such file or directory")
     try:

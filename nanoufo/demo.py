@@ -115,30 +115,27 @@ def warmup_episode(env, tokenizer, problem: Problem, rng: random.Random, max_tur
     mask = [0] * len(ids)
     tried = set()
     for turn in range(max_turns):
-        untried = [d for d in options if d not in tried]
-        guess = rng.choice(options if rng.random() < WARMUP_FORGET else untried)
+        guess = rng.choice(options if rng.random() < WARMUP_FORGET else [d for d in options if d not in tried])
         tried.add(guess)
-        attempt = tokenizer.encode(f"\\boxed{{{guess}}}", add_special_tokens=False) + [env.stop_ids[0]]
-        ids += attempt
-        mask += [1] * len(attempt)
+        ids += tokenizer.encode(f"\\boxed{{{guess}}}", add_special_tokens=False) + [env.stop_ids[0]]
+        mask += [1] * (len(ids) - len(mask))
         if guess == problem.answer or turn == max_turns - 1:
             break
-        feedback = list(env.feedback_ids(True))
-        ids += feedback
-        mask += [0] * len(feedback)
+        ids += env.feedback_ids(True)
+        mask += [0] * (len(ids) - len(mask))
     return ids, mask
 
 
-def warmup(model: Qwen2, env: UFOEnv, problems: list[Problem], steps: int, lr: float, batch_size: int,
-           max_turns: int, seed: int, progress: bool = True) -> float:
-    """Supervised warm-up on forgetful-guesser episodes, with a progress bar; returns the last loss."""
-    rng = random.Random(seed)
+def warmup(model: Qwen2, env: UFOEnv, problems: list[Problem], cfg: TrainConfig) -> float:
+    """cfg.warmup_steps supervised steps on forgetful-guesser episodes (a progress bar); returns the last loss."""
+    rng, steps, lr = random.Random(cfg.seed), cfg.warmup_steps, cfg.warmup_lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     loss = torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc="warm-up", disable=not progress)
+    bar = tqdm(range(steps), desc="warm-up")
     for step in bar:
-        episodes = [warmup_episode(env, env.tokenizer, rng.choice(problems), rng, max_turns) for _ in range(batch_size)]
+        episodes = [warmup_episode(env, env.tokenizer, rng.choice(problems), rng, cfg.max_turns)
+                    for _ in range(WARMUP_BATCH)]
         tokens = pad_sequence([torch.tensor(ids) for ids, _ in episodes], batch_first=True,
                               padding_value=env.tokenizer.pad_token_id)  # (B, T)
         mask = pad_sequence([torch.tensor(m, dtype=torch.float32) for _, m in episodes], batch_first=True)  # (B, T)
@@ -167,7 +164,7 @@ def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, env: 
         return
     if par.is_main:
         model = build_model(len(env.tokenizer), cfg.seed).to(par.device)
-        loss = warmup(model, env, problems, cfg.warmup_steps, cfg.warmup_lr, WARMUP_BATCH, cfg.max_turns, cfg.seed)
+        loss = warmup(model, env, problems, cfg)
         print(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {warmup_dir}")
         save_model(model, warmup_dir)
     barrier(par)

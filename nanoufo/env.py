@@ -62,23 +62,21 @@ class UFOEnv:
         self._feedback_ids = {False: self._encode(close_and_feedback),
                               True: self._encode(close_and_feedback[len(TURN_END):])}
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _messages(self, question: str) -> list[dict]:
+    def _render(self, question: str, turns: tuple[dict, ...] = (), add_generation_prompt: bool = True) -> str:
+        """The template's text of the opening ((system), user turn with question and instruction) and `turns`."""
         system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         user = " ".join(part for part in (question.strip(), self.instruction) if part)
-        return system + [{"role": "user", "content": user}]
+        messages = system + [{"role": "user", "content": user}, *turns]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _derive_feedback_text(self) -> str:
         """The template's text between the end of an attempt's content and the next attempt's content:
         the assistant turn's close, the feedback user turn and the assistant header. Found as the difference
         between renderings of the same conversation with and without the extra turns."""
-        opening = self._messages("question")
-        prompt = self._render(opening, add_generation_prompt=True)
-        answered = self._render(opening + [{"role": "assistant", "content": RESPONSE_SENTINEL}], False)
-        retried = self._render(opening + [{"role": "assistant", "content": RESPONSE_SENTINEL},
-                                          {"role": "user", "content": self.feedback}], True)
+        attempt = {"role": "assistant", "content": RESPONSE_SENTINEL}
+        prompt = self._render("question")
+        answered = self._render("question", (attempt,), add_generation_prompt=False)
+        retried = self._render("question", (attempt, {"role": "user", "content": self.feedback}))
         if not answered.startswith(prompt + RESPONSE_SENTINEL) or not retried.startswith(answered):
             raise ValueError("the chat template does not render a conversation as prompt + attempt + rest; "
                              "cannot derive the feedback turn's tokens from it")
@@ -89,13 +87,13 @@ class UFOEnv:
 
     def prompt_ids(self, question: str) -> list[int]:
         """The episode's opening tokens: (system), user turn with question and instruction, assistant header."""
-        return self._encode(self._render(self._messages(question), add_generation_prompt=True))
+        return self._encode(self._render(question))
 
     def prompts_fit(self, questions: list[str], max_tokens: int) -> list[bool]:
         """Whether each question's prompt has at most max_tokens tokens. Only prompts whose text has more
         than max_tokens - 1 UTF-8 bytes are tokenized: a byte-level BPE token (Qwen's) covers at least one
         byte, and the - 1 leaves room for a tokenizer that prepends a word-start piece."""
-        texts = [self._render(self._messages(q), add_generation_prompt=True) for q in questions]
+        texts = [self._render(q) for q in questions]
         return [len(text.encode()) < max_tokens or len(self._encode(text)) <= max_tokens for text in texts]
 
     def _encode(self, text: str) -> list[int]:
@@ -106,8 +104,7 @@ class UFOEnv:
         """Tokens that end an attempt: <|im_end|>, then the tokenizer's eos and <|endoftext|> where distinct."""
         end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         candidates = [self.turn_end_id, self.tokenizer.eos_token_id, end_of_text]
-        valid = [i for i in candidates if i is not None and i != self.tokenizer.unk_token_id]
-        return list(dict.fromkeys(valid))
+        return list(dict.fromkeys(i for i in candidates if i is not None and i != self.tokenizer.unk_token_id))
 
     def feedback_ids(self, ended_with_stop: bool) -> list[int]:
         """Tokens appended after a wrong attempt so the next one can start: the close of the assistant turn,

@@ -62,8 +62,7 @@ def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples:
                     progress: bool = True) -> tuple[list[Episode], list[int]]:
     """`samples` episodes of up to `turns` attempts per problem, about batch_size episodes at a time:
     (episodes problem after problem, sampled tokens of each). `tokenizer` decodes attempts for grading
-    (default env.tokenizer). With `par` the batches are dealt out to the data-parallel groups and
-    gathered: every rank gets what one process would (a batch is seeded by its start)."""
+    (default env.tokenizer). A batch is seeded by its start, so with `par` every rank gets what one process would."""
     per_batch = max(1, batch_size // samples)
     starts = range(0, len(problems), per_batch)
     dp_rank, dp_size = (par.dp_rank, par.dp_size) if par is not None else (0, 1)

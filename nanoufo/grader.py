@@ -1,9 +1,8 @@
 """Answer extraction and grading for the UFO environment.
 
-    from nanoufo.grader import extract_answer, is_correct, grade_batch
-    answer = extract_answer(response_text)          # last balanced \\boxed{...}, else last <answer>...</answer>
-    ok = is_correct(answer, "\\frac{1}{2}")         # math equivalence with math-verify, never hangs
-    oks = grade_batch(answers, golds, timeout=5.0)  # the fast path for the trainer
+    from nanoufo.grader import extract_answer, grade_batch
+    answer = extract_answer(response_text)            # last balanced \\boxed{...}, else last <answer>...</answer>
+    oks = grade_batch([answer], ["\\frac{1}{2}"], timeout=5.0)  # math equivalence with math-verify, never hangs
 
 Grading runs math-verify in one persistent worker process (started on first use, reused for every call).
 A pathological answer such as 9^{9^{9^9}} can hang sympy inside C code where no signal reaches it, so the
@@ -41,13 +40,13 @@ def _closed_boxes(text: str) -> list[tuple[int, str]]:
     return boxes
 
 
-def _answer_tags(text: str) -> list[str]:
-    """The contents of <answer>...</answer> pairs, left to right (linear time: str.find, no backtracking)."""
-    tags, pos = [], 0
+def _last_answer_tag(text: str) -> str | None:
+    """The content of the last non-empty <answer>...</answer> pair (linear time: str.find, no backtracking)."""
+    last, pos = None, 0
     while (start := text.find("<answer>", pos)) != -1 and (end := text.find("</answer>", start + 8)) != -1:
-        tags.append(text[start + 8:end])
+        last = text[start + 8:end].strip() or last
         pos = end + 9
-    return tags
+    return last
 
 
 def last_boxed(text: str) -> str | None:
@@ -60,11 +59,7 @@ def last_boxed(text: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """The answer of last_boxed (an empty box, the model echoing the instruction's "\\boxed{}", is passed
     over), else the content of the last non-empty <answer>...</answer>, else None."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    tags = [tag.strip() for tag in _answer_tags(text) if tag.strip()]
-    return tags[-1] if tags else None
+    return last_boxed(text) or _last_answer_tag(text)
 
 
 # normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.
@@ -222,11 +217,7 @@ atexit.register(_default_grader.close)
 
 
 def grade_batch(answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
-    """Grade many answers with the shared worker: one round trip per window of 64, not per answer."""
+    """Whether each answer (e.g. from extract_answer) equals its gold answer mathematically: 0.5 ==
+    \\frac{1}{2}, \\$18 == 18.0 == 18, [-2,7] == [-2, 7]; an answer that takes longer than `timeout` seconds
+    is wrong. The shared worker grades them in one round trip per window of 64, not per answer."""
     return _default_grader.grade(answers, golds, timeout)
-
-
-def is_correct(answer: str | None, gold: str, timeout: float = 5.0) -> bool:
-    """Whether `answer` (e.g. from extract_answer) equals `gold` mathematically: 0.5 == \\frac{1}{2},
-    \\$18 == 18.0 == 18, [-2,7] == [-2, 7]. Times out after `timeout` seconds and then counts as wrong."""
-    return grade_batch([answer], [gold], timeout)[0]

@@ -233,8 +233,7 @@ class PRMReward:
             turn_rewards.append(blend(prm[b], gold, self.gold_weight))
             points[b] += [(end - 1, self.gold_weight * g) for (_, end), g in zip(turn_spans, gold)
                           if self.gold_weight * g]
-        total = [sum(r) for r in turn_rewards]
-        return PRMRewards(torch.tensor(total, dtype=torch.float32), turn_rewards, points,
+        return PRMRewards(torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float32), turn_rewards, points,
                           sum(map(sum, prm)) / max(len(attempts), 1), step_scores.count(None))
 
     def _step_points(self, rollout, b: int, t: int, text_spans, scores: torch.Tensor):
