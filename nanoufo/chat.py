@@ -23,19 +23,17 @@ def chat(model: Qwen2, tokenizer, *, feedback: str, max_new_tokens: int, max_len
     print(f"Ask a question. After each answer type feedback (empty line: {feedback!r}), /new <question> or /quit.")
     question, n_conversations = read_line("question> "), 0
     while question is not None:
-        ended_by = []  # "/quit" or "/new" once you end the conversation
-        following = []  # the next question after /new
+        ended = []  # once you end the conversation: the next question (None after /quit)
 
         def next_turn(rows, responses, stopped):
             response = responses[0]
             print(f"model> {tokenizer.decode(response[:-1] if stopped[0] else response)}\n", flush=True)
             reply = read_line("you> ")
             if reply is None or reply.strip() == "/quit":
-                ended_by.append("/quit")
+                ended.append(None)
                 return [None]
             if reply.startswith("/new"):
-                ended_by.append("/new")
-                following.append(reply[len("/new"):].strip() or read_line("question> "))
+                ended.append(reply[len("/new"):].strip() or read_line("question> "))
                 return [None]
             text = reply.strip() or feedback
             env = envs.setdefault(text, UFOEnv(tokenizer, feedback=text))
@@ -46,10 +44,10 @@ def chat(model: Qwen2, tokenizer, *, feedback: str, max_new_tokens: int, max_len
                  stop_ids=envs[feedback].stop_ids, temperature=temperature, top_p=top_p,
                  seed=seed + n_conversations, max_len=max(max_len, len(prompt)))
         n_conversations += 1
-        if not ended_by:
+        if not ended:
             print(f"(the conversation filled --max-len={max_len} tokens; ask a new question)")
-            following.append(read_line("question> "))
-        question = following[0] if following else None
+            ended.append(read_line("question> "))
+        question = ended[0]
 
 
 def read_line(prompt: str) -> str | None:

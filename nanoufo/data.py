@@ -45,9 +45,8 @@ class Problem:
 
 
 def _gsm8k_answer(solution: str) -> str | None:
-    if "#### " not in solution:
-        return None
-    return THOUSANDS_SEPARATOR.sub("", solution.rsplit("#### ", 1)[1].strip())
+    _, marker, answer = solution.rpartition("#### ")
+    return THOUSANDS_SEPARATOR.sub("", answer.strip()) if marker else None
 
 
 def _metamath_answer(response: str) -> str | None:
@@ -114,7 +113,10 @@ def _as_text(value) -> str | None:
 
 
 def _first_bad_line(path: Path) -> str | None:
-    """Where a jsonl file stops being UTF-8 JSON lines, for an error message that names the row."""
+    """Where a jsonl file stops being UTF-8 JSON lines, for an error message that names the row (None for
+    another kind of file)."""
+    if path.suffix != ".jsonl":
+        return None
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, 1):
             try:
@@ -125,24 +127,19 @@ def _first_bad_line(path: Path) -> str | None:
     return None
 
 
-def _read_local(path: Path, split: str) -> datasets.Dataset:
-    if path.is_dir():
-        return datasets.load_dataset(str(path), split=split)
-    if path.suffix not in LOCAL_BUILDERS:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use one of {sorted(LOCAL_BUILDERS)})")
-    try:
-        return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as error:
-        where = _first_bad_line(path) if path.suffix == ".jsonl" else None
-        raise ValueError(where or f"{path}: could not be read: {error}") from error
-
-
 def _read(source: str | Path, split: str, name: str | None) -> tuple[datasets.Dataset, str]:
     """The rows and a short label for Problem ids: a file's last two path parts, else directory or hub name/split."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=split), f"{path.resolve().name}/{split}"
     if path.exists():
-        label = f"{path.resolve().name}/{split}" if path.is_dir() else "/".join(path.resolve().parts[-2:])
-        return _read_local(path, split), label
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use one of {sorted(LOCAL_BUILDERS)})")
+        try:
+            rows = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:
+            raise ValueError(_first_bad_line(path) or f"{path}: could not be read: {error}") from error
+        return rows, "/".join(path.resolve().parts[-2:])
     if path.suffix in LOCAL_BUILDERS or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{path}: no such file or directory")
     try:
@@ -232,8 +229,7 @@ def load_problems(source: str | Path, format: str = "auto", split: str = "train"
         problems, skipped = _problems_from_rows(rows, label, str(source), format, limit, question_key, answer_key,
                                                 need_answers)
     except UnicodeDecodeError as error:
-        where = _first_bad_line(Path(source)) if Path(source).suffix == ".jsonl" else None
-        raise ValueError(where or f"{label}: text that is not valid UTF-8 ({error})") from error
+        raise ValueError(_first_bad_line(Path(source)) or f"{label}: text that is not valid UTF-8 ({error})") from error
     if skipped:
         log.warning("%s: skipped %d rows (%s)", label, sum(skipped.values()), dict(skipped))
     return problems, sum(skipped.values())

@@ -27,11 +27,11 @@ either (README). Even the careful guesser's habit only appears after about 1,500
 import random
 import string
 import zlib
-
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
@@ -103,8 +103,7 @@ def candidates(question: str) -> list[str]:
 
 
 def build_model(vocab_size: int, seed: int) -> Qwen2:
-    config = QwenConfig(vocab_size=vocab_size, **TINY_MODEL)
-    model = Qwen2(config)
+    model = Qwen2(QwenConfig(vocab_size=vocab_size, **TINY_MODEL))
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
 
@@ -116,35 +115,30 @@ def warmup_episode(env, tokenizer, problem: Problem, rng: random.Random, max_tur
     mask = [0] * len(ids)
     tried = set()
     for turn in range(max_turns):
-        untried = [d for d in options if d not in tried]
-        guess = rng.choice(options if rng.random() < WARMUP_FORGET else untried)
+        guess = rng.choice(options if rng.random() < WARMUP_FORGET else [d for d in options if d not in tried])
         tried.add(guess)
-        attempt = tokenizer.encode(f"\\boxed{{{guess}}}", add_special_tokens=False) + [env.stop_ids[0]]
-        ids += attempt
-        mask += [1] * len(attempt)
+        ids += tokenizer.encode(f"\\boxed{{{guess}}}", add_special_tokens=False) + [env.stop_ids[0]]
+        mask += [1] * (len(ids) - len(mask))
         if guess == problem.answer or turn == max_turns - 1:
             break
-        feedback = list(env.feedback_ids(True))
-        ids += feedback
-        mask += [0] * len(feedback)
+        ids += env.feedback_ids(True)
+        mask += [0] * (len(ids) - len(mask))
     return ids, mask
 
 
-def warmup(model: Qwen2, env, tokenizer, problems: list[Problem], steps: int, lr: float, batch_size: int,
-           max_turns: int, seed: int, progress=None) -> float:
-    """Supervised warm-up on forgetful-guesser episodes; returns the last loss."""
-    rng = random.Random(seed)
+def warmup(model: Qwen2, env: UFOEnv, problems: list[Problem], cfg: TrainConfig) -> float:
+    """cfg.warmup_steps supervised steps on forgetful-guesser episodes (a progress bar); returns the last loss."""
+    rng, steps, lr = random.Random(cfg.seed), cfg.warmup_steps, cfg.warmup_lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     loss = torch.tensor(float("nan"))
-    for step in range(steps):
-        episodes = [warmup_episode(env, tokenizer, rng.choice(problems), rng, max_turns) for _ in range(batch_size)]
-        T = max(len(ids) for ids, _ in episodes)
-        tokens = torch.full((batch_size, T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(batch_size, T)
-        for b, (ids, m) in enumerate(episodes):
-            tokens[b, :len(ids)] = torch.tensor(ids)
-            mask[b, :len(m)] = torch.tensor(m, dtype=torch.float32)
+    bar = tqdm(range(steps), desc="warm-up")
+    for step in bar:
+        episodes = [warmup_episode(env, env.tokenizer, rng.choice(problems), rng, cfg.max_turns)
+                    for _ in range(WARMUP_BATCH)]
+        tokens = pad_sequence([torch.tensor(ids) for ids, _ in episodes], batch_first=True,
+                              padding_value=env.tokenizer.pad_token_id)  # (B, T)
+        mask = pad_sequence([torch.tensor(m, dtype=torch.float32) for _, m in episodes], batch_first=True)  # (B, T)
         for group in optimizer.param_groups:  # cosine decay to 10% keeps the end of the warm-up stable
             group["lr"] = lr * (0.55 + 0.45 * torch.cos(torch.tensor(step / steps * torch.pi)).item())
         loss = sft_loss(model, tokens.to(device), mask.to(device))
@@ -152,8 +146,7 @@ def warmup(model: Qwen2, env, tokenizer, problems: list[Problem], steps: int, lr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if progress is not None:
-            progress(step, loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
 
 
@@ -170,13 +163,8 @@ def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, env: 
     if (warmup_dir / "config.json").is_file():
         return
     if par.is_main:
-        tokenizer = env.tokenizer
-        model = build_model(len(tokenizer), cfg.seed).to(par.device)
-        bar = tqdm(total=cfg.warmup_steps, desc="warm-up")
-        progress = lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))  # noqa: E731
-        loss = warmup(model, env, tokenizer, problems, cfg.warmup_steps, cfg.warmup_lr, WARMUP_BATCH,
-                      cfg.max_turns, cfg.seed, progress=progress)
-        bar.close()
+        model = build_model(len(env.tokenizer), cfg.seed).to(par.device)
+        loss = warmup(model, env, problems, cfg)
         print(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {warmup_dir}")
         save_model(model, warmup_dir)
     barrier(par)

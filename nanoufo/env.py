@@ -54,35 +54,29 @@ class UFOEnv:
         self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
         self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
         self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
-        self.turn_end_id = self._special_id(TURN_END)
+        self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {TURN_END} token; UFOEnv needs a chat template with "
+                             "<|im_start|>/<|im_end|> turns")
         close_and_feedback = self._derive_feedback_text()
         self._feedback_ids = {False: self._encode(close_and_feedback),
                               True: self._encode(close_and_feedback[len(TURN_END):])}
 
-    def _special_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token; UFOEnv needs a chat template with "
-                             "<|im_start|>/<|im_end|> turns")
-        return token_id
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _messages(self, question: str) -> list[dict]:
+    def _render(self, question: str, turns: tuple[dict, ...] = (), add_generation_prompt: bool = True) -> str:
+        """The template's text of the opening ((system), user turn with question and instruction) and `turns`."""
         system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         user = " ".join(part for part in (question.strip(), self.instruction) if part)
-        return system + [{"role": "user", "content": user}]
+        messages = system + [{"role": "user", "content": user}, *turns]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _derive_feedback_text(self) -> str:
         """The template's text between the end of an attempt's content and the next attempt's content:
         the assistant turn's close, the feedback user turn and the assistant header. Found as the difference
         between renderings of the same conversation with and without the extra turns."""
-        opening = self._messages("question")
-        prompt = self._render(opening, add_generation_prompt=True)
-        answered = self._render(opening + [{"role": "assistant", "content": RESPONSE_SENTINEL}], False)
-        retried = self._render(opening + [{"role": "assistant", "content": RESPONSE_SENTINEL},
-                                          {"role": "user", "content": self.feedback}], True)
+        attempt = {"role": "assistant", "content": RESPONSE_SENTINEL}
+        prompt = self._render("question")
+        answered = self._render("question", (attempt,), add_generation_prompt=False)
+        retried = self._render("question", (attempt, {"role": "user", "content": self.feedback}))
         if not answered.startswith(prompt + RESPONSE_SENTINEL) or not retried.startswith(answered):
             raise ValueError("the chat template does not render a conversation as prompt + attempt + rest; "
                              "cannot derive the feedback turn's tokens from it")
@@ -93,13 +87,13 @@ class UFOEnv:
 
     def prompt_ids(self, question: str) -> list[int]:
         """The episode's opening tokens: (system), user turn with question and instruction, assistant header."""
-        return self._encode(self._render(self._messages(question), add_generation_prompt=True))
+        return self._encode(self._render(question))
 
     def prompts_fit(self, questions: list[str], max_tokens: int) -> list[bool]:
         """Whether each question's prompt has at most max_tokens tokens. Only prompts whose text has more
         than max_tokens - 1 UTF-8 bytes are tokenized: a byte-level BPE token (Qwen's) covers at least one
         byte, and the - 1 leaves room for a tokenizer that prepends a word-start piece."""
-        texts = [self._render(self._messages(q), add_generation_prompt=True) for q in questions]
+        texts = [self._render(q) for q in questions]
         return [len(text.encode()) < max_tokens or len(self._encode(text)) <= max_tokens for text in texts]
 
     def _encode(self, text: str) -> list[int]:
@@ -110,8 +104,7 @@ class UFOEnv:
         """Tokens that end an attempt: <|im_end|>, then the tokenizer's eos and <|endoftext|> where distinct."""
         end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         candidates = [self.turn_end_id, self.tokenizer.eos_token_id, end_of_text]
-        valid = [i for i in candidates if i is not None and i != self.tokenizer.unk_token_id]
-        return list(dict.fromkeys(valid))
+        return list(dict.fromkeys(i for i in candidates if i is not None and i != self.tokenizer.unk_token_id))
 
     def feedback_ids(self, ended_with_stop: bool) -> list[int]:
         """Tokens appended after a wrong attempt so the next one can start: the close of the assistant turn,
@@ -127,21 +120,15 @@ class UFOEnv:
             if self.is_over(episode):
                 raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
         answers = [extract_answer(text) for text in response_texts]
-        verdicts = self._grade(answers, [episode.problem.answer for episode in episodes])
-        for episode, text, answer, verdict in zip(episodes, response_texts, answers, verdicts):
+        labeled = [i for i, episode in enumerate(episodes) if episode.problem.answer is not None]
+        graded = grade_batch([answers[i] for i in labeled], [episodes[i].problem.answer for i in labeled],
+                             self.grade_timeout)
+        verdicts = dict(zip(labeled, graded))  # an unlabeled problem (label-free training) is never correct
+        for i, (episode, text, answer) in enumerate(zip(episodes, response_texts, answers)):
             episode.responses.append(text)
             episode.answers.append(answer)
-            episode.correct.append(verdict)
+            episode.correct.append(verdicts.get(i, False))
         return [self.is_over(episode) for episode in episodes]
-
-    def _grade(self, answers: list[str | None], golds: list[str | None]) -> list[bool]:
-        """math-verify verdicts; an unlabeled problem (gold None, label-free training) is never correct."""
-        labeled = [i for i, gold in enumerate(golds) if gold is not None]
-        graded = grade_batch([answers[i] for i in labeled], [golds[i] for i in labeled], self.grade_timeout)
-        verdicts = [False] * len(golds)
-        for i, verdict in zip(labeled, graded):
-            verdicts[i] = verdict
-        return verdicts
 
     def is_over(self, episode: Episode) -> bool:
         return episode.solved or episode.turns >= self.max_turns

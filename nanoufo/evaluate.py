@@ -24,9 +24,6 @@ from nanoufo.model import Qwen2
 from nanoufo.parallel import ParallelContext
 from nanoufo.rollout import run_episodes
 
-MODES = ("succ", "pass")
-
-
 def episode_record(episode: Episode, sample: int, sampled_tokens: int) -> dict:
     return {"id": episode.problem.id, "sample": sample, "question": episode.problem.question,
             "gold": episode.problem.answer, "responses": episode.responses, "answers": episode.answers,
@@ -42,35 +39,30 @@ def write_episodes(path: str | Path, records: list[dict]) -> None:
 
 
 def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, mode: str = "succ",
-             batch_size: int = 64, max_new_tokens: int = 1024, temperature: float = 0.5, top_p: float = 1.0,
-             seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True,
-             par: ParallelContext | None = None) -> dict[str, float]:
+             out: str | Path | None = None, par: ParallelContext | None = None, **sampling) -> dict[str, float]:
     """The metrics table. mode "succ": succ@1..k, mean turns, non-repetitive ratio, tokens per episode;
-    mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `tokenizer`
-    decodes attempts for grading (default env.tokenizer); `out` gets one JSON line per episode (written by
-    global rank 0); `par` splits the batches across data-parallel groups."""
-    assert mode in MODES, mode
+    mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `out` gets one
+    JSON line per episode (written by global rank 0); `par` splits the batches across data-parallel groups;
+    `sampling`: sample_episodes' options."""
+    assert mode in ("succ", "pass"), mode
     samples, turns = (1, k) if mode == "succ" else (k, 1)
-    episodes, lengths = sample_episodes(model, env, problems, samples, turns, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"{mode}@{k}", par=par)
+    episodes, lengths = sample_episodes(model, env, problems, samples, turns, desc=f"{mode}@{k}", par=par, **sampling)
     if out is not None and (par is None or par.is_main):
         write_episodes(out, [episode_record(e, j % samples, n) for j, (e, n) in enumerate(zip(episodes, lengths))])
     if mode == "succ":
         return summarize(episodes, k, lengths)
-    correct = [[e.correct[0] for e in episodes[j:j + k]] for j in range(0, len(episodes), k)]
-    table = {"problems": float(len(correct))}
-    table.update({f"pass@{j}": pass_at_k(correct, j) for j in range(1, k + 1)})
-    table["tokens_per_episode"] = tokens_per_episode(lengths)
-    return table
+    correct = _per_problem([e.correct[0] for e in episodes], k)
+    return {"problems": float(len(correct)), **{f"pass@{j}": pass_at_k(correct, j) for j in range(1, k + 1)},
+            "tokens_per_episode": tokens_per_episode(lengths)}
 
 
-def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples: int, turns: int, *,
-                    batch_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, tokenizer,
-                    progress: bool, desc: str, par: ParallelContext | None = None) -> tuple[list, list[int]]:
+def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples: int, turns: int, *, desc: str,
+                    par: ParallelContext | None = None, batch_size: int = 64, max_new_tokens: int = 1024,
+                    temperature: float = 0.5, top_p: float = 1.0, seed: int = 0, tokenizer=None,
+                    progress: bool = True) -> tuple[list[Episode], list[int]]:
     """`samples` episodes of up to `turns` attempts per problem, about batch_size episodes at a time:
-    (episodes problem after problem, sampled tokens of each). With `par` the batches are dealt out to the
-    data-parallel groups and gathered: every rank gets what one process would (a batch is seeded by its start)."""
+    (episodes problem after problem, sampled tokens of each). `tokenizer` decodes attempts for grading
+    (default env.tokenizer). A batch is seeded by its start, so with `par` every rank gets what one process would."""
     per_batch = max(1, batch_size // samples)
     starts = range(0, len(problems), per_batch)
     dp_rank, dp_size = (par.dp_rank, par.dp_size) if par is not None else (0, 1)
@@ -84,26 +76,27 @@ def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples:
     return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]
 
 
+def _per_problem(values: list, n: int) -> list[list]:
+    return [values[j:j + n] for j in range(0, len(values), n)]
+
+
 def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, *, n: int = 8, aggregate: str = "min",
-              batch_size: int = 64, max_new_tokens: int = 1024, temperature: float = 0.5, top_p: float = 1.0,
-              seed: int = 0, tokenizer=None, out: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+              out: str | Path | None = None, **sampling) -> dict[str, float]:
     """N single-turn samples per problem, each scored by the PRM `scorer` (nanoufo.prm.PRMScorer: its steps'
     scores aggregated by "min" or "product", the question without the instruction as context), then from
     the same samples: pass@1 and pass@N, maj@N (majority answer) and rm@N (the PRM's favourite). A sample
-    without steps (or too long for the PRM) ranks below every scored one and is counted as `unscored`."""
-    episodes, lengths = sample_episodes(model, env, problems, n, 1, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed, tokenizer=tokenizer, progress=progress, desc=f"bon@{n}")
+    without steps (or too long for the PRM) ranks below every scored one and is counted as `unscored`.
+    `sampling`: sample_episodes' options."""
+    episodes, lengths = sample_episodes(model, env, problems, n, 1, desc=f"bon@{n}", **sampling)
     scores = scorer.response_scores([e.problem.question for e in episodes], [e.responses[0] for e in episodes],
                                     aggregate)
     if out is not None:
         write_episodes(out, [episode_record(e, j % n, tokens) | {"prm_score": score}
                              for j, (e, tokens, score) in enumerate(zip(episodes, lengths, scores))])
-    per_problem = lambda values: [values[j:j + n] for j in range(0, len(values), n)]  # noqa: E731
-    correct = per_problem([e.correct[0] for e in episodes])
+    correct = _per_problem([e.correct[0] for e in episodes], n)
     return {"problems": float(len(correct)), "pass@1": pass_at_k(correct, 1), f"pass@{n}": pass_at_k(correct, n),
-            f"maj@{n}": maj_at_n(per_problem([e.answers[0] for e in episodes]), correct),
-            f"rm@{n}": rm_at_n(per_problem(scores), correct), "unscored": float(scores.count(None)),
+            f"maj@{n}": maj_at_n(_per_problem([e.answers[0] for e in episodes], n), correct),
+            f"rm@{n}": rm_at_n(_per_problem(scores, n), correct), "unscored": float(scores.count(None)),
             "tokens_per_episode": tokens_per_episode(lengths)}
 
 

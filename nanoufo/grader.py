@@ -1,9 +1,8 @@
 """Answer extraction and grading for the UFO environment.
 
-    from nanoufo.grader import extract_answer, is_correct, grade_batch
-    answer = extract_answer(response_text)          # last balanced \\boxed{...}, else last <answer>...</answer>
-    ok = is_correct(answer, "\\frac{1}{2}")         # math equivalence with math-verify, never hangs
-    oks = grade_batch(answers, golds, timeout=5.0)  # the fast path for the trainer
+    from nanoufo.grader import extract_answer, grade_batch
+    answer = extract_answer(response_text)            # last balanced \\boxed{...}, else last <answer>...</answer>
+    oks = grade_batch([answer], ["\\frac{1}{2}"], timeout=5.0)  # math equivalence with math-verify, never hangs
 
 Grading runs math-verify in one persistent worker process (started on first use, reused for every call).
 A pathological answer such as 9^{9^{9^9}} can hang sympy inside C code where no signal reaches it, so the
@@ -11,6 +10,7 @@ parent waits at most `timeout` seconds per answer, then kills the worker, counts
 starts a fresh worker for the rest. Run `python -m pytest -q tests/test_grader.py` to test it.
 """
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -40,13 +40,13 @@ def _closed_boxes(text: str) -> list[tuple[int, str]]:
     return boxes
 
 
-def _answer_tags(text: str) -> list[str]:
-    """The contents of <answer>...</answer> pairs, left to right (linear time: str.find, no backtracking)."""
-    tags, pos = [], 0
+def _last_answer_tag(text: str) -> str | None:
+    """The content of the last non-empty <answer>...</answer> pair (linear time: str.find, no backtracking)."""
+    last, pos = None, 0
     while (start := text.find("<answer>", pos)) != -1 and (end := text.find("</answer>", start + 8)) != -1:
-        tags.append(text[start + 8:end])
+        last = text[start + 8:end].strip() or last
         pos = end + 9
-    return tags
+    return last
 
 
 def last_boxed(text: str) -> str | None:
@@ -57,14 +57,9 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last balanced, non-empty \\boxed{...} (last_boxed), else of the last
-    <answer>...</answer>, else None. An unclosed box (a truncated response) or an empty one (the model
-    echoing the instruction's "\\boxed{}") is passed over in favour of an earlier complete one."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    tags = [tag.strip() for tag in _answer_tags(text) if tag.strip()]
-    return tags[-1] if tags else None
+    """The answer of last_boxed (an empty box, the model echoing the instruction's "\\boxed{}", is passed
+    over), else the content of the last non-empty <answer>...</answer>, else None."""
+    return last_boxed(text) or _last_answer_tag(text)
 
 
 # normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.
@@ -82,10 +77,8 @@ _NORMALIZE_RULES = [
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical spelling of an answer, used only to count distinct answers for the repetition penalty
-    (grading uses math-verify). It drops \\left/\\right, spacing commands, \\text{}/\\mathrm{} wrappers,
-    degree/dollar/percent signs, all whitespace, thousands separators, a whole number's ".0" and a trailing
-    full stop, and maps \\dfrac/\\tfrac to \\frac. Case is kept (x and X may be different answers)."""
+    """A canonical spelling of an answer (the rules above), used only to count distinct answers for the
+    repetition penalty; grading uses math-verify. Case is kept (x and X may be different answers)."""
     for pattern, replacement in _NORMALIZE_RULES:
         answer = pattern.sub(replacement, answer)
     return answer
@@ -127,10 +120,9 @@ def _serve(memory_limit_mb: int) -> None:
 
 
 class Grader:
-    """math-verify in a persistent worker process; an answer that takes longer than `timeout` seconds
-    counts as wrong and costs one worker restart (a few seconds; math-verify's first-call set-up is part of
-    it, so `timeout` bounds each answer's own work). Results are cached per (answer, gold).
-    The worker's address space is capped at `memory_limit_mb`."""
+    """math-verify in a persistent worker process (see the module docstring); a timeout costs one worker
+    restart (a few seconds). Results are cached per (answer, gold); the worker's address space is capped
+    at `memory_limit_mb`."""
 
     WINDOW = 64  # jobs in flight at once: bounded so neither pipe can fill up and deadlock
     WINDOW_BYTES = 32 << 10  # and bytes (Linux pipes hold 64 KiB): a write must never wait on a stuck worker
@@ -174,10 +166,8 @@ class Grader:
             self._proc.kill()
             self._proc.wait()
             for pipe in (self._proc.stdin, self._proc.stdout):
-                try:
+                with contextlib.suppress(BrokenPipeError):  # jobs still buffered for the dead worker: dropped
                     pipe.close()
-                except BrokenPipeError:  # jobs still buffered for the dead worker: dropped on purpose
-                    pass
             self._proc = None
 
     def _window_end(self, lines: list[bytes], pos: int) -> int:
@@ -227,11 +217,7 @@ atexit.register(_default_grader.close)
 
 
 def grade_batch(answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
-    """Grade many answers with the shared worker: one round trip per window of 64, not per answer."""
+    """Whether each answer (e.g. from extract_answer) equals its gold answer mathematically: 0.5 ==
+    \\frac{1}{2}, \\$18 == 18.0 == 18, [-2,7] == [-2, 7]; an answer that takes longer than `timeout` seconds
+    is wrong. The shared worker grades them in one round trip per window of 64, not per answer."""
     return _default_grader.grade(answers, golds, timeout)
-
-
-def is_correct(answer: str | None, gold: str, timeout: float = 5.0) -> bool:
-    """Whether `answer` (e.g. from extract_answer) equals `gold` mathematically: 0.5 == \\frac{1}{2},
-    \\$18 == 18.0 == 18, [-2,7] == [-2, 7]. Times out after `timeout` seconds and then counts as wrong."""
-    return grade_batch([answer], [gold], timeout)[0]

@@ -83,13 +83,10 @@ def tokens_per_episode(lengths: list[int]) -> float:
 
 
 def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None) -> dict[str, float]:
-    """All multi-turn metrics in one table row: episodes, succ@1..succ@k, mean_turns, mean_turns_to_solve,
-    non_repetitive_ratio and, given per-episode sampled token counts, tokens_per_episode."""
-    table = {"episodes": float(len(episodes))}
-    table.update({f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)})
-    table["mean_turns"] = mean_turns(episodes)
-    table["mean_turns_to_solve"] = mean_turns_to_solve(episodes)
-    table["non_repetitive_ratio"] = non_repetitive_ratio(episodes)
+    """All multi-turn metrics in one table row; tokens_per_episode given per-episode sampled token counts."""
+    table = {"episodes": float(len(episodes)), **{f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)},
+             "mean_turns": mean_turns(episodes), "mean_turns_to_solve": mean_turns_to_solve(episodes),
+             "non_repetitive_ratio": non_repetitive_ratio(episodes)}
     if lengths is not None:
         table["tokens_per_episode"] = tokens_per_episode(lengths)
     return table

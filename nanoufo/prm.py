@@ -17,6 +17,7 @@ Inputs of different lengths are packed several to a row (a token at position 0 s
 see nanoufo/model.py) and only the hidden states at separators go through the head: no (T, V) logits.
 Tests: python -m pytest -q tests/test_prm.py
 """
+import bisect
 import json
 import math
 import re
@@ -181,16 +182,12 @@ def blend(attempt_scores: list[float], gold_turn_rewards: list[float], gold_weig
 
 def step_last_tokens(tokenizer, ids: list[int], char_ends: list[int]) -> list[int]:
     """For each character offset of the text decode(ids) (ascending), the index of the token that writes
-    the character before it: the smallest i with len(decode(ids[:i + 1])) >= end, found by bisection."""
+    the character before it: the smallest i with len(decode(ids[:i + 1])) >= end, found by bisection
+    (the last token when none is; each search starts where the previous one ended)."""
+    decoded_length = lambda i: len(tokenizer.decode(ids[:i + 1]))  # noqa: E731
     found, low = [], 0
     for end in char_ends:
-        high = len(ids) - 1
-        while low < high:
-            middle = (low + high) // 2
-            if len(tokenizer.decode(ids[:middle + 1])) >= end:
-                high = middle
-            else:
-                low = middle + 1
+        low = bisect.bisect_left(range(len(ids) - 1), end, lo=low, key=decoded_length)
         found.append(low)
     return found
 
@@ -225,29 +222,26 @@ class PRMReward:
         step_scores = self.scorer.step_scores([episodes[b].problem.question for b, _ in attempts],
                                               [[episodes[b].responses[t][i:j] for i, j in s]
                                                for (b, t), s in zip(attempts, spans)])
-        prm = [[0.0] * e.turns for e in episodes]
-        turn_rewards, points = [], [[] for _ in episodes]
-        for (b, t), scores in zip(attempts, step_scores):
-            if scores is not None:
-                prm[b][t] = aggregate(scores, self.aggregate)
-        for b in range(len(episodes)):
-            gold = [float(gold_on_tokens[b, end - 1]) for _, end in rollout.turn_spans[b]]
-            turn_rewards.append(blend(prm[b], gold, self.gold_weight))
-            points[b] = [(end - 1, self.gold_weight * g) for (_, end), g in zip(rollout.turn_spans[b], gold)
-                         if self.gold_weight * g]
+        prm, points = [[0.0] * e.turns for e in episodes], [[] for _ in episodes]
         for (b, t), scores, text_spans in zip(attempts, step_scores, spans):
             if scores is not None:
-                points[b] += self._step_points(rollout, b, t, text_spans, scores, episodes[b].turns)
-        total = [sum(r) for r in turn_rewards]
-        return PRMRewards(torch.tensor(total, dtype=torch.float32), turn_rewards, points,
+                prm[b][t] = aggregate(scores, self.aggregate)
+                points[b] += self._step_points(rollout, b, t, text_spans, scores)
+        turn_rewards = []
+        for b, turn_spans in enumerate(rollout.turn_spans):
+            gold = [float(gold_on_tokens[b, end - 1]) for _, end in turn_spans]
+            turn_rewards.append(blend(prm[b], gold, self.gold_weight))
+            points[b] += [(end - 1, self.gold_weight * g) for (_, end), g in zip(turn_spans, gold)
+                          if self.gold_weight * g]
+        return PRMRewards(torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float32), turn_rewards, points,
                           sum(map(sum, prm)) / max(len(attempts), 1), step_scores.count(None))
 
-    def _step_points(self, rollout, b: int, t: int, text_spans, scores: torch.Tensor, turns: int):
+    def _step_points(self, rollout, b: int, t: int, text_spans, scores: torch.Tensor):
         """(token index, reward) at the last token of each step of attempt t of row b."""
         start, end = rollout.turn_spans[b][t]
         ids = rollout.tokens[b, start:end].tolist()  # its text was decoded without a closing stop token, which
         last = step_last_tokens(self.tokenizer, ids, [e for _, e in text_spans])  # the bisection never needs
-        share = (1.0 - self.gold_weight) / turns
+        share = (1.0 - self.gold_weight) / rollout.episodes[b].turns
         return [(start + i, share * r) for i, r in zip(last, rl.step_rewards(scores.tolist(), self.aggregate))]
 
 

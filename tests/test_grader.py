@@ -4,8 +4,7 @@ import pytest
 
 from grading_utils import contract_bound, grade_in_thread, started_grader
 from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
-from nanoufo.grader import (count_distinct_answers, extract_answer, grade_batch, is_correct,
-                            normalize_answer)
+from nanoufo.grader import count_distinct_answers, extract_answer, grade_batch, normalize_answer
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -90,8 +89,8 @@ def test_grading_real_gold_answers_in_equivalent_forms(golds):
 
 def test_missing_and_empty_answers_are_wrong():
     assert grade_batch([None, "", "  "], ["18", "18", "18"]) == [False, False, False]
-    assert is_correct(extract_answer(r"$\boxed{18}$ dollars"), "18")
-    assert not is_correct(extract_answer("I think it is 18."), "18")
+    assert grade_batch([extract_answer(r"$\boxed{18}$ dollars")], ["18"]) == [True]
+    assert grade_batch([extract_answer("I think it is 18.")], ["18"]) == [False]
 
 
 def test_pathological_answer_times_out_and_the_worker_recovers():
