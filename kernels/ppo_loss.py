@@ -230,8 +230,6 @@ def _ppo_loss_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr
 
 
 class _PPOLossTriton(torch.autograd.Function):
-    """Forward: the token kernel and the finishing kernel (2 launches, no host sync); backward: one kernel."""
-
     @staticmethod
     def forward(ctx, logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig):
         n_rows, n_cols = logp.shape
@@ -269,8 +267,8 @@ class _PPOLossTriton(torch.autograd.Function):
         if g_loss is None or not (need_logp or need_ent):
             return (None,) * 8
         n_rows, n_cols = mask.shape
-        grad_logp = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_logp else None
-        grad_ent = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_ent else None
+        grad_logp, grad_ent = (torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need else None
+                               for need in (need_logp, need_ent))  # (B, T) each
         _ppo_loss_grad_kernel[(n_rows, triton.cdiv(n_cols, ctx.block))](
             dloss, mask, mask if weights is None else weights, row_scale, metrics, g_loss.contiguous(),
             metrics if grad_logp is None else grad_logp, metrics if grad_ent is None else grad_ent, n_cols,
@@ -285,11 +283,6 @@ def ppo_loss_triton(logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig)
     assert logp.ndim == 2 and logp.numel() > 0 and acc_dtype(logp.dtype) in TL_ACC, "logp: float (B, T)"
     assert all(x is None or (x.shape == logp.shape and x.is_contiguous()) for x in inputs), "contiguous (B, T)"
     return _PPOLossTriton.apply(*inputs, cfg)
-
-
-def _metrics(metrics: torch.Tensor, has_ref: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
-    names = ("clip_frac", "approx_kl", "ratio_mean", "kl" if has_ref else "", "entropy" if has_entropy else "")
-    return {name: metrics[i] for i, name in enumerate(names) if name}
 
 
 def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: bool) -> None:
@@ -324,8 +317,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
              entropy_coef: float = 0.0, aggregation: str = "token-mean", impl: str = "auto",
              block_size: int | None = None, debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss scalar, metrics) of the clipped PPO surrogate over (B, T) tokens; see the module doc.
-    weights (B, T): per-token loss weights; the loss is then sum(weights * token loss) over the masked
-    tokens and aggregation is not used (micro-batches of a minibatch normalised as a whole)."""
+    weights (B, T), when given, replace the aggregation: the loss is sum(weights * token loss)."""
     if weights is not None:
         aggregation = "weights"
     elif aggregation == "weights":
@@ -333,12 +325,11 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     cfg = PPOConfig(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, aggregation,
                     block_size)
     _check(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg, debug_mode(debug))
-    old_logp, advantages = old_logp.detach(), advantages.detach()
-    ref_logp, weights = (None if x is None else x.detach() for x in (ref_logp, weights))
+    fixed = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]  # no grad
     if pick_impl(impl, logp) == "triton" and logp.numel() > 0:
-        inputs = [None if x is None else x.contiguous() for x in (logp, entropy, old_logp, advantages, mask,
-                                                                    ref_logp, weights)]
-        loss, metrics = ppo_loss_triton(*inputs, cfg)
+        loss, metrics = ppo_loss_triton(*(None if x is None else x.contiguous() for x in (logp, entropy, *fixed)), cfg)
     else:
-        loss, metrics = ppo_loss_reference(logp, entropy, old_logp, advantages, mask, ref_logp, weights, cfg)
-    return loss, _metrics(metrics, ref_logp is not None, entropy is not None)
+        loss, metrics = ppo_loss_reference(logp, entropy, *fixed, cfg)
+    names = ("clip_frac", "approx_kl", "ratio_mean", "kl" if ref_logp is not None else "",
+             "entropy" if entropy is not None else "")
+    return loss, {name: metrics[i] for i, name in enumerate(names) if name}
