@@ -239,17 +239,13 @@ class _PPOLossTriton(torch.autograd.Function):
         sums = torch.empty((7, n_rows, n_blocks), dtype=acc, device=logp.device)  # (7, B, T-blocks)
         store_grad = ctx.needs_input_grad[0]
         dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums  # (B, T)
-        unused = logp
-        _ppo_loss_kernel[(n_rows, n_blocks)](
-            logp, old, adv, mask, unused if ref is None else ref, unused if entropy is None else entropy,
-            unused if weights is None else weights, dloss, sums, n_rows, n_cols, n_blocks, float(cfg.clip_low),
-            float(cfg.clip_high), float(cfg.dual_clip or 0), float(cfg.kl_coef), float(cfg.entropy_coef),
-            HAS_REF=ref is not None, HAS_ENT=entropy is not None, HAS_W=weights is not None,
-            USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
-            BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
-        loss = torch.empty((), dtype=acc, device=logp.device)
-        metrics = torch.empty(6, dtype=acc, device=logp.device)  # clip .. entropy, then the norm
-        row_scale = torch.empty(n_rows, dtype=acc, device=logp.device)  # (B,)
+        _ppo_loss_kernel[(n_rows, n_blocks)](  # logp stands in for an absent ref, entropy or weights (never read)
+            logp, old, adv, mask, *(logp if x is None else x for x in (ref, entropy, weights)), dloss, sums, n_rows,
+            n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
+            float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
+            HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
+            STORE_GRAD=store_grad, BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
+        loss, metrics, row_scale = (torch.empty(size, dtype=acc, device=logp.device) for size in ((), 6, n_rows))
         _ppo_loss_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
                                       AGG=AGGREGATIONS[cfg.aggregation], ROWS=FINISH_TILE,
                                       BLOCKS=min(FINISH_TILE, triton.next_power_of_2(n_blocks)), ACC=TL_ACC[acc],
