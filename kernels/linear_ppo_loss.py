@@ -18,10 +18,9 @@ So each row chunk is: one GEMM to fp32 logits, the statistics (one launch), the 
 dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd backward only multiplies the
 saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
 
-Vocab-parallel (group, vocab_start): each rank holds a weight slice; each chunk's statistics are
+Vocab-parallel (group, vocab_start): as in kernels/linear_token_stats.py; each chunk's statistics are
 all-reduced (two small all-reduces per chunk), so logp, the loss and the metrics are those of the full
-vocabulary on every rank, grad_W is the rank's slice and grad_hidden the rank's share, which the caller's
-column-parallel input function sums in its backward (as for any vocab-parallel head).
+vocabulary on every rank.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """

@@ -61,24 +61,6 @@ def _raise_bad_target(where: str, row: int, target: int, vocab_size: int, ignore
                      f"masked rows with ignore_index={ignore_index}")
 
 
-def finish_stats(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
-                 debug: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """From the merged (5, N) statistics: logp, entropy, self-certainty, each (N,), and (2, N) lse, mu;
-    masked rows 0. Checks the targets on the host (a sync), and in debug mode the rows for NaN."""
-    valid = targets != ignore_index
-    if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
-        row = int(bad[0, 0])
-        _raise_bad_target("token_stats", row, int(targets[row]), vocab_size, ignore_index)
-    if debug and (nan_rows := (valid & stats[B].isnan()).nonzero()).numel():
-        raise ValueError(f"token_stats: row {int(nan_rows[0, 0])} of the logits holds NaN")
-    log_s = torch.log(stats[S])
-    lse = stats[M] + log_s  # (N,)
-    a_over_s = stats[A] / stats[S]
-    outs = (stats[ZY] - lse, log_s - a_over_s, lse - stats[B] / vocab_size)
-    lse_mu = torch.stack([lse, stats[M] + a_over_s])  # (2, N); mu = E_p[z]
-    return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0)
-
-
 @triton.jit
 def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, bad_ptr, n_rows,
                 n_cols, inv_temp, DEBUG: tl.constexpr, ACC: tl.constexpr):
@@ -231,12 +213,25 @@ def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torc
 
 def finish_slice(stats: torch.Tensor, targets: torch.Tensor, width: int, cfg: SliceConfig,
                  group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """From the (5, N) statistics of this rank's slice (width columns): logp, entropy, self-certainty, (2, N)
-    lse and mu, and the full vocabulary's size. group: the tensor-parallel process group whose ranks hold the
-    other slices (two all-reduces), or None when the slice is the whole vocabulary."""
+    """From the (5, N) statistics of this rank's slice (width columns): logp, entropy, self-certainty, each
+    (N,), (2, N) lse and mu, masked rows 0, and the full vocabulary's size. group: the tensor-parallel process
+    group whose ranks hold the other slices (two all-reduces), or None when the slice is the whole vocabulary.
+    Checks the targets on the host (a sync), and with cfg.debug the rows for NaN."""
+    vocab_size = width
     if group is not None:
-        stats, width = _all_reduce_stats(stats, width, group)
-    return (*finish_stats(stats, targets, width, cfg.ignore_index, cfg.debug), width)
+        stats, vocab_size = _all_reduce_stats(stats, width, group)
+    valid = targets != cfg.ignore_index
+    if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
+        row = int(bad[0, 0])
+        _raise_bad_target("token_stats", row, int(targets[row]), vocab_size, cfg.ignore_index)
+    if cfg.debug and (nan_rows := (valid & stats[B].isnan()).nonzero()).numel():
+        raise ValueError(f"token_stats: row {int(nan_rows[0, 0])} of the logits holds NaN")
+    log_s = torch.log(stats[S])
+    lse = stats[M] + log_s  # (N,)
+    a_over_s = stats[A] / stats[S]
+    outs = (stats[ZY] - lse, log_s - a_over_s, lse - stats[B] / vocab_size)
+    lse_mu = torch.stack([lse, stats[M] + a_over_s])  # (2, N); mu = E_p[z]
+    return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0), vocab_size
 
 
 def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig,
@@ -288,12 +283,9 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
                 debug: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, self_certainty), each (N,) fp32, of logits (N, V) at a temperature, each
     differentiable w.r.t. the logits. With group (vocab-parallel), logits is this rank's slice
-    starting at vocab_start and the outputs are those of the full vocabulary on every rank.
-
-    The whole vocabulary (no group) on the Triton path is one kernel launch and no host sync: a target
-    outside [0, V) or a NaN logit gives NaN outputs for that row; debug=True (or NANOUFO_KERNEL_DEBUG=1)
-    raises instead, naming the first bad row (one sync). num_splits: programs per row (a power of two;
-    None: enough to fill the GPU when N is small)."""
+    starting at vocab_start and the outputs are those of the full vocabulary on every rank. Bad targets,
+    NaN logits and debug: see the module doc. num_splits: programs per row (a power of two; None: enough
+    to fill the GPU when N is small)."""
     if logits.ndim != 2 or not logits.dtype.is_floating_point or logits.shape[1] == 0:
         raise ValueError(f"token_stats: logits must be a float (N, V) tensor with V > 0, got "
                          f"{logits.dtype} {tuple(logits.shape)}")
