@@ -99,11 +99,10 @@ class _LinearPPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
         if g_loss is None:
             return (None,) * 5
-        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # d(g loss) = g d loss
-        return scale(grad_hidden), scale(grad_weight), None, None, None
+        scaled = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors]  # d(g loss) = g d loss
+        return *scaled, None, None, None
 
 
 def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group, temperature) -> None:

@@ -100,5 +100,4 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                  for cols, chunk_cfg in _chunks(cfg, weight.shape[0], chunk_size)]
         stats = merge_partial_stats(torch.stack(parts))  # (5, N)
         outs, lse_mu, vocab_size = finish_slice(stats, targets, weight.shape[0], cfg, group)
-    grad_fn = partial(_linear_grad, cfg, chunk_size)
-    return TokenStatsFn.apply(grad_fn, targets, vocab_size, outs, lse_mu, hidden, weight)
+    return TokenStatsFn.apply(partial(_linear_grad, cfg, chunk_size), targets, vocab_size, outs, lse_mu, hidden, weight)

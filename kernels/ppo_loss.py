@@ -282,8 +282,7 @@ def ppo_loss_triton(logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig)
 
 
 def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: bool) -> None:
-    named = {"old_logp": old, "advantages": adv, "mask": mask, "ref_logp": ref, "entropy": entropy,
-             "weights": weights}
+    named = dict(old_logp=old, advantages=adv, mask=mask, ref_logp=ref, entropy=entropy, weights=weights)
     if logp.ndim != 2 or not logp.dtype.is_floating_point:
         raise ValueError(f"ppo_loss: logp must be a float (B, T) tensor, got {logp.dtype} {tuple(logp.shape)}")
     for name, x in named.items():

@@ -15,9 +15,8 @@ the untempered (temperature 1) distribution.
     from kernels.sampling import sample
     tokens, logprobs = sample(logits, temperature=1.0, top_p=0.9, seed=step_seed, noise_ids=rows)  # (N,), (N,)
 
-Triton on CUDA or under TRITON_INTERPRET=1 (kernels/dispatch.py), else `sample_reference` with uniforms
-from torch generators (the same distribution, other draws; given the kernel's own uniforms it replays a
-kernel draw exactly, as the test does).
+`sample_reference` draws its uniforms from torch generators (the same distribution, other draws); given
+the kernel's own uniforms it replays a kernel draw exactly, as the test does.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch

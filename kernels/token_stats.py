@@ -8,8 +8,7 @@ form. The backward is kernels/token_stats_grad.py; what both share is kernels/so
 How it works: each row of a vocab slice reduces to five partial statistics of z = logits / T (m = max z,
 s = sum e^(z - m), a = sum (z - m) e^(z - m), b = sum z, z_target), which merge exactly across slices; then
 lse = m + log s, logp = z_y - lse, entropy = -sum p log p = log s - a/s, self-certainty = lse - b/V
-(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V). The backward needs only lse and
-mu = E_p[z] = m + a/s per row, so a vocab-parallel rank differentiates its own slice with no communication.
+(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V); the backward needs lse and mu = m + a/s.
 
 When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
 kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
@@ -27,8 +26,6 @@ number); with debug=True or NANOUFO_KERNEL_DEBUG=1 the launcher raises instead, 
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
-from functools import partial
-
 import torch
 import torch.distributed as dist
 import triton
@@ -211,15 +208,14 @@ def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torc
     return torch.cat([m[None], packed[:-1].view(4, -1)]), int(packed[-1].item())
 
 
-def finish_slice(stats: torch.Tensor, targets: torch.Tensor, width: int, cfg: SliceConfig,
+def finish_slice(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, cfg: SliceConfig,
                  group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """From the (5, N) statistics of this rank's slice (width columns): logp, entropy, self-certainty, each
-    (N,), (2, N) lse and mu, masked rows 0, and the full vocabulary's size. group: the tensor-parallel process
-    group whose ranks hold the other slices (two all-reduces), or None when the slice is the whole vocabulary.
-    Checks the targets on the host (a sync), and with cfg.debug the rows for NaN."""
-    vocab_size = width
+    """From the (5, N) statistics of this rank's slice of vocab_size columns: logp, entropy, self-certainty,
+    each (N,), (2, N) lse and mu, masked rows 0, and the full vocabulary's size. group: the tensor-parallel
+    process group whose ranks hold the other slices (two all-reduces), or None when the slice is the whole
+    vocabulary. Checks the targets on the host (a sync), and with cfg.debug the rows for NaN."""
     if group is not None:
-        stats, vocab_size = _all_reduce_stats(stats, width, group)
+        stats, vocab_size = _all_reduce_stats(stats, vocab_size, group)  # the slices' sum: the full vocabulary
     valid = targets != cfg.ignore_index
     if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
         row = int(bad[0, 0])
@@ -236,8 +232,7 @@ def finish_slice(stats: torch.Tensor, targets: torch.Tensor, width: int, cfg: Sl
 
 def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig,
                    group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """No autograd: finish_slice's outputs for a logits slice. The whole vocabulary (no group, vocab_start 0)
-    on the Triton path is one launch."""
+    """No autograd: finish_slice's outputs for a logits slice; the whole vocabulary on the Triton path: one launch."""
     if group is None and cfg.vocab_start == 0 and cfg.impl == "triton" and logits.shape[0] > 0:
         return (*token_stats_triton(logits, targets, cfg), logits.shape[1])
     return finish_slice(partial_stats(logits, targets, cfg), targets, logits.shape[1], cfg, group)
@@ -262,8 +257,7 @@ class TokenStatsFn(torch.autograd.Function):
         grads = (g_logp, g_ent, g_sc)
         if not any(needs) or all(g is None for g in grads):
             return (None,) * (5 + len(inputs))
-        return (None,) * 5 + tuple(ctx.grad_fn(targets, lse_mu[0], lse_mu[1], ctx.vocab_size, grads, needs,
-                                               *inputs))
+        return (None,) * 5 + tuple(ctx.grad_fn(targets, *lse_mu, ctx.vocab_size, grads, needs, *inputs))
 
 
 def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: torch.device) -> torch.Tensor:
@@ -271,10 +265,6 @@ def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: 
         raise ValueError(f"{where}: targets must be integer of shape ({n_rows},) on {device}, got "
                          f"{targets.dtype} {tuple(targets.shape)} on {targets.device}")
     return targets.long().contiguous()
-
-
-def _logits_grad(cfg: SliceConfig, targets, lse, mu, vocab_size, grads, needs, logits):
-    return (token_stats_grad(logits, targets, lse, mu, grads, vocab_size, cfg, logits.dtype),)
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
@@ -299,4 +289,6 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
                       debug_mode(debug))
     with torch.no_grad():
         outs, lse_mu, vocab_size = finished_stats(logits, targets, cfg, group)
-    return TokenStatsFn.apply(partial(_logits_grad, cfg), targets, vocab_size, outs, lse_mu, logits)
+    grad_fn = lambda targets, lse, mu, vocab_size, grads, needs, logits: (
+        token_stats_grad(logits, targets, lse, mu, grads, vocab_size, cfg, logits.dtype),)
+    return TokenStatsFn.apply(grad_fn, targets, vocab_size, outs, lse_mu, logits)
