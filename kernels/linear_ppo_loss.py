@@ -95,7 +95,7 @@ class _LinearPPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, loss, grad_hidden, grad_weight):
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.set_materialize_grads(False)
-        return loss
+        return loss.detach()  # not the input itself, which autograd would hand out as a view (no in-place)
 
     @staticmethod
     def backward(ctx, g_loss):
