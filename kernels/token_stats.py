@@ -192,10 +192,9 @@ def partial_stats_triton(logits: torch.Tensor, targets: torch.Tensor, cfg: Slice
 
 def partial_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
     """(5, N) partial statistics of a (N, V_slice) block of logits; no autograd."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros((5, 0), dtype=acc_dtype(logits.dtype))
-    run = partial_stats_triton if cfg.impl == "triton" else partial_stats_reference
-    return run(logits, targets, cfg)
+    if cfg.impl == "triton" and logits.shape[0] > 0:  # no rows: no launch
+        return partial_stats_triton(logits, targets, cfg)
+    return partial_stats_reference(logits, targets, cfg)
 
 
 def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torch.Tensor, int]:

@@ -119,7 +119,6 @@ def token_stats_grad_triton(logits, targets, lse, mu, grads, vocab_size: int, cf
 def token_stats_grad(logits, targets, lse, mu, grads, vocab_size: int, cfg: SliceConfig,
                      out_dtype: torch.dtype) -> torch.Tensor:
     """(N, V_slice) gradient w.r.t. the logits block, in out_dtype, given the global lse and mu (N,)."""
-    if logits.shape[0] == 0:
-        return torch.zeros(logits.shape, dtype=out_dtype, device=logits.device)
-    run = token_stats_grad_triton if cfg.impl == "triton" else token_stats_grad_reference
-    return run(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype)
+    if cfg.impl == "triton" and logits.shape[0] > 0:  # no rows: no launch
+        return token_stats_grad_triton(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype)
+    return token_stats_grad_reference(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype)
