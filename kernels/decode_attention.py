@@ -10,8 +10,7 @@ Splitting keeps the GPU busy when batch x KV heads is small and the context long
     out = decode_attention(q, k_cache, v_cache, position_ids, cache_rows)  # (B, T, Hq, D)
 
 Same result as nanoufo.model.attention's SDPA path with cache_rows. With a single split, pass 1 writes
-the normalized output itself and pass 2 is skipped. Triton on CUDA or under TRITON_INTERPRET=1
-(kernels/dispatch.py), else `decode_attention_reference`.
+the normalized output itself and pass 2 is skipped.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import math

@@ -23,11 +23,10 @@ def pick_impl(impl: str, tensor: torch.Tensor) -> str:
     """Resolve impl for a kernel whose main input is `tensor`: "triton" or "torch"."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if tensor.is_cuda or interpreting() else "torch"
-    if impl == "triton" and not (tensor.is_cuda or interpreting()):
+    can_triton = tensor.is_cuda or interpreting()
+    if impl == "triton" and not can_triton:
         raise ValueError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1 (set before importing triton)")
-    return impl
+    return ("triton" if can_triton else "torch") if impl == "auto" else impl
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,10 +18,9 @@ So each row chunk is: one GEMM to fp32 logits, the statistics (one launch), the 
 dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd backward only multiplies the
 saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
 
-Vocab-parallel (group, vocab_start): each rank holds a weight slice; each chunk's statistics are
+Vocab-parallel (group, vocab_start): as in kernels/linear_token_stats.py; each chunk's statistics are
 all-reduced (two small all-reduces per chunk), so logp, the loss and the metrics are those of the full
-vocabulary on every rank, grad_W is the rank's slice and grad_hidden the rank's share, which the caller's
-column-parallel input function sums in its backward (as for any vocab-parallel head).
+vocabulary on every rank.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """
@@ -37,6 +36,12 @@ from kernels.token_stats_grad import token_stats_grad
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
 
 
+def _ppo_of_row(logp, entropy, old, adv, mask, ref, weights, **ppo) -> tuple[torch.Tensor, dict]:
+    """ppo_loss over one row of N tokens (every input (N,), ref None or (N,))."""
+    return ppo_loss(logp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else ref[None],
+                    entropy=entropy[None], weights=weights[None], **ppo)
+
+
 def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                               weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
@@ -44,24 +49,22 @@ def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
     targets = torch.where(mask != 0, targets, -100)
     logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
-    loss, metrics = ppo_loss(logp[None], old_logp[None], advantages[None], mask[None], weights=weights[None],
-                             ref_logp=None if ref_logp is None else ref_logp[None], entropy=entropy[None],
-                             impl="torch", **ppo)
+    loss, metrics = _ppo_of_row(logp, entropy, old_logp, advantages, mask, ref_logp, weights, impl="torch", **ppo)
     return loss, metrics, logp.detach()
 
 
-def _ppo_grads(logp, entropy, old, adv, mask, ref, weights, ppo: dict):
+def _ppo_grads(logp, entropy, per_token: list, ppo: dict):
     """d loss / d logp and d loss / d entropy of one row chunk, each (R,): the PPO loss's own backward."""
     lp, ent = logp.detach().requires_grad_(), entropy.detach().requires_grad_()
     with torch.enable_grad():
-        loss, _ = ppo_loss(lp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else ref[None],
-                           entropy=ent[None], weights=weights[None], **ppo)
+        loss, _ = _ppo_of_row(lp, ent, *per_token, **ppo)
     return torch.autograd.grad(loss, (lp, ent))
 
 
-def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceConfig, ppo: dict, group,
-             chunk_rows: int, needs: tuple[bool, bool]):
-    """(loss, metrics (5,), logp (N,), grad_hidden, grad_weight); see the module doc."""
+@torch.no_grad()
+def _forward(hidden, weight, targets, per_token: list, cfg: SliceConfig, ppo: dict, group, chunk_rows: int,
+             needs: tuple[bool, bool]):
+    """(loss, metrics, logp (N,), grad_hidden, grad_weight); see the module doc. per_token: old .. weights."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = acc_dtype(hidden.dtype)
     logp, entropy = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(2))  # (N,) each
@@ -73,8 +76,8 @@ def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceCo
         logits = mm_acc(h, weight.T)  # (R, V) fp32
         (logp[rows], entropy[rows], _), lse_mu, _ = finished_stats(logits, targets[rows], cfg, group)
         if needs[0] or needs[1]:
-            d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], old[rows], adv[rows], mask[rows],
-                                       None if ref is None else ref[rows], weights[rows], ppo)
+            chunk = [None if x is None else x[rows] for x in per_token]
+            d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], chunk, ppo)
             # (R, V) d loss / d logits; V is only used by the self-certainty's term, absent here
             dz = token_stats_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg,
                                   hidden.dtype)
@@ -83,29 +86,23 @@ def _forward(hidden, weight, targets, old, adv, mask, ref, weights, cfg: SliceCo
                 grad_hidden[rows] = mm_acc(dz, weight)
             if needs[1]:
                 mm_acc(dz.T, h, out=grad_weight)
-    with torch.no_grad():
-        loss, metrics = ppo_loss(logp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else
-                                 ref[None], entropy=entropy[None], weights=weights[None], **ppo)
-    metrics = torch.stack(list(metrics.values()))  # clip_frac, approx_kl, ratio_mean, [kl], entropy
+    loss, metrics = _ppo_of_row(logp, entropy, *per_token, **ppo)
     return loss, metrics, logp, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
 class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, run):
-        loss, metrics, logp, grad_hidden, grad_weight = run(hidden, weight, ctx.needs_input_grad[:2])
+    def forward(ctx, hidden, weight, loss, grad_hidden, grad_weight):
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(metrics, logp)
         ctx.set_materialize_grads(False)
-        return loss, metrics, logp
+        return loss.detach()  # not the input itself, which autograd would hand out as a view (no in-place)
 
     @staticmethod
-    def backward(ctx, g_loss, _metrics, _logp):
-        grad_hidden, grad_weight = ctx.saved_tensors
+    def backward(ctx, g_loss):
         if g_loss is None:
-            return None, None, None
-        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # d(g loss) = g d loss
-        return scale(grad_hidden), scale(grad_weight), None
+            return (None,) * 5
+        scaled = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors]  # d(g loss) = g d loss
+        return *scaled, None, None, None
 
 
 def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start: int, group, temperature) -> None:
@@ -132,18 +129,15 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Per token (N,): targets, old_logp, advantages, mask, weights, ref_logp. The loss is differentiable
     w.r.t. hidden and weight; logp (N,) fp32 comes detached (masked tokens 0); metrics as ppo_loss's,
     entropy included. chunk_rows: rows per chunk (default: 2^28 logits)."""
-    per_token = dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask, weights=weights,
-                     ref_logp=ref_logp)
-    _check(hidden, weight, per_token, chunk_rows, vocab_start, group, temperature)
+    _check(hidden, weight, dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask,
+                                weights=weights, ref_logp=ref_logp), chunk_rows, vocab_start, group, temperature)
     targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)
     targets = torch.where(mask != 0, targets, -100)  # unmasked rows: never read, no gradient
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
     ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                kl_estimator=kl_estimator, entropy_coef=entropy_coef, impl=cfg.impl)
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    detached = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
-    run = lambda h, w, needs: _forward(h, w, targets, *detached, cfg, ppo, group, rows, needs)
-    loss, metrics, logp = _LinearPPOLoss.apply(hidden, weight, run)
-    names = ["clip_frac", "approx_kl", "ratio_mean"] + (["kl"] if ref_logp is not None else []) + ["entropy"]
-    return loss, dict(zip(names, metrics)), logp
-
+    per_token = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
+    needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))
+    loss, metrics, logp, *grads = _forward(hidden, weight, targets, per_token, cfg, ppo, group, rows, needs)
+    return _LinearPPOLoss.apply(hidden, weight, loss, *grads), metrics, logp

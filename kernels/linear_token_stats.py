@@ -57,12 +57,10 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, where: str) -> None:
                          f"{hidden.dtype} on {hidden.device} and {weight.dtype} on {weight.device}")
 
 
-def _chunks(n_cols: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk_size, n_cols)) for start in range(0, n_cols, chunk_size)]
-
-
-def _chunk_config(cfg: SliceConfig, start: int) -> SliceConfig:
-    return replace(cfg, vocab_start=cfg.vocab_start + start)
+def _chunks(cfg: SliceConfig, n_cols: int, chunk_size: int) -> list[tuple[slice, SliceConfig]]:
+    """Each chunk's columns, and its configuration (vocab_start: the chunk's first global id)."""
+    return [(slice(start, start + chunk_size), replace(cfg, vocab_start=cfg.vocab_start + start))
+            for start in range(0, n_cols, chunk_size)]
 
 
 def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size, grads, needs,
@@ -73,15 +71,14 @@ def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype(hidden.dtype), device=hidden.device) \
         if need_hidden else None  # (N, H) fp32 accumulator over chunks
     grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H)
-    for start, end in _chunks(weight.shape[0], chunk_size):
-        logits = mm_acc(hidden, weight[start:end].T)  # (N, C) fp32, as in the forward
-        dz = token_stats_grad(logits, targets, lse, mu, grads, vocab_size, _chunk_config(cfg, start),
-                              hidden.dtype)  # (N, C)
+    for cols, chunk_cfg in _chunks(cfg, weight.shape[0], chunk_size):
+        logits = mm_acc(hidden, weight[cols].T)  # (N, C) fp32, as in the forward
+        dz = token_stats_grad(logits, targets, lse, mu, grads, vocab_size, chunk_cfg, hidden.dtype)  # (N, C)
         del logits  # free the fp32 chunk before the matmuls allocate theirs
         if need_hidden:
-            mm_acc(dz, weight[start:end], out=grad_hidden)
+            mm_acc(dz, weight[cols], out=grad_hidden)
         if need_weight:
-            grad_weight[start:end] = mm_acc(dz.T, hidden)  # (C, H)
+            grad_weight[cols] = mm_acc(dz.T, hidden)  # (C, H)
     return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
 
 
@@ -99,9 +96,8 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats", hidden.device)
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size)
     with torch.no_grad():
-        parts = [partial_stats(mm_acc(hidden, weight[start:end].T), targets, _chunk_config(cfg, start))
-                 for start, end in _chunks(weight.shape[0], chunk_size)]
+        parts = [partial_stats(mm_acc(hidden, weight[cols].T), targets, chunk_cfg)
+                 for cols, chunk_cfg in _chunks(cfg, weight.shape[0], chunk_size)]
         stats = merge_partial_stats(torch.stack(parts))  # (5, N)
         outs, lse_mu, vocab_size = finish_slice(stats, targets, weight.shape[0], cfg, group)
-    grad_fn = partial(_linear_grad, cfg, chunk_size)
-    return TokenStatsFn.apply(grad_fn, targets, vocab_size, outs, lse_mu, hidden, weight)
+    return TokenStatsFn.apply(partial(_linear_grad, cfg, chunk_size), targets, vocab_size, outs, lse_mu, hidden, weight)

@@ -230,8 +230,6 @@ def _ppo_loss_grad_kernel(dloss_ptr, mask_ptr, w_ptr, row_scale_ptr, metrics_ptr
 
 
 class _PPOLossTriton(torch.autograd.Function):
-    """Forward: the token kernel and the finishing kernel (2 launches, no host sync); backward: one kernel."""
-
     @staticmethod
     def forward(ctx, logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig):
         n_rows, n_cols = logp.shape
@@ -241,17 +239,13 @@ class _PPOLossTriton(torch.autograd.Function):
         sums = torch.empty((7, n_rows, n_blocks), dtype=acc, device=logp.device)  # (7, B, T-blocks)
         store_grad = ctx.needs_input_grad[0]
         dloss = torch.empty((n_rows, n_cols), dtype=acc, device=logp.device) if store_grad else sums  # (B, T)
-        unused = logp
-        _ppo_loss_kernel[(n_rows, n_blocks)](
-            logp, old, adv, mask, unused if ref is None else ref, unused if entropy is None else entropy,
-            unused if weights is None else weights, dloss, sums, n_rows, n_cols, n_blocks, float(cfg.clip_low),
-            float(cfg.clip_high), float(cfg.dual_clip or 0), float(cfg.kl_coef), float(cfg.entropy_coef),
-            HAS_REF=ref is not None, HAS_ENT=entropy is not None, HAS_W=weights is not None,
-            USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3", STORE_GRAD=store_grad,
-            BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
-        loss = torch.empty((), dtype=acc, device=logp.device)
-        metrics = torch.empty(6, dtype=acc, device=logp.device)  # clip .. entropy, then the norm
-        row_scale = torch.empty(n_rows, dtype=acc, device=logp.device)  # (B,)
+        _ppo_loss_kernel[(n_rows, n_blocks)](  # logp stands in for an absent ref, entropy or weights (never read)
+            logp, old, adv, mask, *(logp if x is None else x for x in (ref, entropy, weights)), dloss, sums, n_rows,
+            n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
+            float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
+            HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
+            STORE_GRAD=store_grad, BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
+        loss, metrics, row_scale = (torch.empty(size, dtype=acc, device=logp.device) for size in ((), 6, n_rows))
         _ppo_loss_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
                                       AGG=AGGREGATIONS[cfg.aggregation], ROWS=FINISH_TILE,
                                       BLOCKS=min(FINISH_TILE, triton.next_power_of_2(n_blocks)), ACC=TL_ACC[acc],
@@ -269,8 +263,8 @@ class _PPOLossTriton(torch.autograd.Function):
         if g_loss is None or not (need_logp or need_ent):
             return (None,) * 8
         n_rows, n_cols = mask.shape
-        grad_logp = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_logp else None
-        grad_ent = torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need_ent else None
+        grad_logp, grad_ent = (torch.empty(mask.shape, dtype=metrics.dtype, device=mask.device) if need else None
+                               for need in (need_logp, need_ent))  # (B, T) each
         _ppo_loss_grad_kernel[(n_rows, triton.cdiv(n_cols, ctx.block))](
             dloss, mask, mask if weights is None else weights, row_scale, metrics, g_loss.contiguous(),
             metrics if grad_logp is None else grad_logp, metrics if grad_ent is None else grad_ent, n_cols,
@@ -287,14 +281,8 @@ def ppo_loss_triton(logp, entropy, old, adv, mask, ref, weights, cfg: PPOConfig)
     return _PPOLossTriton.apply(*inputs, cfg)
 
 
-def _metrics(metrics: torch.Tensor, has_ref: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
-    names = ("clip_frac", "approx_kl", "ratio_mean", "kl" if has_ref else "", "entropy" if has_entropy else "")
-    return {name: metrics[i] for i, name in enumerate(names) if name}
-
-
 def _check(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig, debug: bool) -> None:
-    named = {"old_logp": old, "advantages": adv, "mask": mask, "ref_logp": ref, "entropy": entropy,
-             "weights": weights}
+    named = dict(old_logp=old, advantages=adv, mask=mask, ref_logp=ref, entropy=entropy, weights=weights)
     if logp.ndim != 2 or not logp.dtype.is_floating_point:
         raise ValueError(f"ppo_loss: logp must be a float (B, T) tensor, got {logp.dtype} {tuple(logp.shape)}")
     for name, x in named.items():
@@ -324,8 +312,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
              entropy_coef: float = 0.0, aggregation: str = "token-mean", impl: str = "auto",
              block_size: int | None = None, debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss scalar, metrics) of the clipped PPO surrogate over (B, T) tokens; see the module doc.
-    weights (B, T): per-token loss weights; the loss is then sum(weights * token loss) over the masked
-    tokens and aggregation is not used (micro-batches of a minibatch normalised as a whole)."""
+    weights (B, T), when given, replace the aggregation: the loss is sum(weights * token loss)."""
     if weights is not None:
         aggregation = "weights"
     elif aggregation == "weights":
@@ -333,12 +320,11 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     cfg = PPOConfig(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, aggregation,
                     block_size)
     _check(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg, debug_mode(debug))
-    old_logp, advantages = old_logp.detach(), advantages.detach()
-    ref_logp, weights = (None if x is None else x.detach() for x in (ref_logp, weights))
+    fixed = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]  # no grad
     if pick_impl(impl, logp) == "triton" and logp.numel() > 0:
-        inputs = [None if x is None else x.contiguous() for x in (logp, entropy, old_logp, advantages, mask,
-                                                                    ref_logp, weights)]
-        loss, metrics = ppo_loss_triton(*inputs, cfg)
+        loss, metrics = ppo_loss_triton(*(None if x is None else x.contiguous() for x in (logp, entropy, *fixed)), cfg)
     else:
-        loss, metrics = ppo_loss_reference(logp, entropy, old_logp, advantages, mask, ref_logp, weights, cfg)
-    return loss, _metrics(metrics, ref_logp is not None, entropy is not None)
+        loss, metrics = ppo_loss_reference(logp, entropy, *fixed, cfg)
+    names = ("clip_frac", "approx_kl", "ratio_mean", "kl" if ref_logp is not None else "",
+             "entropy" if entropy is not None else "")
+    return loss, {name: metrics[i] for i, name in enumerate(names) if name}

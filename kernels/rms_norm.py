@@ -6,9 +6,8 @@ hidden state x and the branch output to add, writes the new residual stream and 
     normed, _ = add_rms_norm(x, weight, eps)                      # a plain RMSNorm (residual is x)
 
 Rounding follows nanoufo.model.RMSNorm exactly: the sum is rounded to x's dtype, the variance is taken in
-fp32, the normalised value is rounded to x's dtype before the weight multiplies it. Triton on CUDA or under
-TRITON_INTERPRET=1 (kernels/dispatch.py), else `add_rms_norm_reference`. No backward: training forwards
-use the autograd path in nanoufo/model.py.
+fp32, the normalised value is rounded to x's dtype before the weight multiplies it. No backward: training
+forwards use the autograd path in nanoufo/model.py.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch

@@ -10,7 +10,6 @@ qkv (B, T, (Hq + 2 Hkv) D) is [q heads | k heads | v heads]; cos, sin (B, T, 1, 
 nanoufo.model.rotary_cos_sin's (whose two halves are equal, so only the first is read). A slot past the
 cache is never written. The rotation is computed in fp32 and rounded once, where `apply_rotary` rounds
 each product to the dtype: equal in fp32 up to rounding, within an ulp in bf16.
-Triton on CUDA or under TRITON_INTERPRET=1 (kernels/dispatch.py), else `rope_kv_append_reference`.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch
@@ -28,10 +27,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def split_qkv(qkv: torch.Tensor, n_q_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
     """[q | k | v] (B, T, (Hq + 2 Hkv) D) -> q (B, T, Hq, D), k, v (B, T, Hkv, D), views."""
-    B, T, width = qkv.shape
-    kv_width = (width - n_q_heads * head_dim) // 2
-    q, k, v = qkv.split([n_q_heads * head_dim, kv_width, kv_width], dim=-1)
-    return q.view(B, T, -1, head_dim), k.view(B, T, -1, head_dim), v.view(B, T, -1, head_dim)
+    heads = qkv.unflatten(-1, (-1, head_dim))  # (B, T, Hq + 2 Hkv, D)
+    n_kv_heads = (heads.shape[2] - n_q_heads) // 2
+    return heads.split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
 
 
 def rope_kv_append_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -15,9 +15,8 @@ the untempered (temperature 1) distribution.
     from kernels.sampling import sample
     tokens, logprobs = sample(logits, temperature=1.0, top_p=0.9, seed=step_seed, noise_ids=rows)  # (N,), (N,)
 
-Triton on CUDA or under TRITON_INTERPRET=1 (kernels/dispatch.py), else `sample_reference` with uniforms
-from torch generators (the same distribution, other draws). `philox_uniforms` returns the kernel's own
-uniforms, so the reference can replay a kernel draw exactly.
+`sample_reference` draws its uniforms from torch generators (the same distribution, other draws); given
+the kernel's own uniforms it replays a kernel draw exactly, as the test does.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch
@@ -30,7 +29,6 @@ SEARCH_WAYS = 16  # thresholds tested per pass over the row: each pass cuts the 
 SEARCH_ROUNDS = 8  # passes: the interval shrinks from 81 nats to 81 / 17^8 ~ 1e-8, below fp32 spacing
 SEARCH_SPAN = 80.0  # the search starts 80 nats below the max: tokens further down hold < V e^-80 ~ 1e-30 of the mass
 BLOCK_V = 1024  # vocab columns per loop step: 8 per thread at 4 warps; the search's (16, BLOCK_V) tile stays small
-UNIFORMS_BLOCK = 4096  # uniforms written per program of philox_uniforms (a test helper: any size works)
 
 def top_p_keep(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean (N, V): the smallest set of most likely tokens whose probability reaches top_p."""
@@ -59,14 +57,6 @@ def torch_uniforms(seed: int, noise_ids: torch.Tensor, V: int, device) -> torch.
     rows = [torch.rand(V, device=device, generator=torch.Generator(device).manual_seed(hash((seed, i)) & (2**63 - 1)))
             for i in noise_ids.tolist()]
     return torch.stack(rows) if rows else torch.empty(0, V, device=device)
-
-
-@triton.jit
-def _philox_uniforms_kernel(noise_ids_ptr, out_ptr, numel, V, seed, BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (N * V) index
-    mask = idx < numel
-    noise_id = tl.load(noise_ids_ptr + idx // V, mask=mask, other=0)
-    tl.store(out_ptr + idx, tl.rand(seed, noise_id * V + idx % V), mask=mask)
 
 
 @triton.jit
@@ -124,16 +114,6 @@ def _sample_kernel(logits_ptr, noise_ids_ptr, tokens_ptr, logprobs_ptr, V, strid
     z_token = tl.sum(tl.where((best == top) & (best_token == token), best_z, 0.0), axis=0)
     tl.store(tokens_ptr + tl.program_id(0), token.to(tl.int64))
     tl.store(logprobs_ptr + tl.program_id(0), z_token - lse)
-
-
-def philox_uniforms(seed: int, noise_ids: torch.Tensor, V: int) -> torch.Tensor:
-    """(N, V): exactly the uniforms the Triton sampling kernel draws for these rows."""
-    out = torch.empty(noise_ids.shape[0], V, device=noise_ids.device, dtype=torch.float32)
-    if out.numel():
-        grid = (triton.cdiv(out.numel(), UNIFORMS_BLOCK),)
-        _philox_uniforms_kernel[grid](noise_ids.to(torch.int64), out, out.numel(), V, seed & (2**63 - 1),
-                                      BLOCK=UNIFORMS_BLOCK)
-    return out
 
 
 def sample_triton(logits: torch.Tensor, temperature: float, top_p: float, seed: int, noise_ids: torch.Tensor,

@@ -5,8 +5,7 @@ decode path. One Triton program per (token, block of features).
     act = silu_mul(gate_up)  # gate_up (..., 2 * I) = [gate | up] -> (..., I)
 
 Rounding follows F.silu(gate) * up in the input dtype: silu in fp32 rounded to the dtype, then the product.
-Triton on CUDA or under TRITON_INTERPRET=1 (kernels/dispatch.py), else `silu_mul_reference`. No backward:
-training forwards use the autograd path in nanoufo/model.py.
+No backward: training forwards use the autograd path in nanoufo/model.py.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch

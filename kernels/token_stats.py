@@ -8,8 +8,7 @@ form. The backward is kernels/token_stats_grad.py; what both share is kernels/so
 How it works: each row of a vocab slice reduces to five partial statistics of z = logits / T (m = max z,
 s = sum e^(z - m), a = sum (z - m) e^(z - m), b = sum z, z_target), which merge exactly across slices; then
 lse = m + log s, logp = z_y - lse, entropy = -sum p log p = log s - a/s, self-certainty = lse - b/V
-(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V). The backward needs only lse and
-mu = E_p[z] = m + a/s per row, so a vocab-parallel rank differentiates its own slice with no communication.
+(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V); the backward needs lse and mu = m + a/s.
 
 When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
 kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
@@ -27,8 +26,6 @@ number); with debug=True or NANOUFO_KERNEL_DEBUG=1 the launcher raises instead, 
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
-from functools import partial
-
 import torch
 import torch.distributed as dist
 import triton
@@ -59,24 +56,6 @@ def partial_stats_reference(logits: torch.Tensor, targets: torch.Tensor, cfg: Sl
 def _raise_bad_target(where: str, row: int, target: int, vocab_size: int, ignore_index: int) -> None:
     raise ValueError(f"{where}: targets[{row}] = {target} is outside the vocabulary [0, {vocab_size}); mark "
                      f"masked rows with ignore_index={ignore_index}")
-
-
-def finish_stats(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int,
-                 debug: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """From the merged (5, N) statistics: logp, entropy, self-certainty, each (N,), and (2, N) lse, mu;
-    masked rows 0. Checks the targets on the host (a sync), and in debug mode the rows for NaN."""
-    valid = targets != ignore_index
-    if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
-        row = int(bad[0, 0])
-        _raise_bad_target("token_stats", row, int(targets[row]), vocab_size, ignore_index)
-    if debug and (nan_rows := (valid & stats[B].isnan()).nonzero()).numel():
-        raise ValueError(f"token_stats: row {int(nan_rows[0, 0])} of the logits holds NaN")
-    log_s = torch.log(stats[S])
-    lse = stats[M] + log_s  # (N,)
-    a_over_s = stats[A] / stats[S]
-    outs = (stats[ZY] - lse, log_s - a_over_s, lse - stats[B] / vocab_size)
-    lse_mu = torch.stack([lse, stats[M] + a_over_s])  # (2, N); mu = E_p[z]
-    return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0)
 
 
 @triton.jit
@@ -213,10 +192,9 @@ def partial_stats_triton(logits: torch.Tensor, targets: torch.Tensor, cfg: Slice
 
 def partial_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
     """(5, N) partial statistics of a (N, V_slice) block of logits; no autograd."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros((5, 0), dtype=acc_dtype(logits.dtype))
-    run = partial_stats_triton if cfg.impl == "triton" else partial_stats_reference
-    return run(logits, targets, cfg)
+    if cfg.impl == "triton" and logits.shape[0] > 0:  # no rows: no launch
+        return partial_stats_triton(logits, targets, cfg)
+    return partial_stats_reference(logits, targets, cfg)
 
 
 def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torch.Tensor, int]:
@@ -229,20 +207,31 @@ def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torc
     return torch.cat([m[None], packed[:-1].view(4, -1)]), int(packed[-1].item())
 
 
-def finish_slice(stats: torch.Tensor, targets: torch.Tensor, width: int, cfg: SliceConfig,
+def finish_slice(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, cfg: SliceConfig,
                  group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """From the (5, N) statistics of this rank's slice (width columns): logp, entropy, self-certainty, (2, N)
-    lse and mu, and the full vocabulary's size. group: the tensor-parallel process group whose ranks hold the
-    other slices (two all-reduces), or None when the slice is the whole vocabulary."""
+    """From the (5, N) statistics of this rank's slice of vocab_size columns: logp, entropy, self-certainty,
+    each (N,), (2, N) lse and mu, masked rows 0, and the full vocabulary's size. group: the tensor-parallel
+    process group whose ranks hold the other slices (two all-reduces), or None when the slice is the whole
+    vocabulary. Checks the targets on the host (a sync), and with cfg.debug the rows for NaN."""
     if group is not None:
-        stats, width = _all_reduce_stats(stats, width, group)
-    return (*finish_stats(stats, targets, width, cfg.ignore_index, cfg.debug), width)
+        stats, vocab_size = _all_reduce_stats(stats, vocab_size, group)  # the slices' sum: the full vocabulary
+    valid = targets != cfg.ignore_index
+    if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
+        row = int(bad[0, 0])
+        _raise_bad_target("token_stats", row, int(targets[row]), vocab_size, cfg.ignore_index)
+    if cfg.debug and (nan_rows := (valid & stats[B].isnan()).nonzero()).numel():
+        raise ValueError(f"token_stats: row {int(nan_rows[0, 0])} of the logits holds NaN")
+    log_s = torch.log(stats[S])
+    lse = stats[M] + log_s  # (N,)
+    a_over_s = stats[A] / stats[S]
+    outs = (stats[ZY] - lse, log_s - a_over_s, lse - stats[B] / vocab_size)
+    lse_mu = torch.stack([lse, stats[M] + a_over_s])  # (2, N); mu = E_p[z]
+    return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0), vocab_size
 
 
 def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig,
                    group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """No autograd: finish_slice's outputs for a logits slice. The whole vocabulary (no group, vocab_start 0)
-    on the Triton path is one launch."""
+    """No autograd: finish_slice's outputs for a logits slice; the whole vocabulary on the Triton path: one launch."""
     if group is None and cfg.vocab_start == 0 and cfg.impl == "triton" and logits.shape[0] > 0:
         return (*token_stats_triton(logits, targets, cfg), logits.shape[1])
     return finish_slice(partial_stats(logits, targets, cfg), targets, logits.shape[1], cfg, group)
@@ -267,8 +256,7 @@ class TokenStatsFn(torch.autograd.Function):
         grads = (g_logp, g_ent, g_sc)
         if not any(needs) or all(g is None for g in grads):
             return (None,) * (5 + len(inputs))
-        return (None,) * 5 + tuple(ctx.grad_fn(targets, lse_mu[0], lse_mu[1], ctx.vocab_size, grads, needs,
-                                               *inputs))
+        return (None,) * 5 + tuple(ctx.grad_fn(targets, *lse_mu, ctx.vocab_size, grads, needs, *inputs))
 
 
 def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: torch.device) -> torch.Tensor:
@@ -278,22 +266,15 @@ def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: 
     return targets.long().contiguous()
 
 
-def _logits_grad(cfg: SliceConfig, targets, lse, mu, vocab_size, grads, needs, logits):
-    return (token_stats_grad(logits, targets, lse, mu, grads, vocab_size, cfg, logits.dtype),)
-
-
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
                 vocab_start: int = 0, group=None, ignore_index: int = -100, impl: str = "auto",
                 block_size: int | None = None, num_splits: int | None = None,
                 debug: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, self_certainty), each (N,) fp32, of logits (N, V) at a temperature, each
     differentiable w.r.t. the logits. With group (vocab-parallel), logits is this rank's slice
-    starting at vocab_start and the outputs are those of the full vocabulary on every rank.
-
-    The whole vocabulary (no group) on the Triton path is one kernel launch and no host sync: a target
-    outside [0, V) or a NaN logit gives NaN outputs for that row; debug=True (or NANOUFO_KERNEL_DEBUG=1)
-    raises instead, naming the first bad row (one sync). num_splits: programs per row (a power of two;
-    None: enough to fill the GPU when N is small)."""
+    starting at vocab_start and the outputs are those of the full vocabulary on every rank. Bad targets,
+    NaN logits and debug: see the module doc. num_splits: programs per row (a power of two; None: enough
+    to fill the GPU when N is small)."""
     if logits.ndim != 2 or not logits.dtype.is_floating_point or logits.shape[1] == 0:
         raise ValueError(f"token_stats: logits must be a float (N, V) tensor with V > 0, got "
                          f"{logits.dtype} {tuple(logits.shape)}")
@@ -307,4 +288,6 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
                       debug_mode(debug))
     with torch.no_grad():
         outs, lse_mu, vocab_size = finished_stats(logits, targets, cfg, group)
-    return TokenStatsFn.apply(partial(_logits_grad, cfg), targets, vocab_size, outs, lse_mu, logits)
+    grad_fn = lambda targets, lse, mu, vocab_size, grads, needs, logits: (
+        token_stats_grad(logits, targets, lse, mu, grads, vocab_size, cfg, logits.dtype),)
+    return TokenStatsFn.apply(grad_fn, targets, vocab_size, outs, lse_mu, logits)

@@ -26,22 +26,17 @@ from kernels.softmax_stats import (LOG2E, LOG2E_TL, NEG_FINITE, SliceConfig, blo
 
 def token_stats_grad_reference(logits, targets, lse, mu, grads, vocab_size: int, cfg: SliceConfig,
                                out_dtype: torch.dtype) -> torch.Tensor:
-    """dx (N, V_slice) by the derivation above; grads = (g_logp, g_ent, g_sc), each (N,) or None."""
+    """dx (N, V_slice) by the derivation above; grads = (g_logp, g_ent, g_sc), each (N,) or None (then 0)."""
     valid = targets != cfg.ignore_index
     z = scaled_logits(logits, valid, cfg)  # (N, V)
-    g_logp, g_ent, g_sc = (None if g is None else torch.where(valid, g.to(z.dtype), 0.0) for g in grads)
-    coef = torch.zeros_like(lse)  # (N,)
-    coef = coef - g_logp if g_logp is not None else coef
-    coef = coef + g_sc if g_sc is not None else coef
-    inner = coef[:, None] if g_ent is None else coef[:, None] - g_ent[:, None] * (z - mu[:, None])
+    g_logp, g_ent, g_sc = (torch.zeros_like(lse) if g is None else torch.where(valid, g.to(z.dtype), 0.0)
+                           for g in grads)  # (N,) each
     p = torch.exp(z - lse[:, None])  # (N, V)
-    dz = torch.where(p > 0, p * inner, 0.0)
-    if g_logp is not None:
-        owned, local = owned_targets(targets, valid, cfg, logits.shape[1])
-        rows = owned.nonzero()[:, 0]
-        dz.index_put_((rows, local[rows]), g_logp[rows], accumulate=True)
-    if g_sc is not None:
-        dz = dz - g_sc[:, None] / vocab_size
+    dz = torch.where(p > 0, p * ((g_sc - g_logp)[:, None] - g_ent[:, None] * (z - mu[:, None])), 0.0)
+    owned, local = owned_targets(targets, valid, cfg, logits.shape[1])
+    rows = owned.nonzero()[:, 0]
+    dz.index_put_((rows, local[rows]), g_logp[rows], accumulate=True)
+    dz = dz - g_sc[:, None] / vocab_size
     return (dz / cfg.temperature).to(out_dtype)
 
 
@@ -124,7 +119,6 @@ def token_stats_grad_triton(logits, targets, lse, mu, grads, vocab_size: int, cf
 def token_stats_grad(logits, targets, lse, mu, grads, vocab_size: int, cfg: SliceConfig,
                      out_dtype: torch.dtype) -> torch.Tensor:
     """(N, V_slice) gradient w.r.t. the logits block, in out_dtype, given the global lse and mu (N,)."""
-    if logits.shape[0] == 0:
-        return torch.zeros(logits.shape, dtype=out_dtype, device=logits.device)
-    run = token_stats_grad_triton if cfg.impl == "triton" else token_stats_grad_reference
-    return run(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype)
+    if cfg.impl == "triton" and logits.shape[0] > 0:  # no rows: no launch
+        return token_stats_grad_triton(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype)
+    return token_stats_grad_reference(logits, targets, lse, mu, grads, vocab_size, cfg, out_dtype)

@@ -7,6 +7,8 @@ the bf16 decode attention only where the kernels are compiled (tests/kernel_devi
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_device import DEVICE, gpu_only, needs_triton
 from kernels.decode_attention import BLOCK_S, SPLIT_LEN, decode_attention_reference, decode_attention_triton
@@ -14,7 +16,7 @@ from kernels.rms_norm import add_rms_norm_reference, add_rms_norm_triton
 from kernels.rope_kv_append import rope_kv_append_reference, rope_kv_append_triton
 from kernels.silu_mul import silu_mul_reference, silu_mul_triton
 from nanoufo.model import attention, rotary_cos_sin
-from kernels.sampling import philox_uniforms, sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
+from kernels.sampling import sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
 
 pytestmark = needs_triton
 # fp32: IEEE dots, exact to rounding. bf16 (against the fp32 reference on the same bf16 inputs): the kernel
@@ -92,6 +94,23 @@ def test_decode_attention_matches_reference(Hq, Hkv, D, T, dtype, monkeypatch):
         out = decode_attention_triton(q, k_cache, v_cache, pos, rows, split_len=split_len, block_s=block_s)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref, **ATTN_TOL[dtype])
+
+
+@triton.jit
+def _philox_uniforms_kernel(noise_ids_ptr, out_ptr, numel, V, seed, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (N * V) index
+    mask = idx < numel
+    noise_id = tl.load(noise_ids_ptr + idx // V, mask=mask, other=0)
+    tl.store(out_ptr + idx, tl.rand(seed, noise_id * V + idx % V), mask=mask)
+
+
+def philox_uniforms(seed: int, noise_ids: torch.Tensor, V: int, block: int = 4096) -> torch.Tensor:
+    """(N, V): exactly the uniforms the sampling kernel draws for these rows (kernels/sampling.py's
+    tl.rand(seed, noise_id * V + token)), so that sample_reference replays a kernel draw."""
+    out = torch.empty(noise_ids.shape[0], V, device=noise_ids.device, dtype=torch.float32)
+    _philox_uniforms_kernel[(triton.cdiv(out.numel(), block),)](noise_ids.to(torch.int64), out, out.numel(), V,
+                                                               seed & (2**63 - 1), BLOCK=block)
+    return out
 
 
 def _logits(n: int, v: int, seed: int) -> torch.Tensor:
