@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nanoufo.parallel import ParallelContext, barrier
-from nanoufo.weights import load_model, save_model
+from nanoufo.weights import atomic_write, fsync, load_model, save_model
 
 POINTER = "latest"
 MANIFEST = "manifest.json"
@@ -45,14 +45,6 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
 
 
 def _crc32(path: Path) -> int:
@@ -103,14 +95,6 @@ def verify_checkpoint(path: str | Path, parts: list[str]) -> None:
                 raise ValueError(f"{file}: CRC32 differs from the one written in {MANIFEST}: the file is corrupted")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def optimizer_file(par: ParallelContext) -> str:
     return "optimizers.pt" if par.tp_size == 1 else f"optimizers-tp{par.tp_rank}.pt"
 
@@ -144,15 +128,12 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: di
 def _commit(tmp: Path, final: Path) -> None:
     """Manifest, fsync, rename into place, move `latest` (tmp + os.replace), then remove the older ones."""
     _write_manifest(tmp)
-    _fsync_tree(tmp)
+    for path in [*tmp.rglob("*"), tmp]:
+        fsync(path)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    pointer_tmp = final.parent / (POINTER + ".tmp")
-    pointer_tmp.write_text(final.name + "\n")
-    with open(pointer_tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, final.parent / POINTER)
-    _fsync_dir(final.parent)
+    fsync(final.parent)
+    atomic_write(final.parent / POINTER, lambda pointer_tmp: pointer_tmp.write_text(final.name + "\n"))
+    fsync(final.parent)
     for old in final.parent.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

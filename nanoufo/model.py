@@ -197,14 +197,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     if cache_rows is not None:
         S = int(position_ids.max()) + 1  # slots past the furthest query are never visible
         mask = torch.arange(S, device=q.device) <= position_ids[:, :, None]  # (B, T, S)
-        k, v = k[cache_rows, :S], v[cache_rows, :S]  # (B, S, Hkv, D)
-        mask = mask[:, None]  # (B, 1, T, S)
-    elif layout.seq_lens is not None:
+        return _sdpa(q, k[cache_rows, :S], v[cache_rows, :S], mask[:, None])  # k, v (B, S, Hkv, D); mask (B, 1, T, S)
+    if layout.seq_lens is not None:
         parts = (x.split(layout.seq_lens, dim=1) for x in (q, k, v))  # split: one op back in the backward
         return torch.cat([_sdpa(*qkv, None) for qkv in zip(*parts)], dim=1)
-    else:
-        mask = layout.mask
-    return _sdpa(q, k, v, mask)
+    return _sdpa(q, k, v, layout.mask)
 
 
 def _sdpa(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
@@ -220,17 +217,16 @@ def _flash_attention(q, k, v, position_ids, cache_rows, layout: SequenceLayout |
         seqlens = (position_ids[:, 0] + T).to(torch.int32)
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_batch_idx=cache_rows.to(torch.int32),
                                        causal=True)
-    if layout.seq_lens is not None:
+    if layout.seq_lens is not None:  # host ints: no sync
         cu = torch.tensor([0, *accumulate(layout.seq_lens)], dtype=torch.int32, device=q.device)
         max_len = max(layout.seq_lens)
-        out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)
-        return out.view(B, T, Hq, D)
-    starts = position_ids.flatten() == 0
-    starts[::T] = True  # every row starts a sequence, whatever its positions
-    cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    else:
+        starts = position_ids.flatten() == 0
+        starts[::T] = True  # every row starts a sequence, whatever its positions
+        cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
-                                 causal=True)
+                                 causal=True)  # (B * T, Hq, D)
     return out.view(B, T, Hq, D)
 
 
@@ -248,7 +244,7 @@ class Attention(nn.Module):
         self.n_local_heads = self.qkv_proj.part_sizes[0] // self.head_dim  # this rank's query heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, cache_rows: torch.Tensor | None = None,
                 layout: SequenceLayout | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) D) for this rank's heads
@@ -289,10 +285,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, par)
 
-    def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None, layout=None) -> torch.Tensor:
-        if cache is not None:
-            return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, None, None, layout)
+    def forward(self, x, cos, sin, position_ids, layout=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, layout=layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def cached_forward(self, x, cos, sin, position_ids, cache, cache_rows) -> torch.Tensor:
@@ -301,14 +295,6 @@ class Block(nn.Module):
         h, _ = self.input_layernorm.fused(x)
         h, x = self.post_attention_layernorm.fused(x, self.self_attn(h, cos, sin, position_ids, cache, cache_rows))
         return x + self.mlp(h, fused=True)
-
-
-class Trunk(nn.Module):
-    def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, par)
-        self.layers = nn.ModuleList(Block(config, par) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Qwen2(nn.Module):
@@ -326,7 +312,10 @@ class Qwen2(nn.Module):
         if value_head and config.is_prm:
             raise ValueError(f"a {PRM_ARCHITECTURE} checkpoint cannot be loaded as a critic (value_head=True)")
         self.config, self.par = config, par
-        self.model = Trunk(config, par)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+        self.model = nn.ModuleDict(dict(  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+            embed_tokens=VocabParallelEmbedding(config.vocab_size, config.hidden_size, par),
+            layers=nn.ModuleList(Block(config, par) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = None if config.tie_word_embeddings or config.is_prm else ColumnParallelLinear(
             config.hidden_size, config.vocab_size, bias=False, par=par)  # same vocabulary split as the embedding
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
@@ -358,11 +347,12 @@ class Qwen2(nn.Module):
             cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         layout = sequence_layout(position_ids, seq_lens) if cache is None else None
         for i, layer in enumerate(self.model.layers):
-            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, position_ids, None, None, layout, use_reentrant=False)
+            if cache is not None:
+                x = layer.cached_forward(x, cos, sin, position_ids, (cache.k[i], cache.v[i]), cache_rows)
+            elif self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, position_ids, layout, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, position_ids, None if cache is None else (cache.k[i], cache.v[i]), cache_rows,
-                          layout)
+                x = layer(x, cos, sin, position_ids, layout)
         return self.model.norm(x) if cache is None else self.model.norm.fused(x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

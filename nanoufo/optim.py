@@ -39,16 +39,17 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) 
     return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
 
 
-def _buckets(params: list[torch.Tensor], max_numel: int) -> list[list[int]]:
-    """Consecutive runs of parameter indices holding at most max_numel elements (or one larger parameter)."""
-    buckets, numel = [[]], 0
-    for i, p in enumerate(params):
-        if buckets[-1] and numel + p.numel() > max_numel:
-            buckets.append([])
-            numel = 0
-        buckets[-1].append(i)
-        numel += p.numel()
-    return buckets
+def consecutive_runs(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of indices whose sizes add up to at most limit (an item larger than limit goes alone):
+    the optimizer's gradient buckets, and the shards of a saved checkpoint (nanoufo/weights.py)."""
+    runs, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if runs[-1] and total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += size
+    return runs
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -59,7 +60,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
         super().__init__(masters, **adamw_options)
         self.masters = masters
-        self.bucket_indices = _buckets(masters, bucket_numel)
+        self.bucket_indices = consecutive_runs([m.numel() for m in masters], bucket_numel)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -86,6 +87,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def state_dict(self) -> dict:
         return super().state_dict() | {"masters": list(self.masters)}
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Moments, step counts and hyperparameters as AdamW loads them, and the saved fp32 masters, which are
         then rounded into the compute parameters."""
@@ -96,7 +98,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
             raise ValueError("optimizer state: no fp32 master weights matching this model's parameters (saved by "
                              "an fp32 run, another model, or before master weights existed)")
         super().load_state_dict(state_dict)
-        with torch.no_grad():
-            for master, saved, param in zip(self.masters, masters, self.compute_params):
-                master.copy_(saved)
-                param.copy_(master)
+        for master, saved, param in zip(self.masters, masters, self.compute_params):
+            master.copy_(saved)
+            param.copy_(master)
