@@ -9,10 +9,11 @@ A checkpoint is written completely under a temporary name (files fsynced), renam
 then is `latest` replaced (tmp + os.replace), so a crash at any moment leaves `latest` pointing at a whole
 checkpoint; a directory `latest` names is never removed or replaced before the pointer has moved off it.
 Older checkpoints are removed after the pointer moves. manifest.json, written last, holds every file's size
-and CRC32; load verifies them first, so a truncated or corrupted file is named, never loaded (a flipped
-bit in a tensor would otherwise load silently). Every rank calls save and load: under
-tensor parallelism the models are gathered into ordinary HF checkpoints (rank 0 writes them) and each TP
-rank keeps its own slice of the optimizer state in optimizers-tp<r>.pt.
+and CRC32; load verifies them first, so a truncated or corrupted file is named, never loaded (a flipped bit
+in a tensor would otherwise load silently). Every rank calls save and load: under tensor parallelism the
+models are gathered into ordinary HF checkpoints (rank 0 writes them) and each TP rank keeps its own slice
+of the optimizer state in optimizers-tp<r>.pt.
+Tests: python -m pytest -q tests/test_checkpoint.py tests/test_reliability.py
 """
 import itertools
 import json

@@ -4,6 +4,7 @@
     python -m nanoufo.logger out/demo/log.jsonl -o curves.png
 
 Training steps are lines with "kind": "train"; evaluations on the held-out split are "kind": "eval".
+Tests: python -m pytest -q tests/test_reliability.py tests/test_train_cli.py
 """
 import argparse
 import json

@@ -15,7 +15,7 @@ every slot up to its own, so prefill, decode and appending a feedback turn are t
 Tests: python -m pytest -q tests/test_model.py (parity with transformers' Qwen2ForCausalLM)
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import accumulate
 from pathlib import Path
 
@@ -80,21 +80,15 @@ class QwenConfig:
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
-        try:
-            return cls(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=hf["num_attention_heads"],
-                num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                max_position_embeddings=hf.get("max_position_embeddings", 32768),
-                initializer_range=hf.get("initializer_range", 0.02),
-                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-                architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf)
-        except KeyError as e:
-            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if missing := [key for key in required if key not in hf]:
+            raise ValueError(f"{source}: missing key {missing[0]!r}")
+        same_name = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}  # the keys HF spells as nanoufo does
+        return cls(**same_name | dict(
+            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "QwenConfig":
@@ -187,8 +181,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     for sequences of hundreds to thousands of tokens. FlexAttention's document mask would do the same in
     one launch but needs torch.compile to be fast, which the CPU tests and the eager trainer do not use.
     """
-    B, T, Hq, D = q.shape
-    if cache_rows is not None and T == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
+    if cache_rows is not None and q.shape[1] == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
         return decode_attention(q, k, v, position_ids, cache_rows, impl="triton")
     if cache_rows is None and layout is None:
         layout = sequence_layout(position_ids)
@@ -236,12 +229,11 @@ class Attention(nn.Module):
 
     def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = MergedColumnParallelLinear(
-            config.hidden_size, {"q_proj": self.n_head * self.head_dim, "k_proj": self.n_kv * self.head_dim,
-                                 "v_proj": self.n_kv * self.head_dim}, bias=True, par=par)
-        self.o_proj = RowParallelLinear(self.n_head * self.head_dim, config.hidden_size, bias=False, par=par)
-        self.n_local_heads = self.qkv_proj.part_sizes[0] // self.head_dim  # this rank's query heads
+        Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, {"q_proj": Hq * D, "k_proj": Hkv * D,
+                                                                        "v_proj": Hkv * D}, bias=True, par=par)
+        self.o_proj = RowParallelLinear(Hq * D, config.hidden_size, bias=False, par=par)
+        self.head_dim, self.n_local_heads = D, self.qkv_proj.part_sizes[0] // D  # this rank's query heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, cache_rows: torch.Tensor | None = None,

@@ -4,21 +4,19 @@
     loss.backward(); clip_grad_norm_(...); opt.step(); opt.zero_grad(set_to_none=True)
 
 Why: a bf16 weight of 0.02 has a spacing of about 1.2e-4, so an Adam update of lr x ~1 = 1e-6 rounds away:
-a bf16 model whose own parameters AdamW steps keeps all but its near-zero weights where they were. Here the
-forward and backward run on the model's bf16 parameters, as before; the optimizer owns an fp32 copy of each
-(the master), keeps its moments in fp32, steps the masters with the gradients read as fp32, and writes the
-rounded masters back into the bf16 parameters. Small updates accumulate in the master until they cross a
-bf16 spacing. The alternative, fp32 parameters under autocast, would make the sampler and the frozen
-reference cast (or keep a second bf16 copy of) every weight at every decode step; with masters in the
-optimizer the sampler, the reference, the TP layers (each rank's masters are its own slices) and the HF
-checkpoints see ordinary bf16 modules and need nothing special.
+AdamW stepping bf16 parameters leaves all but the near-zero weights where they were. So the forward and
+backward run on the bf16 parameters, while the optimizer owns an fp32 copy of each (the master) and fp32
+moments, steps the masters with the gradients read as fp32, and rounds them back into the parameters: small
+updates accumulate in the master until they cross a bf16 spacing. fp32 parameters under autocast would instead
+make the sampler and the frozen reference cast (or keep a bf16 copy of) every weight at every decode step; with
+the masters in the optimizer, the sampler, the reference, the TP layers (a rank's masters are its own slices)
+and the HF checkpoints see ordinary bf16 modules.
 
-MasterWeightAdamW is a torch.optim.AdamW whose param_groups hold the masters, so lr schedulers (which set
-group["lr"]), state_dict / load_state_dict and zero_grad work as for any torch optimizer; its state_dict
-adds the masters, so a resumed run continues from the exact fp32 weights, not from their bf16 rounding.
-Gradients stay in the compute dtype on the model (clipping and the non-finite check read them there); the
-step casts them to fp32 a bucket of parameters at a time, so the transient fp32 copy is one bucket, not a
-whole model.
+MasterWeightAdamW is a torch.optim.AdamW whose param_groups hold the masters, so lr schedulers, zero_grad and
+state_dict work as for any torch optimizer; its state_dict adds the masters, so a resumed run continues from
+the exact fp32 weights, not from their bf16 rounding. Gradients stay in the compute dtype on the model
+(clipping and the non-finite check read them there); the step casts them to fp32 one bucket of parameters at
+a time, so the transient fp32 copy is a bucket, not a whole model.
 
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_optim.py
 """

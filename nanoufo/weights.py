@@ -50,6 +50,7 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"{ckpt_dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
 
 
+@torch.no_grad()
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                value_head: bool = False, par: ParallelContext = SINGLE) -> Qwen2:
     """Build a Qwen2 from a HF checkpoint directory. With value_head=True (the critic) a checkpoint without
@@ -75,14 +76,12 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
                 raise ValueError(f"{path}: tensor {name!r} has shape {part.get_shape()} but config.json implies "
                                  f"{list(full_shapes[name])}")
             where = layout[name]
-            with torch.no_grad():
-                where.local(params).copy_(part[:] if where.shard is None else where.shard.take(part))
+            where.local(params).copy_(part[:] if where.shard is None else where.shard.take(part))
             loaded.add(name)
     missing = [n for n in layout if n not in loaded]
     if value_head and all(n.startswith("value_head.") for n in missing):
-        with torch.no_grad():
-            for n in missing:
-                layout[n].local(params).zero_()
+        for n in missing:
+            layout[n].local(params).zero_()
     elif missing:
         raise ValueError(f"{ckpt_dir}: tensor {missing[0]!r} missing from the checkpoint"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
