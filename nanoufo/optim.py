@@ -32,9 +32,8 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) 
     with fp32 master weights and moments when the parameters are in a lower precision."""
     params = list(params)
     kernel = {"fused": True} if params[0].is_cuda else {"foreach": True}
-    if all(p.dtype == torch.float32 for p in params):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
-    return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
+    optimizer = torch.optim.AdamW if all(p.dtype == torch.float32 for p in params) else MasterWeightAdamW
+    return optimizer(params, lr=lr, weight_decay=weight_decay, **kernel)
 
 
 def consecutive_runs(sizes: list[int], limit: int) -> list[list[int]]:
@@ -55,10 +54,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def __init__(self, params: Iterable[torch.nn.Parameter], bucket_numel: int = BUCKET_NUMEL, **adamw_options):
         self.compute_params = list(params)
-        masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
-        super().__init__(masters, **adamw_options)
-        self.masters = masters
-        self.bucket_indices = consecutive_runs([m.numel() for m in masters], bucket_numel)
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
+        super().__init__(self.masters, **adamw_options)
+        self.bucket_indices = consecutive_runs([m.numel() for m in self.masters], bucket_numel)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -91,8 +89,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         then rounded into the compute parameters."""
         state_dict = dict(state_dict)
         masters = state_dict.pop("masters", None)
-        shapes = [tuple(m.shape) for m in self.masters]
-        if masters is None or [tuple(m.shape) for m in masters] != shapes:
+        if masters is None or [m.shape for m in masters] != [m.shape for m in self.masters]:
             raise ValueError("optimizer state: no fp32 master weights matching this model's parameters (saved by "
                              "an fp32 run, another model, or before master weights existed)")
         super().load_state_dict(state_dict)

@@ -112,9 +112,7 @@ def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
 
 
 def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and the weights (sharded past max_shard_bytes) into out_dir.
-
-    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+    """Write config.json and the weights (sharded past max_shard_bytes) into out_dir, each file atomically.
     Under tensor or data parallelism every rank must call it: the slices are gathered, global rank 0 writes
     one ordinary checkpoint, and every rank returns once it is on disk."""
     state = full_state_dict(model, model.par)  # None on every rank but global rank 0
