@@ -68,30 +68,8 @@ class QwenConfig:
         return self.architecture == PRM_ARCHITECTURE
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "QwenConfig":
-        archs = hf.get("architectures") or [hf.get("model_type", "?")]
-        if hf.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
-            raise ValueError(f"{source}: unsupported architecture {archs} (model_type "
-                             f"{hf.get('model_type')!r}); nanoufo loads {', '.join(SUPPORTED_ARCHITECTURES)}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope scaling {rope} is not supported (only the default RoPE)")
-        if hf.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        if missing := [key for key in required if key not in hf]:
-            raise ValueError(f"{source}: missing key {missing[0]!r}")
-        same_name = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}  # the keys HF spells as nanoufo does
-        return cls(**same_name | dict(
-            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-            architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf))
-
-    @classmethod
     def from_json(cls, path: str | Path) -> "QwenConfig":
+        """A Hugging Face config.json, checked to describe a model nanoufo runs."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (a Hugging Face checkpoint directory needs config.json)")
@@ -99,7 +77,26 @@ class QwenConfig:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(hf, source=str(path))
+        archs = hf.get("architectures") or [hf.get("model_type", "?")]
+        if hf.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ValueError(f"{path}: unsupported architecture {archs} (model_type "
+                             f"{hf.get('model_type')!r}); nanoufo loads {', '.join(SUPPORTED_ARCHITECTURES)}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{path}: rope scaling {rope} is not supported (only the default RoPE)")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{path}: use_sliding_window=true is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if missing := [key for key in required if key not in hf]:
+            raise ValueError(f"{path}: missing key {missing[0]!r}")
+        same_name = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}  # the keys HF spells as nanoufo does
+        return cls(**same_name | dict(
+            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf))
 
 
 @dataclass

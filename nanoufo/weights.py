@@ -38,9 +38,8 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
         files = [ckpt_dir / name for name in dict.fromkeys(weight_map.values())]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+        if missing := [f for f in files if not f.is_file()]:
+            raise FileNotFoundError(f"{missing[0]}: shard listed in {index} is missing")
         return files
     if (ckpt_dir / SINGLE_NAME).is_file():
         return [ckpt_dir / SINGLE_NAME]
