@@ -235,7 +235,6 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, cache_rows: torch.Tensor | None = None,
                 layout: SequenceLayout | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) D) for this rank's heads
         if cache is not None:  # RoPE on q and k, k and v into their cache slots: one kernel
             q = rope_kv_append(qkv, cos, sin, *cache, cache_rows, position_ids, self.n_local_heads)  # (B, T, Hq, D)
@@ -244,7 +243,7 @@ class Attention(nn.Module):
             q, k, v = split_qkv(qkv, self.n_local_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, Hq | Hkv, D)
         y = attention(q, k, v, position_ids, cache_rows, layout)  # (B, T, Hq, D)
-        return self.o_proj(y.reshape(B, T, -1))
+        return self.o_proj(y.flatten(2))  # (B, T, Hq D) in
 
 
 class MLP(nn.Module):
@@ -274,7 +273,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, par)
 
-    def forward(self, x, cos, sin, position_ids, layout=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, position_ids, layout=None, cache=None, cache_rows=None) -> torch.Tensor:
+        if cache is not None:  # this layer's (keys, values): the sampler's path
+            return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, layout=layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -336,8 +337,8 @@ class Qwen2(nn.Module):
             cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         layout = sequence_layout(position_ids, seq_lens) if cache is None else None
         for i, layer in enumerate(self.model.layers):
-            if cache is not None:
-                x = layer.cached_forward(x, cos, sin, position_ids, (cache.k[i], cache.v[i]), cache_rows)
+            if cache is not None:  # through the module call, so hooks on a layer see the sampler's path too
+                x = layer(x, cos, sin, position_ids, cache=(cache.k[i], cache.v[i]), cache_rows=cache_rows)
             elif self.checkpoint_activations and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, position_ids, layout, use_reentrant=False)
             else:
