@@ -9,10 +9,11 @@ A checkpoint is written completely under a temporary name (files fsynced), renam
 then is `latest` replaced (tmp + os.replace), so a crash at any moment leaves `latest` pointing at a whole
 checkpoint; a directory `latest` names is never removed or replaced before the pointer has moved off it.
 Older checkpoints are removed after the pointer moves. manifest.json, written last, holds every file's size
-and CRC32; load verifies them first, so a truncated or corrupted file is named, never loaded (a flipped
-bit in a tensor would otherwise load silently). Every rank calls save and load: under
-tensor parallelism the models are gathered into ordinary HF checkpoints (rank 0 writes them) and each TP
-rank keeps its own slice of the optimizer state in optimizers-tp<r>.pt.
+and CRC32; load verifies them first, so a truncated or corrupted file is named, never loaded (a flipped bit
+in a tensor would otherwise load silently). Every rank calls save and load: under tensor parallelism the
+models are gathered into ordinary HF checkpoints (rank 0 writes them) and each TP rank keeps its own slice
+of the optimizer state in optimizers-tp<r>.pt.
+Tests: python -m pytest -q tests/test_checkpoint.py tests/test_reliability.py
 """
 import itertools
 import json
@@ -26,17 +27,15 @@ import numpy as np
 import torch
 
 from nanoufo.parallel import ParallelContext, barrier
-from nanoufo.weights import load_model, save_model
+from nanoufo.weights import atomic_write, fsync, load_model, save_model
 
 POINTER = "latest"
 MANIFEST = "manifest.json"
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_states(states: dict) -> None:
@@ -45,14 +44,6 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
 
 
 def _crc32(path: Path) -> int:
@@ -103,14 +94,6 @@ def verify_checkpoint(path: str | Path, parts: list[str]) -> None:
                 raise ValueError(f"{file}: CRC32 differs from the one written in {MANIFEST}: the file is corrupted")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def optimizer_file(par: ParallelContext) -> str:
     return "optimizers.pt" if par.tp_size == 1 else f"optimizers-tp{par.tp_rank}.pt"
 
@@ -144,15 +127,12 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: di
 def _commit(tmp: Path, final: Path) -> None:
     """Manifest, fsync, rename into place, move `latest` (tmp + os.replace), then remove the older ones."""
     _write_manifest(tmp)
-    _fsync_tree(tmp)
+    for path in [*tmp.rglob("*"), tmp]:
+        fsync(path)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    pointer_tmp = final.parent / (POINTER + ".tmp")
-    pointer_tmp.write_text(final.name + "\n")
-    with open(pointer_tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, final.parent / POINTER)
-    _fsync_dir(final.parent)
+    fsync(final.parent)
+    atomic_write(final.parent / POINTER, lambda pointer_tmp: pointer_tmp.write_text(final.name + "\n"))
+    fsync(final.parent)
     for old in final.parent.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@
     python -m nanoufo.logger out/demo/log.jsonl -o curves.png
 
 Training steps are lines with "kind": "train"; evaluations on the held-out split are "kind": "eval".
+Tests: python -m pytest -q tests/test_reliability.py tests/test_train_cli.py
 """
 import argparse
 import json
@@ -83,13 +84,9 @@ def plot_log(log_path: str | Path, png_path: str | Path | None = None) -> Path:
     return png_path
 
 
-def main() -> None:
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Plot a nanoufo log.jsonl")
     parser.add_argument("log", help="path to log.jsonl")
     parser.add_argument("-o", "--out", default=None, help="PNG path (default: next to the log)")
     args = parser.parse_args()
     print(plot_log(args.log, args.out))
-
-
-if __name__ == "__main__":
-    main()

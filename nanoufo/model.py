@@ -15,7 +15,7 @@ every slot up to its own, so prefill, decode and appending a feedback turn are t
 Tests: python -m pytest -q tests/test_model.py (parity with transformers' Qwen2ForCausalLM)
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import accumulate
 from pathlib import Path
 
@@ -68,36 +68,8 @@ class QwenConfig:
         return self.architecture == PRM_ARCHITECTURE
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "QwenConfig":
-        archs = hf.get("architectures") or [hf.get("model_type", "?")]
-        if hf.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
-            raise ValueError(f"{source}: unsupported architecture {archs} (model_type "
-                             f"{hf.get('model_type')!r}); nanoufo loads {', '.join(SUPPORTED_ARCHITECTURES)}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope scaling {rope} is not supported (only the default RoPE)")
-        if hf.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
-        try:
-            return cls(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=hf["num_attention_heads"],
-                num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                max_position_embeddings=hf.get("max_position_embeddings", 32768),
-                initializer_range=hf.get("initializer_range", 0.02),
-                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-                architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf)
-        except KeyError as e:
-            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
-
-    @classmethod
     def from_json(cls, path: str | Path) -> "QwenConfig":
+        """A Hugging Face config.json, checked to describe a model nanoufo runs."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (a Hugging Face checkpoint directory needs config.json)")
@@ -105,7 +77,26 @@ class QwenConfig:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(hf, source=str(path))
+        archs = hf.get("architectures") or [hf.get("model_type", "?")]
+        if hf.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ValueError(f"{path}: unsupported architecture {archs} (model_type "
+                             f"{hf.get('model_type')!r}); nanoufo loads {', '.join(SUPPORTED_ARCHITECTURES)}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{path}: rope scaling {rope} is not supported (only the default RoPE)")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{path}: use_sliding_window=true is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if missing := [key for key in required if key not in hf]:
+            raise ValueError(f"{path}: missing key {missing[0]!r}")
+        same_name = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}  # the keys HF spells as nanoufo does
+        return cls(**same_name | dict(
+            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            architecture=next(a for a in archs if a in SUPPORTED_ARCHITECTURES), hf=hf))
 
 
 @dataclass
@@ -187,8 +178,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     for sequences of hundreds to thousands of tokens. FlexAttention's document mask would do the same in
     one launch but needs torch.compile to be fast, which the CPU tests and the eager trainer do not use.
     """
-    B, T, Hq, D = q.shape
-    if cache_rows is not None and T == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
+    if cache_rows is not None and q.shape[1] == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
         return decode_attention(q, k, v, position_ids, cache_rows, impl="triton")
     if cache_rows is None and layout is None:
         layout = sequence_layout(position_ids)
@@ -197,14 +187,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     if cache_rows is not None:
         S = int(position_ids.max()) + 1  # slots past the furthest query are never visible
         mask = torch.arange(S, device=q.device) <= position_ids[:, :, None]  # (B, T, S)
-        k, v = k[cache_rows, :S], v[cache_rows, :S]  # (B, S, Hkv, D)
-        mask = mask[:, None]  # (B, 1, T, S)
-    elif layout.seq_lens is not None:
+        return _sdpa(q, k[cache_rows, :S], v[cache_rows, :S], mask[:, None])  # k, v (B, S, Hkv, D); mask (B, 1, T, S)
+    if layout.seq_lens is not None:
         parts = (x.split(layout.seq_lens, dim=1) for x in (q, k, v))  # split: one op back in the backward
         return torch.cat([_sdpa(*qkv, None) for qkv in zip(*parts)], dim=1)
-    else:
-        mask = layout.mask
-    return _sdpa(q, k, v, mask)
+    return _sdpa(q, k, v, layout.mask)
 
 
 def _sdpa(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
@@ -220,17 +207,16 @@ def _flash_attention(q, k, v, position_ids, cache_rows, layout: SequenceLayout |
         seqlens = (position_ids[:, 0] + T).to(torch.int32)
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_batch_idx=cache_rows.to(torch.int32),
                                        causal=True)
-    if layout.seq_lens is not None:
+    if layout.seq_lens is not None:  # host ints: no sync
         cu = torch.tensor([0, *accumulate(layout.seq_lens)], dtype=torch.int32, device=q.device)
         max_len = max(layout.seq_lens)
-        out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)
-        return out.view(B, T, Hq, D)
-    starts = position_ids.flatten() == 0
-    starts[::T] = True  # every row starts a sequence, whatever its positions
-    cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    else:
+        starts = position_ids.flatten() == 0
+        starts[::T] = True  # every row starts a sequence, whatever its positions
+        cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
-                                 causal=True)
+                                 causal=True)  # (B * T, Hq, D)
     return out.view(B, T, Hq, D)
 
 
@@ -240,17 +226,15 @@ class Attention(nn.Module):
 
     def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = MergedColumnParallelLinear(
-            config.hidden_size, {"q_proj": self.n_head * self.head_dim, "k_proj": self.n_kv * self.head_dim,
-                                 "v_proj": self.n_kv * self.head_dim}, bias=True, par=par)
-        self.o_proj = RowParallelLinear(self.n_head * self.head_dim, config.hidden_size, bias=False, par=par)
-        self.n_local_heads = self.qkv_proj.part_sizes[0] // self.head_dim  # this rank's query heads
+        Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, {"q_proj": Hq * D, "k_proj": Hkv * D,
+                                                                        "v_proj": Hkv * D}, bias=True, par=par)
+        self.o_proj = RowParallelLinear(Hq * D, config.hidden_size, bias=False, par=par)
+        self.head_dim, self.n_local_heads = D, self.qkv_proj.part_sizes[0] // D  # this rank's query heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None, cache_rows: torch.Tensor | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, cache_rows: torch.Tensor | None = None,
                 layout: SequenceLayout | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) D) for this rank's heads
         if cache is not None:  # RoPE on q and k, k and v into their cache slots: one kernel
             q = rope_kv_append(qkv, cos, sin, *cache, cache_rows, position_ids, self.n_local_heads)  # (B, T, Hq, D)
@@ -259,7 +243,7 @@ class Attention(nn.Module):
             q, k, v = split_qkv(qkv, self.n_local_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, Hq | Hkv, D)
         y = attention(q, k, v, position_ids, cache_rows, layout)  # (B, T, Hq, D)
-        return self.o_proj(y.reshape(B, T, -1))
+        return self.o_proj(y.flatten(2))  # (B, T, Hq D) in
 
 
 class MLP(nn.Module):
@@ -289,10 +273,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, par)
 
-    def forward(self, x, cos, sin, position_ids, cache=None, cache_rows=None, layout=None) -> torch.Tensor:
-        if cache is not None:
+    def forward(self, x, cos, sin, position_ids, layout=None, cache=None, cache_rows=None) -> torch.Tensor:
+        if cache is not None:  # this layer's (keys, values): the sampler's path
             return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, None, None, layout)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, layout=layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def cached_forward(self, x, cos, sin, position_ids, cache, cache_rows) -> torch.Tensor:
@@ -301,14 +285,6 @@ class Block(nn.Module):
         h, _ = self.input_layernorm.fused(x)
         h, x = self.post_attention_layernorm.fused(x, self.self_attn(h, cos, sin, position_ids, cache, cache_rows))
         return x + self.mlp(h, fused=True)
-
-
-class Trunk(nn.Module):
-    def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, par)
-        self.layers = nn.ModuleList(Block(config, par) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Qwen2(nn.Module):
@@ -326,7 +302,10 @@ class Qwen2(nn.Module):
         if value_head and config.is_prm:
             raise ValueError(f"a {PRM_ARCHITECTURE} checkpoint cannot be loaded as a critic (value_head=True)")
         self.config, self.par = config, par
-        self.model = Trunk(config, par)  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+        self.model = nn.ModuleDict(dict(  # named as in HF checkpoints: model.layers.0.self_attn.q_proj.weight, ...
+            embed_tokens=VocabParallelEmbedding(config.vocab_size, config.hidden_size, par),
+            layers=nn.ModuleList(Block(config, par) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = None if config.tie_word_embeddings or config.is_prm else ColumnParallelLinear(
             config.hidden_size, config.vocab_size, bias=False, par=par)  # same vocabulary split as the embedding
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
@@ -358,11 +337,12 @@ class Qwen2(nn.Module):
             cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         layout = sequence_layout(position_ids, seq_lens) if cache is None else None
         for i, layer in enumerate(self.model.layers):
-            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, position_ids, None, None, layout, use_reentrant=False)
+            if cache is not None:  # through the module call, so hooks on a layer see the sampler's path too
+                x = layer(x, cos, sin, position_ids, cache=(cache.k[i], cache.v[i]), cache_rows=cache_rows)
+            elif self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, position_ids, layout, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, position_ids, None if cache is None else (cache.k[i], cache.v[i]), cache_rows,
-                          layout)
+                x = layer(x, cos, sin, position_ids, layout)
         return self.model.norm(x) if cache is None else self.model.norm.fused(x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,21 +4,19 @@
     loss.backward(); clip_grad_norm_(...); opt.step(); opt.zero_grad(set_to_none=True)
 
 Why: a bf16 weight of 0.02 has a spacing of about 1.2e-4, so an Adam update of lr x ~1 = 1e-6 rounds away:
-a bf16 model whose own parameters AdamW steps keeps all but its near-zero weights where they were. Here the
-forward and backward run on the model's bf16 parameters, as before; the optimizer owns an fp32 copy of each
-(the master), keeps its moments in fp32, steps the masters with the gradients read as fp32, and writes the
-rounded masters back into the bf16 parameters. Small updates accumulate in the master until they cross a
-bf16 spacing. The alternative, fp32 parameters under autocast, would make the sampler and the frozen
-reference cast (or keep a second bf16 copy of) every weight at every decode step; with masters in the
-optimizer the sampler, the reference, the TP layers (each rank's masters are its own slices) and the HF
-checkpoints see ordinary bf16 modules and need nothing special.
+AdamW stepping bf16 parameters leaves all but the near-zero weights where they were. So the forward and
+backward run on the bf16 parameters, while the optimizer owns an fp32 copy of each (the master) and fp32
+moments, steps the masters with the gradients read as fp32, and rounds them back into the parameters: small
+updates accumulate in the master until they cross a bf16 spacing. fp32 parameters under autocast would instead
+make the sampler and the frozen reference cast (or keep a bf16 copy of) every weight at every decode step; with
+the masters in the optimizer, the sampler, the reference, the TP layers (a rank's masters are its own slices)
+and the HF checkpoints see ordinary bf16 modules.
 
-MasterWeightAdamW is a torch.optim.AdamW whose param_groups hold the masters, so lr schedulers (which set
-group["lr"]), state_dict / load_state_dict and zero_grad work as for any torch optimizer; its state_dict
-adds the masters, so a resumed run continues from the exact fp32 weights, not from their bf16 rounding.
-Gradients stay in the compute dtype on the model (clipping and the non-finite check read them there); the
-step casts them to fp32 a bucket of parameters at a time, so the transient fp32 copy is one bucket, not a
-whole model.
+MasterWeightAdamW is a torch.optim.AdamW whose param_groups hold the masters, so lr schedulers, zero_grad and
+state_dict work as for any torch optimizer; its state_dict adds the masters, so a resumed run continues from
+the exact fp32 weights, not from their bf16 rounding. Gradients stay in the compute dtype on the model
+(clipping and the non-finite check read them there); the step casts them to fp32 one bucket of parameters at
+a time, so the transient fp32 copy is a bucket, not a whole model.
 
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_optim.py
 """
@@ -34,21 +32,21 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) 
     with fp32 master weights and moments when the parameters are in a lower precision."""
     params = list(params)
     kernel = {"fused": True} if params[0].is_cuda else {"foreach": True}
-    if all(p.dtype == torch.float32 for p in params):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
-    return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
+    optimizer = torch.optim.AdamW if all(p.dtype == torch.float32 for p in params) else MasterWeightAdamW
+    return optimizer(params, lr=lr, weight_decay=weight_decay, **kernel)
 
 
-def _buckets(params: list[torch.Tensor], max_numel: int) -> list[list[int]]:
-    """Consecutive runs of parameter indices holding at most max_numel elements (or one larger parameter)."""
-    buckets, numel = [[]], 0
-    for i, p in enumerate(params):
-        if buckets[-1] and numel + p.numel() > max_numel:
-            buckets.append([])
-            numel = 0
-        buckets[-1].append(i)
-        numel += p.numel()
-    return buckets
+def consecutive_runs(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of indices whose sizes add up to at most limit (an item larger than limit goes alone):
+    the optimizer's gradient buckets, and the shards of a saved checkpoint (nanoufo/weights.py)."""
+    runs, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if runs[-1] and total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += size
+    return runs
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -56,10 +54,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def __init__(self, params: Iterable[torch.nn.Parameter], bucket_numel: int = BUCKET_NUMEL, **adamw_options):
         self.compute_params = list(params)
-        masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
-        super().__init__(masters, **adamw_options)
-        self.masters = masters
-        self.bucket_indices = _buckets(masters, bucket_numel)
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
+        super().__init__(self.masters, **adamw_options)
+        self.bucket_indices = consecutive_runs([m.numel() for m in self.masters], bucket_numel)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -77,26 +74,24 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for p in self.compute_params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+            if p.grad is not None and set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"masters": list(self.masters)}
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Moments, step counts and hyperparameters as AdamW loads them, and the saved fp32 masters, which are
         then rounded into the compute parameters."""
         state_dict = dict(state_dict)
         masters = state_dict.pop("masters", None)
-        shapes = [tuple(m.shape) for m in self.masters]
-        if masters is None or [tuple(m.shape) for m in masters] != shapes:
+        if masters is None or [m.shape for m in masters] != [m.shape for m in self.masters]:
             raise ValueError("optimizer state: no fp32 master weights matching this model's parameters (saved by "
                              "an fp32 run, another model, or before master weights existed)")
         super().load_state_dict(state_dict)
-        with torch.no_grad():
-            for master, saved, param in zip(self.masters, masters, self.compute_params):
-                master.copy_(saved)
-                param.copy_(master)
+        for master, saved, param in zip(self.masters, masters, self.compute_params):
+            master.copy_(saved)
+            param.copy_(master)

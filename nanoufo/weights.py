@@ -13,6 +13,7 @@ Tests: python -m pytest -q tests/test_weights.py
 """
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoufo.model import QwenConfig, Qwen2, param_shapes
+from nanoufo.optim import consecutive_runs
 from nanoufo.parallel import SINGLE, ParallelContext, barrier, check_tp_split, full_state_dict, hf_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,9 +38,8 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
         files = [ckpt_dir / name for name in dict.fromkeys(weight_map.values())]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+        if missing := [f for f in files if not f.is_file()]:
+            raise FileNotFoundError(f"{missing[0]}: shard listed in {index} is missing")
         return files
     if (ckpt_dir / SINGLE_NAME).is_file():
         return [ckpt_dir / SINGLE_NAME]
@@ -48,6 +49,7 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"{ckpt_dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
 
 
+@torch.no_grad()
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                value_head: bool = False, par: ParallelContext = SINGLE) -> Qwen2:
     """Build a Qwen2 from a HF checkpoint directory. With value_head=True (the critic) a checkpoint without
@@ -73,14 +75,12 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
                 raise ValueError(f"{path}: tensor {name!r} has shape {part.get_shape()} but config.json implies "
                                  f"{list(full_shapes[name])}")
             where = layout[name]
-            with torch.no_grad():
-                where.local(params).copy_(part[:] if where.shard is None else where.shard.take(part))
+            where.local(params).copy_(part[:] if where.shard is None else where.shard.take(part))
             loaded.add(name)
     missing = [n for n in layout if n not in loaded]
     if value_head and all(n.startswith("value_head.") for n in missing):
-        with torch.no_grad():
-            for n in missing:
-                layout[n].local(params).zero_()
+        for n in missing:
+            layout[n].local(params).zero_()
     elif missing:
         raise ValueError(f"{ckpt_dir}: tensor {missing[0]!r} missing from the checkpoint"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -99,14 +99,9 @@ def _read_slices(path: Path, device):
 
 def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
     """config.json for the model: the loaded file with nanoufo's fields written over it."""
-    hf = dict(config.hf)
-    hf.update(architectures=[config.architecture], model_type="qwen2", vocab_size=config.vocab_size,
-              hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-              num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-              num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
-              tie_word_embeddings=config.tie_word_embeddings, hidden_act="silu",
-              max_position_embeddings=config.max_position_embeddings,
-              initializer_range=config.initializer_range)
+    spelled_otherwise = ("architecture", "torch_dtype", "rope_theta", "hf")  # HF's keys for these are set below
+    hf = dict(config.hf, architectures=[config.architecture], model_type="qwen2", hidden_act="silu")
+    hf.update({f.name: getattr(config, f.name) for f in fields(config) if f.name not in spelled_otherwise})
     hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")  # older and newer readers' keys
     if "rope_parameters" in hf:
         hf["rope_parameters"] = dict(hf["rope_parameters"], rope_theta=config.rope_theta)
@@ -116,9 +111,7 @@ def hf_config_dict(config: QwenConfig, dtype: torch.dtype) -> dict:
 
 
 def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and the weights (sharded past max_shard_bytes) into out_dir.
-
-    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+    """Write config.json and the weights (sharded past max_shard_bytes) into out_dir, each file atomically.
     Under tensor or data parallelism every rank must call it: the slices are gathered, global rank 0 writes
     one ordinary checkpoint, and every rank returns once it is on disk."""
     state = full_state_dict(model, model.par)  # None on every rank but global rank 0
@@ -129,35 +122,38 @@ def save_model(model: Qwen2, out_dir: str | Path, max_shard_bytes: int = 5 * 2**
 
 def _write_checkpoint(state: dict[str, torch.Tensor], config: QwenConfig, out_dir: Path, max_shard_bytes: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = next(iter(state.values())).dtype
-    shards, size = [{}], 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+    items = list(state.items())
+    nbytes = [t.numel() * t.element_size() for _, t in items]
+    shards = [dict(items[i] for i in run) for run in consecutive_runs(nbytes, max_shard_bytes)]
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in zip(names, shards):
-        _atomic(out_dir / fname, lambda tmp, shard=shard: save_file(
+        atomic_write(out_dir / fname, lambda tmp, shard=shard: save_file(
             {k: v.cpu() for k, v in shard.items()}, tmp, metadata={"format": "pt"}))
-    stale = [out_dir / INDEX_NAME] if len(shards) == 1 else [out_dir / SINGLE_NAME]
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        index = {"metadata": {"total_size": sum(nbytes)},
                  "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
-        _atomic(out_dir / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    stale += [p for p in out_dir.glob("model-*-of-*.safetensors") if p.name not in names]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    _atomic(out_dir / "config.json",
-            lambda tmp: Path(tmp).write_text(json.dumps(hf_config_dict(config, dtype), indent=2)))
+        atomic_write(out_dir / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    kept = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
+    for p in [out_dir / SINGLE_NAME, out_dir / INDEX_NAME, *out_dir.glob("model-*-of-*.safetensors")]:
+        if p.name not in kept:  # left by an earlier save with another number of shards
+            p.unlink(missing_ok=True)
+    hf_config = hf_config_dict(config, items[0][1].dtype)
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
 
 
-def _atomic(path: Path, write) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) fills a temporary file, which is fsynced and renamed onto path: no reader sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    write(tmp)
+    fsync(tmp)
     os.replace(tmp, path)

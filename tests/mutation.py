@@ -132,8 +132,8 @@ MUTANTS = [
            "[0.0 if logprobs is None else 1.0]", "[1.0]"),
     # checkpoint.py
     Mutant("checkpoint: old checkpoints pruned before `latest` moves", "nanoufo/checkpoint.py",
-           "    os.replace(pointer_tmp, final.parent / POINTER)",
-           "    [shutil.rmtree(o) for o in final.parent.glob('ckpt-*') if o != final]; os.replace(pointer_tmp, final.parent / POINTER)"),
+           "    atomic_write(final.parent / POINTER,",
+           "    [shutil.rmtree(o) for o in final.parent.glob('ckpt-*') if o != final]; atomic_write(final.parent / POINTER,"),
     Mutant("checkpoint: `latest` moved before the rename", "nanoufo/checkpoint.py",
            "    os.replace(tmp, final)\n", "    (final.parent / POINTER).write_text(final.name + '\\n'); os.replace(tmp, final)\n"),
     Mutant("checkpoint: one optimizer file for every TP rank", "nanoufo/checkpoint.py",
