@@ -17,7 +17,8 @@ that cannot be read ends with one line naming the file, the columns found and th
 The tokenizer is the checkpoint's own when it has one, else the bundled Qwen2.5 tokenizer. CUDA + bf16
 when available, else CPU + fp32. The chat is nanoufo/chat.py (one KV cache per conversation). A
 ProcessBench file has one JSON row per line with problem, steps (a list of strings) and label (the index of
-the earliest wrong step, -1 if none); rows that do not fit are skipped and counted. In bon mode --data may name several sets, separated by commas.
+the earliest wrong step, -1 if none); rows that do not fit are skipped and counted. In bon mode --data may
+name several sets, separated by commas.
 Tests: python -m pytest -q tests/test_sample_cli.py tests/test_prm_eval.py
 """
 import argparse

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanoufo.parallel import (SINGLE, ColumnParallelLinear, MergedColumnParallelLinear, ParallelContext,
-                              RowParallelLinear, VocabParallelEmbedding, check_tp_split, copy_to_tp, hf_tensors)
+from nanoufo.parallel import (SINGLE, ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding,
+                              check_tp_split, copy_to_tp, hf_tensors)
 
 from kernels.decode_attention import decode_attention
 from kernels.dispatch import pick_impl
@@ -227,8 +227,8 @@ class Attention(nn.Module):
     def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
         Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, {"q_proj": Hq * D, "k_proj": Hkv * D,
-                                                                        "v_proj": Hkv * D}, bias=True, par=par)
+        parts = {"q_proj": Hq * D, "k_proj": Hkv * D, "v_proj": Hkv * D}
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, parts, bias=True, par=par)
         self.o_proj = RowParallelLinear(Hq * D, config.hidden_size, bias=False, par=par)
         self.head_dim, self.n_local_heads = D, self.qkv_proj.part_sizes[0] // D  # this rank's query heads
 
@@ -252,8 +252,8 @@ class MLP(nn.Module):
     def __init__(self, config: QwenConfig, par: ParallelContext = SINGLE):
         super().__init__()
         I = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate_proj": I, "up_proj": I},
-                                                       bias=False, par=par)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, {"gate_proj": I, "up_proj": I}, bias=False,
+                                                 par=par)
         self.down_proj = RowParallelLinear(I, config.hidden_size, bias=False, par=par)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -307,7 +307,7 @@ class Qwen2(nn.Module):
             layers=nn.ModuleList(Block(config, par) for _ in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = None if config.tie_word_embeddings or config.is_prm else ColumnParallelLinear(
-            config.hidden_size, config.vocab_size, bias=False, par=par)  # same vocabulary split as the embedding
+            config.hidden_size, {"lm_head": config.vocab_size}, bias=False, par=par)  # the embedding's vocabulary split
         self.value_head = nn.Linear(config.hidden_size, 1) if value_head else None
         H = config.hidden_size
         self.score = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 2)) if config.is_prm else None

@@ -153,7 +153,7 @@ def hf_tensors(model: nn.Module) -> dict[str, HFTensor]:
     """{Hugging Face tensor name: HFTensor} for every tensor of the model's checkpoint, in module order.
 
     A module's split parameters are named in its `shards` dict ({attr: Shard}); a merged projection
-    (MergedColumnParallelLinear) holds several HF tensors in one parameter and lists them in `parts`. The
+    (ColumnParallelLinear) holds several HF tensors in one parameter and lists them in `parts`. The
     specs live on the modules, not on the Parameters, because moving a model off the meta device builds new
     Parameter objects and would drop any attribute set on the old ones."""
     layout = {}
@@ -212,23 +212,10 @@ def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Te
 
 
 class ColumnParallelLinear(nn.Linear):
-    """y = x W.T + b with W's rows (output features) split across TP ranks; the output stays split."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, par: ParallelContext = SINGLE):
-        start, stop = split_range(out_features, par.tp_rank, par.tp_size)
-        super().__init__(in_features, stop - start, bias=bias)
-        self.par = par
-        shard = Shard(0, start, stop, out_features)
-        self.shards = {"weight": shard, "bias": shard} if bias else {"weight": shard}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.par.tp_group), self.weight, self.bias)
-
-
-class MergedColumnParallelLinear(nn.Linear):
-    """Several column-parallel projections of one input as one GEMM (q/k/v, gate/up): the output is this
-    rank's slice of each part, concatenated in order. Checkpoints keep the parts as separate tensors:
-    `parts` lists (HF module name, first output row, rows, Shard of the HF tensor) for hf_tensors."""
+    """y = x W.T + b with W's rows (output features) split across TP ranks; the output stays split. W may
+    stack several projections of one input, run as one GEMM (q/k/v, gate/up): the output is this rank's
+    slice of each part, concatenated in order. Checkpoints keep the parts as separate tensors: `parts`
+    lists (HF module name, first output row, rows, Shard of the HF tensor) for hf_tensors."""
 
     def __init__(self, in_features: int, parts: dict[str, int], bias: bool, par: ParallelContext = SINGLE):
         self.parts, row = [], 0

@@ -15,8 +15,8 @@ the same), in bytes; what is counted:
   trained model two fp32 AdamW moments (8 B/param) plus fp32 master weights (4 B/param) when the dtype
   is not float32 (with float32 params the params are the masters);
 - rollout: the sampler's KV cache at its max_len: the rows kv_budget_gb holds (an ended episode's row
-  takes the next waiting one), else a row per episode of the step, plus the spare padding row; the prompts' prefill through one layer (no grad), the decode step's full-vocabulary
-  fp32 logits;
+  takes the next waiting one), else a row per episode of the step, plus the spare padding row; the
+  prompts' prefill through one layer (no grad), the decode step's full-vocabulary fp32 logits;
 - scoring (no-grad forwards): one micro-batch through one layer, the fused LM head's fp32 chunk, the
   batch's per-token arrays and GAE's (T, T) discount matrix;
 - update: the gradients of actor and critic (compute dtype) and the saved activations of the largest
@@ -25,8 +25,9 @@ the same), in bytes; what is counted:
 
 Lengths: an episode is at most prompt_tokens (a planning figure, default 512: prompts are data) +
 max_turns x max_new_tokens + a 32-token feedback turn between attempts, the sampler's own max_len.
-Not counted: a process reward model (reward="prm"), the CUDA context and allocator slack (RESERVE_GIB is kept
-free for them), the optimizer step's foreach temporaries, and fragmentation. Tests: python -m pytest -q tests/test_plan.py
+Not counted: a process reward model (reward="prm"), the CUDA context and allocator slack (RESERVE_GIB is
+kept free for them), the optimizer step's foreach temporaries, and fragmentation.
+Tests: python -m pytest -q tests/test_plan.py
 """
 import argparse
 import math
