@@ -142,15 +142,6 @@ def sequence_self_certainty(token_sc: torch.Tensor, mask: torch.Tensor) -> torch
     return masked_mean(token_sc, mask, dim=1)
 
 
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last masked token, (B,); a row with no masked token raises."""
-    if not bool(mask.any(1).all()):
-        bad = int((~mask.any(1)).nonzero()[0])
-        raise ValueError(f"last_token_index: trajectory {bad} has no sampled token")
-    T = mask.shape[1]
-    return T - 1 - mask.flip(1).to(torch.int8).argmax(1)
-
-
 def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = None,
                   turn_rewards: list[list[float]] | None = None,
                   turn_spans: list[list[tuple[int, int]]] | None = None,
@@ -171,8 +162,10 @@ def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = Non
                 rewards[b, index] += value
         return rewards
     if episode_rewards is not None:
+        if not bool(mask.any(1).all()):
+            raise ValueError(f"place_rewards: trajectory {int((~mask.any(1)).nonzero()[0])} has no sampled token")
         rows = torch.arange(mask.shape[0], device=mask.device)
-        rewards[rows, last_token_index(mask)] = episode_rewards.to(rewards)
+        rewards[rows, trajectory_lengths(mask) - 1] = episode_rewards.to(rewards)  # on each last sampled token
         return rewards
     if turn_rewards is None or turn_spans is None:
         raise ValueError("place_rewards: pass episode_rewards, or turn_rewards with turn_spans")
