@@ -113,8 +113,8 @@ def prediction_rows(model: Qwen2, tokens: torch.Tensor, lengths: list[int] | Non
         hidden = model(tokens, positions)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
         return PredictionRows(hidden, tokens[:, 1:].reshape(-1), lambda x: x[:, 1:].reshape(-1),
                               lambda s: rl.shift_to_tokens(s.view(B, T - 1)))
-    # the packing, built on the host from the lengths (no device sync)
-    index = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)]).to(tokens.device)  # (N,) in (B * T)
+    # packed: the N tokens' flat indices into (B * T), built on the host from the lengths (no device sync)
+    index = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)]).to(tokens.device)  # (N,)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(tokens.device)  # (N,) from 0 in every trajectory
     is_last = torch.zeros(len(index), dtype=torch.bool)  # (N,) a trajectory's last token predicts nothing
     is_last[torch.tensor(list(accumulate(lengths))) - 1] = True
@@ -162,8 +162,9 @@ def in_micro_batches(cfg: TrainerConfig, fn, tokens: torch.Tensor,
     depends on cfg.micro_batch_tokens, not on the batch."""
     T = tokens.shape[1]
     parts = [fn(tokens[rows, :t], packed) for rows, packed, t in micro_batches(cfg, lengths)]
-    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731
-    return tuple(None if p[0] is None else torch.cat([pad(x) for x in p]) for p in zip(*parts))
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731  (b, t) -> (b, T)
+    # each output's parts, padded, in row order (the runs are consecutive rows)
+    return tuple(None if out[0] is None else torch.cat([pad(x) for x in out]) for out in zip(*parts))
 
 
 def score_rollout(cfg: TrainerConfig, actor: Qwen2, rollout: Rollout, prm=None) -> tuple[Rollout, dict]:

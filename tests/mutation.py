@@ -125,7 +125,7 @@ MUTANTS = [
     Mutant("sampler: one noise stream for every row", "nanoufo/sampler.py",
            "episodes = torch.tensor([self.episode_ids", "episodes = 0 * torch.tensor([self.episode_ids"),
     Mutant("sampler: one token too many per attempt", "nanoufo/sampler.py",
-           "self.decoder.max_new_tokens - (n - self.conversations", "self.decoder.max_new_tokens + 1 - (n - self.conversations"),
+           "self.decoder.max_new_tokens - (n - self.on(r)", "self.decoder.max_new_tokens + 1 - (n - self.on(r)"),
     Mutant("sampler: one turn too many", "nanoufo/sampler.py",
            "len(c.spans) >= self.max_turns", "len(c.spans) > self.max_turns"),
     Mutant("sampler: feedback tokens in the loss mask", "nanoufo/sampler.py",
