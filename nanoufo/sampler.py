@@ -64,7 +64,7 @@ class Rollout:
 
     def rows(self, index: list[int]) -> "Rollout":
         """Rows index of the rollout (in that order), cut to the longest of them; the counters kept."""
-        T = max(int(self.lengths[i]) for i in index)
+        T = int(self.lengths[index].max())  # one read, not one per row
 
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
             picked = None if x is None else x[torch.tensor(index, device=x.device)]

@@ -338,13 +338,12 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
     for model in models.values():
         model.checkpoint_activations = cfg.checkpoint_activations
     generator = torch.Generator().manual_seed(seed)
-    B = batch.tokens.shape[0]
     lengths = rl.trajectory_lengths(batch.mask).tolist()  # one host sync for the whole update
     rl.micro_batches(lengths, cfg.micro_batch_tokens)  # a budget below the longest trajectory fails before any forward
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     sums, n_updates, skipped, ratio_devs = {}, 0, 0, []
     for _ in range(cfg.ppo_epochs):
-        for rows in torch.randperm(B, generator=generator).split(cfg.minibatch_size):
+        for rows in torch.randperm(len(batch.tokens), generator=generator).split(cfg.minibatch_size):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(rows.to(batch.tokens.device)),
