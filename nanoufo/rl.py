@@ -108,9 +108,8 @@ def micro_batches(lengths: list[int], budget: int, padded: bool = False,
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: (r - group mean) / (group std + eps) for scores (B,) laid out group after group.
-
-    The std is the sample std (n - 1), as in the GRPO papers' reference code."""
+    """GRPO: (r - group mean) / (group std + eps) for scores (B,) laid out group after group; the std is the
+    sample std (n - 1), as in the GRPO papers' reference code."""
     assert scores.numel() % group_size == 0, (scores.numel(), group_size)
     groups = scores.view(-1, group_size)  # (B / G, G)
     normalized = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
@@ -127,17 +126,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
 
 
 def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
-    """Align a statistic computed at hidden position i-1 (which predicts token i) with token i.
-
-    per_position: (B, T-1), entry j computed from position j for target token j+1. Returns (B, T) with
-    entry 0 (the first token, never predicted) set to zero."""
+    """Align a statistic computed at hidden position i-1 (which predicts token i) with token i: per_position
+    (B, T-1), entry j for target token j+1 -> (B, T), entry 0 (the first token, never predicted) zero."""
     return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position], dim=1)
 
 
 def sequence_self_certainty(token_sc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Intuitor's score: the mean self-certainty over a trajectory's sampled tokens.
-
-    token_sc (B, T) aligned with the tokens (see shift_to_tokens), mask (B, T). Returns (B,)."""
+    """Intuitor's score (B,): the mean self-certainty over each trajectory's sampled tokens; token_sc (B, T)
+    aligned with the tokens (see shift_to_tokens), mask (B, T)."""
     return masked_mean(token_sc, mask, dim=1)
 
 
