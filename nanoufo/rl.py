@@ -14,10 +14,9 @@ from nanoufo.parallel import all_reduce_
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over the masked entries (along dim, or all of them); 0 where the mask holds none."""
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -109,9 +108,8 @@ def micro_batches(lengths: list[int], budget: int, padded: bool = False,
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: (r - group mean) / (group std + eps) for scores (B,) laid out group after group.
-
-    The std is the sample std (n - 1), as in the GRPO papers' reference code."""
+    """GRPO: (r - group mean) / (group std + eps) for scores (B,) laid out group after group; the std is the
+    sample std (n - 1), as in the GRPO papers' reference code."""
     assert scores.numel() % group_size == 0, (scores.numel(), group_size)
     groups = scores.view(-1, group_size)  # (B / G, G)
     normalized = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
@@ -128,27 +126,15 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
 
 
 def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
-    """Align a statistic computed at hidden position i-1 (which predicts token i) with token i.
-
-    per_position: (B, T-1), entry j computed from position j for target token j+1. Returns (B, T) with
-    entry 0 (the first token, never predicted) set to zero."""
+    """Align a statistic computed at hidden position i-1 (which predicts token i) with token i: per_position
+    (B, T-1), entry j for target token j+1 -> (B, T), entry 0 (the first token, never predicted) zero."""
     return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position], dim=1)
 
 
 def sequence_self_certainty(token_sc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Intuitor's score: the mean self-certainty over a trajectory's sampled tokens.
-
-    token_sc (B, T) aligned with the tokens (see shift_to_tokens), mask (B, T). Returns (B,)."""
+    """Intuitor's score (B,): the mean self-certainty over each trajectory's sampled tokens; token_sc (B, T)
+    aligned with the tokens (see shift_to_tokens), mask (B, T)."""
     return masked_mean(token_sc, mask, dim=1)
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last masked token, (B,); a row with no masked token raises."""
-    if not bool(mask.any(1).all()):
-        bad = int((~mask.any(1)).nonzero()[0])
-        raise ValueError(f"last_token_index: trajectory {bad} has no sampled token")
-    T = mask.shape[1]
-    return T - 1 - mask.flip(1).to(torch.int8).argmax(1)
 
 
 def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = None,
@@ -171,8 +157,10 @@ def place_rewards(mask: torch.Tensor, episode_rewards: torch.Tensor | None = Non
                 rewards[b, index] += value
         return rewards
     if episode_rewards is not None:
+        if not bool(mask.any(1).all()):
+            raise ValueError(f"place_rewards: trajectory {int((~mask.any(1)).nonzero()[0])} has no sampled token")
         rows = torch.arange(mask.shape[0], device=mask.device)
-        rewards[rows, last_token_index(mask)] = episode_rewards.to(rewards)
+        rewards[rows, trajectory_lengths(mask) - 1] = episode_rewards.to(rewards)  # on each last sampled token
         return rewards
     if turn_rewards is None or turn_spans is None:
         raise ValueError("place_rewards: pass episode_rewards, or turn_rewards with turn_spans")

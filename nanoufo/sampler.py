@@ -64,7 +64,7 @@ class Rollout:
 
     def rows(self, index: list[int]) -> "Rollout":
         """Rows index of the rollout (in that order), cut to the longest of them; the counters kept."""
-        T = max(int(self.lengths[i]) for i in index)
+        T = int(self.lengths[index].max())  # one read, not one per row
 
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
             picked = None if x is None else x[torch.tensor(index, device=x.device)]
@@ -152,6 +152,10 @@ class _Run:
         self.to_resume: list[int] = []  # rows whose next attempt starts after their feedback is prefilled
         self.n_prefill_tokens = self.n_decode_steps = self.n_decode_rows = 0
 
+    def on(self, row: int) -> _Conversation:
+        """The conversation of the episode on a cache row."""
+        return self.conversations[self.episode_of[row]]
+
     def run(self) -> Rollout:
         while True:
             self.admit()
@@ -179,13 +183,12 @@ class _Run:
             self.episode_of[row] = e
             rows.append(row)
         if rows:
-            self.begin(rows, [len(self.conversations[self.episode_of[r]].tokens) for r in rows])
+            self.begin(rows, [len(self.on(r).tokens) for r in rows])
 
     def resume(self) -> None:
         """Prefill each resumed row's last sampled token and its feedback: one call per length (UFO's feedback
         has one or two), so no padding reaches past a row near the end of its cache."""
-        n_new = {r: len(c.tokens) - c.spans[-1][1] + 1
-                 for r, c in ((r, self.conversations[self.episode_of[r]]) for r in self.to_resume)}
+        n_new = {r: len(self.on(r).tokens) - self.on(r).spans[-1][1] + 1 for r in self.to_resume}
         for n in sorted(set(n_new.values())):
             group = [r for r in self.to_resume if n_new[r] == n]
             self.begin(group, [n] * len(group))
@@ -195,7 +198,7 @@ class _Run:
         """Run each row's last n_new tokens through the model into its cache slots, then open its attempt.
         Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
         start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
-        device, tokens = self.decoder.batch.device, [self.conversations[self.episode_of[r]].tokens for r in rows]
+        device, tokens = self.decoder.batch.device, [self.on(r).tokens for r in rows]
         width = max(n_new)
         ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)], device=device)
         starts = torch.tensor([len(t) - n for t, n in zip(tokens, n_new)], device=device)
@@ -211,9 +214,7 @@ class _Run:
     def decode(self, rows: list[tuple[int, int]]) -> None:
         """Steps for the live rows (row, length) until the next stop check: sync_every at most, and no further
         than the first row that reaches its token limit or max_len."""
-        limit = min(min(self.decoder.max_new_tokens - (n - self.conversations[self.episode_of[r]].turn_start),
-                        self.max_len - n)
-                    for r, n in rows)
+        limit = min(min(self.decoder.max_new_tokens - (n - self.on(r).turn_start), self.max_len - n) for r, n in rows)
         n_rows = len(rows)
         padded = n_rows if self.buckets is None else bucket_for(n_rows, self.buckets)
         self.decoder.set_batch([r for r, _ in rows], padded)

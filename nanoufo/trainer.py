@@ -21,7 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -86,39 +86,9 @@ class Batch:
     old_values: torch.Tensor | None = None  # (B, T) critic, UFO PPO only
     returns: torch.Tensor | None = None  # (B, T) GAE targets for the critic
 
-    def rows(self, index: torch.Tensor) -> "Batch":
-        pick = lambda x: None if x is None else x[index]
-        return Batch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
-
-    def columns(self, T: int) -> "Batch":
-        """The first T tokens of every row (a micro-batch's rows end by then)."""
-        pick = lambda x: None if x is None else x[:, :T]
-        return Batch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def _packing(lengths: list[int], T: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of lengths[b] tokens packed end to end, built on the host from the lengths (no device sync):
-    (index (N,) into the flattened (B, T) rows, positions (N,) restarting at 0 for every trajectory,
-    is_last (N,) True on each trajectory's last token, which predicts nothing)."""
-    index = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)])
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    is_last = torch.zeros(len(index), dtype=torch.bool)
-    is_last[torch.tensor(list(accumulate(lengths))) - 1] = True
-    return index.to(device), positions.to(device), is_last.to(device)
-
-
-def _packed_hidden(model: Qwen2, tokens: torch.Tensor, lengths: list[int]):
-    """(hidden (N, H) of the packed trajectories, index, is_last) for a packed forward of tokens (B, T)."""
-    index, positions, is_last = _packing(lengths, tokens.shape[1], tokens.device)
-    hidden = model(tokens.reshape(-1)[index][None], positions[None], seq_lens=lengths)[0]  # (N, H)
-    return hidden, index, is_last
-
-
-def _unpack(per_position: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """A packed statistic (N,), computed at position j for the next token, as (B, T) aligned with the
-    tokens (rl.shift_to_tokens): zero on each row's first token and on the padding."""
-    rows = per_position.new_zeros(B * T).index_put((index,), per_position).view(B, T)  # (B, T)
-    return rl.shift_to_tokens(rows[:, :-1])
+    def rows(self, index: torch.Tensor | slice, T: int | None = None) -> "Batch":
+        """Rows index, cut to their first T tokens (all by default: a micro-batch's rows end by T)."""
+        return Batch(**{k: None if x is None else x[index, :T] for k, x in vars(self).items()})
 
 
 @dataclass
@@ -143,11 +113,21 @@ def prediction_rows(model: Qwen2, tokens: torch.Tensor, lengths: list[int] | Non
         hidden = model(tokens, positions)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
         return PredictionRows(hidden, tokens[:, 1:].reshape(-1), lambda x: x[:, 1:].reshape(-1),
                               lambda s: rl.shift_to_tokens(s.view(B, T - 1)))
-    hidden, index, is_last = _packed_hidden(model, tokens, lengths)
+    # packed: the N tokens' flat indices into (B * T), built on the host from the lengths (no device sync)
+    index = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)]).to(tokens.device)  # (N,)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(tokens.device)  # (N,) from 0 in every trajectory
+    is_last = torch.zeros(len(index), dtype=torch.bool)  # (N,) a trajectory's last token predicts nothing
+    is_last[torch.tensor(list(accumulate(lengths))) - 1] = True
+    is_last = is_last.to(tokens.device)
+    hidden = model(tokens.reshape(-1)[index][None], positions[None], seq_lens=lengths)[0]  # (N, H)
     following = (index + 1).clamp(max=B * T - 1)  # (N,) the flat index of the token each row predicts
     gather = lambda x: x.reshape(-1)[following].masked_fill(is_last, 0)  # noqa: E731
-    return PredictionRows(hidden, gather(tokens).masked_fill(is_last, -100), gather,
-                          lambda s: _unpack(s, index, B, T))
+
+    def scatter(per_row: torch.Tensor) -> torch.Tensor:  # (N,) -> (B, T)
+        rows = per_row.new_zeros(B * T).index_put((index,), per_row).view(B, T)  # (B, T) at the predicting position
+        return rl.shift_to_tokens(rows[:, :-1])
+
+    return PredictionRows(hidden, gather(tokens).masked_fill(is_last, -100), gather, scatter)
 
 
 def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengths: list[int] | None = None):
@@ -167,27 +147,24 @@ def sequence_values(critic: Qwen2, tokens: torch.Tensor, lengths: list[int] | No
     return rows.scatter(values)
 
 
-def micro_batch_rows(cfg: TrainerConfig, lengths: list[int]) -> list[list[int]]:
-    """Runs of rows for one forward each under cfg.micro_batch_tokens (padded rows count at the longest)."""
-    return rl.micro_batches(lengths, cfg.micro_batch_tokens, padded=not cfg.pack_sequences)
+def micro_batches(cfg: TrainerConfig, lengths: list[int]) -> Iterator[tuple[slice, list[int] | None, int]]:
+    """One forward each under cfg.micro_batch_tokens (padded rows count at the longest): (its run of rows,
+    their lengths when packed or None when padded, the longest length)."""
+    for run in rl.micro_batches(lengths, cfg.micro_batch_tokens, padded=not cfg.pack_sequences):
+        sizes = lengths[run[0]:run[-1] + 1]  # runs are consecutive rows
+        yield slice(run[0], run[-1] + 1), sizes if cfg.pack_sequences else None, max(sizes)
 
 
-def in_micro_batches(cfg: TrainerConfig, fn, tokens: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
-    """fn(tokens (b, t), lengths or None) -> (b, t) tensors, run over micro-batches of rows (packed or padded
-    as the config says) and put back together as (B, T) tensors, so the peak memory of no-grad scoring
+def in_micro_batches(cfg: TrainerConfig, fn, tokens: torch.Tensor,
+                     lengths: list[int]) -> tuple[torch.Tensor | None, ...]:
+    """fn(tokens (b, t), lengths or None) -> (b, t) tensors (or None), run over micro-batches of rows (packed or
+    padded as the config says) and put back together as (B, T) tensors, so the peak memory of no-grad scoring
     depends on cfg.micro_batch_tokens, not on the batch."""
-    B, T = tokens.shape
-    outs = None
-    for rows in micro_batch_rows(cfg, lengths):
-        sizes = [lengths[i] for i in rows]
-        t = max(sizes)
-        index = torch.tensor(rows, device=tokens.device)
-        parts = fn(tokens[index, :t], sizes if cfg.pack_sequences else None)
-        if outs is None:
-            outs = [p.new_zeros(B, T) for p in parts]
-        for out, part in zip(outs, parts):
-            out[index, :t] = part
-    return tuple(outs)
+    T = tokens.shape[1]
+    parts = [fn(tokens[rows, :t], packed) for rows, packed, t in micro_batches(cfg, lengths)]
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731  (b, t) -> (b, T)
+    # each output's parts, padded, in row order (the runs are consecutive rows)
+    return tuple(None if out[0] is None else torch.cat([pad(x) for x in out]) for out in zip(*parts))
 
 
 def score_rollout(cfg: TrainerConfig, actor: Qwen2, rollout: Rollout, prm=None) -> tuple[Rollout, dict]:
@@ -214,14 +191,6 @@ def score_rollout(cfg: TrainerConfig, actor: Qwen2, rollout: Rollout, prm=None) 
     if cfg.reward_placement == "last":
         rewards = rl.place_rewards(mask, episode_rewards=scores)
     return dataclasses.replace(rollout, scores=scores, rewards=rewards), stats
-
-
-def kl_reward_penalty(cfg: TrainerConfig, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                      mask: torch.Tensor) -> torch.Tensor:
-    """kl_coef * KL(pi || ref) per sampled token (B, T) when the KL is part of the reward; zeros otherwise."""
-    if ref_logp is None or cfg.kl_in != "reward":
-        return torch.zeros_like(mask)
-    return cfg.kl_coef * rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
 
 
 def dp_group_filter(cfg: TrainerConfig, rollout: Rollout, par: ParallelContext) -> Rollout:
@@ -257,20 +226,21 @@ def build_batch(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwe
     tokens, mask, scores = rollout.tokens, rollout.loss_mask.float(), rollout.scores  # (B, T), (B, T), (B,)
     stats["kept_score"] = scores.mean().item()
 
+    def forwards(t: torch.Tensor, n: list[int] | None) -> tuple:  # (b, t) each: old logp, reference logp, values
+        return (sequence_stats(actor, t, cfg.temperature, n)[0],
+                None if ref is None else sequence_stats(ref, t, cfg.temperature, n)[0],
+                None if critic is None else sequence_values(critic, t, n))
+
     lengths = rl.trajectory_lengths(mask).tolist()  # one host sync; every no-grad forward runs in micro-batches
     with torch.no_grad():
-        old_logp, = in_micro_batches(cfg, lambda t, n: sequence_stats(actor, t, cfg.temperature, n)[:1], tokens,
-                                     lengths)
-        ref_logp = in_micro_batches(cfg, lambda t, n: sequence_stats(ref, t, cfg.temperature, n)[:1], tokens,
-                                    lengths)[0] if ref is not None else None
-        values = in_micro_batches(cfg, lambda t, n: (sequence_values(critic, t, n),), tokens,
-                                  lengths)[0] if critic is not None else None
-    sampler_logp = rollout.logprobs.float()
-    stats["logp_diff_sampler"] = rl.masked_mean((sampler_logp - old_logp).abs(), mask).item()
+        old_logp, ref_logp, values = in_micro_batches(cfg, forwards, tokens, lengths)
+    stats["logp_diff_sampler"] = rl.masked_mean((rollout.logprobs.float() - old_logp).abs(), mask).item()
+    kl_reward = torch.zeros_like(mask)  # (B, T): kl_coef * KL(pi || ref) on the sampled tokens, if in the reward
     if ref_logp is not None:
-        stats["kl_ref"] = rl.masked_mean(rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator), mask).item()
-
-    kl_reward = kl_reward_penalty(cfg, old_logp, ref_logp, mask)  # (B, T), zeros unless the KL is in the reward
+        kl = rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator)  # (B, T)
+        stats["kl_ref"] = rl.masked_mean(kl, mask).item()
+        if cfg.kl_in == "reward":
+            kl_reward = cfg.kl_coef * kl * mask
     if cfg.algorithm == "grpo":  # the KL lowers each episode's score by its sum over the tokens, as in verl
         advantages = rl.group_advantages(scores - kl_reward.sum(1), cfg.n_samples_per_problem)[:, None] * mask
         return Batch(tokens, mask, old_logp, advantages, ref_logp), stats
@@ -291,19 +261,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, frac
 
 
-def _grads_finite_norm(model: Qwen2, max_norm: float) -> float:
-    """Clip in place and return the total norm before clipping (inf/nan when a gradient is not finite);
-    under tensor parallelism it is the norm of the whole model's gradient."""
-    return float(clip_grad_norm_(model, max_norm if max_norm > 0 else math.inf, model.par))
-
-
 def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
     """(policy, value) per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), scaled so that
     averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
     process with the whole minibatch would (parallel.dp_mean_scale)."""
     token_scale = dp_mean_scale(mask.sum(), par)
-    per_token = aggregation == "token-mean"
-    policy_scale = token_scale if per_token else dp_mean_scale((mask.sum(1) > 0).sum(), par)
+    policy_scale = token_scale if aggregation == "token-mean" else dp_mean_scale((mask.sum(1) > 0).sum(), par)
     return (rl.loss_weights(mask, aggregation) * policy_scale,
             rl.loss_weights(mask, "token-mean") * token_scale)
 
@@ -336,18 +299,6 @@ def critic_loss(cfg: TrainerConfig, critic: Qwen2, mb: Batch, weights: torch.Ten
     return loss, {"value_loss": rl.masked_mean(per_token.detach(), mb.mask), "value_clip_frac": clip_frac}
 
 
-def minibatch_losses(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch):
-    """(total loss, metrics, max |logp - old|) for one minibatch in one padded forward: the one-shot update
-    that accumulate_gradients' micro-batches add up to."""
-    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
-    loss, metrics = policy_loss(cfg, actor, mb, policy_w, None)
-    if critic is not None:
-        v_loss, v_metrics = critic_loss(cfg, critic, mb, value_w, None)
-        loss, metrics = loss + v_loss, metrics | v_metrics
-    metrics = {k: float(v) for k, v in metrics.items()}
-    return loss, metrics, metrics.pop("ratio_dev")
-
-
 def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch,
                          lengths: list[int]) -> tuple[torch.Tensor, dict]:
     """Backward of one minibatch's loss in micro-batches of at most cfg.micro_batch_tokens tokens (packed
@@ -357,18 +308,14 @@ def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None,
     Returns (the minibatch's total loss, 0-d detached; metrics as 0-d tensors, token-means over the
     minibatch, plus padding_frac), synchronising nothing: the caller reads them once."""
     policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
+    parts = [(actor, policy_loss, policy_w)] + ([(critic, critic_loss, value_w)] if critic is not None else [])
     total, sums, computed = mb.mask.new_zeros(()), {}, 0
-    for rows in micro_batch_rows(cfg, lengths):
-        sizes = [lengths[i] for i in rows]
-        T = max(sizes)
-        index = torch.tensor(rows, device=mb.tokens.device)
-        micro = mb.rows(index).columns(T)
-        packed = sizes if cfg.pack_sequences else None
-        computed += sum(sizes) if cfg.pack_sequences else len(rows) * T
+    for rows, packed, T in micro_batches(cfg, lengths):
+        micro = mb.rows(rows, T)
+        computed += sum(packed) if packed else (rows.stop - rows.start) * T
         n_tokens = micro.mask.sum()
-        parts = [(actor, policy_loss, policy_w)] + ([(critic, critic_loss, value_w)] if critic is not None else [])
         for model, loss_fn, weights in parts:
-            loss, metrics = loss_fn(cfg, model, micro, weights[index, :T], packed)
+            loss, metrics = loss_fn(cfg, model, micro, weights[rows, :T], packed)
             loss.backward()  # frees this model's activations before the next forward
             total = total + loss.detach()
             for k, v in metrics.items():
@@ -391,30 +338,26 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
     for model in models.values():
         model.checkpoint_activations = cfg.checkpoint_activations
     generator = torch.Generator().manual_seed(seed)
-    B = batch.tokens.shape[0]
     lengths = rl.trajectory_lengths(batch.mask).tolist()  # one host sync for the whole update
-    micro_batch_rows(cfg, lengths)  # a budget below the longest trajectory fails here, before any forward
-    sums, n_updates, skipped, first_ratio_dev = {}, 0, 0, None
+    rl.micro_batches(lengths, cfg.micro_batch_tokens)  # a budget below the longest trajectory fails before any forward
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    sums, n_updates, skipped, ratio_devs = {}, 0, 0, []
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=generator)
-        for start in range(0, B, cfg.minibatch_size):
-            rows = order[start:start + cfg.minibatch_size]
+        for rows in torch.randperm(len(batch.tokens), generator=generator).split(cfg.minibatch_size):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(rows.to(batch.tokens.device)),
                                                  [lengths[i] for i in rows.tolist()])
+            metrics["loss"] = loss
             metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch
-            ratio_dev = metrics.pop("ratio_dev")
-            first_ratio_dev = ratio_dev if first_ratio_dev is None else first_ratio_dev
-            finite = all_ranks_true(bool(torch.isfinite(loss)), actor.par)  # DP ranks skip together or not at all
-            if finite:
-                norms = {}
+            ratio_devs.append(metrics.pop("ratio_dev"))
+            finite = all_ranks_true(math.isfinite(metrics["loss"]), actor.par)  # DP ranks skip together or not at all
+            if finite:  # clipped in place; the norm before clipping is the whole model's under TP
                 for name, model in models.items():
                     if grad_hook is not None:
                         grad_hook(model)
-                    norms[name] = _grads_finite_norm(model, cfg.grad_clip)
-                finite = all(math.isfinite(n) for n in norms.values())
-                metrics |= {f"grad_norm/{name}": n for name, n in norms.items()}
+                    metrics[f"grad_norm/{name}"] = float(clip_grad_norm_(model, max_norm, model.par))
+                finite = all(math.isfinite(metrics[f"grad_norm/{name}"]) for name in models)
             if not finite:  # skip: the weights and optimizer moments are left untouched
                 skipped += 1
                 for opt in optimizers.values():
@@ -422,12 +365,11 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
                 continue
             for opt in optimizers.values():
                 opt.step()
-            metrics["loss"] = loss.item()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1
     out = {k: v / n_updates for k, v in sums.items()} if n_updates else {}
-    return out | {"updates": n_updates, "skipped_updates": skipped, "first_ratio_dev": first_ratio_dev}
+    return out | {"updates": n_updates, "skipped_updates": skipped, "first_ratio_dev": ratio_devs[0]}
 
 
 def make_optimizers(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:

@@ -17,8 +17,9 @@ from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers, minibatch_losses,
-                             ppo_update, sequence_stats, sequence_values)
+from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers, ppo_update,
+                             sequence_stats, sequence_values)
+from trainer_utils import minibatch_losses
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

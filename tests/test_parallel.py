@@ -116,7 +116,8 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     from dataclasses import replace
     from nanoufo.config import AGGREGATIONS, TrainConfig
     from nanoufo.parallel import average_gradients
-    from nanoufo.trainer import TrainerConfig, minibatch_losses, ppo_update
+    from nanoufo.trainer import TrainerConfig, ppo_update
+    from trainer_utils import minibatch_losses
     from nanoufo.weights import load_model, save_model
     tp_par = init_parallel(tp=2, timeout_s=60)
     errors = {}

@@ -14,8 +14,9 @@ from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.rollout import run_episodes
-from nanoufo.trainer import (Batch, TrainerConfig, build_batch, make_optimizers, minibatch_losses, ppo_update,
-                             score_rollout, sequence_stats, value_loss)
+from nanoufo.trainer import (Batch, TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout,
+                             sequence_stats, value_loss)
+from trainer_utils import minibatch_losses
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

@@ -1,0 +1,22 @@
+"""The one-shot PPO minibatch loss the tests hold nanoufo.trainer.accumulate_gradients to: the whole minibatch
+in one padded forward per model, with the same per-token weights, so its gradients are what the
+micro-batches must add up to.
+
+    loss, metrics, ratio_dev = minibatch_losses(cfg, actor, critic, batch)
+    loss.backward()
+
+Not a test file; its users: python -m pytest -q tests/test_micro_batches.py tests/test_trainer.py
+tests/test_parallel.py
+"""
+from nanoufo.trainer import Batch, TrainerConfig, critic_loss, minibatch_weights, policy_loss
+
+
+def minibatch_losses(cfg: TrainerConfig, actor, critic, mb: Batch):
+    """(total loss, metrics as floats, max |logp - old|) for one minibatch, unpacked and unsplit."""
+    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
+    loss, metrics = policy_loss(cfg, actor, mb, policy_w, None)
+    if critic is not None:
+        v_loss, v_metrics = critic_loss(cfg, critic, mb, value_w, None)
+        loss, metrics = loss + v_loss, metrics | v_metrics
+    metrics = {k: float(v) for k, v in metrics.items()}
+    return loss, metrics, metrics.pop("ratio_dev")
