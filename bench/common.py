@@ -11,6 +11,7 @@ preset.prompt_len (the range of GSM8K questions under the Qwen2.5 template: a sh
 seeded. Feedback policy: every attempt is judged wrong, so all `turns` attempts run; no stop token is
 honoured, so every attempt samples exactly max_new_tokens; the feedback turn is a fixed run of
 FEEDBACK_LEN ids (the Qwen2.5 template's "Try again." turn after an attempt closed by <|im_end|> is 12).
+Test (each benchmark on the tiny preset): python -m pytest -q tests/test_bench_e2e.py
 """
 import argparse
 import gc

@@ -6,6 +6,7 @@
 A config file is a small Python file that assigns known keys (`max_turns = 5`); it is run with runpy and
 every name it defines is checked against the fields below. Command-line values are converted with the
 field's type. Unknown keys, wrong types and impossible combinations fail before any work starts.
+Tests: python -m pytest -q tests/test_config.py
 """
 import dataclasses
 import difflib

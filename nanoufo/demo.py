@@ -23,6 +23,7 @@ digits it has not tried, or, with probability WARMUP_FORGET, among all of them. 
 range and a weak habit of not repeating, which RL then has to strengthen. Why not an independent guesser:
 from one the model never learns to look at its earlier attempts, and RL from there did not find that
 either (README). Even the careful guesser's habit only appears after about 1,500 warm-up steps.
+Tests: python -m pytest -q tests/test_demo.py
 """
 import random
 import string
