@@ -127,15 +127,16 @@ def warmup_episode(env, tokenizer, problem: Problem, rng: random.Random, max_tur
     return ids, mask
 
 
-def warmup(model: Qwen2, env: UFOEnv, problems: list[Problem], cfg: TrainConfig) -> float:
-    """cfg.warmup_steps supervised steps on forgetful-guesser episodes (a progress bar); returns the last loss."""
-    rng, steps, lr = random.Random(cfg.seed), cfg.warmup_steps, cfg.warmup_lr
+def warmup(model: Qwen2, env: UFOEnv, problems: list[Problem], steps: int, lr: float, max_turns: int,
+           seed: int) -> float:
+    """Supervised steps on forgetful-guesser episodes (a progress bar); returns the last loss."""
+    rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc="warm-up")
     for step in bar:
-        episodes = [warmup_episode(env, env.tokenizer, rng.choice(problems), rng, cfg.max_turns)
+        episodes = [warmup_episode(env, env.tokenizer, rng.choice(problems), rng, max_turns)
                     for _ in range(WARMUP_BATCH)]
         tokens = pad_sequence([torch.tensor(ids) for ids, _ in episodes], batch_first=True,
                               padding_value=env.tokenizer.pad_token_id)  # (B, T)
@@ -165,7 +166,7 @@ def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, env: 
         return
     if par.is_main:
         model = build_model(len(env.tokenizer), cfg.seed).to(par.device)
-        loss = warmup(model, env, problems, cfg)
+        loss = warmup(model, env, problems, cfg.warmup_steps, cfg.warmup_lr, cfg.max_turns, cfg.seed)
         print(f"warm-up: {cfg.warmup_steps} steps, final loss {loss:.4f}; saved to {warmup_dir}")
         save_model(model, warmup_dir)
     barrier(par)
