@@ -8,7 +8,8 @@ form. The backward is kernels/token_stats_grad.py; what both share is kernels/so
 How it works: each row of a vocab slice reduces to five partial statistics of z = logits / T (m = max z,
 s = sum e^(z - m), a = sum (z - m) e^(z - m), b = sum z, z_target), which merge exactly across slices; then
 lse = m + log s, logp = z_y - lse, entropy = -sum p log p = log s - a/s, self-certainty = lse - b/V
-(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V); the backward needs lse and mu = m + a/s.
+(= KL(U || p) + log V, U uniform over the FULL vocabulary of size V). The backward needs only lse and
+mu = E_p[z] = m + a/s per row, so a vocab-parallel rank differentiates its own slice with no communication.
 
 When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
 kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
