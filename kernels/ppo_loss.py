@@ -245,6 +245,7 @@ class _PPOLossTriton(torch.autograd.Function):
             float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
             HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
             STORE_GRAD=store_grad, BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
+        # loss (), metrics (6,): clip .. entropy, then the norm; row_scale (B,)
         loss, metrics, row_scale = (torch.empty(size, dtype=acc, device=logp.device) for size in ((), 6, n_rows))
         _ppo_loss_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
                                       AGG=AGGREGATIONS[cfg.aggregation], ROWS=FINISH_TILE,
