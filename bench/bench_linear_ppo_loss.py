@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench_token_stats import ON_GPU, V_REAL
-from kernels.linear_ppo_loss import linear_ppo_loss, linear_ppo_loss_reference
+from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss, linear_ppo_loss_reference
 
 SHAPES = [(n, h, V_REAL) for h in (2048, 3584) for n in (1024, 4096, 16384)] if ON_GPU else [(32, 64, 500)]
 IMPLS = ["nanoufo", "gemm-only", "eager", "compile", "liger-grpo"]

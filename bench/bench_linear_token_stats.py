@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench_token_stats import ON_GPU, V_REAL, eager_token_stats
-from kernels.linear_token_stats import linear_token_stats
+from nanoufo.kernels.linear_token_stats import linear_token_stats
 
 SHAPES = [(n, h, V_REAL) for h in (2048, 3584) for n in (1024, 4096, 16384)] if ON_GPU else [(32, 64, 500)]
 IMPLS = ["nanoufo", "gemm-only", "eager", "compile", "liger-flce"]

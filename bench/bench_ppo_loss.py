@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import torch
 
-from kernels.ppo_loss import ppo_loss
+from nanoufo.kernels.ppo_loss import ppo_loss
 
 ON_GPU = torch.cuda.is_available()
 SHAPES = [(16, 1024), (256, 4096), (512, 8192)] if ON_GPU else [(8, 256)]

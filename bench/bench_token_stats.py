@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 
-from kernels.token_stats import token_stats
+from nanoufo.kernels.token_stats import token_stats
 
 ON_GPU = torch.cuda.is_available()
 V_REAL = 151936  # Qwen2.5's vocabulary in the weights

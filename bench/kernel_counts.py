@@ -159,7 +159,7 @@ def sass_report(source: str | None, kernel_name: str) -> dict:
         spec.loader.exec_module(module)
     else:  # the forward's kernels, or the backward's (kernels/token_stats_grad.py)
         source = "kernels/token_stats_grad.py" if "_grad_" in kernel_name else "kernels/token_stats.py"
-        module = importlib.import_module(source[:-3].replace("/", "."))
+        module = importlib.import_module("nanoufo." + source[:-3].replace("/", "."))
     kernel = getattr(module, kernel_name)
     k = 8
     constexprs = dict(BLOCK=BLOCK, K=k, GROUPS=BLOCK // (2 * k), SPLIT=1, DEBUG=False, BF16_PAIRS=True, ACC=tl.float32,
@@ -178,7 +178,7 @@ def count(fn) -> Counts:
 
 def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, device: str = "cpu") -> dict:
     """Launches and syncs of one token_stats forward and backward (bf16 logits, the Triton path)."""
-    from kernels import token_stats
+    from nanoufo.kernels.token_stats import token_stats
     logits = torch.randn(n, v, dtype=torch.bfloat16, device=device, requires_grad=True)
     targets = torch.randint(0, v, (n,), device=device)
     split = {} if num_splits is None else dict(num_splits=num_splits)
@@ -193,7 +193,7 @@ def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, 
 
 def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:
     """Launches and syncs of one PPO loss forward and backward (k3 KL and entropy on, the Triton path)."""
-    from kernels import ppo_loss
+    from nanoufo.kernels.ppo_loss import ppo_loss
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(b, t, generator=gen)
     old, ref = logp + 0.1 * torch.randn(b, t, generator=gen), logp + 0.1 * torch.randn(b, t, generator=gen)
@@ -211,19 +211,18 @@ def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:
 def head_flops(n: int = 16, h: int = 32, v: int = 300) -> list[dict]:
     """Matmul FLOPs of forward + backward, in units of N H V: the head fused with the PPO loss, and the
     statistics-only fused head (whose backward recomputes the logits)."""
-    import kernels
+    from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss
+    from nanoufo.kernels.linear_token_stats import linear_token_stats
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h, requires_grad=True) / h ** 0.5
     weight = weight.detach().requires_grad_()
     targets = torch.randint(0, v, (n,))
-    rows = []
-    if hasattr(kernels, "linear_ppo_loss"):
-        old, adv, mask = -torch.rand(n), torch.randn(n), torch.rand(n) > 0.2
-        step = lambda: kernels.linear_ppo_loss(hidden, weight, targets, old, adv, mask, mask.float() / mask.sum(),
-                                               entropy_coef=0.01, chunk_rows=n // 2, impl="torch")[0].backward()
-        rows.append(("linear_ppo_loss", count(step)))
-    step = lambda: sum(o.sum() for o in kernels.linear_token_stats(hidden, weight, targets, chunk_size=v // 3,
-                                                                     impl="torch")).backward()
+    old, adv, mask = -torch.rand(n), torch.randn(n), torch.rand(n) > 0.2
+    step = lambda: linear_ppo_loss(hidden, weight, targets, old, adv, mask, mask.float() / mask.sum(),
+                                   entropy_coef=0.01, chunk_rows=n // 2, impl="torch")[0].backward()
+    rows = [("linear_ppo_loss", count(step))]
+    step = lambda: sum(o.sum() for o in linear_token_stats(hidden, weight, targets, chunk_size=v // 3,
+                                                             impl="torch")).backward()
     rows.append(("linear_token_stats", count(step)))
     return [dict(op=name, n=n, h=h, v=v, matmul_flops=c.flops, per_nhv=c.flops / (n * h * v)) for name, c in rows]
 

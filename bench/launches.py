@@ -149,7 +149,7 @@ def forbidding_host_syncs():
 
 def main(argv: list[str] | None = None) -> dict:
     from common import PRESETS, mid_attempt_decoder
-    from kernels.dispatch import interpreting
+    from nanoufo.kernels.dispatch import interpreting
     from nanoufo.model import Qwen2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1.5b", help="whose layer shapes")

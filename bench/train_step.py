@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from common import (build_model, free_memory, hbm_and_flops, hf_twin, parse_args, peak_memory_gib, ratio, report,
                     reset_peak_memory, synthetic_rollout, timed)
-from kernels.linear_ppo_loss import linear_ppo_loss_reference
-from kernels.linear_token_stats import linear_token_stats_reference
+from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss_reference
+from nanoufo.kernels.linear_token_stats import linear_token_stats_reference
 from nanoufo import trainer
 from nanoufo.config import TrainConfig, validate
 from nanoufo.model import QwenConfig

@@ -6,7 +6,7 @@ it loads the query heads that share this KV head (GQA) and runs an online softma
 a partial output with its running max and sum. Pass 2 merges the splits of each (query token, head).
 Splitting keeps the GPU busy when batch x KV heads is small and the context long.
 
-    from kernels.decode_attention import decode_attention
+    from nanoufo.kernels.decode_attention import decode_attention
     out = decode_attention(q, k_cache, v_cache, position_ids, cache_rows)  # (B, T, Hq, D)
 
 Same result as nanoufo.model.attention's SDPA path with cache_rows. With a single split, pass 1 writes
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import pick_impl
+from nanoufo.kernels.dispatch import pick_impl
 
 SPLIT_LEN = 256  # cache slots per pass-1 program: a 4k context is 16 programs per (token, KV head), enough to
                  # fill a GPU at a small batch, and each still runs 4 steps of BLOCK_S to amortise its q load

@@ -3,7 +3,7 @@ weights, the PPO loss and its gradients w.r.t. hidden and weight, without ever h
 and without recomputing them: 6 N H V matmul FLOPs (forward GEMM, then the grad-hidden and grad-weight
 GEMMs), where the statistics-only head (kernels/linear_token_stats.py) needs 8.
 
-    from kernels.linear_ppo_loss import linear_ppo_loss
+    from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss
     loss, metrics, logp = linear_ppo_loss(hidden, weight, targets, old_logp, advantages, mask, weights,
                                           ref_logp=ref_logp, kl_coef=0.005, entropy_coef=0.001)
 
@@ -26,12 +26,12 @@ Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """
 import torch
 
-from kernels.dispatch import acc_dtype, debug_mode, pick_impl
-from kernels.linear_token_stats import check_head, mm_acc
-from kernels.ppo_loss import ppo_loss
-from kernels.softmax_stats import SliceConfig
-from kernels.token_stats import check_targets_shape, finished_stats, token_stats
-from kernels.token_stats_grad import token_stats_grad
+from nanoufo.kernels.dispatch import acc_dtype, debug_mode, pick_impl
+from nanoufo.kernels.linear_token_stats import check_head, mm_acc
+from nanoufo.kernels.ppo_loss import ppo_loss
+from nanoufo.kernels.softmax_stats import SliceConfig
+from nanoufo.kernels.token_stats import check_targets_shape, finished_stats, token_stats
+from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
 

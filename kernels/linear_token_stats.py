@@ -7,7 +7,7 @@ ranks do. The backward recomputes each chunk, turns it into the logits gradient 
 for the tensor cores) and feeds two matmuls: grad_hidden += dz @ W_chunk (fp32 accumulator) and
 grad_W[chunk] = dz.T @ hidden (fp32 accumulation, one rounding). Cost: 8*N*H*V FLOPs forward+backward.
 
-    from kernels import linear_token_stats
+    from nanoufo.kernels.linear_token_stats import linear_token_stats
     logp, entropy, sc = linear_token_stats(hidden, model.lm_head_weight, targets, temperature=1.0)
 
 Vocab-parallel: pass the rank's weight slice, its vocab_start and the group. The hidden gradient is
@@ -21,10 +21,10 @@ from functools import partial
 
 import torch
 
-from kernels.dispatch import acc_dtype, pick_impl
-from kernels.softmax_stats import SliceConfig, merge_partial_stats
-from kernels.token_stats import TokenStatsFn, check_targets_shape, finish_slice, partial_stats, token_stats
-from kernels.token_stats_grad import token_stats_grad
+from nanoufo.kernels.dispatch import acc_dtype, pick_impl
+from nanoufo.kernels.softmax_stats import SliceConfig, merge_partial_stats
+from nanoufo.kernels.token_stats import TokenStatsFn, check_targets_shape, finish_slice, partial_stats, token_stats
+from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
 

@@ -1,7 +1,7 @@
 """The PPO policy loss over (B, T) token tensors in one pass, with its metrics: a Triton kernel and a
 plain PyTorch reference.
 
-    from kernels import ppo_loss
+    from nanoufo.kernels.ppo_loss import ppo_loss
     loss, metrics = ppo_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=0.005)
 
 Per token where mask is nonzero (masked tokens are never read, so they may hold anything):
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
+from nanoufo.kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
 
 # The log-ratios inside exp (logp - old for the ratio, ref - logp for the k3 KL) are clamped to +-20, so exp
 # stays finite in fp32 (e^20 ~ 5e8, and so does its product with an advantage) for a token whose log-prob moved

@@ -1,7 +1,7 @@
 """RMSNorm with the residual add fused in, for the decode path: one Triton program per token reads the
 hidden state x and the branch output to add, writes the new residual stream and its normalised copy.
 
-    from kernels.rms_norm import add_rms_norm
+    from nanoufo.kernels.rms_norm import add_rms_norm
     normed, residual = add_rms_norm(x, weight, eps, add=branch)  # residual = x + branch; normed = RMSNorm(it)
     normed, _ = add_rms_norm(x, weight, eps)                      # a plain RMSNorm (residual is x)
 
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import pick_impl
+from nanoufo.kernels.dispatch import pick_impl
 
 
 def add_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -3,7 +3,7 @@ Triton program per token rotates the query heads (written to q), rotates the key
 with the value heads, into the cache at row cache_rows[b], slot position_ids[b, t] (a token's position is
 its cache slot). This replaces ~10 elementwise launches (rotating q and k) and the copy into the cache.
 
-    from kernels.rope_kv_append import rope_kv_append
+    from nanoufo.kernels.rope_kv_append import rope_kv_append
     q = rope_kv_append(qkv, cos, sin, k_cache, v_cache, cache_rows, position_ids, n_q_heads)  # (B, T, Hq, D)
 
 qkv (B, T, (Hq + 2 Hkv) D) is [q heads | k heads | v heads]; cos, sin (B, T, 1, D) are
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import pick_impl
+from nanoufo.kernels.dispatch import pick_impl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

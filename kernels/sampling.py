@@ -12,7 +12,7 @@ The log-prob is z_token - lse under the temperature-scaled distribution, NOT the
 (what the trainer's own forward computes). Temperature 0 is greedy: the argmax, with its log-prob under
 the untempered (temperature 1) distribution.
 
-    from kernels.sampling import sample
+    from nanoufo.kernels.sampling import sample
     tokens, logprobs = sample(logits, temperature=1.0, top_p=0.9, seed=step_seed, noise_ids=rows)  # (N,), (N,)
 
 `sample_reference` draws its uniforms from torch generators (the same distribution, other draws); given
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import pick_impl
+from nanoufo.kernels.dispatch import pick_impl
 
 SEARCH_WAYS = 16  # thresholds tested per pass over the row: each pass cuts the interval 17-fold for one read
 SEARCH_ROUNDS = 8  # passes: the interval shrinks from 81 nats to 81 / 17^8 ~ 1e-8, below fp32 spacing

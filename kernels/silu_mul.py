@@ -1,7 +1,7 @@
 """SwiGLU's activation in one pass: silu(gate) * up from the merged gate/up projection's output, for the
 decode path. One Triton program per (token, block of features).
 
-    from kernels.silu_mul import silu_mul
+    from nanoufo.kernels.silu_mul import silu_mul
     act = silu_mul(gate_up)  # gate_up (..., 2 * I) = [gate | up] -> (..., I)
 
 Rounding follows F.silu(gate) * up in the input dtype: silu in fp32 rounded to the dtype, then the product.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import pick_impl
+from nanoufo.kernels.dispatch import pick_impl
 
 BLOCK = 1024  # features per program: 8 per thread at 4 warps; a wider row takes several programs (a 2D grid)
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import acc_dtype
+from nanoufo.kernels.dispatch import acc_dtype
 
 M, S, A, B, ZY = range(5)  # rows of a (5, N) statistics tensor
 LOG2E = 1.4426950408889634  # e^x = 2^(x log2 e): exp2 is the GPU's native exponential (one MUFU op)

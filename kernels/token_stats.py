@@ -2,7 +2,7 @@
 entropy and the self-certainty, in one pass over the logits; a plain PyTorch reference; the vocab-parallel
 form. The backward is kernels/token_stats_grad.py; what both share is kernels/softmax_stats.py.
 
-    from kernels import token_stats
+    from nanoufo.kernels.token_stats import token_stats
     logp, entropy, self_certainty = token_stats(logits, targets, temperature=0.7)   # each (N,) fp32
 
 How it works: each row of a vocab slice reduces to five partial statistics of z = logits / T (m = max z,
@@ -32,10 +32,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
-from kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, bf16_pairs, block_of, lane_rescale,
+from nanoufo.kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
+from nanoufo.kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, bf16_pairs, block_of, lane_rescale,
                                    lanes, owned_targets, rescale, row_stats, scaled_logits, split_width, splits_of)
-from kernels.token_stats_grad import token_stats_grad
+from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters: 1024 rows at least, so few batches regrow them
 

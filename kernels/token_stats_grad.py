@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import TL_ACC
-from kernels.softmax_stats import (LOG2E, LOG2E_TL, NEG_FINITE, SliceConfig, block_of, exp2_acc, owned_targets,
+from nanoufo.kernels.dispatch import TL_ACC
+from nanoufo.kernels.softmax_stats import (LOG2E, LOG2E_TL, NEG_FINITE, SliceConfig, block_of, exp2_acc, owned_targets,
                                    scaled_logits, split_width, splits_of)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.sampling import sample
+from nanoufo.kernels.sampling import sample
 from nanoufo.model import KVCache, Qwen2
 from nanoufo.parallel import all_gather_vocab
 

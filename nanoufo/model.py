@@ -27,11 +27,11 @@ from torch.utils.checkpoint import checkpoint
 from nanoufo.parallel import (SINGLE, ColumnParallelLinear, ParallelContext, RowParallelLinear, VocabParallelEmbedding,
                               check_tp_split, copy_to_tp, hf_tensors)
 
-from kernels.decode_attention import decode_attention
-from kernels.dispatch import pick_impl
-from kernels.rms_norm import add_rms_norm
-from kernels.rope_kv_append import apply_rotary, rope_kv_append, split_qkv
-from kernels.silu_mul import silu_mul
+from nanoufo.kernels.decode_attention import decode_attention
+from nanoufo.kernels.dispatch import pick_impl
+from nanoufo.kernels.rms_norm import add_rms_norm
+from nanoufo.kernels.rope_kv_append import apply_rotary, rope_kv_append, split_qkv
+from nanoufo.kernels.silu_mul import silu_mul
 
 try:  # optional fast path on GPUs; the SDPA path below is the reference
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

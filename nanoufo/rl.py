@@ -8,7 +8,7 @@ aligned with the tokens: entry i belongs to token i (whose log-prob comes from t
 import torch
 import torch.distributed as dist
 
-from kernels.ppo_loss import LOG_RATIO_CLAMP
+from nanoufo.kernels.ppo_loss import LOG_RATIO_CLAMP
 from nanoufo.parallel import all_reduce_
 
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)

@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from kernels import linear_ppo_loss, linear_token_stats
+from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss
+from nanoufo.kernels.linear_token_stats import linear_token_stats
 from nanoufo import rl
 from nanoufo.model import Qwen2
 from nanoufo.optim import adamw

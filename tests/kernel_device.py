@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from kernels.dispatch import interpreting
+from nanoufo.kernels.dispatch import interpreting
 
 DEVICE = os.environ.get("NANOUFO_TEST_DEVICE", "cpu")
 if DEVICE not in ("cpu", "cuda") or (DEVICE == "cuda" and not torch.cuda.is_available()):

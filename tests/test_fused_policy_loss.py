@@ -7,7 +7,7 @@ packed, in the loss, the metrics and the gradients of every actor parameter.
 import pytest
 import torch
 
-from kernels import ppo_loss
+from nanoufo.kernels.ppo_loss import ppo_loss
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2

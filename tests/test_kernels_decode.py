@@ -11,12 +11,12 @@ import triton
 import triton.language as tl
 
 from kernel_device import DEVICE, gpu_only, needs_triton
-from kernels.decode_attention import BLOCK_S, SPLIT_LEN, decode_attention_reference, decode_attention_triton
-from kernels.rms_norm import add_rms_norm_reference, add_rms_norm_triton
-from kernels.rope_kv_append import rope_kv_append_reference, rope_kv_append_triton
-from kernels.silu_mul import silu_mul_reference, silu_mul_triton
+from nanoufo.kernels.decode_attention import BLOCK_S, SPLIT_LEN, decode_attention_reference, decode_attention_triton
+from nanoufo.kernels.rms_norm import add_rms_norm_reference, add_rms_norm_triton
+from nanoufo.kernels.rope_kv_append import rope_kv_append_reference, rope_kv_append_triton
+from nanoufo.kernels.silu_mul import silu_mul_reference, silu_mul_triton
 from nanoufo.model import attention, rotary_cos_sin
-from kernels.sampling import sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
+from nanoufo.kernels.sampling import sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
 
 pytestmark = needs_triton
 # fp32: IEEE dots, exact to rounding. bf16 (against the fp32 reference on the same bf16 inputs): the kernel

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernel_device import DEVICE, needs_triton
-from kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
-from kernels.token_stats import token_stats
+from nanoufo.kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
+from nanoufo.kernels.token_stats import token_stats
 from test_kernels_linear_ppo import check_vocab_parallel
 from test_kernels_token_stats import IGNORE, oracle
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from kernel_device import DEVICE, needs_triton
-from kernels.linear_ppo_loss import linear_ppo_loss, linear_ppo_loss_reference
+from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss, linear_ppo_loss_reference
 
 GRAD_REL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
 OPTIONS = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kernel_device import DEVICE, ON_GPU, needs_triton
-from kernels.dispatch import interpreting
-from kernels.ppo_loss import ppo_loss
+from nanoufo.kernels.dispatch import interpreting
+from nanoufo.kernels.ppo_loss import ppo_loss
 
 TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 kernel vs float64 reference: one fp32 pass, short sums
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kernel_device import DEVICE, needs_triton
-from kernels.dispatch import pick_impl
-from kernels.token_stats import token_stats
+from nanoufo.kernels.dispatch import pick_impl
+from nanoufo.kernels.token_stats import token_stats
 
 IGNORE = -100
 # Both paths do fp32 math on the same rounded inputs, so the statistics agree to fp32 accuracy for

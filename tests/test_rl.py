@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels import ppo_loss, token_stats
+from nanoufo.kernels.ppo_loss import ppo_loss
+from nanoufo.kernels.token_stats import token_stats
 from nanoufo import rl
 
 

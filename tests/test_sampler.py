@@ -10,7 +10,7 @@ keeps this file fast.
 import pytest
 import torch
 
-from kernels.dispatch import interpreting
+from nanoufo.kernels.dispatch import interpreting
 from nanoufo.env import UFOEnv
 from nanoufo.sampler import generate
 from nanoufo.weights import load_model
