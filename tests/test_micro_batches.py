@@ -17,8 +17,8 @@ from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers, ppo_update,
-                             sequence_stats, sequence_values)
+from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers,
+                             minibatch_weights, ppo_update, sequence_stats, sequence_values)
 from trainer_utils import minibatch_losses
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -162,6 +162,14 @@ def _dp_accumulation() -> dict:
         got = grads(actor, critic)
         assert len(got) == len(want)
         errors[aggregation] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item() for g, w in zip(got, want))
+    # by hand, with an empty row on rank 0: rows of 3 and 0 tokens here, of 2 and 1 on rank 1. Averaged over
+    # the 2 ranks the weights are, per token, 1 / (its row's tokens x 3 rows with tokens) for seq-mean and
+    # 1 / 6 tokens for token-mean (the value loss's)
+    mask = torch.tensor([[1.0, 1, 1], [0, 0, 0]] if par.dp_rank == 0 else [[1.0, 1, 0], [1, 0, 0]])
+    want = torch.tensor([[1 / 9] * 3, [0] * 3] if par.dp_rank == 0 else [[1 / 6, 1 / 6, 0], [1 / 3, 0, 0]])
+    policy, value = minibatch_weights(mask, "seq-mean", par)
+    errors["seq_mean_weights_with_an_empty_row"] = (policy / par.dp_size - want).abs().max().item()
+    errors["token_mean_weights_with_an_empty_row"] = (value / par.dp_size - mask / 6).abs().max().item()
     return errors
 
 

@@ -75,6 +75,17 @@ def test_items_without_steps_or_too_long_score_none(prm):
     assert scorer.response_scores(["q"], [" \n\n "], "min") == [None]
 
 
+def test_an_input_exactly_as_long_as_the_context_is_scored_and_one_token_more_is_not(prm):
+    path, reference = prm
+    scorer = PRMScorer.load(path)
+    n = len(scorer.input_ids(QUESTIONS[1], STEPS[1]))
+    scorer.model.config.max_position_embeddings = n
+    got = scorer.step_scores(QUESTIONS[1:2], STEPS[1:2])[0]
+    assert got is not None and (got - reference(scorer.input_ids(QUESTIONS[1], STEPS[1]))).abs().max() < TOL
+    scorer.model.config.max_position_embeddings = n - 1
+    assert scorer.step_scores(QUESTIONS[1:2], STEPS[1:2]) == [None]
+
+
 def test_prm_checkpoint_round_trips(prm, tmp_path):
     path, reference = prm
     model = load_model(path)
