@@ -1,7 +1,8 @@
 """build_batch (nanoufo/trainer.py) on a hand-made rollout whose every number is worked out below: the group
 filter, rewards placed at the last token or per turn, the KL penalty to a reference that differs from the
-actor, GAE, whitening and GRPO's group advantages. The models' statistics are fixed functions of the tokens
-(the forwards are tested in test_trainer.py), so only the wiring between the RL pieces is under test.
+actor, GAE, whitening and GRPO's group advantages (with the KL in the reward: its sampled tokens only). The
+models' statistics are fixed functions of the tokens (the forwards are tested in test_trainer.py), so only the
+wiring between the RL pieces is under test.
 
     python -m pytest -q tests/test_build_batch.py
 """

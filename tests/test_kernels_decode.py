@@ -1,5 +1,6 @@
 """The decode kernels (RoPE + KV append, fused add + RMSNorm, SiLU-multiply, flash-decoding attention,
-sampling) against their PyTorch references;
+sampling) against their PyTorch references; the sampling kernel's own token frequencies against the exact
+top-p distribution on both sides of a boundary, and the independence of its noise streams;
 the bf16 decode attention only where the kernels are compiled (tests/kernel_device.py).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py               # CPU

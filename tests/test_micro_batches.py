@@ -1,6 +1,7 @@
 """Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/trainer.py,
 nanoufo/rl.py): accumulated gradients equal the one-shot minibatch's for every aggregation, packed or
-padded, in one process and under DP=2 on gloo; packed statistics equal the padded ones; scoring's largest
+padded, in one process and under DP=2 on gloo (and the DP weights by hand with an empty row); packed
+statistics equal the padded ones, the values read where the critic's forward puts them; scoring's largest
 tensor does not grow with the batch; the vectorised GAE equals the step-by-step loop.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_micro_batches.py
@@ -109,6 +110,10 @@ def test_packed_statistics_and_values_equal_the_padded_ones():
     for p, q in zip(packed, padded):
         assert (p - q)[valid].abs().max() < 1e-5
         assert torch.all(p[~valid] == 0)  # nothing is computed past a trajectory's end
+    with torch.no_grad():  # independently: token i's value is the critic's at position i - 1, the state before it
+        T = batch.tokens.shape[1]
+        direct = critic.values(critic(batch.tokens, torch.arange(T).expand_as(batch.tokens)))  # (B, T)
+    assert (padded[3][:, 1:] - direct[:, :-1])[valid[:, 1:]].abs().max() < 1e-5 and torch.all(padded[3][:, 0] == 0)
 
 
 @pytest.mark.parametrize("pack", [True, False])

@@ -1,4 +1,5 @@
-"""Tensor and data parallelism on CPU: 2 gloo processes launched inside pytest (tests/distributed_utils.py).
+"""Tensor and data parallelism on CPU: 2 gloo processes launched inside pytest (tests/distributed_utils.py);
+gradient clipping by hand in one process.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_parallel.py
 

@@ -1,7 +1,8 @@
 """Process reward models (nanoufo/prm.py and the PRM head in nanoufo/model.py) on a tiny random PRM written
 in Qwen2.5-Math-PRM's Hugging Face layout (tests/prm_utils.py): step scores against transformers'
 Qwen2Model plus the same head, single, batched and packed, and under TP=2 on gloo; saving; ProcessBench
-metrics on a hand-made file; and the errors for bad checkpoints, tokenizers and rows.
+metrics on a hand-made file; an input exactly as long as the context; and the errors for bad checkpoints,
+tokenizers and rows.
 
     python -m pytest -q tests/test_prm.py
 """

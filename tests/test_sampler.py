@@ -1,5 +1,6 @@
 """nanoufo.sampler: the cached multi-turn sampler against a full-recompute reference, transformers' generate,
-full-forward log-probs and the real Qwen2.5 template; prefill work, rows leaving the batch, edge cases.
+full-forward log-probs and the real Qwen2.5 template; prefill work, rows leaving the batch, no two draws
+sharing a noise id, edge cases (max_len reached exactly by a prompt or by feedback).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py
 
@@ -159,33 +160,17 @@ def test_the_noise_follows_the_episode_id_not_the_batch_row(tiny, torch_paths):
     assert sample([PROMPTS[1], PROMPTS[3]], [5, 9]) == sample([PROMPTS[3], PROMPTS[1]], [9, 5])[::-1]
 
 
-def test_no_two_kept_draws_share_a_noise_id(tiny, torch_paths, monkeypatch):
+def test_no_two_kept_draws_share_a_noise_id(tiny, torch_paths, kept_draws):
     """A draw is (seed, noise id) -> uniforms: two draws with one id are one draw, so a UFO retry that reused its
-    first attempt's ids would repeat its noise. Every kept draw of a run (a live row's; a row that ended since
-    the last poll draws too, into a column nobody reads) has its own id, across the turns of an episode and
-    the episodes of the batch, rows reused as episodes end; and every sampled token is one kept draw."""
-    import nanoufo.decode as decode
+    first attempt's ids would repeat its noise. Every kept draw of a run has its own id, across the turns of
+    an episode and the episodes of the batch, rows reused as episodes end; every sampled token is one draw."""
     from nanoufo.decode import kv_bytes_per_row
     model, _ = tiny
-    calls = []  # per sampling call: [noise ids, which rows were live]
-    advance, sample = decode.Decoder.advance, decode.sample
-
-    def recording_advance(self, rows, logits):
-        calls.append([None, self.live[rows].clone()])
-        advance(self, rows, logits)
-
-    def recording_sample(logits, *args, **kwargs):
-        calls[-1][0] = (args[-1] if len(args) == 4 else kwargs["noise_ids"]).clone()
-        return sample(logits, *args, **kwargs)
-
-    monkeypatch.setattr(decode.Decoder, "advance", recording_advance)
-    monkeypatch.setattr(decode, "sample", recording_sample)
     prompts, turns = PROMPTS + [PROMPTS[1], PROMPTS[1]], [3, 2, 1, 3, 3, 2]  # a group of three on prompt 1
     rollout, _ = run(model, prompts, turns, stop_ids=[7], temperature=1.0, seed=3, max_len=40,
                      kv_budget_bytes=4 * kv_bytes_per_row(model, 40))  # 3 rows for 6 episodes
-    kept = torch.cat([ids[live] for ids, live in calls]).tolist()
-    assert len(kept) == rollout.loss_mask.sum() and sum(len(s) for s in rollout.turn_spans) == sum(turns)
-    assert len(set(kept)) == len(kept), f"{len(kept) - len(set(kept))} of {len(kept)} draws reuse another's id"
+    assert len(kept_draws) == rollout.loss_mask.sum() and sum(len(s) for s in rollout.turn_spans) == sum(turns)
+    assert len(set(kept_draws)) == len(kept_draws), f"{len(kept_draws) - len(set(kept_draws))} draws repeat one"
 
 
 @pytest.mark.parametrize("room", [0, 1])

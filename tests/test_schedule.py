@@ -1,4 +1,5 @@
-"""The learning-rate schedule (nanoufo/schedule.py) against hand-computed rates, and its use on optimizers.
+"""The learning-rate schedule (nanoufo/schedule.py) against hand-computed rates, and its use on optimizers:
+past the schedule's end and with a warm-up that is a fractional number of steps.
 
     python -m pytest -q tests/test_schedule.py
 """

@@ -1,6 +1,8 @@
 """The update step (nanoufo/trainer.py) on tiny models: the log-prob shift, a PPO step that lowers the
-loss with a first ratio of 1 (up to fp32 rounding), the value loss and where the KL term goes, skipped non-finite updates
-(a NaN loss, an inf gradient), and a batch built from real episodes.
+loss with a first ratio of 1 (up to fp32 rounding), the value loss and the critic's loss by hand, where the KL
+term goes, skipped non-finite updates (a NaN loss, an inf gradient), the minibatch shuffle counted over
+epochs, grad_clip=0, self-certainty scores against transformers' logits in float64, and a batch built from
+real episodes.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_trainer.py
 """
