@@ -86,11 +86,11 @@ class TrainConfig:
     actor_lr: float = 1e-3
     critic_lr: float = 1e-3
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (towards min_lr_ratio * lr at max_steps)
-    lr_warmup_ratio: float = 0.0  # linear warm-up over this fraction of the schedule's steps (actor and critic alike)
+    lr_warmup_ratio: float = 0.0  # linear warm-up over this fraction of the schedule's steps (rounded to a whole step)
     min_lr_ratio: float = 0.0
     lr_schedule_steps: int = 0  # the steps the schedule spans; 0 = max_steps (set it to extend a run unchanged)
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # bound on each model's whole gradient norm per optimizer step; 0 = no clipping
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
@@ -213,7 +213,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
     non_negative = ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb", "gpu_mem_gib", "micro_batch_tokens",
-                    "lr_schedule_steps", "repetition_penalty", "format_penalty")  # penalties are subtracted
+                    "lr_schedule_steps", "repetition_penalty", "format_penalty",  # penalties are subtracted
+                    "grad_clip")  # 0 turns clipping off; a negative bound means nothing
     for key in non_negative:  # an infinite rate would make Adam write inf/NaN weights
         if not 0 <= getattr(cfg, key) < math.inf:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")

@@ -31,8 +31,8 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, sc
 
 def set_learning_rates(optimizers: dict, cfg, step: int) -> dict[str, float]:
     """Set the actor's and critic's rates for training step `step` from cfg (actor_lr / critic_lr, lr_schedule
-    over lr_schedule_steps or max_steps, lr_warmup_ratio of those, min_lr_ratio) in every param group;
-    returns them for the log."""
+    over lr_schedule_steps or max_steps, lr_warmup_ratio of those rounded to the nearest step, min_lr_ratio)
+    in every param group; returns them for the log. Past the schedule's last step the rate stays at its end."""
     base = {"actor": cfg.actor_lr, "critic": cfg.critic_lr}
     total = cfg.lr_schedule_steps or cfg.max_steps
     warmup = round(cfg.lr_warmup_ratio * total)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2 checkpoints written by transformers, and the real Qwen2.5 tokenizer.
+"""Shared fixtures: tiny random Qwen2 checkpoints written by transformers, the real Qwen2.5 tokenizer, and a
+recorder of the sampler's draws (kept_draws).
 pytest loads this file for every test under tests/; it runs nothing itself:
 
     PYTHONPATH=. TRITON_INTERPRET=1 python -m pytest -q tests
@@ -23,6 +24,28 @@ def torch_paths(monkeypatch):
     """Run the kernels' PyTorch references (kernels/dispatch.py picks them when TRITON_INTERPRET is not 1),
     for tests whose point is the code around the kernels: the kernels have their own tests."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def kept_draws(monkeypatch) -> list[tuple[int, int]]:
+    """Records the sampler's kept draws as (seed, noise id) while the test runs: a draw is the uniforms of
+    its seed and id, so two equal pairs are one draw twice. Kept: a live row's (a row that ended since the
+    last poll still draws, into a column nobody reads)."""
+    import nanoufo.decode as decode
+    draws, live_rows = [], []
+    advance, sample = decode.Decoder.advance, decode.sample
+
+    def recording_advance(self, rows, logits):
+        live_rows.append(self.live[rows].clone())
+        advance(self, rows, logits)
+
+    def recording_sample(logits, temperature, top_p, seed, noise_ids):
+        draws.extend((seed, i) for i in noise_ids[live_rows.pop()].tolist())
+        return sample(logits, temperature, top_p, seed, noise_ids)
+
+    monkeypatch.setattr(decode.Decoder, "advance", recording_advance)
+    monkeypatch.setattr(decode, "sample", recording_sample)
+    return draws
 
 
 def make_hf_model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:

@@ -1,7 +1,8 @@
 """build_batch (nanoufo/trainer.py) on a hand-made rollout whose every number is worked out below: the group
 filter, rewards placed at the last token or per turn, the KL penalty to a reference that differs from the
-actor, GAE, whitening and GRPO's group advantages. The models' statistics are fixed functions of the tokens
-(the forwards are tested in test_trainer.py), so only the wiring between the RL pieces is under test.
+actor, GAE, whitening and GRPO's group advantages (with the KL in the reward: its sampled tokens only). The
+models' statistics are fixed functions of the tokens (the forwards are tested in test_trainer.py), so only the
+wiring between the RL pieces is under test.
 
     python -m pytest -q tests/test_build_batch.py
 """
@@ -134,3 +135,21 @@ def test_grpo_group_advantages_on_every_sampled_token(models):
     assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
     assert torch.allclose(batch.advantages, expected, atol=1e-5)
     assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
+
+
+def test_grpo_kl_in_the_reward_counts_only_the_sampled_tokens(models):
+    """kl_in="reward" under GRPO lowers each score by kl_coef x its KL summed over its sampled tokens only. One
+    group, equal scores 0.5: row A has one odd sampled token (KL 0.2) and odd tokens in its prompt and feedback,
+    row B three odd sampled tokens and none elsewhere. Scores 0.5 - 0.5 x 0.2 = 0.4 and 0.5 - 0.5 x 0.6 = 0.2,
+    so A's advantage is +1/sqrt(2) (the off-mask tokens counted too would make it 0.1 and flip the signs)."""
+    actor, _, ref = models
+    tokens = torch.tensor([[3, 5, 3, 2, 9, 2], [2, 2, 3, 3, 2, 3]])
+    mask = torch.tensor([TWO_TURNS, TWO_TURNS], dtype=torch.float32)
+    scores = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    rows = Rollout(tokens, torch.tensor([6, 6]), mask, -0.1 * tokens * mask, [[(2, 4), (5, 6)]] * 2, 0, 0,
+                   scores=scores, rewards=rl.place_rewards(mask, episode_rewards=scores))
+    cfg = config(algorithm="grpo", problems_per_step=1, keep_groups=0, minibatch_size=2)
+    batch, stats = build_batch(cfg, actor, None, ref, trainer.score_rollout(cfg, actor, rows)[0])
+    s = 1 / math.sqrt(2)
+    assert torch.allclose(batch.advantages, torch.tensor([[s], [-s]]) * mask, atol=1e-5)
+    assert stats["kl_ref"] == pytest.approx(0.8 / 6)  # KL 0.2 on 4 of the 6 sampled tokens

@@ -61,6 +61,7 @@ def test_wrong_type_in_file_and_on_command_line(tmp_path):
     (["--reward=prm"], "reward='prm' needs prm=<process reward model directory>"),
     (["--reward=prm", "--prm=.", "--prm_gold_weight=1.5"], "prm_gold_weight=1.5 must be in"),
     (["--format_penalty=-0.1"], "format_penalty=-0.1 must be a finite number >= 0"),
+    (["--grad_clip=-1"], "grad_clip=-1.0 must be a finite number >= 0"),  # 0, not a negative bound, turns it off
     (["--reward=prm", "--prm=.", "--prm_aggregate=mean"], "prm_aggregate='mean' is not one of min, product"),
     (["--dual_clip=1.0"], "dual_clip > 1"),
     (["--eval_data=data/gsm8k/test.jsonl"], "both be 'demo'"),

@@ -1,5 +1,6 @@
 """The decode kernels (RoPE + KV append, fused add + RMSNorm, SiLU-multiply, flash-decoding attention,
-sampling) against their PyTorch references;
+sampling) against their PyTorch references; the sampling kernel's own token frequencies against the exact
+top-p distribution on both sides of a boundary, and the independence of its noise streams;
 the bf16 decode attention only where the kernels are compiled (tests/kernel_device.py).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py               # CPU
@@ -146,6 +147,46 @@ def test_sampling_distribution_matches_truncated_softmax():
         freq = torch.bincount(tokens, minlength=11).float() / n
         sigma = (target * (1 - target) / n).sqrt()
         assert torch.all((freq - target).abs() <= 4.5 * sigma + 1e-9), (freq, target)
+
+
+# Four tokens hold the mass (0.4, 0.3, 0.2, 0.1), the other 4 almost none (e^-1e4): sorted, the masses before
+# them are 0, 0.4, 0.7, 0.9. top_p 0.69: the 0.3 token crosses p, the nucleus is (0.4, 0.3) -> (4/7, 3/7);
+# top_p 0.71: the 0.2 token crosses it, the nucleus is (0.4, 0.3, 0.2) -> (4/9, 3/9, 2/9).
+NUCLEUS_TOKENS = [5, 2, 7, 0]  # in decreasing probability, spread over the row
+NUCLEUS = {0.69: [4 / 7, 3 / 7, 0.0, 0.0], 0.71: [4 / 9, 3 / 9, 2 / 9, 0.0]}
+
+
+@pytest.mark.parametrize("top_p", sorted(NUCLEUS))
+def test_the_kernel_keeps_the_token_that_crosses_top_p_at_its_exact_frequency(top_p):
+    """Counted from the kernel's own draws (not the reference's), either side of the boundary at 0.7."""
+    n, V, temperature = 150, 8, 0.7
+    z = torch.full((V,), -1e4, dtype=torch.float64)
+    z[NUCLEUS_TOKENS] = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64).log()
+    logits = (z * temperature).float().to(DEVICE).expand(n, V).contiguous()  # z = logits / temperature
+    tokens, _ = sample_triton(logits, temperature, top_p, seed=21, noise_ids=torch.arange(n, device=DEVICE) + 2**20)
+    freq = torch.bincount(tokens.cpu(), minlength=V)[NUCLEUS_TOKENS].double() / n
+    target = torch.tensor(NUCLEUS[top_p], dtype=torch.float64)
+    sigma = (target * (1 - target) / n).sqrt()
+    assert torch.all((freq - target).abs() <= 4.5 * sigma + 1e-9), (freq, target)
+    assert int(torch.isin(tokens.cpu(), torch.tensor(NUCLEUS_TOKENS)).sum()) == n  # never a token outside
+
+
+def test_distinct_noise_ids_draw_independent_tokens():
+    """Uniform logits: each row's token is its noise's argmax, so it is uniform over the V tokens and rows of
+    consecutive ids are independent: a token repeats, or shifts by one, in about 1/V of the pairs (noise
+    streams that overlap, one id's uniforms the next one's shifted by a token, shift it almost always)."""
+    n, V = 200, 8
+    ids = torch.arange(n, device=DEVICE) + 3 * 2**20
+    tokens, _ = sample_triton(torch.zeros(n, V, device=DEVICE), 1.0, 1.0, seed=4, noise_ids=ids)
+    tokens = tokens.cpu()
+    again, _ = sample_triton(torch.zeros(2, V, device=DEVICE), 1.0, 1.0, seed=4, noise_ids=ids[[7, 3]])
+    assert again.tolist() == tokens[[7, 3]].tolist()  # one id, one draw
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert torch.all((counts - n / V).abs() <= 4.5 * (n / V * (1 - 1 / V)) ** 0.5), counts
+    pairs, p = n - 1, 1 / V
+    for shift in (0, 1, -1):
+        same = int(((tokens[1:] - tokens[:-1] - shift) % V == 0).sum())
+        assert abs(same - pairs * p) <= 4.5 * (pairs * p * (1 - p)) ** 0.5, (shift, same)
 
 
 def test_top_p_keep_is_the_smallest_set_reaching_top_p():

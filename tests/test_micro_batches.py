@@ -1,6 +1,7 @@
 """Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/trainer.py,
 nanoufo/rl.py): accumulated gradients equal the one-shot minibatch's for every aggregation, packed or
-padded, in one process and under DP=2 on gloo; packed statistics equal the padded ones; scoring's largest
+padded, in one process and under DP=2 on gloo (and the DP weights by hand with an empty row); packed
+statistics equal the padded ones, the values read where the critic's forward puts them; scoring's largest
 tensor does not grow with the batch; the vectorised GAE equals the step-by-step loop.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_micro_batches.py
@@ -17,8 +18,8 @@ from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers, ppo_update,
-                             sequence_stats, sequence_values)
+from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers,
+                             minibatch_weights, ppo_update, sequence_stats, sequence_values)
 from trainer_utils import minibatch_losses
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -109,6 +110,10 @@ def test_packed_statistics_and_values_equal_the_padded_ones():
     for p, q in zip(packed, padded):
         assert (p - q)[valid].abs().max() < 1e-5
         assert torch.all(p[~valid] == 0)  # nothing is computed past a trajectory's end
+    with torch.no_grad():  # independently: token i's value is the critic's at position i - 1, the state before it
+        T = batch.tokens.shape[1]
+        direct = critic.values(critic(batch.tokens, torch.arange(T).expand_as(batch.tokens)))  # (B, T)
+    assert (padded[3][:, 1:] - direct[:, :-1])[valid[:, 1:]].abs().max() < 1e-5 and torch.all(padded[3][:, 0] == 0)
 
 
 @pytest.mark.parametrize("pack", [True, False])
@@ -162,6 +167,14 @@ def _dp_accumulation() -> dict:
         got = grads(actor, critic)
         assert len(got) == len(want)
         errors[aggregation] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item() for g, w in zip(got, want))
+    # by hand, with an empty row on rank 0: rows of 3 and 0 tokens here, of 2 and 1 on rank 1. Averaged over
+    # the 2 ranks the weights are, per token, 1 / (its row's tokens x 3 rows with tokens) for seq-mean and
+    # 1 / 6 tokens for token-mean (the value loss's)
+    mask = torch.tensor([[1.0, 1, 1], [0, 0, 0]] if par.dp_rank == 0 else [[1.0, 1, 0], [1, 0, 0]])
+    want = torch.tensor([[1 / 9] * 3, [0] * 3] if par.dp_rank == 0 else [[1 / 6, 1 / 6, 0], [1 / 3, 0, 0]])
+    policy, value = minibatch_weights(mask, "seq-mean", par)
+    errors["seq_mean_weights_with_an_empty_row"] = (policy / par.dp_size - want).abs().max().item()
+    errors["token_mean_weights_with_an_empty_row"] = (value / par.dp_size - mask / 6).abs().max().item()
     return errors
 
 

@@ -1,4 +1,5 @@
-"""Tensor and data parallelism on CPU: 2 gloo processes launched inside pytest (tests/distributed_utils.py).
+"""Tensor and data parallelism on CPU: 2 gloo processes launched inside pytest (tests/distributed_utils.py);
+gradient clipping by hand in one process.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_parallel.py
 
@@ -22,6 +23,20 @@ def test_split_range_is_balanced_and_covers_everything():
         assert ranges[0][0] == 0 and ranges[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_clipping_scales_by_at_most_one_to_the_bound_by_hand():
+    """Gradients (3, 4) and (0, 12): norm 13. A bound above it (or none: inf, grad_clip=0) leaves them exactly
+    as they are; a bound of 6.5 halves them; the norm returned is the one before clipping."""
+    from nanoufo.parallel import SINGLE, clip_grad_norm_
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False))
+    raw = [torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 12.0]])]
+    for max_norm, scale in ((13.5, 1.0), (1e9, 1.0), (float("inf"), 1.0), (6.5, 6.5 / (13 + 1e-6))):
+        for p, g in zip(model.parameters(), raw):
+            p.grad = g.clone()
+        assert float(clip_grad_norm_(model, max_norm, SINGLE)) == pytest.approx(13.0)
+        for p, g in zip(model.parameters(), raw):
+            assert torch.equal(p.grad, g * scale) if scale == 1.0 else torch.allclose(p.grad, g * scale), max_norm
 
 
 def test_unsplittable_config_fails_before_any_weight_is_read(hf_checkpoint, monkeypatch):

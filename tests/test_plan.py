@@ -1,10 +1,12 @@
 """The memory plan (nanoufo/plan.py) against figures computed by hand for tiny configs, its activation
-formula against the tensors a block really saves, and the refusal before any weight is read.
+formula against the tensors a block really saves, the budget boundary (a plan exactly at it fits), and the
+refusal before any weight is read.
 
     python -m pytest -q tests/test_plan.py
 """
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,6 +55,14 @@ def test_plan_figures_by_hand():
     assert plan.phases["update"]["activations"] == 400 * (2 * saved + 4 * 48 + 3 * 2 * 48)
     assert plan.phases["update"]["gradients"] == (2 * params + 49) * 2
     assert plan.budget == int((10.0 - RESERVE_GIB) * GIB)
+
+
+def test_a_plan_exactly_at_the_budget_fits_and_one_byte_over_does_not():
+    plan = make_plan(TrainConfig(), SMALL, tp=1, gpu_mem_gib=80)
+    worst = max(plan.phases, key=plan.peak)
+    assert replace(plan, budget=plan.peak(worst)).refusal() is None
+    refusal = replace(plan, budget=plan.peak(worst) - 1).refusal()
+    assert refusal is not None and f"the {worst} phase" in refusal
 
 
 def test_a_plan_that_does_not_fit_names_the_knobs():

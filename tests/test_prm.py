@@ -1,7 +1,8 @@
 """Process reward models (nanoufo/prm.py and the PRM head in nanoufo/model.py) on a tiny random PRM written
 in Qwen2.5-Math-PRM's Hugging Face layout (tests/prm_utils.py): step scores against transformers'
 Qwen2Model plus the same head, single, batched and packed, and under TP=2 on gloo; saving; ProcessBench
-metrics on a hand-made file; and the errors for bad checkpoints, tokenizers and rows.
+metrics on a hand-made file; an input exactly as long as the context; and the errors for bad checkpoints,
+tokenizers and rows.
 
     python -m pytest -q tests/test_prm.py
 """
@@ -73,6 +74,17 @@ def test_items_without_steps_or_too_long_score_none(prm):
     got = scorer.step_scores(["q", "q", "q " * 100], [[], ["a."], ["a."]])
     assert got[0] is None and got[1].shape == (1,) and got[2] is None
     assert scorer.response_scores(["q"], [" \n\n "], "min") == [None]
+
+
+def test_an_input_exactly_as_long_as_the_context_is_scored_and_one_token_more_is_not(prm):
+    path, reference = prm
+    scorer = PRMScorer.load(path)
+    n = len(scorer.input_ids(QUESTIONS[1], STEPS[1]))
+    scorer.model.config.max_position_embeddings = n
+    got = scorer.step_scores(QUESTIONS[1:2], STEPS[1:2])[0]
+    assert got is not None and (got - reference(scorer.input_ids(QUESTIONS[1], STEPS[1]))).abs().max() < TOL
+    scorer.model.config.max_position_embeddings = n - 1
+    assert scorer.step_scores(QUESTIONS[1:2], STEPS[1:2]) == [None]
 
 
 def test_prm_checkpoint_round_trips(prm, tmp_path):

@@ -1,4 +1,5 @@
-"""nanoufo.rollout and nanoufo.evaluate on a tiny random model with the real Qwen2.5 tokenizer and template.
+"""nanoufo.rollout and nanoufo.evaluate on a tiny random model with the real Qwen2.5 tokenizer and template;
+an evaluation's draws never share a noise id.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
 
@@ -92,6 +93,16 @@ def test_evaluate_succ_at_k_and_jsonl(qwen_tiny, qwen_tokenizer, solve_at, tmp_p
     assert [(r["id"], r["turns"], r["solved"], r["sampled_tokens"]) for r in lines] == \
         [("p0", 1, True, 3), ("p1", 3, True, 9), ("p2", 3, False, 9)]
     assert lines[2]["gold"] == "72" and len(lines[2]["responses"]) == 3
+
+
+@pytest.mark.parametrize("mode", ["succ", "pass"])
+def test_no_two_draws_of_an_evaluation_share_a_noise_id(qwen_tiny, qwen_tokenizer, kept_draws, mode):
+    """Every episode of every batch draws its own noise: (seed, noise id) never repeats over an evaluation
+    (batches of other problems that reused one another's noise would err together)."""
+    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, k=2, mode=mode, batch_size=2, max_new_tokens=2,
+                     progress=False, temperature=1.0)
+    assert len(kept_draws) == table["tokens_per_episode"] * 3 * (2 if mode == "pass" else 1)
+    assert len(set(kept_draws)) == len(kept_draws)
 
 
 def test_evaluate_pass_at_k_uses_single_turn_samples(qwen_tiny, qwen_tokenizer, solve_at):

@@ -1,5 +1,6 @@
 """nanoufo.sampler: the cached multi-turn sampler against a full-recompute reference, transformers' generate,
-full-forward log-probs and the real Qwen2.5 template; prefill work, rows leaving the batch, edge cases.
+full-forward log-probs and the real Qwen2.5 template; prefill work, rows leaving the batch, no two draws
+sharing a noise id, edge cases (max_len reached exactly by a prompt or by feedback).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py
 
@@ -77,8 +78,8 @@ def run(model, prompts, turns, **kw):
     return generate(model, prompts, script, **kw), script
 
 
-def assert_matches_reference(model, rollout, turns, stop, max_len, max_new_tokens=6):
-    ref = reference_greedy(model, PROMPTS, turns, max_new_tokens=max_new_tokens, stop_ids={stop}, max_len=max_len)
+def assert_matches_reference(model, rollout, turns, stop, max_len, max_new_tokens=6, prompts=PROMPTS):
+    ref = reference_greedy(model, prompts, turns, max_new_tokens=max_new_tokens, stop_ids={stop}, max_len=max_len)
     for b, (seq, mask) in enumerate(ref):
         n = int(rollout.lengths[b])
         assert rollout.tokens[b, :n].tolist() == seq, f"row {b}"
@@ -157,6 +158,34 @@ def test_the_noise_follows_the_episode_id_not_the_batch_row(tiny, torch_paths):
     sample = lambda prompts, ids: generate(model, prompts, Script([1, 1]), max_turns=1, max_new_tokens=6,  # noqa: E731
                                            stop_ids=[], temperature=1.0, seed=5, episode_ids=ids).tokens.tolist()
     assert sample([PROMPTS[1], PROMPTS[3]], [5, 9]) == sample([PROMPTS[3], PROMPTS[1]], [9, 5])[::-1]
+
+
+def test_no_two_kept_draws_share_a_noise_id(tiny, torch_paths, kept_draws):
+    """A draw is (seed, noise id) -> uniforms: two draws with one id are one draw, so a UFO retry that reused its
+    first attempt's ids would repeat its noise. Every kept draw of a run has its own id, across the turns of
+    an episode and the episodes of the batch, rows reused as episodes end; every sampled token is one draw."""
+    from nanoufo.decode import kv_bytes_per_row
+    model, _ = tiny
+    prompts, turns = PROMPTS + [PROMPTS[1], PROMPTS[1]], [3, 2, 1, 3, 3, 2]  # a group of three on prompt 1
+    rollout, _ = run(model, prompts, turns, stop_ids=[7], temperature=1.0, seed=3, max_len=40,
+                     kv_budget_bytes=4 * kv_bytes_per_row(model, 40))  # 3 rows for 6 episodes
+    assert len(kept_draws) == rollout.loss_mask.sum() and sum(len(s) for s in rollout.turn_spans) == sum(turns)
+    assert len(set(kept_draws)) == len(kept_draws), f"{len(kept_draws) - len(set(kept_draws))} draws repeat one"
+
+
+@pytest.mark.parametrize("room", [0, 1])
+def test_feedback_that_reaches_max_len_exactly_ends_the_episode(tiny, torch_paths, room):
+    """Prompt 2 + attempt 3 + feedback 2 = 7 tokens. With max_len 7 the feedback leaves no slot to sample:
+    the episode ends after its first attempt. With max_len 8 it goes on, and its second attempt is the one
+    token that fits; the feedback after it (1 token) would fill the context again, so it ends there."""
+    model, _ = tiny
+    max_len = 7 + room
+    rollout, script = run(model, [PROMPTS[1]], [3], stop_ids=[], max_new_tokens=3, max_len=max_len)
+    assert [len(r) for r in script.calls[0][1]] == [3]  # the first attempt: 3 tokens
+    assert rollout.turn_spans == ([[(2, 5)]] if room == 0 else [[(2, 5), (7, 8)]])
+    assert int(rollout.lengths[0]) == max_len - 2 * (room == 0)
+    assert rollout.tokens[0, 5:7].tolist() == ([] if room == 0 else [90, 91])  # Script's feedback of turn 1
+    assert_matches_reference(model, rollout, [3], stop=-1, max_len=max_len, max_new_tokens=3, prompts=PROMPTS[1:2])
 
 
 def test_max_turns_ends_an_episode_the_environment_would_continue(tiny, torch_paths):

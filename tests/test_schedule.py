@@ -1,4 +1,5 @@
-"""The learning-rate schedule (nanoufo/schedule.py) against hand-computed rates, and its use on optimizers.
+"""The learning-rate schedule (nanoufo/schedule.py) against hand-computed rates, and its use on optimizers:
+past the schedule's end and with a warm-up that is a fractional number of steps.
 
     python -m pytest -q tests/test_schedule.py
 """
@@ -36,3 +37,33 @@ def test_set_learning_rates_writes_every_param_group_of_actor_and_critic():
     rates = set_learning_rates(optimizers, cfg, 5)  # 3 of the 6 cosine steps done: half the base rate
     assert rates == pytest.approx({"lr/actor": 5e-4, "lr/critic": 5e-3})
     assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def rates(step: int, **options) -> dict[str, float]:
+    """set_learning_rates at a step for a config of rates 1 (actor) and 2 (critic) and these options."""
+    cfg = TrainConfig(actor_lr=1.0, critic_lr=2.0, **options)
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizers = {"actor": torch.optim.SGD(params[:1], lr=0.0), "critic": torch.optim.SGD(params[1:], lr=0.0)}
+    return set_learning_rates(optimizers, cfg, step)
+
+
+def test_a_run_extended_past_its_schedule_stays_at_the_schedules_end():
+    """lr_schedule_steps=58 (10% warm-up: 6 steps) in a run extended to 100 steps: the cosine reaches
+    min_lr_ratio at step 58 and stays there; the steps before are on the 58-step curve."""
+    run = dict(lr_schedule="cosine", min_lr_ratio=0.1, lr_warmup_ratio=0.1, lr_schedule_steps=58, max_steps=100)
+    for step in (58, 59, 70, 99):
+        assert rates(step, **run) == pytest.approx({"lr/actor": 0.1, "lr/critic": 0.2}), step
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 51 / 52))  # step 57: 51 of the 52 cosine steps done
+    assert rates(57, **run)["lr/actor"] == pytest.approx(cosine) and cosine > 0.1 + 1e-4
+    assert rates(58, **{**run, "lr_schedule_steps": 0})["lr/actor"] > 0.5  # 0: the schedule spans max_steps
+    assert rates(99, **{**run, "lr_schedule": "constant"})["lr/actor"] == 1.0
+
+
+@pytest.mark.parametrize("ratio, steps, warmup", [(0.1, 58, 6), (0.29, 100, 29), (0.3, 10, 3), (0.07, 100, 7)])
+def test_a_fractional_warm_up_is_rounded_to_the_nearest_step(ratio, steps, warmup):
+    """10% of 58 steps is 5.8: 6 warm-up steps. In floats 0.29 x 100 = 28.999999999999996 (truncation would
+    give 28) and 0.3 x 10 = 3.0000000000000004 (rounding up would give 4)."""
+    run = dict(lr_warmup_ratio=ratio, max_steps=steps)
+    assert rates(0, **run)["lr/actor"] == pytest.approx(1 / warmup)  # the first step: 1 / warm-up of the rate
+    assert rates(warmup - 2, **run)["lr/actor"] == pytest.approx((warmup - 1) / warmup)
+    assert rates(warmup - 1, **run)["lr/actor"] == 1.0  # reached at the warm-up's last step

@@ -1,6 +1,8 @@
 """The update step (nanoufo/trainer.py) on tiny models: the log-prob shift, a PPO step that lowers the
-loss with a first ratio of 1 (up to fp32 rounding), the value loss and where the KL term goes, skipped non-finite updates
-(a NaN loss, an inf gradient), and a batch built from real episodes.
+loss with a first ratio of 1 (up to fp32 rounding), the value loss and the critic's loss by hand, where the KL
+term goes, skipped non-finite updates (a NaN loss, an inf gradient), the minibatch shuffle counted over
+epochs, grad_clip=0, self-certainty scores against transformers' logits in float64, and a batch built from
+real episodes.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_trainer.py
 """
@@ -9,13 +11,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanoufo import demo
+from nanoufo import demo, rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.rollout import run_episodes
-from nanoufo.trainer import (Batch, TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout,
-                             sequence_stats, value_loss)
+from nanoufo.sampler import Rollout
+from nanoufo.trainer import (Batch, TrainerConfig, build_batch, critic_loss, make_optimizers, ppo_update,
+                             score_rollout, sequence_stats, value_loss)
+from nanoufo.weights import load_model
 from trainer_utils import minibatch_losses
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -94,6 +98,118 @@ def test_value_loss_by_hand():
     loss, clip_frac = value_loss(values, old, returns, mask, clip=0.5)
     assert (loss * mask)[0, :3].tolist() == pytest.approx([0.5, 1.125, 0.005])
     assert float(clip_frac) == pytest.approx(1 / 3)  # the clipped branch is the larger one on token 1 only
+
+
+def test_the_critic_loss_by_hand_where_old_values_differ_from_the_returns():
+    """critic_loss on a critic worth 0.5 on every token (value head: zero weights, bias 0.5), value_clip 0.2:
+    per token 0.5 * max((v - R)^2, (v_clipped - R)^2) with v_clipped = old + clamp(v - old, -0.2, 0.2)."""
+    cfg = TrainerConfig.of(TrainConfig(value_clip=0.2))
+    _, critic = tiny_models()
+    with torch.no_grad():
+        critic.value_head.weight.zero_()
+        critic.value_head.bias.fill_(0.5)
+    mask = torch.tensor([[0.0, 1, 1, 1, 1, 1, 0]])  # the last column: padding, with targets nobody may read
+    old = torch.tensor([[0.0, 0.0, 1.0, 0.4, 0.0, 1.0, 7.0]])
+    returns = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.45, 2.0, -7.0]])
+    # v_clipped: 0.2, 0.8, 0.5, 0.2, 0.8; (v - R)^2: 0.25, 0.25, 0.25, 0.0025, 2.25;
+    # (v_clipped - R)^2: 0.64, 0.64, 0.25, 0.0625, 1.44 -> losses 0.32, 0.32, 0.125, 0.03125, 1.125
+    tokens = torch.randint(1, TINY.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    zero = torch.zeros_like(mask)
+    mb = Batch(tokens, mask, zero, zero, None, old, returns)
+    loss, metrics = critic_loss(cfg, critic, mb, rl.loss_weights(mask, "token-mean"), None)
+    assert loss.item() == pytest.approx(1.92125 / 5, abs=1e-6)
+    assert metrics["value_loss"].item() == pytest.approx(1.92125 / 5, abs=1e-6)
+    assert metrics["value_clip_frac"].item() == pytest.approx(3 / 5)  # the clipped branch larger on 3 tokens
+    loss.backward()  # d/dv: 0 where the clipped branch (saturated) wins; v - R = 0.5 and -1.5 on tokens 3, 5
+    assert critic.value_head.bias.grad.item() == pytest.approx((0.5 - 1.5) / 5, abs=1e-6)
+
+
+def test_minibatches_are_a_fresh_random_partition_in_every_epoch(monkeypatch):
+    """Each epoch splits the rows into disjoint minibatches that cover every row once, in a new random order:
+    two given rows share a minibatch with probability (m - 1) / (B - 1) and a row comes first with
+    probability m / B, counted over 200 epochs (an unshuffled split: always). The same seed, the same order."""
+    B, m, epochs = 8, 2, 200
+
+    def minibatches(seed: int) -> list[list[int]]:
+        seen = []
+
+        def record(cfg, actor, critic, mb, lengths):  # no forward: the rows are the point
+            seen.append(sorted(mb.tokens[:, 0].tolist()))
+            return torch.zeros(()), {"ratio_dev": torch.zeros(())}
+
+        monkeypatch.setattr(trainer, "accumulate_gradients", record)
+        cfg = TrainerConfig.of(TrainConfig(ppo_epochs=epochs, minibatch_size=m))
+        actor = Qwen2(TINY)
+        tokens = torch.arange(B)[:, None].expand(B, 3).contiguous()  # row b's tokens are all b
+        mask = torch.tensor([[0.0, 1.0, 1.0]]).expand(B, 3)
+        zero = torch.zeros(B, 3)
+        ppo_update(cfg, actor, None, {"actor": torch.optim.SGD(actor.parameters(), lr=0.1)},
+                   Batch(tokens, mask, zero, zero), seed=seed)
+        return seen
+
+    seen = minibatches(seed=0)
+    per_epoch = [seen[i:i + B // m] for i in range(0, len(seen), B // m)]
+    assert len(per_epoch) == epochs and all(sorted(sum(e, [])) == list(range(B)) for e in per_epoch)
+    together = sum([0, 1] in epoch for epoch in per_epoch)
+    first = sum(0 in epoch[0] for epoch in per_epoch)
+    for count, p in ((together, (m - 1) / (B - 1)), (first, m / B)):
+        assert abs(count - epochs * p) <= 4.5 * (epochs * p * (1 - p)) ** 0.5, (count, p)
+    assert len({str(e) for e in per_epoch}) > epochs * 0.9  # not one order repeated epoch after epoch
+    assert minibatches(seed=0) == seen and minibatches(seed=1) != seen  # a resumed step shuffles alike
+
+
+def test_grad_clip_zero_means_no_clipping_and_non_finite_steps_are_still_skipped(torch_paths):
+    """grad_clip=0 (config: no clipping): one SGD step moves every weight by exactly lr x its unclipped
+    gradient, which is far above norm 1, and stays finite; an inf gradient is still skipped."""
+    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=0.0))
+    actor, critic = tiny_models()
+    batch = fixed_batch(actor)
+    minibatch_losses(cfg, actor, critic, batch)[0].backward()
+    grads = {name: p.grad.clone() for name, p in actor.named_parameters() if p.grad is not None}
+    assert torch.stack([g.norm() for g in grads.values()]).norm() > 1.0  # a clip at 1 would have scaled them
+    start = {name: p.detach().clone() for name, p in actor.named_parameters()}
+    sgd = {"actor": torch.optim.SGD(actor.parameters(), lr=0.1), "critic": torch.optim.SGD(critic.parameters(), lr=0.1)}
+    out = ppo_update(cfg, actor, critic, sgd, batch, seed=0)
+    assert out["updates"] == 1 and out["grad_norm/actor"] > 1.0
+    for name, p in actor.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert torch.allclose(p, start[name] - 0.1 * grads.get(name, 0.0), atol=1e-6), name
+    after = {name: p.detach().clone() for name, p in actor.named_parameters()}
+    poison = lambda model: next(model.parameters()).grad.view(-1)[0].fill_(float("inf"))  # noqa: E731
+    out = ppo_update(cfg, actor, critic, sgd, batch, seed=0, grad_hook=poison)
+    assert out["skipped_updates"] == 1 and out["updates"] == 0
+    assert all(torch.equal(p, after[name]) for name, p in actor.named_parameters())
+
+
+def test_self_certainty_scores_equal_the_float64_formula_on_transformers_logits(hf_checkpoint):
+    """Intuitor's score: per episode, the mean over its sampled tokens of logsumexp(z) - mean(z) over the
+    vocabulary, z = logits / temperature at position i-1 (which predicts token i); here from transformers'
+    logits in float64, rows with a feedback gap and padding, scored in micro-batches; placed on each
+    episode's last sampled token."""
+    path, hf = hf_checkpoint()
+    actor = load_model(path)
+    lengths = [12, 7, 10]
+    B, T = len(lengths), max(lengths)
+    tokens = torch.randint(1, 101, (B, T), generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(lengths):
+        tokens[b, n:] = 0
+        mask[b, 3:n] = 1.0
+    mask[0, 6:8] = 0.0  # feedback tokens between two attempts
+    zeros = torch.zeros(B)
+    rollout = Rollout(tokens, torch.tensor(lengths), mask, torch.zeros(B, T), [[(3, n)] for n in lengths], 0, 0,
+                      scores=zeros.double(), rewards=torch.zeros(B, T))
+    cfg = TrainerConfig.of(TrainConfig(reward="self_certainty", temperature=0.7, micro_batch_tokens=20))
+    scored, _ = score_rollout(cfg, actor, rollout)
+    with torch.no_grad():
+        z = hf.double()(tokens).logits / 0.7  # (B, T, V)
+    per_position = torch.logsumexp(z, -1) - z.mean(-1)  # (B, T): position i predicts token i + 1
+    want = (per_position[:, :-1] * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1)
+    assert torch.allclose(scored.scores.double(), want, atol=1e-5), (scored.scores, want)
+    assert (want.max() - want.min()) > 1e-3  # the rows' scores differ: a wrong row or token would show
+    last = [11, 6, 9]
+    assert torch.equal(scored.rewards.nonzero()[:, 1], torch.tensor(last))
+    assert torch.allclose(scored.rewards[torch.arange(B), last].double(), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
