@@ -21,7 +21,7 @@ WHERE := the project's virtual environment $(patsubst %/bin/python,%,$(PY))
 endif
 NEW_VENV := $(filter .venv%/bin/python,$(PY))
 SYSTEM_PY ?= python3
-PIP := $(PY) -m pip install -q
+PIP = $(PY) -m pip install -q
 # one install stamp per interpreter and lock, so switching either installs again
 STAMP = .make/installed-$(shell $(PY) -c 'import sys, zlib; print(zlib.crc32(sys.prefix.encode()))' 2>/dev/null)
 # "1" when torch sees a GPU: then the kernels are compiled for it instead of interpreted
