@@ -311,7 +311,8 @@ def processbench_metrics(predicted: list[int], labels: list[int]) -> dict[str, f
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
     erroneous = mean([p == y for p, y in zip(predicted, labels, strict=True) if y != -1])
     correct = mean([p == -1 for p, y in zip(predicted, labels) if y == -1])
-    f1 = 2 * erroneous * correct / (erroneous + correct) if erroneous + correct > 0 else 0.0  # NaN stays NaN
+    # ProcessBench's harmonic mean; NaN when a kind of sample is absent (NaN + x is not > 0), 0 when both are 0
+    f1 = 2 * erroneous * correct / (erroneous + correct) if erroneous + correct > 0 else erroneous + correct
     return {"samples": float(len(labels)), "erroneous": float(sum(y != -1 for y in labels)),
             "acc_erroneous": erroneous, "acc_correct": correct, "f1": f1}
 

@@ -7,6 +7,7 @@ tokenizers and rows.
     python -m pytest -q tests/test_prm.py
 """
 import json
+import math
 
 import pytest
 import torch
@@ -165,6 +166,10 @@ def test_processbench_metrics_by_hand():
     assert (table["acc_erroneous"], table["acc_correct"], table["f1"]) == (0.5, 0.5, 0.5)
     table = processbench_metrics(predicted=[1, 2, -1], labels=[1, 2, -1])
     assert table["f1"] == 1.0 and table["erroneous"] == 2.0
+    only_correct = processbench_metrics(predicted=[-1, 0], labels=[-1, -1])  # no erroneous sample: F1 undefined
+    assert math.isnan(only_correct["acc_erroneous"]) and only_correct["acc_correct"] == 0.5
+    assert math.isnan(only_correct["f1"])
+    assert processbench_metrics(predicted=[0, 1], labels=[1, -1])["f1"] == 0.0  # both accuracies 0
     assert first_flagged(torch.tensor([0.9, 0.6, 0.3, 0.1]), 0.5) == 2
     assert first_flagged(torch.tensor([0.9, 0.6]), 0.5) == -1
 
