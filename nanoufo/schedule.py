@@ -19,13 +19,15 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, sc
     """The rate for training step `step` (0-based). Warm-up rises linearly to base_lr, reaching it at step
     warmup_steps - 1 (it starts at base_lr / warmup_steps, not 0, so no step is spent at a zero rate); then
     "constant" stays there and "cosine" follows half a cosine from base_lr towards min_ratio * base_lr at
-    total_steps (Hugging Face's and verl's cosine-with-warm-up, shifted one step)."""
+    total_steps. The warm-up's last step is the cosine's first, so the peak rate is used once (Hugging Face's
+    and verl's cosine-with-warm-up, shifted one step earlier)."""
     assert schedule in SCHEDULES, schedule
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    peak = max(warmup_steps - 1, 0)  # the step at base_lr
+    progress = min(1.0, (step - peak) / max(1, total_steps - peak))
     return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 

@@ -16,9 +16,10 @@ def test_warmup_then_cosine_or_constant():
     # Intuitor's shape: 58 steps, 10% warm-up (6 steps), cosine to 0
     rates = [lr_at(s, 3e-6, 58, 6, "cosine") for s in range(58)]
     assert rates[:6] == pytest.approx([3e-6 * (s + 1) / 6 for s in range(6)])  # never a zero-rate step
-    assert rates[6] == pytest.approx(3e-6)  # the top of the cosine
-    assert rates[6 + 26] == pytest.approx(3e-6 * 0.5 * (1 + math.cos(math.pi * 26 / 52)))  # half way: 1.5e-6
-    assert all(a > b for a, b in zip(rates[6:], rates[7:])) and rates[-1] < 0.01 * 3e-6
+    assert rates.count(max(rates)) == 1 and rates[5] == 3e-6  # the peak once: the top of the cosine is step 5
+    assert rates[6] == pytest.approx(3e-6 * 0.5 * (1 + math.cos(math.pi / 53)))  # 53 cosine steps from step 5
+    assert rates[5 + 26] == pytest.approx(3e-6 * 0.5 * (1 + math.cos(math.pi * 26 / 53)))  # about half way
+    assert all(a > b for a, b in zip(rates[5:], rates[6:])) and rates[-1] < 0.01 * 3e-6
     assert lr_at(58, 3e-6, 58, 6, "cosine") == pytest.approx(0.0, abs=1e-20)
     assert lr_at(58, 1.0, 58, 6, "cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert [lr_at(s, 1.0, 10, 2) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]  # warm-up, then constant
@@ -34,9 +35,10 @@ def test_set_learning_rates_writes_every_param_group_of_actor_and_critic():
                   "critic": torch.optim.AdamW(params[2:], lr=cfg.critic_lr)}
     assert set_learning_rates(optimizers, cfg, 0) == pytest.approx({"lr/actor": 5e-4, "lr/critic": 5e-3})
     assert [g["lr"] for g in optimizers["actor"].param_groups] == pytest.approx([5e-4, 5e-4])
-    rates = set_learning_rates(optimizers, cfg, 5)  # 3 of the 6 cosine steps done: half the base rate
-    assert rates == pytest.approx({"lr/actor": 5e-4, "lr/critic": 5e-3})
-    assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(5e-3)
+    half = 0.5 * (1 + math.cos(math.pi * 4 / 7))  # step 5: 4 of the 7 cosine steps from the peak at step 1
+    rates = set_learning_rates(optimizers, cfg, 5)
+    assert rates == pytest.approx({"lr/actor": 1e-3 * half, "lr/critic": 1e-2 * half})
+    assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(1e-2 * half)
 
 
 def rates(step: int, **options) -> dict[str, float]:
@@ -53,9 +55,10 @@ def test_a_run_extended_past_its_schedule_stays_at_the_schedules_end():
     run = dict(lr_schedule="cosine", min_lr_ratio=0.1, lr_warmup_ratio=0.1, lr_schedule_steps=58, max_steps=100)
     for step in (58, 59, 70, 99):
         assert rates(step, **run) == pytest.approx({"lr/actor": 0.1, "lr/critic": 0.2}), step
-    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 51 / 52))  # step 57: 51 of the 52 cosine steps done
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 52 / 53))  # step 57: 52 of the 53 cosine steps done
     assert rates(57, **run)["lr/actor"] == pytest.approx(cosine) and cosine > 0.1 + 1e-4
-    assert rates(58, **{**run, "lr_schedule_steps": 0})["lr/actor"] > 0.5  # 0: the schedule spans max_steps
+    spans_100 = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 49 / 91))  # 0: the schedule spans max_steps (peak at 9)
+    assert rates(58, **{**run, "lr_schedule_steps": 0})["lr/actor"] == pytest.approx(spans_100)
     assert rates(99, **{**run, "lr_schedule": "constant"})["lr/actor"] == 1.0
 
 
