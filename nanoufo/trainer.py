@@ -262,14 +262,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, frac
 
 
-def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(policy, value) per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), scaled so that
-    averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
+def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext) -> torch.Tensor:
+    """Per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), for the policy and the value loss
+    alike (verl's critic, in micro-batches of one sequence as UFO runs it, averages like its actor), scaled so
+    that averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
     process with the whole minibatch would (parallel.dp_mean_scale)."""
-    token_scale = dp_mean_scale(mask.sum(), par)
-    policy_scale = token_scale if aggregation == "token-mean" else dp_mean_scale((mask.sum(1) > 0).sum(), par)
-    return (rl.loss_weights(mask, aggregation) * policy_scale,
-            rl.loss_weights(mask, "token-mean") * token_scale)
+    count = mask.sum() if aggregation == "token-mean" else (mask.sum(1) > 0).sum()
+    return rl.loss_weights(mask, aggregation) * dp_mean_scale(count, par)
 
 
 def policy_loss(cfg: TrainerConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
@@ -308,14 +307,14 @@ def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None,
     actor's backward runs before the critic's forward, so only one model's activations are alive.
     Returns (the minibatch's total loss, 0-d detached; metrics as 0-d tensors, token-means over the
     minibatch, plus padding_frac), synchronising nothing: the caller reads them once."""
-    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
-    parts = [(actor, policy_loss, policy_w)] + ([(critic, critic_loss, value_w)] if critic is not None else [])
+    weights = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
+    parts = [(actor, policy_loss)] + ([(critic, critic_loss)] if critic is not None else [])
     total, sums, computed = mb.mask.new_zeros(()), {}, 0
     for rows, packed, T in micro_batches(cfg, lengths):
         micro = mb.rows(rows, T)
         computed += sum(packed) if packed else (rows.stop - rows.start) * T
         n_tokens = micro.mask.sum()
-        for model, loss_fn, weights in parts:
+        for model, loss_fn in parts:
             loss, metrics = loss_fn(cfg, model, micro, weights[rows, :T], packed)
             loss.backward()  # frees this model's activations before the next forward
             total = total + loss.detach()

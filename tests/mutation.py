@@ -210,6 +210,10 @@ MUTANTS = [
     Mutant("schedule: the cosine rises again past the schedule", "nanoufo/schedule.py",
            "progress = min(1.0, (step - peak) / max(1, total_steps - peak))",
            "progress = (step - peak) / max(1, total_steps - peak)"),
+    Mutant("trainer: the value loss always a token-mean", "nanoufo/trainer.py",
+           "loss, metrics = loss_fn(cfg, model, micro, weights[rows, :T], packed)",
+           "loss, metrics = loss_fn(cfg, model, micro, (weights if loss_fn is policy_loss else "
+           "rl.loss_weights(mb.mask, 'token-mean') * dp_mean_scale(mb.mask.sum(), model.par))[rows, :T], packed)"),
     Mutant("schedule: the peak rate held for two steps", "nanoufo/schedule.py",
            "peak = max(warmup_steps - 1, 0)", "peak = warmup_steps"),
     Mutant("schedule: lr_schedule_steps ignored", "nanoufo/schedule.py",

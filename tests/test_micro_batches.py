@@ -169,12 +169,12 @@ def _dp_accumulation() -> dict:
         errors[aggregation] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item() for g, w in zip(got, want))
     # by hand, with an empty row on rank 0: rows of 3 and 0 tokens here, of 2 and 1 on rank 1. Averaged over
     # the 2 ranks the weights are, per token, 1 / (its row's tokens x 3 rows with tokens) for seq-mean and
-    # 1 / 6 tokens for token-mean (the value loss's)
+    # 1 / 6 tokens for token-mean
     mask = torch.tensor([[1.0, 1, 1], [0, 0, 0]] if par.dp_rank == 0 else [[1.0, 1, 0], [1, 0, 0]])
     want = torch.tensor([[1 / 9] * 3, [0] * 3] if par.dp_rank == 0 else [[1 / 6, 1 / 6, 0], [1 / 3, 0, 0]])
-    policy, value = minibatch_weights(mask, "seq-mean", par)
-    errors["seq_mean_weights_with_an_empty_row"] = (policy / par.dp_size - want).abs().max().item()
-    errors["token_mean_weights_with_an_empty_row"] = (value / par.dp_size - mask / 6).abs().max().item()
+    seq_mean, token_mean = (minibatch_weights(mask, agg, par) for agg in ("seq-mean", "token-mean"))
+    errors["seq_mean_weights_with_an_empty_row"] = (seq_mean / par.dp_size - want).abs().max().item()
+    errors["token_mean_weights_with_an_empty_row"] = (token_mean / par.dp_size - mask / 6).abs().max().item()
     return errors
 
 

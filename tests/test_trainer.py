@@ -124,6 +124,26 @@ def test_the_critic_loss_by_hand_where_old_values_differ_from_the_returns():
     assert critic.value_head.bias.grad.item() == pytest.approx((0.5 - 1.5) / 5, abs=1e-6)
 
 
+def test_seq_mean_averages_the_value_loss_per_sequence_as_verls_micro_batches_of_one():
+    """UFO's critic (verl, one sequence per micro-batch) averages each sequence's tokens, then the sequences.
+    With a critic worth 0.5 everywhere and returns 0.5 + d, a token's loss is d^2 / 2 and its gradient on the
+    value head's bias -d. Row 0 has one token (d = 2), row 1 three (d = 0): the update's bias gradient is
+    -2 / 2 rows under seq-mean, -2 / 4 tokens under token-mean."""
+    mask = torch.tensor([[0.0, 1, 0, 0], [0, 1, 1, 1]])
+    returns = 0.5 + torch.tensor([[0.0, 2, 0, 0], [0, 0, 0, 0]])
+    tokens = torch.randint(1, TINY.vocab_size, (2, 4), generator=torch.Generator().manual_seed(3))
+    zero = torch.zeros_like(mask)
+    for aggregation, want in (("seq-mean", -1.0), ("token-mean", -0.5)):
+        actor, critic = tiny_models()
+        with torch.no_grad():
+            critic.value_head.weight.zero_()
+            critic.value_head.bias.fill_(0.5)
+        cfg = TrainerConfig.of(TrainConfig(aggregation=aggregation, value_clip=10.0))
+        trainer.accumulate_gradients(cfg, actor, critic, Batch(tokens, mask, zero, zero, None, returns, returns),
+                                     rl.trajectory_lengths(mask).tolist())
+        assert critic.value_head.bias.grad.item() == pytest.approx(want, abs=1e-6), aggregation
+
+
 def test_minibatches_are_a_fresh_random_partition_in_every_epoch(monkeypatch):
     """Each epoch splits the rows into disjoint minibatches that cover every row once, in a new random order:
     two given rows share a minibatch with probability (m - 1) / (B - 1) and a row comes first with

@@ -13,10 +13,10 @@ from nanoufo.trainer import Batch, TrainerConfig, critic_loss, minibatch_weights
 
 def minibatch_losses(cfg: TrainerConfig, actor, critic, mb: Batch):
     """(total loss, metrics as floats, max |logp - old|) for one minibatch, unpacked and unsplit."""
-    policy_w, value_w = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
-    loss, metrics = policy_loss(cfg, actor, mb, policy_w, None)
+    weights = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
+    loss, metrics = policy_loss(cfg, actor, mb, weights, None)
     if critic is not None:
-        v_loss, v_metrics = critic_loss(cfg, critic, mb, value_w, None)
+        v_loss, v_metrics = critic_loss(cfg, critic, mb, weights, None)
         loss, metrics = loss + v_loss, metrics | v_metrics
     metrics = {k: float(v) for k, v in metrics.items()}
     return loss, metrics, metrics.pop("ratio_dev")
