@@ -218,6 +218,8 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
     update = ppo_update(trainer_cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    for opt in optimizers.values():  # no gradient lives into the next rollout (plan.py counts them in the update)
+        opt.zero_grad(set_to_none=True)
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
     elapsed = time.time() - t0

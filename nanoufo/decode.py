@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoufo.kernels.linear_token_stats import mm_acc
 from nanoufo.kernels.sampling import sample
 from nanoufo.model import KVCache, Qwen2
 from nanoufo.parallel import all_gather_vocab
@@ -64,11 +65,12 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, V) fp32 over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
-        so each rank's sampler draws the same token with the same seed. The head runs in fp32 whatever the
-        model's dtype, as the trainer's linear_token_stats does (bf16 logits put the sampler's log-probs
-        further from the trainer's: bench/RESULTS.md, issue 16 section)."""
+        so each rank's sampler draws the same token with the same seed. The logits come out in fp32 whatever
+        the model's dtype, as the trainer's linear_token_stats makes them (bf16 logits put the sampler's
+        log-probs further from the trainer's: bench/RESULTS.md, issue 16 section): on CUDA a bf16 x bf16
+        product accumulated in fp32 (no fp32 copy of the head's weight), elsewhere an upcast (mm_acc)."""
         m = self.model
-        local = m.lm_head_input(hidden).float() @ m.lm_head_weight.float().T  # (N, V_local) fp32
+        local = mm_acc(m.lm_head_input(hidden), m.lm_head_weight.T)  # (N, V_local) fp32
         return all_gather_vocab(local, m.vocab_start, m.config.vocab_size, m.par)
 
     def begin(self, rows: torch.Tensor, episodes: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> None:

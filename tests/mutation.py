@@ -148,7 +148,7 @@ MUTANTS = [
     Mutant("parallel: DP scale without dp_size", "nanoufo/parallel.py",
            "float(count) * par.dp_size / max(float(total), 1.0)", "float(count) / max(float(total), 1.0)"),
     Mutant("parallel: DP gradients summed, not averaged", "nanoufo/parallel.py",
-           "p.grad.div_(par.dp_size)", "p.grad.div_(1)"),
+           "g.div_(par.dp_size)", "g.div_(1)"),
     Mutant("parallel: replicated gradients counted on every TP rank", "nanoufo/parallel.py",
            "(split if name in split_names else replicated).append", "(split if True else replicated).append"),
     Mutant("parallel: unbalanced split", "nanoufo/parallel.py",
