@@ -31,7 +31,7 @@ import torch
 
 from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
 from nanoufo.decode import MAX_EPISODE_TOKENS, Decoder, Sampling, kv_bytes_per_row
-from nanoufo.model import Qwen2
+from nanoufo.model import Qwen2, to_device
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
 SYNC_EVERY = 8  # decode steps between two stop checks at most
@@ -199,17 +199,17 @@ class _Run:
         Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
         start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
         device, tokens = self.decoder.batch.device, [self.on(r).tokens for r in rows]
-        width = max(n_new)
-        ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)], device=device)
-        starts = torch.tensor([len(t) - n for t, n in zip(tokens, n_new)], device=device)
-        positions = starts[:, None] + torch.arange(width, device=device)  # (R, width)
-        rows_t = torch.tensor(rows, device=device)
-        hidden = self.model(ids, positions, cache=self.decoder.cache, cache_rows=rows_t)
-        last = hidden[torch.arange(len(rows), device=device), torch.tensor(n_new, device=device) - 1]  # (R, H)
+        width, starts = max(n_new), [len(t) - n for t, n in zip(tokens, n_new)]
+        episodes = [self.episode_ids[self.episode_of[r]] for r in rows]
+        ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)])  # (R, width)
+        per_row = torch.tensor([rows, starts, n_new, episodes, [len(t) for t in tokens]])  # (5, R)
+        ids, (rows_t, starts_t, n_new_t, episodes_t, lengths_t) = to_device(ids, device), to_device(per_row, device)
+        positions = starts_t[:, None] + torch.arange(width, device=device)  # (R, width)
+        hidden = self.model(ids, positions, cache=self.decoder.cache, cache_rows=rows_t,
+                            cache_len=max(starts) + width)  # (R, width, H)
+        last = hidden[torch.arange(len(rows), device=device), n_new_t - 1]  # (R, H)
         self.n_prefill_tokens += sum(n_new)
-        episodes = torch.tensor([self.episode_ids[self.episode_of[r]] for r in rows], device=device)
-        self.decoder.begin(rows_t, episodes, torch.tensor([len(t) for t in tokens], device=device),
-                           self.decoder.logits(last))
+        self.decoder.begin(rows_t, episodes_t, lengths_t, self.decoder.logits(last))
 
     def decode(self, rows: list[tuple[int, int]]) -> None:
         """Steps for the live rows (row, length) until the next stop check: sync_every at most, and no further

@@ -123,7 +123,7 @@ MUTANTS = [
     Mutant("sampler: noise keyed by cache row", "nanoufo/sampler.py",
            "[self.episode_ids[self.episode_of[r]] for r in rows]", "[r for r in rows]"),
     Mutant("sampler: one noise stream for every row", "nanoufo/sampler.py",
-           "episodes = torch.tensor([self.episode_ids", "episodes = 0 * torch.tensor([self.episode_ids"),
+           "episodes = [self.episode_ids[self.episode_of[r]] for r in rows]", "episodes = [0] * len(rows)"),
     Mutant("sampler: one token too many per attempt", "nanoufo/sampler.py",
            "self.decoder.max_new_tokens - (n - self.on(r)", "self.decoder.max_new_tokens + 1 - (n - self.on(r)"),
     Mutant("sampler: one turn too many", "nanoufo/sampler.py",

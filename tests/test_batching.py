@@ -94,8 +94,8 @@ def test_continuous_batching_gives_each_episode_its_tokens_alone_within_the_kv_b
     with monkeypatch.context() as m:
         m.setattr(KVCache, "allocate", classmethod(lambda cls, *a, **k: allocated.append(
             allocate(cls, *a, **k)) or allocated[-1]))
-        m.setattr(tiny, "forward", lambda ids, pos, cache=None, cache_rows=None: (
-            rows_used.append((ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows)))
+        m.setattr(tiny, "forward", lambda ids, pos, cache=None, cache_rows=None, **kw: (
+            rows_used.append((ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows, **kw)))
         batched = run(tiny, EPISODE_PROMPTS, TURNS, stop_ids=[stop], kv_budget_bytes=budget)
     assert len(allocated) == 1 and sum(t.numel() * t.element_size() for t in (allocated[0].k, allocated[0].v)) <= budget
     assert {r for _, rows in rows_used for r in rows} == {0, 1}  # 7 episodes went through 2 rows

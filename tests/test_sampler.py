@@ -168,8 +168,8 @@ def test_max_turns_ends_an_episode_the_environment_would_continue(tiny, torch_pa
 def test_prefill_grows_with_new_tokens_only_and_done_rows_leave(tiny, torch_paths, monkeypatch):
     model, _ = tiny
     events, forward, script = [], model.forward, Script([3, 1, 2, 3])
-    monkeypatch.setattr(model, "forward", lambda ids, pos, cache=None, cache_rows=None: (
-        events.append(("forward", ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows)))
+    monkeypatch.setattr(model, "forward", lambda ids, pos, cache=None, cache_rows=None, **kw: (
+        events.append(("forward", ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows, **kw)))
 
     def next_turn(rows, responses, stopped):
         replies = script(rows, responses, stopped)
