@@ -10,7 +10,8 @@ reads the small live/length vectors back to learn which turns ended (`poll`, the
     decoder.step(padded_to)                         # one token for every live row of the batch
     live, length = decoder.poll(rows)
 
-Cache row n_rows is the spare: padded batch entries point at it, so their cache writes and state updates
+The turn limits live in a device buffer too (set_limits), so a decoder and its graphs serve every generate()
+call of a run (nanoufo.sampler.Decoders). Cache row n_rows is the spare: padded batch entries point at it, so their cache writes and state updates
 land where no episode reads. A row that is not live (its turn ended since the last poll) still runs in the
 batch until the next poll, but its state does not move. Noise: the token at index i of episode e is drawn
 from stream e * 2^20 + i (kernels/sampling.py), so an episode's tokens do not depend on which rows or
@@ -46,22 +47,32 @@ def kv_bytes_per_row(model: Qwen2, max_len: int) -> int:
 
 class Decoder:
     def __init__(self, model: Qwen2, n_rows: int, max_len: int, sampling: Sampling, stop_ids: list[int],
-                 max_new_tokens: int):
-        self.model, self.max_len, self.sampling, self.max_new_tokens = model, max_len, sampling, max_new_tokens
+                 max_new_tokens: int, max_batch: int = 0):
+        self.model, self.capacity, self.sampling = model, max_len, sampling
         weight = model.lm_head_weight
         device, R = weight.device, n_rows + 1
         self.spare = n_rows
         self.cache = KVCache.allocate(model.config, R, max_len, device, weight.dtype, tp_size=model.par.tp_size)
         long = dict(device=device, dtype=torch.long)
+        self.limits = torch.zeros(2, **long)  # (max_len, max_new_tokens) of the current call: read by the step
+        self.set_limits(max_len, max_new_tokens)
         self.last_token = torch.zeros(R, **long)  # the token the next step feeds (not yet in the cache)
         self.length = torch.ones(R, **long)  # tokens in the row's sequence, last_token included
         self.turn_start = torch.zeros(R, **long)  # index of the current attempt's first token
         self.episode = torch.zeros(R, **long)
         self.live = torch.zeros(R, device=device, dtype=torch.bool)  # sampling: the turn is open
-        self.tokens = torch.zeros(R, max_len + 1, **long)  # sampled tokens at their index; column max_len
+        self.tokens = torch.zeros(R, max_len + 1, **long)  # sampled tokens at their index; the last column
         self.logprobs = torch.zeros(R, max_len + 1, device=device)  # takes the writes of rows that are not live
         self.stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], **long)
-        self.batch = torch.full((R,), self.spare, **long)  # the rows of the decode batch, padded with the spare
+        self.batch = torch.full((max(R, max_batch),), self.spare, **long)  # the decode batch's rows, padded with
+        # the spare (max_batch: the largest bucket, which may exceed the rows)
+
+    def set_limits(self, max_len: int, max_new_tokens: int) -> None:
+        """The turn limits of the next steps (a reused decoder serves calls with other limits): a row's turn
+        ends at max_new_tokens sampled tokens or at max_len tokens in all, max_len <= the cache's slots."""
+        assert max_len <= self.capacity, "a decoder serves calls up to its cache's length"
+        self.max_len, self.max_new_tokens = max_len, max_new_tokens
+        self.limits.copy_(torch.tensor([max_len, max_new_tokens]))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, V) fp32 over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
@@ -86,11 +97,12 @@ class Decoder:
         length, live = self.length[rows], self.live[rows]  # (N,)
         noise_ids = self.episode[rows] * MAX_EPISODE_TOKENS + length  # (episode, token index)
         token, logprob = sample(logits, s.temperature, s.top_p, s.seed, noise_ids)
-        column = torch.where(live, length, self.max_len)
+        column = torch.where(live, length, self.capacity)
         self.tokens[rows, column], self.logprobs[rows, column] = token, logprob
         length = length + live
-        ended = (torch.isin(token, self.stop_ids) | (length - self.turn_start[rows] >= self.max_new_tokens)
-                 | (length >= self.max_len))
+        max_len, max_new_tokens = self.limits
+        ended = (torch.isin(token, self.stop_ids) | (length - self.turn_start[rows] >= max_new_tokens)
+                 | (length >= max_len))
         self.last_token[rows] = torch.where(live, token, self.last_token[rows])
         self.length[rows], self.live[rows] = length, live & ~ended
 
