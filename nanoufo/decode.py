@@ -25,7 +25,7 @@ import torch
 
 from nanoufo.kernels.linear_token_stats import mm_acc
 from nanoufo.kernels.sampling import sample
-from nanoufo.model import KVCache, Qwen2
+from nanoufo.model import KVCache, Qwen2, QwenConfig
 from nanoufo.parallel import all_gather_vocab
 
 MAX_EPISODE_TOKENS = 2**20  # noise streams per episode: episode * 2^20 + token index (x V < 2^63 for 58M episodes)
@@ -38,11 +38,27 @@ class Sampling:
     seed: int
 
 
+def kv_bytes_per_token(config: QwenConfig, tp_size: int, itemsize: int) -> int:
+    """KV-cache bytes of one slot on a rank: K and V of every layer for its own KV heads."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads // tp_size * config.head_dim * itemsize
+
+
 def kv_bytes_per_row(model: Qwen2, max_len: int) -> int:
     """KV-cache bytes of one row of max_len slots on this rank (its own KV heads under tensor parallelism)."""
-    c, weight = model.config, model.lm_head_weight
-    return 2 * c.num_hidden_layers * max_len * c.num_key_value_heads // model.par.tp_size * c.head_dim \
-        * weight.element_size()
+    return max_len * kv_bytes_per_token(model.config, model.par.tp_size, model.lm_head_weight.element_size())
+
+
+def state_bytes_per_row(max_len: int) -> int:
+    """The decoder's bytes per cache row besides the cache: sampled tokens (int64) and their log-probs (fp32)
+    at each of max_len + 1 indices, and six int64 / bool scalars."""
+    return (max_len + 1) * (8 + 4) + 6 * 8
+
+
+def logits_bytes_per_row(vocab_size: int, tp_size: int) -> int:
+    """fp32 bytes Decoder.logits holds per row at its peak: the rank's columns (mm_acc's product) and, under
+    tensor parallelism, all_gather_vocab's padded copy of them, every rank's part and the whole row."""
+    local = -(-vocab_size // tp_size)
+    return 4 * (vocab_size if tp_size == 1 else 2 * local + tp_size * local + vocab_size)
 
 
 class Decoder:

@@ -33,6 +33,8 @@ from typing import Iterable
 
 import torch
 
+MAIN_DTYPE = torch.float32  # masters, moments and gradients behind lower-precision parameters (nanoufo/plan.py)
+
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW on the parameters' device with its fast multi-tensor kernels (fused on CUDA, foreach on the CPU);
@@ -53,7 +55,7 @@ def _into_master(param: torch.nn.Parameter) -> None:
     """Post-accumulate hook of a bf16 parameter: its new gradient, added in fp32 to the master's, is freed."""
     master = param.master
     if master.grad is None:
-        master.grad = param.grad.to(torch.float32)
+        master.grad = param.grad.to(MAIN_DTYPE)
     else:
         master.grad.add_(param.grad)
     param.grad = None
@@ -65,7 +67,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def __init__(self, params: Iterable[torch.nn.Parameter], **adamw_options):
         self.compute_params = list(params)
-        self.masters = [p.detach().to(torch.float32, copy=True) for p in self.compute_params]
+        self.masters = [p.detach().to(MAIN_DTYPE, copy=True) for p in self.compute_params]
         super().__init__(self.masters, **adamw_options)
         for param, master in zip(self.compute_params, self.masters):
             if param.requires_grad and getattr(param, "master", None) is None:  # one hook, whichever optimizer
