@@ -132,9 +132,8 @@ def _moves_to_device(args, kwargs) -> bool:
 
 
 @contextmanager
-def counting(counter: LaunchCounter):
-    """The counter active: its dispatch mode, Triton launches, the host-reading Tensor methods and the
-    blocking copies to a device."""
+def watching_host(counter: LaunchCounter):
+    """The host-reading Tensor methods and the blocking copies to a device, reported to counter."""
     originals = {name: getattr(torch.Tensor, name) for name in (*HOST_METHODS, "to")}
     tensor_fn = torch.tensor
 
@@ -156,15 +155,24 @@ def counting(counter: LaunchCounter):
     for name in HOST_METHODS:
         setattr(torch.Tensor, name, watched(name, originals[name]))
     torch.Tensor.to, torch.tensor = to, tensor
-    _active.append(counter)
     try:
-        with counting_triton(counter), counter:
-            yield counter
+        yield counter
     finally:
-        _active.pop()
         for name, method in originals.items():
             setattr(torch.Tensor, name, method)
         torch.tensor = tensor_fn
+
+
+@contextmanager
+def counting(counter: LaunchCounter):
+    """The counter active: its dispatch mode, Triton launches, the host-reading Tensor methods and the
+    blocking copies to a device."""
+    _active.append(counter)
+    try:
+        with watching_host(counter), counting_triton(counter), counter:
+            yield counter
+    finally:
+        _active.pop()
 
 
 def as_one_launch(name: str, fn, *args, **kwargs):

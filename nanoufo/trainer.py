@@ -322,7 +322,7 @@ def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None,
                 sums[k] = sums.get(k, 0.0) + v * n_tokens
     n_tokens = mb.mask.sum().clamp(min=1)
     metrics = {k: v / n_tokens for k, v in sums.items()}
-    metrics["padding_frac"] = torch.tensor(1.0 - sum(lengths) / computed, device=n_tokens.device)
+    metrics["padding_frac"] = torch.full((), 1.0 - sum(lengths) / computed, device=n_tokens.device)  # no copy
     return total, metrics
 
 
@@ -346,7 +346,7 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
         for rows in torch.randperm(len(batch.tokens), generator=generator).split(cfg.minibatch_size):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(rows.to(batch.tokens.device)),
+            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(to_device(rows, batch.tokens.device)),
                                                  [lengths[i] for i in rows.tolist()])
             metrics["loss"] = loss
             metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch
