@@ -13,9 +13,10 @@ reads the small live/length vectors back to learn which turns ended (`poll`, the
 The turn limits live in a device buffer too (set_limits), so a decoder and its graphs serve every generate()
 call of a run (nanoufo.sampler.Decoders). Cache row n_rows is the spare: padded batch entries point at it,
 so their cache writes and state updates land where no episode reads. A row that is not live (its turn
-ended since the last poll) still runs in the batch until the next poll, but its state does not move. Noise: the token at index i of episode e is drawn
-from stream e * 2^20 + i (kernels/sampling.py), so an episode's tokens do not depend on which rows or
-which other episodes share its batch, nor on the tensor-parallel rank. Episode ids are the caller's
+ended since the last poll) still runs in the batch until the next poll, but its state does not move.
+Noise: the token at index i of episode e is drawn from stream e * 2^20 + i (kernels/sampling.py), so an
+episode's tokens do not depend on which rows or which other episodes share its batch, nor on the
+tensor-parallel rank. Episode ids are the caller's
 (nanoufo.sampler.generate's episode_ids), so a run can reproduce any episode of another run.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py tests/test_batching.py
 """
