@@ -38,6 +38,7 @@ from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, p
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
+from nanoufo.sampler import Decoders
 from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout
@@ -153,6 +154,7 @@ models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), par)) if par.dp_size > 1 else None
+decoders = Decoders() if cfg.cuda_graphs else None  # the decoder and its CUDA graphs, kept from rollout to rollout
 
 
 # -------------------------------------------------------------------------- resume
@@ -208,16 +210,19 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     n = cfg.problems_per_step
     problems = problems_at(data_pos + par.dp_rank * n, n)
     data_pos += n * par.dp_size
+    episodes_per_rank = n * cfg.n_samples_per_problem  # ids unique over the run: every rollout draws new noise
     rollout = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p,
-                           seed=cfg.seed * 1_000_003 + step * par.dp_size + par.dp_rank, tokenizer=tokenizer,
-                           kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs)
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer,
+                           kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs,
+                           first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank, decoders=decoders)
     scored, stats = score_rollout(trainer_cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(trainer_cfg, actor, critic, ref, scored)
     stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
     update = ppo_update(trainer_cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    for opt in optimizers.values():  # no gradient lives into the next rollout (plan.py counts them in the update)
+        opt.zero_grad(set_to_none=True)
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
     elapsed = time.time() - t0

@@ -51,7 +51,7 @@ class HFPolicy(nn.Module):
         super().__init__()
         self.hf, self.value_head, self.par, self.vocab_start = hf, value_head, SINGLE, 0
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.hf.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
     @property

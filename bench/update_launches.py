@@ -8,7 +8,9 @@ UFO-like length mix (episodes ending at turns 1-5, common.TURN_MIX). Not a timed
 launches: dispatched ops that compute (views and detach are left out; on a GPU most are one kernel each).
 syncs: ops that make the host wait for the device: reading a value (.item(), float(), bool(), int():
 aten._local_scalar_dense), data-dependent shapes (nonzero, boolean-mask indexing, masked_select), and
-Tensor.tolist() calls (counted by wrapping it: on the CPU it dispatches no op). The optimizer step
+Tensor.tolist() / cpu() / numpy() calls (counted by wrapping them: on the CPU they dispatch no op).
+blocking copies: torch.tensor(..., device=) and Tensor.to(device) without non_blocking, host syncs on a GPU
+(bench/launches.py says how they are counted). The optimizer step
 (AdamW) is counted apart. The PyTorch reference
 paths run (no TRITON_INTERPRET), where a GPU would run one Triton kernel for the LM-head statistics and
 one for the PPO loss: their launch counts here are the references'.
@@ -21,6 +23,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import launches
 from common import TURN_MIX
 from nanoufo import parallel, rl, trainer
 from nanoufo.config import TrainConfig
@@ -50,16 +53,17 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_counted_apart(optimizer, counter: OpCounter) -> None:
-    """Count the optimizer's step under "optimizer_" (AdamW is another issue's: fused AdamW)."""
+def step_counted_apart(optimizer, counter: OpCounter, host: launches.LaunchCounter) -> None:
+    """Count the optimizer's step under "optimizer_" (AdamW is another issue's: fused AdamW); its host calls
+    are not counted."""
     step = optimizer.step
 
     def counted(*args, **kwargs):
-        counter.bucket = "optimizer_"
+        counter.bucket, host.outside = "optimizer_", True
         try:
             return step(*args, **kwargs)
         finally:
-            counter.bucket = ""
+            counter.bucket, host.outside = "", False
     optimizer.step = counted
 
 
@@ -103,31 +107,25 @@ def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: i
     ref = Qwen2(SHAPE).requires_grad_(False)
     optimizers = trainer.make_optimizers(cfg, actor, critic)
     rollout = ufo_rollout(batch, max_new_tokens, seed)
-    tolist_calls = Counter()
-    real_tolist = torch.Tensor.tolist
-
-    def counted_tolist(self):
-        tolist_calls["n"] += 1
-        return real_tolist(self)
-    torch.Tensor.tolist = counted_tolist
-    try:
-        with OpCounter() as scoring:
-            scored, _ = trainer.score_rollout(cfg, actor, with_rewards(rollout))
-            batch_, _ = trainer.build_batch(cfg, actor, critic, ref, scored)
-        scoring_tolist, tolist_calls["n"] = tolist_calls["n"], 0
-        update = OpCounter()
-        for opt in optimizers.values():
-            step_counted_apart(opt, update)
-        with update:
-            trainer.ppo_update(cfg, actor, critic, optimizers, batch_, seed=seed)
-    finally:
-        torch.Tensor.tolist = real_tolist
+    host = launches.LaunchCounter()  # Tensor.tolist / cpu / numpy calls and blocking copies to the device
+    with launches.watching_host(host), OpCounter() as scoring:
+        scored, _ = trainer.score_rollout(cfg, actor, with_rewards(rollout))
+        batch_, _ = trainer.build_batch(cfg, actor, critic, ref, scored)
+    scoring_host, scoring_copies = host.syncs, host.copies
+    host = launches.LaunchCounter()
+    update = OpCounter()
+    for opt in optimizers.values():
+        step_counted_apart(opt, update, host)
+    with launches.watching_host(host), update:
+        trainer.ppo_update(cfg, actor, critic, optimizers, batch_, seed=seed)
     n_minibatches = batch // minibatch
     return dict(batch=batch, minibatch=minibatch, micro_batch_tokens=micro_batch_tokens if "micro_batch_tokens" in known
                 else None, tokens=int(rollout.lengths.sum()), T=rollout.tokens.shape[1],
-                scoring_launches=scoring.counts["launches"], scoring_syncs=scoring.counts["syncs"] + scoring_tolist,
+                scoring_launches=scoring.counts["launches"], scoring_syncs=scoring.counts["syncs"] + scoring_host,
+                scoring_blocking_copies=scoring_copies,
                 launches_per_minibatch=update.counts["launches"] / n_minibatches,
-                syncs_per_minibatch=(update.counts["syncs"] + tolist_calls["n"]) / n_minibatches,
+                syncs_per_minibatch=(update.counts["syncs"] + host.syncs) / n_minibatches,
+                blocking_copies_per_minibatch=host.copies / n_minibatches,
                 optimizer_launches_per_minibatch=update.counts["optimizer_launches"] / n_minibatches,
                 optimizer_syncs_per_minibatch=update.counts["optimizer_syncs"] / n_minibatches)
 

@@ -73,7 +73,7 @@ class TrainConfig:
     top_p: float = 1.0
     eval_temperature: float = 0.5
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
-    cuda_graphs: bool = False  # decode steps as CUDA graph replays (CUDA only; the CPU always decodes eagerly)
+    cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
     eval_k: int = 5
     # algorithm
     algorithm: str = "ufo_ppo"

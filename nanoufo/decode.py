@@ -10,11 +10,13 @@ reads the small live/length vectors back to learn which turns ended (`poll`, the
     decoder.step(padded_to)                         # one token for every live row of the batch
     live, length = decoder.poll(rows)
 
-Cache row n_rows is the spare: padded batch entries point at it, so their cache writes and state updates
-land where no episode reads. A row that is not live (its turn ended since the last poll) still runs in the
-batch until the next poll, but its state does not move. Noise: the token at index i of episode e is drawn
-from stream e * 2^20 + i (kernels/sampling.py), so an episode's tokens do not depend on which rows or
-which other episodes share its batch, nor on the tensor-parallel rank. Episode ids are the caller's
+The turn limits live in a device buffer too (set_limits), so a decoder and its graphs serve every generate()
+call of a run (nanoufo.sampler.Decoders). Cache row n_rows is the spare: padded batch entries point at it,
+so their cache writes and state updates land where no episode reads. A row that is not live (its turn
+ended since the last poll) still runs in the batch until the next poll, but its state does not move.
+Noise: the token at index i of episode e is drawn from stream e * 2^20 + i (kernels/sampling.py), so an
+episode's tokens do not depend on which rows or which other episodes share its batch, nor on the
+tensor-parallel rank. Episode ids are the caller's
 (nanoufo.sampler.generate's episode_ids), so a run can reproduce any episode of another run.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py tests/test_batching.py
 """
@@ -22,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoufo.kernels.linear_token_stats import mm_acc
 from nanoufo.kernels.sampling import sample
-from nanoufo.model import KVCache, Qwen2
+from nanoufo.model import KVCache, Qwen2, QwenConfig
 from nanoufo.parallel import all_gather_vocab
 
 MAX_EPISODE_TOKENS = 2**20  # noise streams per episode: episode * 2^20 + token index (x V < 2^63 for 58M episodes)
@@ -36,39 +39,66 @@ class Sampling:
     seed: int
 
 
+def kv_bytes_per_token(config: QwenConfig, tp_size: int, itemsize: int) -> int:
+    """KV-cache bytes of one slot on a rank: K and V of every layer for its own KV heads."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads // tp_size * config.head_dim * itemsize
+
+
 def kv_bytes_per_row(model: Qwen2, max_len: int) -> int:
     """KV-cache bytes of one row of max_len slots on this rank (its own KV heads under tensor parallelism)."""
-    c, weight = model.config, model.lm_head_weight
-    return 2 * c.num_hidden_layers * max_len * c.num_key_value_heads // model.par.tp_size * c.head_dim \
-        * weight.element_size()
+    return max_len * kv_bytes_per_token(model.config, model.par.tp_size, model.lm_head_weight.element_size())
+
+
+def state_bytes_per_row(max_len: int) -> int:
+    """The decoder's bytes per cache row besides the cache: sampled tokens (int64) and their log-probs (fp32)
+    at each of max_len + 1 indices, and six int64 / bool scalars."""
+    return (max_len + 1) * (8 + 4) + 6 * 8
+
+
+def logits_bytes_per_row(vocab_size: int, tp_size: int) -> int:
+    """fp32 bytes Decoder.logits holds per row at its peak: the rank's columns (mm_acc's product) and, under
+    tensor parallelism, all_gather_vocab's padded copy of them, every rank's part and the whole row."""
+    local = -(-vocab_size // tp_size)
+    return 4 * (vocab_size if tp_size == 1 else 2 * local + tp_size * local + vocab_size)
 
 
 class Decoder:
     def __init__(self, model: Qwen2, n_rows: int, max_len: int, sampling: Sampling, stop_ids: list[int],
-                 max_new_tokens: int):
-        self.model, self.max_len, self.sampling, self.max_new_tokens = model, max_len, sampling, max_new_tokens
+                 max_new_tokens: int, max_batch: int = 0):
+        self.model, self.capacity, self.sampling = model, max_len, sampling
         weight = model.lm_head_weight
         device, R = weight.device, n_rows + 1
         self.spare = n_rows
         self.cache = KVCache.allocate(model.config, R, max_len, device, weight.dtype, tp_size=model.par.tp_size)
         long = dict(device=device, dtype=torch.long)
+        self.limits = torch.zeros(2, **long)  # (max_len, max_new_tokens) of the current call: read by the step
+        self.set_limits(max_len, max_new_tokens)
         self.last_token = torch.zeros(R, **long)  # the token the next step feeds (not yet in the cache)
         self.length = torch.ones(R, **long)  # tokens in the row's sequence, last_token included
         self.turn_start = torch.zeros(R, **long)  # index of the current attempt's first token
         self.episode = torch.zeros(R, **long)
         self.live = torch.zeros(R, device=device, dtype=torch.bool)  # sampling: the turn is open
-        self.tokens = torch.zeros(R, max_len + 1, **long)  # sampled tokens at their index; column max_len
+        self.tokens = torch.zeros(R, max_len + 1, **long)  # sampled tokens at their index; the last column
         self.logprobs = torch.zeros(R, max_len + 1, device=device)  # takes the writes of rows that are not live
         self.stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], **long)
-        self.batch = torch.full((R,), self.spare, **long)  # the rows of the decode batch, padded with the spare
+        self.batch = torch.full((max(R, max_batch),), self.spare, **long)  # the decode batch's rows, padded with
+        # the spare (max_batch: the largest bucket, which may exceed the rows)
+
+    def set_limits(self, max_len: int, max_new_tokens: int) -> None:
+        """The turn limits of the next steps (a reused decoder serves calls with other limits): a row's turn
+        ends at max_new_tokens sampled tokens or at max_len tokens in all, max_len <= the cache's slots."""
+        assert max_len <= self.capacity, "a decoder serves calls up to its cache's length"
+        self.max_len, self.max_new_tokens = max_len, max_new_tokens
+        self.limits.copy_(torch.tensor([max_len, max_new_tokens]))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, V) fp32 over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
-        so each rank's sampler draws the same token with the same seed. The head runs in fp32 whatever the
-        model's dtype, as the trainer's linear_token_stats does (bf16 logits put the sampler's log-probs
-        further from the trainer's: bench/RESULTS.md, issue 16 section)."""
+        so each rank's sampler draws the same token with the same seed. The logits come out in fp32 whatever
+        the model's dtype, as the trainer's linear_token_stats makes them (bf16 logits put the sampler's
+        log-probs further from the trainer's: bench/RESULTS.md, issue 16 section): on CUDA a bf16 x bf16
+        product accumulated in fp32 (no fp32 copy of the head's weight), elsewhere an upcast (mm_acc)."""
         m = self.model
-        local = m.lm_head_input(hidden).float() @ m.lm_head_weight.float().T  # (N, V_local) fp32
+        local = mm_acc(m.lm_head_input(hidden), m.lm_head_weight.T)  # (N, V_local) fp32
         return all_gather_vocab(local, m.vocab_start, m.config.vocab_size, m.par)
 
     def begin(self, rows: torch.Tensor, episodes: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> None:
@@ -84,11 +114,12 @@ class Decoder:
         length, live = self.length[rows], self.live[rows]  # (N,)
         noise_ids = self.episode[rows] * MAX_EPISODE_TOKENS + length  # (episode, token index)
         token, logprob = sample(logits, s.temperature, s.top_p, s.seed, noise_ids)
-        column = torch.where(live, length, self.max_len)
+        column = torch.where(live, length, self.capacity)
         self.tokens[rows, column], self.logprobs[rows, column] = token, logprob
         length = length + live
-        ended = (torch.isin(token, self.stop_ids) | (length - self.turn_start[rows] >= self.max_new_tokens)
-                 | (length >= self.max_len))
+        max_len, max_new_tokens = self.limits
+        ended = (torch.isin(token, self.stop_ids) | (length - self.turn_start[rows] >= max_new_tokens)
+                 | (length >= max_len))
         self.last_token[rows] = torch.where(live, token, self.last_token[rows])
         self.length[rows], self.live[rows] = length, live & ~ended
 

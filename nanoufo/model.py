@@ -137,30 +137,96 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def uses_flash_attn(x: torch.Tensor) -> bool:
+    """Whether attention over tensors like x runs flash-attn's kernels: installed, CUDA, 16-bit."""
+    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor copied to device without a host sync: PyTorch synchronises the stream after a copy from
+    pageable memory (the host waits for all queued GPU work), not after one from pinned memory."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class SequenceLayout:
-    """Which tokens of an uncached forward see which, worked out once per forward (not per layer: finding
-    packed rows from position ids costs a host sync). Both None: every row is one causal sequence."""
-    seq_lens: tuple[int, ...] | None = None  # sequences packed end to end in a single row (B = 1)
-    mask: torch.Tensor | None = None  # (B, 1, T, T) bool, for rows packed by position ids alone
+    """Which tokens see which, worked out once per forward for every layer: finding packed rows from position
+    ids, or the cache slots a prefill reads, costs host syncs, and flash-attn's offsets a copy to the device.
+    kind: "decode" (the Triton decode kernel, one query per cached row: it reads the positions itself),
+    "flash" (flash-attn) or "sdpa" (PyTorch's scaled_dot_product_attention). For "sdpa", no field set: every
+    row is one causal sequence over its own tokens (cached: from slot 0)."""
+    kind: str = "sdpa"
+    seq_lens: tuple[int, ...] | None = None  # sdpa: sequences packed end to end in a single row (B = 1)
+    mask: torch.Tensor | None = None  # sdpa: (B, 1, G * T, S) bool, query rows folded by KV head (_sdpa)
+    slots: int | None = None  # sdpa with a cache: the slots any query sees (the furthest position + 1)
+    cu_seqlens: torch.Tensor | None = None  # flash: (n + 1,) int32 offsets of the sequences in the flat batch
+    max_len: int = 0  # flash: the longest of them
+    cache_seqlens: torch.Tensor | None = None  # flash with a cache: (B,) int32 slots filled after this call
+    cache_rows: torch.Tensor | None = None  # flash with a cache: (B,) int32
 
 
-def sequence_layout(position_ids: torch.Tensor, seq_lens: list[int] | None = None) -> SequenceLayout:
-    """The layout of position_ids (B, T): seq_lens as given, else a block-diagonal causal mask when some
-    row holds a position 0 after its start (packed), else plain causal."""
+def attention_kind(x: torch.Tensor, T: int, cached: bool) -> str:
+    """The attention kernels a forward of T tokens per row over tensors like x runs (SequenceLayout.kind)."""
+    if cached and T == 1 and pick_impl("auto", x) == "triton":
+        return "decode"
+    return "flash" if uses_flash_attn(x) else "sdpa"
+
+
+def sequence_layout(position_ids: torch.Tensor, seq_lens: list[int] | None = None, *, kind: str = "sdpa",
+                    groups: int = 1, unpacked: bool = False) -> SequenceLayout:
+    """The layout of an uncached forward over position_ids (B, T): the sequences seq_lens (host ints) packed in
+    one row; else one sequence per row when `unpacked` says so (no host sync) or when no row holds a position
+    0 after its start (one host sync); else sequences starting at each position 0 (packed by position ids).
+    groups: query heads per KV head (the mask's folding)."""
+    B, T = position_ids.shape
+    device = position_ids.device
     if seq_lens is not None:
-        if position_ids.shape[0] != 1 or sum(seq_lens) != position_ids.shape[1]:
+        if B != 1 or sum(seq_lens) != T:
             raise ValueError(f"seq_lens {list(seq_lens)} must sum to the length of a single row, got position_ids "
                              f"{tuple(position_ids.shape)}")
-        return SequenceLayout(seq_lens=tuple(int(n) for n in seq_lens))
+        lens = tuple(int(n) for n in seq_lens)
+        if kind == "flash":
+            offsets = to_device(torch.tensor([0, *accumulate(lens)], dtype=torch.int32), device)
+            return SequenceLayout("flash", cu_seqlens=offsets, max_len=max(lens))
+        return SequenceLayout(seq_lens=lens)
     starts = position_ids == 0
-    starts[:, 0] = True
-    if not starts[:, 1:].any():
+    starts[:, 0] = True  # every row starts a sequence, whatever its positions
+    if unpacked or not starts[:, 1:].any():
+        if kind == "flash":
+            offsets = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+            return SequenceLayout("flash", cu_seqlens=offsets, max_len=T)
         return SequenceLayout()
-    T = position_ids.shape[1]
+    if kind == "flash":  # one nonzero and one read of the longest sequence per forward
+        offsets = torch.nonzero(torch.cat([starts.flatten(), starts.new_ones(1)])).flatten().to(torch.int32)
+        return SequenceLayout("flash", cu_seqlens=offsets, max_len=int((offsets[1:] - offsets[:-1]).max()))
     seq = starts.cumsum(dim=1)  # (B, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return SequenceLayout(mask=(causal & (seq[:, :, None] == seq[:, None, :]))[:, None])  # (B, 1, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return SequenceLayout(mask=_fold_mask(causal & (seq[:, :, None] == seq[:, None, :]), groups))  # of (B, T, T)
+
+
+def cache_layout(position_ids: torch.Tensor, cache_rows: torch.Tensor, *, kind: str = "sdpa", groups: int = 1,
+                 cache_len: int | None = None) -> SequenceLayout:
+    """The layout of a cached forward: each row of position_ids (B, T) holds consecutive positions (the slots
+    its tokens fill) and sees every slot up to its own. cache_len, the furthest position + 1 when the caller
+    knows it on the host, spares sdpa a host sync; a call whose rows all start at slot 0 (a prompt's prefill)
+    is plain causal attention over its own tokens, with no mask."""
+    B, T = position_ids.shape
+    if kind != "sdpa":
+        return SequenceLayout(kind) if kind == "decode" else SequenceLayout(
+            kind, cache_seqlens=(position_ids[:, 0] + T).to(torch.int32), cache_rows=cache_rows.to(torch.int32))
+    slots = cache_len if cache_len is not None else int(position_ids.max()) + 1  # slots past it are never seen
+    if slots == T:
+        return SequenceLayout(slots=slots)
+    visible = torch.arange(slots, device=position_ids.device) <= position_ids[:, :, None]  # (B, T, S)
+    return SequenceLayout(slots=slots, mask=_fold_mask(visible, groups))
+
+
+def _fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, T, S) -> (B, 1, G * T, S): the same rows for each of the G query heads folded into a KV head."""
+    B, T, S = mask.shape
+    return mask[:, None].expand(B, groups, T, S).reshape(B, 1, groups * T, S)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
@@ -170,7 +236,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     Without cache_rows, k and v (B, T, Hkv, D) are the same tokens as q, and a position-0 token starts a
     new sequence (packing); `layout` (sequence_layout, default: worked out here) says where. With
     cache_rows (B,), k and v are whole caches (B_cache, S, Hkv, D): query i of item b reads row
-    cache_rows[b] and sees its slots <= position_ids[b, i].
+    cache_rows[b] and sees its slots <= position_ids[b, i] (layout: cache_layout).
 
     Packed sequences given by length run one causal SDPA call each, on PyTorch's own kernels (flash or
     memory-efficient on GPUs, no flash-attn package): exact causal FLOPs (sum of L^2, not N^2 over the
@@ -178,16 +244,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
     for sequences of hundreds to thousands of tokens. FlexAttention's document mask would do the same in
     one launch but needs torch.compile to be fast, which the CPU tests and the eager trainer do not use.
     """
-    if cache_rows is not None and q.shape[1] == 1 and pick_impl("auto", q) == "triton":  # a decode step: flash-decoding
+    if layout is None:
+        kind, groups = attention_kind(q, q.shape[1], cache_rows is not None), q.shape[2] // k.shape[2]
+        layout = sequence_layout(position_ids, kind=kind, groups=groups) if cache_rows is None else cache_layout(
+            position_ids, cache_rows, kind=kind, groups=groups)
+    if layout.kind == "decode":  # flash-decoding
         return decode_attention(q, k, v, position_ids, cache_rows, impl="triton")
-    if cache_rows is None and layout is None:
-        layout = sequence_layout(position_ids)
-    if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash_attention(q, k, v, position_ids, cache_rows, layout)
-    if cache_rows is not None:
-        S = int(position_ids.max()) + 1  # slots past the furthest query are never visible
-        mask = torch.arange(S, device=q.device) <= position_ids[:, :, None]  # (B, T, S)
-        return _sdpa(q, k[cache_rows, :S], v[cache_rows, :S], mask[:, None])  # k, v (B, S, Hkv, D); mask (B, 1, T, S)
+    if layout.kind == "flash":
+        return _flash_attention(q, k, v, cache_rows, layout)
+    if cache_rows is not None:  # SDPA needs the rows side by side: (B, S, Hkv, D)
+        k, v = k[cache_rows, :layout.slots], v[cache_rows, :layout.slots]
     if layout.seq_lens is not None:
         parts = (x.split(layout.seq_lens, dim=1) for x in (q, k, v))  # split: one op back in the backward
         return torch.cat([_sdpa(*qkv, None) for qkv in zip(*parts)], dim=1)
@@ -195,28 +261,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: t
 
 
 def _sdpa(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA on (B, T, H, D) tensors; causal when mask is None."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, D)
-                                         attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    return out.transpose(1, 2)
+    """SDPA on (B, T, H, D) tensors; causal when mask is None. With a mask, the G query heads of each KV head
+    are folded into its query rows, (B, Hkv, G * T, D), so query, key and value have one head count: PyTorch's
+    memory-efficient kernel takes a mask but not grouped heads, its flash kernel grouped heads but no mask,
+    so enable_gqa with a mask would run the math backend, (B, Hq, T, S) fp32 scores (bench/RESULTS.md)."""
+    B, T, Hq, D = q.shape
+    if mask is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)  # (B, Hq, T, D)
+        return out.transpose(1, 2)
+    Hkv = k.shape[2]
+    folded = q.transpose(1, 2).reshape(B, Hkv, Hq // Hkv * T, D)
+    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.view(B, Hq, T, D).transpose(1, 2)
 
 
-def _flash_attention(q, k, v, position_ids, cache_rows, layout: SequenceLayout | None):
+def _flash_attention(q, k, v, cache_rows, layout: SequenceLayout):
     B, T, Hq, D = q.shape
     if cache_rows is not None:  # the new keys are already in the cache; bottom-right causal alignment does the rest
-        seqlens = (position_ids[:, 0] + T).to(torch.int32)
-        return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_batch_idx=cache_rows.to(torch.int32),
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=layout.cache_seqlens, cache_batch_idx=layout.cache_rows,
                                        causal=True)
-    if layout.seq_lens is not None:  # host ints: no sync
-        cu = torch.tensor([0, *accumulate(layout.seq_lens)], dtype=torch.int32, device=q.device)
-        max_len = max(layout.seq_lens)
-    else:
-        starts = position_ids.flatten() == 0
-        starts[::T] = True  # every row starts a sequence, whatever its positions
-        cu = torch.nonzero(torch.cat([starts, starts.new_ones(1)])).flatten().to(torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
-    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
-                                 causal=True)  # (B * T, Hq, D)
+    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), layout.cu_seqlens,
+                                 layout.cu_seqlens, layout.max_len, layout.max_len, causal=True)  # (B * T, Hq, D)
     return out.view(B, T, Hq, D)
 
 
@@ -275,15 +341,16 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, position_ids, layout=None, cache=None, cache_rows=None) -> torch.Tensor:
         if cache is not None:  # this layer's (keys, values): the sampler's path
-            return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows)
+            return self.cached_forward(x, cos, sin, position_ids, cache, cache_rows, layout)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, layout=layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def cached_forward(self, x, cos, sin, position_ids, cache, cache_rows) -> torch.Tensor:
+    def cached_forward(self, x, cos, sin, position_ids, cache, cache_rows, layout=None) -> torch.Tensor:
         """The sampler's path (no autograd): the residual add fused into the second norm and fused kernels,
         about 10 launches per layer in a decode step (bench/launches.py)."""
         h, _ = self.input_layernorm.fused(x)
-        h, x = self.post_attention_layernorm.fused(x, self.self_attn(h, cos, sin, position_ids, cache, cache_rows))
+        h, x = self.post_attention_layernorm.fused(x, self.self_attn(h, cos, sin, position_ids, cache, cache_rows,
+                                                                     layout))
         return x + self.mlp(h, fused=True)
 
 
@@ -323,22 +390,32 @@ class Qwen2(nn.Module):
     def vocab_start(self) -> int:  # the first vocabulary id of this rank's logits columns
         return self.model.embed_tokens.vocab_start
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None,
-                cache_rows: torch.Tensor | None = None, seq_lens: list[int] | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, H) for input_ids (B, T) at position_ids (B, T).
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                cache_rows: torch.Tensor | None = None, seq_lens: list[int] | None = None,
+                cache_len: int | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, H) for input_ids (B, T) at position_ids (B, T); position_ids None: each
+        row is one sequence from position 0 (right-padded rows), known without reading the device.
 
         With a cache, batch item b uses cache row cache_rows[b] (default: row b), so a sampler can drop
-        finished rows from the batch without moving the cache. Without one, seq_lens (host ints) says that
-        the single row (B = 1) packs sequences of these lengths end to end; otherwise the packing is read
-        from the position ids, once per forward."""
+        finished rows from the batch without moving the cache; each row's positions are consecutive (the slots
+        its tokens fill), and cache_len (host int, optional), the furthest position + 1, spares the SDPA path
+        a host sync. Without a cache, seq_lens (host ints) says that the single row (B = 1) packs sequences of
+        these lengths end to end; otherwise the packing is read from the position ids, once per forward."""
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        B, T = input_ids.shape
+        unpacked = position_ids is None
+        if unpacked:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         if cache is not None and cache_rows is None:
-            cache_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        layout = sequence_layout(position_ids, seq_lens) if cache is None else None
+            cache_rows = torch.arange(B, device=input_ids.device)
+        kind = attention_kind(x, T, cached=cache is not None)
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        layout = sequence_layout(position_ids, seq_lens, kind=kind, groups=groups, unpacked=unpacked) \
+            if cache is None else cache_layout(position_ids, cache_rows, kind=kind, groups=groups, cache_len=cache_len)
         for i, layer in enumerate(self.model.layers):
             if cache is not None:  # through the module call, so hooks on a layer see the sampler's path too
-                x = layer(x, cos, sin, position_ids, cache=(cache.k[i], cache.v[i]), cache_rows=cache_rows)
+                x = layer(x, cos, sin, position_ids, layout, cache=(cache.k[i], cache.v[i]), cache_rows=cache_rows)
             elif self.checkpoint_activations and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, position_ids, layout, use_reentrant=False)
             else:

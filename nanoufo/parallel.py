@@ -28,6 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoufo.optim import grad_of
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -330,29 +332,31 @@ def all_ranks_true(flag: bool, par: ParallelContext) -> bool:
 
 
 def average_gradients(params, par: ParallelContext) -> None:
-    """Mean of every gradient over the DP group (async all-reduces, then wait). Parameters without a gradient
-    (a critic's unused LM head) are skipped: which ones have none depends on the graph, not on the data, so
-    every rank skips the same ones."""
+    """Mean of every gradient over the DP group (async all-reduces, then wait), on the gradients the optimizer
+    steps with (grad_of: fp32 sums behind bf16 parameters, so the reduction adds in fp32). Parameters without
+    a gradient (a critic's unused LM head) are skipped: which ones have none depends on the graph, not on the
+    data, so every rank skips the same ones."""
     if par.dp_group is None:
         return
-    params = [p for p in params if p.grad is not None]
-    works = [dist.all_reduce(p.grad, group=par.dp_group, async_op=True) for p in params]
-    for p, work in zip(params, works):
+    grads = [g for g in map(grad_of, params) if g is not None]
+    works = [dist.all_reduce(g, group=par.dp_group, async_op=True) for g in grads]
+    for g, work in zip(grads, works):
         work.wait()
-        p.grad.div_(par.dp_size)
+        g.div_(par.dp_size)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, par: ParallelContext) -> torch.Tensor:
-    """Clip by the norm of the full model's gradient: split parameters' squares summed over the TP group,
-    replicated ones (identical on every TP rank) counted once. Returns the norm before clipping.
+    """Clip by the norm of the full model's gradient (the gradients the optimizer steps with, grad_of): split
+    parameters' squares summed over the TP group, replicated ones (identical on every TP rank) counted once.
+    Returns the norm before clipping.
 
     Foreach kernels (one multi-tensor launch per group instead of a few per parameter): per-tensor norms
     in fp32, then one in-place scaling of every gradient."""
     split_names = split_params(model) if par.tp_size > 1 else set()
     split, replicated = [], []
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            (split if name in split_names else replicated).append(p.grad)
+        if (grad := grad_of(p)) is not None:
+            (split if name in split_names else replicated).append(grad)
     device = next(model.parameters()).device
     split_sq = all_reduce_(_sum_of_squares(split, device), par.tp_group)
     norm = (split_sq + _sum_of_squares(replicated, device)).sqrt()

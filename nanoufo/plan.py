@@ -13,15 +13,21 @@ the same), in bytes; what is counted:
 
 - resident for the whole run: the weights of actor, critic and reference in the compute dtype, and per
   trained model two fp32 AdamW moments (8 B/param) plus fp32 master weights (4 B/param) when the dtype
-  is not float32 (with float32 params the params are the masters);
+  is not float32 (with float32 params the params are the masters); with cuda_graphs=true also the
+  decoder (KV cache, its state, the logits in its graphs' pool), which nanoufo.sampler.Decoders keeps
+  between rollouts so that the graphs are captured once;
 - rollout: the sampler's KV cache at its max_len: the rows kv_budget_gb holds (an ended episode's row
-  takes the next waiting one), else a row per episode of the step, plus the spare padding row; the
-  prompts' prefill through one layer (no grad), the decode step's full-vocabulary fp32 logits;
+  takes the next waiting one), else a row per episode of the step, plus the spare padding row, and the
+  decoder's per-row state (nanoufo/decode.py's byte counts); the prompts' prefill through one layer (no
+  grad) and, for PyTorch's SDPA (no flash-attn), one layer's K and V gathered for every row; the decode
+  step's full-vocabulary fp32 logits (with their all-gather's buffers under TP);
 - scoring (no-grad forwards): one micro-batch through one layer, the fused LM head's fp32 chunk, the
   batch's per-token arrays and GAE's (T, T) discount matrix;
-- update: the gradients of actor and critic (compute dtype) and the saved activations of the largest
-  micro-batch (activation_bytes_per_token), one layer's backward transient and the LM head's chunk; the
-  actor's backward runs before the critic's forward, so the larger model's activations count, not both.
+- update: the gradients of actor and critic (fp32: summed over micro-batches in fp32, nanoufo/optim.py;
+  for bf16 parameters also the largest parameter's bf16 gradient before its hook folds it in), the saved
+  activations of the largest micro-batch (activation_bytes_per_token), one layer's backward transient and
+  the LM head's chunk; the actor's backward runs before the critic's forward, so the larger model's
+  activations count, not both. train.py frees the gradients after the update.
 
 Lengths: an episode is at most prompt_tokens (a planning figure, default 512: prompts are data) +
 max_turns x max_new_tokens + a 32-token feedback turn between attempts, the sampler's own max_len.
@@ -38,7 +44,9 @@ from pathlib import Path
 import torch
 
 from nanoufo.config import TrainConfig, parse_args
+from nanoufo.decode import kv_bytes_per_token, logits_bytes_per_row, state_bytes_per_row
 from nanoufo.model import Qwen2, QwenConfig
+from nanoufo.optim import MAIN_DTYPE
 from nanoufo.parallel import ParallelContext
 
 GIB = 2**30
@@ -67,11 +75,12 @@ def model_config(source: str) -> QwenConfig:
     return QwenConfig(**SHAPES[name])
 
 
-def params_per_rank(config: QwenConfig, tp: int, value_head: bool = False) -> int:
-    """Parameters on TP rank 0 (which holds the larger part of an uneven split), counted on the meta device."""
+def params_per_rank(config: QwenConfig, tp: int, value_head: bool = False) -> tuple[int, int]:
+    """(parameters, the largest parameter's elements) on TP rank 0 (which holds the larger part of an uneven
+    split), counted on the meta device."""
     with torch.device("meta"):
         model = Qwen2(config, value_head=value_head, par=ParallelContext(tp_size=tp))
-    return model.num_params()
+    return model.num_params(), max(p.numel() for p in model.parameters())
 
 
 def activation_bytes_per_token(config: QwenConfig, tp: int, itemsize: int) -> int:
@@ -143,22 +152,27 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
               prompt_tokens: int = 512) -> Plan:
     """The per-GPU plan of one training step (see the module docstring for what each phase counts)."""
     s = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
-    actor = params_per_rank(config, tp)
-    critic = params_per_rank(config, tp, value_head=True) if cfg.algorithm == "ufo_ppo" else 0
+    main = MAIN_DTYPE.itemsize
+    actor, actor_largest = params_per_rank(config, tp)
+    critic, critic_largest = params_per_rank(config, tp, value_head=True) if cfg.algorithm == "ufo_ppo" else (0, 0)
     ref = actor if cfg.kl_coef > 0 else 0
     trained = actor + critic
-    per_param_state = 8 + (4 if cfg.dtype != "float32" else 0)  # two fp32 moments (+ fp32 masters)
-    resident = {"weights": (trained + ref) * s, "optimizer": trained * per_param_state}
+    lower = cfg.dtype != "float32"  # then the optimizer holds fp32 masters and the gradients are summed in fp32
+    resident = {"weights": (trained + ref) * s, "optimizer": trained * (2 * main + (main if lower else 0))}
 
     length = min(episode_tokens(cfg, prompt_tokens), config.max_position_embeddings)
     episodes = cfg.problems_per_step * cfg.n_samples_per_problem
-    kv = 2 * config.num_hidden_layers * (config.num_key_value_heads // tp) * config.head_dim * s
+    kv = kv_bytes_per_token(config, tp, s)
     budget_rows = int(cfg.kv_budget_gb * GIB) // (length * kv) - 1  # as nanoufo.sampler.rows_for_budget
     wave = min(max(budget_rows, 1), episodes) if cfg.kv_budget_gb else episodes  # rows decoding at once
     layer = layer_transient_bytes_per_token(config, tp, s)
     vocab_local = math.ceil(config.vocab_size / tp)
-    rollout = resident | {"kv_cache": (wave + 1) * length * kv, "prefill": wave * prompt_tokens * layer,
-                          "decode_logits": wave * (vocab_local + config.vocab_size) * 4}
+    decoder = {"kv_cache": (wave + 1) * length * kv, "decoder_state": (wave + 1) * state_bytes_per_row(length),
+               "decode_logits": wave * logits_bytes_per_row(config.vocab_size, tp)}
+    rollout = resident | decoder | {"prefill": wave * prompt_tokens * layer,
+                                    "prefill_kv_gather": wave * length * kv // config.num_hidden_layers}
+    if cfg.cuda_graphs:  # the decoder and its graphs' pool stay allocated from rollout to rollout
+        resident = resident | decoder
 
     kept = cfg.batch_episodes
     micro = cfg.micro_batch_tokens or cfg.minibatch_size * length  # 0: a whole (padded) minibatch at once
@@ -171,16 +185,21 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     blocks = config.num_hidden_layers
     per_token = (blocks * s * config.hidden_size + saved) if cfg.checkpoint_activations else blocks * saved
     per_token += 4 * config.hidden_size + 3 * s * config.hidden_size  # final norm, the head's input
-    update = resident | {"gradients": trained * s, "activations": micro * per_token,
+    gradients = {"gradients": trained * main}
+    if lower:  # a parameter's bf16 gradient until its hook adds it to the fp32 sum: the largest one at most
+        gradients["gradient_transient"] = max(actor_largest, critic_largest) * s
+    update = resident | gradients | {"activations": micro * per_token,
                          "backward_transient": micro * layer, "lm_head_chunk": head(micro),
                          "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS}
+    kept_cache = f"; cuda_graphs=true keeps the KV cache: lower kv_budget_gb (now {cfg.kv_budget_gb or 'unset'})" \
+        if cfg.cuda_graphs else ""
     knobs = {
         "rollout": f"lower kv_budget_gb (now {cfg.kv_budget_gb or 'unset: a row per episode'}, {wave} of "
                    f"{episodes} episodes at once) or raise tp",
-        "scoring": f"lower micro_batch_tokens (now {cfg.micro_batch_tokens or 'unset'}) or raise tp",
+        "scoring": f"lower micro_batch_tokens (now {cfg.micro_batch_tokens or 'unset'}) or raise tp{kept_cache}",
         "update": f"lower micro_batch_tokens (now {cfg.micro_batch_tokens or 'unset: a whole minibatch'}, at least "
                   f"{length}), set checkpoint_activations=true (now {cfg.checkpoint_activations}) or raise tp "
-                  f"(now {tp})",
+                  f"(now {tp}){kept_cache}",
     }
     budget = None if not gpu_mem_gib else int((gpu_mem_gib - RESERVE_GIB) * GIB)
     return Plan({"rollout": rollout, "scoring": scoring, "update": update}, budget, knobs)

@@ -17,18 +17,19 @@ from nanoufo import rl
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
 from nanoufo.model import Qwen2
-from nanoufo.sampler import Rollout, generate
+from nanoufo.sampler import Decoders, Rollout, generate
 
 
 def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_samples_per_problem: int = 1,
                  max_turns: int | None = None, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seed: int = 0, tokenizer=None, max_len: int | None = None, kv_budget_bytes: int | None = None,
-                 cuda_graphs: bool = False) -> Rollout:
+                 cuda_graphs: bool = False, first_episode: int = 0, decoders: Decoders | None = None) -> Rollout:
     """Sample one episode per (problem, sample): up to max_turns attempts (default env.max_turns), ending on
     the first correct one. The rollout's episodes are the graded records, its scores the environment's
     episode rewards and its rewards each attempt's reward on the attempt's last token (env.turn_rewards).
     `tokenizer` decodes the attempts for grading (default env.tokenizer). kv_budget_bytes bounds the
-    sampler's KV cache (rows are reused as episodes end); cuda_graphs: see nanoufo.sampler.generate."""
+    sampler's KV cache (rows are reused as episodes end); cuda_graphs, decoders: see nanoufo.sampler.generate.
+    The episodes' ids, which key their sampling noise, are first_episode, first_episode + 1, ..."""
     tokenizer = tokenizer or env.tokenizer
     episodes = [Episode(problem) for problem in problems for _ in range(n_samples_per_problem)]
 
@@ -42,7 +43,8 @@ def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_sample
     rollout = generate(model, [env.prompt_ids(e.problem.question) for e in episodes], next_turn,
                        max_turns=max_turns or env.max_turns, max_new_tokens=max_new_tokens, stop_ids=env.stop_ids,
                        temperature=temperature, top_p=top_p, seed=seed, max_len=max_len,
-                       kv_budget_bytes=kv_budget_bytes, cuda_graphs=cuda_graphs)
+                       kv_budget_bytes=kv_budget_bytes, cuda_graphs=cuda_graphs,
+                       episode_ids=range(first_episode, first_episode + len(episodes)), decoders=decoders)
     turn_rewards = [env.turn_rewards(e) for e in episodes]
     return dataclasses.replace(
         rollout, episodes=episodes, scores=torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float64),

@@ -19,7 +19,9 @@ is never prefilled twice. A row that is no longer live leaves the batch at the n
 A turn's last sampled token is kept out of the cache until the row's next forward (decode or feedback
 prefill), so a row that ends never pays for it. Sampling is kernels/sampling.py with noise keyed by
 (episode id, token index): same seed, same episode, same tokens, whatever shares the batch, on every
-tensor-parallel rank. With cuda_graphs=True each decode step is a CUDA graph replay (nanoufo/cuda_graphs.py).
+tensor-parallel rank. With cuda_graphs=True each decode step is a CUDA graph replay (nanoufo/cuda_graphs.py),
+captured once per run when the caller keeps the decoder between calls (Decoders): a run varies its episode
+ids from rollout to rollout, not its seed, which the graphs hold.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_sampler.py tests/test_batching.py
 """
 import dataclasses
@@ -31,7 +33,7 @@ import torch
 
 from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
 from nanoufo.decode import MAX_EPISODE_TOKENS, Decoder, Sampling, kv_bytes_per_row
-from nanoufo.model import Qwen2
+from nanoufo.model import Qwen2, to_device
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
 SYNC_EVERY = 8  # decode steps between two stop checks at most
@@ -136,6 +138,45 @@ def rows_for_budget(model: Qwen2, n_episodes: int, max_len: int, kv_budget_bytes
     return min(rows, n_episodes)
 
 
+class Decoders:
+    """The decoder of a run (its static buffers, KV cache included) and its CUDA graphs, kept between
+    generate() calls so that the graphs are captured once and every later rollout replays them. A call reuses
+    them when its sampling (temperature, top-p, seed: values a graph holds) and stop ids are the same, its
+    max_len fits the cache and the cache has the rows the call would get; otherwise the old decoder is dropped
+    and a new one built (and captured) with the longer of the two lengths. The cache stays allocated between
+    calls: with cuda_graphs, nanoufo/plan.py counts it in every phase of a step.
+
+        decoders = Decoders()                               # train.py: one per run
+        generate(model, prompts, ..., cuda_graphs=True, decoders=decoders)
+    """
+
+    def __init__(self):
+        self.decoder, self.graphs, self.buckets, self.key, self.captures = None, None, None, None, 0
+
+    def get(self, model: Qwen2, n_episodes: int, max_len: int, sampling: Sampling, stop_ids: list[int],
+            max_new_tokens: int, kv_budget_bytes: int | None, cuda_graphs: bool,
+            buckets: list[int] | None) -> tuple[Decoder, DecodeGraphs | None, list[int] | None]:
+        """(decoder, graphs or None, the buckets) for one generate() call, its limits set."""
+        key = (model, sampling, sorted(set(stop_ids)), cuda_graphs, buckets)
+        old = self.decoder if self.key == key else None
+        if old is None or old.capacity < max_len or old.spare < rows_for_budget(model, n_episodes, old.capacity,
+                                                                                kv_budget_bytes):
+            capacity = max(max_len, old.capacity if old is not None else 0)
+            self.decoder = self.graphs = None  # the old cache goes before the new one is allocated
+            n_rows = rows_for_budget(model, n_episodes, capacity, kv_budget_bytes)
+            self.buckets = buckets_for_rows(n_rows, buckets) if cuda_graphs or buckets is not None else None
+            self.decoder = Decoder(model, n_rows, capacity, sampling, stop_ids, max_new_tokens,
+                                   max(self.buckets or [0]))
+            if cuda_graphs:
+                self.graphs = DecodeGraphs.capture(self.decoder.step, self.buckets, self.decoder.batch.device,
+                                                   model.par.tp_group)
+                self.captures += 1
+            self.key = key
+        self.decoder.live.zero_()  # no row is open between calls, whatever ended the last one
+        self.decoder.set_limits(max_len, max_new_tokens)
+        return self.decoder, self.graphs, self.buckets
+
+
 class _Run:
     """One generate() call: rows, the waiting queue, the host's polls and the prefills."""
 
@@ -199,17 +240,17 @@ class _Run:
         Right padding writes slots past a row's end that its later tokens overwrite, so callers keep
         start + max(n_new) <= max_len (true of prompts, and of rows that share one n_new)."""
         device, tokens = self.decoder.batch.device, [self.on(r).tokens for r in rows]
-        width = max(n_new)
-        ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)], device=device)
-        starts = torch.tensor([len(t) - n for t, n in zip(tokens, n_new)], device=device)
-        positions = starts[:, None] + torch.arange(width, device=device)  # (R, width)
-        rows_t = torch.tensor(rows, device=device)
-        hidden = self.model(ids, positions, cache=self.decoder.cache, cache_rows=rows_t)
-        last = hidden[torch.arange(len(rows), device=device), torch.tensor(n_new, device=device) - 1]  # (R, H)
+        width, starts = max(n_new), [len(t) - n for t, n in zip(tokens, n_new)]
+        episodes = [self.episode_ids[self.episode_of[r]] for r in rows]
+        ids = torch.tensor([t[len(t) - n:] + [0] * (width - n) for t, n in zip(tokens, n_new)])  # (R, width)
+        per_row = torch.tensor([rows, starts, n_new, episodes, [len(t) for t in tokens]])  # (5, R)
+        ids, (rows_t, starts_t, n_new_t, episodes_t, lengths_t) = to_device(ids, device), to_device(per_row, device)
+        positions = starts_t[:, None] + torch.arange(width, device=device)  # (R, width)
+        hidden = self.model(ids, positions, cache=self.decoder.cache, cache_rows=rows_t,
+                            cache_len=max(starts) + width)  # (R, width, H)
+        last = hidden[torch.arange(len(rows), device=device), n_new_t - 1]  # (R, H)
         self.n_prefill_tokens += sum(n_new)
-        episodes = torch.tensor([self.episode_ids[self.episode_of[r]] for r in rows], device=device)
-        self.decoder.begin(rows_t, episodes, torch.tensor([len(t) for t in tokens], device=device),
-                           self.decoder.logits(last))
+        self.decoder.begin(rows_t, episodes_t, lengths_t, self.decoder.logits(last))
 
     def decode(self, rows: list[tuple[int, int]]) -> None:
         """Steps for the live rows (row, length) until the next stop check: sync_every at most, and no further
@@ -262,9 +303,13 @@ class _Run:
 
 
 def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_tokens: int, episode_ids: list[int],
-           sync_every: int) -> None:
+           sync_every: int, vocab_size: int) -> None:
     assert min(max_turns, max_new_tokens, sync_every) >= 1, "checked by the scripts' arguments"
     assert len(episode_ids) == len(prompts) and min(episode_ids, default=0) >= 0, "one id >= 0 per prompt"
+    streams = 2**63 // (MAX_EPISODE_TOKENS * vocab_size)  # the kernel's noise offsets, id * 2^20 * V, fit int64
+    if max(episode_ids, default=0) >= streams:
+        raise ValueError(f"episode id {max(episode_ids)} is past the {streams:,} episodes the sampling noise "
+                         f"holds at a vocabulary of {vocab_size}")
     if max_len > MAX_EPISODE_TOKENS:
         raise ValueError(f"max_len={max_len} is more than the sampler's {MAX_EPISODE_TOKENS} tokens per episode")
     for b, prompt in enumerate(prompts):
@@ -279,7 +324,7 @@ def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max
              stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_len: int | None = None, feedback_len: int = 32, episode_ids: list[int] | None = None,
              kv_budget_bytes: int | None = None, cuda_graphs: bool = False, buckets: list[int] | None = None,
-             sync_every: int = SYNC_EVERY) -> Rollout:
+             sync_every: int = SYNC_EVERY, decoders: Decoders | None = None) -> Rollout:
     """Sample up to max_turns attempts per prompt (see the module docstring); greedy when temperature == 0.
 
     next_turn gets the episodes whose attempt just ended, each attempt's sampled tokens (its stop token
@@ -289,18 +334,17 @@ def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max
     feedback that leaves no room ends the episode. episode_ids (default 0..B-1) key the sampling noise.
     kv_budget_bytes bounds the KV cache (default: a row per episode). buckets (default with cuda_graphs: a
     doubling list) pad each decode batch to a bucket's size with the spare row; cuda_graphs replays one
-    CUDA graph per bucket (CUDA only; the CPU and any failed capture decode eagerly)."""
+    CUDA graph per bucket (CUDA only; the CPU and any failed capture decode eagerly). decoders (a Decoders)
+    keeps the decoder and its graphs for the next call: captured once per run, not once per call."""
     if not prompts:
         empty = torch.zeros(0, 0)
         return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0)
     max_len = max_len or min(max(map(len, prompts)) + max_turns * max_new_tokens + (max_turns - 1) * feedback_len,
                              model.config.max_position_embeddings)  # never past the context the model knows
     episode_ids = list(range(len(prompts))) if episode_ids is None else list(episode_ids)
-    _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every)
-    n_rows = rows_for_budget(model, len(prompts), max_len, kv_budget_bytes)
-    cuda_graphs = cuda_graphs and model.lm_head_weight.is_cuda  # the CPU always decodes eagerly
-    buckets = buckets_for_rows(n_rows, buckets) if cuda_graphs or buckets is not None else None
-    decoder = Decoder(model, n_rows, max_len, Sampling(temperature, top_p, seed), stop_ids, max_new_tokens)
-    graphs = DecodeGraphs.capture(decoder.step, buckets, decoder.batch.device) if cuda_graphs else None
+    _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every, model.config.vocab_size)
+    decoder, graphs, buckets = (decoders or Decoders()).get(model, len(prompts), max_len,
+                                                            Sampling(temperature, top_p, seed), stop_ids,
+                                                            max_new_tokens, kv_budget_bytes, cuda_graphs, buckets)
     return _Run(model, prompts, next_turn, decoder, max_turns=max_turns, stop_ids=stop_ids, episode_ids=episode_ids,
                 buckets=buckets, graphs=graphs, sync_every=sync_every).run()

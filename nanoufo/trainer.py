@@ -29,7 +29,7 @@ import torch.distributed as dist
 from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss
 from nanoufo.kernels.linear_token_stats import linear_token_stats
 from nanoufo import rl
-from nanoufo.model import Qwen2
+from nanoufo.model import Qwen2, to_device
 from nanoufo.optim import adamw
 from nanoufo.parallel import ParallelContext, all_ranks_true, clip_grad_norm_, dp_mean_scale
 from nanoufo.sampler import Rollout, cat_rows
@@ -109,17 +109,16 @@ def prediction_rows(model: Qwen2, tokens: torch.Tensor, lengths: list[int] | Non
     positions; with lengths (host ints, row b's first lengths[b] tokens are its trajectory) the trajectories
     are packed end to end into one sequence, so no padding token is computed."""
     B, T = tokens.shape
-    if lengths is None:
-        positions = torch.arange(T, device=tokens.device).expand(B, T)
-        hidden = model(tokens, positions)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
+    if lengths is None:  # positions 0..T-1 in every row: the model knows the layout without reading the device
+        hidden = model(tokens)[:, :-1].reshape(B * (T - 1), -1)  # (N, H)
         return PredictionRows(hidden, tokens[:, 1:].reshape(-1), lambda x: x[:, 1:].reshape(-1),
                               lambda s: rl.shift_to_tokens(s.view(B, T - 1)))
-    # packed: the N tokens' flat indices into (B * T), built on the host from the lengths (no device sync)
-    index = torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)]).to(tokens.device)  # (N,)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(tokens.device)  # (N,) from 0 in every trajectory
-    is_last = torch.zeros(len(index), dtype=torch.bool)  # (N,) a trajectory's last token predicts nothing
+    # packed: the N tokens' flat indices into (B * T), built on the host from the lengths and copied without a sync
+    index = to_device(torch.cat([torch.arange(n) + b * T for b, n in enumerate(lengths)]), tokens.device)  # (N,)
+    positions = to_device(torch.cat([torch.arange(n) for n in lengths]), tokens.device)  # (N,) from 0 in each
+    is_last = torch.zeros(sum(lengths), dtype=torch.bool)  # (N,) a trajectory's last token predicts nothing
     is_last[torch.tensor(list(accumulate(lengths))) - 1] = True
-    is_last = is_last.to(tokens.device)
+    is_last = to_device(is_last, tokens.device)
     hidden = model(tokens.reshape(-1)[index][None], positions[None], seq_lens=lengths)[0]  # (N, H)
     following = (index + 1).clamp(max=B * T - 1)  # (N,) the flat index of the token each row predicts
     gather = lambda x: x.reshape(-1)[following].masked_fill(is_last, 0)  # noqa: E731
@@ -322,7 +321,7 @@ def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None,
                 sums[k] = sums.get(k, 0.0) + v * n_tokens
     n_tokens = mb.mask.sum().clamp(min=1)
     metrics = {k: v / n_tokens for k, v in sums.items()}
-    metrics["padding_frac"] = torch.tensor(1.0 - sum(lengths) / computed, device=n_tokens.device)
+    metrics["padding_frac"] = torch.full((), 1.0 - sum(lengths) / computed, device=n_tokens.device)  # no copy
     return total, metrics
 
 
@@ -346,7 +345,7 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
         for rows in torch.randperm(len(batch.tokens), generator=generator).split(cfg.minibatch_size):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(rows.to(batch.tokens.device)),
+            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(to_device(rows, batch.tokens.device)),
                                                  [lengths[i] for i in rows.tolist()])
             metrics["loss"] = loss
             metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch

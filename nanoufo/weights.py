@@ -21,11 +21,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoufo.model import QwenConfig, Qwen2, param_shapes
-from nanoufo.optim import consecutive_runs
 from nanoufo.parallel import SINGLE, ParallelContext, barrier, check_tp_split, full_state_dict, hf_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+def consecutive_runs(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of indices whose sizes add up to at most limit (an item larger than limit goes alone):
+    the shards of a saved checkpoint."""
+    runs, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if runs[-1] and total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += size
+    return runs
 
 
 def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:

@@ -17,6 +17,9 @@ import torch
 
 from kernel_device import DEVICE, ON_GPU, needs_triton
 from nanoufo import sampler as sampler_module
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanoufo import cuda_graphs
 from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
 from nanoufo.decode import kv_bytes_per_row
 from nanoufo.model import KVCache
@@ -94,8 +97,8 @@ def test_continuous_batching_gives_each_episode_its_tokens_alone_within_the_kv_b
     with monkeypatch.context() as m:
         m.setattr(KVCache, "allocate", classmethod(lambda cls, *a, **k: allocated.append(
             allocate(cls, *a, **k)) or allocated[-1]))
-        m.setattr(tiny, "forward", lambda ids, pos, cache=None, cache_rows=None: (
-            rows_used.append((ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows)))
+        m.setattr(tiny, "forward", lambda ids, pos, cache=None, cache_rows=None, **kw: (
+            rows_used.append((ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows, **kw)))
         batched = run(tiny, EPISODE_PROMPTS, TURNS, stop_ids=[stop], kv_budget_bytes=budget)
     assert len(allocated) == 1 and sum(t.numel() * t.element_size() for t in (allocated[0].k, allocated[0].v)) <= budget
     assert {r for _, rows in rows_used for r in rows} == {0, 1}  # 7 episodes went through 2 rows
@@ -132,16 +135,100 @@ def test_bucket_choice():
         buckets_for_rows(3, [0, 4])
 
 
+def two_rollouts(model, stop: int, temperature: float, **kw) -> list:
+    """Two rollouts of a run: other episodes (ids), fewer of them, other turn limits; the same sampling."""
+    kw = dict(stop_ids=[stop], temperature=temperature, buckets=[2, 4, 8], **kw)
+    return [run(model, EPISODE_PROMPTS, TURNS, episode_ids=range(7), **kw),
+            run(model, EPISODE_PROMPTS[:5], TURNS, episode_ids=range(7, 12), max_new_tokens=3, max_len=30, **kw)]
+
+
+def same_rollouts(a: list, b: list) -> bool:
+    return all(torch.equal(x.tokens, y.tokens) and (x.logprobs - y.logprobs).abs().max() < 1e-5 for x, y in zip(a, b))
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (NANOUFO_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cuda_graph_steps_equal_eager_steps(tiny, temperature):
+def test_cuda_graph_steps_equal_eager_steps_across_rollouts_of_one_capture(tiny, temperature):
     stop = first_emitted_token(tiny, PROMPTS[1])
-    kw = dict(stop_ids=[stop], temperature=temperature, buckets=[2, 4, 8])
-    eager = run(tiny, EPISODE_PROMPTS, TURNS, **kw)
+    eager, decoders = two_rollouts(tiny, stop, temperature), sampler_module.Decoders()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would fall back silently to eager: fail instead
-        graphs = run(tiny, EPISODE_PROMPTS, TURNS, cuda_graphs=True, **kw)
-    assert torch.equal(eager.tokens, graphs.tokens) and (eager.logprobs - graphs.logprobs).abs().max() < 1e-5
+        graphs = two_rollouts(tiny, stop, temperature, cuda_graphs=True, decoders=decoders)
+    assert decoders.captures == 1 and decoders.graphs is not None and same_rollouts(eager, graphs)
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph's stand-in on the CPU: capture runs step(bucket) and records the host values it
+    hands every aten op and Triton kernel (tensors by shape and dtype); replay runs the step again and fails if
+    any of them changed, which a real graph would not see (it replays the recorded ones)."""
+
+    def __init__(self, step, bucket: int):
+        self.step, self.bucket, self.replays = step, bucket, 0
+        self.trace = self.traced()
+
+    def traced(self) -> list:
+        trace = []
+        counter = launches.LaunchCounter()
+        counter.launch = lambda name: trace.append(name)
+        with launches.counting(counter), HostValues(trace):
+            self.step(self.bucket)
+        return trace
+
+    def replay(self) -> None:
+        assert self.traced() == self.trace, "a host value recorded in the graph changed between replays"
+        self.replays += 1
+
+
+def _host(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return tuple(_host(i) for i in x)
+    return x if isinstance(x, (int, float, bool, str, type(None))) else str(x)
+
+
+class HostValues(TorchDispatchMode):
+    """Appends (op, its host values) for every aten op, and each Triton launch's arguments, to trace."""
+
+    def __init__(self, trace: list):
+        super().__init__()
+        self.trace = trace
+        from triton.runtime.interpreter import InterpretedFunction
+        self.cls, self.run = InterpretedFunction, InterpretedFunction.run
+
+    def __enter__(self):
+        trace, run = self.trace, self.run
+
+        def recorded(fn, *args, **kwargs):
+            trace.append((fn.fn.__name__, _host(args), _host(sorted(kwargs.items()))))
+            return run(fn, *args, **kwargs)
+        self.cls.run = recorded
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.cls.run = self.run
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.trace.append((str(func), _host(args), _host(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_a_run_captures_its_decode_graphs_once_and_replays_them_across_rollouts(tiny, monkeypatch):
+    """With a stand-in graph: the second rollout (other episode ids, turn limits and episode count) replays the
+    graphs of the first with every host value unchanged, and both equal eager rollouts; a new seed recaptures."""
+    graphs = []
+    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "_capture_cuda", lambda step, buckets, device: {
+        b: graphs.append(FakeGraph(step, b)) or graphs[-1] for b in buckets})
+    stop = first_emitted_token(tiny, PROMPTS[1])
+    decoders = sampler_module.Decoders()
+    replayed = two_rollouts(tiny, stop, 1.0, cuda_graphs=True, decoders=decoders)
+    assert decoders.captures == 1 and len(graphs) == 3 and sum(g.replays for g in graphs) > 0
+    assert same_rollouts(replayed, two_rollouts(tiny, stop, 1.0))
+    run(tiny, PROMPTS, [1] * 4, stop_ids=[stop], seed=8, buckets=[2, 4, 8], cuda_graphs=True, decoders=decoders)
+    assert decoders.captures == 2  # the seed is a value the graphs hold
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU case")
@@ -152,8 +239,9 @@ def test_cuda_graphs_on_the_cpu_decode_eagerly(tiny, torch_paths):
     assert torch.equal(graphs.tokens, run(tiny, PROMPTS, [2] * 4, stop_ids=[]).tokens)
 
 
-def test_failed_graph_capture_falls_back_to_eager_with_one_warning():
+def test_failed_graph_capture_falls_back_to_eager_with_one_warning(monkeypatch):
     steps = []
+    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)  # then torch.cuda fails on this CPU
     with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding eagerly") as caught:
         assert DecodeGraphs.capture(steps.append, [1, 2], torch.device("cpu")) is None
     assert len(caught) == 1 and "\n" not in str(caught[0].message) and steps == []

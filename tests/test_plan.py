@@ -53,7 +53,18 @@ def test_plan_figures_by_hand():
     assert plan.phases["rollout"]["kv_cache"] == 4 * length * 2 * 2 * 2 * 12 * 2  # 3 rows + spare, K and V, 2 layers
     saved = 2 * (4 * 48 + 4 + 2 * 2 * 48) + 2 * (3 * 48 + 3 * 24) + 16 + 2 * 4 * 80
     assert plan.phases["update"]["activations"] == 400 * (2 * saved + 4 * 48 + 3 * 2 * 48)
-    assert plan.phases["update"]["gradients"] == (2 * params + 49) * 2
+    assert plan.phases["rollout"]["decoder_state"] == 4 * (283 * (8 + 4) + 6 * 8)  # tokens and log-probs per slot
+    assert plan.phases["rollout"]["decode_logits"] == 3 * 64 * 4  # fp32, no copy of the head's weight
+    assert plan.phases["rollout"]["prefill_kv_gather"] == 3 * length * 2 * 2 * 12 * 2  # one layer's K and V
+    assert "kv_cache" not in plan.phases["update"]  # the sampler's cache is gone by then
+    assert plan.phases["update"]["gradients"] == (2 * params + 49) * 4  # summed in fp32
+    assert plan.phases["update"]["gradient_transient"] == 2 * 80 * 48 * 2  # the merged gate/up's bf16 gradient
+    graphs = make_plan(replace(cfg, cuda_graphs=True), SMALL, tp=1, gpu_mem_gib=10.0, prompt_tokens=50)
+    for phase in ("scoring", "update"):  # the decoder and its graphs stay between rollouts
+        assert graphs.peak(phase) - plan.peak(phase) == sum(plan.phases["rollout"][k] for k in (
+            "kv_cache", "decoder_state", "decode_logits"))
+    tp2 = make_plan(cfg, SMALL, tp=2, gpu_mem_gib=10.0, prompt_tokens=50)  # half the KV: all 8 episodes at once
+    assert tp2.phases["rollout"]["decode_logits"] == 8 * 4 * (32 + 32 + 2 * 32 + 64)  # with the all-gather's buffers
     assert plan.budget == int((10.0 - RESERVE_GIB) * GIB)
 
 

@@ -197,8 +197,8 @@ def test_max_turns_ends_an_episode_the_environment_would_continue(tiny, torch_pa
 def test_prefill_grows_with_new_tokens_only_and_done_rows_leave(tiny, torch_paths, monkeypatch):
     model, _ = tiny
     events, forward, script = [], model.forward, Script([3, 1, 2, 3])
-    monkeypatch.setattr(model, "forward", lambda ids, pos, cache=None, cache_rows=None: (
-        events.append(("forward", ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows)))
+    monkeypatch.setattr(model, "forward", lambda ids, pos, cache=None, cache_rows=None, **kw: (
+        events.append(("forward", ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows, **kw)))
 
     def next_turn(rows, responses, stopped):
         replies = script(rows, responses, stopped)
@@ -293,3 +293,20 @@ def test_the_sampling_head_gives_fp32_logits_for_a_bf16_model():
     logits = Decoder(model, 1, 4, Sampling(1.0, 1.0, 0), stop_ids=[], max_new_tokens=1).logits(hidden)
     expected = hidden.float() @ model.lm_head_weight.float().T  # (R, V)
     assert logits.dtype == torch.float32 and torch.allclose(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_decode_head_reads_the_bf16_weight_itself_and_gives_fp32_logits(tiny, monkeypatch):
+    """No fp32 copy of the LM head per step: the bf16 weight goes to mm_acc (on CUDA a bf16 product accumulated
+    in fp32), and the logits are the fp32 product of the bf16 values."""
+    import copy
+    from nanoufo import decode
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    decoder = decode.Decoder(model, 2, 16, decode.Sampling(1.0, 1.0, 0), [], 4)
+    seen, real = [], decode.mm_acc
+    monkeypatch.setattr(decode, "mm_acc", lambda a, b: seen.append(b) or real(a, b))
+    hidden = torch.randn(3, model.config.hidden_size).to(torch.bfloat16)
+    logits = decoder.logits(hidden)
+    weight = model.lm_head_weight
+    assert seen[0].dtype == torch.bfloat16 and seen[0].data_ptr() == weight.data_ptr()
+    assert logits.dtype == torch.float32
+    assert (logits - hidden.double() @ weight.double().T).abs().max() < 1e-4
