@@ -315,7 +315,7 @@ def path_runners(model, critic, batch: int, context: int) -> dict:
         return lambda: run.begin(list(range(batch)), [13] * batch)
 
     def update(packed: bool):
-        weights = trainer.minibatch_weights(mb.mask, cfg.aggregation, model.par)[0]
+        weights = trainer.minibatch_weights(mb.mask, cfg.aggregation, model.par)
 
         def run():
             loss, _ = trainer.policy_loss(cfg, model, mb, weights, lengths if packed else None)
