@@ -17,7 +17,6 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoufo.rl import PRM_AGGREGATES
 from nanoufo.schedule import SCHEDULES as LR_SCHEDULES
 
 ALGORITHMS = ("ufo_ppo", "grpo")
@@ -28,6 +27,7 @@ KL_ESTIMATORS = ("k1", "k3")
 KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
 CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
                kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES,
                prm_aggregate=PRM_AGGREGATES)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from nanoufo import rl
+from nanoufo.config import PRM_AGGREGATES
 from nanoufo.model import PRM_ARCHITECTURE, Qwen2
 from nanoufo.parallel import SINGLE, ParallelContext
 from nanoufo.tokenizer import load_tokenizer
@@ -62,7 +63,7 @@ def aggregate(scores: torch.Tensor, how: str) -> float:
         return float(scores.min())
     if how == "product":
         return float(scores.prod())
-    raise ValueError(f"unknown PRM aggregate {how!r} (one of {', '.join(rl.PRM_AGGREGATES)})")
+    raise ValueError(f"unknown PRM aggregate {how!r} (one of {', '.join(PRM_AGGREGATES)})")
 
 
 def separator_id(tokenizer, source: str) -> int:
@@ -210,7 +211,7 @@ class PRMReward:
     policy's: it maps each step's end in the attempt's text back to a sampled token."""
 
     def __init__(self, scorer: PRMScorer, tokenizer, aggregate: str = "min", gold_weight: float = 0.0):
-        assert aggregate in rl.PRM_AGGREGATES and 0.0 <= gold_weight <= 1.0, "checked by nanoufo.config.validate"
+        assert aggregate in PRM_AGGREGATES and 0.0 <= gold_weight <= 1.0, "checked by nanoufo.config.validate"
         self.scorer, self.tokenizer, self.aggregate, self.gold_weight = scorer, tokenizer, aggregate, gold_weight
 
     def __call__(self, rollout) -> PRMRewards:

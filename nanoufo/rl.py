@@ -11,8 +11,6 @@ import torch.distributed as dist
 from nanoufo.kernels.ppo_loss import LOG_RATIO_CLAMP
 from nanoufo.parallel import all_reduce_
 
-PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
-
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x over the masked entries (along dim, or all of them); 0 where the mask holds none."""
@@ -178,7 +176,7 @@ def step_rewards(scores: list[float], how: str) -> list[float]:
     A step that leaves the aggregate alone earns 0 and one that lowers it is charged what it took, so the
     return from the first token is the aggregate however many steps there are (raw step scores placed as
     rewards would pay for writing more steps)."""
-    assert how in PRM_AGGREGATES, how
+    assert how in ("min", "product"), "checked by nanoufo.config.validate"
     rewards, running = [], None
     for score in scores:
         now = score if running is None else min(running, score) if how == "min" else running * score

@@ -3,6 +3,8 @@
     python -m pytest -q tests/test_config.py
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,11 @@ def test_paper_configs_carry_the_papers_numbers():
     assert [s.name for s in eval_sets(intuitor)] == ["math500", "gsm8k"]
     assert [s.name for s in eval_sets(replace(intuitor, eval_data="a/test.jsonl,b/test.jsonl,b/x.jsonl"))] == [
         "a", "b", "x"]
+
+
+def test_reading_a_config_imports_neither_torch_nor_triton():
+    """python -m nanoufo.plan and the scripts' argument errors must not wait for (or need) torch and Triton."""
+    code = "import sys, nanoufo.config; print(sorted({'torch', 'triton'} & {m.split('.')[0] for m in sys.modules}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "[]"
