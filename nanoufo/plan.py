@@ -45,14 +45,14 @@ import torch
 
 from nanoufo.config import TrainConfig, parse_args
 from nanoufo.decode import kv_bytes_per_token, logits_bytes_per_row, state_bytes_per_row
+from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.optim import MAIN_DTYPE
 from nanoufo.parallel import ParallelContext
+from nanoufo.sampler import budget_rows, episode_max_len
 
 GIB = 2**30
 RESERVE_GIB = 2.0  # CUDA context, cuBLAS workspaces, allocator slack
-FEEDBACK_TOKENS = 32  # the sampler's allowance per feedback turn (nanoufo/sampler.py generate)
-HEAD_CHUNK = 8192  # kernels/linear_token_stats.py DEFAULT_CHUNK: vocab columns per fp32 logits chunk
 PER_TOKEN_ARRAYS = 10  # (B, T) fp32 arrays build_batch keeps: logps, values, rewards, advantages, returns, ...
 _QWEN = dict(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768)
 SHAPES = {  # Qwen2.5 config.json figures
@@ -115,7 +115,7 @@ def layer_transient_bytes_per_token(config: QwenConfig, tp: int, itemsize: int) 
 
 def episode_tokens(cfg: TrainConfig, prompt_tokens: int) -> int:
     """The longest episode (the sampler's max_len): prompt, every attempt, a feedback turn between attempts."""
-    return prompt_tokens + cfg.max_turns * cfg.max_new_tokens + (cfg.max_turns - 1) * FEEDBACK_TOKENS
+    return episode_max_len(prompt_tokens, cfg.max_turns, cfg.max_new_tokens)
 
 
 @dataclass
@@ -163,8 +163,8 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     length = min(episode_tokens(cfg, prompt_tokens), config.max_position_embeddings)
     episodes = cfg.problems_per_step * cfg.n_samples_per_problem
     kv = kv_bytes_per_token(config, tp, s)
-    budget_rows = int(cfg.kv_budget_gb * GIB) // (length * kv) - 1  # as nanoufo.sampler.rows_for_budget
-    wave = min(max(budget_rows, 1), episodes) if cfg.kv_budget_gb else episodes  # rows decoding at once
+    rows = budget_rows(int(cfg.kv_budget_gb * GIB), length * kv)  # too small for one: the sampler refuses it
+    wave = min(max(rows, 1), episodes) if cfg.kv_budget_gb else episodes  # rows decoding at once
     layer = layer_transient_bytes_per_token(config, tp, s)
     vocab_local = math.ceil(config.vocab_size / tp)
     decoder = {"kv_cache": (wave + 1) * length * kv, "decoder_state": (wave + 1) * state_bytes_per_row(length),
@@ -177,7 +177,7 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     kept = cfg.batch_episodes
     micro = cfg.micro_batch_tokens or cfg.minibatch_size * length  # 0: a whole (padded) minibatch at once
     score_micro = cfg.micro_batch_tokens or kept * length
-    head = lambda n: n * min(HEAD_CHUNK, vocab_local) * (8 + s)  # fp32 logits chunk (+ its gradient, backward)
+    head = lambda n: n * min(DEFAULT_CHUNK, vocab_local) * (8 + s)  # fp32 logits chunk (+ its gradient, backward)
     scoring = resident | {"micro_batch": score_micro * layer, "lm_head_chunk": head(score_micro),
                           "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS, "gae": 3 * length * length * 4}
 

@@ -37,6 +37,7 @@ from nanoufo.model import Qwen2, to_device
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
 SYNC_EVERY = 8  # decode steps between two stop checks at most
+FEEDBACK_TOKENS = 32  # the allowance per feedback turn of the default max_len (UFO's feedback is a few tokens)
 
 
 @dataclass
@@ -126,12 +127,23 @@ def _rollout(conversations: list[_Conversation], *counts: int) -> Rollout:
                    *counts)
 
 
+def episode_max_len(prompt_len: int, max_turns: int, max_new_tokens: int,
+                    feedback_len: int = FEEDBACK_TOKENS) -> int:
+    """The longest an episode can grow: its prompt, every attempt, and a feedback turn between two attempts."""
+    return prompt_len + max_turns * max_new_tokens + (max_turns - 1) * feedback_len
+
+
+def budget_rows(kv_budget_bytes: int, row_bytes: int) -> int:
+    """Cache rows a KV budget holds for episodes: the spare row (padding) counts against the budget too."""
+    return kv_budget_bytes // row_bytes - 1
+
+
 def rows_for_budget(model: Qwen2, n_episodes: int, max_len: int, kv_budget_bytes: int | None) -> int:
     """Cache rows for the episodes: one each without a budget, else as many as fit next to the spare row."""
     if kv_budget_bytes is None:
         return n_episodes
     per_row = kv_bytes_per_row(model, max_len)
-    rows = kv_budget_bytes // per_row - 1  # the spare row (padding) counts against the budget too
+    rows = budget_rows(kv_budget_bytes, per_row)
     if rows < 1:
         raise ValueError(f"KV budget of {kv_budget_bytes:,} bytes holds no episode: a row of max_len={max_len} "
                          f"tokens takes {per_row:,} bytes and the sampler needs 2 rows (one episode + the spare)")
@@ -322,7 +334,7 @@ def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_token
 @torch.no_grad()
 def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max_turns: int, max_new_tokens: int,
              stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_len: int | None = None, feedback_len: int = 32, episode_ids: list[int] | None = None,
+             max_len: int | None = None, feedback_len: int = FEEDBACK_TOKENS, episode_ids: list[int] | None = None,
              kv_budget_bytes: int | None = None, cuda_graphs: bool = False, buckets: list[int] | None = None,
              sync_every: int = SYNC_EVERY, decoders: Decoders | None = None) -> Rollout:
     """Sample up to max_turns attempts per prompt (see the module docstring); greedy when temperature == 0.
@@ -339,7 +351,7 @@ def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max
     if not prompts:
         empty = torch.zeros(0, 0)
         return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0)
-    max_len = max_len or min(max(map(len, prompts)) + max_turns * max_new_tokens + (max_turns - 1) * feedback_len,
+    max_len = max_len or min(episode_max_len(max(map(len, prompts)), max_turns, max_new_tokens, feedback_len),
                              model.config.max_position_embeddings)  # never past the context the model knows
     episode_ids = list(range(len(prompts))) if episode_ids is None else list(episode_ids)
     _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every, model.config.vocab_size)
