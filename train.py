@@ -41,7 +41,7 @@ from nanoufo.rollout import run_episodes
 from nanoufo.sampler import Decoders
 from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
-from nanoufo.trainer import TrainerConfig, build_batch, make_optimizers, ppo_update, score_rollout
+from nanoufo.trainer import build_batch, make_optimizers, ppo_update, score_rollout
 from nanoufo.weights import load_model
 
 
@@ -148,8 +148,7 @@ critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
 prm = PRMReward(PRMScorer.load(cfg.prm, device=par.device, dtype=dtype, par=par), tokenizer, cfg.prm_aggregate,
                 cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
-trainer_cfg = TrainerConfig.of(cfg)  # what the trainer reads, checked by parse_args
-optimizers = make_optimizers(trainer_cfg, actor, critic)
+optimizers = make_optimizers(cfg, actor, critic)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
@@ -216,11 +215,11 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer,
                            kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs,
                            first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank, decoders=decoders)
-    scored, stats = score_rollout(trainer_cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
-    batch, batch_stats = build_batch(trainer_cfg, actor, critic, ref, scored)
+    scored, stats = score_rollout(cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
+    batch, batch_stats = build_batch(cfg, actor, critic, ref, scored)
     stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
-    update = ppo_update(trainer_cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     for opt in optimizers.values():  # no gradient lives into the next rollout (plan.py counts them in the update)
         opt.zero_grad(set_to_none=True)
     step += 1

@@ -21,7 +21,7 @@ import torch
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.optim import adamw, grad_of
-from nanoufo.trainer import Batch, TrainerConfig, accumulate_gradients, sequence_stats
+from nanoufo.trainer import Batch, accumulate_gradients, sequence_stats
 
 SHAPE = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)
@@ -59,7 +59,7 @@ def accumulation_errors(n_micro: int, seed: int = 0) -> dict[str, float]:
     start = Qwen2(SHAPE)
     start.init_weights(torch.Generator().manual_seed(seed))
     start = start.to(torch.bfloat16)
-    cfg = TrainerConfig.of(TrainConfig(micro_batch_tokens=ROW_TOKENS, minibatch_size=n_micro))
+    cfg = TrainConfig(micro_batch_tokens=ROW_TOKENS, minibatch_size=n_micro)
     batch = minibatch(start, n_micro, seed)
     exact_model, main_model, bf16_model = (copy.deepcopy(start) for _ in range(3))
     exact = summed_exactly(exact_model)

@@ -296,7 +296,7 @@ def path_runners(model, critic, batch: int, context: int) -> dict:
     mask = (torch.arange(tokens.shape[1]) < torch.tensor(lengths)[:, None]).float()
     mask[:, :8] = 0.0
     mb = trainer.Batch(tokens, mask, torch.zeros_like(mask), torch.randn(mask.shape, generator=g) * mask)
-    cfg = trainer.TrainerConfig.of(TrainConfig())
+    cfg = TrainConfig()
 
     def sampler_run(prompt_len: int):
         prompts = [torch.randint(0, V, (prompt_len - b,), generator=g).tolist() for b in range(batch)]

@@ -118,7 +118,7 @@ def update_flops(config: QwenConfig, lengths: torch.Tensor) -> float:
     return (1 + 3) * actor + 1 * actor + (1 + 3) * critic
 
 
-def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: bool = True) -> trainer.TrainerConfig:
+def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: bool = True) -> TrainConfig:
     """The update's config; transformers' trunks take padded micro-batches (pack=False): their SDPA path has
     no packed-sequence mask."""
     cfg = TrainConfig(algorithm="ufo_ppo", reward="gold", problems_per_step=batch, n_samples_per_problem=1,
@@ -126,10 +126,10 @@ def train_config(batch: int, minibatch: int, micro_batch_tokens: int = 0, pack: 
                       kl_coef=0.001, kl_in="reward", micro_batch_tokens=micro_batch_tokens,
                       pack_sequences=pack)
     validate(cfg)
-    return trainer.TrainerConfig.of(cfg)
+    return cfg
 
 
-def one_update(cfg: trainer.TrainerConfig, models, optimizers, rollout, seed: int) -> dict:
+def one_update(cfg: TrainConfig, models, optimizers, rollout, seed: int) -> dict:
     actor, critic, ref = models
     scored, _ = trainer.score_rollout(cfg, actor, with_rewards(rollout, seed))
     ppo_batch, _ = trainer.build_batch(cfg, actor, critic, ref, scored)

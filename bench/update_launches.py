@@ -101,7 +101,7 @@ def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: i
     options = dict(problems_per_step=batch, n_samples_per_problem=1, minibatch_size=minibatch, ppo_epochs=1,
                    kl_coef=0.001, micro_batch_tokens=micro_batch_tokens)
     known_options = {k: v for k, v in options.items() if k in known}  # an older checkout lacks new keys
-    cfg = trainer.TrainerConfig.of(TrainConfig(**known_options))
+    cfg = TrainConfig(**known_options)
     torch.manual_seed(seed)
     actor, critic = Qwen2(SHAPE), Qwen2(SHAPE, value_head=True)
     ref = Qwen2(SHAPE).requires_grad_(False)

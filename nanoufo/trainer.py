@@ -1,6 +1,6 @@
 """One RL update, as functions train.py calls and tests can reach.
 
-    cfg = TrainerConfig.of(train_config)   # train.py: the one place it is built
+    cfg = parse_args(argv)   # the run's TrainConfig (nanoufo/config.py), checked once; read as it is
     scored, stats = score_rollout(cfg, actor, run_episodes(...), prm)
     batch, more_stats = build_batch(cfg, actor, critic, ref, scored)
     stats |= ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
@@ -29,51 +29,11 @@ import torch.distributed as dist
 from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss
 from nanoufo.kernels.linear_token_stats import linear_token_stats
 from nanoufo import rl
+from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, to_device
 from nanoufo.optim import adamw
 from nanoufo.parallel import ParallelContext, all_ranks_true, clip_grad_norm_, dp_mean_scale
 from nanoufo.sampler import Rollout, cat_rows
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """What the trainer reads, and nothing else. train.py builds it from the run's TrainConfig (of), whose
-    validate() has checked every value: below that boundary the trainer only asserts."""
-    # the rewards and the batch (score_rollout, build_batch)
-    algorithm: str  # "ufo_ppo" (critic, GAE) or "grpo" (group-normalized scores)
-    reward: str  # "gold", "self_certainty" or "prm"
-    reward_placement: str  # "last", "per_turn" or "per_step"
-    n_samples_per_problem: int  # the group size
-    keep_groups: int  # groups kept by the reward-spread filter; 0 keeps all
-    temperature: float  # the sampler's, so log-probs match
-    kl_coef: float
-    kl_estimator: str
-    kl_in: str  # "reward" or "loss"
-    gamma: float
-    lam: float
-    whiten_advantages: bool
-    # the update (ppo_update)
-    ppo_epochs: int
-    minibatch_size: int
-    aggregation: str
-    clip_low: float
-    clip_high: float
-    dual_clip: float
-    value_clip: float
-    entropy_coef: float
-    grad_clip: float
-    actor_lr: float
-    critic_lr: float
-    weight_decay: float
-    # memory
-    micro_batch_tokens: int  # tokens per forward/backward; 0 = no split
-    pack_sequences: bool
-    checkpoint_activations: bool
-
-    @classmethod
-    def of(cls, config) -> "TrainerConfig":
-        """The trainer's part of a nanoufo.config.TrainConfig (the fields of the same names)."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -147,7 +107,7 @@ def sequence_values(critic: Qwen2, tokens: torch.Tensor, lengths: list[int] | No
     return rows.scatter(values)
 
 
-def micro_batches(cfg: TrainerConfig, lengths: list[int]) -> Iterator[tuple[slice, list[int] | None, int]]:
+def micro_batches(cfg: TrainConfig, lengths: list[int]) -> Iterator[tuple[slice, list[int] | None, int]]:
     """One forward each under cfg.micro_batch_tokens (padded rows count at the longest): (its run of rows,
     their lengths when packed or None when padded, the longest length)."""
     for run in rl.micro_batches(lengths, cfg.micro_batch_tokens, padded=not cfg.pack_sequences):
@@ -155,7 +115,7 @@ def micro_batches(cfg: TrainerConfig, lengths: list[int]) -> Iterator[tuple[slic
         yield slice(run[0], run[-1] + 1), sizes if cfg.pack_sequences else None, max(sizes)
 
 
-def in_micro_batches(cfg: TrainerConfig, fn, tokens: torch.Tensor,
+def in_micro_batches(cfg: TrainConfig, fn, tokens: torch.Tensor,
                      lengths: list[int]) -> tuple[torch.Tensor | None, ...]:
     """fn(tokens (b, t), lengths or None) -> (b, t) tensors (or None), run over micro-batches of rows (packed or
     padded as the config says) and put back together as (B, T) tensors, so the peak memory of no-grad scoring
@@ -167,7 +127,7 @@ def in_micro_batches(cfg: TrainerConfig, fn, tokens: torch.Tensor,
     return tuple(None if out[0] is None else torch.cat([pad(x) for x in out]) for out in zip(*parts))
 
 
-def score_rollout(cfg: TrainerConfig, actor: Qwen2, rollout: Rollout, prm=None) -> tuple[Rollout, dict]:
+def score_rollout(cfg: TrainConfig, actor: Qwen2, rollout: Rollout, prm=None) -> tuple[Rollout, dict]:
     """The rollout with the scores (B,) and token rewards (B, T) the update learns from, on the actor's device,
     and the reward model's statistics. cfg.reward "gold" keeps the environment's, which the rollout carries;
     "self_certainty" scores each episode by its mean self-certainty under the actor (label-free); "prm" by
@@ -193,7 +153,7 @@ def score_rollout(cfg: TrainerConfig, actor: Qwen2, rollout: Rollout, prm=None) 
     return dataclasses.replace(rollout, scores=scores, rewards=rewards), stats
 
 
-def dp_group_filter(cfg: TrainerConfig, rollout: Rollout, par: ParallelContext) -> Rollout:
+def dp_group_filter(cfg: TrainConfig, rollout: Rollout, par: ParallelContext) -> Rollout:
     """The group filter over the whole data-parallel batch: the keep_groups x dp_size groups with the largest
     reward spread among every rank's groups (in rank order), dealt out in equal shares of keep_groups, rank
     r taking the r-th; the rows travel between ranks. Returns this rank's rows."""
@@ -211,7 +171,7 @@ def dp_group_filter(cfg: TrainerConfig, rollout: Rollout, par: ParallelContext) 
     return cat_rows([pool[g] for g in share]).to(rollout.tokens.device)
 
 
-def build_batch(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None,
+def build_batch(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2 | None,
                 rollout: Rollout) -> tuple[Batch, dict]:
     """Filter the groups, recompute old log-probs / values / reference log-probs, and compute advantages from
     a scored rollout (score_rollout): its scores (B,) and token rewards (B, T)."""
@@ -270,7 +230,7 @@ def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext
     return rl.loss_weights(mask, aggregation) * dp_mean_scale(count, par)
 
 
-def policy_loss(cfg: TrainerConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
+def policy_loss(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
     """(loss = sum(weights * per-token PPO loss), metrics as 0-d tensors: token-means over mb's tokens).
 
     The LM head and the PPO loss run as one fused op (kernels/linear_ppo_loss.py): the logits' gradient is
@@ -290,7 +250,7 @@ def policy_loss(cfg: TrainerConfig, actor: Qwen2, mb: Batch, weights: torch.Tens
     return loss, metrics | {"ratio_dev": rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).detach()}
 
 
-def critic_loss(cfg: TrainerConfig, critic: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
+def critic_loss(cfg: TrainConfig, critic: Qwen2, mb: Batch, weights: torch.Tensor, lengths: list[int] | None):
     """(loss = sum(weights * clipped value loss), metrics as 0-d tensors: token-means over mb's tokens)."""
     values = sequence_values(critic, mb.tokens, lengths)
     per_token, clip_frac = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip)  # (B, T)
@@ -298,7 +258,7 @@ def critic_loss(cfg: TrainerConfig, critic: Qwen2, mb: Batch, weights: torch.Ten
     return loss, {"value_loss": rl.masked_mean(per_token.detach(), mb.mask), "value_clip_frac": clip_frac}
 
 
-def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch,
+def accumulate_gradients(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, mb: Batch,
                          lengths: list[int]) -> tuple[torch.Tensor, dict]:
     """Backward of one minibatch's loss in micro-batches of at most cfg.micro_batch_tokens tokens (packed
     or padded): each micro-batch's loss is sum(w * per-token loss) with the weights of the WHOLE minibatch,
@@ -325,7 +285,7 @@ def accumulate_gradients(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None,
     return total, metrics
 
 
-def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizers: dict, batch: Batch,
+def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers: dict, batch: Batch,
                seed: int, grad_hook=None) -> dict:
     """cfg.ppo_epochs passes over shuffled minibatches; returns the mean metrics.
 
@@ -371,7 +331,7 @@ def ppo_update(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None, optimizer
     return out | {"updates": n_updates, "skipped_updates": skipped, "first_ratio_dev": ratio_devs[0]}
 
 
-def make_optimizers(cfg: TrainerConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:
+def make_optimizers(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None) -> dict:
     """AdamW for the actor and the critic; for bf16 models with fp32 master weights and moments (nanoufo/optim.py)."""
     opts = {"actor": adamw(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)}
     if critic is not None:

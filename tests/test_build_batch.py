@@ -15,7 +15,7 @@ from nanoufo import rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import TrainerConfig, build_batch
+from nanoufo.trainer import build_batch
 
 TINY = QwenConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)
@@ -42,7 +42,7 @@ def rollout() -> Rollout:
                    rewards=rl.place_rewards(mask, turn_rewards=TURN_REWARDS, turn_spans=spans))
 
 
-def batch_of(cfg: TrainerConfig, actor, critic, ref):
+def batch_of(cfg: TrainConfig, actor, critic, ref):
     """build_batch on the rollout scored with the environment's rewards (score_rollout, reward "gold")."""
     scored, _ = trainer.score_rollout(cfg, actor, rollout())
     return build_batch(cfg, actor, critic, ref, scored)
@@ -64,10 +64,10 @@ def models(monkeypatch):
     return actor, critic, ref
 
 
-def config(**overrides) -> TrainerConfig:
+def config(**overrides) -> TrainConfig:
     options = dict(problems_per_step=3, n_samples_per_problem=2, keep_groups=2, max_turns=2, kl_coef=0.5,
                    kl_estimator="k1", kl_in="reward", gamma=0.5, lam=1.0, whiten_advantages=False, minibatch_size=4)
-    return TrainerConfig.of(TrainConfig(**{**options, **overrides}))
+    return TrainConfig(**{**options, **overrides})
 
 
 def on_actions(values: list[float]) -> torch.Tensor:

@@ -27,7 +27,7 @@ def _dp_checks() -> dict:
     from nanoufo.model import Qwen2
     from nanoufo.parallel import init_parallel
     from nanoufo.rollout import run_episodes
-    from nanoufo.trainer import TrainerConfig, build_batch, score_rollout
+    from nanoufo.trainer import build_batch, score_rollout
     par = init_parallel(tp=1, timeout_s=60)
     tokenizer = demo.build_tokenizer()
     env = UFOEnv(tokenizer, instruction="", max_turns=2)
@@ -45,8 +45,8 @@ def _dp_checks() -> dict:
     problems = demo.make_problems("train", 8, seed=0)
     rollout = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
                            temperature=1.0, seed=0)  # every rank samples the same whole batch
-    cfg = TrainerConfig.of(TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4,
-                                       minibatch_size=8))
+    cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4,
+                                       minibatch_size=8)
     scored = dataclasses.replace(score_rollout(cfg, single, rollout)[0], scores=torch.tensor(SCORES))
     whole, _ = build_batch(cfg, *models[False], None, scored)
     cfg_dp = dataclasses.replace(cfg, keep_groups=2, minibatch_size=4)

@@ -12,7 +12,7 @@ from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.parallel import SINGLE
-from nanoufo.trainer import Batch, TrainerConfig, policy_loss, sequence_stats
+from nanoufo.trainer import Batch, policy_loss, sequence_stats
 
 LENGTHS = [9, 5, 12]
 
@@ -39,7 +39,7 @@ def _batch(actor: Qwen2) -> Batch:
     return Batch(tokens, mask, old, torch.randn(B, T, generator=g) * mask, ref_logp=ref)
 
 
-def _unfused(cfg: TrainerConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor):
+def _unfused(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor):
     logp, entropy, _ = sequence_stats(actor, mb.tokens, cfg.temperature)
     return ppo_loss(logp, mb.old_logp, mb.advantages, mb.mask, ref_logp=mb.ref_logp, entropy=entropy,
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
@@ -55,8 +55,8 @@ def _grads(actor: Qwen2, loss: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
 def test_fused_policy_loss_equals_the_unfused_path(packed, aggregation):
-    cfg = TrainerConfig.of(TrainConfig(temperature=0.7, kl_in="loss", kl_coef=0.05, kl_estimator="k3",
-                                       entropy_coef=0.01, aggregation=aggregation))
+    cfg = TrainConfig(temperature=0.7, kl_in="loss", kl_coef=0.05, kl_estimator="k3",
+                                       entropy_coef=0.01, aggregation=aggregation)
     actor = _actor()
     mb = _batch(actor)
     weights = rl.loss_weights(mb.mask, aggregation)

@@ -18,7 +18,7 @@ from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, TrainerConfig, accumulate_gradients, build_batch, make_optimizers,
+from nanoufo.trainer import (Batch, accumulate_gradients, build_batch, make_optimizers,
                              minibatch_weights, ppo_update, sequence_stats, sequence_values)
 from trainer_utils import minibatch_losses
 
@@ -81,8 +81,8 @@ def test_micro_batch_split_and_a_budget_below_the_longest_trajectory():
     assert rl.micro_batches([5, 4, 3, 6], 0) == [[0, 1, 2, 3]]
     with pytest.raises(ValueError, match=r"micro_batch_tokens=5 is smaller than the longest trajectory \(6"):
         rl.micro_batches([5, 4, 3, 6], 5)
-    cfg = TrainerConfig.of(TrainConfig(minibatch_size=6, micro_batch_tokens=10, problems_per_step=6,
-                                       n_samples_per_problem=1))
+    cfg = TrainConfig(minibatch_size=6, micro_batch_tokens=10, problems_per_step=6,
+                                       n_samples_per_problem=1)
     actor, critic = models()
     weights = {k: v.clone() for k, v in actor.state_dict().items()}
     with pytest.raises(ValueError, match="micro_batch_tokens=10"):  # before any forward: nothing changes
@@ -119,8 +119,8 @@ def test_packed_statistics_and_values_equal_the_padded_ones():
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
-    cfg = TrainerConfig.of(TrainConfig(aggregation=aggregation, micro_batch_tokens=24, pack_sequences=pack,
-                                       kl_in="loss", kl_coef=0.05, entropy_coef=0.01))
+    cfg = TrainConfig(aggregation=aggregation, micro_batch_tokens=24, pack_sequences=pack,
+                                       kl_in="loss", kl_coef=0.05, entropy_coef=0.01)
     batch = uneven_batch()
     actor, critic = models()
     loss, want_metrics, want_ratio_dev = minibatch_losses(cfg, actor, critic, batch)
@@ -138,8 +138,8 @@ def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
 
 def test_ppo_update_logs_the_padding_fraction(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch references: the kernels are not the point
-    cfg = TrainerConfig.of(TrainConfig(minibatch_size=3, micro_batch_tokens=30, problems_per_step=6,
-                                       n_samples_per_problem=1))
+    cfg = TrainConfig(minibatch_size=3, micro_batch_tokens=30, problems_per_step=6,
+                                       n_samples_per_problem=1)
     for pack, check in ((True, lambda f: f == 0.0), (False, lambda f: 0.0 < f < 1.0)):
         actor, critic = models()
         out = ppo_update(replace(cfg, pack_sequences=pack), actor, critic, make_optimizers(cfg, actor, critic),
@@ -155,8 +155,8 @@ def _dp_accumulation() -> dict:
     batch, errors = uneven_batch(), {}
     rows = [0, 2, 4] if par.dp_rank == 0 else [1, 3, 5]  # uneven token counts per rank
     for aggregation in AGGREGATIONS:
-        cfg = TrainerConfig.of(TrainConfig(aggregation=aggregation, micro_batch_tokens=20, kl_in="loss",
-                                           kl_coef=0.05, entropy_coef=0.01))
+        cfg = TrainConfig(aggregation=aggregation, micro_batch_tokens=20, kl_in="loss",
+                                           kl_coef=0.05, entropy_coef=0.01)
         actor, critic = models()
         minibatch_losses(cfg, actor, critic, batch)[0].backward()  # one process, the whole minibatch
         want = grads(actor, critic)
@@ -210,8 +210,8 @@ def _scoring_peak(batch_size: int) -> int:
     rewards = torch.tensor([float(i % 3 == 0) for i in range(batch_size)])
     rollout = Rollout(tokens, lengths, mask, torch.zeros_like(mask), [[(4, int(n))] for n in lengths], 0, 0,
                       scores=rewards, rewards=rl.place_rewards(mask, episode_rewards=rewards))
-    cfg = TrainerConfig.of(TrainConfig(problems_per_step=batch_size, n_samples_per_problem=1,
-                                       minibatch_size=batch_size, micro_batch_tokens=40, kl_coef=0.01))
+    cfg = TrainConfig(problems_per_step=batch_size, n_samples_per_problem=1,
+                                       minibatch_size=batch_size, micro_batch_tokens=40, kl_coef=0.01)
     actor, critic = models()
     with LargestOutput() as mode:
         build_batch(cfg, actor, critic, actor, rollout)
@@ -252,7 +252,7 @@ def test_vectorised_gae_equals_the_loop(gamma, lam):
 
 
 def test_checkpointed_blocks_give_the_same_gradients():
-    cfg = TrainerConfig.of(TrainConfig(micro_batch_tokens=24))
+    cfg = TrainConfig(micro_batch_tokens=24)
     batch = uneven_batch()
     results = []
     for checkpointed in (False, True):

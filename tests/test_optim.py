@@ -16,7 +16,7 @@ import torch
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.optim import MasterWeightAdamW, adamw, grad_of
-from nanoufo.trainer import Batch, TrainerConfig, make_optimizers, ppo_update, sequence_stats
+from nanoufo.trainer import Batch, make_optimizers, ppo_update, sequence_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 grad_accumulation = importlib.import_module("grad_accumulation")
@@ -56,7 +56,7 @@ def trained_weights(optimizer) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for g in optimizer.param_groups for p in g["params"]])
 
 
-def ppo_run(dtype: torch.dtype, cfg: TrainerConfig, poison: bool = False):
+def ppo_run(dtype: torch.dtype, cfg: TrainConfig, poison: bool = False):
     actor, critic = models_in(dtype)
     batch = batch_for(actor)
     if poison:
@@ -69,7 +69,7 @@ def ppo_run(dtype: torch.dtype, cfg: TrainerConfig, poison: bool = False):
 
 
 def test_bf16_masters_move_like_an_fp32_run_at_lr_1e_6():
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6))
+    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6)
     fp32, _, _, _ = ppo_run(torch.float32, cfg)
     bf16, out, models, optimizers = ppo_run(torch.bfloat16, cfg)
     assert out["updates"] == 4
@@ -106,7 +106,7 @@ def test_a_minibatch_gradient_sums_hundreds_of_micro_batches_in_fp32():
 
 
 def test_clipping_and_the_master_step_read_the_same_fp32_gradients():
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=1e-3, actor_lr=1e-6, critic_lr=1e-6))
+    cfg = TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=1e-3, actor_lr=1e-6, critic_lr=1e-6)
     _, out, models, optimizers = ppo_run(torch.bfloat16, cfg)
     actor, optimizer = models["actor"], optimizers["actor"]
     assert out["grad_norm/actor"] > 1e-3  # clipped; the last minibatch's gradients stay in the masters
@@ -119,7 +119,7 @@ def test_clipping_and_the_master_step_read_the_same_fp32_gradients():
 
 
 def test_a_non_finite_bf16_update_is_skipped_and_leaves_masters_and_moments_alone():
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6))
+    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2, actor_lr=1e-6, critic_lr=1e-6)
     deltas, out, models, optimizers = ppo_run(torch.bfloat16, cfg, poison=True)
     assert out["skipped_updates"] == 2 and out["updates"] == 2
     for name, opt in optimizers.items():

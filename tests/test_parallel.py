@@ -131,7 +131,7 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     from dataclasses import replace
     from nanoufo.config import AGGREGATIONS, TrainConfig
     from nanoufo.parallel import average_gradients
-    from nanoufo.trainer import TrainerConfig, ppo_update
+    from nanoufo.trainer import ppo_update
     from trainer_utils import minibatch_losses
     from nanoufo.weights import load_model, save_model
     tp_par = init_parallel(tp=2, timeout_s=60)
@@ -146,7 +146,7 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
 
     errors["sampled_tokens"] = _sampling_differences(ckpts[0], tp_par)
 
-    cfg = TrainerConfig.of(TrainConfig(minibatch_size=4, kl_in="loss", kl_coef=0.05, entropy_coef=0.01, actor_lr=1e-3))
+    cfg = TrainConfig(minibatch_size=4, kl_in="loss", kl_coef=0.05, entropy_coef=0.01, actor_lr=1e-3)
     batch = _toy_batch(101)
     single, split = _load_pair(ckpts[0], ParallelContext()), _load_pair(ckpts[0], tp_par)
     for (actor, critic) in (single, split):  # PPO + value loss through the vocab-parallel head: gradients
@@ -230,9 +230,9 @@ def _bf16_updates(ckpt: str, out_dir: str) -> dict:
     from nanoufo.checkpoint import load_checkpoint, save_checkpoint
     from nanoufo.config import TrainConfig
     from nanoufo.parallel import average_gradients
-    from nanoufo.trainer import TrainerConfig, make_optimizers, ppo_update
-    cfg = TrainerConfig.of(TrainConfig(minibatch_size=4, ppo_epochs=2, kl_in="loss", kl_coef=0.05, actor_lr=1e-6,
-                                       critic_lr=1e-6))
+    from nanoufo.trainer import make_optimizers, ppo_update
+    cfg = TrainConfig(minibatch_size=4, ppo_epochs=2, kl_in="loss", kl_coef=0.05, actor_lr=1e-6,
+                                       critic_lr=1e-6)
     batch, tp_par = _toy_batch(101), init_parallel(tp=2, timeout_s=60)
 
     def update(layout, rows, grad_hook=None, minibatch=4):

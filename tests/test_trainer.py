@@ -17,7 +17,7 @@ from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.rollout import run_episodes
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, TrainerConfig, build_batch, critic_loss, make_optimizers, ppo_update,
+from nanoufo.trainer import (Batch, build_batch, critic_loss, make_optimizers, ppo_update,
                              score_rollout, sequence_stats, value_loss)
 from nanoufo.weights import load_model
 from trainer_utils import minibatch_losses
@@ -60,8 +60,8 @@ def test_sequence_stats_aligns_each_tokens_logp_with_the_previous_position():
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
 def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=3, minibatch_size=4, actor_lr=1e-3, critic_lr=1e-3,
-                                       aggregation=aggregation))
+    cfg = TrainConfig(ppo_epochs=3, minibatch_size=4, actor_lr=1e-3, critic_lr=1e-3,
+                                       aggregation=aggregation)
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     before, _, _ = minibatch_losses(cfg, actor, critic, batch)
@@ -75,7 +75,7 @@ def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
 
 
 def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone():
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=2, minibatch_size=2))
+    cfg = TrainConfig(ppo_epochs=2, minibatch_size=2)
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     batch.advantages[0, 6] = float("nan")  # poisons the minibatches that hold row 0
@@ -103,7 +103,7 @@ def test_value_loss_by_hand():
 def test_the_critic_loss_by_hand_where_old_values_differ_from_the_returns():
     """critic_loss on a critic worth 0.5 on every token (value head: zero weights, bias 0.5), value_clip 0.2:
     per token 0.5 * max((v - R)^2, (v_clipped - R)^2) with v_clipped = old + clamp(v - old, -0.2, 0.2)."""
-    cfg = TrainerConfig.of(TrainConfig(value_clip=0.2))
+    cfg = TrainConfig(value_clip=0.2)
     _, critic = tiny_models()
     with torch.no_grad():
         critic.value_head.weight.zero_()
@@ -138,7 +138,7 @@ def test_seq_mean_averages_the_value_loss_per_sequence_as_verls_micro_batches_of
         with torch.no_grad():
             critic.value_head.weight.zero_()
             critic.value_head.bias.fill_(0.5)
-        cfg = TrainerConfig.of(TrainConfig(aggregation=aggregation, value_clip=10.0))
+        cfg = TrainConfig(aggregation=aggregation, value_clip=10.0)
         trainer.accumulate_gradients(cfg, actor, critic, Batch(tokens, mask, zero, zero, None, returns, returns),
                                      rl.trajectory_lengths(mask).tolist())
         assert critic.value_head.bias.grad.item() == pytest.approx(want, abs=1e-6), aggregation
@@ -158,7 +158,7 @@ def test_minibatches_are_a_fresh_random_partition_in_every_epoch(monkeypatch):
             return torch.zeros(()), {"ratio_dev": torch.zeros(())}
 
         monkeypatch.setattr(trainer, "accumulate_gradients", record)
-        cfg = TrainerConfig.of(TrainConfig(ppo_epochs=epochs, minibatch_size=m))
+        cfg = TrainConfig(ppo_epochs=epochs, minibatch_size=m)
         actor = Qwen2(TINY)
         tokens = torch.arange(B)[:, None].expand(B, 3).contiguous()  # row b's tokens are all b
         mask = torch.tensor([[0.0, 1.0, 1.0]]).expand(B, 3)
@@ -181,7 +181,7 @@ def test_minibatches_are_a_fresh_random_partition_in_every_epoch(monkeypatch):
 def test_grad_clip_zero_means_no_clipping_and_non_finite_steps_are_still_skipped(torch_paths):
     """grad_clip=0 (config: no clipping): one SGD step moves every weight by exactly lr x its unclipped
     gradient, which is far above norm 1, and stays finite; an inf gradient is still skipped."""
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=0.0))
+    cfg = TrainConfig(ppo_epochs=1, minibatch_size=4, grad_clip=0.0)
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     minibatch_losses(cfg, actor, critic, batch)[0].backward()
@@ -219,7 +219,7 @@ def test_self_certainty_scores_equal_the_float64_formula_on_transformers_logits(
     zeros = torch.zeros(B)
     rollout = Rollout(tokens, torch.tensor(lengths), mask, torch.zeros(B, T), [[(3, n)] for n in lengths], 0, 0,
                       scores=zeros.double(), rewards=torch.zeros(B, T))
-    cfg = TrainerConfig.of(TrainConfig(reward="self_certainty", temperature=0.7, micro_batch_tokens=20))
+    cfg = TrainConfig(reward="self_certainty", temperature=0.7, micro_batch_tokens=20)
     scored, _ = score_rollout(cfg, actor, rollout)
     with torch.no_grad():
         z = hf.double()(tokens).logits / 0.7  # (B, T, V)
@@ -234,7 +234,7 @@ def test_self_certainty_scores_equal_the_float64_formula_on_transformers_logits(
 
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 def test_the_kl_term_is_in_the_loss_only_when_asked(kl_in):
-    cfg = TrainerConfig.of(TrainConfig(kl_in=kl_in, kl_coef=0.5, kl_estimator="k1"))
+    cfg = TrainConfig(kl_in=kl_in, kl_coef=0.5, kl_estimator="k1")
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     losses = [minibatch_losses(cfg, actor, critic, replace(batch, ref_logp=batch.old_logp + shift))[0].item()
@@ -246,7 +246,7 @@ def test_the_kl_term_is_in_the_loss_only_when_asked(kl_in):
 
 
 def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
-    cfg = TrainerConfig.of(TrainConfig(ppo_epochs=1, minibatch_size=2))
+    cfg = TrainConfig(ppo_epochs=1, minibatch_size=2)
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     weights = {k: v.clone() for k, v in actor.state_dict().items()}
@@ -277,8 +277,8 @@ def demo_rollout():
 @pytest.mark.parametrize("algorithm, placement", [("ufo_ppo", "last"), ("ufo_ppo", "per_turn"), ("grpo", "last")])
 def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
     env, actor, rollout = demo_rollout
-    cfg = TrainerConfig.of(TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3,
-                                       problems_per_step=4, n_samples_per_problem=2, keep_groups=2, minibatch_size=4))
+    cfg = TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3,
+                                       problems_per_step=4, n_samples_per_problem=2, keep_groups=2, minibatch_size=4)
     critic = Qwen2(actor.config, value_head=True) if algorithm == "ufo_ppo" else None
     if critic is not None:
         critic.load_state_dict(actor.state_dict(), strict=False)
@@ -298,8 +298,8 @@ def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, 
     kl_in="loss" leaves the scores alone (the loss adds the KL). The reference differs from the actor."""
     from nanoufo import rl
     env, actor, rollout = demo_rollout
-    cfg = TrainerConfig.of(TrainConfig(algorithm="grpo", kl_in=kl_in, kl_coef=0.5, max_turns=3,
-                                       problems_per_step=4, n_samples_per_problem=2, minibatch_size=8))
+    cfg = TrainConfig(algorithm="grpo", kl_in=kl_in, kl_coef=0.5, max_turns=3,
+                                       problems_per_step=4, n_samples_per_problem=2, minibatch_size=8)
     ref = demo.build_model(actor.config.vocab_size, seed=1)  # other weights: a non-zero KL on every token
     batch, _ = build_batch(cfg, actor, None, ref, score_rollout(cfg, actor, rollout)[0])
     scores = torch.tensor([sum(env.turn_rewards(e)) for e in rollout.episodes])

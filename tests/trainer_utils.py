@@ -8,10 +8,11 @@ micro-batches must add up to.
 Not a test file; its users: python -m pytest -q tests/test_micro_batches.py tests/test_trainer.py
 tests/test_parallel.py
 """
-from nanoufo.trainer import Batch, TrainerConfig, critic_loss, minibatch_weights, policy_loss
+from nanoufo.config import TrainConfig
+from nanoufo.trainer import Batch, critic_loss, minibatch_weights, policy_loss
 
 
-def minibatch_losses(cfg: TrainerConfig, actor, critic, mb: Batch):
+def minibatch_losses(cfg: TrainConfig, actor, critic, mb: Batch):
     """(total loss, metrics as floats, max |logp - old|) for one minibatch, unpacked and unsplit."""
     weights = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
     loss, metrics = policy_loss(cfg, actor, mb, weights, None)
