@@ -47,6 +47,7 @@ class Counts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.torch_ops, self.triton, self.syncs, self.flops = Counter(), Counter(), Counter(), 0
+        self.launched = []  # (kernel name, its arguments) of every Triton launch
         self._in_triton = 0
 
     @property
@@ -77,6 +78,7 @@ class Counts(TorchDispatchMode):
 
             def run(fn, *args, _original=original, **kwargs):
                 self.triton[fn.fn.__name__] += 1
+                self.launched.append((fn.fn.__name__, args))
                 self._in_triton += 1
                 try:
                     return _original(fn, *args, **kwargs)
@@ -98,7 +100,7 @@ class Counts(TorchDispatchMode):
 # ----------------------------------------------------------------------------- SASS of the statistics loop
 
 ARG_TYPES = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "bad_ptr": "*i64", "count_ptr": "*i32",
-             "n_rows": "i32", "n_cols": "i32", "row_stride": "i32", "cols_per_split": "i32", "vocab_start": "i32",
+             "n_rows": "i32", "n_cols": "i32", "row_stride": "i32", "vocab_start": "i32",
              "ignore_index": "i32", "c": "fp32", "inv_temp": "fp32", "inv_vocab": "fp32", "grad_ptr": "*bf16",
              "grad_row_stride": "i32"}  # other *_ptr: *fp32
 V_REAL, BLOCK, WARPS = 151936, 4096, 8  # Qwen2.5's vocabulary; the launcher's block and warps at that width
@@ -119,7 +121,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int) -> bytes:
                  for n in names}
     # what the JIT specializes at V = 151936: pointers and these widths divisible by 16
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if n.endswith("_ptr") or n in ("n_cols", "row_stride", "grad_row_stride", "cols_per_split")}
+               if n.endswith("_ptr") or n in ("n_cols", "row_stride", "grad_row_stride")}
     source = ASTSource(kernel, signature, constexprs={n: v for n, v in constexprs.items() if n in names},
                        attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
@@ -189,6 +191,21 @@ def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, 
     backward = count(lambda: torch.autograd.grad(outs, logits, grads))
     return dict(op="token_stats", n=n, v=v, num_splits=num_splits, forward=forward.summary(),
                 backward=backward.summary())
+
+
+def split_work(n: int = 2, v: int = V_REAL, num_splits: int = 32) -> dict:
+    """How the programs of a row share its columns in the split statistics forward, read from the kernel's
+    own partial sums: with bf16 logits all 1, a program's sum of the logits is the number of columns it read.
+    num_splits = 32 is what splits_of picks for 2 rows at V = 151936 on a GPU of 132 SMs (H100)."""
+    from nanoufo.kernels.token_stats import token_stats
+    logits = torch.ones(n, v, dtype=torch.bfloat16)
+    with Counts() as counts:
+        token_stats(logits, torch.zeros(n, dtype=torch.long), impl="triton", num_splits=num_splits)
+    (name, args), = counts.launched
+    columns = args[6][..., 3].flatten().tolist()  # (N, S, 4) partials (m, s, a, b): b = columns read
+    return dict(op="split_work", n=n, v=v, num_splits=num_splits, programs=len(columns),
+                idle_programs=sum(c == 0 for c in columns), fewest_columns=int(min(columns)),
+                most_columns=int(max(columns)))
 
 
 def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:

@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from nanoufo.kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
-from nanoufo.kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, bf16_pairs, block_of, lane_rescale,
-                                   lanes, owned_targets, rescale, row_stats, scaled_logits, split_width, splits_of)
+from nanoufo.kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, bf16_pairs, block_of,
+                                           lane_rescale, lanes, multiprocessors, owned_targets, rescale, row_stats,
+                                           scaled_logits, split_columns, splits_of)
 from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters: 1024 rows at least, so few batches regrow them
@@ -86,17 +87,17 @@ def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_p
 
 @triton.jit
 def _token_stats_kernel(logits_ptr, targets_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, part_ptr, count_ptr, bad_ptr,
-                        n_rows, n_cols, row_stride, cols_per_split, c, inv_temp, ignore_index, SPLIT: tl.constexpr,
+                        n_rows, n_cols, row_stride, c, inv_temp, ignore_index, SPLIT: tl.constexpr,
                         DEBUG: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr, BF16_PAIRS: tl.constexpr,
                         ACC: tl.constexpr):
-    # grid (N, SPLIT): program (row, j) reduces columns [j * cols_per_split, +cols_per_split) of the row
+    # grid (N, SPLIT): program (row, j) reduces the row's columns split_columns(j) gives
     row = tl.program_id(0).to(tl.int64)  # int64 so row * row_stride cannot overflow past 2^31
     split = tl.program_id(1)
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     row_ptr = logits_ptr + row * row_stride
-    lo = split * cols_per_split
-    end = tl.where(valid, tl.maximum(tl.minimum(lo + cols_per_split, n_cols), lo), lo)  # masked: read nothing
+    lo, hi = split_columns(split, SPLIT, n_cols, 2 * K * GROUPS)
+    end = tl.where(valid, hi, lo)  # masked: read nothing
     m, s, a, b = row_stats(row_ptr, lo, end, c, K, GROUPS, BF16_PAIRS, ACC)
     if SPLIT == 1:
         _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, bad_ptr,
@@ -163,13 +164,13 @@ def token_stats_triton(logits: torch.Tensor, targets: torch.Tensor,
     lse_mu = torch.empty((2, n), dtype=acc, device=logits.device)  # (2, N)
     block = block_of(cfg, v)
     k, groups, warps = lanes(block)
-    splits = splits_of(cfg, n, v, block, logits.device)
+    splits = splits_of(cfg, n, v, block, multiprocessors(logits.device))
     parts = torch.empty((n, splits, 4), dtype=acc, device=logits.device) if splits > 1 else lse_mu  # (N, S, 4)
     counts = _arrivals(n, logits.device) if splits > 1 else lse_mu  # lse_mu: an unused pointer
     bad = torch.full((2,), n, dtype=torch.int64, device=logits.device) if cfg.debug else lse_mu
     _token_stats_kernel[(n, splits)](logits, targets, *outs, lse_mu, parts, counts, bad, n, v, logits.stride(0),
-                                     split_width(v, splits, block), LOG2E / cfg.temperature, 1.0 / cfg.temperature,
-                                     cfg.ignore_index, SPLIT=splits, DEBUG=cfg.debug, K=k, GROUPS=groups,
+                                     LOG2E / cfg.temperature, 1.0 / cfg.temperature, cfg.ignore_index,
+                                     SPLIT=splits, DEBUG=cfg.debug, K=k, GROUPS=groups,
                                      BF16_PAIRS=bf16_pairs(logits), ACC=TL_ACC[acc], num_warps=warps)
     if cfg.debug:  # the first out-of-vocabulary target or NaN row the kernel recorded (one host sync)
         bad_target, nan_row = bad.tolist()
