@@ -6,13 +6,14 @@ Qwen2.5-1.5B/3B/7B (nanoufo/plan.py SHAPES) at TP 1 and 2, the row counts of the
 How: each launcher (`<name>_triton`) runs on meta tensors of the real shapes while JITFunction.run is replaced
 by a recorder, so the block sizes, num_warps and constexprs are the launcher's own choice (no second copy of
 the rule); each recorded launch is specialised as the JIT would on a GPU (pointers 16-byte aligned, integers
-by value) and compiled for each target. Registers and local memory (spills) per thread come from the bundled
-cuobjdump -res-usage, shared memory per block from the compiled kernel. A row fails on a compile error, on any
+by value) and compiled for each target. Registers and local memory per thread (the stack frame, where ptxas
+puts spilled registers, plus any local array) come from the bundled cuobjdump -res-usage, shared memory per
+block from the compiled kernel. A row fails on a compile error, on any
 local memory, or on shared memory over the target's per-block limit; every `_*_kernel` of kernels/ must be
 compiled at least once.
 
     python bench/compile_check.py              # one JSON line per kernel variant and target; exit 1 on a failure
-    python bench/compile_check.py --markdown   # the table of bench/RESULTS.md
+    python bench/compile_check.py --markdown   # the summary table of bench/RESULTS.md (per kernel and dtype)
 
 Run it without TRITON_INTERPRET=1 (the interpreter replaces the compiler). Test: tests/test_compile_check.py
 """
@@ -45,7 +46,7 @@ def nvidia_bin(tool: str) -> str:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local memory (spills) per thread of the cubin's kernel (cuobjdump -res-usage)."""
+    """Registers, stack frame (spills) and local memory per thread of the cubin's kernel (cuobjdump -res-usage)."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"compile_check_{os.getpid()}.cubin"
     path.write_bytes(cubin)
     try:
@@ -114,6 +115,7 @@ def workloads(sms: int) -> dict:
                         s=episode_tokens(cfg, PREFILL_TOKENS): decode(shape, tp, s, dtype)
     jobs["token_stats bf16 16384 x 151936"] = lambda: token_stats_bf16(16384, SHAPES["Qwen2.5-3B"]["vocab_size"], sms)
     jobs["token_stats bf16 8 x 151936 (split)"] = lambda: token_stats_bf16(8, SHAPES["Qwen2.5-3B"]["vocab_size"], sms)
+    jobs["ppo_loss 64 x 5760 (a padded minibatch)"] = lambda: ppo_loss((64, 5760), True, "k3", weights=False)
     for v in sorted({s["vocab_size"] for s in SHAPES.values()}):
         jobs[f"sample {DECODE_BATCH} x {v}"] = lambda v=v: sample(DECODE_BATCH, v)
     return jobs
@@ -131,7 +133,6 @@ def train(n_tokens: int, v: int, tp: int, cfg, sms: int) -> None:
     gradient, the PPO loss on one row) and of scoring (linear_token_stats: vocab chunks, forward + backward)."""
     from nanoufo.kernels.linear_ppo_loss import CHUNK_ELEMENTS
     from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
-    from nanoufo.kernels.ppo_loss import PPOConfig, ppo_loss_triton
     from nanoufo.kernels.token_stats import partial_stats_triton, token_stats_triton
     from nanoufo.kernels.token_stats_grad import token_stats_grad_triton
     rows = min(n_tokens, max(1, CHUNK_ELEMENTS // v))
@@ -142,16 +143,22 @@ def train(n_tokens: int, v: int, tp: int, cfg, sms: int) -> None:
         else:
             partial_stats_triton(logits, targets, _cfg(sms, r, v))
         token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, None), v, _cfg(sms, r, v), torch.bfloat16)
-    t = (1, n_tokens)  # the PPO loss runs on the micro-batch's tokens as one row
-    ref = meta(*t) if cfg.kl_in == "loss" else None
-    logp = meta(*t).requires_grad_()
-    loss, _ = ppo_loss_triton(logp, meta(*t), meta(*t), meta(*t), meta(*t, dtype=torch.bool), ref, meta(*t),
-                              PPOConfig(aggregation="weights", kl_estimator=cfg.kl_estimator))
-    loss.backward()
+    ppo_loss((1, n_tokens), cfg.kl_in == "loss", cfg.kl_estimator)  # the micro-batch's tokens as one row
     for c in {DEFAULT_CHUNK, v % DEFAULT_CHUNK} - {0}:  # scoring: vocab chunks of fp32 logits
         logits, targets, lse = meta(n_tokens, c), meta(n_tokens, dtype=torch.long), meta(n_tokens)
         partial_stats_triton(logits, targets, _cfg(sms, n_tokens, c))
         token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, _cfg(sms, n_tokens, c), torch.bfloat16)
+
+
+def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, weights: bool = True) -> None:
+    """The PPO loss forward and backward (to logp and entropy, as linear_ppo_loss takes it) on (B, T) tokens,
+    per-token weights or a seq-mean."""
+    from nanoufo.kernels.ppo_loss import PPOConfig, ppo_loss_triton
+    logp, entropy = meta(*shape).requires_grad_(), meta(*shape).requires_grad_()
+    cfg = PPOConfig(aggregation="weights" if weights else "seq-mean", kl_estimator=kl_estimator)
+    loss, _ = ppo_loss_triton(logp, entropy, meta(*shape), meta(*shape), meta(*shape, dtype=torch.bool),
+                              meta(*shape) if with_ref else None, meta(*shape) if weights else None, cfg)
+    loss.backward()
 
 
 def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
@@ -161,7 +168,8 @@ def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
     from nanoufo.kernels.rope_kv_append import rope_kv_append_triton
     from nanoufo.kernels.silu_mul import silu_mul_triton
     h, d = shape["hidden_size"], shape["hidden_size"] // shape["num_attention_heads"]
-    hq, hkv, i = shape["num_attention_heads"] // tp, shape["num_key_value_heads"] // tp, shape["intermediate_size"] // tp
+    hq, hkv = shape["num_attention_heads"] // tp, shape["num_key_value_heads"] // tp
+    i = shape["intermediate_size"] // tp
     cache = meta(DECODE_BATCH + 1, max_len, hkv, d, dtype=dtype)
     rows = meta(DECODE_BATCH, dtype=torch.long)
     for t in (1, PREFILL_TOKENS):
@@ -220,7 +228,8 @@ def variant_name(source) -> str:
     _token_stats_kernel[*bf16 SPLIT=1 DEBUG=False ...]."""
     names = source.fn.arg_names
     dtype = next(t for t in source.signature.values() if t.startswith("*"))
-    values = [f"{names[path[0]]}={getattr(value, '__name__', value)}" for path, value in sorted(source.constants.items())]
+    values = [f"{names[path[0]]}={getattr(value, '__name__', value)}"
+              for path, value in sorted(source.constants.items())]
     aligned = [f"{names[path[0]]}%16" for path, attr in sorted(source.attrs.items())  # integers the JIT saw % 16 == 0
                if attr and not source.signature[names[path[0]]].startswith("*")]
     return f"{source.fn.__name__}[{' '.join([dtype, *values, *aligned])}]"
@@ -236,11 +245,12 @@ def compile_row(job: tuple) -> dict:
     except Exception as error:  # noqa: BLE001 - a compile error is this row's result
         return row | dict(ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0]}")
     usage = resource_usage(compiled.asm["cubin"])
-    problems = ([f"{usage['local']} B of local memory (spills)"] if usage["local"] else []) + (
+    spills = usage["stack"] + usage["local"]  # ptxas spills into the stack frame
+    problems = ([f"{spills} B of local memory (spills)"] if spills else []) + (
         [f"{compiled.metadata.shared} B shared memory > {shared_limit}"] if compiled.metadata.shared > shared_limit
         else [])
-    return row | dict(registers=usage["reg"], spill_bytes=usage["local"], stack_bytes=usage["stack"],
-                      shared_bytes=compiled.metadata.shared, ok=not problems, error="; ".join(problems))
+    return row | dict(registers=usage["reg"], spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+                      ok=not problems, error="; ".join(problems))
 
 
 def jobs_for(targets: list[str]) -> list[tuple]:
@@ -287,12 +297,26 @@ def check(targets: list[str], workers: int = 2) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel variant | target | warps | registers | spills (B) | shared memory (B) | ok |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["target"])):
-        lines.append(f"| `{r['kernel']}` | {r['target']} | {r.get('num_warps', '-')} | {r.get('registers', '-')} | "
-                     f"{r.get('spill_bytes', '-')} | {r.get('shared_bytes', '-')} | "
-                     f"{'yes' if r['ok'] else 'NO: ' + r['error']} |")
+    """One line per kernel and main input dtype: its variants, and per target the registers (fewest-most), the
+    most local memory (spills) and shared memory of any variant, and whether all of them passed."""
+    groups = {}
+    for row in rows:
+        name, _, rest = row["kernel"].partition("[")
+        groups.setdefault((name, rest.split(" ")[0].lstrip("*")), []).append(row)
+    lines = ["| kernel | input | variants | " + " | ".join(f"{t} registers | {t} spills (B) | {t} shared (B)"
+                                                         for t in TARGETS) + " | all pass |",
+             "|---|---|---|" + "---|---|---|" * len(TARGETS) + "---|"]
+    for (name, dtype), group in sorted(groups.items()):
+        cells = []
+        for target in TARGETS:
+            done = [r for r in group if r["target"] == target and "registers" in r]
+            regs = sorted({r["registers"] for r in done}) or ["-"]
+            cells += [f"{regs[0]}-{regs[-1]}" if len(regs) > 1 else str(regs[0]),
+                      str(max((r["spill_bytes"] for r in done), default="-")),
+                      str(max((r["shared_bytes"] for r in done), default="-"))]
+        variants = len({r["kernel"] for r in group})
+        verdict = "yes" if all(r["ok"] for r in group) else "NO: " + "; ".join(r["error"] for r in group if not r["ok"])
+        lines.append(f"| `{name}` | {dtype} | {variants} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 
 

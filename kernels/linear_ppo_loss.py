@@ -19,8 +19,8 @@ dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd back
 saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
 
 Vocab-parallel (group, vocab_start): as in kernels/linear_token_stats.py; each chunk's statistics are
-all-reduced (two small all-reduces per chunk), so logp, the loss and the metrics are those of the full
-vocabulary on every rank.
+all-gathered (one small collective per chunk, no host sync), so logp, the loss and the metrics are those of
+the full vocabulary on every rank.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """

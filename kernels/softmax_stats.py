@@ -44,6 +44,7 @@ class SliceConfig:
     block_size: int | None = None  # Triton block over the vocabulary (None: up to MAX_BLOCK)
     num_splits: int | None = None  # programs per row, a power of two (None: enough to fill the GPU)
     debug: bool = False  # check targets and NaN logits on the device, raise naming the first bad row
+    vocab_size: int | None = None  # the full vocabulary's size under a tensor-parallel group (None: gathered)
 
 
 def scaled_logits(logits: torch.Tensor, valid: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:

@@ -109,8 +109,9 @@ def token_stats_grad_triton(logits, targets, lse, mu, grads, vocab_size: int, cf
     splits = splits_of(cfg, n, v, block, multiprocessors(logits.device))
     _token_stats_grad_kernel[(n, splits)](
         logits, targets, lse, mu, g_logp, g_ent, g_sc, grad, v, logits.stride(0), grad.stride(0), cfg.vocab_start,
-        LOG2E / cfg.temperature, 1.0 / cfg.temperature, 1.0 / vocab_size, cfg.ignore_index, HAS_LOGP=grads[0] is not None, HAS_ENT=grads[1] is not None,
-        HAS_SC=grads[2] is not None, BLOCK=block, ACC=TL_ACC[lse.dtype], num_warps=8 if block >= 2048 else 4)
+        LOG2E / cfg.temperature, 1.0 / cfg.temperature, 1.0 / vocab_size, cfg.ignore_index,
+        HAS_LOGP=grads[0] is not None, HAS_ENT=grads[1] is not None, HAS_SC=grads[2] is not None, BLOCK=block,
+        ACC=TL_ACC[lse.dtype], num_warps=8 if block >= 2048 else 4)
     return grad
 
 
