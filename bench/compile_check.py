@@ -8,8 +8,8 @@ by a recorder, so the block sizes, num_warps and constexprs are the launcher's o
 the rule); each recorded launch is specialised as the JIT would on a GPU (pointers 16-byte aligned, integers
 by value) and compiled for each target. Registers and local memory per thread (the stack frame, where ptxas
 puts spilled registers, plus any local array) come from the bundled cuobjdump -res-usage, shared memory per
-block from the compiled kernel. A row fails on a compile error, on any
-local memory, or on shared memory over the target's per-block limit; every `_*_kernel` of kernels/ must be
+block from the compiled kernel. A row fails on a compile error, on any local memory, or on shared memory over
+the target's per-block limit (227 KiB on sm_90, 163 KiB on sm_80); every `_*_kernel` of kernels/ must be
 compiled at least once.
 
     python bench/compile_check.py              # one JSON line per kernel variant and target; exit 1 on a failure
@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sm_90": (90, 227 * 1024, 132), "sm_80": (80, 163 * 1024, 108)}  # arch, shared bytes per block, SMs
 MODELS = ("Qwen2.5-1.5B", "Qwen2.5-3B", "Qwen2.5-7B")
 CONFIGS = ("config/ufo_qwen2.5_3b.py", "config/intuitor_qwen2.5_3b.py")
-DECODE_BATCH, PREFILL_TOKENS = 64, 512  # a decode step's rows; one prefill's tokens
+DECODE_BATCH = 64  # a decode step's rows
+PROMPT_TOKENS = 512  # the memory plan's prompt allowance: one prefill's tokens, and part of the sampler's max_len
 META = torch.device("meta")
 
 
@@ -102,7 +103,7 @@ def workloads(sms: int) -> dict:
         cfg = parse_args([str(ROOT / path)], check_paths=False)
         name = Path(path).stem.split("_")[0]
         tokens = {cfg.micro_batch_tokens: f"{cfg.micro_batch_tokens} tokens",
-                  cfg.minibatch_size * episode_tokens(cfg, PREFILL_TOKENS): "micro_batch_tokens=0"}
+                  cfg.minibatch_size * episode_tokens(cfg, PROMPT_TOKENS): "micro_batch_tokens=0"}
         for model in MODELS:
             shape = SHAPES[model]
             for tp in (1, 2):
@@ -112,7 +113,7 @@ def workloads(sms: int) -> dict:
                         n, v, tp, cfg, sms)
                 for dtype in (torch.bfloat16, torch.float32):
                     jobs[f"decode {name} {model} tp{tp} {str(dtype)[6:]}"] = lambda shape=shape, tp=tp, dtype=dtype, \
-                        s=episode_tokens(cfg, PREFILL_TOKENS): decode(shape, tp, s, dtype)
+                        s=episode_tokens(cfg, PROMPT_TOKENS): decode(shape, tp, s, dtype)
     jobs["token_stats bf16 16384 x 151936"] = lambda: token_stats_bf16(16384, SHAPES["Qwen2.5-3B"]["vocab_size"], sms)
     jobs["token_stats bf16 8 x 151936 (split)"] = lambda: token_stats_bf16(8, SHAPES["Qwen2.5-3B"]["vocab_size"], sms)
     jobs["ppo_loss 64 x 5760 (a padded minibatch)"] = lambda: ppo_loss((64, 5760), True, "k3", weights=False)
@@ -131,11 +132,11 @@ def _cfg(sms: int, n: int, v: int, **kw):
 def train(n_tokens: int, v: int, tp: int, cfg, sms: int) -> None:
     """One micro-batch of the update (linear_ppo_loss: row chunks of fp32 logits, the statistics, their
     gradient, the PPO loss on one row) and of scoring (linear_token_stats: vocab chunks, forward + backward)."""
-    from nanoufo.kernels.linear_ppo_loss import CHUNK_ELEMENTS
+    from nanoufo.kernels.linear_ppo_loss import default_chunk_rows
     from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
     from nanoufo.kernels.token_stats import partial_stats_triton, token_stats_triton
     from nanoufo.kernels.token_stats_grad import token_stats_grad_triton
-    rows = min(n_tokens, max(1, CHUNK_ELEMENTS // v))
+    rows = min(n_tokens, default_chunk_rows(v))
     for r in {rows, n_tokens % rows} - {0}:  # a full row chunk and the last, shorter one
         logits, targets, lse = meta(r, v), meta(r, dtype=torch.long), meta(r)
         if tp == 1:
@@ -162,7 +163,7 @@ def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, weights:
 
 
 def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
-    """The cached path's kernels: a decode step of DECODE_BATCH rows and a prefill of PREFILL_TOKENS tokens."""
+    """The cached path's kernels: a decode step of DECODE_BATCH rows and a prefill of PROMPT_TOKENS tokens."""
     from nanoufo.kernels.decode_attention import decode_attention_triton
     from nanoufo.kernels.rms_norm import add_rms_norm_triton
     from nanoufo.kernels.rope_kv_append import rope_kv_append_triton
@@ -172,7 +173,7 @@ def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
     i = shape["intermediate_size"] // tp
     cache = meta(DECODE_BATCH + 1, max_len, hkv, d, dtype=dtype)
     rows = meta(DECODE_BATCH, dtype=torch.long)
-    for t in (1, PREFILL_TOKENS):
+    for t in (1, PROMPT_TOKENS):
         b = DECODE_BATCH if t == 1 else 1
         cos = meta(b, t, 1, d, dtype=dtype)
         pos = meta(b, t, dtype=torch.long)

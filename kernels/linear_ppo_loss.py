@@ -36,6 +36,11 @@ from nanoufo.kernels.token_stats_grad import token_stats_grad
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
 
 
+def default_chunk_rows(n_cols: int) -> int:
+    """Rows per chunk of fp32 logits over n_cols vocabulary columns: CHUNK_ELEMENTS logits."""
+    return max(1, CHUNK_ELEMENTS // n_cols)
+
+
 def _ppo_of_row(logp, entropy, old, adv, mask, ref, weights, **ppo) -> tuple[torch.Tensor, dict]:
     """ppo_loss over one row of N tokens (every input (N,), ref None or (N,))."""
     return ppo_loss(logp[None], old[None], adv[None], mask[None], ref_logp=None if ref is None else ref[None],
@@ -136,7 +141,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
     ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                kl_estimator=kl_estimator, entropy_coef=entropy_coef, impl=cfg.impl)
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
     per_token = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
     needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))
     loss, metrics, logp, *grads = _forward(hidden, weight, targets, per_token, cfg, ppo, group, rows, needs)
