@@ -168,8 +168,6 @@ def splits_of(cfg: SliceConfig, n_rows: int, n_cols: int, block: int, sms: int) 
     return min(triton.next_power_of_2(triton.cdiv(programs, n_rows)), 1 << (most.bit_length() - 1))
 
 
-
-
 def rescale(stats: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """s and a of stats (..., 5, N) re-expressed relative to a new, larger max m (N,)."""
     m_safe = torch.where(m == float("-inf"), 0.0, m)

@@ -22,9 +22,9 @@ gradient and its logits are not read. A -inf logit has p = 0 and no gradient, an
 logp or the entropy; the mean logit is then -inf, so the self-certainty is +inf (KL(U || p) is
 infinite). A row that is -inf everywhere but at the target has logp = 0 and entropy 0 (to rounding); a row
 that is -inf everywhere is no distribution and gives NaN, as torch.log_softmax does. A target outside
-[0, V) gives a NaN logp and a NaN logit NaN outputs for that row (never a plausible number), on every path
-and without a host sync; with debug=True or NANOUFO_KERNEL_DEBUG=1 they raise instead, naming the first bad
-row (one host sync).
+[0, V) makes the row's logp NaN, and a NaN logit all three of its outputs (never a plausible number), on every
+path and without a host sync; with debug=True or NANOUFO_KERNEL_DEBUG=1 they raise instead, naming the first
+bad row (one host sync).
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
@@ -200,7 +200,7 @@ def partial_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig)
     return partial_stats_reference(logits, targets, cfg)
 
 
-# torch 2.13 renamed all_gather_into_tensor (the only name up to the floor, torch 2.8) to all_gather_single
+# all_gather_into_tensor, the name torch 2.8 knows, is deprecated in newer torch (2.13 here) for all_gather_single
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -217,7 +217,7 @@ def _all_gather_stats(stats: torch.Tensor, n_cols: int, group) -> tuple[torch.Te
     return merge_partial_stats(gathered[:, :-1].view(-1, 5, n)), gathered[:, -1].sum()
 
 
-def _check_rows(stats: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab_size,
+def _check_rows(stats: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int | torch.Tensor,
                 cfg: SliceConfig) -> None:
     """debug: raise naming the first row whose target is outside [0, vocab_size) or whose logits hold NaN."""
     if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
