@@ -1,16 +1,17 @@
-"""CPU proxies for the kernels' GPU cost (issue 15), counted on the code path a GPU takes:
+"""CPU proxies for the kernels' GPU cost (issues 15 and 28), counted on the code path a GPU takes:
 
 - launches: every PyTorch op that runs a kernel (views and empty allocations excluded), counted with a
   TorchDispatchMode, plus every Triton kernel launch (the JIT function's run, wrapped); host syncs: ops
-  that read a device value on the host (item, nonzero, ...). For token_stats' forward and backward and
-  the PPO loss's forward and backward.
+  that read a device value on the host (item, nonzero, ...); collectives: c10d ops. For token_stats' forward
+  and backward, the PPO loss's forward and backward, and the vocab-parallel fused heads on two gloo ranks.
+- split work: how the programs of a split row share its columns, read from the kernel's own partial sums.
 - matmul FLOPs of the LM head fused with the PPO loss, every matmul counted (mm, addmm, addmm_, bmm ...),
   against 6 N H V.
 - SASS instructions per logit in the main loop of the compiled statistics kernel (and of the backward's
   kernel): compiled for sm_90
   with Triton's bundled ptxas (no GPU needed), disassembled with the bundled cuobjdump; the loop is the
   span from a backward branch's target to the branch; per logit = its instructions / logits one thread
-  handles per iteration. Registers and local memory (spills) from cuobjdump -res-usage.
+  handles per iteration. Registers, stack frame and local memory (spills) from cuobjdump -res-usage.
 
     TRITON_INTERPRET=1 python bench/kernel_counts.py        # launches, syncs, FLOPs, then SASS (subprocess)
     python bench/kernel_counts.py --sass [--source FILE --kernel NAME]   # SASS only, e.g. of an old version
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from compile_check import compile_for, nvidia_bin, resource_usage  # bench/: the compile check's shared pieces
+
 ROOT = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.is_nonzero, aten.equal, aten.masked_select,
@@ -47,6 +50,8 @@ class Counts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.torch_ops, self.triton, self.syncs, self.flops = Counter(), Counter(), Counter(), 0
+        self.collectives = Counter()  # c10d ops: all-reduce, all-gather, ...
+        self.launched = []  # (kernel name, its arguments) of every Triton launch
         self._in_triton = 0
 
     @property
@@ -58,6 +63,8 @@ class Counts(TorchDispatchMode):
         if self._in_triton:  # the interpreter's own host copies are not launches
             return out
         packet = func.overloadpacket
+        if func.namespace == "c10d":
+            self.collectives[str(packet)] += 1
         if packet in SYNC_OPS:
             self.syncs[str(packet)] += 1
         if packet in MATMULS:
@@ -77,6 +84,7 @@ class Counts(TorchDispatchMode):
 
             def run(fn, *args, _original=original, **kwargs):
                 self.triton[fn.fn.__name__] += 1
+                self.launched.append((fn.fn.__name__, args))
                 self._in_triton += 1
                 try:
                     return _original(fn, *args, **kwargs)
@@ -92,7 +100,7 @@ class Counts(TorchDispatchMode):
 
     def summary(self) -> dict:
         return dict(launches=self.launches, triton=dict(self.triton), torch_ops=dict(self.torch_ops),
-                    host_syncs=sum(self.syncs.values()))
+                    host_syncs=sum(self.syncs.values()), syncs=dict(self.syncs), collectives=dict(self.collectives))
 
 
 # ----------------------------------------------------------------------------- SASS of the statistics loop
@@ -100,19 +108,12 @@ class Counts(TorchDispatchMode):
 ARG_TYPES = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "bad_ptr": "*i64", "count_ptr": "*i32",
              "n_rows": "i32", "n_cols": "i32", "row_stride": "i32", "cols_per_split": "i32", "vocab_start": "i32",
              "ignore_index": "i32", "c": "fp32", "inv_temp": "fp32", "inv_vocab": "fp32", "grad_ptr": "*bf16",
-             "grad_row_stride": "i32"}  # other *_ptr: *fp32
+             "grad_row_stride": "i32"}  # other *_ptr: *fp32; cols_per_split: the kernels before issue 28
 V_REAL, BLOCK, WARPS = 151936, 4096, 8  # Qwen2.5's vocabulary; the launcher's block and warps at that width
-
-
-def _nvidia_bin(tool: str) -> str:
-    import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
 def compile_sm90(kernel, constexprs: dict, num_warps: int) -> bytes:
     """The cubin of a @triton.jit kernel for sm_90 (bf16 logits, fp32 maths), compiled without a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else ARG_TYPES.get(n, "*fp32" if n.endswith("_ptr") else None)
@@ -122,7 +123,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int) -> bytes:
                if n.endswith("_ptr") or n in ("n_cols", "row_stride", "grad_row_stride", "cols_per_split")}
     source = ASTSource(kernel, signature, constexprs={n: v for n, v in constexprs.items() if n in names},
                        attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
+    return compile_for(source, 90, {"num_warps": num_warps}).asm["cubin"]
 
 
 def loop_stats(cubin: bytes, logits_per_iteration: int) -> dict:
@@ -130,10 +131,8 @@ def loop_stats(cubin: bytes, logits_per_iteration: int) -> dict:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kernel_counts_{os.getpid()}.cubin"
     path.write_bytes(cubin)
     try:
-        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+        sass = subprocess.run([nvidia_bin("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
                               check=True).stdout
-        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
-                               check=True).stdout
     finally:
         path.unlink()
     code = [(int(addr, 16), text.strip()) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
@@ -143,12 +142,11 @@ def loop_stats(cubin: bytes, logits_per_iteration: int) -> dict:
     body = [text for addr, text in code if start <= addr <= end]
     ops = Counter(text.split()[0].lstrip("@!P0123456789T ").split(".")[0] if not text.startswith("@")
                   else text.split()[1].split(".")[0] for text in body)
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    usage = resource_usage(cubin)
     return dict(loop_instructions=len(body), logits_per_iteration=logits_per_iteration,
-                per_logit=round(len(body) / logits_per_iteration, 2), registers=regs, local_bytes=local,
-                stack_bytes=stack, barriers_in_loop=ops.get("BAR", 0), mix=dict(ops.most_common(8)))
+                per_logit=round(len(body) / logits_per_iteration, 2), registers=usage["reg"],
+                local_bytes=usage["local"], stack_bytes=usage["stack"], barriers_in_loop=ops.get("BAR", 0),
+                mix=dict(ops.most_common(8)))
 
 
 def sass_report(source: str | None, kernel_name: str) -> dict:
@@ -191,6 +189,21 @@ def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, 
                 backward=backward.summary())
 
 
+def split_work(n: int = 2, v: int = V_REAL, num_splits: int = 32) -> dict:
+    """How the programs of a row share its columns in the split statistics forward, read from the kernel's
+    own partial sums: with bf16 logits all 1, a program's sum of the logits is the number of columns it read.
+    num_splits = 32 is what splits_of picks for 2 rows at V = 151936 on a GPU of 132 SMs (H100)."""
+    from nanoufo.kernels.token_stats import token_stats
+    logits = torch.ones(n, v, dtype=torch.bfloat16)
+    with Counts() as counts:
+        token_stats(logits, torch.zeros(n, dtype=torch.long), impl="triton", num_splits=num_splits)
+    (name, args), = counts.launched
+    columns = args[6][..., 3].flatten().tolist()  # (N, S, 4) partials (m, s, a, b): b = columns read
+    return dict(op="split_work", n=n, v=v, num_splits=num_splits, programs=len(columns),
+                idle_programs=sum(c == 0 for c in columns), fewest_columns=int(min(columns)),
+                most_columns=int(max(columns)))
+
+
 def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:
     """Launches and syncs of one PPO loss forward and backward (k3 KL and entropy on, the Triton path)."""
     from nanoufo.kernels.ppo_loss import ppo_loss
@@ -227,6 +240,49 @@ def head_flops(n: int = 16, h: int = 32, v: int = 300) -> list[dict]:
     return [dict(op=name, n=n, h=h, v=v, matmul_flops=c.flops, per_nhv=c.flops / (n * h * v)) for name, c in rows]
 
 
+VOCAB_PARALLEL = ("scoring", "stats_grad", "stats_grad_vocab_size", "ppo_head")
+
+
+def _vocab_parallel_rank(rank: int, store: str, cases: tuple[str, ...], n: int, h: int, v: int) -> None:
+    """One of two gloo ranks: counts each case on this rank's half of the vocabulary, into store.rank<r>.json."""
+    import torch.distributed as dist
+    from nanoufo.kernels.linear_ppo_loss import linear_ppo_loss
+    from nanoufo.kernels.linear_token_stats import linear_token_stats
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) / h ** 0.5
+    targets, old, adv = torch.randint(0, v, (n,), generator=gen), -torch.rand(n, generator=gen), torch.randn(n)
+    start, end = (0, v // 2) if rank == 0 else (v // 2, v)
+    h_, w_ = hidden.requires_grad_(), weight[start:end].detach().requires_grad_()
+    part = dict(vocab_start=start, group=dist.group.WORLD, impl="triton")
+    stats = lambda **kw: sum(o.sum() for o in linear_token_stats(h_, w_, targets, chunk_size=v // 6, **part, **kw))
+    runs = dict(scoring=lambda: torch.no_grad()(stats)(), stats_grad=lambda: stats().backward(),
+                stats_grad_vocab_size=lambda: stats(vocab_size=v).backward(),
+                ppo_head=lambda: linear_ppo_loss(h_, w_, targets, old, adv, torch.ones(n), torch.ones(n) / n,
+                                                 entropy_coef=0.01, chunk_rows=n // 4, **part)[0].backward())
+    stats()  # warm-up: the interpreter's first launches
+    rows = {}
+    for case in cases:
+        h_.grad = w_.grad = None  # each backward starts without gradients to accumulate into
+        rows[case] = count(runs[case]).summary()
+    Path(f"{store}.rank{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def vocab_parallel_counts(cases: tuple[str, ...] = VOCAB_PARALLEL, n: int = 16, h: int = 32,
+                          v: int = 300) -> list[dict]:
+    """Host syncs, collectives and launches per rank of the vocab-parallel fused heads on two gloo ranks (TP=2,
+    the Triton path under the interpreter): scoring (linear_token_stats without grad, 6 vocab chunks), its
+    forward + backward (without and with vocab_size), and the head fused with the PPO loss (4 row chunks)."""
+    import tempfile
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        store = str(Path(tmp) / "store")
+        mp.spawn(_vocab_parallel_rank, args=(store, cases, n, h, v), nprocs=2, join=True)
+        ranks = [json.loads(Path(f"{store}.rank{r}.json").read_text()) for r in range(2)]
+    return [dict(op=f"tp2 {case}", n=n, h=h, v=v, rank0=ranks[0][case], rank1=ranks[1][case]) for case in cases]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", action="store_true", help="only the SASS count (run without TRITON_INTERPRET)")
@@ -240,7 +296,8 @@ def main() -> None:
         return
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("the counts run the Triton path on the CPU: set TRITON_INTERPRET=1")
-    for row in (token_stats_counts(), token_stats_counts(num_splits=4), ppo_loss_counts(), *head_flops()):
+    for row in (token_stats_counts(), token_stats_counts(num_splits=4), split_work(), ppo_loss_counts(),
+                *head_flops(), *vocab_parallel_counts()):
         print(json.dumps(row))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for kernel in ("_token_stats_kernel", "_token_stats_grad_kernel"):

@@ -24,6 +24,12 @@ from nanoufo.kernels.dispatch import pick_impl
 SPLIT_LEN = 256  # cache slots per pass-1 program: a 4k context is 16 programs per (token, KV head), enough to
                  # fill a GPU at a small batch, and each still runs 4 steps of BLOCK_S to amortise its q load
 BLOCK_S = 64  # slots per inner step: tl.dot wants >= 16; 64 keys x 128 dims of bf16 is a 16 KiB K (or V) tile
+BLOCK_S_FP32 = 32  # fp32 caches: the same 16 KiB tiles (64 slots took 140 KiB of shared memory and 128 registers)
+
+
+def block_s_of(dtype: torch.dtype) -> int:
+    """Cache slots per inner step for caches of this dtype: tiles of 16 KiB at D = 128."""
+    return BLOCK_S_FP32 if dtype == torch.float32 else BLOCK_S
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -118,8 +124,9 @@ def _decode_attention_merge_kernel(part_out_ptr, part_stat_ptr, out_ptr, T,
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             position_ids: torch.Tensor, cache_rows: torch.Tensor,
-                            split_len: int = SPLIT_LEN, block_s: int = BLOCK_S) -> torch.Tensor:
+                            split_len: int = SPLIT_LEN, block_s: int | None = None) -> torch.Tensor:
     B, T, Hq, D = q.shape
+    block_s = block_s or block_s_of(k_cache.dtype)
     Hkv = k_cache.shape[2]
     assert q.is_contiguous() and k_cache.stride(-1) == 1, "q contiguous (out shares its strides), caches by last dim"
     assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()

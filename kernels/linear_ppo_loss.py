@@ -19,8 +19,8 @@ dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd back
 saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
 
 Vocab-parallel (group, vocab_start): as in kernels/linear_token_stats.py; each chunk's statistics are
-all-reduced (two small all-reduces per chunk), so logp, the loss and the metrics are those of the full
-vocabulary on every rank.
+all-gathered (one small collective per chunk, no host sync), so logp, the loss and the metrics are those of
+the full vocabulary on every rank.
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 """
@@ -34,6 +34,11 @@ from nanoufo.kernels.token_stats import check_targets_shape, finished_stats, tok
 from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
+
+
+def default_chunk_rows(n_cols: int) -> int:
+    """Rows per chunk of fp32 logits over n_cols vocabulary columns: CHUNK_ELEMENTS logits."""
+    return max(1, CHUNK_ELEMENTS // n_cols)
 
 
 def _ppo_of_row(logp, entropy, old, adv, mask, ref, weights, **ppo) -> tuple[torch.Tensor, dict]:
@@ -136,7 +141,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
     ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                kl_estimator=kl_estimator, entropy_coef=entropy_coef, impl=cfg.impl)
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
     per_token = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
     needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))
     loss, metrics, logp, *grads = _forward(hidden, weight, targets, per_token, cfg, ppo, group, rows, needs)

@@ -21,12 +21,13 @@ from functools import partial
 
 import torch
 
-from nanoufo.kernels.dispatch import acc_dtype, pick_impl
+from nanoufo.kernels.dispatch import acc_dtype, debug_mode, pick_impl
 from nanoufo.kernels.softmax_stats import SliceConfig, merge_partial_stats
 from nanoufo.kernels.token_stats import TokenStatsFn, check_targets_shape, finish_slice, partial_stats, token_stats
 from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
+ACC_SLICE_ELEMENTS = 1 << 24  # fp32 products added into an accumulator in slices of 64 MiB (8192 x 2048 at 3B)
 
 
 def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -36,15 +37,26 @@ def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, tar
 
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b with a float32 result (float64 for float64 inputs), added into out when given. On CUDA
-    bf16/fp16 operands stay as they are and cuBLAS accumulates in fp32; elsewhere they are upcast."""
+    """a @ b with a float32 result (float64 for float64 inputs), added into out when given. On CUDA (and the
+    meta device) bf16/fp16 operands stay as they are and cuBLAS accumulates in fp32 (torch.mm's out_dtype,
+    torch >= 2.8); elsewhere they are upcast and multiplied in fp32."""
     acc = acc_dtype(a.dtype)
-    if a.is_cuda and a.dtype != acc:
-        if out is None:
-            return torch.mm(a, b, out_dtype=acc)
-        return torch.addmm(out, a, b, out_dtype=acc, out=out)
+    if a.device.type in ("cuda", "meta") and a.dtype != acc:
+        product = partial(torch.mm, out_dtype=acc)
+        return product(a, b) if out is None else add_product(out, a, b, product)
     a, b = a.to(acc), b.to(acc)
     return a @ b if out is None else out.addmm_(a, b)
+
+
+def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product,
+                rows: int | None = None) -> torch.Tensor:
+    """out += product(a, b), slice by slice of rows (default: products of ACC_SLICE_ELEMENTS): the fp32 product
+    never exists whole (a (V, H) gradient of 1.2 GB at 3B), and no addmm takes an fp32 out with bf16 operands,
+    which some torch versions' CUDA addmm rejects (its self must have mat2's dtype)."""
+    rows = rows or max(1, ACC_SLICE_ELEMENTS // b.shape[1])
+    for r0 in range(0, a.shape[0], rows):
+        out[r0:r0 + rows] += product(a[r0:r0 + rows], b)  # (rows, b.shape[1])
+    return out
 
 
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, where: str) -> None:
@@ -84,17 +96,19 @@ def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size
 
 def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        temperature: float = 1.0, *, chunk_size: int = DEFAULT_CHUNK, vocab_start: int = 0,
-                       group=None, ignore_index: int = -100, impl: str = "auto",
-                       block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       group=None, ignore_index: int = -100, impl: str = "auto", block_size: int | None = None,
+                       debug: bool | None = None,
+                       vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, self_certainty), each (N,) fp32, of the logits hidden @ weight.T at a temperature;
     differentiable w.r.t. hidden and weight. weight (V_slice, H) holds global vocab ids
-    [vocab_start, vocab_start + V_slice); group/vocab_start: as in token_stats."""
+    [vocab_start, vocab_start + V_slice); group, vocab_start, vocab_size, debug: as in token_stats."""
     check_head(hidden, weight, "linear_token_stats")
     if temperature <= 0 or chunk_size <= 0:
         raise ValueError(f"linear_token_stats: temperature and chunk_size must be > 0, got "
                          f"{temperature} and {chunk_size}")
     targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats", hidden.device)
-    cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size)
+    cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size,
+                      debug=debug_mode(debug), vocab_size=vocab_size)
     with torch.no_grad():
         parts = [partial_stats(mm_acc(hidden, weight[cols].T), targets, chunk_cfg)
                  for cols, chunk_cfg in _chunks(cfg, weight.shape[0], chunk_size)]

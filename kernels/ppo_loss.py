@@ -42,7 +42,9 @@ _CLAMP = tl.constexpr(LOG_RATIO_CLAMP)  # the same, readable inside @triton.jit 
 COUNT, LOSS, CLIP, APPROX_KL, RATIO, KL, ENT = range(7)  # rows of the (7, B) per-row sums
 AGGREGATIONS = {"token-mean": 0, "seq-mean": 1, "seq-mean-token-mean": 1, "weights": 2}  # seq-mean: the short name
 MAX_BLOCK = 1024  # tokens per program (4 warps x 32 threads x 8): a response up to 1024 tokens is one block
-FINISH_TILE = 64  # the one finishing program reads the (B, T-blocks) sums in tiles of <= 64 x 64: bounded registers
+# The one finishing program reads the (B, T-blocks) sums in tiles of at most FINISH_ROWS x FINISH_ELEMENTS / rows:
+# 4 values per thread per statistic at 4 warps. (A 64 x 64 tile held 7 x 32 loaded values per thread, 243 registers.)
+FINISH_ROWS, FINISH_ELEMENTS = 64, 512
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ class PPOConfig:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     block_size: int | None = None  # Triton block over T (None: up to MAX_BLOCK)
+
+
+def finish_tile(n_rows: int, n_blocks: int) -> tuple[int, int]:
+    """(ROWS, BLOCKS): the finishing program's tile over the (B, T-blocks) partial sums (see FINISH_ELEMENTS)."""
+    rows = min(FINISH_ROWS, triton.next_power_of_2(n_rows))
+    return rows, min(triton.next_power_of_2(n_blocks), FINISH_ELEMENTS // rows)
 
 
 def ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg: PPOConfig) -> torch.Tensor:
@@ -247,9 +255,9 @@ class _PPOLossTriton(torch.autograd.Function):
             STORE_GRAD=store_grad, BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
         # loss (), metrics (6,): clip .. entropy, then the norm; row_scale (B,)
         loss, metrics, row_scale = (torch.empty(size, dtype=acc, device=logp.device) for size in ((), 6, n_rows))
+        rows, blocks = finish_tile(n_rows, n_blocks)
         _ppo_loss_finish_kernel[(1,)](sums, loss, metrics, row_scale, n_rows, n_blocks,
-                                      AGG=AGGREGATIONS[cfg.aggregation], ROWS=FINISH_TILE,
-                                      BLOCKS=min(FINISH_TILE, triton.next_power_of_2(n_blocks)), ACC=TL_ACC[acc],
+                                      AGG=AGGREGATIONS[cfg.aggregation], ROWS=rows, BLOCKS=blocks, ACC=TL_ACC[acc],
                                       num_warps=4)
         ctx.save_for_backward(dloss, mask, weights, row_scale, metrics)
         ctx.cfg, ctx.block = cfg, block

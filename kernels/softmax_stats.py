@@ -44,6 +44,7 @@ class SliceConfig:
     block_size: int | None = None  # Triton block over the vocabulary (None: up to MAX_BLOCK)
     num_splits: int | None = None  # programs per row, a power of two (None: enough to fill the GPU)
     debug: bool = False  # check targets and NaN logits on the device, raise naming the first bad row
+    vocab_size: int | None = None  # the full vocabulary's size under a tensor-parallel group (None: gathered)
 
 
 def scaled_logits(logits: torch.Tensor, valid: torch.Tensor, cfg: SliceConfig) -> torch.Tensor:
@@ -124,6 +125,16 @@ def row_stats(row_ptr, lo, end, c, K: tl.constexpr, GROUPS: tl.constexpr, BF16_P
     return m_row, tl.sum(s, 0), tl.sum(a, 0), tl.sum(b, 0)
 
 
+@triton.jit
+def split_columns(split, n_splits, n_cols, BLOCK: tl.constexpr):
+    """[lo, hi): the columns of a row that program `split` of n_splits reads: whole blocks (aligned, unmasked
+    loads), n_blocks // n_splits or one more each, so no program is idle while n_splits <= n_blocks (equal
+    widths rounded up to whole blocks left 13 of 32 programs without a column at V = 151936)."""
+    n_blocks = tl.cdiv(n_cols, BLOCK)
+    lo = split * n_blocks // n_splits * BLOCK
+    return lo, tl.minimum((split + 1) * n_blocks // n_splits * BLOCK, n_cols)
+
+
 def block_of(cfg: SliceConfig, n_cols: int) -> int:
     return cfg.block_size or min(MAX_BLOCK, triton.next_power_of_2(n_cols))
 
@@ -141,19 +152,20 @@ def bf16_pairs(logits: torch.Tensor) -> bool:
     return logits.dtype == torch.bfloat16 and logits.stride(0) % 2 == 0 and logits.data_ptr() % 4 == 0
 
 
-def splits_of(cfg: SliceConfig, n_rows: int, n_cols: int, block: int, device: torch.device) -> int:
-    """Programs per row (a power of two): enough that a few rows still fill every SM of a GPU."""
+def multiprocessors(device: torch.device) -> int:
+    """The SMs of a CUDA device; 0 elsewhere (the interpreter runs one program per row unless told)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def splits_of(cfg: SliceConfig, n_rows: int, n_cols: int, block: int, sms: int) -> int:
+    """Programs per row (a power of two): enough that a few rows still fill every one of a GPU's sms SMs."""
     if cfg.num_splits is not None:
         return cfg.num_splits
-    if device.type != "cuda":
+    if not sms:
         return 1
-    programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = PROGRAMS_PER_SM * sms
     most = max(1, n_cols // block)  # every split keeps at least one full block
     return min(triton.next_power_of_2(triton.cdiv(programs, n_rows)), 1 << (most.bit_length() - 1))
-
-
-def split_width(n_cols: int, splits: int, block: int) -> int:
-    return triton.cdiv(triton.cdiv(n_cols, splits), block) * block  # whole blocks: aligned, unmasked loads
 
 
 def rescale(stats: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

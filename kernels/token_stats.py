@@ -14,16 +14,17 @@ mu = E_p[z] = m + a/s per row, so a vocab-parallel rank differentiates its own s
 When the slice is the whole vocabulary (no group), the Triton forward is one launch and no host sync: the
 kernel finishes logp, entropy, self-certainty, lse and mu itself. For few rows it splits each row over
 several programs (a 2D grid); the last program of a row to arrive merges their partials. Otherwise the
-partials of the slice are all-reduced and finished by PyTorch ops (finish_slice).
+partials of every rank's slice are all-gathered (one collective, no host sync) and finished by PyTorch ops
+(finish_slice).
 
 Edge cases: a row whose target is ignore_index is masked: its three outputs are 0, it gets no
 gradient and its logits are not read. A -inf logit has p = 0 and no gradient, and adds nothing to
 logp or the entropy; the mean logit is then -inf, so the self-certainty is +inf (KL(U || p) is
 infinite). A row that is -inf everywhere but at the target has logp = 0 and entropy 0 (to rounding); a row
 that is -inf everywhere is no distribution and gives NaN, as torch.log_softmax does. A target outside
-[0, V) or a NaN logit in a row gives NaN outputs for that row on the one-launch path (never a plausible
-number); with debug=True or NANOUFO_KERNEL_DEBUG=1 the launcher raises instead, naming the first bad row
-(one host sync). The PyTorch paths and the vocab-parallel finish check the targets on the host and raise.
+[0, V) makes the row's logp NaN, and a NaN logit all three of its outputs (never a plausible number), on every
+path and without a host sync; with debug=True or NANOUFO_KERNEL_DEBUG=1 they raise instead, naming the first
+bad row (one host sync).
 
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
@@ -33,8 +34,9 @@ import triton
 import triton.language as tl
 
 from nanoufo.kernels.dispatch import TL_ACC, acc_dtype, debug_mode, pick_impl
-from nanoufo.kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, bf16_pairs, block_of, lane_rescale,
-                                   lanes, owned_targets, rescale, row_stats, scaled_logits, split_width, splits_of)
+from nanoufo.kernels.softmax_stats import (A, B, LN2_TL, LOG2E, M, S, ZY, SliceConfig, bf16_pairs, block_of,
+                                           lane_rescale, lanes, merge_partial_stats, multiprocessors, owned_targets,
+                                           row_stats, scaled_logits, split_columns, splits_of)
 from nanoufo.kernels.token_stats_grad import token_stats_grad
 
 MIN_ARRIVAL_COUNTERS = 1024  # the split kernel's per-row counters: 1024 rows at least, so few batches regrow them
@@ -86,17 +88,17 @@ def _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_p
 
 @triton.jit
 def _token_stats_kernel(logits_ptr, targets_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, part_ptr, count_ptr, bad_ptr,
-                        n_rows, n_cols, row_stride, cols_per_split, c, inv_temp, ignore_index, SPLIT: tl.constexpr,
+                        n_rows, n_cols, row_stride, c, inv_temp, ignore_index, SPLIT: tl.constexpr,
                         DEBUG: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr, BF16_PAIRS: tl.constexpr,
                         ACC: tl.constexpr):
-    # grid (N, SPLIT): program (row, j) reduces columns [j * cols_per_split, +cols_per_split) of the row
+    # grid (N, SPLIT): program (row, j) reduces the row's columns split_columns(j) gives
     row = tl.program_id(0).to(tl.int64)  # int64 so row * row_stride cannot overflow past 2^31
     split = tl.program_id(1)
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     row_ptr = logits_ptr + row * row_stride
-    lo = split * cols_per_split
-    end = tl.where(valid, tl.maximum(tl.minimum(lo + cols_per_split, n_cols), lo), lo)  # masked: read nothing
+    lo, hi = split_columns(split, SPLIT, n_cols, 2 * K * GROUPS)
+    end = tl.where(valid, hi, lo)  # masked: read nothing
     m, s, a, b = row_stats(row_ptr, lo, end, c, K, GROUPS, BF16_PAIRS, ACC)
     if SPLIT == 1:
         _finish_row(row, target, valid, m, s, a, b, row_ptr, logp_ptr, ent_ptr, sc_ptr, lse_ptr, bad_ptr,
@@ -163,13 +165,13 @@ def token_stats_triton(logits: torch.Tensor, targets: torch.Tensor,
     lse_mu = torch.empty((2, n), dtype=acc, device=logits.device)  # (2, N)
     block = block_of(cfg, v)
     k, groups, warps = lanes(block)
-    splits = splits_of(cfg, n, v, block, logits.device)
+    splits = splits_of(cfg, n, v, block, multiprocessors(logits.device))
     parts = torch.empty((n, splits, 4), dtype=acc, device=logits.device) if splits > 1 else lse_mu  # (N, S, 4)
     counts = _arrivals(n, logits.device) if splits > 1 else lse_mu  # lse_mu: an unused pointer
     bad = torch.full((2,), n, dtype=torch.int64, device=logits.device) if cfg.debug else lse_mu
     _token_stats_kernel[(n, splits)](logits, targets, *outs, lse_mu, parts, counts, bad, n, v, logits.stride(0),
-                                     split_width(v, splits, block), LOG2E / cfg.temperature, 1.0 / cfg.temperature,
-                                     cfg.ignore_index, SPLIT=splits, DEBUG=cfg.debug, K=k, GROUPS=groups,
+                                     LOG2E / cfg.temperature, 1.0 / cfg.temperature, cfg.ignore_index,
+                                     SPLIT=splits, DEBUG=cfg.debug, K=k, GROUPS=groups,
                                      BF16_PAIRS=bf16_pairs(logits), ACC=TL_ACC[acc], num_warps=warps)
     if cfg.debug:  # the first out-of-vocabulary target or NaN row the kernel recorded (one host sync)
         bad_target, nan_row = bad.tolist()
@@ -198,40 +200,62 @@ def partial_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig)
     return partial_stats_reference(logits, targets, cfg)
 
 
-def _all_reduce_stats(stats: torch.Tensor, vocab_size: int, group) -> tuple[torch.Tensor, int]:
-    """Vocab-parallel merge: all-reduce MAX of m, then one packed all-reduce SUM of s, a, b, z_y, V."""
-    m = stats[M].clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    s, a = rescale(stats, m)
-    packed = torch.cat([torch.stack([s, a, stats[B], stats[ZY]]).flatten(), stats.new_tensor([vocab_size])])
-    dist.all_reduce(packed, group=group)
-    return torch.cat([m[None], packed[:-1].view(4, -1)]), int(packed[-1].item())
+# all_gather_into_tensor, the name torch 2.8 knows, is deprecated in newer torch (2.13 here) for all_gather_single
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def finish_slice(stats: torch.Tensor, targets: torch.Tensor, vocab_size: int, cfg: SliceConfig,
-                 group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """From the (5, N) statistics of this rank's slice of vocab_size columns: logp, entropy, self-certainty,
-    each (N,), (2, N) lse and mu, masked rows 0, and the full vocabulary's size. group: the tensor-parallel
-    process group whose ranks hold the other slices (two all-reduces), or None when the slice is the whole
-    vocabulary. Checks the targets on the host (a sync), and with cfg.debug the rows for NaN."""
-    if group is not None:
-        stats, vocab_size = _all_reduce_stats(stats, vocab_size, group)  # the slices' sum: the full vocabulary
-    valid = targets != cfg.ignore_index
+def _all_gather_stats(stats: torch.Tensor, n_cols: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vocab-parallel merge in one collective: every rank's (5, N) statistics and slice width, all-gathered and
+    merged exactly in rank order (the same bits on every rank). Returns the full vocabulary's (5, N) statistics
+    and its size as a 0-d tensor (not read on the host)."""
+    n = stats.shape[1]
+    packed = stats.new_full((5 * n + 1,), float(n_cols))  # (5N + 1,): the statistics, then the width
+    packed[:-1] = stats.flatten()
+    gathered = packed.new_empty(dist.get_world_size(group) * packed.numel())  # flat, as gloo wants it
+    _all_gather(gathered, packed, group=group)
+    gathered = gathered.view(-1, packed.numel())  # (ranks, 5N + 1)
+    return merge_partial_stats(gathered[:, :-1].view(-1, 5, n)), gathered[:, -1].sum()
+
+
+def _check_rows(stats: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int | torch.Tensor,
+                cfg: SliceConfig) -> None:
+    """debug: raise naming the first row whose target is outside [0, vocab_size) or whose logits hold NaN."""
     if len(bad := (valid & ((targets < 0) | (targets >= vocab_size))).nonzero()):
         row = int(bad[0, 0])
-        _raise_bad_target("token_stats", row, int(targets[row]), vocab_size, cfg.ignore_index)
-    if cfg.debug and (nan_rows := (valid & stats[B].isnan()).nonzero()).numel():
+        _raise_bad_target("token_stats", row, int(targets[row]), int(vocab_size), cfg.ignore_index)
+    if (nan_rows := (valid & stats[B].isnan()).nonzero()).numel():
         raise ValueError(f"token_stats: row {int(nan_rows[0, 0])} of the logits holds NaN")
+
+
+def finish_slice(stats: torch.Tensor, targets: torch.Tensor, n_cols: int, cfg: SliceConfig,
+                 group=None) -> tuple[list[torch.Tensor], torch.Tensor, int | torch.Tensor]:
+    """From the (5, N) statistics of this rank's slice of n_cols columns: logp, entropy, self-certainty, each
+    (N,), (2, N) lse and mu, masked rows 0, and the full vocabulary's size V. group: the tensor-parallel process
+    group whose ranks hold the other slices (one all-gather; V is then cfg.vocab_size, or when that is None the
+    gathered widths' sum as a 0-d tensor, which the backward reads on the host), or None when the slice is the
+    whole vocabulary (V = n_cols). No host sync: a target outside [0, V) gives a NaN logp, as on the one-launch
+    path; with cfg.debug the rows are checked on the host and the first bad one named."""
+    vocab_size = n_cols
+    if group is not None:
+        stats, gathered_size = _all_gather_stats(stats, n_cols, group)
+        if cfg.debug and cfg.vocab_size is not None and int(gathered_size) != cfg.vocab_size:
+            raise ValueError(f"token_stats: vocab_size={cfg.vocab_size} but the ranks' slices hold "
+                             f"{int(gathered_size)} columns")
+        vocab_size = cfg.vocab_size or gathered_size
+    valid = targets != cfg.ignore_index
+    if cfg.debug:
+        _check_rows(stats, targets, valid, vocab_size, cfg)
     log_s = torch.log(stats[S])
     lse = stats[M] + log_s  # (N,)
     a_over_s = stats[A] / stats[S]
-    outs = (stats[ZY] - lse, log_s - a_over_s, lse - stats[B] / vocab_size)
+    logp = torch.where((targets >= 0) & (targets < vocab_size), stats[ZY] - lse, float("nan"))
+    outs = (logp, log_s - a_over_s, lse - stats[B] / vocab_size)
     lse_mu = torch.stack([lse, stats[M] + a_over_s])  # (2, N); mu = E_p[z]
     return [torch.where(valid, out, 0.0) for out in outs], torch.where(valid, lse_mu, 0.0), vocab_size
 
 
 def finished_stats(logits: torch.Tensor, targets: torch.Tensor, cfg: SliceConfig,
-                   group=None) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+                   group=None) -> tuple[list[torch.Tensor], torch.Tensor, int | torch.Tensor]:
     """No autograd: finish_slice's outputs for a logits slice; the whole vocabulary on the Triton path: one launch."""
     if group is None and cfg.vocab_start == 0 and cfg.impl == "triton" and logits.shape[0] > 0:
         return (*token_stats_triton(logits, targets, cfg), logits.shape[1])
@@ -257,7 +281,8 @@ class TokenStatsFn(torch.autograd.Function):
         grads = (g_logp, g_ent, g_sc)
         if not any(needs) or all(g is None for g in grads):
             return (None,) * (5 + len(inputs))
-        return (None,) * 5 + tuple(ctx.grad_fn(targets, *lse_mu, ctx.vocab_size, grads, needs, *inputs))
+        vocab_size = int(ctx.vocab_size)  # a 0-d tensor when vocab-parallel without vocab_size: one host read
+        return (None,) * 5 + tuple(ctx.grad_fn(targets, *lse_mu, vocab_size, grads, needs, *inputs))
 
 
 def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: torch.device) -> torch.Tensor:
@@ -269,13 +294,13 @@ def check_targets_shape(targets: torch.Tensor, n_rows: int, where: str, device: 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
                 vocab_start: int = 0, group=None, ignore_index: int = -100, impl: str = "auto",
-                block_size: int | None = None, num_splits: int | None = None,
-                debug: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                block_size: int | None = None, num_splits: int | None = None, debug: bool | None = None,
+                vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, self_certainty), each (N,) fp32, of logits (N, V) at a temperature, each
     differentiable w.r.t. the logits. With group (vocab-parallel), logits is this rank's slice
-    starting at vocab_start and the outputs are those of the full vocabulary on every rank. Bad targets,
-    NaN logits and debug: see the module doc. num_splits: programs per row (a power of two; None: enough
-    to fill the GPU when N is small)."""
+    starting at vocab_start and the outputs are those of the full vocabulary on every rank; vocab_size, the
+    full vocabulary's size, spares the backward a host read of it. Bad targets, NaN logits and debug: see the
+    module doc. num_splits: programs per row (a power of two; None: enough to fill the GPU when N is small)."""
     if logits.ndim != 2 or not logits.dtype.is_floating_point or logits.shape[1] == 0:
         raise ValueError(f"token_stats: logits must be a float (N, V) tensor with V > 0, got "
                          f"{logits.dtype} {tuple(logits.shape)}")
@@ -286,7 +311,7 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     targets = check_targets_shape(targets, logits.shape[0], "token_stats", logits.device)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, logits), block_size, num_splits,
-                      debug_mode(debug))
+                      debug_mode(debug), vocab_size)
     with torch.no_grad():
         outs, lse_mu, vocab_size = finished_stats(logits, targets, cfg, group)
     grad_fn = lambda targets, lse, mu, vocab_size, grads, needs, logits: (

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from nanoufo.kernels.dispatch import TL_ACC
-from nanoufo.kernels.softmax_stats import (LOG2E, LOG2E_TL, NEG_FINITE, SliceConfig, block_of, exp2_acc, owned_targets,
-                                   scaled_logits, split_width, splits_of)
+from nanoufo.kernels.softmax_stats import (LOG2E, LOG2E_TL, NEG_FINITE, SliceConfig, block_of, exp2_acc,
+                                           multiprocessors, owned_targets, scaled_logits, split_columns, splits_of)
 
 
 def token_stats_grad_reference(logits, targets, lse, mu, grads, vocab_size: int, cfg: SliceConfig,
@@ -55,10 +55,10 @@ def _dlogits(x, cols, local, lse_c, mu, coef, g_logp, g_ent, g_sc_v, c, inv_temp
 
 @triton.jit
 def _token_stats_grad_kernel(logits_ptr, targets_ptr, lse_ptr, mu_ptr, g_logp_ptr, g_ent_ptr, g_sc_ptr, grad_ptr,
-                             n_cols, row_stride, grad_row_stride, cols_per_split, vocab_start, c, inv_temp,
-                             inv_vocab, ignore_index, HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr,
-                             HAS_SC: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    # grid (N, splits): program (row, j) writes columns [j * cols_per_split, +cols_per_split) of the row
+                             n_cols, row_stride, grad_row_stride, vocab_start, c, inv_temp, inv_vocab, ignore_index,
+                             HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SC: tl.constexpr,
+                             BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # grid (N, splits): program (row, j) writes the row's columns split_columns(j) gives
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
@@ -82,8 +82,7 @@ def _token_stats_grad_kernel(logits_ptr, targets_ptr, lse_ptr, mu_ptr, g_logp_pt
     local = tl.where((local >= 0) & (local < n_cols), local, -1).to(tl.int32)  # one 32-bit compare per logit
     row_ptr = logits_ptr + row * row_stride
     grad_row_ptr = grad_ptr + row * grad_row_stride
-    lo = tl.program_id(1) * cols_per_split
-    end = tl.maximum(tl.minimum(lo + cols_per_split, n_cols), lo)
+    lo, end = split_columns(tl.program_id(1), tl.num_programs(1), n_cols, BLOCK)
     live_end = tl.where(valid, end, lo)  # a masked row reads nothing and writes zeros
     full_end = lo + (live_end - lo) // BLOCK * BLOCK
     for start in range(lo, full_end, BLOCK):  # full blocks: no masks
@@ -107,12 +106,12 @@ def token_stats_grad_triton(logits, targets, lse, mu, grads, vocab_size: int, cf
     grad = torch.empty((n, v), dtype=out_dtype, device=logits.device)  # (N, V)
     g_logp, g_ent, g_sc = (lse if g is None else g.contiguous() for g in grads)  # lse: unused pointer
     block = block_of(cfg, v)
-    splits = splits_of(cfg, n, v, block, logits.device)
+    splits = splits_of(cfg, n, v, block, multiprocessors(logits.device))
     _token_stats_grad_kernel[(n, splits)](
-        logits, targets, lse, mu, g_logp, g_ent, g_sc, grad, v, logits.stride(0), grad.stride(0),
-        split_width(v, splits, block), cfg.vocab_start, LOG2E / cfg.temperature, 1.0 / cfg.temperature,
-        1.0 / vocab_size, cfg.ignore_index, HAS_LOGP=grads[0] is not None, HAS_ENT=grads[1] is not None,
-        HAS_SC=grads[2] is not None, BLOCK=block, ACC=TL_ACC[lse.dtype], num_warps=8 if block >= 2048 else 4)
+        logits, targets, lse, mu, g_logp, g_ent, g_sc, grad, v, logits.stride(0), grad.stride(0), cfg.vocab_start,
+        LOG2E / cfg.temperature, 1.0 / cfg.temperature, 1.0 / vocab_size, cfg.ignore_index,
+        HAS_LOGP=grads[0] is not None, HAS_ENT=grads[1] is not None, HAS_SC=grads[2] is not None, BLOCK=block,
+        ACC=TL_ACC[lse.dtype], num_warps=8 if block >= 2048 else 4)
     return grad
 
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernel_device import DEVICE, needs_triton
-from nanoufo.kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
+from nanoufo.kernels.linear_token_stats import (ACC_SLICE_ELEMENTS, add_product, linear_token_stats,
+                                                linear_token_stats_reference, mm_acc)
 from nanoufo.kernels.token_stats import token_stats
 from test_kernels_linear_ppo import check_vocab_parallel
 from test_kernels_token_stats import IGNORE, oracle
@@ -105,6 +107,45 @@ def test_gradcheck_float64_reference():
     assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_()))
 
 
+class _Ops(TorchDispatchMode):
+    """The aten ops run inside the block, with their outputs' shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def test_mm_acc_adds_fp32_products_in_bounded_slices():
+    """The GPU branch of mm_acc on the CPU: add_product's slices, given the upcast product, add up to
+    out + a @ b (five slices of 8 rows, the last one short); on the meta device mm_acc takes that branch
+    itself: torch.mm with out_dtype only, never addmm (some torch versions' CUDA addmm rejects an fp32 out with
+    bf16 operands), each fp32 product at most ACC_SLICE_ELEMENTS, at the fused head's real shape."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(shape, generator=gen).bfloat16() for shape in ((37, 5), (5, 6)))
+    out = torch.randn(37, 6, generator=gen)
+    want = out + a.float() @ b.float()
+    torch.testing.assert_close(add_product(out.clone(), a, b, lambda x, y: x.float() @ y.float(), rows=8), want)
+    torch.testing.assert_close(mm_acc(a, b, out=out.clone()), want)  # the CPU branch: upcast, one addmm
+    v, r, h = 151936, 1766, 2048  # Qwen2.5-3B: grad_W (V, H) += dz.T (V, R) @ hidden (R, H)
+    dz, hidden = (torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in ((r, v), (r, h)))
+    grad_weight = torch.zeros(v, h, device="meta")
+    with _Ops() as record:
+        mm_acc(dz.T, hidden, out=grad_weight)
+    products = [shape for func, shape in record.ops if func.overloadpacket == torch.ops.aten.mm]
+    assert not any(func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.addmm_) for func, _ in record.ops)
+    assert sum(rows for rows, _ in products) == v and max(rows * cols for rows, cols in products) <= ACC_SLICE_ELEMENTS
+    assert all(func == torch.ops.aten.mm.dtype for func, _ in record.ops if func.overloadpacket == torch.ops.aten.mm)
+    chunk = torch.empty(v, h, dtype=torch.bfloat16, device="meta")[:8192].T
+    with _Ops() as record:
+        assert mm_acc(hidden, chunk).dtype == torch.float32  # (R, C) fp32 logits of a chunk
+    assert record.ops == [(torch.ops.aten.mm.dtype, (r, 8192))]
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="share a float dtype"):
         linear_token_stats(torch.randn(2, 4), torch.randn(5, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
@@ -118,11 +159,12 @@ def _vocab_parallel_worker(rank: int, world: int, init_file: str, impl: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         hidden, weight, targets, grads = make_case(6, 16, 53, torch.float32, seed=4)
-        start, end = [(0, 30), (30, 53)][rank]  # unequal slices: the full V comes from the all-reduce
+        start, end = [(0, 30), (30, 53)][rank]  # unequal slices: the full V comes from the all-gather
         logits = hidden @ weight.T
         kw = dict(impl=impl, block_size=16)
         full = lambda x, _: token_stats(x, targets, 0.7, **kw)
-        sliced = lambda x, _: token_stats(x[:, start:end], targets, 0.7, vocab_start=start, group=dist.group.WORLD, **kw)
+        part = dict(vocab_start=start, group=dist.group.WORLD)
+        sliced = lambda x, _: token_stats(x[:, start:end], targets, 0.7, **part, **kw)
         want, want_grad, _ = run(full, logits, weight, grads)
         outs, grad, _ = run(sliced, logits, weight, grads)
         for out, ref in zip(outs, want):
@@ -130,17 +172,26 @@ def _vocab_parallel_worker(rank: int, world: int, init_file: str, impl: str) -> 
         torch.testing.assert_close(grad[:, start:end], want_grad[:, start:end], atol=1e-6, rtol=1e-5)
         assert (grad[:, :start] == 0).all() and (grad[:, end:] == 0).all()  # nothing outside the slice
 
-        kw["chunk_size"] = 16
-        full = lambda h, w: linear_token_stats(h, w, targets, 0.7, **kw)
-        sliced = lambda h, w: linear_token_stats(h, w[start:end], targets, 0.7, vocab_start=start,
-                                                 group=dist.group.WORLD, **kw)
+        head = dict(kw, chunk_size=16)
+        full = lambda h, w: linear_token_stats(h, w, targets, 0.7, **head)
         want, want_gh, want_gw = run(full, hidden, weight, grads)
-        outs, gh, gw = run(sliced, hidden, weight, grads)
-        for out, ref in zip(outs, want):
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(gw[start:end], want_gw[start:end], atol=1e-5, rtol=1e-4)
-        dist.all_reduce(gh)  # the caller's column-parallel input function sums the hidden gradient
-        torch.testing.assert_close(gh, want_gh, atol=1e-5, rtol=1e-4)
+        for vocab_size in (None, 53):  # the full vocabulary's size gathered, or given (no host read)
+            sliced = lambda h, w: linear_token_stats(h, w[start:end], targets, 0.7, vocab_size=vocab_size, **part,
+                                                     **head)
+            outs, gh, gw = run(sliced, hidden, weight, grads)
+            for out, ref in zip(outs, want):
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gw[start:end], want_gw[start:end], atol=1e-5, rtol=1e-4)
+            dist.all_reduce(gh)  # the caller's column-parallel input function sums the hidden gradient
+            torch.testing.assert_close(gh, want_gh, atol=1e-5, rtol=1e-4)
+        bad = targets.clone()
+        bad[0] = 53  # outside the vocabulary: a NaN logp on every rank, no host check; debug names it
+        logp, entropy, _ = token_stats(logits[:, start:end], bad, **part, **kw)
+        assert logp[0].isnan() and not logp[1:].isnan().any() and not entropy.isnan().any()
+        with pytest.raises(ValueError, match=r"targets\[0\] = 53 is outside the vocabulary \[0, 53\)"):
+            token_stats(logits[:, start:end], bad, debug=True, **part, **kw)
+        with pytest.raises(ValueError, match="vocab_size=52 but the ranks' slices hold 53 columns"):
+            token_stats(logits[:, start:end], targets, debug=True, vocab_size=52, **part, **kw)
         check_vocab_parallel(rank, impl)  # the LM head fused with the PPO loss, in the same two ranks
     finally:
         dist.destroy_process_group()

@@ -189,6 +189,26 @@ def test_loss_weights_give_the_aggregated_loss_and_split_by_rows(aggregation):
     torch.testing.assert_close(torch.cat([halves[0][2], halves[1][2]]), want[2], **TOL)
 
 
+@needs_triton
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
+def test_finish_tiles_over_many_rows_and_blocks(aggregation):
+    """More rows than FINISH_ROWS and more blocks than a tile holds: the finishing program loops over tiles
+    in both directions (finish_tile gives 64 x 8 here), and the loss, metrics and gradients still match."""
+    from nanoufo.kernels.ppo_loss import FINISH_ROWS, finish_tile
+    b, t, block = FINISH_ROWS + 3, 19, 2
+    rows, blocks = finish_tile(b, -(-t // block))
+    assert rows < b and blocks < -(-t // block)
+    logp, old, adv, mask, ref, ent = make_batch(b=b, t=t, seed=7)
+    options = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, aggregation=aggregation)
+    lp, en = logp.clone().requires_grad_(), ent.clone().requires_grad_()
+    loss, metrics = ppo_loss(lp, old, adv, mask, ref_logp=ref, entropy=en, impl="triton", block_size=block,
+                             **options)
+    loss.backward()
+    got = loss.double(), {k: v.double() for k, v in metrics.items()}, lp.grad.double(), en.grad.double()
+    as64 = [x.double() for x in (logp, old, adv)] + [mask] + [x.double() for x in (ref, ent)]
+    assert_same(got, run("torch", *as64, **options))
+
+
 def independent_loss(logp, old, adv, mask, ref, ent, aggregation, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
                      kl_coef=0.1, entropy_coef=0.01) -> float:
     """The module docstring's loss token by token in plain Python floats, k3 KL, aggregated without

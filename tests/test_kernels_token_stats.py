@@ -158,8 +158,10 @@ def test_self_certainty_is_lse_minus_mean_over_full_vocab():
 
 def test_bad_targets_are_named():
     logits = torch.randn(4, 10)
+    logp, entropy, _ = token_stats(logits, torch.tensor([0, 1, 10, 3]), impl="torch")  # no host check: NaN
+    assert logp[2].isnan() and not logp[[0, 1, 3]].isnan().any() and not entropy.isnan().any()
     with pytest.raises(ValueError, match=r"targets\[2\] = 10 is outside the vocabulary \[0, 10\)"):
-        token_stats(logits, torch.tensor([0, 1, 10, 3]), impl="torch")
+        token_stats(logits, torch.tensor([0, 1, 10, 3]), impl="torch", debug=True)
     with pytest.raises(ValueError, match="targets must be integer of shape"):
         token_stats(logits, torch.zeros(3, dtype=torch.long), impl="torch")
     with pytest.raises(ValueError, match=r"targets must be integer of shape \(4,\) on cpu, got .* on meta"):
