@@ -43,6 +43,7 @@ actor_lr = 3e-6
 lr_schedule = "cosine"
 lr_warmup_ratio = 0.1
 grad_clip = 1.0
+weight_decay = 0.01
 clip_low = 0.2
 clip_high = 0.2
 dual_clip = 3.0

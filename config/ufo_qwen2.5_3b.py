@@ -29,10 +29,10 @@ repetition_penalty = 0.5
 format_penalty = 0.1  # subtracted: -0.1 per attempt without an extractable answer
 reward_placement = "last"
 
-problems_per_step = 128
-n_samples_per_problem = 4
-keep_groups = 64  # the groups with the largest reward spread
-max_new_tokens = 1024
+problems_per_step = 8
+n_samples_per_problem = 16
+keep_groups = 2  # the groups with the largest reward spread
+max_new_tokens = 400
 temperature = 1.0
 eval_temperature = 0.5
 eval_k = 5
@@ -40,10 +40,11 @@ eval_k = 5
 algorithm = "ufo_ppo"
 reward = "gold"
 ppo_epochs = 1
-minibatch_size = 64
+minibatch_size = 8
 actor_lr = 1e-6
 critic_lr = 1e-5
 grad_clip = 1.0
+weight_decay = 0.01
 clip_low = 0.2
 clip_high = 0.28
 dual_clip = 3.0
@@ -57,11 +58,11 @@ lam = 1.0
 aggregation = "seq-mean"  # seq-mean-token-mean
 
 # memory: python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 (and --gpus=1 --tp=1
-# --gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 1024 + 4 x 32 = 5,760 tokens
-micro_batch_tokens = 6144  # per forward/backward; gradients accumulate over the minibatch of 64 episodes
+# --gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 400 + 4 x 32 = 2,640 tokens
+micro_batch_tokens = 4096  # per forward/backward; gradients accumulate over the minibatch of 8 episodes
 pack_sequences = True
 checkpoint_activations = False
-kv_budget_gb = 24.0  # rollout KV cache per GPU: ~240 rows of 5,760 tokens at TP=2 (120 at TP=1), not 512
+kv_budget_gb = 8.0  # rollout KV cache per GPU: every one of the 128 episodes at once (2,640 tokens, TP=2)
 
 max_steps = 200
 eval_interval = 20

@@ -26,8 +26,9 @@ the same), in bytes; what is counted:
 - update: the gradients of actor and critic (fp32: summed over micro-batches in fp32, nanoufo/optim.py;
   for bf16 parameters also the largest parameter's bf16 gradient before its hook folds it in), the saved
   activations of the largest micro-batch (activation_bytes_per_token), one layer's backward transient and
-  the LM head's chunk; the actor's backward runs before the critic's forward, so the larger model's
-  activations count, not both. train.py frees the gradients after the update.
+  the LM head fused with the PPO loss (a row chunk's fp32 logits and their gradient, the head's fp32 weight
+  gradient and its cast, mm_acc's slice); the actor's backward runs before the critic's forward, so the
+  larger model's activations count, not both. train.py frees the gradients after the update.
 
 Lengths: an episode is at most prompt_tokens (a planning figure, default 512: prompts are data) +
 max_turns x max_new_tokens + a 32-token feedback turn between attempts, the sampler's own max_len.
@@ -45,7 +46,8 @@ import torch
 
 from nanoufo.config import TrainConfig, parse_args
 from nanoufo.decode import kv_bytes_per_token, logits_bytes_per_row, state_bytes_per_row
-from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
+from nanoufo.kernels.linear_ppo_loss import default_chunk_rows
+from nanoufo.kernels.linear_token_stats import ACC_SLICE_ELEMENTS, DEFAULT_CHUNK
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.optim import MAIN_DTYPE
 from nanoufo.parallel import ParallelContext
@@ -177,8 +179,9 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     kept = cfg.batch_episodes
     micro = cfg.micro_batch_tokens or cfg.minibatch_size * length  # 0: a whole (padded) minibatch at once
     score_micro = cfg.micro_batch_tokens or kept * length
-    head = lambda n: n * min(DEFAULT_CHUNK, vocab_local) * (8 + s)  # fp32 logits chunk (+ its gradient, backward)
-    scoring = resident | {"micro_batch": score_micro * layer, "lm_head_chunk": head(score_micro),
+    # the no-grad statistics: one (rows, DEFAULT_CHUNK) fp32 chunk of logits (kernels/linear_token_stats.py)
+    scoring = resident | {"micro_batch": score_micro * layer,
+                          "lm_head_chunk": score_micro * min(DEFAULT_CHUNK, vocab_local) * 4,
                           "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS, "gae": 3 * length * length * 4}
 
     saved = activation_bytes_per_token(config, tp, s)
@@ -188,9 +191,14 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     gradients = {"gradients": trained * main}
     if lower:  # a parameter's bf16 gradient until its hook adds it to the fp32 sum: the largest one at most
         gradients["gradient_transient"] = max(actor_largest, critic_largest) * s
-    update = resident | gradients | {"activations": micro * per_token,
-                         "backward_transient": micro * layer, "lm_head_chunk": head(micro),
-                         "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS}
+    # the head fused with the PPO loss (kernels/linear_ppo_loss.py): a row chunk's fp32 logits and their gradient
+    # in the compute dtype, the head's fp32 weight gradient, its cast to the weight's dtype, and mm_acc's slice
+    chunk_rows = min(micro, default_chunk_rows(vocab_local))
+    fused_head = {"lm_head_chunk": chunk_rows * vocab_local * (4 + s),
+                  "lm_head_grad": vocab_local * config.hidden_size * (4 + s) + ACC_SLICE_ELEMENTS * 4}
+    update = resident | gradients | fused_head | {"activations": micro * per_token,
+                                                  "backward_transient": micro * layer,
+                                                  "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS}
     kept_cache = f"; cuda_graphs=true keeps the KV cache: lower kv_budget_gb (now {cfg.kv_budget_gb or 'unset'})" \
         if cfg.cuda_graphs else ""
     knobs = {

@@ -59,6 +59,9 @@ def test_plan_figures_by_hand():
     assert "kv_cache" not in plan.phases["update"]  # the sampler's cache is gone by then
     assert plan.phases["update"]["gradients"] == (2 * params + 49) * 4  # summed in fp32
     assert plan.phases["update"]["gradient_transient"] == 2 * 80 * 48 * 2  # the merged gate/up's bf16 gradient
+    assert plan.phases["update"]["lm_head_chunk"] == 400 * 64 * (4 + 2)  # all 400 rows in one chunk of fp32 logits
+    assert plan.phases["update"]["lm_head_grad"] == 64 * 48 * (4 + 2) + (1 << 24) * 4  # + its bf16 cast, the slice
+    assert plan.phases["scoring"]["lm_head_chunk"] == 400 * 64 * 4
     graphs = make_plan(replace(cfg, cuda_graphs=True), SMALL, tp=1, gpu_mem_gib=10.0, prompt_tokens=50)
     for phase in ("scoring", "update"):  # the decoder and its graphs stay between rollouts
         assert graphs.peak(phase) - plan.peak(phase) == sum(plan.phases["rollout"][k] for k in (
