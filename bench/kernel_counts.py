@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from compile_check import compile_for, nvidia_bin, resource_usage  # bench/: the compile check's shared pieces
+from launches import on_triton_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
@@ -75,28 +76,22 @@ class Counts(TorchDispatchMode):
         return out
 
     def __enter__(self):
-        import triton.runtime.interpreter as interp
-        from triton.runtime.jit import JITFunction
-        self._patched = []
-        for cls in (JITFunction, interp.InterpretedFunction):
-            original = cls.run
-            self._patched.append((cls, original))
-
-            def run(fn, *args, _original=original, **kwargs):
-                self.triton[fn.fn.__name__] += 1
-                self.launched.append((fn.fn.__name__, args))
-                self._in_triton += 1
-                try:
-                    return _original(fn, *args, **kwargs)
-                finally:
-                    self._in_triton -= 1
-            cls.run = run
+        self._hook = on_triton_launch(self._triton_launch)
+        self._hook.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for cls, original in self._patched:
-            cls.run = original
+        self._hook.__exit__(*exc)
         return super().__exit__(*exc)
+
+    def _triton_launch(self, name: str, args: tuple, kwargs: dict, launch):
+        self.triton[name] += 1
+        self.launched.append((name, args))
+        self._in_triton += 1
+        try:
+            return launch()
+        finally:
+            self._in_triton -= 1
 
     def summary(self) -> dict:
         return dict(launches=self.launches, triton=dict(self.triton), torch_ops=dict(self.torch_ops),

@@ -190,24 +190,31 @@ def as_one_launch(name: str, fn, *args, **kwargs):
 
 
 @contextmanager
-def counting_triton(counter: LaunchCounter):
-    """Count each Triton launch once; what the interpreter does inside it (numpy copies) is not a launch."""
-    from triton.runtime.interpreter import InterpretedFunction
+def on_triton_launch(around):
+    """Runs every Triton launch as around(kernel_name, args, kwargs, launch), launch() doing it: compiled ones
+    (JITFunction.run) and interpreted ones (the interpreter's GridExecutor, which runs each launch in every
+    Triton release from 3.4; its InterpretedFunction.run only exists from 3.6)."""
+    from triton.runtime.interpreter import GridExecutor
     from triton.runtime.jit import JITFunction
-    originals = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
+    patched = [(JITFunction, "run"), (GridExecutor, "__call__")]
+    originals = [getattr(cls, name) for cls, name in patched]
 
-    def wrap(run):
-        def counted(self, *args, **kwargs):
-            name = getattr(self, "__name__", None) or getattr(self.fn, "__name__", "?")
-            return as_one_launch(f"triton:{name}", run, self, *args, **kwargs)
-        return counted
-    for cls, run in originals.items():
-        cls.run = wrap(run)
+    def wrap(original):
+        def launched(self, *args, **kwargs):
+            return around(self.fn.__name__, args, kwargs, lambda: original(self, *args, **kwargs))
+        return launched
+    for (cls, name), original in zip(patched, originals):
+        setattr(cls, name, wrap(original))
     try:
         yield
     finally:
-        for cls, run in originals.items():
-            cls.run = run
+        for (cls, name), original in zip(patched, originals):
+            setattr(cls, name, original)
+
+
+def counting_triton(counter: LaunchCounter):
+    """Count each Triton launch once; what the interpreter does inside it (numpy copies) is not a launch."""
+    return on_triton_launch(lambda name, args, kwargs, launch: as_one_launch(f"triton:{name}", launch))
 
 
 def count_launches(fn, layers) -> LaunchCounter:

@@ -95,7 +95,8 @@ def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengt
     each row's first token and past its length); packed when lengths are given (prediction_rows)."""
     rows = prediction_rows(model, tokens, lengths)
     stats = linear_token_stats(model.lm_head_input(rows.hidden), model.lm_head_weight, rows.targets, temperature,
-                               vocab_start=model.vocab_start, group=model.par.tp_group)  # vocab-parallel under TP
+                               vocab_start=model.vocab_start, group=model.par.tp_group,  # vocab-parallel under TP
+                               vocab_size=model.config.vocab_size)  # known here: the backward need not sync for it
     return tuple(rows.scatter(s) for s in stats)
 
 

@@ -193,20 +193,18 @@ class HostValues(TorchDispatchMode):
     def __init__(self, trace: list):
         super().__init__()
         self.trace = trace
-        from triton.runtime.interpreter import InterpretedFunction
-        self.cls, self.run = InterpretedFunction, InterpretedFunction.run
+
+    def _launch(self, name: str, args: tuple, kwargs: dict, launch):
+        self.trace.append((name, _host(args), _host(sorted(kwargs.items()))))
+        return launch()
 
     def __enter__(self):
-        trace, run = self.trace, self.run
-
-        def recorded(fn, *args, **kwargs):
-            trace.append((fn.fn.__name__, _host(args), _host(sorted(kwargs.items()))))
-            return run(fn, *args, **kwargs)
-        self.cls.run = recorded
+        self._hook = launches.on_triton_launch(self._launch)
+        self._hook.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self.cls.run = self.run
+        self._hook.__exit__(*exc)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
