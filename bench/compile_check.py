@@ -144,19 +144,20 @@ def train(n_tokens: int, v: int, tp: int, cfg, sms: int) -> None:
         else:
             partial_stats_triton(logits, targets, _cfg(sms, r, v))
         token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, None), v, _cfg(sms, r, v), torch.bfloat16)
-    ppo_loss((1, n_tokens), cfg.kl_in == "loss", cfg.kl_estimator)  # the micro-batch's tokens as one row
+    ppo_loss((1, n_tokens), cfg.kl_in == "loss", cfg.kl_estimator, cfg.kl_clamp or None)  # one row of tokens
     for c in {DEFAULT_CHUNK, v % DEFAULT_CHUNK} - {0}:  # scoring: vocab chunks of fp32 logits
         logits, targets, lse = meta(n_tokens, c), meta(n_tokens, dtype=torch.long), meta(n_tokens)
         partial_stats_triton(logits, targets, _cfg(sms, n_tokens, c))
         token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, _cfg(sms, n_tokens, c), torch.bfloat16)
 
 
-def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, weights: bool = True) -> None:
+def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, kl_clamp: float | None = None,
+             weights: bool = True) -> None:
     """The PPO loss forward and backward (to logp and entropy, as linear_ppo_loss takes it) on (B, T) tokens,
     per-token weights or a seq-mean."""
     from nanoufo.kernels.ppo_loss import PPOConfig, ppo_loss_triton
     logp, entropy = meta(*shape).requires_grad_(), meta(*shape).requires_grad_()
-    cfg = PPOConfig(aggregation="weights" if weights else "seq-mean", kl_estimator=kl_estimator)
+    cfg = PPOConfig(aggregation="weights" if weights else "seq-mean", kl_estimator=kl_estimator, kl_clamp=kl_clamp)
     loss, _ = ppo_loss_triton(logp, entropy, meta(*shape), meta(*shape), meta(*shape, dtype=torch.bool),
                               meta(*shape) if with_ref else None, meta(*shape) if weights else None, cfg)
     loss.backward()

@@ -126,7 +126,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     advantages: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
                     ref_logp: torch.Tensor | None = None, temperature: float = 1.0, clip_low: float = 0.2,
                     clip_high: float = 0.28, dual_clip: float | None = 3.0, kl_coef: float = 0.0,
-                    kl_estimator: str = "k3", entropy_coef: float = 0.0, vocab_start: int = 0, group=None,
+                    kl_estimator: str = "k3", kl_clamp: float | None = None, entropy_coef: float = 0.0,
+                    vocab_start: int = 0, group=None,
                     chunk_rows: int | None = None, impl: str = "auto", block_size: int | None = None,
                     debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """(loss, metrics, logp) of the PPO loss sum_t weights_t loss_t over the tokens where mask is nonzero,
@@ -140,7 +141,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     targets = torch.where(mask != 0, targets, -100)  # unmasked rows: never read, no gradient
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
     ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-               kl_estimator=kl_estimator, entropy_coef=entropy_coef, impl=cfg.impl)
+               kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef, impl=cfg.impl)
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
     per_token = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
     needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))

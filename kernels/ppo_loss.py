@@ -7,7 +7,8 @@ plain PyTorch reference.
 Per token where mask is nonzero (masked tokens are never read, so they may hold anything):
   ratio = exp(clamp(logp - old, -C, C)), C = LOG_RATIO_CLAMP = 20
   loss  = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)), and for A < 0 at most -A dual_clip
-        + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -C, C))
+        + kl_coef * kl   (k1: logp - ref; k3: exp(d) - d - 1 with d = clamp(ref - logp, -C, C), capped at
+                          kl_clamp when it is given: verl's low_var_kl, whose gradient is 0 past the cap)
         - entropy_coef * entropy
 Aggregation: "token-mean" over every masked token of the batch, or "seq-mean" (long name
 "seq-mean-token-mean"): each row's token-mean, averaged over the rows that have at least one token; or
@@ -54,6 +55,7 @@ class PPOConfig:
     dual_clip: float | None = 3.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    kl_clamp: float | None = None  # k3's value is capped here (verl's low_var_kl: 10); None: not capped
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     block_size: int | None = None  # Triton block over T (None: up to MAX_BLOCK)
@@ -82,6 +84,8 @@ def ppo_row_sums_reference(logp, old, adv, mask, ref, entropy, weights, cfg: PPO
         ref_delta = torch.where(tok, ref.to(acc), 0.0) - logp
         u = ref_delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = -ref_delta if cfg.kl_estimator == "k1" else torch.exp(u) - u - 1
+        if cfg.kl_estimator == "k3" and cfg.kl_clamp is not None:
+            kl = kl.clamp(max=cfg.kl_clamp)  # k3 >= 0: verl's clamp to [-10, 10] caps it from above only
         loss = loss + cfg.kl_coef * kl
     ent = torch.zeros_like(logp) if entropy is None else torch.where(tok, entropy.to(acc), 0.0)
     loss = loss - cfg.entropy_coef * ent
@@ -108,9 +112,10 @@ def ppo_loss_reference(logp, entropy, old, adv, mask, ref, weights,
 
 @triton.jit
 def _ppo_loss_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_ptr, dloss_ptr, sums_ptr,
-                     n_rows, n_cols, n_blocks, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+                     n_rows, n_cols, n_blocks, clip_low, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef,
                      HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, USE_DUAL: tl.constexpr,
-                     KL_K3: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                     KL_K3: tl.constexpr, KL_CAP: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                     ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -128,7 +133,7 @@ def _ppo_loss_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_p
     #   dual clip, A < 0 and loss > -A c, loss = -A c:       0
     #   k1, kl = logp - ref:                                 + kl_coef
     #   k3, kl = e^u - u - 1 with u = clamp(ref - logp):     + kl_coef (1 - e^u) inside the clamp, else 0
-    #     (du/dlogp = -1, so d kl/dlogp = -(e^u - 1))
+    #     (du/dlogp = -1, so d kl/dlogp = -(e^u - 1)); capped at kl_clamp (KL_CAP): 0 where kl > kl_clamp
     #   entropy bonus, loss -= entropy_coef H:               d_loss / dH = -entropy_coef (the backward's)
     delta = logp - old
     log_ratio = tl.minimum(tl.maximum(delta, -_CLAMP), _CLAMP)
@@ -149,7 +154,11 @@ def _ppo_loss_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, w_p
         if KL_K3:
             ref_delta = tl.minimum(tl.maximum(ref - logp, -_CLAMP), _CLAMP)
             kl = tl.exp(ref_delta) - ref_delta - 1.0
-            d_loss += kl_coef * tl.where(tl.abs(ref - logp) <= _CLAMP, 1.0 - tl.exp(ref_delta), 0.0)
+            d_kl = tl.where(tl.abs(ref - logp) <= _CLAMP, 1.0 - tl.exp(ref_delta), 0.0)
+            if KL_CAP:
+                d_kl = tl.where(kl <= kl_clamp, d_kl, 0.0)
+                kl = tl.minimum(kl, kl_clamp)
+            d_loss += kl_coef * d_kl
         else:
             kl = logp - ref
             d_loss += kl_coef
@@ -250,9 +259,10 @@ class _PPOLossTriton(torch.autograd.Function):
         _ppo_loss_kernel[(n_rows, n_blocks)](  # logp stands in for an absent ref, entropy or weights (never read)
             logp, old, adv, mask, *(logp if x is None else x for x in (ref, entropy, weights)), dloss, sums, n_rows,
             n_cols, n_blocks, float(cfg.clip_low), float(cfg.clip_high), float(cfg.dual_clip or 0),
-            float(cfg.kl_coef), float(cfg.entropy_coef), HAS_REF=ref is not None, HAS_ENT=entropy is not None,
-            HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None, KL_K3=cfg.kl_estimator == "k3",
-            STORE_GRAD=store_grad, BLOCK=block, ACC=TL_ACC[acc], num_warps=4)
+            float(cfg.kl_coef), float(cfg.kl_clamp or 0), float(cfg.entropy_coef), HAS_REF=ref is not None,
+            HAS_ENT=entropy is not None, HAS_W=weights is not None, USE_DUAL=cfg.dual_clip is not None,
+            KL_K3=cfg.kl_estimator == "k3", KL_CAP=cfg.kl_clamp is not None, STORE_GRAD=store_grad, BLOCK=block,
+            ACC=TL_ACC[acc], num_warps=4)
         # loss (), metrics (6,): clip .. entropy, then the norm; row_scale (B,)
         loss, metrics, row_scale = (torch.empty(size, dtype=acc, device=logp.device) for size in ((), 6, n_rows))
         rows, blocks = finish_tile(n_rows, n_blocks)
@@ -318,15 +328,16 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
              ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
              weights: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.28,
              dual_clip: float | None = 3.0, kl_coef: float = 0.0, kl_estimator: str = "k3",
-             entropy_coef: float = 0.0, aggregation: str = "token-mean", impl: str = "auto",
-             block_size: int | None = None, debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kl_clamp: float | None = None, entropy_coef: float = 0.0, aggregation: str = "token-mean",
+             impl: str = "auto", block_size: int | None = None,
+             debug: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss scalar, metrics) of the clipped PPO surrogate over (B, T) tokens; see the module doc.
     weights (B, T), when given, replace the aggregation: the loss is sum(weights * token loss)."""
     if weights is not None:
         aggregation = "weights"
     elif aggregation == "weights":
         raise ValueError("ppo_loss: aggregation='weights' needs the weights tensor")
-    cfg = PPOConfig(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, aggregation,
+    cfg = PPOConfig(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation,
                     block_size)
     _check(logp, old_logp, advantages, mask, ref_logp, entropy, weights, cfg, debug_mode(debug))
     fixed = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]  # no grad

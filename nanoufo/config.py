@@ -93,11 +93,12 @@ class TrainConfig:
     grad_clip: float = 1.0  # bound on each model's whole gradient norm per optimizer step; 0 = no clipping
     clip_low: float = 0.2
     clip_high: float = 0.28
-    dual_clip: float = 3.0
+    dual_clip: float = 3.0  # caps the loss of a negative-advantage token at -A * dual_clip; 0 = none (UFO's actor)
     value_clip: float = 0.5
     entropy_coef: float = 0.001
     kl_coef: float = 0.001
     kl_estimator: str = "k1"
+    kl_clamp: float = 10.0  # k3's value capped here, as verl's low_var_kl (zero gradient past it); 0 = no cap
     kl_in: str = "reward"  # "reward": a per-token penalty (UFO), "loss": a term of the policy loss (GRPO)
     gamma: float = 1.0
     lam: float = 1.0
@@ -213,7 +214,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
     non_negative = ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb", "gpu_mem_gib", "micro_batch_tokens",
-                    "lr_schedule_steps", "repetition_penalty", "format_penalty",  # penalties are subtracted
+                    "lr_schedule_steps", "repetition_penalty", "format_penalty", "kl_clamp",  # penalties: subtracted
                     "grad_clip")  # 0 turns clipping off; a negative bound means nothing
     for key in non_negative:  # an infinite rate would make Adam write inf/NaN weights
         if not 0 <= getattr(cfg, key) < math.inf:
@@ -243,8 +244,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
     if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
         raise ValueError("config: temperature and eval_temperature must be > 0 and top_p in (0, 1]")
-    if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and cfg.dual_clip > 1.0):
-        raise ValueError("config: need 0 <= clip_low < 1, clip_high >= 0 and dual_clip > 1")
+    if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and (cfg.dual_clip > 1.0 or cfg.dual_clip == 0)):
+        raise ValueError("config: need 0 <= clip_low < 1, clip_high >= 0 and dual_clip > 1 (or 0: none)")
     if (cfg.train_data == "demo") != (cfg.eval_data == "demo"):
         raise ValueError("config: train_data and eval_data must both be 'demo' or both be datasets")
     if cfg.is_demo and cfg.tokenizer:

@@ -114,13 +114,16 @@ def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -
     return normalized.flatten()
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from samples of pi: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1."""
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1",
+               clamp: float | None = None) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1,
+    k3 capped at clamp when given (verl's low_var_kl clamps it to [-10, 10]; k3 >= 0, so only the top acts)."""
     assert estimator in ("k1", "k3"), estimator
     if estimator == "k1":
         return logp - ref_logp
     log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # keeps exp finite for far-off tokens
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    k3 = torch.exp(log_ratio) - log_ratio - 1.0
+    return k3 if clamp is None else k3.clamp(max=clamp)
 
 
 def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:

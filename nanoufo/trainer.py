@@ -198,7 +198,7 @@ def build_batch(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2
     stats["logp_diff_sampler"] = rl.masked_mean((rollout.logprobs.float() - old_logp).abs(), mask).item()
     kl_reward = torch.zeros_like(mask)  # (B, T): kl_coef * KL(pi || ref) on the sampled tokens, if in the reward
     if ref_logp is not None:
-        kl = rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator)  # (B, T)
+        kl = rl.kl_penalty(old_logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp or None)  # (B, T)
         stats["kl_ref"] = rl.masked_mean(kl, mask).item()
         if cfg.kl_in == "reward":
             kl_reward = cfg.kl_coef * kl * mask
@@ -243,9 +243,9 @@ def policy_loss(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor
     loss, metrics, logp = linear_ppo_loss(
         actor.lm_head_input(rows.hidden), actor.lm_head_weight, rows.targets, at(mb.old_logp), at(mb.advantages),
         at(mb.mask), at(weights), ref_logp=at(mb.ref_logp) if kl_in_loss else None, temperature=cfg.temperature,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
-        vocab_start=actor.vocab_start, group=actor.par.tp_group)  # vocab-parallel under TP
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,  # 0: no dual clip
+        kl_coef=cfg.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp or None,
+        entropy_coef=cfg.entropy_coef, vocab_start=actor.vocab_start, group=actor.par.tp_group)  # vocab-parallel
     metrics = {f"pg/{k}": v for k, v in metrics.items()}
     logp = rows.scatter(logp)  # (B, T)
     return loss, metrics | {"ratio_dev": rl.masked_mean((logp - mb.old_logp).abs(), mb.mask).detach()}

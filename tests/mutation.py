@@ -214,6 +214,12 @@ MUTANTS = [
            "loss, metrics = loss_fn(cfg, model, micro, weights[rows, :T], packed)",
            "loss, metrics = loss_fn(cfg, model, micro, (weights if loss_fn is policy_loss else "
            "rl.loss_weights(mb.mask, 'token-mean') * dp_mean_scale(mb.mask.sum(), model.par))[rows, :T], packed)"),
+    Mutant("ppo_loss: the k3 cap ignored by the kernel", "kernels/ppo_loss.py",
+           "                kl = tl.minimum(kl, kl_clamp)\n", ""),
+    Mutant("rl: the k3 cap ignored", "nanoufo/rl.py",
+           "return k3 if clamp is None else k3.clamp(max=clamp)", "return k3"),
+    Mutant("trainer: dual_clip=0 passed as a cap of 0", "nanoufo/trainer.py",
+           "dual_clip=cfg.dual_clip or None,", "dual_clip=cfg.dual_clip,"),
     Mutant("schedule: the peak rate held for two steps", "nanoufo/schedule.py",
            "peak = max(warmup_steps - 1, 0)", "peak = warmup_steps"),
     Mutant("schedule: lr_schedule_steps ignored", "nanoufo/schedule.py",

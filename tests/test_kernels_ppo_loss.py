@@ -60,6 +60,7 @@ def assert_same(got, want) -> None:
     dict(),
     dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01),
     dict(kl_coef=0.1, kl_estimator="k1", dual_clip=None, clip_low=0.1, clip_high=0.1),
+    dict(kl_coef=0.1, kl_estimator="k3", kl_clamp=0.02),  # caps about half of the batch's k3 values
 ])
 def test_kernel_matches_float64_reference(aggregation, options):
     logp, old, adv, mask, ref, ent = make_batch()
@@ -259,3 +260,21 @@ def test_k3_kl_past_the_clamp(impl):
     loss.backward()
     assert lp.grad[0, :2].tolist() == [0.0, 0.0]
     assert lp.grad[0, 2].item() == pytest.approx(0.5 * (1 - math.exp(0.5)) / 3, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_k3_capped_as_verls_low_var_kl(impl):
+    """kl_clamp=10, verl's low_var_kl: kl = clamp(e^d - d - 1, -10, 10) with d = ref - logp, so a token past the
+    cap counts 10 and passes no gradient. d = 3: e^3 - 4 = 16.09 -> 10; d = -12: e^-12 + 11 = 11.000006 -> 10;
+    d = -0.5: e^-0.5 - 0.5 = 0.1065, not capped, gradient kl_coef (1 - e^d) / 3."""
+    logp = torch.zeros(1, 3, dtype=torch.float64, device=DEVICE)
+    ref = torch.tensor([[3.0, -12.0, -0.5]], dtype=torch.float64, device=DEVICE)
+    zeros, mask = torch.zeros_like(logp), torch.ones(1, 3, dtype=torch.bool, device=DEVICE)
+    lp = logp.clone().requires_grad_()
+    loss, metrics = ppo_loss(lp, zeros, zeros, mask, ref_logp=ref, kl_coef=0.5, kl_clamp=10.0, impl=impl)
+    kl = [10.0, 10.0, math.exp(-0.5) - 0.5]
+    assert metrics["kl"].item() == pytest.approx(sum(kl) / 3, rel=1e-9)
+    assert loss.item() == pytest.approx(0.5 * sum(kl) / 3, rel=1e-9)
+    loss.backward()
+    assert lp.grad[0, :2].tolist() == [0.0, 0.0]
+    assert lp.grad[0, 2].item() == pytest.approx(0.5 * (1 - math.exp(-0.5)) / 3, rel=1e-9)

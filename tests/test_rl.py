@@ -56,6 +56,8 @@ def test_kl_estimators():
     far = torch.tensor([30.0, -30.0], dtype=torch.float64)  # ref - logp past the +-20 clamp of k3
     assert torch.allclose(rl.kl_penalty(torch.zeros(2, dtype=torch.float64), far, "k3"),
                           torch.tensor([math.exp(20) - 21, math.exp(-20) + 19], dtype=torch.float64))
+    capped = rl.kl_penalty(torch.zeros(3, dtype=torch.float64), torch.tensor([3.0, -12.0, -0.5]).double(), "k3", 10.0)
+    assert capped.tolist() == pytest.approx([10.0, 10.0, math.exp(-0.5) - 0.5])  # verl's low_var_kl clamp
     with pytest.raises(AssertionError):
         rl.kl_penalty(logp, ref, "k2")
 

@@ -6,6 +6,7 @@ real episodes.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_trainer.py
 """
+import math
 from dataclasses import replace
 
 import pytest
@@ -307,3 +308,18 @@ def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, 
         scores = scores - 0.5 * (rl.kl_penalty(batch.old_logp, batch.ref_logp) * batch.mask).sum(1)
     expected = rl.group_advantages(scores, 2)[:, None] * batch.mask
     assert torch.allclose(batch.advantages, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dual_clip, want", [(3.0, 3.0), (0.0, math.exp(2.0))])
+def test_dual_clip_zero_turns_it_off(dual_clip, want):
+    """Every token with A = -1 and ratio e^2 (old log-probs 2 below the actor's): the clipped surrogate is
+    max(e^2, 1.28) = e^2, which the dual clip caps at -A * 3 = 3; dual_clip = 0 (UFO's actor) leaves it."""
+    actor, _ = tiny_models()
+    tokens = torch.randint(1, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[0.0, 1, 1, 1, 1, 1]])
+    cfg = TrainConfig(dual_clip=dual_clip, entropy_coef=0.0, kl_coef=0.0)
+    with torch.no_grad():
+        logp = trainer.sequence_stats(actor, tokens, cfg.temperature)[0]
+    mb = Batch(tokens, mask, logp - 2.0, -torch.ones_like(mask))
+    loss, _ = trainer.policy_loss(cfg, actor, mb, rl.loss_weights(mask, "token-mean"), None)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
