@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from nanoufo.chat import chat
+from nanoufo.config import PRM_AGGREGATES
 from nanoufo.data import DEFAULT_EVAL_SETS, FORMATS, error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import best_of_n, evaluate, write_episodes
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.prm import PRMScorer, evaluate_processbench, load_processbench
-from nanoufo.rl import PRM_AGGREGATES
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
 
