@@ -71,7 +71,7 @@ class TrainConfig:
     max_new_tokens: int = 16  # per attempt
     temperature: float = 1.0
     top_p: float = 1.0
-    eval_temperature: float = 0.5
+    eval_temperature: float = 0.5  # 0: greedy
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
     cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
     eval_k: int = 5
@@ -242,8 +242,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                          "(only a process reward model scores steps)")
     if cfg.reward == "prm" and not cfg.prm:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
-    if not (0.0 < cfg.temperature and 0.0 < cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
-        raise ValueError("config: temperature and eval_temperature must be > 0 and top_p in (0, 1]")
+    if not (0.0 < cfg.temperature and 0.0 <= cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
+        raise ValueError("config: temperature must be > 0, eval_temperature >= 0 (0: greedy) and top_p in (0, 1]")
     if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and (cfg.dual_clip > 1.0 or cfg.dual_clip == 0)):
         raise ValueError("config: need 0 <= clip_low < 1, clip_high >= 0 and dual_clip > 1 (or 0: none)")
     if (cfg.train_data == "demo") != (cfg.eval_data == "demo"):

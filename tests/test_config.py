@@ -118,3 +118,10 @@ def test_reading_a_config_imports_neither_torch_nor_triton():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip() == "[]"
+
+
+def test_greedy_evaluation_is_allowed_and_negative_temperatures_are_not():
+    assert parse_args(["--eval_temperature=0"], check_paths=False).eval_temperature == 0.0  # verl's validation
+    for bad in ("--eval_temperature=-0.1", "--temperature=0"):
+        with pytest.raises(ValueError, match="temperature"):
+            parse_args([bad], check_paths=False)
