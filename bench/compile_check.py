@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"sm_90": (90, 227 * 1024, 132), "sm_80": (80, 163 * 1024, 108)}  # arch, shared bytes per block, SMs
+TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}  # arch, shared bytes per block
 MODELS = ("Qwen2.5-1.5B", "Qwen2.5-3B", "Qwen2.5-7B")
 CONFIGS = ("config/ufo_qwen2.5_3b.py", "config/intuitor_qwen2.5_3b.py")
 DECODE_BATCH = 64  # a decode step's rows
@@ -94,8 +94,8 @@ def meta(*shape: int, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=META)
 
 
-def workloads(sms: int) -> dict:
-    """{where: a function running the launchers on meta tensors of that real shape}; sms: the target's SMs."""
+def workloads() -> dict:
+    """{where: a function running the launchers on meta tensors of that real shape}."""
     from nanoufo.config import parse_args
     from nanoufo.plan import SHAPES, episode_tokens
     jobs = {}
@@ -109,46 +109,38 @@ def workloads(sms: int) -> dict:
             for tp in (1, 2):
                 v = -(-shape["vocab_size"] // tp)  # rank 0's slice, the larger of an uneven split
                 for n, what in tokens.items():
-                    jobs[f"train {name} {model} tp{tp} {what}"] = lambda n=n, v=v, tp=tp, cfg=cfg: train(
-                        n, v, tp, cfg, sms)
+                    jobs[f"train {name} {model} tp{tp} {what}"] = lambda n=n, v=v, tp=tp, cfg=cfg: train(n, v, tp, cfg)
                 for dtype in (torch.bfloat16, torch.float32):
                     jobs[f"decode {name} {model} tp{tp} {str(dtype)[6:]}"] = lambda shape=shape, tp=tp, dtype=dtype, \
                         s=episode_tokens(cfg, PROMPT_TOKENS): decode(shape, tp, s, dtype)
-    jobs["token_stats bf16 16384 x 151936"] = lambda: token_stats_bf16(16384, SHAPES["Qwen2.5-3B"]["vocab_size"], sms)
-    jobs["token_stats bf16 8 x 151936 (split)"] = lambda: token_stats_bf16(8, SHAPES["Qwen2.5-3B"]["vocab_size"], sms)
+    jobs["token_stats bf16 16384 x 151936"] = lambda: token_stats_bf16(16384, SHAPES["Qwen2.5-3B"]["vocab_size"])
     jobs["ppo_loss 64 x 5760 (a padded minibatch)"] = lambda: ppo_loss((64, 5760), True, "k3", weights=False)
     for v in sorted({s["vocab_size"] for s in SHAPES.values()}):
         jobs[f"sample {DECODE_BATCH} x {v}"] = lambda v=v: sample(DECODE_BATCH, v)
     return jobs
 
 
-def _cfg(sms: int, n: int, v: int, **kw):
-    """The statistics kernels' SliceConfig with the split count the launcher picks on a GPU with sms SMs."""
-    from nanoufo.kernels.softmax_stats import SliceConfig, block_of, splits_of
-    cfg = SliceConfig(impl="triton", **kw)
-    return SliceConfig(impl="triton", num_splits=splits_of(cfg, n, v, block_of(cfg, v), sms), **kw)
-
-
-def train(n_tokens: int, v: int, tp: int, cfg, sms: int) -> None:
+def train(n_tokens: int, v: int, tp: int, cfg) -> None:
     """One micro-batch of the update (linear_ppo_loss: row chunks of fp32 logits, the statistics, their
     gradient, the PPO loss on one row) and of scoring (linear_token_stats: vocab chunks, forward + backward)."""
     from nanoufo.kernels.linear_ppo_loss import default_chunk_rows
     from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
-    from nanoufo.kernels.token_stats import partial_stats_triton, token_stats_triton
-    from nanoufo.kernels.token_stats_grad import token_stats_grad_triton
+    from nanoufo.kernels.token_stats import (SliceConfig, token_stats_grad_triton, token_stats_partial_triton,
+                                             token_stats_triton)
+    stats_cfg = SliceConfig(impl="triton")
     rows = min(n_tokens, default_chunk_rows(v))
     for r in {rows, n_tokens % rows} - {0}:  # a full row chunk and the last, shorter one
         logits, targets, lse = meta(r, v), meta(r, dtype=torch.long), meta(r)
         if tp == 1:
-            token_stats_triton(logits, targets, _cfg(sms, r, v))
+            token_stats_triton(logits, targets, stats_cfg)
         else:
-            partial_stats_triton(logits, targets, _cfg(sms, r, v))
-        token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, None), v, _cfg(sms, r, v), torch.bfloat16)
+            token_stats_partial_triton(logits, targets, stats_cfg)
+        token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, None), v, stats_cfg, torch.bfloat16)
     ppo_loss((1, n_tokens), cfg.kl_in == "loss", cfg.kl_estimator, cfg.kl_clamp or None)  # one row of tokens
     for c in {DEFAULT_CHUNK, v % DEFAULT_CHUNK} - {0}:  # scoring: vocab chunks of fp32 logits
         logits, targets, lse = meta(n_tokens, c), meta(n_tokens, dtype=torch.long), meta(n_tokens)
-        partial_stats_triton(logits, targets, _cfg(sms, n_tokens, c))
-        token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, _cfg(sms, n_tokens, c), torch.bfloat16)
+        token_stats_partial_triton(logits, targets, stats_cfg)
+        token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, stats_cfg, torch.bfloat16)
 
 
 def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, kl_clamp: float | None = None,
@@ -187,17 +179,17 @@ def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
                             meta(DECODE_BATCH, 1, dtype=torch.long), rows)
 
 
-def token_stats_bf16(n: int, v: int, sms: int) -> None:
+def token_stats_bf16(n: int, v: int) -> None:
     """The public token_stats on bf16 logits (forward and backward)."""
-    from nanoufo.kernels.token_stats import token_stats_triton
-    from nanoufo.kernels.token_stats_grad import token_stats_grad_triton
+    from nanoufo.kernels.token_stats import SliceConfig, token_stats_grad_triton, token_stats_triton
     logits, targets, lse = meta(n, v, dtype=torch.bfloat16), meta(n, dtype=torch.long), meta(n)
-    token_stats_triton(logits, targets, _cfg(sms, n, v))
+    stats_cfg = SliceConfig(impl="triton")
+    token_stats_triton(logits, targets, stats_cfg)
     try:
-        token_stats_triton(logits, targets, _cfg(sms, n, v, debug=True))
+        token_stats_triton(logits, targets, SliceConfig(impl="triton", debug=True))
     except NotImplementedError:  # after the launch, debug reads the kernel's findings: a meta tensor has none
         pass
-    token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, _cfg(sms, n, v), torch.bfloat16)
+    token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, stats_cfg, torch.bfloat16)
 
 
 def sample(n: int, v: int) -> None:
@@ -227,7 +219,7 @@ def specialise(launch: Launch, arch: int):
 
 def variant_name(source) -> str:
     """The kernel, the dtype of its first pointer (its main input) and its constexprs, e.g.
-    _token_stats_kernel[*bf16 SPLIT=1 DEBUG=False ...]."""
+    _token_stats_kernel[*bf16 DEBUG=False ...]."""
     names = source.fn.arg_names
     dtype = next(t for t in source.signature.values() if t.startswith("*"))
     values = [f"{names[path[0]]}={getattr(value, '__name__', value)}"
@@ -240,7 +232,7 @@ def variant_name(source) -> str:
 def compile_row(job: tuple) -> dict:
     """Compile one variant for one target: its registers, spills and shared memory, and whether it passes."""
     name, target, source, options, where = job
-    arch, shared_limit, _ = TARGETS[target]
+    arch, shared_limit = TARGETS[target]
     row = dict(kernel=name, target=target, num_warps=options.num_warps, where=where)
     try:
         compiled = compile_for(source, arch, options.__dict__)
@@ -259,8 +251,8 @@ def jobs_for(targets: list[str]) -> list[tuple]:
     """Every distinct (kernel variant, target) the workloads launch, with the first workload that made it."""
     jobs = {}
     for target in targets:
-        arch, _, sms = TARGETS[target]
-        for where, run in workloads(sms).items():
+        arch, _ = TARGETS[target]
+        for where, run in workloads().items():
             launches = []
             with recording(where, launches):
                 run()

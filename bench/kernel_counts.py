@@ -4,7 +4,6 @@
   TorchDispatchMode, plus every Triton kernel launch (the JIT function's run, wrapped); host syncs: ops
   that read a device value on the host (item, nonzero, ...); collectives: c10d ops. For token_stats' forward
   and backward, the PPO loss's forward and backward, and the vocab-parallel fused heads on two gloo ranks.
-- split work: how the programs of a split row share its columns, read from the kernel's own partial sums.
 - matmul FLOPs of the LM head fused with the PPO loss, every matmul counted (mm, addmm, addmm_, bmm ...),
   against 6 N H V.
 - SASS instructions per logit in the main loop of the compiled statistics kernel (and of the backward's
@@ -15,6 +14,7 @@
 
     TRITON_INTERPRET=1 python bench/kernel_counts.py        # launches, syncs, FLOPs, then SASS (subprocess)
     python bench/kernel_counts.py --sass [--source FILE --kernel NAME]   # SASS only, e.g. of an old version
+    python bench/kernel_counts.py --sass --constexpr BF16_PAIRS=0   # the loop with a constexpr switched
     TRITON_INTERPRET=1 python bench/kernel_counts.py --root DIR   # the counts of another checkout's kernels/
 
 Prints one JSON line per figure. tests/test_kernel_counts.py asserts the goals with the same functions.
@@ -144,21 +144,24 @@ def loop_stats(cubin: bytes, logits_per_iteration: int) -> dict:
                 mix=dict(ops.most_common(8)))
 
 
-def sass_report(source: str | None, kernel_name: str) -> dict:
+def sass_report(source: str | None, kernel_name: str, overrides: dict | None = None) -> dict:
+    """The loop's SASS of kernel_name in source (default: this checkout's kernels/token_stats.py) at bf16 logits,
+    V = 151936, with the constexprs the launcher picks there (SPLIT=1: the split kernels of older versions),
+    changed by overrides {name: int}."""
     import triton.language as tl
     if source:
         spec = importlib.util.spec_from_file_location("kernel_source", source)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    else:  # the forward's kernels, or the backward's (kernels/token_stats_grad.py)
-        source = "kernels/token_stats_grad.py" if "_grad_" in kernel_name else "kernels/token_stats.py"
-        module = importlib.import_module("nanoufo." + source[:-3].replace("/", "."))
+    else:
+        source = "kernels/token_stats.py"
+        module = importlib.import_module("nanoufo.kernels.token_stats")
     kernel = getattr(module, kernel_name)
     k = 8
     constexprs = dict(BLOCK=BLOCK, K=k, GROUPS=BLOCK // (2 * k), SPLIT=1, DEBUG=False, BF16_PAIRS=True, ACC=tl.float32,
-                      HAS_LOGP=True, HAS_ENT=True, HAS_SC=True)
+                      HAS_LOGP=True, HAS_ENT=True, HAS_SC=True) | (overrides or {})
     stats = loop_stats(compile_sm90(kernel, constexprs, WARPS), BLOCK // (32 * WARPS))
-    return dict(kernel=kernel_name, source=source, block=BLOCK, num_warps=WARPS, **stats)
+    return dict(kernel=kernel_name, source=source, block=BLOCK, num_warps=WARPS, **(overrides or {}), **stats)
 
 
 # ----------------------------------------------------------------------------- launches, syncs, FLOPs
@@ -169,34 +172,16 @@ def count(fn) -> Counts:
     return counts
 
 
-def token_stats_counts(n: int = 8, v: int = 300, num_splits: int | None = None, device: str = "cpu") -> dict:
+def token_stats_counts(n: int = 8, v: int = 300, device: str = "cpu") -> dict:
     """Launches and syncs of one token_stats forward and backward (bf16 logits, the Triton path)."""
     from nanoufo.kernels.token_stats import token_stats
     logits = torch.randn(n, v, dtype=torch.bfloat16, device=device, requires_grad=True)
     targets = torch.randint(0, v, (n,), device=device)
-    split = {} if num_splits is None else dict(num_splits=num_splits)
-    token_stats(logits, targets, impl="triton", block_size=64, **split)  # warm-up: the first split call zeroes
-    outs = []                                                             # the per-row arrival counters
-    forward = count(lambda: outs.extend(token_stats(logits, targets, 0.7, impl="triton", block_size=64, **split)))
+    outs = []
+    forward = count(lambda: outs.extend(token_stats(logits, targets, 0.7, impl="triton", block_size=64)))
     grads = [torch.randn(n, device=device) for _ in outs]
     backward = count(lambda: torch.autograd.grad(outs, logits, grads))
-    return dict(op="token_stats", n=n, v=v, num_splits=num_splits, forward=forward.summary(),
-                backward=backward.summary())
-
-
-def split_work(n: int = 2, v: int = V_REAL, num_splits: int = 32) -> dict:
-    """How the programs of a row share its columns in the split statistics forward, read from the kernel's
-    own partial sums: with bf16 logits all 1, a program's sum of the logits is the number of columns it read.
-    num_splits = 32 is what splits_of picks for 2 rows at V = 151936 on a GPU of 132 SMs (H100)."""
-    from nanoufo.kernels.token_stats import token_stats
-    logits = torch.ones(n, v, dtype=torch.bfloat16)
-    with Counts() as counts:
-        token_stats(logits, torch.zeros(n, dtype=torch.long), impl="triton", num_splits=num_splits)
-    (name, args), = counts.launched
-    columns = args[6][..., 3].flatten().tolist()  # (N, S, 4) partials (m, s, a, b): b = columns read
-    return dict(op="split_work", n=n, v=v, num_splits=num_splits, programs=len(columns),
-                idle_programs=sum(c == 0 for c in columns), fewest_columns=int(min(columns)),
-                most_columns=int(max(columns)))
+    return dict(op="token_stats", n=n, v=v, forward=forward.summary(), backward=backward.summary())
 
 
 def ppo_loss_counts(b: int = 4, t: int = 64, device: str = "cpu") -> dict:
@@ -283,16 +268,18 @@ def main() -> None:
     parser.add_argument("--sass", action="store_true", help="only the SASS count (run without TRITON_INTERPRET)")
     parser.add_argument("--source", help="a token_stats.py to compile instead of this checkout's")
     parser.add_argument("--kernel", default="_token_stats_kernel")
+    parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
+                        help="compile with these constexprs changed, e.g. BF16_PAIRS=0")
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose kernels/ package is counted")
     args = parser.parse_args()
     sys.path.insert(0, args.root)
     if args.sass:
-        print(json.dumps(sass_report(args.source, args.kernel)))
+        overrides = {name: int(value) for name, value in (item.split("=") for item in args.constexpr)}
+        print(json.dumps(sass_report(args.source, args.kernel, overrides)))
         return
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("the counts run the Triton path on the CPU: set TRITON_INTERPRET=1")
-    for row in (token_stats_counts(), token_stats_counts(num_splits=4), split_work(), ppo_loss_counts(),
-                *head_flops(), *vocab_parallel_counts()):
+    for row in (token_stats_counts(), ppo_loss_counts(), *head_flops(), *vocab_parallel_counts()):
         print(json.dumps(row))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for kernel in ("_token_stats_kernel", "_token_stats_grad_kernel"):

@@ -29,9 +29,8 @@ import torch
 from nanoufo.kernels.dispatch import acc_dtype, debug_mode, pick_impl
 from nanoufo.kernels.linear_token_stats import check_head, mm_acc
 from nanoufo.kernels.ppo_loss import ppo_loss
-from nanoufo.kernels.softmax_stats import SliceConfig
-from nanoufo.kernels.token_stats import check_targets_shape, finished_stats, token_stats
-from nanoufo.kernels.token_stats_grad import token_stats_grad
+from nanoufo.kernels.token_stats import (SliceConfig, check_targets_shape, finished_stats, token_stats,
+                                         token_stats_grad)
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
 
@@ -58,12 +57,13 @@ def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     return loss, metrics, logp.detach()
 
 
-def _ppo_grads(logp, entropy, per_token: list, ppo: dict):
-    """d loss / d logp and d loss / d entropy of one row chunk, each (R,): the PPO loss's own backward."""
-    lp, ent = logp.detach().requires_grad_(), entropy.detach().requires_grad_()
+def _ppo_of_chunk(logp, entropy, per_token: list, ppo: dict, needs_grad: bool):
+    """The PPO loss of one row chunk (every input (R,)), its metrics, and when needs_grad d loss / d logp and
+    d loss / d entropy, each (R,), by the PPO loss's own backward: each token's loss is computed once."""
+    lp, ent = (x.detach().requires_grad_(needs_grad) for x in (logp, entropy))
     with torch.enable_grad():
-        loss, _ = _ppo_of_row(lp, ent, *per_token, **ppo)
-    return torch.autograd.grad(loss, (lp, ent))
+        loss, metrics = _ppo_of_row(lp, ent, *per_token, **ppo)
+    return loss.detach(), metrics, torch.autograd.grad(loss, (lp, ent)) if needs_grad else (None, None)
 
 
 @torch.no_grad()
@@ -72,17 +72,24 @@ def _forward(hidden, weight, targets, per_token: list, cfg: SliceConfig, ppo: di
     """(loss, metrics, logp (N,), grad_hidden, grad_weight); see the module doc. per_token: old .. weights."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = acc_dtype(hidden.dtype)
-    logp, entropy = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(2))  # (N,) each
+    logp = torch.empty(n, dtype=acc, device=hidden.device)  # (N,)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None  # (N, H)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None  # (V, H) fp32
-    for r0 in range(0, n, chunk_rows):
+    tokens = (per_token[2] != 0).sum().clamp(min=1).to(acc)  # the metrics are token-means over the mask
+    loss, metrics = 0.0, {}
+    for r0 in range(0, max(n, 1), chunk_rows):  # no rows: one empty chunk, for the (zero) loss and metrics
         rows = slice(r0, min(r0 + chunk_rows, n))
         h = hidden[rows]  # (R, H)
         logits = mm_acc(h, weight.T)  # (R, V) fp32
-        (logp[rows], entropy[rows], _), lse_mu, _ = finished_stats(logits, targets[rows], cfg, group)
-        if needs[0] or needs[1]:
-            chunk = [None if x is None else x[rows] for x in per_token]
-            d_logp, d_ent = _ppo_grads(logp[rows], entropy[rows], chunk, ppo)
+        (logp[rows], entropy, _), lse_mu, _ = finished_stats(logits, targets[rows], cfg, group)
+        chunk = [None if x is None else x[rows] for x in per_token]
+        chunk_loss, chunk_metrics, (d_logp, d_ent) = _ppo_of_chunk(logp[rows], entropy, chunk, ppo, any(needs))
+        # the loss sum_t w_t loss_t adds up over the chunks, and each chunk's token-means weigh by its share of
+        # the tokens (exactly 1 for a single chunk)
+        loss = loss + chunk_loss
+        share = (chunk[2] != 0).sum().to(acc) / tokens
+        metrics = {name: metrics.get(name, 0.0) + value * share for name, value in chunk_metrics.items()}
+        if any(needs):
             # (R, V) d loss / d logits; V is only used by the self-certainty's term, absent here
             dz = token_stats_grad(logits, targets[rows], lse_mu[0], lse_mu[1], (d_logp, d_ent, None), v, cfg,
                                   hidden.dtype)
@@ -91,7 +98,6 @@ def _forward(hidden, weight, targets, per_token: list, cfg: SliceConfig, ppo: di
                 grad_hidden[rows] = mm_acc(dz, weight)
             if needs[1]:
                 mm_acc(dz.T, h, out=grad_weight)
-    loss, metrics = _ppo_of_row(logp, entropy, *per_token, **ppo)
     return loss, metrics, logp, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
@@ -139,7 +145,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                 weights=weights, ref_logp=ref_logp), chunk_rows, vocab_start, group, temperature)
     targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)
     targets = torch.where(mask != 0, targets, -100)  # unmasked rows: never read, no gradient
-    cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, None, debug_mode(debug))
+    cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, debug_mode(debug))
     ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef, impl=cfg.impl)
     rows = chunk_rows or default_chunk_rows(weight.shape[0])

@@ -1,11 +1,12 @@
 """The token statistics of kernels/token_stats.py fused with the LM head: logp, entropy and
 self-certainty from hidden states (N, H) and the head weight (V, H) without ever holding the (N, V)
 logits. The vocabulary is cut into chunks of chunk_size columns; each chunk's logits
-(N, chunk) = hidden @ weight[chunk].T are made in fp32 (no bf16 rounding of the logits), reduced to
-partial statistics by the token_stats kernel and dropped; chunks merge exactly as tensor-parallel
-ranks do. The backward recomputes each chunk, turns it into the logits gradient (in the input dtype,
-for the tensor cores) and feeds two matmuls: grad_hidden += dz @ W_chunk (fp32 accumulator) and
-grad_W[chunk] = dz.T @ hidden (fp32 accumulation, one rounding). Cost: 8*N*H*V FLOPs forward+backward.
+(N, chunk) = hidden @ weight[chunk].T are made in fp32 (no bf16 rounding of the logits), reduced to the
+statistics of a vocab slice (token_stats_partial) and dropped; chunks merge exactly as tensor-parallel ranks
+do (kernels/token_stats.py, steps 1-3). The backward recomputes each chunk, turns it into the logits gradient
+(in the input dtype, for the tensor cores) and feeds two matmuls: grad_hidden += dz @ W_chunk (fp32
+accumulator) and grad_W[chunk] = dz.T @ hidden (fp32 accumulation, one rounding). Cost: 8*N*H*V FLOPs
+forward+backward.
 
     from nanoufo.kernels.linear_token_stats import linear_token_stats
     logp, entropy, sc = linear_token_stats(hidden, model.lm_head_weight, targets, temperature=1.0)
@@ -22,9 +23,8 @@ from functools import partial
 import torch
 
 from nanoufo.kernels.dispatch import acc_dtype, debug_mode, pick_impl
-from nanoufo.kernels.softmax_stats import SliceConfig, merge_partial_stats
-from nanoufo.kernels.token_stats import TokenStatsFn, check_targets_shape, finish_slice, partial_stats, token_stats
-from nanoufo.kernels.token_stats_grad import token_stats_grad
+from nanoufo.kernels.token_stats import (RowStats, SliceConfig, check_targets_shape, finish_slice, merge_slices,
+                                         token_stats, token_stats_grad, token_stats_partial)
 
 DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
 ACC_SLICE_ELEMENTS = 1 << 24  # fp32 products added into an accumulator in slices of 64 MiB (8192 x 2048 at 3B)
@@ -75,8 +75,8 @@ def _chunks(cfg: SliceConfig, n_cols: int, chunk_size: int) -> list[tuple[slice,
             for start in range(0, n_cols, chunk_size)]
 
 
-def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size, grads, needs,
-                 hidden, weight):
+def _linear_grad(hidden, weight, targets, lse, mu, vocab_size: int, grads, needs: tuple[bool, bool],
+                 cfg: SliceConfig, chunk_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     # logits = hidden @ W.T, so with dz = d out / d logits (token_stats' backward, per chunk):
     #   d out / d hidden = dz @ W  (summed over the chunks)      d out / d W[chunk] = dz.T @ hidden
     need_hidden, need_weight = needs
@@ -94,6 +94,31 @@ def _linear_grad(cfg: SliceConfig, chunk_size: int, targets, lse, mu, vocab_size
     return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight
 
 
+class _LinearTokenStats(torch.autograd.Function):
+    """The statistics chunk by chunk forward (the logits dropped); the backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cfg: SliceConfig, chunk_size: int, group):
+        parts = [token_stats_partial(mm_acc(hidden, weight[cols].T), targets, chunk_cfg)
+                 for cols, chunk_cfg in _chunks(cfg, weight.shape[0], chunk_size)]
+        stats = merge_slices(RowStats(*map(torch.stack, zip(*parts))))  # each field (chunks, N) -> (N,)
+        outs, lse_mu, vocab_size = finish_slice(stats, targets, weight.shape[0], cfg, group)
+        ctx.save_for_backward(hidden, weight, targets, lse_mu)
+        ctx.cfg, ctx.chunk_size, ctx.vocab_size = cfg, chunk_size, vocab_size
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_sc):
+        hidden, weight, targets, lse_mu = ctx.saved_tensors
+        grads, needs = (g_logp, g_ent, g_sc), ctx.needs_input_grad[:2]
+        if not any(needs) or all(g is None for g in grads):
+            return (None,) * 6
+        vocab_size = int(ctx.vocab_size)  # a 0-d tensor when vocab-parallel without vocab_size: one host read
+        return *_linear_grad(hidden, weight, targets, *lse_mu, vocab_size, grads, needs, ctx.cfg, ctx.chunk_size), \
+            None, None, None, None
+
+
 def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        temperature: float = 1.0, *, chunk_size: int = DEFAULT_CHUNK, vocab_start: int = 0,
                        group=None, ignore_index: int = -100, impl: str = "auto", block_size: int | None = None,
@@ -109,9 +134,4 @@ def linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     targets = check_targets_shape(targets, hidden.shape[0], "linear_token_stats", hidden.device)
     cfg = SliceConfig(temperature, vocab_start, ignore_index, pick_impl(impl, hidden), block_size,
                       debug=debug_mode(debug), vocab_size=vocab_size)
-    with torch.no_grad():
-        parts = [partial_stats(mm_acc(hidden, weight[cols].T), targets, chunk_cfg)
-                 for cols, chunk_cfg in _chunks(cfg, weight.shape[0], chunk_size)]
-        stats = merge_partial_stats(torch.stack(parts))  # (5, N)
-        outs, lse_mu, vocab_size = finish_slice(stats, targets, weight.shape[0], cfg, group)
-    return TokenStatsFn.apply(partial(_linear_grad, cfg, chunk_size), targets, vocab_size, outs, lse_mu, hidden, weight)
+    return _LinearTokenStats.apply(hidden, weight, targets, cfg, chunk_size, group)

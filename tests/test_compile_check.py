@@ -39,7 +39,7 @@ with cc.recording("self-test", launches):
     _spill_kernel[(1,)](cc.meta(3, 16, 512), cc.meta(16, 512), 3, num_warps=1)
 source, options = cc.specialise(launches[0], 90)
 print(cc.compile_row(("_spill_kernel", "sm_90", source, options, "self-test")))
-cc.TARGETS["sm_90"] = (90, 1024, 132)
+cc.TARGETS["sm_90"] = (90, 1024)
 from nanoufo.kernels.decode_attention import decode_attention_triton
 cache = cc.meta(4, 256, 2, 128, dtype=torch.bfloat16)
 launches = []

@@ -1,5 +1,5 @@
 """The kernels' CPU-countable goals (bench/kernel_counts.py), on the code path a GPU takes: token_stats is one
-launch and no host sync forward (rows split across programs too, none of them idle) and one launch backward;
+launch and no host sync forward and one launch backward;
 the vocab-parallel heads (TP=2) sync nothing and gather once per row chunk; the PPO loss is at
 most two launches forward and one backward; the LM head fused with the PPO loss runs 6 N H V matmul FLOPs;
 the compiled statistics loop (sm_90, Triton's bundled ptxas, no GPU) stays at or under 10 SASS instructions
@@ -24,23 +24,10 @@ kernel_counts = importlib.import_module("kernel_counts")
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits", [None, 4])
-def test_token_stats_is_one_launch_without_sync(num_splits):
-    row = kernel_counts.token_stats_counts(n=4, v=130, num_splits=num_splits, device=DEVICE)
+def test_token_stats_is_one_launch_without_sync():
+    row = kernel_counts.token_stats_counts(n=4, v=130, device=DEVICE)
     assert row["forward"]["launches"] == 1 and row["forward"]["host_syncs"] == 0, row
     assert row["backward"]["launches"] == 1 and row["backward"]["host_syncs"] == 0, row
-
-
-@needs_triton
-def test_split_rows_leave_no_program_idle():
-    """2 rows at V = 151,936 split over the 32 programs splits_of picks on an H100 (132 SMs): every program
-    reads whole blocks, 1 or 2 of the 38 (equal widths rounded up to blocks left 13 programs without a column)."""
-    from nanoufo.kernels.softmax_stats import SliceConfig, block_of, splits_of
-    v = kernel_counts.V_REAL
-    splits = splits_of(SliceConfig(), 2, v, block_of(SliceConfig(), v), sms=132)
-    row = kernel_counts.split_work(n=2, v=v, num_splits=splits)
-    assert splits == 32 and row["programs"] == 64 and row["idle_programs"] == 0, row
-    assert row["fewest_columns"] == 4096 and row["most_columns"] == 8192, row
 
 
 @needs_triton

@@ -1,8 +1,8 @@
 """Fused token statistics from logits (kernels/token_stats.py): the Triton kernel and the PyTorch
 reference against each other and against an independent float64 oracle (log_softmax + autograd),
-forward and backward, over dtypes, odd vocab sizes, block boundaries, rows split across programs,
-temperatures, -inf logits and masked rows; bad targets and NaN logits (NaN out, or a named error in debug
-mode); gradcheck of both paths in float64; the dispatch rule.
+forward and backward, over dtypes, odd vocab sizes, block boundaries, temperatures, -inf logits and masked
+rows; bad targets and NaN logits (NaN out, or a named error in debug mode); gradcheck of both paths in float64;
+the dispatch rule.
 
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_token_stats.py
 """
@@ -71,18 +71,6 @@ def test_kernel_matches_reference_and_float64(dtype, temperature, v, block):
 
 
 @needs_triton
-@pytest.mark.parametrize("v", [300, 77])  # 77 with 4 splits of 32 columns: the last split is empty
-def test_rows_split_across_programs(v):
-    logits, targets, grads = make_case(5, v, torch.bfloat16, seed=4)
-    fn = lambda x: token_stats(x, targets, 0.7, impl="triton", block_size=32, num_splits=4)
-    outs, grad = stats_and_grad(fn, logits, targets, grads, (0, 1, 2))
-    want, want_grad = stats_and_grad(lambda x: oracle(x, targets, 0.7), logits, targets, grads, (0, 1, 2))
-    for out, ref in zip(outs, want):
-        torch.testing.assert_close(out, ref, **STAT_TOL)
-    torch.testing.assert_close(grad, want_grad, **GRAD_TOL[torch.bfloat16])
-
-
-@needs_triton
 def test_bad_rows_give_nan_or_a_named_error():
     logits = torch.randn(5, 40, device=DEVICE)
     targets = torch.tensor([0, 1, 40, 3, IGNORE], device=DEVICE)  # row 2: outside the vocabulary
@@ -92,7 +80,7 @@ def test_bad_rows_give_nan_or_a_named_error():
         token_stats(logits, targets, impl="triton", block_size=16, debug=True)
     targets[2] = 2
     logits[3, 7] = float("nan")
-    logp, entropy, sc = token_stats(logits, targets, impl="triton", block_size=16, num_splits=2)
+    logp, entropy, sc = token_stats(logits, targets, impl="triton", block_size=16)
     assert logp[3].isnan() and entropy[3].isnan() and sc[3].isnan() and not logp[[0, 1, 2, 4]].isnan().any()
     for impl in ("triton", "torch"):
         with pytest.raises(ValueError, match="row 3 of the logits holds NaN"):
@@ -166,8 +154,6 @@ def test_bad_targets_are_named():
         token_stats(logits, torch.zeros(3, dtype=torch.long), impl="torch")
     with pytest.raises(ValueError, match=r"targets must be integer of shape \(4,\) on cpu, got .* on meta"):
         token_stats(logits, torch.zeros(4, dtype=torch.long, device="meta"), impl="torch")
-    with pytest.raises(ValueError, match="num_splits must be a power of two"):
-        token_stats(logits, torch.zeros(4, dtype=torch.long), num_splits=3, impl="torch")
     with pytest.raises(ValueError, match="temperature"):
         token_stats(logits, torch.zeros(4, dtype=torch.long), temperature=0.0, impl="torch")
 
