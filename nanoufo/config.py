@@ -75,6 +75,8 @@ class TrainConfig:
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
     cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
     eval_k: int = 5
+    eval_seeds: int = 0  # evaluations per held-out set (seeds seed, seed+1, ...), reported as mean and spread;
+    # 0 = 4 for the demo (a second each), 1 for a dataset
     # algorithm
     algorithm: str = "ufo_ppo"
     reward: str = "gold"
@@ -124,6 +126,11 @@ class TrainConfig:
     @property
     def is_demo(self) -> bool:
         return self.train_data == "demo"
+
+    @property
+    def evaluation_seeds(self) -> list[int]:
+        """The sampling seeds of each held-out evaluation (eval_seeds of them, from seed on)."""
+        return [self.seed + i for i in range(self.eval_seeds or (4 if self.is_demo else 1))]
 
 
 def _close(name: str) -> str:
@@ -214,8 +221,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
     non_negative = ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb", "gpu_mem_gib", "micro_batch_tokens",
-                    "lr_schedule_steps", "repetition_penalty", "format_penalty", "kl_clamp",  # penalties: subtracted
-                    "grad_clip")  # 0 turns clipping off; a negative bound means nothing
+                    "eval_seeds", "lr_schedule_steps", "repetition_penalty", "format_penalty",  # penalties: subtracted
+                    "kl_clamp", "grad_clip")  # 0 turns clipping off; a negative bound means nothing
     for key in non_negative:  # an infinite rate would make Adam write inf/NaN weights
         if not 0 <= getattr(cfg, key) < math.inf:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
@@ -312,9 +319,13 @@ def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
 
 def env_options(cfg: TrainConfig) -> dict:
     """nanoufo.env.UFOEnv's options from the config (max_turns apart: training and evaluation differ). The
-    instruction "auto" is none for the demo, whose questions need none, else the environment's default."""
+    instruction "auto" is none for the demo, whose questions need none, else the environment's default; the
+    demo accepts the digits of a question's range (nanoufo.demo.accepts), a dataset what math-verify parses."""
     options = dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
                    format_penalty=cfg.format_penalty)
+    if cfg.is_demo:
+        from nanoufo.demo import accepts  # here: nanoufo.demo imports this module
+        options["accepts"] = accepts
     if cfg.instruction != "auto" or cfg.is_demo:
         options["instruction"] = "" if cfg.instruction == "auto" else cfg.instruction
     return options

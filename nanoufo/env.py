@@ -13,9 +13,10 @@ Works with any Hugging Face tokenizer whose chat template uses <|im_start|>/<|im
 tokens are derived from the template itself. Tests: `python -m pytest -q tests/test_env.py`.
 """
 from dataclasses import dataclass, field
+from typing import Callable
 
 from nanoufo.data import Problem
-from nanoufo.grader import count_distinct_answers, extract_answer, grade_batch
+from nanoufo.grader import count_distinct_answers, extract_answer, grade_batch, parse_batch
 
 TURN_END = "<|im_end|>"
 RESPONSE_SENTINEL = "<<nanoufo-response>>"  # stands in for an attempt while the template is rendered
@@ -27,6 +28,7 @@ class Episode:
     responses: list[str] = field(default_factory=list)
     answers: list[str | None] = field(default_factory=list)  # extracted final answers, None if none
     correct: list[bool] = field(default_factory=list)
+    acceptable: list[bool] = field(default_factory=list)  # an answer the task can accept (False without one)
 
     @property
     def turns(self) -> int:
@@ -47,13 +49,17 @@ class UFOEnv:
     def __init__(self, tokenizer, feedback: str = "Try again.", max_turns: int = 5, turn_decay: float = 0.5,
                  repetition_penalty: float = 0.5, format_penalty: float = 0.0,
                  instruction: str = "Please reason step by step, and put your final answer within \\boxed{}.",
-                 system_prompt: str | None = None, grade_timeout: float = 5.0):
+                 system_prompt: str | None = None, grade_timeout: float = 5.0,
+                 accepts: Callable[[Problem, str], bool] | None = None):
         """`repetition_penalty` and `format_penalty` are magnitudes (>= 0) that are subtracted; UFO's code
-        uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message."""
+        uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message. `accepts`
+        (problem, answer) says whether the task can accept an extracted answer at all, right or wrong (the
+        demo: one digit of the question's range); None: math-verify reads an expression in it."""
         assert max_turns >= 1 and repetition_penalty >= 0 and format_penalty >= 0, "checked by the config"
         self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
         self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
         self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
+        self.accepts = accepts
         self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
         if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {TURN_END} token; UFOEnv needs a chat template with "
@@ -124,24 +130,42 @@ class UFOEnv:
         graded = grade_batch([answers[i] for i in labeled], [episodes[i].problem.answer for i in labeled],
                              self.grade_timeout)
         verdicts = dict(zip(labeled, graded))  # an unlabeled problem (label-free training) is never correct
+        acceptable = self._acceptable([episode.problem for episode in episodes], answers)
         for i, (episode, text, answer) in enumerate(zip(episodes, response_texts, answers)):
             episode.responses.append(text)
             episode.answers.append(answer)
             episode.correct.append(verdicts.get(i, False))
+            episode.acceptable.append(acceptable[i] or episode.correct[-1])  # a correct answer is acceptable
         return [self.is_over(episode) for episode in episodes]
+
+    def _acceptable(self, problems: list[Problem], answers: list[str | None]) -> list[bool]:
+        """Whether the task can accept each answer (see __init__'s `accepts`); no answer is not acceptable."""
+        given = [i for i, answer in enumerate(answers) if answer is not None]
+        if self.accepts is None:
+            verdicts = parse_batch([answers[i] for i in given], self.grade_timeout)
+        else:
+            verdicts = [self.accepts(problems[i], answers[i]) for i in given]
+        found = dict(zip(given, verdicts))
+        return [found.get(i, False) for i in range(len(answers))]
 
     def is_over(self, episode: Episode) -> bool:
         return episode.solved or episode.turns >= self.max_turns
 
     def turn_rewards(self, episode: Episode) -> list[float]:
-        """Each attempt's share of the episode reward: turn_decay**t on the correct attempt t, minus
-        format_penalty on each attempt without an extractable answer, and the repetition penalty
-        repetition_penalty * (1 - E/T) on the last attempt, as UFO counts it: E distinct normalized answers
-        among the T attempts that gave one (a missing answer pays the format penalty only, not twice; no
-        answer at all, no repetition penalty)."""
-        rewards = [(self.turn_decay ** t if correct else 0.0) - (self.format_penalty if answer is None else 0.0)
-                   for t, (answer, correct) in enumerate(zip(episode.answers, episode.correct))]
+        """Each attempt's share of the episode reward. As UFO's code counts it: turn_decay**t on the correct
+        attempt, t the attempts before it that gave an answer (one without an answer does not advance the
+        decay); minus format_penalty on each attempt without an answer the task can accept (no answer, or
+        one `accepts` rejects: UFO's code charges it for an action outside an environment's action set); and
+        on the last attempt the repetition penalty repetition_penalty * (1 - E/T) over the T attempts that
+        gave an answer, E the distinct normalized answers among them. Unlike UFO's code, E counts acceptable
+        answers only: an unacceptable one counts as a repeat, so a new invalid answer ("3433" for "from 1 to
+        4") costs more than repeating a valid one, never less."""
+        rewards, t = [], 0  # t: the attempts so far that gave an answer
+        for answer, correct, ok in zip(episode.answers, episode.correct, episode.acceptable):
+            rewards.append((self.turn_decay ** t if correct else 0.0) - (0.0 if ok else self.format_penalty))
+            t += answer is not None
         valid = [answer for answer in episode.answers if answer is not None]
         if valid:
-            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(valid) / len(valid))
+            accepted = [answer for answer, ok in zip(episode.answers, episode.acceptable) if ok]
+            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(accepted) / len(valid))
         return rewards

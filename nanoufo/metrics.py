@@ -1,14 +1,16 @@
 """Evaluation metrics for UFO episodes, as pure functions.
 
     from nanoufo.metrics import summarize, pass_at_k
-    table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, repetition
+    table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, failure modes
     baseline = pass_at_k(correct_per_problem, k=5)                           # k independent single-turn samples
     maj, rm = maj_at_n(answers, correct), rm_at_n(prm_scores, correct)      # Best-of-N over the same samples
 
 Succ@k counts an episode solved within its first k sequential attempts (with feedback in between);
 Pass@k is the baseline: any of k independent single-turn samples correct. Over N such samples, Maj@N
-grades the most frequent answer and RM@N the sample a reward model scores highest. Ratios are in [0, 1]; a metric
-with nothing to average over is NaN. Tests: `python -m pytest -q tests/test_metrics.py`.
+grades the most frequent answer and RM@N the sample a reward model scores highest. The failure modes count the
+episodes with an attempt that gave no answer, with an answer given twice, and with an answer the task cannot
+accept (UFOEnv's `accepts`), so a policy that trades one for another shows in the table where it starts.
+Ratios are in [0, 1]; a metric with nothing to average over is NaN. Tests: `python -m pytest -q tests/test_metrics.py`.
 """
 from math import comb, nan
 
@@ -77,6 +79,31 @@ def non_repetitive_ratio(episodes: list[Episode]) -> float:
     return _mean([count_distinct_answers(e.answers) / e.turns for e in episodes if e.turns > 1])
 
 
+def no_answer_rate(episodes: list[Episode]) -> float:
+    """Fraction of episodes with an attempt that gave no extractable answer."""
+    return _mean([float(None in e.answers) for e in episodes])
+
+
+def repeat_rate(episodes: list[Episode]) -> float:
+    """Fraction of episodes that give one answer twice (normalized answers; attempts without one left out)."""
+    answered = [[a for a in e.answers if a is not None] for e in episodes]
+    return _mean([float(count_distinct_answers(a) < len(a)) for a in answered])
+
+
+def invalid_rate(episodes: list[Episode]) -> float:
+    """Fraction of episodes with an answer the task cannot accept (an attempt with an answer that is not
+    acceptable: out of the demo's range, or unreadable to math-verify)."""
+    for e in episodes:
+        if len(e.acceptable) != len(e.answers):
+            raise ValueError(f"episode {e.problem.id}: {len(e.answers)} answers but {len(e.acceptable)} verdicts")
+    return _mean([float(any(a is not None and not ok for a, ok in zip(e.answers, e.acceptable))) for e in episodes])
+
+
+def failure_modes(episodes: list[Episode]) -> dict[str, float]:
+    return {"no_answer_rate": no_answer_rate(episodes), "repeat_rate": repeat_rate(episodes),
+            "invalid_rate": invalid_rate(episodes)}
+
+
 def tokens_per_episode(lengths: list[int]) -> float:
     """Mean sampled tokens per episode (policy tokens only: prompt and feedback tokens are not sampled)."""
     return _mean([float(n) for n in lengths])
@@ -86,7 +113,7 @@ def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None)
     """All multi-turn metrics in one table row; tokens_per_episode given per-episode sampled token counts."""
     table = {"episodes": float(len(episodes)), **{f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)},
              "mean_turns": mean_turns(episodes), "mean_turns_to_solve": mean_turns_to_solve(episodes),
-             "non_repetitive_ratio": non_repetitive_ratio(episodes)}
+             "non_repetitive_ratio": non_repetitive_ratio(episodes), **failure_modes(episodes)}
     if lengths is not None:
         table["tokens_per_episode"] = tokens_per_episode(lengths)
     return table

@@ -113,6 +113,25 @@ def test_unsolved_episode_with_format_penalty(qwen_tokenizer):
     assert env.turn_rewards(episode) == pytest.approx([0.0, -0.1, 0.0])  # E = T = 2: no repetition
 
 
+def test_decay_counts_answered_attempts_and_an_unacceptable_answer_is_a_repeat(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1)
+    episode, _ = play(env, ["no answer here", r"\boxed{18}"])
+    # as in UFO's code, the answerless attempt pays the format penalty and does not advance the decay
+    assert env.turn_rewards(episode) == pytest.approx([-0.1, 1.0])
+    env = UFOEnv(qwen_tokenizer, max_turns=3, repetition_penalty=0.5, format_penalty=0.1,
+                 accepts=lambda problem, answer: len(answer) == 2)
+    episode, _ = play(env, [r"\boxed{3433}", r"\boxed{17}", r"\boxed{4}"])
+    assert episode.acceptable == [False, True, False]
+    # an unacceptable answer pays the format penalty, and counts as a repeat: T = 3 answers, E = 1
+    assert env.turn_rewards(episode) == pytest.approx([-0.1, 0.0, -0.1 - 0.5 * (1 - 1 / 3)])
+
+
+def test_by_default_an_answer_is_acceptable_when_math_verify_reads_an_expression(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, max_turns=4)
+    episode, _ = play(env, [r"\boxed{x+}", r"\boxed{\frac{1}{2}}", "none", r"\boxed{18}"])
+    assert episode.acceptable == [False, True, False, True]
+
+
 def test_step_batch_and_bad_settings(qwen_tokenizer):
     env = UFOEnv(qwen_tokenizer, max_turns=2)
     episodes = [Episode(Problem("q", gold, f"test:{i}")) for i, gold in enumerate(["18", r"\frac{1}{2}"])]

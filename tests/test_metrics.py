@@ -5,12 +5,15 @@ import pytest
 
 from nanoufo.data import Problem
 from nanoufo.env import Episode
-from nanoufo.metrics import (best_pick, maj_at_n, majority_pick, mean_turns, mean_turns_to_solve, non_repetitive_ratio,
-                             pass_at_k, rm_at_n, succ_at_k, summarize, tokens_per_episode)
+from nanoufo.metrics import (best_pick, failure_modes, maj_at_n, majority_pick, mean_turns, mean_turns_to_solve,
+                             non_repetitive_ratio, pass_at_k, rm_at_n, succ_at_k, summarize, tokens_per_episode)
 
 
-def episode(answers: list[str | None], correct: list[bool]) -> Episode:
-    return Episode(Problem("q", "a", "test:0"), [f"response {i}" for i in range(len(answers))], answers, correct)
+def episode(answers: list[str | None], correct: list[bool], acceptable: list[bool] | None = None) -> Episode:
+    """An episode record; every given answer acceptable unless `acceptable` says otherwise."""
+    acceptable = [a is not None for a in answers] if acceptable is None else acceptable
+    return Episode(Problem("q", "a", "test:0"), [f"response {i}" for i in range(len(answers))], answers, correct,
+                   acceptable)
 
 
 EPISODES = [
@@ -57,8 +60,19 @@ def test_summarize():
     table = summarize(EPISODES, k=3, lengths=[10, 20, 30, 40])
     assert table == pytest.approx({"episodes": 4.0, "succ@1": 0.25, "succ@2": 0.5, "succ@3": 0.75,
                                    "mean_turns": 2.75, "mean_turns_to_solve": 2.0,
-                                   "non_repetitive_ratio": (2 / 3 + 3 / 5 + 1) / 3, "tokens_per_episode": 25.0})
+                                   "non_repetitive_ratio": (2 / 3 + 3 / 5 + 1) / 3, "tokens_per_episode": 25.0,
+                                   "no_answer_rate": 0.25, "repeat_rate": 0.5, "invalid_rate": 0.0})
     assert "tokens_per_episode" not in summarize(EPISODES, k=1)
+
+
+def test_failure_modes_count_episodes_not_attempts():
+    episodes = [episode(["3433", "3433", "1"], [False, False, True], [False, False, True]),  # invalid and repeated
+                episode([None, None, "2", "4"], [False] * 4, [False, False, True, False]),  # no answer, invalid
+                episode(["1", "2"], [False, True]),                                         # clean
+                episode(["5", None, "5.0"], [False] * 3)]                                   # repeated, no answer
+    assert failure_modes(episodes) == {"no_answer_rate": 0.5, "repeat_rate": 0.5, "invalid_rate": 0.5}
+    with pytest.raises(ValueError, match="episode test:0: 2 answers but 1 verdicts"):
+        failure_modes([episode(["1", "2"], [False, False], [True])])
 
 
 def test_maj_at_n_votes_on_normalized_answers_ties_to_the_first():
