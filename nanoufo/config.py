@@ -28,9 +28,11 @@ KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
+ANSWER_FORMATS = ("boxed", "think_answer")  # how an attempt is read (nanoufo/env.py)
+GRADINGS = ("math_verify", "exact")
 CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
                kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES,
-               prm_aggregate=PRM_AGGREGATES)
+               prm_aggregate=PRM_AGGREGATES, answer_format=ANSWER_FORMATS, grading=GRADINGS)
 
 
 @dataclass
@@ -55,11 +57,15 @@ class TrainConfig:
     eval_answer_key: str = ""
     n_eval_problems: int = 200  # 0 = the whole eval set
     instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
+    system_prompt: str = "auto"  # "auto": the chat template's own default system message (Qwen's), if any
+    user_template: str = "{question} {instruction}"  # the user turn; also {actions_left} (= max_turns)
+    answer_format: str = "boxed"  # "boxed" (last \\boxed{}) or "think_answer" (UFO's code: forced <think>)
+    grading: str = "math_verify"  # math equivalence, or "exact" (UFO's code: lower-cased, whitespace removed)
     warmup_steps: int = 2500  # demo only: supervised steps before RL when init_from is ""
     warmup_lr: float = 3e-3
     # environment
     max_turns: int = 5
-    feedback: str = "Try again."
+    feedback: str = "Try again."  # may hold {reward}, {turn}, {actions_left} (UFO's code's feedback turn)
     turn_decay: float = 0.5
     repetition_penalty: float = 0.5
     format_penalty: float = 0.0
@@ -322,7 +328,9 @@ def env_options(cfg: TrainConfig) -> dict:
     instruction "auto" is none for the demo, whose questions need none, else the environment's default; the
     demo accepts the digits of a question's range (nanoufo.demo.accepts), a dataset what math-verify parses."""
     options = dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
-                   format_penalty=cfg.format_penalty)
+                   format_penalty=cfg.format_penalty, answer_format=cfg.answer_format, grading=cfg.grading,
+                   user_template=cfg.user_template,
+                   system_prompt=None if cfg.system_prompt == "auto" else cfg.system_prompt)
     if cfg.is_demo:
         from nanoufo.demo import accepts  # here: nanoufo.demo imports this module
         options["accepts"] = accepts

@@ -4,6 +4,8 @@
     answer = extract_answer(response_text)            # last balanced \\boxed{...}, else last <answer>...</answer>
     oks = grade_batch([answer], ["\\frac{1}{2}"], timeout=5.0)  # math equivalence with math-verify, never hangs
     readable = parse_batch([answer])                  # whether math-verify reads a mathematical expression in it
+    answer = extract_think_answer(text)               # UFO's code: <think>...</think><answer>...</answer>
+    ok = exact_match(answer, "18")                    # UFO's code: equal once lower-cased, whitespace removed
 
 Grading runs math-verify in one persistent worker process (started on first use, reused for every call).
 A pathological answer such as 9^{9^{9^9}} can hang sympy inside C code where no signal reaches it, so the
@@ -61,6 +63,29 @@ def extract_answer(text: str) -> str | None:
     """The answer of last_boxed (an empty box, the model echoing the instruction's "\\boxed{}", is passed
     over), else the content of the last non-empty <answer>...</answer>, else None."""
     return last_boxed(text) or _last_answer_tag(text)
+
+
+THINK_ANSWER = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.DOTALL)
+SPECIAL_TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<|im_start|>", "<|im_end|>")
+
+
+def extract_think_answer(text: str) -> str | None:
+    """UFO's code's format: the content of the <answer> of the first <think>...</think> <answer>...</answer>
+    (tags and chat markers inside it removed), None without that pattern or with an empty answer. UFO's
+    code also splits the content at "||" into several actions; here it stays one answer."""
+    match = THINK_ANSWER.search(text)
+    if match is None:
+        return None
+    answer = match.group(2)
+    for tag in SPECIAL_TAGS:
+        answer = answer.replace(tag, "")
+    return answer.strip() or None
+
+
+def exact_match(answer: str | None, gold: str) -> bool:
+    """UFO's code's grading: equal after lower-casing and removing all whitespace (no math equivalence)."""
+    squeeze = lambda text: re.sub(r"\s+", "", text.strip().lower())  # noqa: E731
+    return answer is not None and squeeze(answer) != "" and squeeze(answer) == squeeze(gold)
 
 
 # normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.
