@@ -201,11 +201,18 @@ class UFOEnv:
         for answer, correct, ok in zip(episode.answers, episode.correct, episode.acceptable):
             rewards.append((self.turn_decay ** t if correct else 0.0) - (0.0 if ok else self.format_penalty))
             t += answer is not None
-        valid = [answer for answer in episode.answers if answer is not None]
-        if valid:
-            accepted = [answer for answer, ok in zip(episode.answers, episode.acceptable) if ok]
-            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(accepted) / len(valid))
+        share = distinct_answer_share(episode)
+        if share is not None:
+            rewards[-1] -= self.repetition_penalty * (1 - share)
         return rewards
+
+
+def distinct_answer_share(episode: Episode) -> float | None:
+    """E / T of the repetition penalty: T the attempts that gave an answer, E the distinct normalized answers
+    among the acceptable ones (an unacceptable answer counts as a repeat); None without any answer."""
+    answered = [answer for answer in episode.answers if answer is not None]
+    accepted = [answer for answer, ok in zip(episode.answers, episode.acceptable) if ok]
+    return count_distinct_answers(accepted) / len(answered) if answered else None
 
 
 def _fill(template: str, **values) -> str:

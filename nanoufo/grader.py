@@ -82,10 +82,14 @@ def extract_think_answer(text: str) -> str | None:
     return answer.strip() or None
 
 
+def squeeze_answer(answer: str) -> str:
+    """UFO's code's normalisation, for grading and for counting distinct answers: lower-cased, no whitespace."""
+    return re.sub(r"\s+", "", answer.lower())
+
+
 def exact_match(answer: str | None, gold: str) -> bool:
-    """UFO's code's grading: equal after lower-casing and removing all whitespace (no math equivalence)."""
-    squeeze = lambda text: re.sub(r"\s+", "", text.strip().lower())  # noqa: E731
-    return answer is not None and squeeze(answer) != "" and squeeze(answer) == squeeze(gold)
+    """UFO's code's grading: equal once squeezed (squeeze_answer; no math equivalence), and not empty."""
+    return answer is not None and squeeze_answer(answer) != "" and squeeze_answer(answer) == squeeze_answer(gold)
 
 
 # normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.

@@ -14,8 +14,8 @@ Ratios are in [0, 1]; a metric with nothing to average over is NaN. Tests: `pyth
 """
 from math import comb, nan
 
-from nanoufo.env import Episode
-from nanoufo.grader import count_distinct_answers, normalize_answer
+from nanoufo.env import Episode, distinct_answer_share
+from nanoufo.grader import count_distinct_answers, normalize_answer, squeeze_answer
 
 
 def _mean(values: list[float]) -> float:
@@ -74,9 +74,25 @@ def mean_turns_to_solve(episodes: list[Episode]) -> float:
 
 
 def non_repetitive_ratio(episodes: list[Episode]) -> float:
-    """Mean over episodes with more than one attempt of E/T: distinct normalized answers E among T attempts
-    (missing answers count as one value). Single-attempt episodes are left out, as they cannot repeat."""
-    return _mean([count_distinct_answers(e.answers) / e.turns for e in episodes if e.turns > 1])
+    """The UFO paper's non-repetitive ratio as UFO's code computes it: per episode, the mean over its attempts
+    of the running share of distinct answers after each answered one (answers lower-cased, whitespace removed;
+    an attempt without an answer counts 0), then the mean over episodes."""
+    def per_turn(episode: Episode) -> float:
+        seen, answered, total = set(), 0, 0.0
+        for answer in episode.answers:
+            if answer is not None:
+                seen.add(squeeze_answer(answer))
+                answered += 1
+                total += len(seen) / answered
+        return total / episode.turns
+    return _mean([per_turn(e) for e in episodes if e.turns])
+
+
+def distinct_answer_ratio(episodes: list[Episode]) -> float:
+    """The share the repetition penalty measures, E / T (env.distinct_answer_share), averaged over the episodes
+    that gave an answer: below 1 exactly where the reward charged for repeating."""
+    shares = [distinct_answer_share(e) for e in episodes]
+    return _mean([share for share in shares if share is not None])
 
 
 def no_answer_rate(episodes: list[Episode]) -> float:
@@ -113,7 +129,8 @@ def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None)
     """All multi-turn metrics in one table row; tokens_per_episode given per-episode sampled token counts."""
     table = {"episodes": float(len(episodes)), **{f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)},
              "mean_turns": mean_turns(episodes), "mean_turns_to_solve": mean_turns_to_solve(episodes),
-             "non_repetitive_ratio": non_repetitive_ratio(episodes), **failure_modes(episodes)}
+             "non_repetitive_ratio": non_repetitive_ratio(episodes),
+             "distinct_answer_ratio": distinct_answer_ratio(episodes), **failure_modes(episodes)}
     if lengths is not None:
         table["tokens_per_episode"] = tokens_per_episode(lengths)
     return table
