@@ -8,6 +8,7 @@
     torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py --init_from=...   # TP=2
     torchrun --standalone --nproc_per_node=8 train.py config/ufo_qwen2.5_3b.py --init_from=...   # DP=4 x TP=2
     python -m nanoufo.logger out/demo/log.jsonl                        # redraw the plot at any time
+    python train.py config/ufo_qwen2.5_3b.py --help                   # this, then the config's reference table
 
 Each step samples episodes, scores them, keeps the groups with the largest reward spread, recomputes
 log-probs, computes advantages and runs PPO epochs (nanoufo/trainer.py). Every key of nanoufo/config.py
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-from nanoufo.config import env_options, eval_sets, format_config, parse_args, save_config
+from nanoufo.config import env_options, eval_sets, format_config, help_text, parse_args, save_config
 from nanoufo.data import error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import held_out_metrics, with_spread
@@ -52,6 +53,9 @@ def fail(message: str) -> None:
 
 
 try:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(help_text([a for a in sys.argv[1:] if a not in ("-h", "--help")], __doc__))
+        sys.exit(0)
     cfg = parse_args(sys.argv[1:])
 except (KeyError, ValueError, TypeError, OSError) as error:
     fail(str(error.args[0] if isinstance(error, KeyError) else error))

@@ -8,6 +8,7 @@ every name it defines is checked against the fields below. Command-line values a
 field's type. Unknown keys, wrong types and impossible combinations fail before any work starts.
 Tests: python -m pytest -q tests/test_config.py
 """
+import ast
 import dataclasses
 import difflib
 import json
@@ -187,6 +188,17 @@ def read_config_file(path: str) -> dict:
             raise KeyError(f"{path}: unknown config key {name!r}{_close(name)}")
         values[name] = check_value(name, value, path)
     return values
+
+
+def help_text(argv: list[str], script_doc: str) -> str:
+    """--help: the script's docstring, then the docstring of each config file named in argv (the paper configs'
+    tables: each setting, its reference value and source, and where this config departs from it)."""
+    docs = [script_doc.strip()]
+    for path in (arg for arg in argv if not arg.startswith("-")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        docs.append(f"{path}:\n{ast.get_docstring(ast.parse(Path(path).read_text())) or '(no docstring)'}")
+    return "\n\n".join(docs)
 
 
 def parse_args(argv: list[str], check_paths: bool = True) -> TrainConfig:
