@@ -11,7 +11,7 @@ read 2026-12-06), except where the paper's text or a held-out evaluation says ot
 | turns, tokens per turn | 5 (agent_proxy.max_turn), 400 (rollout.response_length) | max_turns 5, max_new_tokens 400 | same |
 | system prompt | "You're a helpful assistant. " (ragen/llm_agent/ctx_manager.py) | system_prompt | same |
 | user turn | env_instruction, then "Turn 1: State: <question> You have 5 actions left. Always output: <think> ..." (config/envs.yaml, ctx_manager.py) | instruction, user_template | same text |
-| answer format | <think>..</think><answer>..</answer>, "<think>" forced (enable_think, ctx_manager.py) | answer_format think_answer | same; an answer holding "\|\|" stays one answer (the code splits it into actions) |
+| answer format | <think>..</think><answer>..</answer>, "<think>" forced (enable_think, ctx_manager.py) | answer_format think_answer | same; an answer holding the action separator (two bars) stays one answer (the code splits it into actions) |
 | grading | exact match, lower-cased, whitespace removed (env.py _check_answer) | grading exact | same (math-verify: grading=math_verify) |
 | feedback | "Reward: 0.0", then "Turn k: State: Incorrect. Please think again. You have n actions left. ..." (env.py, ctx_manager.py) | "Try again." | the paper's text: only "Try again." is shown; the code's turn is _UFO_CODE_FEEDBACK below |
 | reward | 1/2^k, k the earlier answered attempts; -0.5 (1 - E/T) over answered attempts at the end; -0.1 per turn without an answer (env.py, es_manager.py) | turn_decay 0.5, repetition_penalty 0.5, format_penalty 0.1 | same; E counts acceptable answers only, answers normalised by nanoufo.grader.normalize_answer (the code: lower-cased, no whitespace) |
