@@ -4,13 +4,13 @@
 #   - the project's own .venv, made with `python3 -m venv --system-site-packages` (a PEP 668 system Python
 #     refuses pip installs; the system's packages stay visible, so a torch installed there is used as is).
 # Versions: requirements-lock.txt, the exact releases the suite passed on (what CI tests), for everything but
-# torch. torch is installed (2.13.0, the CPU build) only where no torch >= 2.8 can be imported: an existing
+# torch. torch is installed (2.13.0, the CPU build) only where no torch >= 2.9 can be imported: an existing
 # CPU or CUDA build is never replaced, and then the triton it came with is kept too.
 # `make test-latest` tests the newest releases instead, in .venv-latest; `make lock` rewrites the lock.
 # `make PY=/path/to/python ...` picks the interpreter yourself.
 LOCK ?= requirements-lock.txt
 TORCH_DEFAULT := 2.13.0
-TORCH_FLOOR := 2.8
+TORCH_FLOOR := 2.9
 VENV_FLAGS ?= --system-site-packages
 ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
 PY ?= python

@@ -8,6 +8,7 @@
     torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py --init_from=...   # TP=2
     torchrun --standalone --nproc_per_node=8 train.py config/ufo_qwen2.5_3b.py --init_from=...   # DP=4 x TP=2
     python -m nanoufo.logger out/demo/log.jsonl                        # redraw the plot at any time
+    python train.py config/ufo_qwen2.5_3b.py --help                   # this, then the config's reference table
 
 Each step samples episodes, scores them, keeps the groups with the largest reward spread, recomputes
 log-probs, computes advantages and runs PPO epochs (nanoufo/trainer.py). Every key of nanoufo/config.py
@@ -27,10 +28,10 @@ from tqdm import tqdm
 
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-from nanoufo.config import env_options, eval_sets, format_config, parse_args, save_config
+from nanoufo.config import env_options, eval_sets, format_config, help_text, parse_args, save_config
 from nanoufo.data import error_line, load_problems
 from nanoufo.env import UFOEnv
-from nanoufo.evaluate import held_out_metrics
+from nanoufo.evaluate import held_out_metrics, with_spread
 from nanoufo.logger import JsonlLogger, plot_log
 from nanoufo.metrics import summarize
 from nanoufo.model import QwenConfig
@@ -52,6 +53,9 @@ def fail(message: str) -> None:
 
 
 try:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(help_text([a for a in sys.argv[1:] if a not in ("-h", "--help")], __doc__))
+        sys.exit(0)
     cfg = parse_args(sys.argv[1:])
 except (KeyError, ValueError, TypeError, OSError) as error:
     fail(str(error.args[0] if isinstance(error, KeyError) else error))
@@ -173,14 +177,16 @@ def save(reason: str) -> None:  # every rank takes part (TP slices are gathered)
 
 
 def run_eval(tag: str) -> dict:
-    """Succ@k and Pass@k on every held-out set (DP groups share the problems); logged as eval/<set>/<metric>."""
-    results, k = {}, cfg.eval_k
+    """Succ@k, Pass@k and the failure modes on every held-out set (DP groups share the problems), the mean over
+    the evaluation seeds with its spread; logged as eval/<set>/<metric> (and <metric>_sd)."""
+    results, k, seeds = {}, cfg.eval_k, cfg.evaluation_seeds
     for name, problems in eval_problems.items():
-        metrics = held_out_metrics(actor, eval_env, problems, k=k, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.eval_temperature, seed=cfg.seed, progress=False, par=par)
-        print0(f"eval {name} ({tag}, step {step}, {len(problems)} held-out problems): Succ@{k} "
-               f"{metrics['succ_at_k']:.3f}, Pass@{k} {metrics['pass_at_k']:.3f}, mean turns "
-               f"{metrics['mean_turns']:.2f}, non-repetitive ratio {metrics['non_repetitive_ratio']:.3f}")
+        metrics = held_out_metrics(actor, eval_env, problems, k=k, seeds=seeds, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.eval_temperature, progress=False, par=par)
+        shown = {f"Succ@{k}": "succ_at_k", f"Pass@{k}": "pass_at_k", "no answer": "no_answer_rate",
+                 "repeated answer": "repeat_rate", "invalid answer": "invalid_rate"}
+        print0(f"eval {name} ({tag}, step {step}, {len(problems)} held-out problems x {len(seeds)} seeds): "
+               + ", ".join(f"{label} {with_spread(metrics, key, 3)}" for label, key in shown.items()))
         results |= {f"{name}/{key}": v for key, v in metrics.items()}
     if logger:
         logger.log({"kind": "eval", "step": step, **{f"eval/{key}": v for key, v in results.items()}})
@@ -256,7 +262,8 @@ after = run_eval("end")
 if master:
     print(f"plot: {plot_log(out_dir / 'log.jsonl')}")
     if before is not None:
-        print("held-out sets, before -> after:")
+        print(f"held-out sets, before -> after (mean over {len(cfg.evaluation_seeds)} evaluation seeds"
+              + (" +- their spread):" if len(cfg.evaluation_seeds) > 1 else "):"))
         for key in after:
-            if isinstance(after[key], float):
-                print(f"  {key:>32}: {before[key]:.4f} -> {after[key]:.4f}")
+            if isinstance(after[key], float) and not key.endswith("_sd"):
+                print(f"  {key:>32}: {with_spread(before, key)} -> {with_spread(after, key)}")

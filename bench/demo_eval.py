@@ -3,9 +3,11 @@ difference is evaluation noise, and how far apart RL runs from one start end.
 
     python bench/demo_eval.py out/m1337/warmup out/m1337/ckpt-150/actor --seeds=1,2,3,4
 
-For each model directory: Succ@k and the non-repetitive ratio on the 200 held-out questions of the given data
-seed (the default run's set), at the demo's evaluation temperature, once per evaluation seed, then the mean.
-One seed's Succ@5 moves by about 0.03 between seeds, so compare means, not single draws.
+For each model directory: Succ@k, the non-repetitive ratio and the failure modes (shares of episodes with an
+attempt without an answer, with a repeated answer, with an answer outside the range) on the 200 held-out
+questions of the given data seed (the default run's set), at the demo's evaluation temperature, once per
+evaluation seed; printed as the mean +- the spread over the seeds. One seed's Succ@5 moves by about 0.03
+between seeds, so compare means, not single draws.
 Test: python -m pytest -q tests/test_bench_e2e.py -k demo_eval
 """
 import argparse
@@ -15,8 +17,11 @@ import torch
 from nanoufo import demo
 from nanoufo.config import TrainConfig, env_options
 from nanoufo.env import UFOEnv
-from nanoufo.evaluate import evaluate
+from nanoufo.evaluate import evaluate, mean_and_spread, with_spread
 from nanoufo.weights import load_model
+
+SHOWN = {"Succ@5": "succ@5", "non-repetitive": "non_repetitive_ratio", "no answer": "no_answer_rate",
+         "repeated": "repeat_rate", "invalid": "invalid_rate"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -35,11 +40,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
         tables = [evaluate(model, env, problems, k=cfg.eval_k, mode="succ", max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.eval_temperature, seed=seed, progress=False) for seed in seeds]
-        succ = [t[f"succ@{cfg.eval_k}"] for t in tables]
-        non_rep = sum(t["non_repetitive_ratio"] for t in tables) / len(tables)
-        rows.append({"model": path, "succ": sum(succ) / len(succ), "succ_per_seed": succ, "non_repetitive": non_rep})
-        print(f"{path}: Succ@{cfg.eval_k} {rows[-1]['succ']:.3f} (seeds {', '.join(f'{s:.3f}' for s in succ)}), "
-              f"non-repetitive {non_rep:.3f}", flush=True)
+        rows.append({"model": path, "per_seed": tables, **mean_and_spread(tables)})
+        print(f"{path}: " + ", ".join(f"{label} {with_spread(rows[-1], key, 3)}" for label, key in SHOWN.items()),
+              flush=True)
     return rows
 
 

@@ -58,6 +58,10 @@ class HFPolicy(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.hf.lm_head.weight
 
+    @property
+    def config(self):  # the trainer reads config.vocab_size
+        return self.hf.config
+
     def lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 

@@ -1,16 +1,31 @@
-"""UFO's setting: Qwen2.5-3B-Instruct, MetaMathQA MATH_ rows, 5-turn episodes with
-"Try again." feedback, PPO with a critic, GAE gamma = lambda = 1, KL to the reference as a k1 reward
-penalty (0.001), actor lr 1e-6, critic lr 1e-5, 200 steps, temperature 1.0 to train and 0.5 to evaluate;
-rewards 0.5**t for a solve at turn t, a format penalty of -0.1 for an attempt without an answer, and the
-repetition penalty -0.5 * (1 - E/T) counting only the attempts that gave an answer (nanoufo/env.py); a
-seq-mean-token-mean loss (UFO's micro-batches of one sequence average each sequence's tokens, then the
-sequences: aggregation "seq-mean" here).
+"""UFO (Liu et al. 2025, "A Simple 'Try Again' Can Elicit Multi-Turn LLM Reasoning") on Qwen2.5-3B-Instruct:
+PPO with a critic on MetaMathQA's MATH_ rows, 5-turn episodes, as UFO's code runs it (lichengliu03/unary-feedback,
+read 2026-12-06), except where the paper's text or a held-out evaluation says otherwise.
 
-    torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py \
+    torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py \\
         --init_from=Qwen2.5-3B-Instruct --train_data=MetaMathQA-395K.json
 
-This project's choices, not numbers from the paper: the batch sizes (for one 8-GPU node), the group filter,
-the asymmetric clip range (clip_high 0.28) and the dual clip.
+| setting | UFO's code (file) | here | same, or why not |
+|---|---|---|---|
+| model, data | Qwen2.5-3B-Instruct, MetaMathQA MATH_ rows (config/base.yaml, ragen/env/metamathqa/env.py) | same | same |
+| turns, tokens per turn | 5 (agent_proxy.max_turn), 400 (rollout.response_length) | max_turns 5, max_new_tokens 400 | same |
+| system prompt | "You're a helpful assistant. " (ragen/llm_agent/ctx_manager.py) | system_prompt | same |
+| user turn | env_instruction, then "Turn 1: State: <question> You have 5 actions left. Always output: <think> ..." (config/envs.yaml, ctx_manager.py) | instruction, user_template | same text |
+| answer format | <think>..</think><answer>..</answer>, "<think>" forced (enable_think, ctx_manager.py) | answer_format think_answer | same; an answer holding the action separator (two bars) stays one answer (the code splits it into actions) |
+| grading | exact match, lower-cased, whitespace removed (env.py _check_answer) | grading exact | same (math-verify: grading=math_verify) |
+| feedback | "Reward: 0.0", then "Turn k: State: Incorrect. Please think again. You have n actions left. ..." (env.py, ctx_manager.py) | "Try again." | the paper's text: only "Try again." is shown; the code's turn is _UFO_CODE_FEEDBACK below |
+| reward | 1/2^k, k the earlier answered attempts; -0.5 (1 - E/T) over answered attempts at the end; -0.1 per turn without an answer (env.py, es_manager.py) | turn_decay 0.5, repetition_penalty 0.5, format_penalty 0.1 | same; E counts acceptable answers only, answers normalised by nanoufo.grader.normalize_answer (the code: lower-cased, no whitespace) |
+| reward placement | the sum on the last turn (use_turn_scores False) | reward_placement last | same |
+| batch | 8 problems x 16 samples, the 2 groups of largest reward std (rollout_filter_ratio 0.25), minibatches of 8, 1 epoch | same | same; minibatches are shuffled here, split in order there |
+| PPO | GAE gamma = lambda = 1, whitened; clip 0.2 / 0.28; no dual clip (ragen/workers/actor/dp_actor.py); value clip 0.5; entropy 0.001 | same, dual_clip 0 | same |
+| KL | k1 in the reward, fixed 0.001 (algorithm.kl_ctrl) | kl_estimator k1, kl_in reward | same |
+| loss | micro-batches of one sequence: each sequence's token mean, then the mean over sequences, actor and critic | aggregation seq-mean | same |
+| optimizer | AdamW, actor lr 1e-6, critic lr 1e-5, constant, weight decay 0.01 (fsdp_workers.py), grad clip 1.0 | same | same |
+| steps, temperatures | 200; 1.0 to sample, 0.5 to evaluate | same | same |
+| evaluation | 128 questions of the training pool | MATH500 (500 held-out problems) | held out on purpose |
+
+Memory: python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 (and --gpus=1 --tp=1
+--gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 400 + 4 x 32 = 2,640 tokens.
 Tests (every key valid, the plan fits): python -m pytest -q tests/test_config.py tests/test_plan.py
 """
 out_dir = "out/ufo_qwen2.5_3b"
@@ -22,11 +37,21 @@ eval_data = "math500"  # the bundled MATH500 test set
 eval_format = "auto"
 n_eval_problems = 500
 
-max_turns = 5
+_FORMAT = ("Always output: <think> [Your thoughts] </think> <answer> [your answer] </answer> with no extra text. "
+           "Strictly follow this format. Max response length: 1000 words (tokens).\n")
+system_prompt = "You're a helpful assistant. "
+instruction = "You are solving Math problems. Only give the final answer between <answer> and </answer>."
+user_template = "{instruction}\nTurn 1:\nState:\n{question}\nYou have {actions_left} actions left. " + _FORMAT
+answer_format = "think_answer"
+grading = "exact"
+_UFO_CODE_FEEDBACK = ("Reward:\n{reward}\n\nTurn {turn}:\nState:\nIncorrect. Please think again.\n"
+                      "You have {actions_left} actions left. " + _FORMAT)  # feedback = _UFO_CODE_FEEDBACK: the code's
 feedback = "Try again."
-turn_decay = 0.5  # reward 0.5**t for a solve at turn t
+
+max_turns = 5
+turn_decay = 0.5  # reward 0.5**k for a solve after k answered attempts
 repetition_penalty = 0.5
-format_penalty = 0.1  # subtracted: -0.1 per attempt without an extractable answer
+format_penalty = 0.1  # subtracted: -0.1 per attempt without an answer
 reward_placement = "last"
 
 problems_per_step = 8
@@ -47,7 +72,7 @@ grad_clip = 1.0
 weight_decay = 0.01
 clip_low = 0.2
 clip_high = 0.28
-dual_clip = 3.0
+dual_clip = 0.0  # none
 value_clip = 0.5
 entropy_coef = 0.001
 kl_coef = 0.001
@@ -55,10 +80,8 @@ kl_estimator = "k1"
 kl_in = "reward"
 gamma = 1.0
 lam = 1.0
-aggregation = "seq-mean"  # seq-mean-token-mean
+aggregation = "seq-mean"  # seq-mean-token-mean, for the actor and the critic
 
-# memory: python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 (and --gpus=1 --tp=1
-# --gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 400 + 4 x 32 = 2,640 tokens
 micro_batch_tokens = 4096  # per forward/backward; gradients accumulate over the minibatch of 8 episodes
 pack_sequences = True
 checkpoint_activations = False

@@ -8,6 +8,7 @@ every name it defines is checked against the fields below. Command-line values a
 field's type. Unknown keys, wrong types and impossible combinations fail before any work starts.
 Tests: python -m pytest -q tests/test_config.py
 """
+import ast
 import dataclasses
 import difflib
 import json
@@ -28,9 +29,11 @@ KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
+ANSWER_FORMATS = ("boxed", "think_answer")  # how an attempt is read (nanoufo/env.py)
+GRADINGS = ("math_verify", "exact")
 CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
                kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES,
-               prm_aggregate=PRM_AGGREGATES)
+               prm_aggregate=PRM_AGGREGATES, answer_format=ANSWER_FORMATS, grading=GRADINGS)
 
 
 @dataclass
@@ -55,11 +58,15 @@ class TrainConfig:
     eval_answer_key: str = ""
     n_eval_problems: int = 200  # 0 = the whole eval set
     instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
+    system_prompt: str = "auto"  # "auto": the chat template's own default system message (Qwen's), if any
+    user_template: str = "{question} {instruction}"  # the user turn; also {actions_left} (= max_turns)
+    answer_format: str = "boxed"  # "boxed" (last \\boxed{}) or "think_answer" (UFO's code: forced <think>)
+    grading: str = "math_verify"  # math equivalence, or "exact" (UFO's code: lower-cased, whitespace removed)
     warmup_steps: int = 2500  # demo only: supervised steps before RL when init_from is ""
     warmup_lr: float = 3e-3
     # environment
     max_turns: int = 5
-    feedback: str = "Try again."
+    feedback: str = "Try again."  # may hold {reward}, {turn}, {actions_left} (UFO's code's feedback turn)
     turn_decay: float = 0.5
     repetition_penalty: float = 0.5
     format_penalty: float = 0.0
@@ -75,6 +82,8 @@ class TrainConfig:
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
     cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
     eval_k: int = 5
+    eval_seeds: int = 0  # evaluations per held-out set (seeds seed, seed+1, ...), reported as mean and spread;
+    # 0 = 4 for the demo (a second each), 1 for a dataset
     # algorithm
     algorithm: str = "ufo_ppo"
     reward: str = "gold"
@@ -124,6 +133,11 @@ class TrainConfig:
     @property
     def is_demo(self) -> bool:
         return self.train_data == "demo"
+
+    @property
+    def evaluation_seeds(self) -> list[int]:
+        """The sampling seeds of each held-out evaluation (eval_seeds of them, from seed on)."""
+        return [self.seed + i for i in range(self.eval_seeds or (4 if self.is_demo else 1))]
 
 
 def _close(name: str) -> str:
@@ -176,6 +190,17 @@ def read_config_file(path: str) -> dict:
     return values
 
 
+def help_text(argv: list[str], script_doc: str) -> str:
+    """--help: the script's docstring, then the docstring of each config file named in argv (the paper configs'
+    tables: each setting, its reference value and source, and where this config departs from it)."""
+    docs = [script_doc.strip()]
+    for path in (arg for arg in argv if not arg.startswith("-")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        docs.append(f"{path}:\n{ast.get_docstring(ast.parse(Path(path).read_text())) or '(no docstring)'}")
+    return "\n\n".join(docs)
+
+
 def parse_args(argv: list[str], check_paths: bool = True) -> TrainConfig:
     """TrainConfig from `[config.py ...] [--key=value ...]`: files first, then overrides, left to right.
     check_paths=False skips the existence checks of checkpoint and data paths (the memory planner)."""
@@ -214,8 +239,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
     non_negative = ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb", "gpu_mem_gib", "micro_batch_tokens",
-                    "lr_schedule_steps", "repetition_penalty", "format_penalty", "kl_clamp",  # penalties: subtracted
-                    "grad_clip")  # 0 turns clipping off; a negative bound means nothing
+                    "eval_seeds", "lr_schedule_steps", "repetition_penalty", "format_penalty",  # penalties: subtracted
+                    "kl_clamp", "grad_clip")  # 0 turns clipping off; a negative bound means nothing
     for key in non_negative:  # an infinite rate would make Adam write inf/NaN weights
         if not 0 <= getattr(cfg, key) < math.inf:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
@@ -312,9 +337,15 @@ def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
 
 def env_options(cfg: TrainConfig) -> dict:
     """nanoufo.env.UFOEnv's options from the config (max_turns apart: training and evaluation differ). The
-    instruction "auto" is none for the demo, whose questions need none, else the environment's default."""
+    instruction "auto" is none for the demo, whose questions need none, else the environment's default; the
+    demo accepts the digits of a question's range (nanoufo.demo.accepts), a dataset what math-verify parses."""
     options = dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
-                   format_penalty=cfg.format_penalty)
+                   format_penalty=cfg.format_penalty, answer_format=cfg.answer_format, grading=cfg.grading,
+                   user_template=cfg.user_template,
+                   system_prompt=None if cfg.system_prompt == "auto" else cfg.system_prompt)
+    if cfg.is_demo:
+        from nanoufo.demo import accepts  # here: nanoufo.demo imports this module
+        options["accepts"] = accepts
     if cfg.instruction != "auto" or cfg.is_demo:
         options["instruction"] = "" if cfg.instruction == "auto" else cfg.instruction
     return options

@@ -62,13 +62,13 @@ TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, nu
                   num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=1024)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable character, the WORDS, and the three Qwen specials (ids 0-2)."""
+def build_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """One token per printable character, the words (WORDS), and the three Qwen specials (ids 0-2)."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every character is its own token
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    backend.add_tokens([AddedToken(w, normalized=False) for w in WORDS])  # matched before the characters
+    backend.add_tokens([AddedToken(w, normalized=False) for w in words])  # matched before the characters
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
 
@@ -103,8 +103,15 @@ def candidates(question: str) -> list[str]:
     return [str(d) for d in range(int(low), int(high) + 1)]
 
 
-def build_model(vocab_size: int, seed: int) -> Qwen2:
-    model = Qwen2(QwenConfig(vocab_size=vocab_size, **TINY_MODEL))
+def accepts(problem: Problem, answer: str) -> bool:
+    """Whether the task can accept an answer, right or wrong: one digit of the question's range (UFOEnv's
+    `accepts`; "3433" or "7" for "from 1 to 4" is not)."""
+    return answer in candidates(problem.question)
+
+
+def build_model(vocab_size: int, seed: int, value_head: bool = False) -> Qwen2:
+    """The tiny model, randomly initialised (value_head: a critic, whose trunk starts as the seed's actor)."""
+    model = Qwen2(QwenConfig(vocab_size=vocab_size, **TINY_MODEL), value_head=value_head)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
 

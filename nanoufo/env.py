@@ -13,12 +13,18 @@ Works with any Hugging Face tokenizer whose chat template uses <|im_start|>/<|im
 tokens are derived from the template itself. Tests: `python -m pytest -q tests/test_env.py`.
 """
 from dataclasses import dataclass, field
+from typing import Callable
 
+from nanoufo.config import ANSWER_FORMATS, GRADINGS
 from nanoufo.data import Problem
-from nanoufo.grader import count_distinct_answers, extract_answer, grade_batch
+from nanoufo.grader import (count_distinct_answers, exact_match, extract_answer, extract_think_answer, grade_batch,
+                            parse_batch)
 
 TURN_END = "<|im_end|>"
 RESPONSE_SENTINEL = "<<nanoufo-response>>"  # stands in for an attempt while the template is rendered
+FEEDBACK_SENTINEL = "<<nanoufo-feedback>>"  # stands in for a feedback text with placeholders
+# answer_format -> (the text every attempt is forced to start with, how an answer is read from it)
+READERS = dict(zip(ANSWER_FORMATS, (("", extract_answer), ("<think>", extract_think_answer)), strict=True))
 
 
 @dataclass
@@ -27,6 +33,7 @@ class Episode:
     responses: list[str] = field(default_factory=list)
     answers: list[str | None] = field(default_factory=list)  # extracted final answers, None if none
     correct: list[bool] = field(default_factory=list)
+    acceptable: list[bool] = field(default_factory=list)  # an answer the task can accept (False without one)
 
     @property
     def turns(self) -> int:
@@ -47,25 +54,39 @@ class UFOEnv:
     def __init__(self, tokenizer, feedback: str = "Try again.", max_turns: int = 5, turn_decay: float = 0.5,
                  repetition_penalty: float = 0.5, format_penalty: float = 0.0,
                  instruction: str = "Please reason step by step, and put your final answer within \\boxed{}.",
-                 system_prompt: str | None = None, grade_timeout: float = 5.0):
+                 system_prompt: str | None = None, grade_timeout: float = 5.0,
+                 accepts: Callable[[Problem, str], bool] | None = None, answer_format: str = "boxed",
+                 grading: str = "math_verify", user_template: str = "{question} {instruction}"):
         """`repetition_penalty` and `format_penalty` are magnitudes (>= 0) that are subtracted; UFO's code
-        uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message."""
+        uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message. `accepts`
+        (problem, answer) says whether the task can accept an extracted answer at all, right or wrong (the
+        demo: one digit of the question's range); None: math-verify reads an expression in it (with exact
+        grading: any answer). answer_format "boxed" reads the last \\boxed{} (or <answer>); "think_answer",
+        UFO's code's, starts every attempt with a forced "<think>" and reads <think>..</think><answer>..</answer>.
+        grading "math_verify" (equivalence) or "exact" (UFO's code: lower-cased, whitespace removed).
+        user_template: the user turn, from {question}, {instruction} and {actions_left} (max_turns); feedback
+        may hold {reward} (0.0: an attempt that goes on was wrong), {turn} (the next attempt's number, from 1)
+        and {actions_left} (max_turns - the attempts that gave an answer), as UFO's code's feedback turn does."""
         assert max_turns >= 1 and repetition_penalty >= 0 and format_penalty >= 0, "checked by the config"
+        assert answer_format in READERS and grading in GRADINGS, "checked by the config"
         self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
         self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
         self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
+        self.accepts, self.grading, self.user_template = accepts, grading, user_template
+        self.response_prefix, self.extract = READERS[answer_format]
         self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
         if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {TURN_END} token; UFOEnv needs a chat template with "
                              "<|im_start|>/<|im_end|> turns")
-        close_and_feedback = self._derive_feedback_text()
-        self._feedback_ids = {False: self._encode(close_and_feedback),
-                              True: self._encode(close_and_feedback[len(TURN_END):])}
-
+        self._between = self._derive_feedback_text()  # holds FEEDBACK_SENTINEL where the feedback text goes
+        fixed = not any(f"{{{key}}}" in feedback for key in ("reward", "turn", "actions_left"))
+        self._fixed_feedback = {stop: self._feedback_tokens(stop, feedback) for stop in (False, True)} \
+            if fixed else None  # by ended_with_stop
     def _render(self, question: str, turns: tuple[dict, ...] = (), add_generation_prompt: bool = True) -> str:
         """The template's text of the opening ((system), user turn with question and instruction) and `turns`."""
         system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
-        user = " ".join(part for part in (question.strip(), self.instruction) if part)
+        user = _fill(self.user_template, question=question.strip(), instruction=self.instruction,
+                     actions_left=self.max_turns).strip()
         messages = system + [{"role": "user", "content": user}, *turns]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -76,7 +97,7 @@ class UFOEnv:
         attempt = {"role": "assistant", "content": RESPONSE_SENTINEL}
         prompt = self._render("question")
         answered = self._render("question", (attempt,), add_generation_prompt=False)
-        retried = self._render("question", (attempt, {"role": "user", "content": self.feedback}))
+        retried = self._render("question", (attempt, {"role": "user", "content": FEEDBACK_SENTINEL}))
         if not answered.startswith(prompt + RESPONSE_SENTINEL) or not retried.startswith(answered):
             raise ValueError("the chat template does not render a conversation as prompt + attempt + rest; "
                              "cannot derive the feedback turn's tokens from it")
@@ -86,14 +107,15 @@ class UFOEnv:
         return between
 
     def prompt_ids(self, question: str) -> list[int]:
-        """The episode's opening tokens: (system), user turn with question and instruction, assistant header."""
-        return self._encode(self._render(question))
+        """The episode's opening tokens: (system), user turn with question and instruction, assistant header
+        (and the forced start of the first attempt)."""
+        return self._encode(self._render(question) + self.response_prefix)
 
     def prompts_fit(self, questions: list[str], max_tokens: int) -> list[bool]:
         """Whether each question's prompt has at most max_tokens tokens. Only prompts whose text has more
         than max_tokens - 1 UTF-8 bytes are tokenized: a byte-level BPE token (Qwen's) covers at least one
         byte, and the - 1 leaves room for a tokenizer that prepends a word-start piece."""
-        texts = [self._render(q) for q in questions]
+        texts = [self._render(q) + self.response_prefix for q in questions]
         return [len(text.encode()) < max_tokens or len(self._encode(text)) <= max_tokens for text in texts]
 
     def _encode(self, text: str) -> list[int]:
@@ -106,12 +128,28 @@ class UFOEnv:
         candidates = [self.turn_end_id, self.tokenizer.eos_token_id, end_of_text]
         return list(dict.fromkeys(i for i in candidates if i is not None and i != self.tokenizer.unk_token_id))
 
-    def feedback_ids(self, ended_with_stop: bool) -> list[int]:
+    def feedback_ids(self, ended_with_stop: bool, episode: Episode | None = None) -> list[int]:
         """Tokens appended after a wrong attempt so the next one can start: the close of the assistant turn,
-        the user turn with the feedback text and the assistant header. `ended_with_stop`: the attempt's last
-        sampled token was <|im_end|> (it is part of the attempt then); False after a token limit (or any
-        other stop token), and the close's <|im_end|> is included here, not sampled."""
-        return list(self._feedback_ids[ended_with_stop])
+        the user turn with the feedback text, the assistant header (and the forced start of the next attempt).
+        `ended_with_stop`: the attempt's last sampled token was <|im_end|> (it is part of the attempt then);
+        False after a token limit (or any other stop token), and the close's <|im_end|> is included here, not
+        sampled. `episode` fills the feedback's placeholders (a fixed feedback text needs none)."""
+        if self._fixed_feedback is not None:
+            return list(self._fixed_feedback[ended_with_stop])
+        if episode is None:
+            raise ValueError(f"the feedback {self.feedback!r} has placeholders: pass the episode")
+        answered = sum(answer is not None for answer in episode.answers)
+        text = _fill(self.feedback, reward=0.0, turn=episode.turns + 1, actions_left=self.max_turns - answered)
+        return self._feedback_tokens(ended_with_stop, text)
+
+    def _feedback_tokens(self, ended_with_stop: bool, text: str) -> list[int]:
+        between = self._between.replace(FEEDBACK_SENTINEL, text) + self.response_prefix
+        return self._encode(between[len(TURN_END):] if ended_with_stop else between)
+
+    def max_feedback_tokens(self) -> int:
+        """The longest feedback turn (with its placeholders at their widest), for the sampler's max_len."""
+        text = _fill(self.feedback, reward=0.0, turn=self.max_turns, actions_left=self.max_turns)
+        return len(self._feedback_tokens(False, text))
 
     def step_batch(self, episodes: list[Episode], response_texts: list[str]) -> list[bool]:
         """Grade each episode's attempt and record it, with one call into the grader's worker; per episode,
@@ -119,29 +157,66 @@ class UFOEnv:
         for episode in episodes:
             if self.is_over(episode):
                 raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
-        answers = [extract_answer(text) for text in response_texts]
+        answers = [self.extract(self.response_prefix + text) for text in response_texts]
         labeled = [i for i, episode in enumerate(episodes) if episode.problem.answer is not None]
-        graded = grade_batch([answers[i] for i in labeled], [episodes[i].problem.answer for i in labeled],
-                             self.grade_timeout)
+        golds = [episodes[i].problem.answer for i in labeled]
+        if self.grading == "exact":
+            graded = [exact_match(answers[i], gold) for i, gold in zip(labeled, golds)]
+        else:
+            graded = grade_batch([answers[i] for i in labeled], golds, self.grade_timeout)
         verdicts = dict(zip(labeled, graded))  # an unlabeled problem (label-free training) is never correct
+        acceptable = self._acceptable([episode.problem for episode in episodes], answers)
         for i, (episode, text, answer) in enumerate(zip(episodes, response_texts, answers)):
             episode.responses.append(text)
             episode.answers.append(answer)
             episode.correct.append(verdicts.get(i, False))
+            episode.acceptable.append(acceptable[i] or episode.correct[-1])  # a correct answer is acceptable
         return [self.is_over(episode) for episode in episodes]
+
+    def _acceptable(self, problems: list[Problem], answers: list[str | None]) -> list[bool]:
+        """Whether the task can accept each answer (see __init__'s `accepts`); no answer is not acceptable."""
+        given = [i for i, answer in enumerate(answers) if answer is not None]
+        if self.accepts is None and self.grading == "exact":  # UFO's code: any non-empty answer is an action
+            verdicts = [True] * len(given)
+        elif self.accepts is None:
+            verdicts = parse_batch([answers[i] for i in given], self.grade_timeout)
+        else:
+            verdicts = [self.accepts(problems[i], answers[i]) for i in given]
+        found = dict(zip(given, verdicts))
+        return [found.get(i, False) for i in range(len(answers))]
 
     def is_over(self, episode: Episode) -> bool:
         return episode.solved or episode.turns >= self.max_turns
 
     def turn_rewards(self, episode: Episode) -> list[float]:
-        """Each attempt's share of the episode reward: turn_decay**t on the correct attempt t, minus
-        format_penalty on each attempt without an extractable answer, and the repetition penalty
-        repetition_penalty * (1 - E/T) on the last attempt, as UFO counts it: E distinct normalized answers
-        among the T attempts that gave one (a missing answer pays the format penalty only, not twice; no
-        answer at all, no repetition penalty)."""
-        rewards = [(self.turn_decay ** t if correct else 0.0) - (self.format_penalty if answer is None else 0.0)
-                   for t, (answer, correct) in enumerate(zip(episode.answers, episode.correct))]
-        valid = [answer for answer in episode.answers if answer is not None]
-        if valid:
-            rewards[-1] -= self.repetition_penalty * (1 - count_distinct_answers(valid) / len(valid))
+        """Each attempt's share of the episode reward. As UFO's code counts it: turn_decay**t on the correct
+        attempt, t the attempts before it that gave an answer (one without an answer does not advance the
+        decay); minus format_penalty on each attempt without an answer the task can accept (no answer, or
+        one `accepts` rejects: UFO's code charges it for an action outside an environment's action set); and
+        on the last attempt the repetition penalty repetition_penalty * (1 - E/T) over the T attempts that
+        gave an answer, E the distinct normalized answers among them. Unlike UFO's code, E counts acceptable
+        answers only: an unacceptable one counts as a repeat, so a new invalid answer ("3433" for "from 1 to
+        4") costs more than repeating a valid one, never less."""
+        rewards, t = [], 0  # t: the attempts so far that gave an answer
+        for answer, correct, ok in zip(episode.answers, episode.correct, episode.acceptable):
+            rewards.append((self.turn_decay ** t if correct else 0.0) - (0.0 if ok else self.format_penalty))
+            t += answer is not None
+        share = distinct_answer_share(episode)
+        if share is not None:
+            rewards[-1] -= self.repetition_penalty * (1 - share)
         return rewards
+
+
+def distinct_answer_share(episode: Episode) -> float | None:
+    """E / T of the repetition penalty: T the attempts that gave an answer, E the distinct normalized answers
+    among the acceptable ones (an unacceptable answer counts as a repeat); None without any answer."""
+    answered = [answer for answer in episode.answers if answer is not None]
+    accepted = [answer for answer, ok in zip(episode.answers, episode.acceptable) if ok]
+    return count_distinct_answers(accepted) / len(answered) if answered else None
+
+
+def _fill(template: str, **values) -> str:
+    """template with each {name} replaced by its value; other braces (LaTeX's) are left alone."""
+    for name, value in values.items():
+        template = template.replace(f"{{{name}}}", str(value))
+    return template

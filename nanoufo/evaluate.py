@@ -8,10 +8,13 @@ per episode; and Best-of-N with a process reward model next to majority vote ove
 
 Under data parallelism (par=ParallelContext) the batches are dealt out to the DP groups and the episodes gathered, so
 every rank returns the table one process would (same batches, same seeds). held_out_metrics is train.py's
-Succ@k + Pass@k row. sample.py --mode=eval / passk / bon is the command line for it.
+Succ@k + Pass@k row, the mean over several evaluation seeds with its spread. sample.py --mode=eval / passk / bon
+is the command line for it.
 Tests: python -m pytest -q tests/test_rollout.py tests/test_dp_statistics.py
 """
 import json
+import math
+import statistics
 from pathlib import Path
 
 import torch.distributed as dist
@@ -27,8 +30,8 @@ from nanoufo.rollout import run_episodes
 def episode_record(episode: Episode, sample: int, sampled_tokens: int) -> dict:
     return {"id": episode.problem.id, "sample": sample, "question": episode.problem.question,
             "gold": episode.problem.answer, "responses": episode.responses, "answers": episode.answers,
-            "correct": episode.correct, "solved": episode.solved, "turns": episode.turns,
-            "sampled_tokens": sampled_tokens}
+            "correct": episode.correct, "acceptable": episode.acceptable, "solved": episode.solved,
+            "turns": episode.turns, "sampled_tokens": sampled_tokens}
 
 
 def write_episodes(path: str | Path, records: list[dict]) -> None:
@@ -109,11 +112,32 @@ def _gather_over_dp(done: dict, par: ParallelContext | None) -> dict:
     return {start: result for part in parts for start, result in part.items()}
 
 
-def held_out_metrics(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int, **options) -> dict[str, float]:
-    """train.py's evaluation row: Succ@1..k (one episode, feedback between attempts) with its turn and
-    repetition metrics, Pass@1..k (k single-turn samples), and succ_at_k / pass_at_k for the plots."""
-    succ = evaluate(model, env, problems, k=k, mode="succ", **options)
-    passk = evaluate(model, env, problems, k=k, mode="pass", **options)
-    return {**succ, **{key: v for key, v in passk.items() if key.startswith("pass@")},
-            "pass_tokens_per_sample": passk["tokens_per_episode"], "succ_at_k": succ[f"succ@{k}"],
-            "pass_at_k": passk[f"pass@{k}"]}
+def held_out_metrics(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int, seeds: list[int],
+                     **options) -> dict[str, float]:
+    """train.py's evaluation row: Succ@1..k (one episode, feedback between attempts) with its turn and failure
+    metrics, Pass@1..k (k single-turn samples), and succ_at_k / pass_at_k for the plots; each the mean over one
+    evaluation per seed, with its spread over the seeds (sample std) as <metric>_sd when there are several."""
+    rows = []
+    for seed in seeds:
+        succ = evaluate(model, env, problems, k=k, mode="succ", seed=seed, **options)
+        passk = evaluate(model, env, problems, k=k, mode="pass", seed=seed, **options)
+        rows.append({**succ, **{key: v for key, v in passk.items() if key.startswith("pass@")},
+                     "pass_tokens_per_sample": passk["tokens_per_episode"], "succ_at_k": succ[f"succ@{k}"],
+                     "pass_at_k": passk[f"pass@{k}"]})
+    return mean_and_spread(rows)
+
+
+def mean_and_spread(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over rows (one per evaluation seed) and, with two rows or more, its sample std as
+    <metric>_sd. One seed's Succ@5 on the demo's 200 questions moves by about 0.03, so compare means."""
+    table = {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}
+    if len(rows) > 1:  # by hand: statistics.stdev fails on a NaN (a metric with nothing to average over)
+        table |= {f"{key}_sd": math.sqrt(sum((row[key] - table[key]) ** 2 for row in rows) / (len(rows) - 1))
+                  for key in rows[0]}
+    return table
+
+
+def with_spread(table: dict[str, float], key: str, digits: int = 4) -> str:
+    """table[key] as text, followed by +- its spread when the table has one (mean_and_spread)."""
+    spread = f" +- {table[key + '_sd']:.{digits}f}" if key + "_sd" in table else ""
+    return f"{table[key]:.{digits}f}{spread}"

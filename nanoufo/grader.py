@@ -1,8 +1,11 @@
 """Answer extraction and grading for the UFO environment.
 
-    from nanoufo.grader import extract_answer, grade_batch
+    from nanoufo.grader import extract_answer, grade_batch, parse_batch
     answer = extract_answer(response_text)            # last balanced \\boxed{...}, else last <answer>...</answer>
     oks = grade_batch([answer], ["\\frac{1}{2}"], timeout=5.0)  # math equivalence with math-verify, never hangs
+    readable = parse_batch([answer])                  # whether math-verify reads a mathematical expression in it
+    answer = extract_think_answer(text)               # UFO's code: <think>...</think><answer>...</answer>
+    ok = exact_match(answer, "18")                    # UFO's code: equal once lower-cased, whitespace removed
 
 Grading runs math-verify in one persistent worker process (started on first use, reused for every call).
 A pathological answer such as 9^{9^{9^9}} can hang sympy inside C code where no signal reaches it, so the
@@ -62,6 +65,33 @@ def extract_answer(text: str) -> str | None:
     return last_boxed(text) or _last_answer_tag(text)
 
 
+THINK_ANSWER = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.DOTALL)
+SPECIAL_TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<|im_start|>", "<|im_end|>")
+
+
+def extract_think_answer(text: str) -> str | None:
+    """UFO's code's format: the content of the <answer> of the first <think>...</think> <answer>...</answer>
+    (tags and chat markers inside it removed), None without that pattern or with an empty answer. UFO's
+    code also splits the content at "||" into several actions; here it stays one answer."""
+    match = THINK_ANSWER.search(text)
+    if match is None:
+        return None
+    answer = match.group(2)
+    for tag in SPECIAL_TAGS:
+        answer = answer.replace(tag, "")
+    return answer.strip() or None
+
+
+def squeeze_answer(answer: str) -> str:
+    """UFO's code's normalisation, for grading and for counting distinct answers: lower-cased, no whitespace."""
+    return re.sub(r"\s+", "", answer.lower())
+
+
+def exact_match(answer: str | None, gold: str) -> bool:
+    """UFO's code's grading: equal once squeezed (squeeze_answer; no math equivalence), and not empty."""
+    return answer is not None and squeeze_answer(answer) != "" and squeeze_answer(answer) == squeeze_answer(gold)
+
+
 # normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.
 _NORMALIZE_RULES = [
     (re.compile(r"\\(?:left|right)\b"), ""),                         # \left( -> (
@@ -91,8 +121,9 @@ def count_distinct_answers(answers: list[str | None]) -> int:
 
 
 def _serve(memory_limit_mb: int) -> None:
-    """The worker's main loop: one JSON line [answer, gold] in, one line b"1" or b"0" out, until stdin closes.
-    Timeouts are the parent's job (it kills this process), so math-verify's own signal timeouts are off."""
+    """The worker's main loop: one JSON line [answer, gold] in, one line b"1" or b"0" out, until stdin closes;
+    gold null asks whether the answer parses instead (math-verify finds an expression in it, not only its
+    text). Timeouts are the parent's job (it kills this process), so math-verify's own signal timeouts are off."""
     import logging
     import resource
 
@@ -110,10 +141,13 @@ def _serve(memory_limit_mb: int) -> None:
     for line in sys.stdin.buffer:
         answer, gold = json.loads(line)
         try:
-            if gold not in parsed_golds:
-                parsed_golds[gold] = parse("\\boxed{" + gold + "}", parsing_timeout=None)
             target = parse("\\boxed{" + answer + "}", parsing_timeout=None)
-            verdict = verify(parsed_golds[gold], target, timeout_seconds=None)
+            if gold is None:  # parse returns [expression, text] when it reads one, else [text] or []
+                verdict = any(not isinstance(x, str) for x in target)
+            else:
+                if gold not in parsed_golds:
+                    parsed_golds[gold] = parse("\\boxed{" + gold + "}", parsing_timeout=None)
+                verdict = verify(parsed_golds[gold], target, timeout_seconds=None)
         except Exception:  # math-verify on odd input (or a MemoryError): the answer is not shown correct
             verdict = False
         protocol.write(b"1\n" if verdict else b"0\n")
@@ -180,8 +214,9 @@ class Grader:
             end += 1
         return end
 
-    def grade(self, answers: list[str | None], golds: list[str], timeout: float = 5.0) -> list[bool]:
-        """Whether each answer equals its gold answer; None or blank answers are wrong without a look."""
+    def grade(self, answers: list[str | None], golds: list[str | None], timeout: float = 5.0) -> list[bool]:
+        """Whether each answer equals its gold answer (gold None: whether it parses); None or blank answers
+        are wrong without a look."""
         if len(answers) != len(golds):
             raise ValueError(f"grade: {len(answers)} answers but {len(golds)} gold answers")
         pairs = list(zip(answers, golds))
@@ -221,3 +256,10 @@ def grade_batch(answers: list[str | None], golds: list[str], timeout: float = 5.
     \\frac{1}{2}, \\$18 == 18.0 == 18, [-2,7] == [-2, 7]; an answer that takes longer than `timeout` seconds
     is wrong. The shared worker grades them in one round trip per window of 64, not per answer."""
     return _default_grader.grade(answers, golds, timeout)
+
+
+def parse_batch(answers: list[str | None], timeout: float = 5.0) -> list[bool]:
+    """Whether math-verify reads a mathematical expression in each answer ("3433", "\\frac{1}{2}", "\\{1, 2\\}"
+    do; "x+", an unclosed brace, a blank answer or None do not; one that takes longer than `timeout` seconds
+    does not), in the shared worker like grade_batch."""
+    return _default_grader.grade(answers, [None] * len(answers), timeout)

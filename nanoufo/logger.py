@@ -11,9 +11,10 @@ import json
 import math
 from pathlib import Path
 
-TRAIN_PANELS = ("reward", "succ_at_k", "mean_turns", "non_repetitive_ratio", "kl_ref", "pg/clip_frac", "pg/entropy",
-                "grad_norm/actor", "lr/actor", "value_loss", "logp_diff_sampler", "tokens_per_s")
-EVAL_PANELS = ("succ_at_k", "pass_at_k", "non_repetitive_ratio")  # one panel each per eval set: eval/<set>/<key>
+FAILURES = ("no_answer_rate", "repeat_rate", "invalid_rate")  # drawn in one panel, "failure modes"
+TRAIN_PANELS = ("reward", "succ_at_k", FAILURES, "mean_turns", "non_repetitive_ratio", "kl_ref", "pg/clip_frac",
+                "pg/entropy", "grad_norm/actor", "lr/actor", "value_loss", "logp_diff_sampler", "tokens_per_s")
+EVAL_PANELS = ("succ_at_k", "pass_at_k", FAILURES, "non_repetitive_ratio")  # per eval set, of eval/<set>/<key>
 
 
 class JsonlLogger:
@@ -55,33 +56,49 @@ def read_log(path: str | Path, drop_torn_tail: bool = False) -> list[dict]:
 
 
 def plot_log(log_path: str | Path, png_path: str | Path | None = None) -> Path:
-    """Plot every known curve present in the log, one panel each; returns the PNG path."""
+    """Plot every known curve present in the log, one panel each (the failure modes share one); evaluations
+    with a spread over evaluation seeds (<key>_sd) get error bars. Returns the PNG path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_log(log_path)
     png_path = Path(png_path or Path(log_path).with_suffix(".png"))
-    eval_keys = sorted({key for r in records if r.get("kind") == "eval" for key in r
-                        if key.startswith("eval/") and key.rsplit("/", 1)[-1] in EVAL_PANELS})
-    panels = [(key, "train") for key in TRAIN_PANELS] + [(key, "eval") for key in eval_keys]
-    present = [(k, kind) for k, kind in panels
-               if any(r.get("kind") == kind and r.get(k) is not None for r in records)]
+    sets = sorted({key.split("/")[1] for r in records if r.get("kind") == "eval" for key in r if key.count("/") == 2})
+    panels = [("train", *_panel(p, "")) for p in TRAIN_PANELS]
+    panels += [("eval", *_panel(p, f"eval/{name}/")) for name in sets for p in EVAL_PANELS]
+    present = [(kind, title, keys) for kind, title, keys in panels
+               if any(r.get("kind") == kind and r.get(k) is not None for r in records for k in keys)]
     cols = 4
     rows = max(1, math.ceil(len(present) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat[len(present):]:
         ax.axis("off")
-    for ax, (key, kind) in zip(axes.flat, present):
-        points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
-        ax.plot(*zip(*points), marker="o" if kind == "eval" else None, markersize=3)
-        ax.set_title(key)
+    for ax, (kind, title, keys) in zip(axes.flat, present):
+        for key in keys:
+            points = [(r["step"], r[key], r.get(f"{key}_sd") or 0.0) for r in records
+                      if r.get("kind") == kind and r.get(key) is not None]
+            if points:
+                steps, values, spreads = zip(*points)
+                ax.errorbar(steps, values, yerr=spreads if kind == "eval" else None,
+                            marker="o" if kind == "eval" else None, markersize=3, capsize=2,
+                            label=key.rsplit("/", 1)[-1].removesuffix("_rate"))
+        ax.set_title(title)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def _panel(panel: str | tuple[str, ...], prefix: str) -> tuple[str, tuple[str, ...]]:
+    """(title, log keys) of a panel: one key, or the failure modes (shares of episodes) together."""
+    if isinstance(panel, str):
+        return prefix + panel, (prefix + panel,)
+    return f"{prefix}failure modes (episodes)", tuple(prefix + key for key in panel)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """Evaluation metrics for UFO episodes, as pure functions.
 
     from nanoufo.metrics import summarize, pass_at_k
-    table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, repetition
+    table = summarize(episodes, k=5, lengths=sampled_tokens_per_episode)   # Succ@1..k, turns, failure modes
     baseline = pass_at_k(correct_per_problem, k=5)                           # k independent single-turn samples
     maj, rm = maj_at_n(answers, correct), rm_at_n(prm_scores, correct)      # Best-of-N over the same samples
 
 Succ@k counts an episode solved within its first k sequential attempts (with feedback in between);
 Pass@k is the baseline: any of k independent single-turn samples correct. Over N such samples, Maj@N
-grades the most frequent answer and RM@N the sample a reward model scores highest. Ratios are in [0, 1]; a metric
-with nothing to average over is NaN. Tests: `python -m pytest -q tests/test_metrics.py`.
+grades the most frequent answer and RM@N the sample a reward model scores highest. The failure modes count the
+episodes with an attempt that gave no answer, with an answer given twice, and with an answer the task cannot
+accept (UFOEnv's `accepts`), so a policy that trades one for another shows in the table where it starts.
+Ratios are in [0, 1]; a metric with nothing to average over is NaN. Tests: `python -m pytest -q tests/test_metrics.py`.
 """
 from math import comb, nan
 
-from nanoufo.env import Episode
-from nanoufo.grader import count_distinct_answers, normalize_answer
+from nanoufo.env import Episode, distinct_answer_share
+from nanoufo.grader import count_distinct_answers, normalize_answer, squeeze_answer
 
 
 def _mean(values: list[float]) -> float:
@@ -72,9 +74,50 @@ def mean_turns_to_solve(episodes: list[Episode]) -> float:
 
 
 def non_repetitive_ratio(episodes: list[Episode]) -> float:
-    """Mean over episodes with more than one attempt of E/T: distinct normalized answers E among T attempts
-    (missing answers count as one value). Single-attempt episodes are left out, as they cannot repeat."""
-    return _mean([count_distinct_answers(e.answers) / e.turns for e in episodes if e.turns > 1])
+    """The UFO paper's non-repetitive ratio as UFO's code computes it: per episode, the mean over its attempts
+    of the running share of distinct answers after each answered one (answers lower-cased, whitespace removed;
+    an attempt without an answer counts 0), then the mean over episodes."""
+    def per_turn(episode: Episode) -> float:
+        seen, answered, total = set(), 0, 0.0
+        for answer in episode.answers:
+            if answer is not None:
+                seen.add(squeeze_answer(answer))
+                answered += 1
+                total += len(seen) / answered
+        return total / episode.turns
+    return _mean([per_turn(e) for e in episodes if e.turns])
+
+
+def distinct_answer_ratio(episodes: list[Episode]) -> float:
+    """The share the repetition penalty measures, E / T (env.distinct_answer_share), averaged over the episodes
+    that gave an answer: below 1 exactly where the reward charged for repeating."""
+    shares = [distinct_answer_share(e) for e in episodes]
+    return _mean([share for share in shares if share is not None])
+
+
+def no_answer_rate(episodes: list[Episode]) -> float:
+    """Fraction of episodes with an attempt that gave no extractable answer."""
+    return _mean([float(None in e.answers) for e in episodes])
+
+
+def repeat_rate(episodes: list[Episode]) -> float:
+    """Fraction of episodes that give one answer twice (normalized answers; attempts without one left out)."""
+    answered = [[a for a in e.answers if a is not None] for e in episodes]
+    return _mean([float(count_distinct_answers(a) < len(a)) for a in answered])
+
+
+def invalid_rate(episodes: list[Episode]) -> float:
+    """Fraction of episodes with an answer the task cannot accept (an attempt with an answer that is not
+    acceptable: out of the demo's range, or unreadable to math-verify)."""
+    for e in episodes:
+        if len(e.acceptable) != len(e.answers):
+            raise ValueError(f"episode {e.problem.id}: {len(e.answers)} answers but {len(e.acceptable)} verdicts")
+    return _mean([float(any(a is not None and not ok for a, ok in zip(e.answers, e.acceptable))) for e in episodes])
+
+
+def failure_modes(episodes: list[Episode]) -> dict[str, float]:
+    return {"no_answer_rate": no_answer_rate(episodes), "repeat_rate": repeat_rate(episodes),
+            "invalid_rate": invalid_rate(episodes)}
 
 
 def tokens_per_episode(lengths: list[int]) -> float:
@@ -86,7 +129,8 @@ def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None)
     """All multi-turn metrics in one table row; tokens_per_episode given per-episode sampled token counts."""
     table = {"episodes": float(len(episodes)), **{f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)},
              "mean_turns": mean_turns(episodes), "mean_turns_to_solve": mean_turns_to_solve(episodes),
-             "non_repetitive_ratio": non_repetitive_ratio(episodes)}
+             "non_repetitive_ratio": non_repetitive_ratio(episodes),
+             "distinct_answer_ratio": distinct_answer_ratio(episodes), **failure_modes(episodes)}
     if lengths is not None:
         table["tokens_per_episode"] = tokens_per_episode(lengths)
     return table

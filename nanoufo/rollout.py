@@ -37,14 +37,15 @@ def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_sample
         texts = [tokenizer.decode(r[:-1] if s else r) for r, s in zip(responses, stopped)]  # without the stop token
         over = env.step_batch([episodes[b] for b in rows], texts)
         # an attempt closed by <|im_end|> keeps it; any other end needs the close from the feedback turn
-        return [None if done else env.feedback_ids(s and r[-1] == env.turn_end_id)
-                for done, r, s in zip(over, responses, stopped)]
+        return [None if done else env.feedback_ids(s and r[-1] == env.turn_end_id, episodes[b])
+                for b, done, r, s in zip(rows, over, responses, stopped)]
 
     rollout = generate(model, [env.prompt_ids(e.problem.question) for e in episodes], next_turn,
                        max_turns=max_turns or env.max_turns, max_new_tokens=max_new_tokens, stop_ids=env.stop_ids,
                        temperature=temperature, top_p=top_p, seed=seed, max_len=max_len,
                        kv_budget_bytes=kv_budget_bytes, cuda_graphs=cuda_graphs,
-                       episode_ids=range(first_episode, first_episode + len(episodes)), decoders=decoders)
+                       episode_ids=range(first_episode, first_episode + len(episodes)), decoders=decoders,
+                       feedback_len=env.max_feedback_tokens())
     turn_rewards = [env.turn_rewards(e) for e in episodes]
     return dataclasses.replace(
         rollout, episodes=episodes, scores=torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float64),

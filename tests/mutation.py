@@ -29,9 +29,9 @@ PARALLEL = ["tests/test_parallel.py::test_clipping_scales_by_at_most_one_to_the_
             "tests/test_parallel.py::test_tp2_and_dp2_match_one_process"]  # not the peer-timeout tests (slow)
 TESTS = {  # pytest arguments for a mutant in each module, the most targeted first (-x stops at the first failure)
     "nanoufo/trainer.py": ["tests/test_build_batch.py", "tests/test_trainer.py", "tests/test_micro_batches.py",
-                           "tests/test_fused_policy_loss.py", PARALLEL[-1]],
+                           "tests/test_fused_policy_loss.py", PARALLEL[-1], "tests/test_learning.py"],
     "nanoufo/rl.py": ["tests/test_rl.py", "tests/test_micro_batches.py", "tests/test_build_batch.py",
-                      "tests/test_trainer.py"],
+                      "tests/test_trainer.py", "tests/test_learning.py"],
     "nanoufo/env.py": ["tests/test_env.py"],
     "nanoufo/sampler.py": ["tests/test_sampler.py", "tests/test_build_batch.py"],
     "nanoufo/checkpoint.py": ["tests/test_checkpoint.py", *(f"tests/test_reliability.py::{name}" for name in (
@@ -227,6 +227,10 @@ MUTANTS = [
            "return k3 if clamp is None else k3.clamp(max=clamp)", "return k3"),
     Mutant("trainer: dual_clip=0 passed as a cap of 0", "nanoufo/trainer.py",
            "dual_clip=cfg.dual_clip or None,", "dual_clip=cfg.dual_clip,"),
+    Mutant("trainer: the advantage's sign flipped", "nanoufo/trainer.py",
+           "at(mb.old_logp), at(mb.advantages),", "at(mb.old_logp), -at(mb.advantages),"),
+    Mutant("rl: an episode's reward one token early", "nanoufo/rl.py",
+           "rewards[rows, trajectory_lengths(mask) - 1]", "rewards[rows, trajectory_lengths(mask) - 2]"),
     Mutant("schedule: the peak rate held for two steps", "nanoufo/schedule.py",
            "peak = max(warmup_steps - 1, 0)", "peak = warmup_steps"),
     Mutant("schedule: lr_schedule_steps ignored", "nanoufo/schedule.py",

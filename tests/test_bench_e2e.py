@@ -122,7 +122,9 @@ def test_demo_eval_script(tmp_path, capsys):
     from nanoufo.weights import save_model
     save_model(demo.build_model(len(demo.build_tokenizer()), seed=0), tmp_path / "m")
     rows = importlib.import_module("demo_eval").main([str(tmp_path / "m"), "--seeds=1,2", "--n_problems=6"])
-    assert len(rows) == 1 and len(rows[0]["succ_per_seed"]) == 2
-    assert rows[0]["succ"] == pytest.approx(sum(rows[0]["succ_per_seed"]) / 2)
-    assert 0.0 <= rows[0]["non_repetitive"] <= 1.0
+    assert len(rows) == 1 and len(rows[0]["per_seed"]) == 2
+    succ = [table["succ@5"] for table in rows[0]["per_seed"]]
+    assert rows[0]["succ@5"] == pytest.approx(sum(succ) / 2)
+    assert rows[0]["succ@5_sd"] == pytest.approx(abs(succ[0] - succ[1]) / 2 ** 0.5)
+    assert 0.0 <= rows[0]["invalid_rate"] <= 1.0 and 0.0 <= rows[0]["non_repetitive_ratio"] <= 1.0
     assert "Succ@5" in capsys.readouterr().out

@@ -103,10 +103,17 @@ def test_paper_configs_carry_the_papers_numbers():
     config_dir = Path(__file__).resolve().parent.parent / "config"
     ufo = read_config_file(str(config_dir / "ufo_qwen2.5_3b.py"))
     assert (ufo["format_penalty"], ufo["repetition_penalty"], ufo["aggregation"]) == (0.1, 0.5, "seq-mean")
+    assert (ufo["problems_per_step"], ufo["n_samples_per_problem"], ufo["keep_groups"], ufo["minibatch_size"],
+            ufo["max_new_tokens"], ufo["dual_clip"], ufo["weight_decay"]) == (8, 16, 2, 8, 400, 0.0, 0.01)
+    assert (ufo["answer_format"], ufo["grading"], ufo["system_prompt"]) == ("think_answer", "exact",
+                                                                         "You're a helpful assistant. ")
     intuitor = TrainConfig(**read_config_file(str(config_dir / "intuitor_qwen2.5_3b.py")))
     assert (intuitor.max_steps, intuitor.lr_schedule, intuitor.lr_warmup_ratio) == (58, "cosine", 0.1)
     assert intuitor.max_new_tokens == 3072 and intuitor.ppo_epochs == 1
-    assert intuitor.minibatch_size == intuitor.batch_episodes == 128 * 7  # one optimizer step per rollout
+    assert intuitor.minibatch_size == intuitor.batch_episodes == 128 * 8  # one optimizer step per rollout
+    assert (intuitor.kl_estimator, intuitor.kl_clamp, intuitor.user_template, intuitor.eval_temperature) == (
+        "k3", 10.0, "{question}", 0.0)
+    assert intuitor.system_prompt.endswith("Please stop generation immediately after outputing the box.")
     assert [s.name for s in eval_sets(intuitor)] == ["math500", "gsm8k"]
     assert [s.name for s in eval_sets(replace(intuitor, eval_data="a/test.jsonl,b/test.jsonl,b/x.jsonl"))] == [
         "a", "b", "x"]
@@ -125,3 +132,12 @@ def test_greedy_evaluation_is_allowed_and_negative_temperatures_are_not():
     for bad in ("--eval_temperature=-0.1", "--temperature=0"):
         with pytest.raises(ValueError, match="temperature"):
             parse_args([bad], check_paths=False)
+
+
+def test_help_prints_the_paper_configs_reference_table():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "train.py", "config/ufo_qwen2.5_3b.py", "--help"], cwd=root,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "| setting | UFO's code (file) | here | same, or why not |" in done.stdout
+    bad = subprocess.run([sys.executable, "train.py", "nosuch.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "nosuch.py: config file not found"

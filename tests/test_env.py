@@ -113,6 +113,25 @@ def test_unsolved_episode_with_format_penalty(qwen_tokenizer):
     assert env.turn_rewards(episode) == pytest.approx([0.0, -0.1, 0.0])  # E = T = 2: no repetition
 
 
+def test_decay_counts_answered_attempts_and_an_unacceptable_answer_is_a_repeat(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1)
+    episode, _ = play(env, ["no answer here", r"\boxed{18}"])
+    # as in UFO's code, the answerless attempt pays the format penalty and does not advance the decay
+    assert env.turn_rewards(episode) == pytest.approx([-0.1, 1.0])
+    env = UFOEnv(qwen_tokenizer, max_turns=3, repetition_penalty=0.5, format_penalty=0.1,
+                 accepts=lambda problem, answer: len(answer) == 2)
+    episode, _ = play(env, [r"\boxed{3433}", r"\boxed{17}", r"\boxed{4}"])
+    assert episode.acceptable == [False, True, False]
+    # an unacceptable answer pays the format penalty, and counts as a repeat: T = 3 answers, E = 1
+    assert env.turn_rewards(episode) == pytest.approx([-0.1, 0.0, -0.1 - 0.5 * (1 - 1 / 3)])
+
+
+def test_by_default_an_answer_is_acceptable_when_math_verify_reads_an_expression(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, max_turns=4)
+    episode, _ = play(env, [r"\boxed{x+}", r"\boxed{\frac{1}{2}}", "none", r"\boxed{18}"])
+    assert episode.acceptable == [False, True, False, True]
+
+
 def test_step_batch_and_bad_settings(qwen_tokenizer):
     env = UFOEnv(qwen_tokenizer, max_turns=2)
     episodes = [Episode(Problem("q", gold, f"test:{i}")) for i, gold in enumerate(["18", r"\frac{1}{2}"])]
@@ -131,3 +150,31 @@ def test_prompts_fit_at_exactly_the_limit(tokenizer):
     n = len(env.prompt_ids(QUESTION))
     assert env.prompts_fit([QUESTION, QUESTION + " Show your work."], n) == [True, False]
     assert env.prompts_fit([QUESTION], n - 1) == [False]
+
+
+UFO_CODE_FEEDBACK = ("Reward:\n{reward}\n\nTurn {turn}:\nState:\nIncorrect. Please think again.\nYou have {actions_left} "
+                     "actions left.")
+
+
+def test_ufo_codes_format_forced_think_exact_grading_and_feedback_with_reward_and_actions(qwen_tokenizer):
+    env = UFOEnv(qwen_tokenizer, max_turns=5, answer_format="think_answer", grading="exact",
+                 system_prompt="You're a helpful assistant. ", instruction="Only give the final answer.",
+                 user_template="{instruction}\nTurn 1:\nState:\n{question}\nYou have {actions_left} actions left.",
+                 feedback=UFO_CODE_FEEDBACK)
+    prompt = qwen_tokenizer.decode(env.prompt_ids("What is 6 x 3?"))
+    assert prompt.startswith("<|im_start|>system\nYou're a helpful assistant. <|im_end|>\n<|im_start|>user\n")
+    assert "Only give the final answer.\nTurn 1:\nState:\nWhat is 6 x 3?\nYou have 5 actions left." in prompt
+    assert prompt.endswith("<|im_start|>assistant\n<think>")  # the forced start of the first attempt
+    # the attempts as sampled (after the forced "<think>"): no answer, a wrong one, then "18 " in another case
+    episode, over = play(env, ["hmm", "6 x 3 is 17 </think> <answer>17</answer>", " </think><answer> 18 </answer>"])
+    assert episode.answers == [None, "17", "18"] and episode.correct == [False, False, True] and over[-1]
+    first = Episode(Problem("q", "18", "t:0"), ["hmm"], [None], [False], [False])
+    text = qwen_tokenizer.decode(env.feedback_ids(True, first))  # an attempt without an answer spends no action
+    assert text == ("\n<|im_start|>user\nReward:\n0.0\n\nTurn 2:\nState:\nIncorrect. Please think again.\nYou have 5 "
+                    "actions left.<|im_end|>\n<|im_start|>assistant\n<think>")
+    second = Episode(Problem("q", "18", "t:0"), ["hmm", "x"], [None, "17"], [False, False], [False, True])
+    assert "Turn 3:" in qwen_tokenizer.decode(env.feedback_ids(True, second))
+    assert "You have 4 actions left." in qwen_tokenizer.decode(env.feedback_ids(False, second))
+    assert env.max_feedback_tokens() >= len(env.feedback_ids(False, second))
+    with pytest.raises(ValueError, match="placeholders"):
+        env.feedback_ids(True)

@@ -4,7 +4,8 @@ import pytest
 
 from grading_utils import contract_bound, grade_in_thread, started_grader
 from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
-from nanoufo.grader import count_distinct_answers, extract_answer, grade_batch, normalize_answer
+from nanoufo.grader import (count_distinct_answers, exact_match, extract_answer, extract_think_answer, grade_batch,
+                            normalize_answer)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -104,3 +105,20 @@ def test_pathological_answer_times_out_and_the_worker_recovers():
     assert not hung, "grading a pathological answer hung"
     assert verdicts == [True, False, True, False, False]
     assert elapsed < bound, f"grading took {elapsed:.1f}s (start-up {restart_s:.1f}s): a timeout did not fire in time"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think> 6 x 3 </think> <answer> 18 </answer>", "18"),
+    ("<think>a</think><answer>1</answer> then <think>b</think><answer>2</answer>", "1"),  # the first, as re.search
+    ("<think>a</think>\n<answer><answer>x + 1</answer></answer>", "x + 1"),  # nested tags removed
+    ("<answer>18</answer>", None),  # no <think> part: UFO's code finds no action
+    ("<think>a</think><answer> </answer>", None),
+])
+def test_extract_think_answer_as_ufos_code_parses(text, expected):
+    assert extract_think_answer(text) == expected
+
+
+def test_exact_match_lower_cases_and_drops_whitespace_only():
+    assert exact_match(" 1 / 2 ", "1/2") and exact_match("X+1", "x + 1")
+    assert not exact_match("0.5", "1/2") and not exact_match("18.0", "18") and not exact_match(None, "18")
+    assert not exact_match(" ", "")  # an empty answer is not an action

@@ -5,12 +5,16 @@ import pytest
 
 from nanoufo.data import Problem
 from nanoufo.env import Episode
-from nanoufo.metrics import (best_pick, maj_at_n, majority_pick, mean_turns, mean_turns_to_solve, non_repetitive_ratio,
-                             pass_at_k, rm_at_n, succ_at_k, summarize, tokens_per_episode)
+from nanoufo.metrics import (best_pick, distinct_answer_ratio, failure_modes, maj_at_n, majority_pick, mean_turns,
+                             mean_turns_to_solve, non_repetitive_ratio, pass_at_k, rm_at_n, succ_at_k, summarize,
+                             tokens_per_episode)
 
 
-def episode(answers: list[str | None], correct: list[bool]) -> Episode:
-    return Episode(Problem("q", "a", "test:0"), [f"response {i}" for i in range(len(answers))], answers, correct)
+def episode(answers: list[str | None], correct: list[bool], acceptable: list[bool] | None = None) -> Episode:
+    """An episode record; every given answer acceptable unless `acceptable` says otherwise."""
+    acceptable = [a is not None for a in answers] if acceptable is None else acceptable
+    return Episode(Problem("q", "a", "test:0"), [f"response {i}" for i in range(len(answers))], answers, correct,
+                   acceptable)
 
 
 EPISODES = [
@@ -47,18 +51,34 @@ def test_succ_at_k_and_pass_at_k_differ_on_the_same_problem():
 def test_turns_repetition_and_tokens():
     assert mean_turns(EPISODES) == pytest.approx((1 + 3 + 5 + 2) / 4)
     assert mean_turns_to_solve(EPISODES) == pytest.approx((1 + 3 + 2) / 3)
-    assert non_repetitive_ratio(EPISODES) == pytest.approx((2 / 3 + 3 / 5 + 1) / 3)  # the 1-turn episode is left out
+    # UFO's code: per turn the running share of distinct answers (0 without an answer), averaged over turns:
+    # 1; (1 + 1/2 + 2/3) / 3; (0 + 1 + 1 + 1 + 0) / 5 ("3.0" is not "3" once lower-cased); 1
+    assert non_repetitive_ratio(EPISODES) == pytest.approx((1 + (1 + 1 / 2 + 2 / 3) / 3 + 3 / 5 + 1) / 4)
+    # the repetition penalty's E / T over answered attempts ("3.0" is "3" to normalize_answer): 1, 2/3, 2/3, 1
+    assert distinct_answer_ratio(EPISODES) == pytest.approx((1 + 2 / 3 + 2 / 3 + 1) / 4)
     assert tokens_per_episode([10, 20, 30, 40]) == 25.0
     assert math.isnan(mean_turns_to_solve([episode(["0"], [False])]))
-    assert math.isnan(non_repetitive_ratio(EPISODES[:1]))
+    assert math.isnan(distinct_answer_ratio([episode([None], [False])]))
 
 
 def test_summarize():
     table = summarize(EPISODES, k=3, lengths=[10, 20, 30, 40])
     assert table == pytest.approx({"episodes": 4.0, "succ@1": 0.25, "succ@2": 0.5, "succ@3": 0.75,
                                    "mean_turns": 2.75, "mean_turns_to_solve": 2.0,
-                                   "non_repetitive_ratio": (2 / 3 + 3 / 5 + 1) / 3, "tokens_per_episode": 25.0})
+                                   "non_repetitive_ratio": (1 + (1 + 1 / 2 + 2 / 3) / 3 + 3 / 5 + 1) / 4,
+                                   "distinct_answer_ratio": (1 + 2 / 3 + 2 / 3 + 1) / 4, "tokens_per_episode": 25.0,
+                                   "no_answer_rate": 0.25, "repeat_rate": 0.5, "invalid_rate": 0.0})
     assert "tokens_per_episode" not in summarize(EPISODES, k=1)
+
+
+def test_failure_modes_count_episodes_not_attempts():
+    episodes = [episode(["3433", "3433", "1"], [False, False, True], [False, False, True]),  # invalid and repeated
+                episode([None, None, "2", "4"], [False] * 4, [False, False, True, False]),  # no answer, invalid
+                episode(["1", "2"], [False, True]),                                         # clean
+                episode(["5", None, "5.0"], [False] * 3)]                                   # repeated, no answer
+    assert failure_modes(episodes) == {"no_answer_rate": 0.5, "repeat_rate": 0.5, "invalid_rate": 0.5}
+    with pytest.raises(ValueError, match="episode test:0: 2 answers but 1 verdicts"):
+        failure_modes([episode(["1", "2"], [False, False], [True])])
 
 
 def test_maj_at_n_votes_on_normalized_answers_ties_to_the_first():

@@ -53,10 +53,11 @@ class LongestIsBest:
 
 def test_best_of_n_majority_and_pass_over_the_same_samples(policy_dir, qwen_tokenizer, monkeypatch, tmp_path):
     # answers and verdicts as known functions of the sampled text: the answer is len(text) % 3, "0" is right
-    monkeypatch.setattr(nanoufo.env, "extract_answer", lambda text: str(len(text) % 3))
     monkeypatch.setattr(nanoufo.env, "grade_batch", lambda answers, golds, timeout=5.0: [a == "0" for a in answers])
+    env = UFOEnv(qwen_tokenizer, max_turns=1)
+    env.extract = lambda text: str(len(text) % 3)  # the reader the env chose for its answer format
     out, n = tmp_path / "bon.jsonl", 4
-    table = best_of_n(load_model(policy_dir).eval(), UFOEnv(qwen_tokenizer, max_turns=1), PROBLEMS,
+    table = best_of_n(load_model(policy_dir).eval(), env, PROBLEMS,
                       LongestIsBest(), n=n, batch_size=8, max_new_tokens=6, temperature=1.0, out=out, progress=False)
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in records] == [p.id for p in PROBLEMS for _ in range(n)]

@@ -13,7 +13,7 @@ import pytest
 import nanoufo.env
 from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
-from nanoufo.evaluate import evaluate
+from nanoufo.evaluate import evaluate, held_out_metrics
 from nanoufo.rollout import run_episodes
 from nanoufo.weights import load_model
 
@@ -113,3 +113,18 @@ def test_evaluate_pass_at_k_uses_single_turn_samples(qwen_tiny, qwen_tokenizer, 
     assert table["pass@1"] == pytest.approx((0.5 + 0.5 + 0) / 3) and table["pass@2"] == pytest.approx(2 / 3)
     with pytest.raises(AssertionError):
         evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, mode="best")
+
+
+def test_held_out_metrics_are_means_over_evaluation_seeds_with_their_spread():
+    from nanoufo import demo  # its random tiny model stops now and then: lengths vary from seed to seed
+    tokenizer = demo.build_tokenizer()
+    model, env = demo.build_model(len(tokenizer), seed=0), UFOEnv(tokenizer, max_turns=2, instruction="")
+    problems, options = demo.make_problems("test", 8, seed=0), dict(max_new_tokens=16, temperature=1.0, progress=False)
+    tables = [evaluate(model, env, problems, k=2, seed=seed, **options) for seed in (3, 4)]
+    lengths = [t["tokens_per_episode"] for t in tables]
+    assert lengths[0] != lengths[1]
+    row = held_out_metrics(model, env, problems, k=2, seeds=[3, 4], **options)
+    assert row["tokens_per_episode"] == pytest.approx(sum(lengths) / 2)
+    assert row["tokens_per_episode_sd"] == pytest.approx(abs(lengths[0] - lengths[1]) / 2 ** 0.5)
+    assert row["invalid_rate"] == pytest.approx((tables[0]["invalid_rate"] + tables[1]["invalid_rate"]) / 2)
+    assert "succ_at_k_sd" not in held_out_metrics(model, env, problems, k=2, seeds=[3], **options)
