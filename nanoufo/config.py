@@ -67,9 +67,11 @@ class TrainConfig:
     # environment
     max_turns: int = 5
     feedback: str = "Try again."  # may hold {reward}, {turn}, {actions_left} (UFO's code's feedback turn)
-    turn_decay: float = 0.5
+    # the demo's reward: success at any attempt counts fully, an invalid answer costs 0.5 (README, "The built-in
+    # demo"); the UFO paper's values (0.5, 0.5, 0.1) are in config/ufo_qwen2.5_3b.py
+    turn_decay: float = 1.0
     repetition_penalty: float = 0.5
-    format_penalty: float = 0.0
+    format_penalty: float = 0.5
     reward_placement: str = "last"
     # sampling
     problems_per_step: int = 32  # questions sampled per step, before the group filter
@@ -90,9 +92,9 @@ class TrainConfig:
     prm: str = ""  # reward = "prm": a process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)
     prm_aggregate: str = "min"  # an attempt's PRM score from its steps' scores: "min" or "product"
     prm_gold_weight: float = 0.0  # reward = (1 - w) * PRM score (mean over attempts) + w * gold reward
-    ppo_epochs: int = 2
+    ppo_epochs: int = 4
     minibatch_size: int = 32  # episodes per optimizer step
-    actor_lr: float = 1e-3
+    actor_lr: float = 5e-4
     critic_lr: float = 1e-3
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (towards min_lr_ratio * lr at max_steps)
     lr_warmup_ratio: float = 0.0  # linear warm-up over this fraction of the schedule's steps (rounded to a whole step)
@@ -119,7 +121,7 @@ class TrainConfig:
     checkpoint_activations: bool = False  # recompute each transformer block in the backward
     gpu_mem_gib: float = 0.0  # the memory plan's budget per GPU; 0 = the device's own (no check on the CPU)
     # loop
-    max_steps: int = 150
+    max_steps: int = 200
     eval_interval: int = 0  # 0 = only at the start and the end
     ckpt_interval: int = 20  # 0 = only at the end (and on Ctrl-C / SIGTERM)
     plot_interval: int = 0  # steps between plot refreshes; 0 = only at the end

@@ -44,8 +44,8 @@ def train(algorithm: str, task: str, steps: int, seed: int = 0) -> tuple[list[fl
     tokenizer = demo.build_tokenizer(demo.WORDS + [f"\\boxed{{{d}}}" for d in digits])
     env = UFOEnv(tokenizer, max_turns=turns, instruction="", turn_decay=1.0, repetition_penalty=0.0)
     cfg = TrainConfig(algorithm=algorithm, max_turns=turns, max_new_tokens=1, problems_per_step=16,
-                      n_samples_per_problem=4, minibatch_size=32, actor_lr=3e-3, critic_lr=3e-3, kl_coef=0.0,
-                      entropy_coef=0.0)
+                      n_samples_per_problem=4, minibatch_size=32, ppo_epochs=2, actor_lr=3e-3, critic_lr=3e-3,
+                      kl_coef=0.0, entropy_coef=0.0)
     torch.manual_seed(seed)
     actor = demo.build_model(len(tokenizer), seed)
     critic = demo.build_model(len(tokenizer), seed, value_head=True) if algorithm == "ufo_ppo" else None
