@@ -121,7 +121,7 @@ class TrainConfig:
     checkpoint_activations: bool = False  # recompute each transformer block in the backward
     gpu_mem_gib: float = 0.0  # the memory plan's budget per GPU; 0 = the device's own (no check on the CPU)
     # loop
-    max_steps: int = 200
+    max_steps: int = 250
     eval_interval: int = 0  # 0 = only at the start and the end
     ckpt_interval: int = 20  # 0 = only at the end (and on Ctrl-C / SIGTERM)
     plot_interval: int = 0  # steps between plot refreshes; 0 = only at the end

@@ -103,10 +103,11 @@ def candidates(question: str) -> list[str]:
     return [str(d) for d in range(int(low), int(high) + 1)]
 
 
-def accepts(problem: Problem, answer: str) -> bool:
-    """Whether the task can accept an answer, right or wrong: one digit of the question's range (UFOEnv's
-    `accepts`; "3433" or "7" for "from 1 to 4" is not)."""
-    return answer in candidates(problem.question)
+def accepts(problem: Problem, answer: str, attempt: str) -> bool:
+    """Whether the task can accept an attempt, right or wrong (UFOEnv's `accepts`): one digit of the question's
+    range and nothing but its \\boxed{}. "3433" or "7" for "from 1 to 4" is not, nor "\\boxed{1D\\boxed{2}",
+    which the grader reads as 2: a policy left free to write such attempts drifted into them in RL."""
+    return answer in candidates(problem.question) and attempt == f"\\boxed{{{answer}}}"
 
 
 def build_model(vocab_size: int, seed: int, value_head: bool = False) -> Qwen2:

@@ -55,14 +55,15 @@ class UFOEnv:
                  repetition_penalty: float = 0.5, format_penalty: float = 0.0,
                  instruction: str = "Please reason step by step, and put your final answer within \\boxed{}.",
                  system_prompt: str | None = None, grade_timeout: float = 5.0,
-                 accepts: Callable[[Problem, str], bool] | None = None, answer_format: str = "boxed",
+                 accepts: Callable[[Problem, str, str], bool] | None = None, answer_format: str = "boxed",
                  grading: str = "math_verify", user_template: str = "{question} {instruction}"):
         """`repetition_penalty` and `format_penalty` are magnitudes (>= 0) that are subtracted; UFO's code
         uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message. `accepts`
-        (problem, answer) says whether the task can accept an extracted answer at all, right or wrong (the
-        demo: one digit of the question's range); None: math-verify reads an expression in it (with exact
-        grading: any answer). answer_format "boxed" reads the last \\boxed{} (or <answer>); "think_answer",
-        UFO's code's, starts every attempt with a forced "<think>" and reads <think>..</think><answer>..</answer>.
+        (problem, answer, attempt) says whether the task can accept an attempt's extracted answer at all, right
+        or wrong, given the attempt's text too (the demo: one digit of the question's range, and nothing but
+        its \\boxed{}); None: math-verify reads an expression in the answer (with exact grading: any answer).
+        answer_format "boxed" reads the last \\boxed{} (or <answer>); "think_answer", UFO's code's, starts every
+        attempt with a forced "<think>" and reads <think>..</think><answer>..</answer>.
         grading "math_verify" (equivalence) or "exact" (UFO's code: lower-cased, whitespace removed).
         user_template: the user turn, from {question}, {instruction} and {actions_left} (max_turns); feedback
         may hold {reward} (0.0: an attempt that goes on was wrong), {turn} (the next attempt's number, from 1)
@@ -157,7 +158,8 @@ class UFOEnv:
         for episode in episodes:
             if self.is_over(episode):
                 raise ValueError(f"episode {episode.problem.id} is already over after {episode.turns} attempts")
-        answers = [self.extract(self.response_prefix + text) for text in response_texts]
+        attempts = [self.response_prefix + text for text in response_texts]  # what the answer is read from
+        answers = [self.extract(attempt) for attempt in attempts]
         labeled = [i for i, episode in enumerate(episodes) if episode.problem.answer is not None]
         golds = [episodes[i].problem.answer for i in labeled]
         if self.grading == "exact":
@@ -165,7 +167,7 @@ class UFOEnv:
         else:
             graded = grade_batch([answers[i] for i in labeled], golds, self.grade_timeout)
         verdicts = dict(zip(labeled, graded))  # an unlabeled problem (label-free training) is never correct
-        acceptable = self._acceptable([episode.problem for episode in episodes], answers)
+        acceptable = self._acceptable([episode.problem for episode in episodes], answers, attempts)
         for i, (episode, text, answer) in enumerate(zip(episodes, response_texts, answers)):
             episode.responses.append(text)
             episode.answers.append(answer)
@@ -173,15 +175,15 @@ class UFOEnv:
             episode.acceptable.append(acceptable[i] or episode.correct[-1])  # a correct answer is acceptable
         return [self.is_over(episode) for episode in episodes]
 
-    def _acceptable(self, problems: list[Problem], answers: list[str | None]) -> list[bool]:
-        """Whether the task can accept each answer (see __init__'s `accepts`); no answer is not acceptable."""
+    def _acceptable(self, problems: list[Problem], answers: list[str | None], attempts: list[str]) -> list[bool]:
+        """Whether the task can accept each attempt (see __init__'s `accepts`); no answer is not acceptable."""
         given = [i for i, answer in enumerate(answers) if answer is not None]
         if self.accepts is None and self.grading == "exact":  # UFO's code: any non-empty answer is an action
             verdicts = [True] * len(given)
         elif self.accepts is None:
             verdicts = parse_batch([answers[i] for i in given], self.grade_timeout)
         else:
-            verdicts = [self.accepts(problems[i], answers[i]) for i in given]
+            verdicts = [self.accepts(problems[i], answers[i], attempts[i]) for i in given]
         found = dict(zip(given, verdicts))
         return [found.get(i, False) for i in range(len(answers))]
 

@@ -27,11 +27,15 @@ def test_problems_are_reproducible_and_the_splits_disjoint():
         demo.make_problems("dev", 1, seed=0)
 
 
-def test_an_answer_is_acceptable_when_it_is_one_digit_of_the_range():
+def test_an_attempt_is_acceptable_when_it_is_one_boxed_digit_of_the_range():
     problem = demo.make_problems("test", 1, seed=0)[0]
     low, high = int(demo.candidates(problem.question)[0]), int(demo.candidates(problem.question)[-1])
-    assert [demo.accepts(problem, str(d)) for d in range(10)] == [low <= d <= high for d in range(10)]
-    assert not any(demo.accepts(problem, a) for a in (str(low) * 2, f"{low}.0", f" {low}", ""))
+    boxed = lambda answer: f"\\boxed{{{answer}}}"  # noqa: E731
+    assert [demo.accepts(problem, str(d), boxed(d)) for d in range(10)] == [low <= d <= high for d in range(10)]
+    assert not any(demo.accepts(problem, a, boxed(a)) for a in (str(low) * 2, f"{low}.0", f" {low}", ""))
+    # the grader reads the last box, but an attempt is one box and nothing else
+    for attempt in (f"\\boxed{{{high}D" + boxed(low), boxed(low) * 2, f"{high} " + boxed(low)):
+        assert not demo.accepts(problem, str(low), attempt), attempt
 
 
 def test_feedback_and_boxed_are_single_tokens(tokenizer):

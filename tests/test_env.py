@@ -119,11 +119,13 @@ def test_decay_counts_answered_attempts_and_an_unacceptable_answer_is_a_repeat(q
     # as in UFO's code, the answerless attempt pays the format penalty and does not advance the decay
     assert env.turn_rewards(episode) == pytest.approx([-0.1, 1.0])
     env = UFOEnv(qwen_tokenizer, max_turns=3, repetition_penalty=0.5, format_penalty=0.1,
-                 accepts=lambda problem, answer: len(answer) == 2)
+                 accepts=lambda problem, answer, attempt: len(answer) == 2 and attempt == rf"\boxed{{{answer}}}")
     episode, _ = play(env, [r"\boxed{3433}", r"\boxed{17}", r"\boxed{4}"])
     assert episode.acceptable == [False, True, False]
     # an unacceptable answer pays the format penalty, and counts as a repeat: T = 3 answers, E = 1
     assert env.turn_rewards(episode) == pytest.approx([-0.1, 0.0, -0.1 - 0.5 * (1 - 1 / 3)])
+    boxes, _ = play(env, [r"\boxed{1\boxed{17}"])  # the task sees the whole attempt, not only the answer in it
+    assert [boxes.answers, boxes.acceptable] == [["17"], [False]]
 
 
 def test_by_default_an_answer_is_acceptable_when_math_verify_reads_an_expression(qwen_tokenizer):
