@@ -138,8 +138,8 @@ def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
 
 def test_ppo_update_logs_the_padding_fraction(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch references: the kernels are not the point
-    cfg = TrainConfig(minibatch_size=3, micro_batch_tokens=30, problems_per_step=6,
-                                       n_samples_per_problem=1)
+    cfg = TrainConfig(minibatch_size=3, micro_batch_tokens=30, problems_per_step=6, n_samples_per_problem=1,
+                      ppo_epochs=2)  # 2 epochs x 2 minibatches
     for pack, check in ((True, lambda f: f == 0.0), (False, lambda f: 0.0 < f < 1.0)):
         actor, critic = models()
         out = ppo_update(replace(cfg, pack_sequences=pack), actor, critic, make_optimizers(cfg, actor, critic),

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DEMO = ["--warmup_steps=3", "--max_turns=2", "--problems_per_step=4", "--n_samples_per_problem=2",
              "--keep_groups=2", "--minibatch_size=2", "--max_new_tokens=4", "--n_eval_problems=2", "--eval_k=2",
-             "--ckpt_interval=0", "--tp=1", "--device=cpu"]
+             "--ppo_epochs=2", "--ckpt_interval=0", "--tp=1", "--device=cpu"]
 TIMING_KEYS = {"tokens_per_s", "step_time_s", "peak_memory_mb"}
 # The runs use the kernels' PyTorch references (tests/test_kernels_* check the Triton kernels against them):
 # under the interpreter one tiny run takes minutes.
@@ -48,7 +48,7 @@ def final_actor(out_dir: Path) -> dict:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: fp32 masters restored, not re-rounded
 def test_resume_gives_the_same_run(tmp_path, dtype):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run = [*TINY_DEMO, f"--dtype={dtype}", "--lr_schedule=cosine", "--lr_warmup_ratio=0.25",
+    run = [*TINY_DEMO, f"--dtype={dtype}", "--actor_lr=1e-3", "--lr_schedule=cosine", "--lr_warmup_ratio=0.25",
            "--lr_schedule_steps=4"]  # the schedule spans the whole run, resumed at step 2
     train(*run, f"--out_dir={whole}", "--max_steps=4")
     train(*run, f"--out_dir={halves}", "--max_steps=2")
