@@ -83,6 +83,7 @@ class UFOEnv:
         fixed = not any(f"{{{key}}}" in feedback for key in ("reward", "turn", "actions_left"))
         self._fixed_feedback = {stop: self._feedback_tokens(stop, feedback) for stop in (False, True)} \
             if fixed else None  # by ended_with_stop
+
     def _render(self, question: str, turns: tuple[dict, ...] = (), add_generation_prompt: bool = True) -> str:
         """The template's text of the opening ((system), user turn with question and instruction) and `turns`."""
         system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
@@ -110,13 +111,16 @@ class UFOEnv:
     def prompt_ids(self, question: str) -> list[int]:
         """The episode's opening tokens: (system), user turn with question and instruction, assistant header
         (and the forced start of the first attempt)."""
-        return self._encode(self._render(question) + self.response_prefix)
+        return self._encode(self._prompt_text(question))
+
+    def _prompt_text(self, question: str) -> str:
+        return self._render(question) + self.response_prefix
 
     def prompts_fit(self, questions: list[str], max_tokens: int) -> list[bool]:
         """Whether each question's prompt has at most max_tokens tokens. Only prompts whose text has more
         than max_tokens - 1 UTF-8 bytes are tokenized: a byte-level BPE token (Qwen's) covers at least one
         byte, and the - 1 leaves room for a tokenizer that prepends a word-start piece."""
-        texts = [self._render(q) + self.response_prefix for q in questions]
+        texts = [self._prompt_text(q) for q in questions]
         return [len(text.encode()) < max_tokens or len(self._encode(text)) <= max_tokens for text in texts]
 
     def _encode(self, text: str) -> list[int]:

@@ -89,7 +89,8 @@ def squeeze_answer(answer: str) -> str:
 
 def exact_match(answer: str | None, gold: str) -> bool:
     """UFO's code's grading: equal once squeezed (squeeze_answer; no math equivalence), and not empty."""
-    return answer is not None and squeeze_answer(answer) != "" and squeeze_answer(answer) == squeeze_answer(gold)
+    squeezed = None if answer is None else squeeze_answer(answer)
+    return bool(squeezed) and squeezed == squeeze_answer(gold)
 
 
 # normalize_answer: rewrite rules applied in order; each removes a way of writing that does not change the answer.
