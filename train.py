@@ -216,12 +216,12 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     problems = problems_at(data_pos + par.dp_rank * n, n)
     data_pos += n * par.dp_size
     episodes_per_rank = n * cfg.n_samples_per_problem  # ids unique over the run: every rollout draws new noise
-    rollout = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
+    graded = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer,
                            kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs,
                            first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank, decoders=decoders)
-    scored, stats = score_rollout(cfg, actor, rollout, prm)  # the env's rewards, or a reward model's
+    scored, stats = score_rollout(cfg, actor, graded, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(cfg, actor, critic, ref, scored)
     stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
@@ -231,10 +231,10 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     step += 1
     bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
     elapsed = time.time() - t0
-    summary = summarize(rollout.episodes, k=cfg.max_turns)
-    record = {"kind": "train", "step": step, "reward": float(np.mean(rollout.scores.numpy())),  # the env's
+    summary = summarize(graded.episodes, k=cfg.max_turns)
+    record = {"kind": "train", "step": step, "reward": float(np.mean(graded.scores.numpy())),  # the env's
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
-              "tokens_per_s": float(rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
+              "tokens_per_s": float(graded.rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
               "peak_memory_mb": peak_memory_mb()}
     if logger:
         logger.log(record)

@@ -325,7 +325,8 @@ def path_runners(model, critic, batch: int, context: int) -> dict:
         weights = trainer.minibatch_weights(mb.mask, cfg.aggregation, model.par)
 
         def run():
-            loss, _ = trainer.policy_loss(cfg, model, mb, weights, lengths if packed else None)
+            forward = trainer.one_forward(tokens, lengths if packed else None)[0]
+            loss, _ = trainer.policy_loss(cfg, model, trainer.UpdateRows.of(mb, weights, forward))
             loss.backward()
         return run
 

@@ -21,7 +21,6 @@ counts twice its forward; the update runs actor 1 + 3, reference 1, critic 1 + 3
 The fused head's backward recomputation is hardware work, not model FLOPs, so it is not counted.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 """
-import dataclasses
 import math
 import sys
 from contextlib import contextmanager, nullcontext
@@ -37,6 +36,7 @@ from nanoufo import trainer
 from nanoufo.config import TrainConfig, validate
 from nanoufo.model import QwenConfig
 from nanoufo.parallel import SINGLE
+from nanoufo.rollout import Graded
 
 IMPLS = ("fused", "reference", "transformers")
 COLUMNS = ["batch", "impl", "tokens_per_s", "mfu", "peak_GiB", "seconds", "loss", "error"]
@@ -69,11 +69,13 @@ class HFPolicy(nn.Module):
         return self.value_head(hidden).squeeze(-1).float()  # (B, T)
 
 
-def with_rewards(rollout, seed: int):
-    """The rollout with synthetic environment rewards, one per episode (what run_episodes would attach)."""
+def with_rewards(rollout, seed: int) -> Graded:
+    """The rollout with synthetic environment rewards, one per episode on its last attempt (as run_episodes
+    returns them; the records are not read)."""
     g = torch.Generator().manual_seed(seed)
-    scores = REWARD_LEVELS[torch.randint(len(REWARD_LEVELS), (rollout.tokens.shape[0],), generator=g)].double()
-    return dataclasses.replace(rollout, scores=scores, rewards=torch.zeros_like(rollout.loss_mask))
+    scores = REWARD_LEVELS[torch.randint(len(REWARD_LEVELS), (rollout.tokens.shape[0],), generator=g)].tolist()
+    return Graded(rollout, [None] * len(scores),
+                  [[0.0] * (len(s) - 1) + [r] for s, r in zip(rollout.turn_spans, scores)])
 
 
 def _unfused_head_and_loss(*args, vocab_start: int = 0, group=None, **options):

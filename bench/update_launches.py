@@ -28,6 +28,7 @@ from common import TURN_MIX
 from nanoufo import parallel, rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
+from nanoufo.rollout import Graded
 from nanoufo.sampler import Rollout
 
 SHAPE = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -89,11 +90,10 @@ def ufo_rollout(batch: int, max_new_tokens: int, seed: int) -> Rollout:
                    torch.zeros_like(mask), spans, 0, 0)
 
 
-def with_rewards(rollout: Rollout) -> Rollout:
-    """The rollout with the environment's episode rewards, as run_episodes attaches them."""
-    scores = torch.tensor([0.5 ** (len(s) - 1) if len(s) < 5 else 0.0 for s in rollout.turn_spans],
-                          dtype=torch.float64)
-    return dataclasses.replace(rollout, scores=scores, rewards=torch.zeros_like(rollout.loss_mask))
+def with_rewards(rollout: Rollout) -> Graded:
+    """The rollout with an episode reward on its last attempt, as run_episodes returns it (records not read)."""
+    return Graded(rollout, [None] * len(rollout.turn_spans),
+                  [[0.0] * (len(s) - 1) + [0.5 ** (len(s) - 1) if len(s) < 5 else 0.0] for s in rollout.turn_spans])
 
 
 def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: int, seed: int = 0) -> dict:

@@ -71,10 +71,10 @@ def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples:
     dp_rank, dp_size = (par.dp_rank, par.dp_size) if par is not None else (0, 1)
     done = {}  # batch start -> (episodes, sampled tokens per episode)
     for i in tqdm(starts[dp_rank::dp_size], desc=desc, unit="batch", disable=not progress):
-        rollout = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
-                               max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed + i, tokenizer=tokenizer)
-        done[i] = (rollout.episodes, rollout.loss_mask.sum(dim=1).long().tolist())
+        graded = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
+                              max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed + i, tokenizer=tokenizer)
+        done[i] = (graded.episodes, graded.rollout.loss_mask.sum(dim=1).long().tolist())
     done = _gather_over_dp(done, par)
     return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]
 

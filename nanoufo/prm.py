@@ -214,10 +214,10 @@ class PRMReward:
         assert aggregate in PRM_AGGREGATES and 0.0 <= gold_weight <= 1.0, "checked by nanoufo.config.validate"
         self.scorer, self.tokenizer, self.aggregate, self.gold_weight = scorer, tokenizer, aggregate, gold_weight
 
-    def __call__(self, rollout) -> PRMRewards:
-        """The rollout's episodes scored; the gold part is the environment's reward of each attempt, which the
-        rollout carries on the attempt's last token (nanoufo/rollout.py)."""
-        episodes, gold_on_tokens = rollout.episodes, rollout.rewards.cpu()  # (B, T)
+    def __call__(self, graded) -> PRMRewards:
+        """A graded rollout's episodes (nanoufo.rollout.Graded) scored; the gold part is the environment's
+        reward of each attempt (graded.turn_rewards)."""
+        episodes, rollout = graded.episodes, graded.rollout
         attempts = [(b, t) for b, e in enumerate(episodes) for t in range(e.turns)]
         spans = [step_spans(episodes[b].responses[t]) for b, t in attempts]
         step_scores = self.scorer.step_scores([episodes[b].problem.question for b, _ in attempts],
@@ -227,22 +227,21 @@ class PRMReward:
         for (b, t), scores, text_spans in zip(attempts, step_scores, spans):
             if scores is not None:
                 prm[b][t] = aggregate(scores, self.aggregate)
-                points[b] += self._step_points(rollout, b, t, text_spans, scores)
+                points[b] += self._step_points(rollout, b, t, text_spans, scores, episodes[b].turns)
         turn_rewards = []
-        for b, turn_spans in enumerate(rollout.turn_spans):
-            gold = [float(gold_on_tokens[b, end - 1]) for _, end in turn_spans]
+        for b, (turn_spans, gold) in enumerate(zip(rollout.turn_spans, graded.turn_rewards, strict=True)):
             turn_rewards.append(blend(prm[b], gold, self.gold_weight))
-            points[b] += [(end - 1, self.gold_weight * g) for (_, end), g in zip(turn_spans, gold)
+            points[b] += [(end - 1, self.gold_weight * g) for (_, end), g in zip(turn_spans, gold, strict=True)
                           if self.gold_weight * g]
         return PRMRewards(torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float32), turn_rewards, points,
                           sum(map(sum, prm)) / max(len(attempts), 1), step_scores.count(None))
 
-    def _step_points(self, rollout, b: int, t: int, text_spans, scores: torch.Tensor):
+    def _step_points(self, rollout, b: int, t: int, text_spans, scores: torch.Tensor, turns: int):
         """(token index, reward) at the last token of each step of attempt t of row b."""
         start, end = rollout.turn_spans[b][t]
         ids = rollout.tokens[b, start:end].tolist()  # its text was decoded without a closing stop token, which
         last = step_last_tokens(self.tokenizer, ids, [e for _, e in text_spans])  # the bisection never needs
-        share = (1.0 - self.gold_weight) / rollout.episodes[b].turns
+        share = (1.0 - self.gold_weight) / turns
         return [(start + i, share * r) for i, r in zip(last, rl.step_rewards(scores.tolist(), self.aggregate))]
 
 

@@ -63,7 +63,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     """Per-token weights (B, T) that turn per-token losses into the aggregated loss: sum(w * loss).
 
-    Computed over a whole PPO minibatch and then split with its rows (micro-batches, packing), they make
+    Computed over a whole PPO minibatch and then split with its rows (nanoufo/packing.py), they make
     the sum of the micro-batches' losses equal the minibatch's loss, so accumulated gradients equal the
     one-shot ones. "token-mean": 1 / (tokens in the minibatch) on every token; "seq-mean-token-mean" (or its
     short name "seq-mean"): each row's token-mean averaged over the rows that hold tokens, i.e.
@@ -81,28 +81,6 @@ def trajectory_lengths(mask: torch.Tensor) -> torch.Tensor:
     loss reads), so a forward may stop there. A row without sampled tokens gets 1."""
     T = mask.shape[1]
     return (T - (mask > 0).to(torch.int8).flip(1).argmax(1)).where(mask.gt(0).any(1), 1)
-
-
-def micro_batches(lengths: list[int], budget: int, padded: bool = False,
-                  key: str = "micro_batch_tokens") -> list[list[int]]:
-    """Split rows (in order) into runs of at most `budget` tokens (0: one run of all): the sum of their
-    lengths when packed, rows x the longest when padded.
-
-    A row longer than the budget cannot be split (its tokens attend to each other): ValueError naming key."""
-    if budget <= 0:
-        return [list(range(len(lengths)))] if lengths else []
-    if lengths and max(lengths) > budget:
-        raise ValueError(f"config: {key}={budget} is smaller than the longest trajectory ({max(lengths)} "
-                         f"tokens); raise {key} to at least {max(lengths)}")
-    runs, current, used, longest = [], [], 0, 0
-    for i, n in enumerate(lengths):
-        cost = (len(current) + 1) * max(longest, n) if padded else used + n
-        if current and cost > budget:
-            runs.append(current)
-            current, used, longest = [], 0, 0
-        current.append(i)
-        used, longest = used + n, max(longest, n)
-    return runs + [current] if current else runs
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -126,15 +104,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     return k3 if clamp is None else k3.clamp(max=clamp)
 
 
-def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
-    """Align a statistic computed at hidden position i-1 (which predicts token i) with token i: per_position
-    (B, T-1), entry j for target token j+1 -> (B, T), entry 0 (the first token, never predicted) zero."""
-    return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position], dim=1)
-
-
 def sequence_self_certainty(token_sc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Intuitor's score (B,): the mean self-certainty over each trajectory's sampled tokens; token_sc (B, T)
-    aligned with the tokens (see shift_to_tokens), mask (B, T)."""
+    aligned with the tokens (see nanoufo/packing.py), mask (B, T)."""
     return masked_mean(token_sc, mask, dim=1)
 
 

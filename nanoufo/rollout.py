@@ -1,32 +1,45 @@
 """UFO episodes on the cached sampler: the glue that training and evaluation share. The environment
 writes the prompts, grades each attempt as it ends and answers a wrong one with its feedback turn; the
-rollout comes back with each row's record and rewards, so nothing downstream asks the environment again.
+rollout comes back with each row's record and the reward of each attempt, so nothing downstream asks the
+environment again.
 
     from nanoufo.rollout import run_episodes
-    rollout = run_episodes(model, env, problems, n_samples_per_problem=4, max_new_tokens=512,
-                           temperature=1.0, seed=step)
-    rollout.episodes[i], rollout.scores[i], rollout.rewards[i]   # row i: problem i // n_samples_per_problem
+    graded = run_episodes(model, env, problems, n_samples_per_problem=4, max_new_tokens=512,
+                          temperature=1.0, seed=step)
+    graded.rollout.tokens[i], graded.episodes[i], graded.turn_rewards[i]  # row i: problem i // n_samples_per_problem
 
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
 """
-import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from nanoufo import rl
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
 from nanoufo.model import Qwen2
 from nanoufo.sampler import Decoders, Rollout, generate
 
 
+@dataclass
+class Graded:
+    """A rollout of UFO episodes and what the environment made of them: row b's record (its attempts and
+    their grades) and the environment's reward of each of its attempts (env.turn_rewards)."""
+    rollout: Rollout
+    episodes: list[Episode]
+    turn_rewards: list[list[float]]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(B,) fp64: each episode's reward, the sum of its attempts'."""
+        return torch.tensor([sum(r) for r in self.turn_rewards], dtype=torch.float64)
+
+
 def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_samples_per_problem: int = 1,
                  max_turns: int | None = None, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seed: int = 0, tokenizer=None, max_len: int | None = None, kv_budget_bytes: int | None = None,
-                 cuda_graphs: bool = False, first_episode: int = 0, decoders: Decoders | None = None) -> Rollout:
+                 cuda_graphs: bool = False, first_episode: int = 0, decoders: Decoders | None = None) -> Graded:
     """Sample one episode per (problem, sample): up to max_turns attempts (default env.max_turns), ending on
-    the first correct one. The rollout's episodes are the graded records, its scores the environment's
-    episode rewards and its rewards each attempt's reward on the attempt's last token (env.turn_rewards).
+    the first correct one: the sampler's rollout, the graded records and each attempt's reward.
     `tokenizer` decodes the attempts for grading (default env.tokenizer). kv_budget_bytes bounds the
     sampler's KV cache (rows are reused as episodes end); cuda_graphs, decoders: see nanoufo.sampler.generate.
     The episodes' ids, which key their sampling noise, are first_episode, first_episode + 1, ..."""
@@ -46,7 +59,4 @@ def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], *, n_sample
                        kv_budget_bytes=kv_budget_bytes, cuda_graphs=cuda_graphs,
                        episode_ids=range(first_episode, first_episode + len(episodes)), decoders=decoders,
                        feedback_len=env.max_feedback_tokens())
-    turn_rewards = [env.turn_rewards(e) for e in episodes]
-    return dataclasses.replace(
-        rollout, episodes=episodes, scores=torch.tensor([sum(r) for r in turn_rewards], dtype=torch.float64),
-        rewards=rl.place_rewards(rollout.loss_mask, turn_rewards=turn_rewards, turn_spans=rollout.turn_spans))
+    return Graded(rollout, episodes, [env.turn_rewards(e) for e in episodes])

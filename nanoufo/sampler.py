@@ -45,9 +45,9 @@ class Rollout:
     """B trajectories (prompt, attempt, feedback, attempt, ...) as right-padded tensors on the CPU.
 
     logprobs are the sampler's log-probs of its tokens under the temperature-scaled distribution, NOT the
-    top-p-truncated one (greedy: temperature 1), which is what a trainer's forward recomputes. The sampler
-    leaves episodes, scores and rewards None: nanoufo/rollout.py sets them to the environment's record and
-    rewards of each row, a reward model (nanoufo/trainer.py score_rollout) replaces scores and rewards."""
+    top-p-truncated one (greedy: temperature 1), which is what a trainer's forward recomputes. Every tensor
+    field holds one entry per row (2-D ones one per token too) and every list field one item per row, in a
+    subclass too (nanoufo/trainer.py's Scored), so rows, to and cat_rows carry them all."""
     tokens: torch.Tensor  # (B, T) int64, 0 after each row's length
     lengths: torch.Tensor  # (B,) int64
     loss_mask: torch.Tensor  # (B, T) fp32, 1 exactly on sampled tokens (attempt content + its stop token)
@@ -57,43 +57,41 @@ class Rollout:
     n_decode_steps: int  # single-token forward calls
     n_decode_rows: int = 0  # rows decoded, summed over the decode steps (padding left out)
     n_cache_rows: int = 0  # KV-cache rows the episodes shared (the spare row left out)
-    episodes: list | None = None  # per row, the environment's record of the episode (nanoufo.env.Episode)
-    scores: torch.Tensor | None = None  # (B,) fp64, each episode's score
-    rewards: torch.Tensor | None = None  # (B, T) fp32, the rewards on the tokens (0 off the reward points)
+
+    def _map(self, tensor_fn, list_fn) -> "Rollout":
+        """The same rollout (its own class) with tensor_fn applied to each tensor field, list_fn to each list."""
+        out = {}
+        for f in dataclasses.fields(self):
+            x = getattr(self, f.name)
+            out[f.name] = tensor_fn(x) if isinstance(x, torch.Tensor) else list_fn(x) if isinstance(x, list) else x
+        return type(self)(**out)
 
     def to(self, device) -> "Rollout":
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return dataclasses.replace(self, **{f: move(getattr(self, f)) for f in TENSORS})
+        return self._map(lambda x: x.to(device), lambda x: x)
 
     def rows(self, index: list[int]) -> "Rollout":
         """Rows index of the rollout (in that order), cut to the longest of them; the counters kept."""
         T = int(self.lengths[index].max())  # one read, not one per row
 
-        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-            picked = None if x is None else x[torch.tensor(index, device=x.device)]
-            return picked[:, :T] if picked is not None and picked.dim() == 2 else picked
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            picked = x[torch.tensor(index, device=x.device)]
+            return picked[:, :T] if picked.dim() == 2 else picked
 
-        listed = lambda x: None if x is None else [x[i] for i in index]  # noqa: E731
-        return dataclasses.replace(self, **{f: pick(getattr(self, f)) for f in TENSORS},
-                                   turn_spans=listed(self.turn_spans), episodes=listed(self.episodes))
-
-
-TENSORS = ("tokens", "lengths", "loss_mask", "logprobs", "scores", "rewards")  # Rollout's per-row tensors
+        return self._map(pick, lambda x: [x[i] for i in index])
 
 
 def cat_rows(parts: list[Rollout]) -> Rollout:
     """The rows of several rollouts in one, right-padded to the longest (the first part's counters kept)."""
     T = max(p.tokens.shape[1] for p in parts)
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1])) if x.dim() == 2 else x  # noqa: E731
 
-    def cat(field: str) -> torch.Tensor | None:
-        if getattr(parts[0], field) is None:
-            return None
-        pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1])) if x.dim() == 2 else x  # noqa: E731
-        return torch.cat([pad(getattr(p, field)) for p in parts])
+    def joined(name: str):
+        first = getattr(parts[0], name)
+        if isinstance(first, torch.Tensor):
+            return torch.cat([pad(getattr(p, name)) for p in parts])
+        return [x for p in parts for x in getattr(p, name)] if isinstance(first, list) else first
 
-    joined = lambda f: None if getattr(parts[0], f) is None else [x for p in parts for x in getattr(p, f)]  # noqa: E731
-    return dataclasses.replace(parts[0], **{f: cat(f) for f in TENSORS}, turn_spans=joined("turn_spans"),
-                               episodes=joined("episodes"))
+    return type(parts[0])(**{f.name: joined(f.name) for f in dataclasses.fields(parts[0])})
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from nanoufo import rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.rollout import Graded
 from nanoufo.sampler import Rollout
 from nanoufo.trainer import build_batch
 
@@ -31,15 +32,16 @@ KEPT = [2, 3, 4, 5]  # spreads (population std) 0, 0.25, 0.625: groups 1 and 2 k
 ACTIONS = [(2, 2), (2, 3), (2, 5), (3, 2), (3, 3), (4, 2), (4, 3), (5, 2), (5, 3), (5, 5)]  # (row, t) sampled
 
 
-def rollout() -> Rollout:
-    """The rows as run_episodes returns them: the environment's scores, and its turn rewards on the tokens."""
+def rollout() -> Graded:
+    """The rows as run_episodes returns them: the sampler's rollout and the environment's turn rewards (the
+    records are not read by build_batch)."""
     mask = torch.tensor(MASKS, dtype=torch.float32)
     spans = [[(2, 4), (5, 6)] if m == TWO_TURNS else [(2, 4)] for m in MASKS]
     tokens = torch.tensor(TOKENS)
-    return Rollout(tokens=tokens, lengths=torch.tensor([6 if m == TWO_TURNS else 4 for m in MASKS]), loss_mask=mask,
-                   logprobs=-0.1 * tokens * mask, turn_spans=spans, n_prefill_tokens=0, n_decode_steps=0,
-                   scores=torch.tensor([sum(r) for r in TURN_REWARDS], dtype=torch.float64),
-                   rewards=rl.place_rewards(mask, turn_rewards=TURN_REWARDS, turn_spans=spans))
+    sampled = Rollout(tokens=tokens, lengths=torch.tensor([6 if m == TWO_TURNS else 4 for m in MASKS]),
+                      loss_mask=mask, logprobs=-0.1 * tokens * mask, turn_spans=spans, n_prefill_tokens=0,
+                      n_decode_steps=0)
+    return Graded(sampled, [None] * len(TOKENS), TURN_REWARDS)
 
 
 def batch_of(cfg: TrainConfig, actor, critic, ref):
@@ -54,14 +56,22 @@ def models(monkeypatch):
     odd tokens (so the k1 KL is 0.2 on odd tokens, 0 on even ones); critic value 0.1 * token."""
     actor, ref, critic = Qwen2(TINY), Qwen2(TINY), Qwen2(TINY, value_head=True)
 
-    def stats(model, tokens, *args, **kwargs):
-        assert model is actor or model is ref, "sequence_stats called on a model that is neither actor nor reference"
-        logp = -0.1 * tokens.float() - (0.2 * (tokens % 2) if model is ref else 0.0)  # (B, T)
+    def stats(model, forward, *args, **kwargs):  # of each predicted token (N,)
+        assert model is actor or model is ref, "token_stats called on a model that is neither actor nor reference"
+        token = forward.targets.clamp(min=0)  # the token each hidden row predicts (-100: none)
+        logp = -0.1 * token.float() - (0.2 * (token % 2) if model is ref else 0.0)  # (N,)
         return logp, torch.zeros_like(logp), torch.zeros_like(logp)
 
-    monkeypatch.setattr(trainer, "sequence_stats", stats)
-    monkeypatch.setattr(trainer, "sequence_values", lambda model, tokens, *args, **kwargs: 0.1 * tokens.float())
+    monkeypatch.setattr(trainer, "token_stats", stats)
+    monkeypatch.setattr(trainer, "token_values", lambda model, forward: 0.1 * forward.targets.clamp(min=0).float())
     return actor, critic, ref
+
+
+def on_computed(batch, x: torch.Tensor) -> torch.Tensor:
+    """x on the tokens a packed forward predicts (each row's second to its last sampled token), 0 elsewhere."""
+    T = x.shape[1]
+    ends = rl.trajectory_lengths(batch.mask)[:, None]
+    return x * ((torch.arange(T) >= 1) & (torch.arange(T) < ends))
 
 
 def config(**overrides) -> TrainConfig:
@@ -97,8 +107,8 @@ def test_ufo_ppo_rewards_kl_and_gae_by_hand(models, placement, returns):
     batch, stats = batch_of(config(reward_placement=placement), actor, critic, ref)
     assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
     assert batch.mask.tolist() == [MASKS[i] for i in KEPT]
-    assert torch.allclose(batch.old_logp, -0.1 * batch.tokens.float())  # the actor's, not the reference's
-    assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
+    assert torch.allclose(batch.old_logp, on_computed(batch, -0.1 * batch.tokens.float()))  # the actor's, not the ref's
+    assert torch.allclose(batch.ref_logp, on_computed(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
     assert stats["score"] == pytest.approx(3.25 / 6) and stats["kept_score"] == pytest.approx(2.25 / 4)
     assert stats["kl_ref"] == pytest.approx(0.1)  # KL 0.2 on 5 of the 10 sampled tokens
     advantages = [g - v for g, v in zip(returns, VALUES)]
@@ -122,7 +132,7 @@ def test_kl_in_the_loss_leaves_the_rewards_alone(models):
     # no KL in the rewards: row 2 G = 0.125, 0.25, 0.5; row 3 0.5, 1; row 4 0.5, 1; row 5 -0.0625, -0.125, -0.25
     returns = [0.125, 0.25, 0.5, 0.5, 1.0, 0.5, 1.0, -0.0625, -0.125, -0.25]
     assert torch.allclose(batch.returns, on_actions(returns), atol=1e-6)
-    assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
+    assert torch.allclose(batch.ref_logp, on_computed(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
 
 
 def test_grpo_group_advantages_on_every_sampled_token(models):
@@ -134,7 +144,7 @@ def test_grpo_group_advantages_on_every_sampled_token(models):
     expected = torch.tensor(per_row)[:, None] * torch.tensor([MASKS[i] for i in KEPT], dtype=torch.float32)
     assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
     assert torch.allclose(batch.advantages, expected, atol=1e-5)
-    assert torch.allclose(batch.ref_logp, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2))
+    assert torch.allclose(batch.ref_logp, on_computed(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
 
 
 def test_grpo_kl_in_the_reward_counts_only_the_sampled_tokens(models):
@@ -145,9 +155,8 @@ def test_grpo_kl_in_the_reward_counts_only_the_sampled_tokens(models):
     actor, _, ref = models
     tokens = torch.tensor([[3, 5, 3, 2, 9, 2], [2, 2, 3, 3, 2, 3]])
     mask = torch.tensor([TWO_TURNS, TWO_TURNS], dtype=torch.float32)
-    scores = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    rows = Rollout(tokens, torch.tensor([6, 6]), mask, -0.1 * tokens * mask, [[(2, 4), (5, 6)]] * 2, 0, 0,
-                   scores=scores, rewards=rl.place_rewards(mask, episode_rewards=scores))
+    rows = Graded(Rollout(tokens, torch.tensor([6, 6]), mask, -0.1 * tokens * mask, [[(2, 4), (5, 6)]] * 2, 0, 0),
+                  [None, None], [[0.25, 0.25], [0.25, 0.25]])  # scores 0.5
     cfg = config(algorithm="grpo", problems_per_step=1, keep_groups=0, minibatch_size=2)
     batch, stats = build_batch(cfg, actor, None, ref, trainer.score_rollout(cfg, actor, rows)[0])
     s = 1 / math.sqrt(2)

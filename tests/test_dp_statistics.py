@@ -43,11 +43,11 @@ def _dp_checks() -> dict:
             critic.value_head.bias.fill_(0.1)
         models[layout is not None] = actor, critic
     problems = demo.make_problems("train", 8, seed=0)
-    rollout = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
-                           temperature=1.0, seed=0)  # every rank samples the same whole batch
+    graded = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
+                          temperature=1.0, seed=0)  # every rank samples the same whole batch
     cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4,
                                        minibatch_size=8)
-    scored = dataclasses.replace(score_rollout(cfg, single, rollout)[0], scores=torch.tensor(SCORES))
+    scored = dataclasses.replace(score_rollout(cfg, single, graded)[0], scores=torch.tensor(SCORES))
     whole, _ = build_batch(cfg, *models[False], None, scored)
     cfg_dp = dataclasses.replace(cfg, keep_groups=2, minibatch_size=4)
     mine, _ = build_batch(cfg_dp, *models[True], None, scored.rows(list(range(8 * par.dp_rank, 8 * par.dp_rank + 8))))

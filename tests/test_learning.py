@@ -52,13 +52,13 @@ def train(algorithm: str, task: str, steps: int, seed: int = 0) -> tuple[list[fl
     optimizers = make_optimizers(cfg, actor, critic)
     curve = []
     for step in range(steps):
-        rollout = run_episodes(actor, env, problems(task, cfg.problems_per_step, seed * 1000 + step),
-                               n_samples_per_problem=cfg.n_samples_per_problem, max_new_tokens=1, temperature=1.0,
-                               seed=seed * 1000 + step)
-        scored, _ = score_rollout(cfg, actor, rollout)
+        graded = run_episodes(actor, env, problems(task, cfg.problems_per_step, seed * 1000 + step),
+                              n_samples_per_problem=cfg.n_samples_per_problem, max_new_tokens=1, temperature=1.0,
+                              seed=seed * 1000 + step)
+        scored, _ = score_rollout(cfg, actor, graded)
         batch, _ = build_batch(cfg, actor, critic, None, scored)
         ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
-        curve.append(sum(e.solved for e in rollout.episodes) / len(rollout.episodes))
+        curve.append(sum(e.solved for e in graded.episodes) / len(graded.episodes))
     table = evaluate(actor, env, problems(task, 200, seed + 1), k=turns, max_new_tokens=1, temperature=0.5,
                      seed=seed, progress=False)
     return curve, table[f"succ@{turns}"]

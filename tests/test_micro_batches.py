@@ -1,5 +1,5 @@
-"""Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/trainer.py,
-nanoufo/rl.py): accumulated gradients equal the one-shot minibatch's for every aggregation, packed or
+"""Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/packing.py,
+nanoufo/trainer.py): accumulated gradients equal the one-shot minibatch's for every aggregation, packed or
 padded, in one process and under DP=2 on gloo (and the DP weights by hand with an empty row); packed
 statistics equal the padded ones, the values read where the critic's forward puts them; scoring's largest
 tensor does not grow with the batch; the vectorised GAE equals the step-by-step loop.
@@ -16,9 +16,10 @@ from distributed_utils import launch
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
+from nanoufo.packing import split_rows
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, accumulate_gradients, build_batch, make_optimizers,
+from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, make_optimizers,
                              minibatch_weights, ppo_update, sequence_stats, sequence_values)
 from trainer_utils import minibatch_losses
 
@@ -76,11 +77,11 @@ def test_loss_weights_by_hand():
 
 
 def test_micro_batch_split_and_a_budget_below_the_longest_trajectory():
-    assert rl.micro_batches([5, 4, 3, 6], 9) == [[0, 1], [2, 3]]
-    assert rl.micro_batches([5, 4, 3, 6], 9, padded=True) == [[0], [1, 2], [3]]  # 2 rows x 5 > 9
-    assert rl.micro_batches([5, 4, 3, 6], 0) == [[0, 1, 2, 3]]
+    assert split_rows([5, 4, 3, 6], 9) == [[0, 1], [2, 3]]
+    assert split_rows([5, 4, 3, 6], 9, padded=True) == [[0], [1, 2], [3]]  # 2 rows x 5 > 9
+    assert split_rows([5, 4, 3, 6], 0) == [[0, 1, 2, 3]]
     with pytest.raises(ValueError, match=r"micro_batch_tokens=5 is smaller than the longest trajectory \(6"):
-        rl.micro_batches([5, 4, 3, 6], 5)
+        split_rows([5, 4, 3, 6], 5)
     cfg = TrainConfig(minibatch_size=6, micro_batch_tokens=10, problems_per_step=6,
                                        n_samples_per_problem=1)
     actor, critic = models()
@@ -128,7 +129,7 @@ def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
     want = grads(actor, critic)
     actor.zero_grad(), critic.zero_grad()
     total, metrics = accumulate_gradients(cfg, actor, critic, batch, LENGTHS)
-    assert len(rl.micro_batches(LENGTHS, 24, padded=not pack)) >= 3  # really split
+    assert len(split_rows(LENGTHS, 24, padded=not pack)) >= 3  # really split
     assert abs(total.item() - loss.item()) < 1e-6
     assert_grads_close(grads(actor, critic), want)
     for name, value in (want_metrics | {"ratio_dev": want_ratio_dev}).items():  # token-means of the whole minibatch
@@ -208,13 +209,13 @@ def _scoring_peak(batch_size: int) -> int:
     tokens = torch.randint(1, TINY.vocab_size, (batch_size, T), generator=g) * (torch.arange(T) < lengths[:, None])
     mask = ((torch.arange(T) >= 4) & (torch.arange(T) < lengths[:, None])).float()
     rewards = torch.tensor([float(i % 3 == 0) for i in range(batch_size)])
-    rollout = Rollout(tokens, lengths, mask, torch.zeros_like(mask), [[(4, int(n))] for n in lengths], 0, 0,
-                      scores=rewards, rewards=rl.place_rewards(mask, episode_rewards=rewards))
+    sampled = Rollout(tokens, lengths, mask, torch.zeros_like(mask), [[(4, int(n))] for n in lengths], 0, 0)
+    scored = Scored(**vars(sampled), scores=rewards, rewards=rl.place_rewards(mask, episode_rewards=rewards))
     cfg = TrainConfig(problems_per_step=batch_size, n_samples_per_problem=1,
                                        minibatch_size=batch_size, micro_batch_tokens=40, kl_coef=0.01)
     actor, critic = models()
     with LargestOutput() as mode:
-        build_batch(cfg, actor, critic, actor, rollout)
+        build_batch(cfg, actor, critic, actor, scored)
     return mode.largest
 
 

@@ -11,6 +11,7 @@ from nanoufo import demo, rl
 from nanoufo.data import Problem
 from nanoufo.env import Episode
 from nanoufo.prm import PRMReward, blend, step_last_tokens, step_spans
+from nanoufo.rollout import Graded
 from nanoufo.sampler import Rollout
 
 STOP = 2  # <|im_end|> in the demo tokenizer
@@ -23,10 +24,10 @@ class DigitScorer:
         return [torch.tensor([int(s[-1]) / 10 for s in steps]) if steps else None for steps in step_lists]
 
 
-def rollout_of(tokenizer, episodes: list[Episode], gold: list[list[float]]) -> Rollout:
+def rollout_of(tokenizer, episodes: list[Episode], gold: list[list[float]]) -> Graded:
     """Rows of a 3-token prompt, then each attempt's characters and a stop token, with a 2-token feedback
     turn in between; the spans are the attempts' sampled tokens (stop token included). As run_episodes
-    leaves it: the episodes, and the environment's reward of each attempt (gold) on its last token."""
+    returns it: the episodes, and the environment's reward of each attempt (gold)."""
     rows, spans = [], []
     for attempts in [e.responses for e in episodes]:
         ids, row_spans = [1, 1, 1], []
@@ -43,8 +44,8 @@ def rollout_of(tokenizer, episodes: list[Episode], gold: list[list[float]]) -> R
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
             mask[b, start:end] = 1.0
-    return Rollout(tokens, torch.tensor(list(map(len, rows))), mask, torch.zeros(tokens.shape), spans, 0, 0,
-                   episodes=episodes, rewards=rl.place_rewards(mask, turn_rewards=gold, turn_spans=spans))
+    return Graded(Rollout(tokens, torch.tensor(list(map(len, rows))), mask, torch.zeros(tokens.shape), spans, 0, 0),
+                  episodes, gold)
 
 
 def test_blend_by_hand():
@@ -73,9 +74,10 @@ def test_prm_rewards_by_hand_for_every_placement():
     assert [i for i, _ in e1] == [4, 9, 15, 16]
     assert [v for _, v in e1] == pytest.approx([0.25 * 0.5, 0.25 * 0.8, 0.25 * -0.6, 0.5 * 0.5])
     assert out.step_points[2] == []
-    placed = rl.place_rewards(rollout.loss_mask, point_rewards=out.step_points)
+    placed = rl.place_rewards(rollout.rollout.loss_mask, point_rewards=out.step_points)
     assert placed.sum(1).tolist() == pytest.approx(out.scores.tolist())  # every placement sums to the score
-    per_turn = rl.place_rewards(rollout.loss_mask, turn_rewards=out.turn_rewards, turn_spans=rollout.turn_spans)
+    per_turn = rl.place_rewards(rollout.rollout.loss_mask, turn_rewards=out.turn_rewards,
+                                turn_spans=rollout.rollout.turn_spans)
     assert per_turn.sum(1).tolist() == pytest.approx(out.scores.tolist())
 
 

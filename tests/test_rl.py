@@ -67,7 +67,8 @@ def test_self_certainty_score_reads_the_logits_one_position_early():
     logits = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
     tokens = torch.tensor([0, 1, 2, 0])
     _, _, sc = token_stats(logits[:-1], tokens[1:])  # (T-1,) position j for target j+1
-    score = rl.sequence_self_certainty(rl.shift_to_tokens(sc[None]), torch.tensor([[0, 0, 1, 1]]))
+    aligned = torch.cat([sc.new_zeros(1), sc])[None]  # (1, T): token j+1's statistic at j+1
+    score = rl.sequence_self_certainty(aligned, torch.tensor([[0, 0, 1, 1]]))
     sc1 = math.log(3.0)  # position 1: logsumexp(0, 0, 0) - 0
     sc2 = math.log(math.exp(2.0) + 2.0) - 2.0 / 3.0  # position 2
     assert score.item() == pytest.approx((sc1 + sc2) / 2, abs=1e-5)

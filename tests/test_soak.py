@@ -144,8 +144,8 @@ import runpy, sys
 from nanoufo import trainer
 real, calls = trainer.policy_loss, []
 
-def poisoned(cfg, actor, mb, weights, lengths):  # one micro-batch per step: step 2's loss is NaN, step 3's gradient inf
-    loss, metrics = real(cfg, actor, mb, weights, lengths)
+def poisoned(cfg, actor, rows):  # one micro-batch per step: step 2's loss is NaN, step 3's gradient inf
+    loss, metrics = real(cfg, actor, rows)
     calls.append(len(calls) + 1)
     if calls[-1] == 2:
         loss = loss * float("nan")

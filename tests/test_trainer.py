@@ -16,12 +16,12 @@ from nanoufo import demo, rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
-from nanoufo.rollout import run_episodes
+from nanoufo.rollout import Graded, run_episodes
 from nanoufo.sampler import Rollout
 from nanoufo.trainer import (Batch, build_batch, critic_loss, make_optimizers, ppo_update,
                              score_rollout, sequence_stats, value_loss)
 from nanoufo.weights import load_model
-from trainer_utils import minibatch_losses
+from trainer_utils import minibatch_losses, update_rows
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -117,7 +117,7 @@ def test_the_critic_loss_by_hand_where_old_values_differ_from_the_returns():
     tokens = torch.randint(1, TINY.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
     zero = torch.zeros_like(mask)
     mb = Batch(tokens, mask, zero, zero, None, old, returns)
-    loss, metrics = critic_loss(cfg, critic, mb, rl.loss_weights(mask, "token-mean"), None)
+    loss, metrics = critic_loss(cfg, critic, update_rows(mb, rl.loss_weights(mask, "token-mean")))
     assert loss.item() == pytest.approx(1.92125 / 5, abs=1e-6)
     assert metrics["value_loss"].item() == pytest.approx(1.92125 / 5, abs=1e-6)
     assert metrics["value_clip_frac"].item() == pytest.approx(3 / 5)  # the clipped branch larger on 3 tokens
@@ -217,9 +217,8 @@ def test_self_certainty_scores_equal_the_float64_formula_on_transformers_logits(
         tokens[b, n:] = 0
         mask[b, 3:n] = 1.0
     mask[0, 6:8] = 0.0  # feedback tokens between two attempts
-    zeros = torch.zeros(B)
-    rollout = Rollout(tokens, torch.tensor(lengths), mask, torch.zeros(B, T), [[(3, n)] for n in lengths], 0, 0,
-                      scores=zeros.double(), rewards=torch.zeros(B, T))
+    rollout = Graded(Rollout(tokens, torch.tensor(lengths), mask, torch.zeros(B, T), [[(3, n)] for n in lengths], 0, 0),
+                     [None] * B, [[0.0]] * B)
     cfg = TrainConfig(reward="self_certainty", temperature=0.7, micro_batch_tokens=20)
     scored, _ = score_rollout(cfg, actor, rollout)
     with torch.no_grad():
@@ -270,21 +269,21 @@ def demo_rollout():
     env = UFOEnv(tokenizer, instruction="", max_turns=3)
     actor = demo.build_model(len(tokenizer), seed=0)
     problems = demo.make_problems("train", 4, seed=0)
-    rollout = run_episodes(actor, env, problems, n_samples_per_problem=2, max_turns=3, max_new_tokens=4,
-                           temperature=1.0, seed=0)
-    return env, actor, rollout
+    graded = run_episodes(actor, env, problems, n_samples_per_problem=2, max_turns=3, max_new_tokens=4,
+                          temperature=1.0, seed=0)
+    return env, actor, graded
 
 
 @pytest.mark.parametrize("algorithm, placement", [("ufo_ppo", "last"), ("ufo_ppo", "per_turn"), ("grpo", "last")])
 def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
-    env, actor, rollout = demo_rollout
+    env, actor, graded = demo_rollout
     cfg = TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3,
                                        problems_per_step=4, n_samples_per_problem=2, keep_groups=2, minibatch_size=4)
     critic = Qwen2(actor.config, value_head=True) if algorithm == "ufo_ppo" else None
     if critic is not None:
         critic.load_state_dict(actor.state_dict(), strict=False)
         critic.value_head.weight.data.zero_()
-    batch, stats = build_batch(cfg, actor, critic, actor, score_rollout(cfg, actor, rollout)[0])
+    batch, stats = build_batch(cfg, actor, critic, actor, score_rollout(cfg, actor, graded)[0])
     assert batch.tokens.shape[0] == 4  # the two groups of two with the largest reward spread
     assert stats["logp_diff_sampler"] < 1e-4  # sampler and trainer agree on the sampled tokens
     assert torch.all(batch.advantages[batch.mask == 0] == 0)
@@ -298,12 +297,12 @@ def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, 
     """kl_in="reward" under GRPO: advantages are the group-normalized (score - kl_coef * sum of the token KL);
     kl_in="loss" leaves the scores alone (the loss adds the KL). The reference differs from the actor."""
     from nanoufo import rl
-    env, actor, rollout = demo_rollout
+    env, actor, graded = demo_rollout
     cfg = TrainConfig(algorithm="grpo", kl_in=kl_in, kl_coef=0.5, max_turns=3,
                                        problems_per_step=4, n_samples_per_problem=2, minibatch_size=8)
     ref = demo.build_model(actor.config.vocab_size, seed=1)  # other weights: a non-zero KL on every token
-    batch, _ = build_batch(cfg, actor, None, ref, score_rollout(cfg, actor, rollout)[0])
-    scores = torch.tensor([sum(env.turn_rewards(e)) for e in rollout.episodes])
+    batch, _ = build_batch(cfg, actor, None, ref, score_rollout(cfg, actor, graded)[0])
+    scores = torch.tensor([sum(env.turn_rewards(e)) for e in graded.episodes])  # the environment's, by hand
     if kl_in == "reward":
         scores = scores - 0.5 * (rl.kl_penalty(batch.old_logp, batch.ref_logp) * batch.mask).sum(1)
     expected = rl.group_advantages(scores, 2)[:, None] * batch.mask
@@ -321,5 +320,5 @@ def test_dual_clip_zero_turns_it_off(dual_clip, want):
     with torch.no_grad():
         logp = trainer.sequence_stats(actor, tokens, cfg.temperature)[0]
     mb = Batch(tokens, mask, logp - 2.0, -torch.ones_like(mask))
-    loss, _ = trainer.policy_loss(cfg, actor, mb, rl.loss_weights(mask, "token-mean"), None)
+    loss, _ = trainer.policy_loss(cfg, actor, update_rows(mb, rl.loss_weights(mask, "token-mean")))
     assert loss.item() == pytest.approx(want, rel=1e-5)

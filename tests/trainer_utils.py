@@ -4,20 +4,27 @@ micro-batches must add up to.
 
     loss, metrics, ratio_dev = minibatch_losses(cfg, actor, critic, batch)
     loss.backward()
+    loss, metrics = policy_loss(cfg, actor, update_rows(batch, weights))   # one loss on every row
 
 Not a test file; its users: python -m pytest -q tests/test_micro_batches.py tests/test_trainer.py
 tests/test_parallel.py
 """
 from nanoufo.config import TrainConfig
-from nanoufo.trainer import Batch, critic_loss, minibatch_weights, policy_loss
+from nanoufo.trainer import Batch, UpdateRows, critic_loss, minibatch_weights, one_forward, policy_loss
+
+
+def update_rows(mb: Batch, weights, lengths: list[int] | None = None) -> UpdateRows:
+    """Every row of mb in one forward (packed when lengths are given, else padded), as the update reads it."""
+    return UpdateRows.of(mb, weights, one_forward(mb.tokens, lengths)[0])
 
 
 def minibatch_losses(cfg: TrainConfig, actor, critic, mb: Batch):
     """(total loss, metrics as floats, max |logp - old|) for one minibatch, unpacked and unsplit."""
     weights = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
-    loss, metrics = policy_loss(cfg, actor, mb, weights, None)
+    rows = update_rows(mb, weights)
+    loss, metrics = policy_loss(cfg, actor, rows)
     if critic is not None:
-        v_loss, v_metrics = critic_loss(cfg, critic, mb, weights, None)
+        v_loss, v_metrics = critic_loss(cfg, critic, rows)
         loss, metrics = loss + v_loss, metrics | v_metrics
     metrics = {k: float(v) for k, v in metrics.items()}
     return loss, metrics, metrics.pop("ratio_dev")

@@ -1,0 +1,118 @@
+"""Micro-batches: the rows of a right-padded batch (B, T) split into forwards of at most a token budget, and
+the map between one forward's hidden rows and the batch's tokens. Every trainer forward goes through here:
+the no-grad scoring forwards (old log-probs, values, self-certainty) and the update's.
+
+    for mb in micro_batches(tokens, lengths, budget=4096, packed=True):
+        hidden = mb.hidden(model)          # (N, H): hidden row n predicts token mb.targets[n]
+        old = mb.take(old_logp)            # a token-aligned (B, T) array at the predicted tokens, (N,)
+        mb.put(logp, into=out)             # a per-row statistic (N,) onto the tokens it belongs to, out (B, T)
+
+Row b's first lengths[b] tokens are its trajectory. Packed, a forward holds its trajectories end to end as
+one sequence (positions restart at 0 in each, and attention stays within each), so no padding token is
+computed; a trajectory's last token predicts nothing (target -100). Padded, a forward holds its rows cut to
+the longest of them and every position but the last predicts the next token, padding included (the loss
+mask is 0 there). The hidden state at position i-1 predicts token i, so a statistic lands on token i and
+each row's first token gets none.
+Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_micro_batches.py
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nanoufo.model import Qwen2, to_device
+
+IGNORE = -100  # the target of a hidden row that predicts nothing
+
+
+def split_rows(lengths: list[int], budget: int, padded: bool = False,
+               key: str = "micro_batch_tokens") -> list[list[int]]:
+    """Split rows (in order) into runs of at most `budget` tokens (0: one run of all): the sum of their
+    lengths when packed, rows x the longest when padded.
+
+    A row longer than the budget cannot be split (its tokens attend to each other): ValueError naming key."""
+    if budget <= 0:
+        return [list(range(len(lengths)))] if lengths else []
+    if lengths and max(lengths) > budget:
+        raise ValueError(f"config: {key}={budget} is smaller than the longest trajectory ({max(lengths)} "
+                         f"tokens); raise {key} to at least {max(lengths)}")
+    runs, current, used, longest = [], [], 0, 0
+    for i, n in enumerate(lengths):
+        cost = (len(current) + 1) * max(longest, n) if padded else used + n
+        if current and cost > budget:
+            runs.append(current)
+            current, used, longest = [], 0, 0
+        current.append(i)
+        used, longest = used + n, max(longest, n)
+    return runs + [current] if current else runs
+
+
+@dataclass
+class MicroBatch:
+    """One forward over some rows of a (B, T) batch, and where its N hidden rows' predictions belong."""
+    inputs: torch.Tensor  # (1, N) packed or (b, t) padded: the token ids the model reads
+    positions: torch.Tensor | None  # (1, N) packed, from 0 in each trajectory; None padded (0..t-1 in each row)
+    seq_lens: list[int] | None  # the packed trajectories' lengths; None padded
+    following: torch.Tensor  # (N,) flat index into (B * T) of the token each hidden row predicts
+    predicts: torch.Tensor  # (N,) bool, False where a hidden row predicts nothing (a packed trajectory's end)
+    targets: torch.Tensor  # (N,) int64 token ids, IGNORE where nothing is predicted
+    n_computed: int  # tokens the forward computes, padding included
+
+    def hidden(self, model: Qwen2) -> torch.Tensor:
+        """The hidden states (N, H) that predict the targets."""
+        if self.seq_lens is None:
+            return model(self.inputs)[:, :-1].flatten(0, 1)  # the model knows the layout without a device read
+        return model(self.inputs, self.positions, seq_lens=self.seq_lens)[0]
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """A token-aligned (B, T) array's entries at the predicted tokens, (N,) (0 where nothing is predicted)."""
+        return x.reshape(-1)[self.following].masked_fill(~self.predicts, 0)
+
+    def put(self, stat: torch.Tensor, into: torch.Tensor) -> None:
+        """Write a per-row statistic (N,) onto the tokens its rows predict, in `into` (B, T) (contiguous)."""
+        into.view(-1).index_put_((self.following,), stat.masked_fill(~self.predicts, 0))
+
+
+def micro_batches(tokens: torch.Tensor, lengths: list[int], budget: int, packed: bool = True) -> list[MicroBatch]:
+    """The rows of tokens (B, T), in order, in forwards of at most budget tokens (split_rows; 0: one forward).
+    lengths are host ints: a packed forward's index arrays are built on the host and copied in one go, without
+    a sync; a padded one's on the device."""
+    return [_micro_batch(tokens, run, [lengths[b] for b in run], packed)
+            for run in split_rows(lengths, budget, padded=not packed)]
+
+
+def _micro_batch(tokens: torch.Tensor, rows: list[int], lengths: list[int], packed: bool) -> MicroBatch:
+    """The forward over consecutive rows (split_rows' runs) with their lengths."""
+    T, device = tokens.shape[1], tokens.device
+    if packed:  # a trajectory's last hidden row predicts nothing: it points at its row's first token, never a target
+        starts = [b * T for b in rows]
+        read = torch.cat([torch.arange(n) + s for s, n in zip(starts, lengths)])  # (N,) the tokens read
+        positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
+        following = torch.cat([torch.cat([torch.arange(1, n), torch.zeros(1, dtype=torch.long)]) + s
+                               for s, n in zip(starts, lengths)])  # (N,)
+        predicts = torch.cat([torch.arange(n) < n - 1 for n in lengths])  # (N,)
+        read, positions, following, predicts = to_device(torch.stack([read, positions, following, predicts]), device)
+        inputs, positions, seq_lens = tokens.reshape(-1)[read][None], positions[None], lengths  # (1, N) each
+        predicts = predicts.bool()
+    else:  # built on the device: no copy
+        t = max(lengths)
+        inputs, positions, seq_lens = tokens[rows[0]:rows[-1] + 1, :t], None, None  # (b, t)
+        following = (torch.arange(rows[0], rows[-1] + 1, device=device)[:, None] * T
+                     + torch.arange(1, t, device=device)).flatten()  # (b * (t - 1),)
+        predicts = torch.ones_like(following, dtype=torch.bool)
+    targets = tokens.reshape(-1)[following].masked_fill(~predicts, IGNORE)
+    return MicroBatch(inputs, positions, seq_lens, following, predicts, targets,
+                      sum(lengths) if packed else len(rows) * max(lengths))
+
+
+def on_tokens(forward: Callable[[MicroBatch], tuple[torch.Tensor, ...]], batches: list[MicroBatch],
+              shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """forward(mb) -> per-row statistics (N,) of each micro-batch, written onto the tokens its rows predict:
+    (B, T) each, 0 on each row's first token and where nothing was computed."""
+    outs = None
+    for mb in batches:
+        stats = forward(mb)
+        outs = outs or tuple(s.new_zeros(shape) for s in stats)
+        for stat, out in zip(stats, outs, strict=True):
+            mb.put(stat, out)
+    return outs
