@@ -295,6 +295,7 @@ def path_runners(model, critic, batch: int, context: int) -> dict:
     """{path: a function running it once}, each on fresh inputs built here (outside the count)."""
     from common import mid_attempt_decoder
     from nanoufo import sampler, trainer
+    from nanoufo.packing import one_forward
     from nanoufo.config import TrainConfig
     from nanoufo.decode import Decoder, Sampling
     V, g = model.config.vocab_size, torch.Generator().manual_seed(0)
@@ -325,7 +326,7 @@ def path_runners(model, critic, batch: int, context: int) -> dict:
         weights = trainer.minibatch_weights(mb.mask, cfg.aggregation, model.par)
 
         def run():
-            forward = trainer.one_forward(tokens, lengths if packed else None)[0]
+            forward = one_forward(tokens, lengths if packed else None)[0]
             loss, _ = trainer.policy_loss(cfg, model, trainer.UpdateRows.of(mb, weights, forward))
             loss.backward()
         return run

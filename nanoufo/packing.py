@@ -2,10 +2,10 @@
 the map between one forward's hidden rows and the batch's tokens. Every trainer forward goes through here:
 the no-grad scoring forwards (old log-probs, values, self-certainty) and the update's.
 
-    for mb in micro_batches(tokens, lengths, budget=4096, packed=True):
-        hidden = mb.hidden(model)          # (N, H): hidden row n predicts token mb.targets[n]
-        old = mb.take(old_logp)            # a token-aligned (B, T) array at the predicted tokens, (N,)
-        mb.put(logp, into=out)             # a per-row statistic (N,) onto the tokens it belongs to, out (B, T)
+    for forward in micro_batches(tokens, lengths, budget=4096, packed=True):
+        hidden = forward.hidden(model)     # (N, H): hidden row n predicts token forward.targets[n]
+        old = forward.take(old_logp)       # a token-aligned (B, T) array at the predicted tokens, (N,)
+        forward.put(logp, into=out)        # a per-row statistic (N,) onto the tokens it belongs to, out (B, T)
 
 Row b's first lengths[b] tokens are its trajectory. Packed, a forward holds its trajectories end to end as
 one sequence (positions restart at 0 in each, and attention stays within each), so no padding token is
@@ -105,14 +105,19 @@ def _micro_batch(tokens: torch.Tensor, rows: list[int], lengths: list[int], pack
                       sum(lengths) if packed else len(rows) * max(lengths))
 
 
-def on_tokens(forward: Callable[[MicroBatch], tuple[torch.Tensor, ...]], batches: list[MicroBatch],
+def one_forward(tokens: torch.Tensor, lengths: list[int] | None) -> list[MicroBatch]:
+    """Every row in one forward: packed when lengths (host ints) are given, else padded."""
+    return micro_batches(tokens, lengths or [tokens.shape[1]] * len(tokens), 0, packed=lengths is not None)
+
+
+def on_tokens(stats_of: Callable[[MicroBatch], tuple[torch.Tensor, ...]], forwards: list[MicroBatch],
               shape: torch.Size) -> tuple[torch.Tensor, ...]:
-    """forward(mb) -> per-row statistics (N,) of each micro-batch, written onto the tokens its rows predict:
+    """stats_of(forward) -> per-row statistics (N,) of each forward, written onto the tokens its rows predict:
     (B, T) each, 0 on each row's first token and where nothing was computed."""
     outs = None
-    for mb in batches:
-        stats = forward(mb)
+    for forward in forwards:
+        stats = stats_of(forward)
         outs = outs or tuple(s.new_zeros(shape) for s in stats)
         for stat, out in zip(stats, outs, strict=True):
-            mb.put(stat, out)
+            forward.put(stat, out)
     return outs

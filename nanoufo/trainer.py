@@ -29,7 +29,7 @@ from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, to_device
 from nanoufo.optim import adamw
-from nanoufo.packing import MicroBatch, micro_batches, on_tokens, split_rows
+from nanoufo.packing import MicroBatch, micro_batches, on_tokens, one_forward, split_rows
 from nanoufo.parallel import ParallelContext, all_ranks_true, clip_grad_norm_, dp_mean_scale
 from nanoufo.rollout import Graded
 from nanoufo.sampler import Rollout, cat_rows
@@ -89,11 +89,6 @@ def token_stats(model: Qwen2, forward: MicroBatch, temperature: float) -> tuple[
 def token_values(critic: Qwen2, forward: MicroBatch) -> torch.Tensor:
     """V(state before the token each row predicts), (N,): the value head read where the LM head would be."""
     return critic.values(forward.hidden(critic)).masked_fill(~forward.predicts, 0.0)
-
-
-def one_forward(tokens: torch.Tensor, lengths: list[int] | None) -> list[MicroBatch]:
-    """Every row in one forward: packed when lengths (host ints) are given, else padded."""
-    return micro_batches(tokens, lengths or [tokens.shape[1]] * len(tokens), 0, packed=lengths is not None)
 
 
 def sequence_stats(model: Qwen2, tokens: torch.Tensor, temperature: float, lengths: list[int] | None = None):
@@ -168,13 +163,14 @@ def build_batch(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2
     stats["kept_score"] = scores.mean().item()
     lengths = rl.trajectory_lengths(mask).tolist()  # one host sync; every no-grad forward runs in micro-batches
     forwards = micro_batches(tokens, lengths, cfg.micro_batch_tokens, cfg.pack_sequences)
-    logp_under = lambda model: on_tokens(  # noqa: E731  (B, T)
-        lambda forward: token_stats(model, forward, cfg.temperature)[:1], forwards, tokens.shape)[0]
+
+    def on_the_tokens(stat_of) -> torch.Tensor:  # (B, T): a per-row statistic of every forward, on its tokens
+        return on_tokens(lambda forward: (stat_of(forward),), forwards, tokens.shape)[0]
+
     with torch.no_grad():
-        old_logp = logp_under(actor)
-        ref_logp = None if ref is None else logp_under(ref)
-        values = None if critic is None else on_tokens(lambda forward: (token_values(critic, forward),), forwards,
-                                                       tokens.shape)[0]
+        old_logp = on_the_tokens(lambda forward: token_stats(actor, forward, cfg.temperature)[0])
+        ref_logp = None if ref is None else on_the_tokens(lambda forward: token_stats(ref, forward, cfg.temperature)[0])
+        values = None if critic is None else on_the_tokens(lambda forward: token_values(critic, forward))
     stats["logp_diff_sampler"] = rl.masked_mean((scored.logprobs.float() - old_logp).abs(), mask).item()
     kl_reward = torch.zeros_like(mask)  # (B, T): kl_coef * KL(pi || ref) on the sampled tokens, if in the reward
     if ref_logp is not None:
@@ -194,8 +190,8 @@ def build_batch(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, ref: Qwen2
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2) per token (B, T), and the clip
-    fraction (0-d tensor, token-mean over the mask)."""
+    """PPO's clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2) per token (the inputs' shape), and the
+    clip fraction (0-d tensor, token-mean over the mask)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     frac = rl.masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask).detach()
@@ -282,11 +278,11 @@ def ppo_update(cfg: TrainConfig, actor: Qwen2, critic: Qwen2 | None, optimizers:
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     sums, n_updates, skipped, ratio_devs = {}, 0, 0, []
     for _ in range(cfg.ppo_epochs):
-        for rows in torch.randperm(len(batch.tokens), generator=generator).split(cfg.minibatch_size):
+        for index in torch.randperm(len(batch.tokens), generator=generator).split(cfg.minibatch_size):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(to_device(rows, batch.tokens.device)),
-                                                 [lengths[i] for i in rows.tolist()])
+            loss, metrics = accumulate_gradients(cfg, actor, critic, batch.rows(to_device(index, batch.tokens.device)),
+                                                 [lengths[i] for i in index.tolist()])
             metrics["loss"] = loss
             metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch
             ratio_devs.append(metrics.pop("ratio_dev"))

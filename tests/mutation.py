@@ -73,7 +73,7 @@ MUTANTS = [
     Mutant("trainer: KL penalty added to the reward", "nanoufo/trainer.py",
            "rewards = scored.rewards - kl_reward", "rewards = scored.rewards + kl_reward"),
     Mutant("trainer: reference log-probs from the actor", "nanoufo/trainer.py",
-           "else logp_under(ref)", "else logp_under(actor)"),
+           "token_stats(ref, forward, cfg.temperature)[0]", "token_stats(actor, forward, cfg.temperature)[0]"),
     Mutant("trainer: the group filter keeps the first groups", "nanoufo/trainer.py",
            "scored.rows(rl.group_filter(scored.scores, cfg.n_samples_per_problem, cfg.keep_groups).tolist())",
            "scored.rows(list(range(cfg.keep_groups * cfg.n_samples_per_problem)))"),

@@ -1,8 +1,9 @@
 """Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/packing.py,
-nanoufo/trainer.py): accumulated gradients equal the one-shot minibatch's for every aggregation, packed or
-padded, in one process and under DP=2 on gloo (and the DP weights by hand with an empty row); packed
-statistics equal the padded ones, the values read where the critic's forward puts them; scoring's largest
-tensor does not grow with the batch; the vectorised GAE equals the step-by-step loop.
+nanoufo/trainer.py): a micro-batch's map from hidden rows to tokens by hand; accumulated gradients equal the
+one-shot minibatch's for every aggregation, packed or padded, in one process and under DP=2 on gloo (and the
+DP weights by hand with an empty row); packed statistics equal the padded ones, the values read where the
+critic's forward puts them; scoring's largest tensor does not grow with the batch; the vectorised GAE
+equals the step-by-step loop.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_micro_batches.py
 """
@@ -16,7 +17,7 @@ from distributed_utils import launch
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
-from nanoufo.packing import split_rows
+from nanoufo.packing import micro_batches, split_rows
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
 from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, make_optimizers,
@@ -89,6 +90,26 @@ def test_micro_batch_split_and_a_budget_below_the_longest_trajectory():
     with pytest.raises(ValueError, match="micro_batch_tokens=10"):  # before any forward: nothing changes
         ppo_update(cfg, actor, critic, make_optimizers(cfg, actor, critic), uneven_batch(), seed=0)
     assert all(torch.equal(v, weights[k]) for k, v in actor.state_dict().items())
+
+
+def test_a_micro_batch_maps_its_hidden_rows_to_the_tokens_they_predict_by_hand():
+    tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])  # trajectories of 3 and 2 tokens, T = 4
+    packed, = micro_batches(tokens, [3, 2], 0, packed=True)
+    assert packed.inputs.tolist() == [[5, 6, 7, 8, 9]] and packed.positions.tolist() == [[0, 1, 2, 0, 1]]
+    assert packed.targets.tolist() == [6, 7, -100, 9, -100]  # a trajectory's last token predicts nothing
+    assert packed.following.tolist() == [1, 2, 0, 5, 4] and packed.n_computed == 5  # flat indices into (B * T)
+    x = torch.arange(8.0).view(2, 4)
+    assert packed.take(x).tolist() == [1.0, 2.0, 0.0, 5.0, 0.0]
+    out = torch.zeros(2, 4)
+    packed.put(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), out)
+    assert out.tolist() == [[0, 1, 2, 0], [0, 4, 0, 0]]  # row n's statistic on the token it predicts
+    padded, = micro_batches(tokens, [3, 2], 0, packed=False)
+    assert padded.inputs.tolist() == [[5, 6, 7], [8, 9, 0]] and padded.n_computed == 6  # cut to the longest
+    assert padded.targets.tolist() == [6, 7, 9, 0]  # the padding is predicted too (its loss mask is 0)
+    assert padded.following.tolist() == [1, 2, 5, 6]
+    split = micro_batches(tokens, [3, 2], 3, packed=True)  # 5 tokens over a budget of 3: one row each
+    assert [mb.targets.tolist() for mb in split] == [[6, 7, -100], [9, -100]]
+    assert [mb.following.tolist() for mb in split] == [[1, 2, 0], [5, 4]]
 
 
 def test_a_budget_below_the_attempts_is_a_config_error():

@@ -10,7 +10,8 @@ Not a test file; its users: python -m pytest -q tests/test_micro_batches.py test
 tests/test_parallel.py
 """
 from nanoufo.config import TrainConfig
-from nanoufo.trainer import Batch, UpdateRows, critic_loss, minibatch_weights, one_forward, policy_loss
+from nanoufo.packing import one_forward
+from nanoufo.trainer import Batch, UpdateRows, critic_loss, minibatch_weights, policy_loss
 
 
 def update_rows(mb: Batch, weights, lengths: list[int] | None = None) -> UpdateRows:
