@@ -56,7 +56,11 @@ class MicroBatch:
     following: torch.Tensor  # (N,) flat index into (B * T) of the token each hidden row predicts
     predicts: torch.Tensor  # (N,) bool, False where a hidden row predicts nothing (a packed trajectory's end)
     targets: torch.Tensor  # (N,) int64 token ids, IGNORE where nothing is predicted
-    n_computed: int  # tokens the forward computes, padding included
+
+    @property
+    def n_computed(self) -> int:
+        """Tokens the forward computes, padding included."""
+        return self.inputs.numel()
 
     def hidden(self, model: Qwen2) -> torch.Tensor:
         """The hidden states (N, H) that predict the targets."""
@@ -101,8 +105,7 @@ def _micro_batch(tokens: torch.Tensor, rows: list[int], lengths: list[int], pack
                      + torch.arange(1, t, device=device)).flatten()  # (b * (t - 1),)
         predicts = torch.ones_like(following, dtype=torch.bool)
     targets = tokens.reshape(-1)[following].masked_fill(~predicts, IGNORE)
-    return MicroBatch(inputs, positions, seq_lens, following, predicts, targets,
-                      sum(lengths) if packed else len(rows) * max(lengths))
+    return MicroBatch(inputs, positions, seq_lens, following, predicts, targets)
 
 
 def one_forward(tokens: torch.Tensor, lengths: list[int] | None) -> list[MicroBatch]:
