@@ -143,6 +143,10 @@ def _raise_bad_target(row: int, target: int, vocab_size: int, ignore_index: int)
                      f"masked rows with ignore_index={ignore_index}")
 
 
+def _raise_nan_row(row: int) -> None:
+    raise ValueError(f"token_stats: row {row} of the logits holds NaN")
+
+
 def _check_rows(stats: RowStats, targets: torch.Tensor, valid: torch.Tensor, vocab_size: int | torch.Tensor,
                 cfg: SliceConfig) -> None:
     """debug: raise naming the first row whose target is outside [0, vocab_size) or whose logits hold NaN."""
@@ -150,7 +154,7 @@ def _check_rows(stats: RowStats, targets: torch.Tensor, valid: torch.Tensor, voc
         row = int(bad[0, 0])
         _raise_bad_target(row, int(targets[row]), int(vocab_size), cfg.ignore_index)
     if (nan_rows := (valid & stats.z_sum.isnan()).nonzero()).numel():  # a NaN logit makes the sum NaN
-        raise ValueError(f"token_stats: row {int(nan_rows[0, 0])} of the logits holds NaN")
+        _raise_nan_row(int(nan_rows[0, 0]))
 
 
 def finish_slice(stats: RowStats, targets: torch.Tensor, n_cols: int, cfg: SliceConfig,
@@ -418,7 +422,7 @@ def token_stats_triton(logits: torch.Tensor, targets: torch.Tensor,
         if bad_target < n:
             _raise_bad_target(bad_target, int(targets[bad_target]), v, cfg.ignore_index)
         if nan_row < n:
-            raise ValueError(f"token_stats: row {nan_row} of the logits holds NaN")
+            _raise_nan_row(nan_row)
     return outs, lse_mu
 
 
