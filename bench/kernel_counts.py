@@ -253,12 +253,22 @@ def vocab_parallel_counts(cases: tuple[str, ...] = VOCAB_PARALLEL, n: int = 16, 
                           v: int = 300) -> list[dict]:
     """Host syncs, collectives and launches per rank of the vocab-parallel fused heads on two gloo ranks (TP=2,
     the Triton path under the interpreter): scoring (linear_token_stats without grad, 6 vocab chunks), its
-    forward + backward (without and with vocab_size), and the head fused with the PPO loss (4 row chunks)."""
+    forward + backward (without and with vocab_size), and the head fused with the PPO loss (4 row chunks).
+    The ranks hold CPU tensors, so they interpret the Triton path also when this process runs on a GPU
+    machine (NANOUFO_TEST_DEVICE=cuda): the spawned ranks get TRITON_INTERPRET=1 whatever this process has."""
     import tempfile
     import torch.multiprocessing as mp
+    interpret = os.environ.get("TRITON_INTERPRET")
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "store")
-        mp.spawn(_vocab_parallel_rank, args=(store, cases, n, h, v), nprocs=2, join=True)
+        os.environ["TRITON_INTERPRET"] = "1"  # read by the spawned ranks as they import the kernels
+        try:
+            mp.spawn(_vocab_parallel_rank, args=(store, cases, n, h, v), nprocs=2, join=True)
+        finally:
+            if interpret is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = interpret
         ranks = [json.loads(Path(f"{store}.rank{r}.json").read_text()) for r in range(2)]
     return [dict(op=f"tp2 {case}", n=n, h=h, v=v, rank0=ranks[0][case], rank1=ranks[1][case]) for case in cases]
 

@@ -21,6 +21,7 @@ import torch
 from common import (all_wrong, build_model, feedback_ids, free_memory, hbm_and_flops, hf_twin, kv_bytes_per_token,
                     mid_attempt_decoder, parse_args, ratio, report, synthetic_prompts, timed)
 from nanoufo.model import Qwen2
+from nanoufo.options import SamplingOptions
 from nanoufo.sampler import generate
 
 COLUMNS = ["batch", "tokens_per_s", "hf_tokens_per_s", "speedup", "prefill_per_episode", "hf_prefill_per_episode",
@@ -42,8 +43,9 @@ def random_turns(feedback: list[int], turns: int, batch: int, seed: int):
 
 def run_nanoufo(model: Qwen2, prompts: list[list[int]], next_turn, turns: int, max_new_tokens: int, seed: int,
                 **options) -> dict:
-    rollout, seconds = timed(lambda: generate(model, prompts, next_turn, max_turns=turns, max_new_tokens=max_new_tokens,
-                                              stop_ids=[], temperature=1.0, seed=seed, **options))
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=1.0, **options)
+    rollout, seconds = timed(lambda: generate(model, prompts, next_turn, sampling, max_turns=turns, stop_ids=[],
+                                              seed=seed))
     return dict(seconds=seconds, sampled=int(rollout.loss_mask.sum()), prefill=rollout.n_prefill_tokens,
                 decode_steps=rollout.n_decode_steps,
                 batch_fill=rollout.n_decode_rows / max(rollout.n_decode_steps * rollout.n_cache_rows, 1))
@@ -101,10 +103,10 @@ def decode_roofline_seconds(model: Qwen2, batch: int, context: int) -> float | N
 
 def bench_batch(model: Qwen2, preset, batch: int, seed: int, args) -> dict:
     prompts, feedback = synthetic_prompts(preset, batch, seed), feedback_ids(preset)
-    options = dict(cuda_graphs=args.cuda_graphs,
-                   kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
+    options = dict(cuda_graphs=args.cuda_graphs, kv_budget_gb=args.kv_budget_gb or 0.0)
     next_turn = random_turns(feedback, preset.turns, batch, seed) if args.random_turns else all_wrong(feedback)
-    generate(model, prompts[:2], all_wrong(feedback), max_turns=2, max_new_tokens=2, stop_ids=[])  # warm-up
+    generate(model, prompts[:2], all_wrong(feedback), SamplingOptions(max_new_tokens=2), max_turns=2,
+             stop_ids=[])  # warm-up
     ours = run_nanoufo(model, prompts, next_turn, preset.turns, preset.max_new_tokens, seed, **options)
     free_memory()
     row = dict(batch=batch, sampled_tokens=ours["sampled"], tokens_per_s=ours["sampled"] / ours["seconds"],

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from nanoufo import rl
-from nanoufo.config import PRM_AGGREGATES
 from nanoufo.model import PRM_ARCHITECTURE, Qwen2
+from nanoufo.options import PRM_AGGREGATES
 from nanoufo.parallel import SINGLE, ParallelContext
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
+
 
 SEPARATOR = "<extra_0>"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."

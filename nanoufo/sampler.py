@@ -1,9 +1,9 @@
 """KV-cached, batched, multi-turn sampling with continuous batching: each episode is one conversation on one
 row of a preallocated KV cache, and a row whose episode ends takes the next waiting episode.
 
-    from nanoufo.sampler import generate
-    rollout = generate(model, prompts, next_turn, max_turns=5, max_new_tokens=512, stop_ids=env.stop_ids,
-                       temperature=1.0, top_p=1.0, seed=0, kv_budget_bytes=40 * 2**30)
+    from nanoufo.sampler import SamplingOptions, generate
+    sampling = SamplingOptions(max_new_tokens=512, temperature=1.0, top_p=1.0, kv_budget_gb=40)
+    rollout = generate(model, prompts, next_turn, sampling, max_turns=5, stop_ids=env.stop_ids, seed=0)
 
 The number of cache rows comes from the KV budget (default: one per episode), so the KV memory is bounded
 whatever the number of episodes. Prompts are prefilled in right-padded batches as rows free up; a token's
@@ -34,6 +34,7 @@ import torch
 from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
 from nanoufo.decode import MAX_EPISODE_TOKENS, Decoder, Sampling, kv_bytes_per_row
 from nanoufo.model import Qwen2, to_device
+from nanoufo.options import SamplingOptions
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
 SYNC_EVERY = 8  # decode steps between two stop checks at most
@@ -57,6 +58,7 @@ class Rollout:
     n_decode_steps: int  # single-token forward calls
     n_decode_rows: int = 0  # rows decoded, summed over the decode steps (padding left out)
     n_cache_rows: int = 0  # KV-cache rows the episodes shared (the spare row left out)
+    temperature: float = 1.0  # the temperature `logprobs` are under, which the trainer's forwards use too
 
     def _map(self, tensor_fn, list_fn) -> "Rollout":
         """The same rollout (its own class) with tensor_fn applied to each tensor field, list_fn to each list."""
@@ -115,14 +117,14 @@ class _Conversation:
         self.logprobs += logprobs or [0.0] * len(tokens)
 
 
-def _rollout(conversations: list[_Conversation], *counts: int) -> Rollout:
+def _rollout(conversations: list[_Conversation], *counts: int, temperature: float) -> Rollout:
     width = max(len(c.tokens) for c in conversations)
     pad = lambda rows, value: [r + [value] * (width - len(r)) for r in rows]  # noqa: E731
     return Rollout(torch.tensor(pad([c.tokens for c in conversations], 0)),
                    torch.tensor([len(c.tokens) for c in conversations]),
                    torch.tensor(pad([c.sampled for c in conversations], 0.0)),
                    torch.tensor(pad([c.logprobs for c in conversations], 0.0)), [c.spans for c in conversations],
-                   *counts)
+                   *counts, temperature=temperature)
 
 
 def episode_max_len(prompt_len: int, max_turns: int, max_new_tokens: int,
@@ -214,7 +216,7 @@ class _Run:
             rows = sorted(self.episode_of)
             if not rows:
                 return _rollout(self.conversations, self.n_prefill_tokens, self.n_decode_steps, self.n_decode_rows,
-                                self.decoder.spare)
+                                self.decoder.spare, temperature=self.decoder.sampling.temperature or 1.0)
             live, lengths = self.decoder.poll(rows)  # the stop check
             ended = [(r, n) for r, n, is_live in zip(rows, lengths, live) if not is_live]
             if ended:
@@ -330,31 +332,35 @@ def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_token
 
 
 @torch.no_grad()
-def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max_turns: int, max_new_tokens: int,
-             stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_len: int | None = None, feedback_len: int = FEEDBACK_TOKENS, episode_ids: list[int] | None = None,
-             kv_budget_bytes: int | None = None, cuda_graphs: bool = False, buckets: list[int] | None = None,
-             sync_every: int = SYNC_EVERY, decoders: Decoders | None = None) -> Rollout:
-    """Sample up to max_turns attempts per prompt (see the module docstring); greedy when temperature == 0.
+def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, sampling: SamplingOptions, *,
+             max_turns: int, stop_ids: list[int], seed: int = 0, max_len: int | None = None,
+             feedback_len: int = FEEDBACK_TOKENS, episode_ids: list[int] | None = None,
+             buckets: list[int] | None = None, sync_every: int = SYNC_EVERY,
+             decoders: Decoders | None = None) -> Rollout:
+    """Sample up to max_turns attempts per prompt (see the module docstring) as `sampling` says: at most
+    max_new_tokens per attempt, greedy when temperature == 0, the KV cache bounded by kv_budget_gb (default:
+    a row per episode), and with cuda_graphs one CUDA graph replay per decode step (CUDA only; the CPU and any
+    failed capture decode eagerly).
 
     next_turn gets the episodes whose attempt just ended, each attempt's sampled tokens (its stop token
     included) and whether it ended on a stop token; it is called after every attempt, the last one
     included. max_len (default: the longest prompt + max_turns attempts + feedback_len tokens per feedback
     turn, at most the model's max_position_embeddings) bounds each episode: an attempt that reaches it ends,
     feedback that leaves no room ends the episode. episode_ids (default 0..B-1) key the sampling noise.
-    kv_budget_bytes bounds the KV cache (default: a row per episode). buckets (default with cuda_graphs: a
-    doubling list) pad each decode batch to a bucket's size with the spare row; cuda_graphs replays one
-    CUDA graph per bucket (CUDA only; the CPU and any failed capture decode eagerly). decoders (a Decoders)
-    keeps the decoder and its graphs for the next call: captured once per run, not once per call."""
+    buckets (default with cuda_graphs: a doubling list) pad each decode batch to a bucket's size with the
+    spare row. decoders (a Decoders) keeps the decoder and its graphs for the next call: captured once per
+    run, not once per call."""
     if not prompts:
         empty = torch.zeros(0, 0)
-        return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0)
+        return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0,
+                       temperature=sampling.temperature or 1.0)
+    max_new_tokens = sampling.max_new_tokens
     max_len = max_len or min(episode_max_len(max(map(len, prompts)), max_turns, max_new_tokens, feedback_len),
                              model.config.max_position_embeddings)  # never past the context the model knows
     episode_ids = list(range(len(prompts))) if episode_ids is None else list(episode_ids)
     _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every, model.config.vocab_size)
-    decoder, graphs, buckets = (decoders or Decoders()).get(model, len(prompts), max_len,
-                                                            Sampling(temperature, top_p, seed), stop_ids,
-                                                            max_new_tokens, kv_budget_bytes, cuda_graphs, buckets)
+    decoder, graphs, buckets = (decoders or Decoders()).get(
+        model, len(prompts), max_len, Sampling(sampling.temperature, sampling.top_p, seed), stop_ids, max_new_tokens,
+        sampling.kv_budget_bytes, sampling.cuda_graphs, buckets)
     return _Run(model, prompts, next_turn, decoder, max_turns=max_turns, stop_ids=stop_ids, episode_ids=episode_ids,
                 buckets=buckets, graphs=graphs, sync_every=sync_every).run()

@@ -23,9 +23,10 @@ from nanoufo import cuda_graphs
 from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
 from nanoufo.decode import kv_bytes_per_row
 from nanoufo.model import KVCache
+from nanoufo.options import SamplingOptions
 from nanoufo.sampler import generate
 from nanoufo.weights import load_model
-from test_sampler import PROMPTS, Script
+from test_sampler import PROMPTS, Script, sampling_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 launches = importlib.import_module("launches")
@@ -43,14 +44,15 @@ def tiny(tmp_path_factory):
 
 
 def run(model, prompts, turns, **kw):
+    """generate() with these defaults; kw's SamplingOptions keys go into its sampling."""
     kw = {"max_turns": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 7, "max_len": 40, **kw}
-    return generate(model, prompts, Script(turns), **kw)
+    return generate(model, prompts, Script(turns), sampling_of(kw), **kw)
 
 
 def first_emitted_token(model, prompt):
     """A token the model emits greedily soon after the prompt, used as a stop token (so stops happen)."""
-    out = generate(model, [prompt], lambda rows, *_: [None] * len(rows), max_turns=1, max_new_tokens=3, stop_ids=[],
-                   temperature=0.0)
+    out = generate(model, [prompt], lambda rows, *_: [None] * len(rows),
+                   SamplingOptions(max_new_tokens=3, temperature=0.0), max_turns=1, stop_ids=[])
     return int(out.tokens[0, len(prompt) + 2])
 
 
@@ -99,14 +101,15 @@ def test_continuous_batching_gives_each_episode_its_tokens_alone_within_the_kv_b
             allocate(cls, *a, **k)) or allocated[-1]))
         m.setattr(tiny, "forward", lambda ids, pos, cache=None, cache_rows=None, **kw: (
             rows_used.append((ids.shape[1], cache_rows.tolist())) or forward(ids, pos, cache, cache_rows, **kw)))
-        batched = run(tiny, EPISODE_PROMPTS, TURNS, stop_ids=[stop], kv_budget_bytes=budget)
+        batched = run(tiny, EPISODE_PROMPTS, TURNS, stop_ids=[stop], kv_budget_gb=budget / 2**30)
     assert len(allocated) == 1 and sum(t.numel() * t.element_size() for t in (allocated[0].k, allocated[0].v)) <= budget
     assert {r for _, rows in rows_used for r in rows} == {0, 1}  # 7 episodes went through 2 rows
     assert max(len(rows) for _, rows in rows_used) == 2
     for b, prompt in enumerate(EPISODE_PROMPTS):
         script = Script(TURNS)  # answers as it would to episode b
-        alone = generate(tiny, [prompt], lambda rows, *a: script([b] * len(rows), *a), max_turns=3, max_new_tokens=5,
-                         temperature=1.0, seed=7, max_len=40, stop_ids=[stop], episode_ids=[b])
+        alone = generate(tiny, [prompt], lambda rows, *a: script([b] * len(rows), *a),
+                         SamplingOptions(max_new_tokens=5, temperature=1.0), max_turns=3, seed=7, max_len=40,
+                         stop_ids=[stop], episode_ids=[b])
         assert episode_tokens(batched, b) == episode_tokens(alone, 0), f"episode {b}"
         assert batched.turn_spans[b] == alone.turn_spans[0]
         n = int(alone.lengths[0])
@@ -119,11 +122,12 @@ def test_bad_settings_fail_before_sampling(tiny, torch_paths, monkeypatch):
     script = Script([1] * 4)
     row = kv_bytes_per_row(tiny, 40)
     with pytest.raises(ValueError, match=rf"KV budget of {row:,} bytes holds no episode: a row of max_len=40"):
-        generate(tiny, PROMPTS, script, max_turns=1, max_new_tokens=3, stop_ids=[], max_len=40, kv_budget_bytes=row)
+        generate(tiny, PROMPTS, script, SamplingOptions(max_new_tokens=3, kv_budget_gb=row / 2**30), max_turns=1,
+                 stop_ids=[], max_len=40)
     with pytest.raises(ValueError, match=r"bucket list \[1, 2\] does not cover a batch of 4 rows"):
-        generate(tiny, PROMPTS, script, max_turns=1, max_new_tokens=3, stop_ids=[], buckets=[1, 2])
+        generate(tiny, PROMPTS, script, SamplingOptions(max_new_tokens=3), max_turns=1, stop_ids=[], buckets=[1, 2])
     with pytest.raises(ValueError, match="prompt 0 has 7 tokens, more than max_len=6"):
-        generate(tiny, PROMPTS, script, max_turns=1, max_new_tokens=3, stop_ids=[], max_len=6)
+        generate(tiny, PROMPTS, script, SamplingOptions(max_new_tokens=3), max_turns=1, stop_ids=[], max_len=6)
     assert script.calls == []
 
 

@@ -130,12 +130,12 @@ def test_a_prm_reward_run_places_step_rewards(tmp_path, tiny_qwen_run):
 
 @pytest.mark.parametrize("args, expected", [
     (["--train_data={d}/renamed.jsonl"],
-     "train_data: {d}/renamed.jsonl: cannot detect the format .* columns found: gold, prompt; set --train_format=..."),
+     "--train_data: {d}/renamed.jsonl: cannot detect the format .* columns found: gold, prompt; set --train_format=..."),
     (["--train_data={d}/renamed.jsonl", "--train_question_key=prompt", "--train_format=generic"],
-     "train_data: {d}/renamed.jsonl: no answer column 'answer' .* columns found: gold, prompt; "
+     "--train_data: {d}/renamed.jsonl: no answer column 'answer' .* columns found: gold, prompt; "
      "set --train_answer_key="),
     (["--train_data={d}/math.jsonl", "--eval_data={d}/unlabeled.jsonl"],
-     "eval_data: {d}/unlabeled.jsonl: cannot detect the format .* columns found: question; set --eval_format="),
+     "--eval_data: {d}/unlabeled.jsonl: cannot detect the format .* columns found: question; set --eval_format="),
 ])
 def test_a_data_file_that_does_not_fit_is_one_line_and_exit_status_2(tiny_qwen_run, args, expected):
     ckpt, data = tiny_qwen_run
