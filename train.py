@@ -29,6 +29,7 @@ from tqdm import tqdm
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
 from nanoufo.config import env_options, eval_sets, format_config, help_text, parse_args, save_config
+from nanoufo.cuda_graphs import graphs_wanted
 from nanoufo.data import error_line, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import held_out_metrics, with_spread
@@ -39,7 +40,7 @@ from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, p
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
-from nanoufo.sampler import Decoders
+from nanoufo.sampler import Decoders, run_max_len
 from nanoufo.schedule import set_learning_rates
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update, score_rollout
@@ -75,8 +76,9 @@ print0(f"config (saved to {out_dir / 'config.json'}):\n{format_config(cfg)}")
 # -------------------------------------------------------------------------- tokenizer, data, environment
 def read_data(cfg) -> tuple:
     """(tokenizer, training problems, {name: held-out problems}) of a dataset run; a reading error is one
-    line naming the file, the columns and the --{train,eval}_* flag. Problems whose prompt leaves no room for
-    one whole attempt in the model's context are skipped and counted here, so the sampler never meets them."""
+    line naming the file, the columns and the --{train,eval}_* flag. Problems whose prompt is longer than
+    max_prompt_tokens, or leaves no room for one whole attempt in the model's context, are skipped and counted
+    here, so the sampler never meets them."""
     has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
     prompts = UFOEnv(tokenizer, **env_options(cfg))  # the prompts' chat template
@@ -84,7 +86,7 @@ def read_data(cfg) -> tuple:
         context = model_config(cfg.init_from).max_position_embeddings
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    limit = context - cfg.max_new_tokens
+    limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)
 
     def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
         try:
@@ -99,7 +101,7 @@ def read_data(cfg) -> tuple:
         kept = [p for p, fits in zip(problems, prompts.prompts_fit([p.question for p in problems], limit)) if fits]
         if len(kept) < len(problems):
             print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} "
-                   f"tokens (max_position_embeddings {context} - max_new_tokens)")
+                   f"tokens (max_prompt_tokens, at most max_position_embeddings {context} - max_new_tokens)")
         if not kept:
             fail(f"{source}: no problem fits the model's context")
         return kept
@@ -115,6 +117,8 @@ def read_data(cfg) -> tuple:
 start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
 tokenizer, train_problems, eval_problems = demo.task(cfg) if cfg.is_demo else read_data(cfg)
 env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
+if cfg.is_demo and not all(env.prompts_fit([p.question for p in train_problems], cfg.max_prompt_tokens)):
+    fail(f"config: max_prompt_tokens={cfg.max_prompt_tokens} is shorter than the demo's prompts")
 eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options(cfg))  # Succ@k needs k turns, whatever training used
 
 
@@ -138,7 +142,11 @@ except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(par.device).total_memory / 2**30
                                   if par.device.type == "cuda" else None)
-plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib)
+try:
+    graphs = graphs_wanted(cfg.cuda_graphs, par.device)
+except ValueError as e:
+    fail(f"config: {e}")
+plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib, env.max_feedback_tokens(), graphs)
 print0(plan.format())
 if plan.refusal():
     fail(plan.refusal())  # a config that cannot fit is the user's to change
@@ -157,7 +165,9 @@ models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), par)) if par.dp_size > 1 else None
-decoders = Decoders() if cfg.cuda_graphs else None  # the decoder and its CUDA graphs, kept from rollout to rollout
+decoders = Decoders(required=cfg.cuda_graphs == "true") if plan.graphs else None  # kept from rollout to rollout
+max_len = run_max_len(cfg.max_prompt_tokens, cfg.max_turns, cfg.max_new_tokens, env.max_feedback_tokens(),
+                      shape.max_position_embeddings)  # the sampler's, for the whole run: one capture per bucket
 
 
 # -------------------------------------------------------------------------- resume
@@ -219,7 +229,8 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     graded = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer,
-                           kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs,
+                           max_len=max_len, kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None,
+                           cuda_graphs=decoders is not None,
                            first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank, decoders=decoders)
     scored, stats = score_rollout(cfg, actor, graded, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(cfg, actor, critic, ref, scored)
@@ -235,11 +246,15 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     record = {"kind": "train", "step": step, "reward": float(np.mean(graded.scores.numpy())),  # the env's
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
               "tokens_per_s": float(graded.rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
+              "decode_steps": graded.rollout.n_decode_steps, "decode_graph_replays": graded.rollout.n_graph_replays,
+              **(decoders.stats() if decoders else {}),
               "peak_memory_mb": peak_memory_mb()}
     if logger:
         logger.log(record)
     bar.update(1)
     bar.set_postfix(reward=f"{record['reward']:.3f}", succ=f"{record['succ_at_k']:.2f}")
+    if decoders and decoders.failure:  # on every rollout: a run that asked for graphs is decoding without them
+        print0(f"step {step}: decoded eagerly, the CUDA graph capture failed: {decoders.failure}")
     if update["skipped_updates"]:
         print0(f"step {step}: {update['skipped_updates']} updates skipped (non-finite loss or gradients)")
     if bad_steps >= cfg.max_bad_steps:

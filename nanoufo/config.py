@@ -31,9 +31,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
 ANSWER_FORMATS = ("boxed", "think_answer")  # how an attempt is read (nanoufo/env.py)
 GRADINGS = ("math_verify", "exact")
+CUDA_GRAPHS = ("auto", "true", "false")  # auto: on when the device is CUDA (nanoufo/cuda_graphs.py)
 CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
                kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES,
-               prm_aggregate=PRM_AGGREGATES, answer_format=ANSWER_FORMATS, grading=GRADINGS)
+               prm_aggregate=PRM_AGGREGATES, answer_format=ANSWER_FORMATS, grading=GRADINGS, cuda_graphs=CUDA_GRAPHS)
 
 
 @dataclass
@@ -77,12 +78,15 @@ class TrainConfig:
     problems_per_step: int = 32  # questions sampled per step, before the group filter
     n_samples_per_problem: int = 4  # episodes per question (the group)
     keep_groups: int = 0  # groups kept by the reward-spread filter; 0 keeps all
+    max_prompt_tokens: int = 512  # longer prompts are skipped; with the attempts it bounds the sampler's max_len
     max_new_tokens: int = 16  # per attempt
     temperature: float = 1.0
     top_p: float = 1.0
     eval_temperature: float = 0.5  # 0: greedy
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
-    cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
+    # decode steps as CUDA graph replays, captured once per run (they keep the KV cache): "auto" on a CUDA device,
+    # "true" (a failed capture ends the run) or "false"
+    cuda_graphs: str = "auto"
     eval_k: int = 5
     eval_seeds: int = 0  # evaluations per held-out set (seeds seed, seed+1, ...), reported as mean and spread;
     # 0 = 4 for the demo (a second each), 1 for a dataset
@@ -235,8 +239,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     if cfg.dtype == "float16":  # fp16 gradients underflow and overflow without dynamic loss scaling
         raise ValueError("config: dtype='float16' cannot train (no loss scaling); use bfloat16 or float32 "
                          "(sample.py --dtype=float16 still samples and evaluates in float16)")
-    positive = ("tp", "max_turns", "problems_per_step", "n_samples_per_problem", "max_new_tokens", "ppo_epochs",
-                "minibatch_size", "eval_k", "max_steps", "max_bad_steps")
+    positive = ("tp", "max_turns", "problems_per_step", "n_samples_per_problem", "max_prompt_tokens", "max_new_tokens",
+                "ppo_epochs", "minibatch_size", "eval_k", "max_steps", "max_bad_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
