@@ -213,14 +213,25 @@ class HostValues(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def stand_in_graphs(monkeypatch) -> list:
-    """CUDA graph capture on the CPU with FakeGraph: warm-up steps run eagerly, recording makes FakeGraphs (the
-    list they are appended to is returned)."""
+class EagerGraph:
+    """The plainest stand-in: a replay runs the step (for counting captures and replays on any code path)."""
+
+    def __init__(self, step, bucket: int):
+        self.step, self.bucket, self.replays = step, bucket, 0
+
+    def replay(self) -> None:
+        self.step(self.bucket)
+        self.replays += 1
+
+
+def stand_in_graphs(monkeypatch, graph=FakeGraph) -> list:
+    """CUDA graph capture on the CPU with a stand-in graph class: warm-up steps run eagerly, recording makes one
+    graph per bucket (the list they are appended to is returned)."""
     graphs = []
     monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
     monkeypatch.setattr(cuda_graphs, "_warm_up", lambda step, buckets, device: [step(b) for b in buckets])
     monkeypatch.setattr(cuda_graphs, "_record", lambda step, buckets, device: {
-        b: graphs.append(FakeGraph(step, b)) or graphs[-1] for b in buckets})
+        b: graphs.append(graph(step, b)) or graphs[-1] for b in buckets})
     return graphs
 
 
@@ -250,12 +261,12 @@ def rollouts_of_varying_prompts(model, decoders: Decoders, max_len: int | None) 
                  decoders=decoders)
 
 
-@needs_triton
-def test_a_run_max_len_from_its_limits_captures_once_per_bucket_whatever_the_prompts(tiny, monkeypatch):
+def test_a_run_max_len_from_its_limits_captures_once_per_bucket_whatever_the_prompts(tiny, torch_paths, monkeypatch):
     """train.py passes run_max_len (the prompt limit + the turns' budget): six rollouts whose longest prompts are
     10, 12, 11, 20, 15 and 30 tokens record each bucket's graph once. Sized from each batch (generate's
-    default), the same rollouts record them again whenever a longer prompt arrives."""
-    graphs = stand_in_graphs(monkeypatch)
+    default), the same rollouts record them again whenever a longer prompt arrives. (That replays hold every
+    host value: the test above, with FakeGraph.)"""
+    graphs = stand_in_graphs(monkeypatch, EagerGraph)
     decoders = Decoders()
     rollouts_of_varying_prompts(tiny, decoders, run_max_len(32, 1, 3, 4, tiny.config.max_position_embeddings))
     assert decoders.captures == len(graphs) == 2 and sorted(g.bucket for g in graphs) == [2, 4]
