@@ -165,7 +165,7 @@ models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), par)) if par.dp_size > 1 else None
-decoders = Decoders(required=cfg.cuda_graphs == "true") if plan.graphs else None  # kept from rollout to rollout
+decoders = Decoders(required=cfg.cuda_graphs == "true")  # with graphs: kept from rollout to rollout, and counted
 max_len = run_max_len(cfg.max_prompt_tokens, cfg.max_turns, cfg.max_new_tokens, env.max_feedback_tokens(),
                       shape.max_position_embeddings)  # the sampler's, for the whole run: one capture per bucket
 
@@ -230,8 +230,8 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer,
                            max_len=max_len, kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None,
-                           cuda_graphs=decoders is not None,
-                           first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank, decoders=decoders)
+                           cuda_graphs=plan.graphs, decoders=decoders if plan.graphs else None,
+                           first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank)
     scored, stats = score_rollout(cfg, actor, graded, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(cfg, actor, critic, ref, scored)
     stats |= batch_stats
@@ -247,13 +247,13 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
               "tokens_per_s": float(graded.rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
               "decode_steps": graded.rollout.n_decode_steps, "decode_graph_replays": graded.rollout.n_graph_replays,
-              **(decoders.stats() if decoders else {}),
+              **decoders.stats(),
               "peak_memory_mb": peak_memory_mb()}
     if logger:
         logger.log(record)
     bar.update(1)
     bar.set_postfix(reward=f"{record['reward']:.3f}", succ=f"{record['succ_at_k']:.2f}")
-    if decoders and decoders.failure:  # on every rollout: a run that asked for graphs is decoding without them
+    if decoders.failure:  # on every rollout: a run that asked for graphs is decoding without them
         print0(f"step {step}: decoded eagerly, the CUDA graph capture failed: {decoders.failure}")
     if update["skipped_updates"]:
         print0(f"step {step}: {update['skipped_updates']} updates skipped (non-finite loss or gradients)")

@@ -14,8 +14,9 @@ sampling kernel, device-side bookkeeping; a CUDA graph replay with --cuda-graphs
 context, against its roofline: (weight bytes + KV bytes read) / HBM bandwidth; batch_fill = decoded rows per
 step / cache rows. With --cuda-graphs a row says what really ran: graph_replays of the rollout's decode_steps,
 and decode_step_graph (the alone-timed step a replay); a failed capture ends the run (CaptureFailed) instead
-of timing eager steps under the graphs' label. --random-turns ends each episode at a random turn (seeded) instead of running all turns,
-the workload continuous batching is for; --kv-budget-gb bounds the sampler's KV cache (rows are reused).
+of timing eager steps under the graphs' label. --random-turns ends each episode at a random turn (seeded)
+instead of running all turns, the workload continuous batching is for; --kv-budget-gb bounds the sampler's
+KV cache (rows are reused).
 Prints a table and a final JSON line. Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 """
 import torch

@@ -34,9 +34,10 @@ TESTS = {  # pytest arguments for a mutant in each module, the most targeted fir
     "nanoufo/rl.py": ["tests/test_rl.py", "tests/test_micro_batches.py", "tests/test_build_batch.py",
                       "tests/test_trainer.py", "tests/test_learning.py"],
     "nanoufo/env.py": ["tests/test_env.py"],
-    "nanoufo/sampler.py": ["tests/test_sampler.py", "tests/test_build_batch.py", *(f"tests/test_batching.py::{name}" for
-                           name in ("test_a_failed_capture_is_counted_said_and_fatal_when_required",
-                                    "test_a_run_max_len_from_its_limits_captures_once_per_bucket_whatever_the_prompts"))],
+    "nanoufo/sampler.py": ["tests/test_sampler.py", "tests/test_build_batch.py", *(
+        f"tests/test_batching.py::test_a_{name}" for name in (
+            "failed_capture_is_counted_said_and_fatal_when_required",
+            "run_max_len_from_its_limits_captures_once_per_bucket_whatever_the_prompts"))],
     "nanoufo/checkpoint.py": ["tests/test_checkpoint.py", *(f"tests/test_reliability.py::{name}" for name in (
         "test_a_damaged_checkpoint_file_is_named_at_load", "test_a_damaged_pointer_or_manifest_is_named_at_load",
         "test_saving_the_same_step_again_never_unlinks_the_latest_first",
