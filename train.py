@@ -32,6 +32,7 @@ from tqdm import tqdm
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
 from nanoufo.config import format_config, help_text, parse_args, save_config
+from nanoufo.cuda_graphs import graphs_wanted
 from nanoufo.evaluate import held_out_metrics, with_spread
 from nanoufo.logger import RunLogger, check_sinks, plot_log
 from nanoufo.metrics import summarize
@@ -40,7 +41,7 @@ from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, p
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
 from nanoufo.rollout import run_episodes
-from nanoufo.sampler import Decoders
+from nanoufo.sampler import Decoders, run_max_len
 from nanoufo.schedule import set_learning_rates
 from nanoufo.task import load_task
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update, score_rollout
@@ -82,9 +83,10 @@ try:  # a data set that cannot be read, or a checkpoint without config.json: one
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 env, eval_env = task.env(cfg), task.env(cfg, evaluation=True)  # Succ@k needs k turns, whatever training used
-sampling, eval_sampling = cfg.sampling(), cfg.sampling(evaluation=True)
-update = cfg.update_options()
+eval_sampling, update = cfg.sampling(evaluation=True), cfg.update_options()
 train_problems = task.train
+if cfg.is_demo and not all(env.prompts_fit([p.question for p in train_problems], cfg.max_prompt_tokens)):
+    fail(f"config: max_prompt_tokens={cfg.max_prompt_tokens} is shorter than the demo's prompts")
 
 
 @functools.lru_cache(maxsize=2)
@@ -107,10 +109,15 @@ except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(par.device).total_memory / 2**30
                                   if par.device.type == "cuda" else None)
-plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib)
+try:
+    graphs = graphs_wanted(cfg.cuda_graphs, par.device)
+except ValueError as e:
+    fail(f"config: {e}")
+plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib, env.max_feedback_tokens(), graphs)
 print0(plan.format())
 if plan.refusal():
     fail(plan.refusal())  # a config that cannot fit is the user's to change
+sampling = dataclasses.replace(cfg.sampling(), cuda_graphs=cfg.cuda_graphs if plan.graphs else "false")
 
 # -------------------------------------------------------------------------- models
 if cfg.is_demo and not cfg.init_from:
@@ -127,7 +134,9 @@ models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), par)) if par.dp_size > 1 else None
-decoders = Decoders() if cfg.cuda_graphs else None  # the decoder and its CUDA graphs, kept from rollout to rollout
+decoders = Decoders(required=cfg.cuda_graphs == "true")  # with graphs: kept from rollout to rollout, and counted
+max_len = run_max_len(cfg.max_prompt_tokens, cfg.max_turns, cfg.max_new_tokens, env.max_feedback_tokens(),
+                      shape.max_position_embeddings)  # the sampler's, for the whole run: one capture per bucket
 
 
 # -------------------------------------------------------------------------- resume
@@ -189,7 +198,7 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     episodes_per_rank = n * cfg.n_samples_per_problem  # ids unique over the run: every rollout draws new noise
     graded = run_episodes(actor, env, problems, sampling, n_samples_per_problem=cfg.n_samples_per_problem,
                           seed=cfg.seed, first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank,
-                          decoders=decoders)
+                          max_len=max_len, decoders=decoders if plan.graphs else None)
     scored, stats = score_rollout(update, actor, graded, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(update, actor, critic, ref, scored)
     stats |= batch_stats
@@ -204,11 +213,15 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     record = {"kind": "train", "step": step, "reward": float(np.mean(graded.scores.numpy())),  # the env's
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **updated,
               "tokens_per_s": float(graded.rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
+              "decode_steps": graded.rollout.n_decode_steps, "decode_graph_replays": graded.rollout.n_graph_replays,
+              **decoders.stats(),
               "peak_memory_mb": peak_memory_mb()}
     if logger:
         logger.log(record)
     bar.update(1)
     bar.set_postfix(reward=f"{record['reward']:.3f}", succ=f"{record['succ_at_k']:.2f}")
+    if decoders.failure:  # on every rollout: a run that asked for graphs is decoding without them
+        print0(f"step {step}: decoded eagerly, the CUDA graph capture failed: {decoders.failure}")
     if updated["skipped_updates"]:
         print0(f"step {step}: {updated['skipped_updates']} updates skipped (non-finite loss or gradients)")
     if bad_steps >= cfg.max_bad_steps:

@@ -8,6 +8,9 @@
 #   e2e.log              bench/rollout.py, train_step.py, onpolicy.py at 1.5b batch 64, then the 3b fit check
 #   summary.txt          one line per step: status (ok, FAILED, TIMEOUT, skipped; OOM noted), seconds
 #   results.jsonl        the final JSON line of each end-to-end script (for bench/RESULTS.md)
+# The results printed at the end say, for every figure, whether CUDA graphs were really replayed: a rollout row
+# counts the rollout's decode steps that were replays and says whether the alone-timed step was one (with
+# --cuda-graphs a failed capture fails its step instead of timing eager steps under the graphs' label).
 # Every log is written as it comes (tee), so what ran survives a kill.
 #
 #     OUT=/some/empty/dir bash bench/gpu_session.sh                  # on the GPU machine, repository root
@@ -102,9 +105,10 @@ step microbench bench.log 150 60 "$PY" -m pytest -q bench --benchmark-only -k "n
 # (28 layers x ~50 eager ops), so ~40 s, + model build, Triton compiles and the alone-timed decode step.
 step "rollout-$SMALL" e2e.log 120 60 "$PY" bench/rollout.py "${E2E[@]}" --skip-transformers
 # Issue 14: the sampler's decode step without host syncs (checked on the GPU) and as CUDA graph replays (graph
-# steps equal eager ones), then the workload above with graphs (15 bucket captures, then ~2,555 replays).
+# steps equal eager ones, a failed capture failing the test), then the workload above with graphs (one capture
+# of 9 buckets, 1 to 64, then ~2,555 replays). Issue 38: the capture bookkeeping on the GPU's tensors too.
 step sampler-tests tests.log 60 20 env NANOUFO_TEST_DEVICE="$TEST_DEVICE" "$PY" -m pytest -q tests/test_batching.py \
-    -k "sync or graph"
+    -k "sync or graph or capture"
 step "rollout-$SMALL-graphs" e2e.log 100 45 "$PY" bench/rollout.py "${E2E[@]}" --skip-transformers --cuda-graphs
 # ~5 PFLOP (9 forward-equivalents over 181k tokens) at 30-40% MFU: ~20 s, + three models and a warm-up.
 step "train-$SMALL-fused" e2e.log 100 50 "$PY" bench/train_step.py "${E2E[@]}" --impl fused --minibatch "$MINIBATCH"
@@ -129,6 +133,12 @@ for line in open(sys.argv[1]):
     print(r["bench"], r["preset"], r["device"], "turns", r.get("turns"), "max_new_tokens", r.get("max_new_tokens"))
     for row in r["rows"]:
         print("   ", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if "graph_replays" in row:  # what really ran, whatever the row was asked for
+            step = "a graph replay" if row["decode_step_graph"] else "eager"
+            print(f"    CUDA graphs (asked: {r.get('cuda_graphs')}): {row['graph_replays']} of {row['decode_steps']} "
+                  f"rollout decode steps replayed; the alone-timed decode step {step}")
+        else:
+            print("    CUDA graphs: none (no decode step in this figure, or eager: only bench/rollout.py captures)")
 EOF
 echo "===== summary after ${SECONDS}s ($OUT/summary.txt)"
 cat "$OUT/summary.txt"

@@ -64,6 +64,7 @@ class TrainConfig(EnvOptions, SamplingOptions, UpdateOptions):
     eval_temperature: float = 0.5  # held-out evaluations sample with these, not temperature and top_p; 0: greedy
     eval_top_p: float = 1.0
     eval_k: int = 5  # attempts of a held-out episode (Succ@k), and samples of Pass@k
+    max_prompt_tokens: int = 512  # longer prompts are skipped; with the attempts it bounds the sampler's max_len
     eval_seeds: int = 0  # evaluations per held-out set (seeds seed, seed+1, ...), reported as mean and spread;
     # 0 = 4 for the demo (a second each), 1 for a dataset
     # process reward model (reward = "prm")
@@ -124,7 +125,7 @@ class TrainConfig(EnvOptions, SamplingOptions, UpdateOptions):
         if not evaluation:
             return options_of(SamplingOptions, self)
         return options_of(SamplingOptions, self, temperature=self.eval_temperature, top_p=self.eval_top_p,
-                          cuda_graphs=False)
+                          cuda_graphs="false")
 
     def update_options(self) -> UpdateOptions:
         return options_of(UpdateOptions, self)
@@ -236,7 +237,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     if cfg.dtype == "float16":  # fp16 gradients underflow and overflow without dynamic loss scaling
         raise ValueError("config: dtype='float16' cannot train (no loss scaling); use bfloat16 or float32 "
                          "(sample.py --dtype=float16 still samples and evaluates in float16)")
-    for key in ("tp", "problems_per_step", "n_samples_per_problem", "eval_k", "max_steps", "max_bad_steps"):
+    for key in ("tp", "problems_per_step", "n_samples_per_problem", "max_prompt_tokens", "eval_k", "max_steps",
+                "max_bad_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
     for key in ("actor_lr", "critic_lr", "warmup_lr", "gpu_mem_gib", "eval_seeds", "lr_schedule_steps"):

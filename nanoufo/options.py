@@ -20,6 +20,7 @@ ANSWER_FORMATS = ("boxed", "think_answer")  # how an attempt is read (nanoufo/en
 GRADINGS = ("math_verify", "exact")
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
+CUDA_GRAPHS = ("auto", "true", "false")  # auto: on a CUDA device (nanoufo/cuda_graphs.py graphs_wanted)
 ALGORITHMS = ("ufo_ppo", "grpo")
 REWARDS = ("gold", "self_certainty", "prm")
 PLACEMENTS = ("last", "per_turn", "per_step")
@@ -69,7 +70,9 @@ class SamplingOptions:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
-    cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
+    # decode steps as CUDA graph replays, captured once per run (they keep the KV cache): "auto" on a CUDA device,
+    # "true" (a failed capture ends the run) or "false"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self):
         check_sampling_options(self)
@@ -88,6 +91,8 @@ def check_sampling_options(options: SamplingOptions) -> None:
                          f"top_p={options.top_p} in (0, 1]")
     if not 0 <= options.kv_budget_gb < math.inf:
         raise ValueError(f"config: kv_budget_gb={options.kv_budget_gb} must be a finite number >= 0")
+    if options.cuda_graphs not in CUDA_GRAPHS:
+        raise ValueError(f"config: cuda_graphs={options.cuda_graphs!r} is not one of {', '.join(CUDA_GRAPHS)}")
 
 
 @dataclass
