@@ -67,8 +67,13 @@ demo: install
 	OMP_NUM_THREADS=2 $(PY) train.py
 
 # Triton kernels run on the CPU under the interpreter, so CI checks them against their references.
+# The tests run in parallel, one pytest-xdist worker per core (TEST_WORKERS=0: in this process, one after another);
+# tests that share an expensive module fixture stay on one worker (xdist_group, --dist loadgroup), and each worker
+# gets its share of the cores' threads (tests/conftest.py).
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) tests
 
 # README's real-checkpoint commands on a tiny random Qwen2.5-architecture checkpoint, outputs checked (CPU, minutes).
 # The kernels run their PyTorch references here, as on any CPU; make test checks them against the Triton kernels.
@@ -76,7 +81,7 @@ rehearsal: install
 	OMP_NUM_THREADS=2 $(PY) tests/rehearsal.py
 
 test-latest: install-latest
-	TRITON_INTERPRET=1 .venv-latest/bin/python -m pytest -q tests
+	TRITON_INTERPRET=1 .venv-latest/bin/python -m pytest -q $(PYTEST_PARALLEL) tests
 
 # The kernel tests compiled on the GPU (needs torch with CUDA and a GPU).
 test-gpu: install

@@ -53,12 +53,14 @@ TESTS = {  # pytest arguments for a mutant in each module, the most targeted fir
     "nanoufo/decode.py": ["tests/test_sampler.py"],
     "nanoufo/schedule.py": ["tests/test_schedule.py"],
     "nanoufo/prm.py": ["tests/test_prm.py", "tests/test_prm_reward.py"],
-    "nanoufo/evaluate.py": ["tests/test_rollout.py"],
+    "nanoufo/evaluate.py": ["tests/test_rollout.py", "tests/test_eval_options.py"],
     "nanoufo/rollout.py": ["tests/test_rollout.py"],
     "nanoufo/cuda_graphs.py": ["tests/test_batching.py"],
     "nanoufo/model.py": ["tests/test_model.py"],
     "nanoufo/plan.py": ["tests/test_plan.py"],
-    "nanoufo/config.py": ["tests/test_config.py"],
+    "nanoufo/config.py": ["tests/test_config.py", "tests/test_eval_options.py"],
+    "train.py": ["tests/test_eval_options.py"],
+    "sample.py": ["tests/test_eval_options.py"],
     "nanoufo/options.py": ["tests/test_config.py"],
 }
 
@@ -287,6 +289,28 @@ MUTANTS = [
            "self.peak(p) > self.budget", "self.peak(p) >= self.budget"),
     Mutant("options: a negative grad_clip is accepted", "nanoufo/options.py",
            '"kl_coef", "kl_clamp", "grad_clip",', '"kl_coef", "kl_clamp",'),
+    # issue 37: an evaluation option dropped between the config (or a flag) and the sampler or the environment
+    Mutant("config: the held-out evaluation samples at the training temperature", "nanoufo/config.py",
+           "temperature=self.eval_temperature, top_p=self.eval_top_p,", "top_p=self.eval_top_p,"),
+    Mutant("config: the held-out sampling made without the run's max_new_tokens", "nanoufo/config.py",
+           "return options_of(SamplingOptions, self, temperature=self.eval_temperature,",
+           "return SamplingOptions(temperature=self.eval_temperature,"),
+    Mutant("config: the held-out episodes make the training's turns", "nanoufo/config.py",
+           "max_turns=self.eval_k if evaluation else self.max_turns", "max_turns=self.max_turns"),
+    Mutant("config: the run's instruction replaced by the task's", "nanoufo/config.py",
+           'instruction=task_instruction if self.instruction == "auto" else self.instruction',
+           "instruction=task_instruction"),
+    Mutant("config: the run's system prompt replaced by the template's", "nanoufo/config.py",
+           'system_prompt=None if self.system_prompt == "auto" else self.system_prompt', "system_prompt=None"),
+    Mutant("train: the held-out evaluation in the training environment", "train.py",
+           "held_out_metrics(actor, eval_env, problems,", "held_out_metrics(actor, env, problems,"),
+    Mutant("evaluate: Pass@k's samples make k attempts each", "nanoufo/evaluate.py",
+           "max_turns=turns, seed=seed + i", "seed=seed + i"),
+    *(Mutant(f"sample: --{flag} not passed on", "sample.py", f'{flag}="{key}",', "") for flag, key in (
+        ("temperature", "eval_temperature"), ("top_p", "eval_top_p"), ("k", "eval_k"),
+        ("max_new_tokens", "max_new_tokens"), ("answer_format", "answer_format"), ("grading", "grading"),
+        ("system_prompt", "system_prompt"), ("instruction", "instruction"), ("user_template", "user_template"),
+        ("feedback", "feedback"))),
 ]
 
 
