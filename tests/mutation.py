@@ -261,7 +261,7 @@ MUTANTS = [
            "return critic.values(forward.hidden(critic)).masked_fill(",  # hidden row n + 1: the state after the token
            "return torch.nn.functional.pad(critic.values(forward.hidden(critic))[1:], (0, 1)).masked_fill("),
     Mutant("evaluate: every batch sampled with one seed", "nanoufo/evaluate.py",
-           "seed=seed + i, tokenizer=tokenizer)", "seed=seed, tokenizer=tokenizer)"),
+           "Noise(seed + i)", "Noise(seed)"),
     Mutant("sampler: a prompt that fills max_len gets an attempt", "nanoufo/sampler.py",
            "if len(self.conversations[e].tokens) >= self.max_len:",
            "if len(self.conversations[e].tokens) > self.max_len:"),
@@ -305,7 +305,7 @@ MUTANTS = [
     Mutant("train: the held-out evaluation in the training environment", "train.py",
            "held_out_metrics(actor, eval_env, problems,", "held_out_metrics(actor, env, problems,"),
     Mutant("evaluate: Pass@k's samples make k attempts each", "nanoufo/evaluate.py",
-           "max_turns=turns, seed=seed + i", "seed=seed + i"),
+           "max_turns=turns, tokenizer=tokenizer)", "tokenizer=tokenizer)"),
     *(Mutant(f"sample: --{flag} not passed on", "sample.py", f'{flag}="{key}",', "") for flag, key in (
         ("temperature", "eval_temperature"), ("top_p", "eval_top_p"), ("k", "eval_k"),
         ("max_new_tokens", "max_new_tokens"), ("answer_format", "answer_format"), ("grading", "grading"),
