@@ -30,6 +30,7 @@ from nanoufo.env import Episode, UFOEnv
 from nanoufo.rollout import Graded
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("eval_options")  # one train.py run (the fixture) per make test
 # option: (train.py's key, sample.py's flag, the run's value, a flag's value)
 OPTIONS = {
     "temperature": ("eval_temperature", "temperature", 0.0, 0.7),  # the run evaluates greedily, trains at 1.0
@@ -73,12 +74,12 @@ class Probe:
             (self.open.draws if self.open else self.training_draws).append((temperature, top_p))
             return draw(logits, temperature, top_p, seed, noise_ids)
 
-        def recording_run(model, env, problems, sampling, *, n_samples_per_problem=1, **kwargs):
+        def recording_run(model, env, problems, sampling, *args, n_samples_per_problem=1, **kwargs):
             self.open = batch = Batch(env, n_samples_per_problem)
             self.batches.append(batch)
             try:
-                batch.graded = run_episodes(model, env, problems, sampling, n_samples_per_problem=n_samples_per_problem,
-                                            **kwargs)
+                batch.graded = run_episodes(model, env, problems, sampling, *args,
+                                            n_samples_per_problem=n_samples_per_problem, **kwargs)
             finally:
                 self.open = None
             return batch.graded
