@@ -217,7 +217,8 @@ def _detect_format(rows: Rows, where: str, need_answers: bool, question_key: str
         return "math"
     if (not need_answers and "question" in columns) or (question_key and question_key in columns):
         return "generic"
-    raise DataError(where, f"cannot detect the format ({', '.join(FORMATS)}) from the columns",
+    detectable = [name for name in FORMATS if name != "metamath_first"]  # metamath_first: never guessed
+    raise DataError(where, f"cannot detect the format ({', '.join(detectable)}) from the columns",
                     sorted(columns), ("format", "question_key", "answer_key"))
 
 
