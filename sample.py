@@ -268,7 +268,7 @@ def main(argv: list[str]) -> None:
     task = task_of(cfg, model, model_dir, args)
     if args.mode == "chat":
         chat(model, task.tokenizer, task.env(cfg, evaluation=True).options, cfg.sampling(evaluation=True),
-             max_len=args.max_len, seed=cfg.seed)
+             max_len=args.max_len, seed=cfg.seed, generation_eos_ids=task.generation_eos_ids)
     elif args.mode == "bon":
         run_bon(model, task, cfg, args)
     else:

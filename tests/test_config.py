@@ -153,7 +153,8 @@ def test_help_prints_the_paper_configs_reference_table():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "train.py", "config/ufo_qwen2.5_3b.py", "--help"], cwd=root,
                           capture_output=True, text=True)
-    assert done.returncode == 0 and "| setting | UFO's code (file:line at commit b9eb4bd, 2025-08-15) | here |" in done.stdout
+    header = "| setting | UFO's code (file:line at commit b9eb4bd, 2025-08-15) | here |"
+    assert done.returncode == 0 and header in done.stdout
     assert "| repetition penalty |" in done.stdout and "distinct_by = 'squeezed'" in done.stdout
     bad = subprocess.run([sys.executable, "train.py", "nosuch.py", "--help"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "nosuch.py: config file not found"

@@ -74,8 +74,8 @@ def test_a_critic_head_missing_from_the_checkpoint_starts_as_asked(hf_checkpoint
     normal = load_model(path, value_head=True, head_init="normal", seed=3).value_head
     assert normal.weight.shape == (1, 256) and not normal.bias.any()
     assert 0.04 < normal.weight.std().item() < 0.06 and abs(normal.weight.mean().item()) < 0.015
-    assert torch.equal(normal.weight, load_model(path, value_head=True, head_init="normal", seed=3).value_head.weight)
-    assert not torch.equal(normal.weight, load_model(path, value_head=True, head_init="normal", seed=4).value_head.weight)
+    head = lambda seed: load_model(path, value_head=True, head_init="normal", seed=seed).value_head.weight  # noqa: E731
+    assert torch.equal(normal.weight, head(3)) and not torch.equal(normal.weight, head(4))
     critic = load_model(path, value_head=True, head_init="normal", seed=3)
     save_model(critic, tmp_path / "critic")  # a checkpoint with its head: loaded as saved
     loaded = load_model(tmp_path / "critic", value_head=True, head_init="normal", seed=9).value_head.weight
