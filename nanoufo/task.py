@@ -62,9 +62,10 @@ def generation_eos_ids(checkpoint: str | Path) -> tuple[int, ...]:
 def load_task(cfg: TrainConfig, context: int, train: bool = True, report: Callable[[str], None] = print,
               flag: Callable[[str, str], str] = lambda kind, key: f"--{kind}_{key}") -> Task:
     """A data set run's task: the training problems (train=False: none) and every held-out set of
-    cfg.eval_data. Problems whose prompt is longer than max_prompt_tokens, or leaves no room for one whole
-    attempt in the model's `context`, are skipped and counted here (report gets one line per set), so the
-    sampler never meets them (verl's filter_overlong_prompts drops them from train and validation sets alike).
+    cfg.eval_data. Problems whose prompt leaves no room for one whole attempt in the model's `context`, and
+    training problems whose prompt is longer than max_prompt_tokens (as verl's filter_overlong_prompts drops
+    them), are skipped and counted here (report gets one line per set), so the sampler never meets them; a
+    held-out set keeps every problem that fits the context (MATH500's 500 stay 500 with a 512-token limit).
     Under stop_tokens "generation_config" the eos ids come from init_from's generation_config.json (report
     says which). An error names the script's flags: flag(kind, key), kind "train" or "eval", key "data",
     "format", "question_key", ..."""
@@ -75,8 +76,7 @@ def load_task(cfg: TrainConfig, context: int, train: bool = True, report: Callab
         report(f"an attempt ends at {task.tokenizer.convert_ids_to_tokens(prompts.stop_ids)} (stop_tokens="
                f"generation_config: the tokenizer's eos and {Path(cfg.init_from) / 'generation_config.json'}'s "
                f"eos_token_id {list(eos_ids) or 'none'})")
-    limit, why = min((cfg.max_prompt_tokens, "max_prompt_tokens"),
-                     (context - cfg.max_new_tokens, f"max_position_embeddings {context} - max_new_tokens"))
+    fits_context = (context - cfg.max_new_tokens, f"max_position_embeddings {context} - max_new_tokens")
 
     def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list[Problem]:
         try:
@@ -89,6 +89,7 @@ def load_task(cfg: TrainConfig, context: int, train: bool = True, report: Callab
         if not problems:
             raise ValueError(f"{source}: no usable problems (every row lacks a question"
                              + (" or a parsable answer)" if options.get("need_answers", True) else ")"))
+        limit, why = fits_context if kind == "eval" else min((cfg.max_prompt_tokens, "max_prompt_tokens"), fits_context)
         kept = [p for p, fits in zip(problems, prompts.prompts_fit([p.question for p in problems], limit)) if fits]
         if len(kept) < len(problems):
             report(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} "

@@ -218,7 +218,7 @@ def test_stop_tokens_from_the_generation_config():
     assert other.stop_ids == [end_of_text, 151646, 151647]  # the tokenizer's eos, then the config's, as vLLM
 
 
-def test_a_task_reads_the_generation_config_and_skips_prompts_over_max_prompt_tokens(tmp_path):
+def test_a_task_reads_the_generation_config_and_skips_training_prompts_over_max_prompt_tokens(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [{"question": "What is 2+3?", "answer": "5"},
                                                             {"question": "What is 1+1? " * 30, "answer": "2"}]))
@@ -229,9 +229,9 @@ def test_a_task_reads_the_generation_config_and_skips_prompts_over_max_prompt_to
     task = load_task(cfg, context=4096, report=lines.append)
     assert task.generation_eos_ids == (151646, 151643)
     assert task.env(cfg).stop_ids == [151645, 151646, 151643]  # the bundled tokenizer's eos is <|im_end|>
-    assert len(task.train) == len(task.evals["rows"]) == 1  # the long prompt is over 60 tokens
+    assert len(task.train) == 1 and len(task.evals["rows"]) == 2  # held out: every prompt that fits the context
     assert sum("skipped 1 problems whose prompt is longer than 60 tokens (max_prompt_tokens)" in line
-               for line in lines) == 2
+               for line in lines) == 1
     assert any("an attempt ends at ['<|im_end|>', '<|object_ref_start|>', '<|endoftext|>']" in line for line in lines)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
     with pytest.raises(ValueError, match="generation_config.json: eos_token_id '</s>' is not a token id"):
