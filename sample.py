@@ -217,6 +217,7 @@ def run_bon(model: Qwen2, task: Task, cfg: TrainConfig, args: argparse.Namespace
     env, sampling = task.env(cfg, evaluation=True), cfg.sampling(evaluation=True)
     for name, problems in task.evals.items():
         out = f"{args.out}.{name}.jsonl" if args.out and len(task.evals) > 1 else args.out
+        print(f"{name}:")
         print_table(best_of_n(model, env, problems, scorer, sampling, n=cfg.eval_k, aggregate=args.prm_aggregate,
                               batch_size=args.batch_size, seed=cfg.seed, tokenizer=task.tokenizer, out=out))
         if out:

@@ -40,7 +40,7 @@ from nanoufo.model import QwenConfig
 from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
-from nanoufo.rollout import run_episodes
+from nanoufo.rollout import Noise, run_episodes
 from nanoufo.sampler import Decoders, run_max_len
 from nanoufo.schedule import set_learning_rates
 from nanoufo.task import load_task
@@ -196,8 +196,8 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     problems = problems_at(data_pos + par.dp_rank * n, n)
     data_pos += n * par.dp_size
     episodes_per_rank = n * cfg.n_samples_per_problem  # ids unique over the run: every rollout draws new noise
-    graded = run_episodes(actor, env, problems, sampling, n_samples_per_problem=cfg.n_samples_per_problem,
-                          seed=cfg.seed, first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank,
+    noise = Noise(cfg.seed, next_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank)  # resumes exactly
+    graded = run_episodes(actor, env, problems, sampling, noise, n_samples_per_problem=cfg.n_samples_per_problem,
                           max_len=max_len, decoders=decoders if plan.graphs else None)
     scored, stats = score_rollout(update, actor, graded, prm)  # the env's rewards, or a reward model's
     batch, batch_stats = build_batch(update, actor, critic, ref, scored)

@@ -47,9 +47,11 @@ def random_turns(feedback: list[int], turns: int, batch: int, seed: int):
 
 def run_nanoufo(model: Qwen2, prompts: list[list[int]], next_turn, turns: int, max_new_tokens: int, seed: int,
                 cuda_graphs: bool, kv_budget_gb: float) -> dict:
-    """A rollout on the sampler; with cuda_graphs a failed capture ends the run ("true": no eager fallback)."""
+    """A rollout on the sampler; with cuda_graphs on CUDA a failed capture ends the run ("true": no eager
+    fallback), on the CPU (gpu_session.sh's dry run) the rollout decodes eagerly and its row says so."""
+    graphs = ("true" if torch.cuda.is_available() else "auto") if cuda_graphs else "false"
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=1.0, kv_budget_gb=kv_budget_gb,
-                               cuda_graphs="true" if cuda_graphs else "false")
+                               cuda_graphs=graphs)
     rollout, seconds = timed(lambda: generate(model, prompts, next_turn, sampling, max_turns=turns, stop_ids=[],
                                               seed=seed))
     return dict(seconds=seconds, sampled=int(rollout.loss_mask.sum()), prefill=rollout.n_prefill_tokens,

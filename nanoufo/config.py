@@ -7,9 +7,9 @@
 TrainConfig inherits the option classes the library reads (nanoufo/options.py: EnvOptions, SamplingOptions,
 UpdateOptions), so each of their keys is declared once, with its default; the fields below are the run's own.
 A config file is a small Python file that assigns known keys (`max_turns = 5`); it is run with runpy and every
-name it defines is checked against the fields. Command-line values are converted with the field's type. Unknown keys, wrong types and impossible
-combinations fail before any work starts. train.py saves the run's config with every checkpoint
-(run_config.json), so that sample.py evaluates a trained model the way train.py did.
+name it defines is checked against the fields. Command-line values are converted with the field's type.
+Unknown keys, wrong types and impossible combinations fail before any work starts. train.py saves the run's
+config with every checkpoint (run_config.json), so that sample.py evaluates a trained model as train.py did.
 Tests: python -m pytest -q tests/test_config.py
 """
 import ast
@@ -76,6 +76,9 @@ class TrainConfig(EnvOptions, SamplingOptions, UpdateOptions):
     prm: str = ""  # a process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)
     prm_aggregate: str = "min"  # an attempt's PRM score from its steps' scores: "min" or "product"
     prm_gold_weight: float = 0.0  # reward = (1 - w) * PRM score (mean over attempts) + w * gold reward
+    # your own reward instead of the environment's: "file.py:function" or "module:function", given each graded
+    # nanoufo.env.Episode, returning its reward or one per attempt (nanoufo.task.load_reward)
+    reward_fn: str = ""
     # optimizer
     actor_lr: float = 5e-4
     critic_lr: float = 1e-3
@@ -205,7 +208,14 @@ def help_text(argv: list[str], script_doc: str) -> str:
     cfg = parse_args(argv, check_paths=False)
     docs.append(f"every key, as {' '.join(argv) or 'the defaults'} set it (--key=value to change one):\n"
                 + format_config(cfg))
-    return "\n\n".join(docs)
+    return "\n\n".join(docs + [PER_ALGORITHM])
+
+
+PER_ALGORITHM = """per algorithm: algorithm='grpo' changes how advantages are made (group-normalised scores, no critic); the
+loss keys keep the values above, which are UFO's PPO's (clip_high 0.28, dual_clip 3.0, entropy_coef 0.001, kl_coef
+0.001 as k1 in the reward). Plain GRPO (DeepSeekMath's loss) is --algorithm=grpo --clip_high=0.2 --dual_clip=0
+--entropy_coef=0 --kl_in=loss --kl_estimator=k3 (--kl_coef=0: no KL and no reference model); Intuitor's is
+config/intuitor_qwen2.5_3b.py. A KL coefficient above 0 loads a frozen reference model."""
 
 
 def parse_args(argv: list[str], check_paths: bool = True) -> TrainConfig:
@@ -267,6 +277,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     if not (0.0 < cfg.temperature and 0.0 <= cfg.eval_temperature and 0.0 < cfg.eval_top_p <= 1.0):
         raise ValueError("config: temperature must be > 0, eval_temperature >= 0 (0: greedy) and "
                          "eval_top_p in (0, 1]")
+    if cfg.reward_fn and cfg.reward == "self_certainty":
+        raise ValueError("config: reward_fn replaces the environment's reward; reward='self_certainty' reads none "
+                         "(use reward='gold', or 'prm' whose gold part it replaces)")
     if cfg.reward == "prm" and not cfg.prm:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
     if (cfg.train_data == "demo") != (cfg.eval_data == "demo"):
@@ -281,6 +294,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         path = getattr(cfg, key)
         if path and not Path(path).is_dir():
             raise FileNotFoundError(f"config: {key}={path!r}: directory not found")
+    reward_file = cfg.reward_fn.rpartition(":")[0]
+    if reward_file.endswith(".py") and not Path(reward_file).is_file():
+        raise FileNotFoundError(f"config: reward_fn={cfg.reward_fn!r}: {reward_file} not found")
     for key, path in [("train_data", cfg.train_data)] + [("eval_data", s.source) for s in eval_sets(cfg)]:
         looks_local = path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/"))
         if path != "demo" and looks_local and not Path(path).exists():

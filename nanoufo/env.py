@@ -53,7 +53,8 @@ class Episode:
 
 class UFOEnv:
     def __init__(self, tokenizer, options: EnvOptions | None = None,
-                 accepts: Callable[[Problem, str, str], bool] | None = None, generation_eos_ids: Sequence[int] = ()):
+                 accepts: Callable[[Problem, str, str], bool] | None = None,
+                 reward: Callable[[Episode], float | list[float]] | None = None, generation_eos_ids: Sequence[int] = ()):
         """options: EnvOptions (default: the run's defaults). `accepts(problem, answer, attempt)` says whether
         the task can accept an attempt's extracted answer at all, right or wrong, given the attempt's text too
         (the demo: one digit of the question's range, and nothing but its \\boxed{}); None: math-verify reads
@@ -61,9 +62,11 @@ class UFOEnv:
         code's, starts every attempt with a forced "<think>" and reads <think>..</think><answer>..</answer>.
         The feedback may hold {reward} (0.0: an attempt that goes on was wrong), {turn} (the next attempt's
         number, from 1) and {actions_left} (max_turns - the attempts that gave an answer), as UFO's code's
-        feedback turn does. generation_eos_ids: the checkpoint's generation_config.json eos_token_id(s), which
-        end an attempt under stop_tokens "generation_config" (nanoufo.task reads them)."""
-        self.tokenizer, self.options, self.accepts = tokenizer, options or EnvOptions(), accepts
+        feedback turn does. `reward(episode)` replaces the environment's reward: a number for the episode, or a
+        list of one per attempt (turn_rewards); the episode holds every attempt, its answers and their grades.
+        generation_eos_ids: the checkpoint's generation_config.json eos_token_id(s), which end an attempt under
+        stop_tokens "generation_config" (nanoufo.task reads them)."""
+        self.tokenizer, self.options, self.accepts, self.reward = tokenizer, options or EnvOptions(), accepts, reward
         self.generation_eos_ids = tuple(generation_eos_ids)
         self.response_prefix, self.extract = READERS[self.options.answer_format]
         self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
@@ -201,7 +204,20 @@ class UFOEnv:
         return episode.solved or episode.turns >= self.max_turns
 
     def turn_rewards(self, episode: Episode) -> list[float]:
-        """Each attempt's share of the episode reward. As UFO's code counts it: turn_decay**t on the correct
+        """Each attempt's share of the episode reward: the task's own reward function when it has one (`reward`:
+        a float is the episode's, on its last attempt; a list has one reward per attempt), else the
+        environment's (env_rewards)."""
+        if self.reward is None:
+            return self.env_rewards(episode)
+        given = self.reward(episode)
+        rewards = [0.0] * (episode.turns - 1) + [given] if isinstance(given, (int, float)) else list(given)
+        if len(rewards) != episode.turns or not all(isinstance(r, (int, float)) for r in rewards):
+            raise ValueError(f"the reward function returned {given!r} for episode {episode.problem.id} of "
+                             f"{episode.turns} attempts: give a number, or a list of one number per attempt")
+        return [float(r) for r in rewards]
+
+    def env_rewards(self, episode: Episode) -> list[float]:
+        """Each attempt's share of the environment's reward. As UFO's code counts it: turn_decay**t on the correct
         attempt, t the attempts before it that gave an answer (one without an answer does not advance the
         decay); minus format_penalty on each attempt without an answer the task can accept (no answer, or
         one `accepts` rejects: UFO's code charges it for an action outside an environment's action set); and

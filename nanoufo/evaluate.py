@@ -27,7 +27,7 @@ from nanoufo.metrics import maj_at_n, pass_at_k, rm_at_n, summarize, tokens_per_
 from nanoufo.model import Qwen2
 from nanoufo.options import SamplingOptions
 from nanoufo.parallel import ParallelContext
-from nanoufo.rollout import run_episodes
+from nanoufo.rollout import Noise, run_episodes
 
 def episode_record(episode: Episode, sample: int, sampled_tokens: int) -> dict:
     return {"id": episode.problem.id, "sample": sample, "question": episode.problem.question,
@@ -75,8 +75,8 @@ def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling
     dp_rank, dp_size = (par.dp_rank, par.dp_size) if par is not None else (0, 1)
     done = {}  # batch start -> (episodes, sampled tokens per episode)
     for i in tqdm(starts[dp_rank::dp_size], desc=desc, unit="batch", disable=not progress):
-        graded = run_episodes(model, env, problems[i:i + per_batch], sampling, n_samples_per_problem=samples,
-                              max_turns=turns, seed=seed + i, tokenizer=tokenizer)
+        graded = run_episodes(model, env, problems[i:i + per_batch], sampling, Noise(seed + i),
+                              n_samples_per_problem=samples, max_turns=turns, tokenizer=tokenizer)
         done[i] = (graded.episodes, graded.rollout.loss_mask.sum(dim=1).long().tolist())
     done = _gather_over_dp(done, par)
     return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]

@@ -8,7 +8,7 @@ a fraction of a second.
 
     from nanoufo.options import EnvOptions, SamplingOptions, UpdateOptions
     env = UFOEnv(tokenizer, EnvOptions(max_turns=5, answer_format="think_answer", grading="exact"))
-    graded = run_episodes(model, env, problems, SamplingOptions(max_new_tokens=400, temperature=1.0), ...)
+    graded = run_episodes(model, env, problems, SamplingOptions(max_new_tokens=400, temperature=1.0), noise)
     batch, stats = build_batch(UpdateOptions(algorithm="grpo", kl_coef=0.0), actor, None, None, scored)
 
 Tests: python -m pytest -q tests/test_config.py

@@ -3,9 +3,9 @@ writes the prompts, grades each attempt as it ends and answers a wrong one with 
 rollout comes back with each row's record and the reward of each attempt, so nothing downstream asks the
 environment again.
 
-    from nanoufo.rollout import run_episodes
-    graded = run_episodes(model, env, problems, SamplingOptions(max_new_tokens=512), n_samples_per_problem=4,
-                          seed=0, first_episode=step * len(problems) * 4)   # new noise every step
+    from nanoufo.rollout import Noise, run_episodes
+    noise = Noise(seed=0)                       # once per run: every call draws noise no earlier call drew
+    graded = run_episodes(model, env, problems, SamplingOptions(max_new_tokens=512), noise, n_samples_per_problem=4)
     graded.rollout.tokens[i], graded.episodes[i], graded.turn_rewards[i]  # row i: problem i // n_samples_per_problem
 
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
@@ -19,6 +19,22 @@ from nanoufo.env import Episode, UFOEnv
 from nanoufo.model import Qwen2
 from nanoufo.options import SamplingOptions
 from nanoufo.sampler import Decoders, Rollout, generate
+
+
+@dataclass
+class Noise:
+    """Where a run's sampling noise comes from: a token's noise is keyed by (seed, its episode's id, its index),
+    and each run_episodes call takes the next ids, so no two calls draw the same noise unless a caller builds
+    two Noise objects with the same seed and start on purpose (to replay a rollout). A run that resumes, or
+    splits its episodes over data-parallel ranks, gives each call's start explicitly (train.py)."""
+    seed: int = 0
+    next_episode: int = 0
+
+    def take(self, n: int) -> range:
+        """The ids of the next n episodes."""
+        ids = range(self.next_episode, self.next_episode + n)
+        self.next_episode += n
+        return ids
 
 
 @dataclass
@@ -37,15 +53,13 @@ class Graded:
         return torch.tensor([sum(r) for r in self.turn_rewards], dtype=torch.float64)
 
 
-def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: SamplingOptions, *,
-                 n_samples_per_problem: int = 1, max_turns: int | None = None, seed: int = 0, first_episode: int = 0,
-                 tokenizer=None, max_len: int | None = None, decoders: Decoders | None = None) -> Graded:
+def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: SamplingOptions, noise: Noise, *,
+                 n_samples_per_problem: int = 1, max_turns: int | None = None, tokenizer=None,
+                 max_len: int | None = None, decoders: Decoders | None = None) -> Graded:
     """Sample one episode per (problem, sample) as `sampling` says: up to max_turns attempts (default
     env.max_turns), ending on the first correct one: the sampler's rollout, the graded records and each
-    attempt's reward. `tokenizer` decodes the attempts for grading (default env.tokenizer); max_len and
-    decoders: see nanoufo.sampler.generate. The sampling noise is keyed by (seed, episode id), the ids being
-    first_episode, first_episode + 1, ...: a caller that samples again with the same seed must move
-    first_episode past the ids it used, or it draws the same noise (train.py: step x episodes per step)."""
+    attempt's reward. The episodes take their noise ids from `noise` (Noise.take). `tokenizer` decodes the
+    attempts for grading (default env.tokenizer); max_len and decoders: see nanoufo.sampler.generate."""
     tokenizer = tokenizer or env.tokenizer
     episodes = [Episode(problem) for problem in problems for _ in range(n_samples_per_problem)]
 
@@ -57,7 +71,6 @@ def run_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: S
                 for b, done, r, s in zip(rows, over, responses, stopped)]
 
     rollout = generate(model, [env.prompt_ids(e.problem.question) for e in episodes], next_turn, sampling,
-                       max_turns=max_turns or env.max_turns, stop_ids=env.stop_ids, seed=seed, max_len=max_len,
-                       episode_ids=range(first_episode, first_episode + len(episodes)), decoders=decoders,
-                       feedback_len=env.max_feedback_tokens())
+                       max_turns=max_turns or env.max_turns, stop_ids=env.stop_ids, seed=noise.seed, max_len=max_len,
+                       episode_ids=noise.take(len(episodes)), decoders=decoders, feedback_len=env.max_feedback_tokens())
     return Graded(rollout, episodes, [env.turn_rewards(e) for e in episodes], n_samples_per_problem)

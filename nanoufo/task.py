@@ -10,14 +10,16 @@ A data set that cannot be read raises ValueError (or FileNotFoundError) with the
 the file, the columns found and the --train_* / --eval_* flag to set.
 Tests: python -m pytest -q tests/test_train_cli.py tests/test_sample_cli.py
 """
+import importlib
 import json
+import runpy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from nanoufo.config import TrainConfig, eval_sets
 from nanoufo.data import Problem, error_line, load_problems
-from nanoufo.env import UFOEnv
+from nanoufo.env import Episode, UFOEnv
 from nanoufo.options import BOXED_INSTRUCTION
 from nanoufo.tokenizer import load_tokenizer
 
@@ -32,9 +34,25 @@ class Task:
     generation_eos_ids: tuple[int, ...] = ()  # the checkpoint's generation_config.json eos ids (stop_tokens)
 
     def env(self, cfg: TrainConfig, evaluation: bool = False) -> UFOEnv:
-        """The run's training environment, or its held-out one (eval_k attempts)."""
-        return UFOEnv(self.tokenizer, cfg.env_options(self.instruction, evaluation), self.accepts,
+        """The run's training environment, or its held-out one (eval_k attempts), with cfg.reward_fn's reward."""
+        reward = load_reward(cfg.reward_fn) if cfg.reward_fn else None
+        return UFOEnv(self.tokenizer, cfg.env_options(self.instruction, evaluation), self.accepts, reward,
                       self.generation_eos_ids)
+
+
+def load_reward(spec: str) -> Callable[[Episode], float | list[float]]:
+    """The reward function a run names: "path/to/file.py:function" or "package.module:function" (it gets an
+    nanoufo.env.Episode and returns its reward, or one per attempt). ValueError naming what is missing."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"config: reward_fn={spec!r}: write it as file.py:function or module:function")
+    try:
+        module = (runpy.run_path(where) if where.endswith(".py") else vars(importlib.import_module(where)))
+    except (OSError, ImportError) as error:
+        raise ValueError(f"config: reward_fn={spec!r}: cannot load {where}: {error}") from None
+    if not callable(module.get(name)):
+        raise ValueError(f"config: reward_fn={spec!r}: {where} defines no function {name!r}")
+    return module[name]
 
 
 def run_tokenizer(cfg: TrainConfig):

@@ -299,7 +299,7 @@ MUTANTS = [
            "return critic.values(forward.hidden(critic)).masked_fill(",  # hidden row n + 1: the state after the token
            "return torch.nn.functional.pad(critic.values(forward.hidden(critic))[1:], (0, 1)).masked_fill("),
     Mutant("evaluate: every batch sampled with one seed", "nanoufo/evaluate.py",
-           "seed=seed + i, tokenizer=tokenizer)", "seed=seed, tokenizer=tokenizer)"),
+           "Noise(seed + i)", "Noise(seed)"),
     Mutant("sampler: a prompt that fills max_len gets an attempt", "nanoufo/sampler.py",
            "if len(self.conversations[e].tokens) >= self.max_len:",
            "if len(self.conversations[e].tokens) > self.max_len:"),

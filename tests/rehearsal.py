@@ -143,7 +143,7 @@ def check(argv: list[str], stdout: str, runs: dict[str, Path], work: Path) -> st
         assert steps == want, f"{out}/log.jsonl: train steps {steps}, expected {want}"
         assert (out / "latest").is_file() and (out / (out / "latest").read_text().strip() / "run_config.json").is_file()
         if "--resume" in argv:
-            assert f"resumed from {out} at step 2" in stdout, "the run did not resume from step 2"
+            assert re.search(r"^resumed from \S+ at step 2$", stdout, re.M), "the run did not resume from step 2"
         if "tensorboard" in (flag(argv, "log_to") or ""):
             check_tensorboard(out, records)
         if flag(argv, "reward") == "prm":

@@ -27,7 +27,7 @@ def _dp_checks() -> dict:
     from nanoufo.evaluate import evaluate
     from nanoufo.model import Qwen2
     from nanoufo.parallel import init_parallel
-    from nanoufo.rollout import run_episodes
+    from nanoufo.rollout import Noise, run_episodes
     from nanoufo.trainer import build_batch, score_rollout
     par = init_parallel(tp=1, timeout_s=60)
     tokenizer = demo.build_tokenizer()
@@ -44,8 +44,8 @@ def _dp_checks() -> dict:
             critic.value_head.bias.fill_(0.1)
         models[layout is not None] = actor, critic
     problems = demo.make_problems("train", 8, seed=0)
-    graded = run_episodes(single, env, problems, SamplingOptions(max_new_tokens=4, temperature=1.0),
-                          n_samples_per_problem=2, seed=0)  # every rank samples the same whole batch
+    graded = run_episodes(single, env, problems, SamplingOptions(max_new_tokens=4, temperature=1.0), Noise(0),
+                          n_samples_per_problem=2)  # every rank samples the same whole batch
     cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4, minibatch_size=8,
                       kl_coef=0.0)  # no reference model
     scored = dataclasses.replace(score_rollout(cfg, single, graded)[0], scores=torch.tensor(SCORES))

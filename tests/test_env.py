@@ -236,3 +236,27 @@ def test_a_task_reads_the_generation_config_and_skips_training_prompts_over_max_
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
     with pytest.raises(ValueError, match="generation_config.json: eos_token_id '</s>' is not a token id"):
         load_task(cfg, context=4096, report=lines.append)
+
+
+def test_a_reward_function_replaces_the_environments_reward(qwen_tokenizer, tmp_path):
+    """UFOEnv's `reward`: a number lands on the last attempt, a list gives each attempt its own, anything else is an
+    error naming the episode; train.py's reward_fn loads the same function from a file (nanoufo.task.load_reward)."""
+    from nanoufo.config import TrainConfig
+    from nanoufo.task import Task, load_reward
+    responses = [r"\boxed{17}", r"\boxed{18}"]
+    by_episode = UFOEnv(qwen_tokenizer, reward=lambda episode: 10.0 * episode.solved - episode.turns)
+    assert by_episode.turn_rewards(play(by_episode, responses)[0]) == [0.0, 8.0]
+    by_attempt = UFOEnv(qwen_tokenizer, reward=lambda episode: [float(c) for c in episode.correct])
+    assert by_attempt.turn_rewards(play(by_attempt, responses)[0]) == [0.0, 1.0]
+    wrong = UFOEnv(qwen_tokenizer, reward=lambda episode: [1.0])
+    with pytest.raises(ValueError, match=r"returned \[1.0\] for episode test:0 of 2 attempts"):
+        wrong.turn_rewards(play(wrong, responses)[0])
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def solved(episode):\n    return 2.0 if episode.solved else -1.0\n")
+    cfg = TrainConfig(reward_fn=f"{rewards}:solved")
+    env = Task(qwen_tokenizer, [], {}).env(cfg)
+    assert env.turn_rewards(play(env, responses)[0]) == [0.0, 2.0]
+    with pytest.raises(ValueError, match="defines no function 'missing'"):
+        load_reward(f"{rewards}:missing")
+    with pytest.raises(ValueError, match="write it as file.py:function"):
+        load_reward("no_colon")

@@ -26,7 +26,7 @@ from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
 from nanoufo.options import EnvOptions
-from nanoufo.rollout import run_episodes
+from nanoufo.rollout import Noise, run_episodes
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update, score_rollout
 
 TASKS = {"revise": ("01", 2, None), "fixed": ("012", 1, "2")}  # digits, attempts, the gold (None: at random)
@@ -55,7 +55,7 @@ def train(algorithm: str, task: str, steps: int, seed: int = 0) -> tuple[list[fl
     curve = []
     for step in range(steps):
         graded = run_episodes(actor, env, problems(task, cfg.problems_per_step, seed * 1000 + step), cfg.sampling(),
-                              n_samples_per_problem=cfg.n_samples_per_problem, seed=seed * 1000 + step)
+                              Noise(seed * 1000 + step), n_samples_per_problem=cfg.n_samples_per_problem)
         scored, _ = score_rollout(cfg, actor, graded)
         batch, _ = build_batch(cfg, actor, critic, None, scored)
         ppo_update(cfg, actor, critic, optimizers, batch, seed=step)

@@ -21,7 +21,8 @@ from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.packing import micro_batches, split_rows
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, minibatch_weights, ppo_update, sequence_stats, sequence_values)
+from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, minibatch_weights, ppo_update,
+                             sequence_stats, sequence_values)
 from trainer_utils import minibatch_losses, optimizers_of
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -10,13 +10,14 @@ solves); the real grader runs in the first test. PyTorch paths (the kernels have
 import json
 
 import pytest
+import torch
 
 import nanoufo.env
 from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate, held_out_metrics
 from nanoufo.options import EnvOptions, SamplingOptions
-from nanoufo.rollout import run_episodes
+from nanoufo.rollout import Noise, run_episodes
 from nanoufo.task import generation_eos_ids
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
@@ -71,7 +72,7 @@ def test_an_attempt_ends_where_stop_tokens_says(tmp_path, says, stop_tokens):
     assert generation_eos_ids(tmp_path) == (151643,)
     env = UFOEnv(base, EnvOptions(max_turns=2, grading="exact", stop_tokens=stop_tokens),
                  generation_eos_ids=generation_eos_ids(tmp_path))
-    graded = run_episodes(model, env, PROBLEMS[:1], SamplingOptions(max_new_tokens=5, temperature=0.0))
+    graded = run_episodes(model, env, PROBLEMS[:1], SamplingOptions(max_new_tokens=5, temperature=0.0), Noise())
     runs_on = stop_tokens == "generation_config" and says == "<|im_end|>"
     rollout, length = graded.rollout, 5 if runs_on else 1
     assert [e - s for s, e in rollout.turn_spans[0]] == [length, length]  # two wrong attempts
@@ -99,8 +100,8 @@ def solve_at(monkeypatch):
 
 def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
     env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=3))
-    graded = run_episodes(qwen_tiny, env, PROBLEMS[:2], SamplingOptions(max_new_tokens=5, temperature=1.0),
-                          n_samples_per_problem=2, seed=3)
+    graded = run_episodes(qwen_tiny, env, PROBLEMS[:2], SamplingOptions(max_new_tokens=5, temperature=1.0), Noise(3),
+                          n_samples_per_problem=2)
     episodes, rollout = graded.episodes, graded.rollout
     assert [e.problem.id for e in episodes] == ["p0", "p0", "p1", "p1"]
     for b, episode in enumerate(episodes):
@@ -115,7 +116,7 @@ def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
 def test_episodes_end_on_the_first_correct_attempt(qwen_tiny, qwen_tokenizer, solve_at):
     solve_at({"5": 0, "2.5": 2})  # p0 at once, p1 at its third attempt, p2 never
     env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=4))
-    graded = run_episodes(qwen_tiny, env, PROBLEMS, SamplingOptions(max_new_tokens=3, temperature=1.0))
+    graded = run_episodes(qwen_tiny, env, PROBLEMS, SamplingOptions(max_new_tokens=3, temperature=1.0), Noise())
     episodes = graded.episodes
     assert [e.turns for e in episodes] == [1, 3, 4]
     assert graded.turn_rewards == [env.turn_rewards(e) for e in episodes]  # the rewards travel with the rows
@@ -172,3 +173,16 @@ def test_held_out_metrics_are_means_over_evaluation_seeds_with_their_spread():
     assert row["tokens_per_episode_sd"] == pytest.approx(abs(lengths[0] - lengths[1]) / 2 ** 0.5)
     assert row["invalid_rate"] == pytest.approx((tables[0]["invalid_rate"] + tables[1]["invalid_rate"]) / 2)
     assert "succ_at_k_sd" not in held_out_metrics(model, env, problems, sampling, k=2, seeds=[3], progress=False)
+
+
+def test_one_noise_per_run_never_draws_the_same_noise_twice(qwen_tiny, qwen_tokenizer, kept_draws):
+    """Two rollouts from one Noise take consecutive episode ids, so every token draws its own noise; a fresh Noise
+    with the same seed replays the first rollout's draws (and tokens), which is what a replay is for."""
+    env, sampling = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=1)), SamplingOptions(max_new_tokens=3, temperature=1.0)
+    noise = Noise(seed=5)
+    first = run_episodes(qwen_tiny, env, PROBLEMS, sampling, noise)
+    second = run_episodes(qwen_tiny, env, PROBLEMS, sampling, noise)
+    assert noise.next_episode == 6 and len(set(kept_draws)) == len(kept_draws) == 18
+    replay = run_episodes(qwen_tiny, env, PROBLEMS, sampling, Noise(seed=5))
+    assert torch.equal(replay.rollout.tokens, first.rollout.tokens)
+    assert not torch.equal(second.rollout.tokens, first.rollout.tokens)

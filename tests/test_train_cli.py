@@ -162,7 +162,8 @@ def test_a_prm_reward_run_places_step_rewards(tmp_path, tiny_qwen_run):
 
 @pytest.mark.parametrize("args, expected", [
     (["--train_data={d}/renamed.jsonl"],
-     "--train_data: {d}/renamed.jsonl: cannot detect the format .* columns found: gold, prompt; set --train_format=..."),
+     "--train_data: {d}/renamed.jsonl: cannot detect the format .* columns found: gold, prompt; "
+     "set --train_format=..."),
     (["--train_data={d}/renamed.jsonl", "--train_question_key=prompt", "--train_format=generic"],
      "--train_data: {d}/renamed.jsonl: no answer column 'answer' .* columns found: gold, prompt; "
      "set --train_answer_key="),

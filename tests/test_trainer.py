@@ -17,7 +17,7 @@ from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.options import EnvOptions, SamplingOptions
-from nanoufo.rollout import Graded, run_episodes
+from nanoufo.rollout import Graded, Noise, run_episodes
 from nanoufo.sampler import Rollout
 from nanoufo.trainer import (Batch, build_batch, critic_loss, ppo_update,
                              score_rollout, sequence_stats, value_loss)
@@ -271,8 +271,8 @@ def demo_rollout():
     env = UFOEnv(tokenizer, EnvOptions(instruction="", max_turns=3))
     actor = demo.build_model(len(tokenizer), seed=0)
     problems = demo.make_problems("train", 4, seed=0)
-    graded = run_episodes(actor, env, problems, SamplingOptions(max_new_tokens=4, temperature=1.0),
-                          n_samples_per_problem=2, seed=0)
+    graded = run_episodes(actor, env, problems, SamplingOptions(max_new_tokens=4, temperature=1.0), Noise(0),
+                          n_samples_per_problem=2)
     return env, actor, graded
 
 
