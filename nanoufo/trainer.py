@@ -230,8 +230,8 @@ def build_batch(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None, ref: Qw
     advantages, returns = rl.gae(rewards, values, mask, opts.gamma, opts.lam)
     if opts.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask, group=actor.par.dp_group)  # moments of the whole DP batch
-    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns, temperature, spans,
-                 sampler_logp), stats
+    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns, temperature, spans=spans,
+                 sampler_logp=sampler_logp), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
