@@ -1,7 +1,8 @@
 """Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/packing.py,
-nanoufo/trainer.py): a micro-batch's map from hidden rows to tokens by hand; accumulated gradients equal the
-one-shot minibatch's for every aggregation, packed or padded, in one process and under DP=2 on gloo (and the
-DP weights by hand with an empty row); packed statistics equal the padded ones, the values read where the
+nanoufo/trainer.py): a micro-batch's map from hidden rows to tokens by hand; the loss weights by hand;
+accumulated gradients equal the one-shot minibatch's for every aggregation, packed or padded, in one process
+and under DP=2 on gloo (and the DP weights by hand with an empty row; chunk-token-mean's chunks are each rank's,
+as verl's micro-batches are each GPU's); packed statistics equal the padded ones, the values read where the
 critic's forward puts them; scoring's largest tensor does not grow with the batch; the vectorised GAE
 equals the step-by-step loop.
 
@@ -17,7 +18,8 @@ from distributed_utils import launch
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
-from nanoufo.packing import micro_batches, split_rows
+from nanoufo import trainer
+from nanoufo.packing import micro_batches, on_tokens, span_lengths, split_rows
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
 from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, minibatch_weights, ppo_update,
@@ -27,7 +29,7 @@ from trainer_utils import minibatch_losses, optimizers_of
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 LENGTHS = [12, 7, 16, 9, 5, 14]  # trajectory lengths: the mask's last token is each row's last
-AGGREGATIONS = ["token-mean", "seq-mean-token-mean"]
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "chunk-token-mean"]
 
 
 def models(seed: int = 0, par=SINGLE):
@@ -73,6 +75,15 @@ def test_loss_weights_by_hand():
     seq = rl.loss_weights(mask, "seq-mean-token-mean")  # two rows hold tokens: 1/(2*2) and 1/(3*2)
     assert torch.allclose(seq, torch.tensor([[0.25, 0.25, 0, 0], [0, 1 / 6, 1 / 6, 1 / 6], [0, 0, 0, 0]]))
     assert torch.equal(rl.loss_weights(mask, "seq-mean"), seq)
+    # verl's token-mean per micro-batch of 2 rows over the accumulation steps: rows 0-1 (5 tokens) and row 2 (none),
+    # 2 chunks: 1 / (5 x 2) on the first chunk's tokens; the empty chunk still counts among the steps
+    chunks = rl.loss_weights(mask, "chunk-token-mean", chunk_rows=2)
+    assert torch.allclose(chunks, mask / 10.0)
+    five = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 1]])  # chunks of 4, 1, 1, 0 and 3 tokens
+    assert torch.allclose(rl.loss_weights(five, "chunk-token-mean", chunk_rows=2),
+                          five / torch.tensor([[12.0], [12], [3], [1], [9]]))
+    assert torch.allclose(rl.loss_weights(five, "chunk-token-mean", chunk_rows=1), rl.loss_weights(five, "seq-mean")
+                          * 4 / 5)  # chunks of one row: the mean over all 5 rows, the empty one included
     with pytest.raises(AssertionError):
         rl.loss_weights(mask, "seq-sum")
 
@@ -110,6 +121,49 @@ def test_a_micro_batch_maps_its_hidden_rows_to_the_tokens_they_predict_by_hand()
     split = micro_batches(tokens, [3, 2], 3, packed=True)  # 5 tokens over a budget of 3: one row each
     assert [mb.targets.tolist() for mb in split] == [[6, 7, -100], [9, -100]]
     assert [mb.following.tolist() for mb in split] == [[1, 2, 0], [5, 4]]
+
+
+def test_with_spans_a_forward_keeps_only_the_rows_that_predict_a_scored_token_by_hand():
+    tokens = torch.tensor([[5, 6, 7, 3, 0], [8, 9, 4, 0, 0]])  # trajectories of 4 and 3 tokens, T = 5
+    spans = [[(1, 2), (3, 4)], [(2, 3)]]  # scored: tokens 6 and 3 of row 0, token 4 of row 1
+    packed, = micro_batches(tokens, [4, 3], 0, packed=True, spans=spans)
+    assert packed.inputs.tolist() == [[5, 6, 7, 3, 8, 9, 4]] and packed.n_computed == 7  # the trunk reads all
+    assert packed.keep.tolist() == [0, 2, 5]  # hidden rows 0 (-> 6), 2 (-> 3) and 4 + 1 (-> 4)
+    assert packed.following.tolist() == [1, 3, 7] and packed.targets.tolist() == [6, 3, 4]
+    padded, = micro_batches(tokens, [4, 3], 0, packed=False, spans=spans)
+    assert padded.keep.tolist() == [0, 2, 4] and padded.following.tolist() == [1, 3, 7]  # rows of width 4 - 1
+    assert padded.targets.tolist() == [6, 3, 4]
+    assert span_lengths(spans + [[(2, 2)]]) == [4, 3, 1]  # a row without scored tokens: 1, as trajectory_lengths
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_head_on_the_scored_rows_gives_the_same_statistics_loss_and_gradients(packed):
+    """Keeping only the rows that predict a sampled token changes nothing a loss reads: the statistics on the
+    sampled tokens, the minibatch's loss and metrics, and both models' gradients (the spans are where the mask is)."""
+    batch = uneven_batch()
+    spans = [[(3, 5), (6, n)] if n > 6 else [(3, n)] for n in LENGTHS]
+    assert all(batch.mask[b, a:e].all() for b, row in enumerate(spans) for a, e in row)
+    assert sum(e - a for row in spans for a, e in row) == batch.mask.sum()
+    cfg = TrainConfig(pack_sequences=packed, micro_batch_tokens=0, kl_in="loss", entropy_coef=0.01)
+    results = []
+    for with_spans in (False, True):
+        actor, critic = models()
+        forwards = micro_batches(batch.tokens, LENGTHS, 0, packed, spans if with_spans else None)
+        with torch.no_grad():
+            logp, = on_tokens(lambda forward: trainer.token_stats(actor, forward, 1.0)[:1], forwards,
+                              batch.tokens.shape)
+        mb = replace(batch, spans=spans if with_spans else None)
+        loss, metrics = accumulate_gradients(cfg, actor, critic, mb, LENGTHS)
+        grads = [p.grad.clone() for model in (actor, critic) for p in model.parameters() if p.grad is not None]
+        results.append((logp * batch.mask, loss, metrics, grads))
+    (logp, loss, metrics, grads), (logp_kept, loss_kept, metrics_kept, grads_kept) = results
+    torch.testing.assert_close(logp_kept, logp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_kept, loss, rtol=1e-5, atol=1e-7)
+    for key in ("pg/clip_frac", "pg/approx_kl", "pg/kl", "pg/entropy", "ratio_dev", "value_loss"):
+        torch.testing.assert_close(metrics_kept[key], metrics[key], rtol=1e-5, atol=1e-7)
+    assert len(grads_kept) == len(grads)
+    for got, want in zip(grads_kept, grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_budget_below_the_attempts_is_a_config_error():
@@ -176,7 +230,7 @@ def _dp_accumulation() -> dict:
     par = init_parallel(tp=1, timeout_s=60)
     batch, errors = uneven_batch(), {}
     rows = [0, 2, 4] if par.dp_rank == 0 else [1, 3, 5]  # uneven token counts per rank
-    for aggregation in AGGREGATIONS:
+    for aggregation in ("token-mean", "seq-mean-token-mean"):  # (chunk-token-mean's chunks are per rank: below)
         cfg = TrainConfig(aggregation=aggregation, micro_batch_tokens=20, kl_in="loss",
                                            kl_coef=0.05, entropy_coef=0.01)
         actor, critic = models()
@@ -189,6 +243,19 @@ def _dp_accumulation() -> dict:
         got = grads(actor, critic)
         assert len(got) == len(want)
         errors[aggregation] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item() for g, w in zip(got, want))
+    # chunk-token-mean: each rank chunks its own rows (verl's micro-batches of a GPU's share), so the one process
+    # holds the rows in the ranks' order: chunks of 3 are rows 0, 2, 4 and rows 1, 3, 5
+    cfg = TrainConfig(aggregation="chunk-token-mean", chunk_rows=3, micro_batch_tokens=20, kl_in="loss",
+                      kl_coef=0.05, entropy_coef=0.01)
+    actor, critic = models()
+    minibatch_losses(cfg, actor, critic, batch.rows(torch.tensor([0, 2, 4, 1, 3, 5])))[0].backward()
+    want = grads(actor, critic)
+    actor, critic = models(par=par)
+    accumulate_gradients(cfg, actor, critic, batch.rows(torch.tensor(rows)), [LENGTHS[i] for i in rows])
+    for model in (actor, critic):
+        average_gradients(model.parameters(), par)
+    errors["chunk-token-mean_by_rank"] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item()
+                                             for g, w in zip(grads(actor, critic), want))
     # by hand, with an empty row on rank 0: rows of 3 and 0 tokens here, of 2 and 1 on rank 1. Averaged over
     # the 2 ranks the weights are, per token, 1 / (its row's tokens x 3 rows with tokens) for seq-mean and
     # 1 / 6 tokens for token-mean
