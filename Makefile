@@ -68,10 +68,11 @@ demo: install
 
 # Triton kernels run on the CPU under the interpreter, so CI checks them against their references.
 # The tests run in parallel, one pytest-xdist worker per core (TEST_WORKERS=0: in this process, one after another);
-# tests that share an expensive module fixture stay on one worker (xdist_group, --dist loadgroup), and each worker
-# gets its share of the cores' threads (tests/conftest.py).
+# a test file goes whole to one worker (--dist loadscope), so a module fixture (a train.py run, the soak) is built
+# once, and each worker gets its share of the cores' threads (tests/conftest.py). (--dist loadgroup would not do:
+# with pytest 9.2 it silently stops grouping, pytest-xdist issue #1386.)
 TEST_WORKERS ?= auto
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) tests
 

@@ -2,7 +2,7 @@
 recorder of the sampler's draws (kept_draws); under pytest-xdist, each worker's share of the CPU threads.
 pytest loads this file for every test under tests/; it runs nothing itself:
 
-    PYTHONPATH=. TRITON_INTERPRET=1 python -m pytest -q -n auto --dist loadgroup tests    # as make test
+    PYTHONPATH=. TRITON_INTERPRET=1 python -m pytest -q -n auto --dist loadscope tests    # as make test
 """
 import os
 

@@ -30,7 +30,6 @@ from nanoufo.env import Episode, UFOEnv
 from nanoufo.rollout import Graded
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.xdist_group("eval_options")  # one train.py run (the fixture) per make test
 # option: (train.py's key, sample.py's flag, the run's value, a flag's value)
 OPTIONS = {
     "temperature": ("eval_temperature", "temperature", 0.0, 0.7),  # the run evaluates greedily, trains at 1.0

@@ -94,7 +94,6 @@ def soak(tmp_path_factory):
     return out, samples, time.monotonic() - start
 
 
-@pytest.mark.xdist_group("soak")  # one soak per make test: both tests on one worker
 def test_a_long_run_keeps_its_memory_flat(soak):
     out, samples, wall = soak
     records = train_records(out, timing=True)
@@ -110,7 +109,6 @@ def test_a_long_run_keeps_its_memory_flat(soak):
 
 
 # ------------------------------------------------------------------------------------------- SIGKILL, resume
-@pytest.mark.xdist_group("soak")  # one soak per make test: both tests on one worker
 def test_sigkill_at_a_random_step_then_resume_repeats_the_soaks_steps(soak, tmp_path):
     """The soak is the uninterrupted reference: checkpoints and max_steps do not change a step's numbers."""
     # a checkpoint step, chosen at random: its log line is written just before its save, so the kill races the save
