@@ -192,9 +192,9 @@ def timing(args, preset: Preset, tmp: Path) -> dict:
         model=preset.model, per_step={s: results[s]["steps"] for s in SYSTEMS}, **info)
 
 
-def p_correct(checkpoint: str) -> float:
+def p_correct(checkpoint: str, tokenizer_dir: str) -> float:
     """The probability of the one-token right answer under the policy (temperature 1), by transformers."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = Qwen2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids = tokenizer.apply_chat_template([{"role": "user", "content": LEARN_TASK["content"]}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -206,23 +206,27 @@ def p_correct(checkpoint: str) -> float:
 def learning(args, tmp: Path) -> dict:
     tokenizer = demo.build_tokenizer(demo.WORDS + [f"\\boxed{{{d}}}" for d in "012"])
     model = dict(demo.TINY_MODEL, vocab_size=len(tokenizer))
-    curves, finals, starts = {s: [] for s in SYSTEMS}, {s: [] for s in SYSTEMS}, []
+    starts = []  # per seed; the rest per system and seed
+    curves, finals, seconds = ({s: [] for s in SYSTEMS} for _ in range(3))
     for seed in args.seeds:
         checkpoint = write_checkpoint(tmp / f"start{seed}", model, tokenizer, seed)
-        starts.append(p_correct(checkpoint))
+        starts.append(p_correct(checkpoint, checkpoint))
         for system in SYSTEMS:
             work = Workload(checkpoint, [LEARN_TASK] * 16, prompts_per_step=16, samples=4, max_new_tokens=1,
                             steps=args.steps or 30, minibatch=32, epochs=2, lr=3e-3, reward="boxed", seed=seed,
                             save_to=str(tmp / f"{system}{seed}"))
-            curves[system].append([s["reward"] for s in run_in_process(system, work, args.threads, tmp)["steps"]])
-            finals[system].append(p_correct(work.save_to))
+            steps = run_in_process(system, work, args.threads, tmp, args.profile)["steps"]
+            curves[system].append([s["reward"] for s in steps])
+            seconds[system].append(statistics.median(s["step"] for s in steps))
+            finals[system].append(p_correct(work.save_to, checkpoint))
     plot_curves(curves, args.plot)
     rows = [dict(system=s, seed=seed, start_p_correct=start, final_p_correct=final, first_success=curve[0],
-                 last5_success=statistics.mean(curve[-5:]))
-            for s in SYSTEMS for seed, start, final, curve in zip(args.seeds, starts, finals[s], curves[s])]
+                 last5_success=statistics.mean(curve[-5:]), s_per_rollout=sec)
+            for s in SYSTEMS
+            for seed, start, final, curve, sec in zip(args.seeds, starts, finals[s], curves[s], seconds[s])]
     learn = Preset("learn", model, 16, 4, 1, args.steps or 30)
     return report("peers-learning", learn, rows, ["system", "seed", "start_p_correct", "final_p_correct",
-                                                 "first_success", "last5_success"],
+                                                 "first_success", "last5_success", "s_per_rollout"],
                   curves=curves, plot=str(args.plot), **facts(args.threads))
 
 
