@@ -6,7 +6,7 @@ optimizer; and, with --learn, the same training run on a small task that can be 
     python bench/peers.py --preset tiny              # CPU, under a minute: the loss check, two steps each
     python bench/peers.py --preset 0.5b              # CPU, Qwen2.5-0.5B's width with 2 layers
     python bench/peers.py --preset 1.5b              # GPU, Qwen2.5-1.5B's shape, bf16
-    python bench/peers.py --preset 0.5b --steps 2 --profile out/peers/prof   # where each system's time goes
+    python bench/peers.py --preset 0.5b --steps 2 --prompts-per-step 2 --profile out/peers/prof   # where time goes
     python bench/peers.py --learn --plot out/peers/learning.png
 
 First the equal-work check (bench/peers_check.py): both losses and gradients on one fixed batch must agree, or
@@ -173,8 +173,9 @@ def facts(threads: int) -> dict:
 def timing(args, preset: Preset, tmp: Path) -> dict:
     checkpoint = write_checkpoint(tmp / "ckpt", preset.model, load_tokenizer(), args.seed)
     steps = args.steps or preset.steps
-    work = Workload(checkpoint, gsm8k_prompts(steps * preset.prompts_per_step), preset.prompts_per_step,
-                    preset.samples, preset.max_new_tokens, steps, minibatch=preset.prompts_per_step * preset.samples,
+    prompts, samples = args.prompts_per_step or preset.prompts_per_step, args.samples or preset.samples
+    work = Workload(checkpoint, gsm8k_prompts(steps * prompts), prompts, samples,
+                    args.max_new_tokens or preset.max_new_tokens, steps, minibatch=prompts * samples,
                     seed=args.seed, device=preset.device, dtype=preset.dtype)
     info = facts(args.threads)
     check = run_in_process("check", replace(work), args.threads, tmp)
@@ -252,6 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--steps", type=int, default=0, help="GRPO steps (rollouts) per system; 0: the preset's")
+    for name, what in (("prompts-per-step", "prompts per step"), ("samples", "completions per prompt"),
+                       ("max-new-tokens", "tokens per completion")):
+        parser.add_argument(f"--{name}", type=int, default=0, help=f"{what}; 0: the preset's (in the JSON line)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each system's process")
     parser.add_argument("--learn", action="store_true", help="the learning comparison instead of the timing")
@@ -261,8 +265,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for hidden in ("--worker", "--work", "--out"):  # how the script runs a system in its own process
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 0 or args.threads < 1:
-        parser.error("--steps must be >= 0 and --threads >= 1")
+    if min(args.steps, args.prompts_per_step, args.samples, args.max_new_tokens) < 0 or args.threads < 1:
+        parser.error("--steps, --prompts-per-step, --samples and --max-new-tokens must be >= 0, --threads >= 1")
+    if args.samples == 1:
+        parser.error("--samples must be at least 2: GRPO's advantage is a reward against its group's")
     if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available() and not args.learn:
         parser.error(f"--preset {args.preset} needs a CUDA GPU; use --preset tiny, small or 0.5b on the CPU")
     return args

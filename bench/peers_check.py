@@ -6,9 +6,9 @@ weights, must agree (loss and every gradient) before their timings are compared.
 The batch: the workload's first CHECK_PROMPTS prompts, each repeated for its group, with seeded random
 completions of random lengths (so padding and masking are exercised), seeded random advantages, and old
 log-probs that are the current ones plus uniform noise in [-NOISE, NOISE], so the ratios leave the clip range
-and both clipped branches are taken. Both models are loaded in fp32, whatever the workload's dtype: the check is of the loss,
-not of rounding. TRL sees the prompts left-padded and the completions right-padded, as its trainer lays them
-out; nanoufo sees each row as prompt + completion, right-padded, as its sampler lays them out.
+and both clipped branches are taken. Both models are loaded in fp32, whatever the workload's dtype: the check
+is of the loss, not of rounding. TRL sees the prompts left-padded and the completions right-padded, as its
+trainer lays them out; nanoufo sees each row as prompt + completion, right-padded, as its sampler does.
 """
 from tempfile import TemporaryDirectory
 
@@ -73,7 +73,7 @@ def trl_loss(trainer, batch: dict) -> tuple[float, dict[str, torch.Tensor], torc
     loss = trainer._compute_loss(model, inputs)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    return float(loss), grads, old.cpu(), float((clipped * mask).sum() / mask.sum())
+    return float(loss.detach()), grads, old.cpu(), float((clipped * mask).sum() / mask.sum())
 
 
 def relative_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
