@@ -13,10 +13,12 @@ First the equal-work check (bench/peers_check.py): both losses and gradients on 
 the script stops with exit status 1 before timing anything. Then each system runs --steps GRPO steps in its
 own process (so each peak memory is its own: RSS on the CPU, allocated on the GPU), the workload's steps
 identical for both (bench/peers_work.py; TRL's options: bench/peers_trl.py; nanoufo's: bench/peers_nanoufo.py).
-Per phase, the median over the steps after the first (the first warms up): seconds and tokens per second of
+Per phase, the median over the steps after the first (the first warms up): wall seconds, CPU seconds (the
+process's, all threads: on a shared machine they move less with the other jobs) and tokens per second of
 generation (sampled tokens), scoring (rewards, advantages, old log-probs when computed) and update (forward,
-backward, AdamW), and of the whole step (trajectory tokens), with the ratio TRL / nanoufo (above 1: nanoufo
-is faster or smaller). Prints a table and a final JSON line. Test: python -m pytest -q tests/test_peers.py
+backward, AdamW), and of the whole step (trajectory tokens), with the ratios TRL / nanoufo (above 1: nanoufo
+is faster or smaller); last the peak memory in GiB. Prints a table and a final JSON line.
+Test: python -m pytest -q tests/test_peers.py
 --profile DIR runs each system under cProfile and writes DIR/trl.txt and DIR/nanoufo.txt (functions by
 cumulative time) beside the .prof files; its timings carry the profiler's overhead.
 
@@ -52,7 +54,8 @@ from peers_work import Workload
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."  # UFOEnv's default
 PHASES = ("generation", "scoring", "update", "step")
-COLUMNS = ["phase", "trl_s", "nanoufo_s", "speedup", "trl_tok_s", "nanoufo_tok_s", "tokens"]
+COLUMNS = ["phase", "trl", "nanoufo", "ratio", "trl_cpu", "nanoufo_cpu", "cpu_ratio", "trl_tok_s", "nanoufo_tok_s",
+           "tokens"]
 SYSTEMS = ("trl", "nanoufo")
 
 
@@ -135,24 +138,24 @@ def worker(system: str, work_file: str, out_file: str, profile_dir: Path | None)
 
 
 def phase_rows(results: dict[str, dict]) -> list[dict]:
-    """Per phase: each system's median seconds over the steps after the first, tokens/s, and TRL / nanoufo."""
+    """Per phase, each system's median over the steps after the first: wall seconds (trl, nanoufo), CPU seconds
+    (trl_cpu, nanoufo_cpu), tokens/s (wall) and the tokens; the ratios TRL / nanoufo. Last, the peak GiB."""
     rows = []
     for phase in PHASES:
         row = dict(phase=phase)
+        tokens = "sampled_tokens" if phase == "generation" else "tokens"
         for system in SYSTEMS:
             steps = results[system]["steps"]
             timed = steps[1:] or steps
-            tokens = "sampled_tokens" if phase == "generation" else "tokens"
-            seconds = statistics.median(s[phase] for s in timed)
-            row[f"{system}_s"] = seconds
-            row[f"{system}_tok_s"] = statistics.median(s[tokens] / s[phase] for s in timed) if seconds > 0 else None
+            row[system] = statistics.median(s[phase] for s in timed)
+            row[f"{system}_cpu"] = statistics.median(s[f"{phase}_cpu"] for s in timed)
+            row[f"{system}_tok_s"] = statistics.median(s[tokens] / s[phase] for s in timed) if row[system] else None
             row[f"{system}_tokens"] = statistics.median(s[tokens] for s in timed)
-        row["speedup"] = ratio(row["trl_s"], row["nanoufo_s"])
+        row["ratio"], row["cpu_ratio"] = ratio(row["trl"], row["nanoufo"]), ratio(row["trl_cpu"], row["nanoufo_cpu"])
         row["tokens"] = f"{row['trl_tokens']:.0f} / {row['nanoufo_tokens']:.0f}"
         rows.append(row)
-    memory = {f"{s}_s": results[s]["peak_gib"] for s in SYSTEMS}
-    rows.append(dict(phase="peak GiB", **memory, speedup=ratio(memory["trl_s"], memory["nanoufo_s"])))
-    return rows
+    memory = {s: results[s]["peak_gib"] for s in SYSTEMS}
+    return rows + [dict(phase="peak GiB", **memory, ratio=ratio(memory["trl"], memory["nanoufo"]))]
 
 
 def facts(threads: int) -> dict:

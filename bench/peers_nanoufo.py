@@ -8,8 +8,6 @@ score_rollout and build_batch (a no-grad forward for the old log-probs, then gro
 The rewards are the workload's (bench/peers_work.py), put in place of the environment's own: the env still
 reads each attempt, which is the grading cost every nanoufo rollout pays.
 """
-from time import perf_counter
-
 import torch
 
 from nanoufo.config import TrainConfig, validate
@@ -21,7 +19,7 @@ from nanoufo.rollout import Graded, run_episodes
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.trainer import Batch, accumulate_gradients, build_batch, make_optimizers, ppo_update, score_rollout
 from nanoufo.weights import load_model, save_model
-from peers_work import REWARDS, Workload, write_result
+from peers_work import REWARDS, Clock, Workload, phase_times, write_result
 
 
 def nanoufo_config(work: Workload) -> TrainConfig:
@@ -50,22 +48,22 @@ def nanoufo_prompt_ids(work: Workload, contents: list[str]) -> list[list[int]]:
 
 def nanoufo_step(cfg: TrainConfig, actor, env: UFOEnv, optimizers: dict, prompts: list[dict], reward_fn,
                  step: int) -> dict:
-    """One GRPO step; returns each phase's seconds, the tokens it handled and the rollout's mean reward."""
+    """One GRPO step; returns each phase's wall and CPU seconds, the tokens it handled and the mean reward."""
     problems = [Problem(p["content"], p["answer"], f"peers:{i}") for i, p in enumerate(prompts)]
-    start = perf_counter()
+    start = Clock.now()
     graded = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=step)
-    generated = perf_counter()
+    generated = Clock.now()
     rewards = [[reward_fn(e.responses[0], e.problem.answer)] for e in graded.episodes]
     scored, _ = score_rollout(cfg, actor, Graded(graded.rollout, graded.episodes, rewards))
     batch, _ = build_batch(cfg, actor, None, None, scored)
-    scored_at = perf_counter()
+    scored_at = Clock.now()
     ppo_update(cfg, actor, None, optimizers, batch, seed=step)
-    done = perf_counter()
+    done = Clock.now()
     rollout = graded.rollout
-    return dict(generation=generated - start, scoring=scored_at - generated, update=done - scored_at,
-                step=done - start, sampled_tokens=int(rollout.loss_mask.sum()), tokens=int(rollout.lengths.sum()),
-                reward=sum(r for [r] in rewards) / len(rewards))
+    return phase_times(generated - start, scored_at - generated, done - scored_at) | dict(
+        sampled_tokens=int(rollout.loss_mask.sum()), tokens=int(rollout.lengths.sum()),
+        reward=sum(r for [r] in rewards) / len(rewards))
 
 
 def nanoufo_loss(cfg: TrainConfig, actor, tokens: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,

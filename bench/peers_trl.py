@@ -18,62 +18,50 @@ How the workload maps onto TRL (nanoufo's side: bench/peers_nanoufo.py nanoufo_c
   weights and computes under autocast, nanoufo keeps bf16 weights and fp32 masters: the same optimizer state.
 """
 from tempfile import TemporaryDirectory
-from time import perf_counter
 
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from peers_work import REWARDS, Workload, write_result
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from peers_work import REWARDS, Clock, Workload, phase_times, write_result
 
 
 class TimedGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer that records, for each rollout, the seconds spent generating (_generate), scoring (the rest of
-    _generate_and_score_completions: rewards, advantages, old log-probs when it needs them) and the tokens."""
+    """GRPOTrainer that records, for each rollout, the wall and CPU seconds spent generating (_generate) and
+    scoring (the rest of _generate_and_score_completions: rewards, advantages, old log-probs when it needs
+    them), and the tokens."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rollouts: list[dict] = []
 
     def _generate(self, prompts: list):
-        synchronize()
-        start = perf_counter()
+        start = Clock.now()
         out = super()._generate(prompts)
-        synchronize()
-        self._generation_seconds = perf_counter() - start
+        self._generation = Clock.now() - start
         return out
 
     def _generate_and_score_completions(self, inputs):
-        synchronize()
-        start = perf_counter()
+        start = Clock.now()
         out = super()._generate_and_score_completions(inputs)
-        synchronize()
-        seconds = perf_counter() - start
         sampled = int(out["completion_mask"].sum())
-        self.rollouts.append(dict(generation=self._generation_seconds, scoring=seconds - self._generation_seconds,
+        self.rollouts.append(dict(generation=self._generation, scoring=Clock.now() - start - self._generation,
                                   sampled_tokens=sampled, tokens=sampled + int(out["prompt_mask"].sum())))
         return out
 
 
 class StepClock(TrainerCallback):
-    """Wall seconds of each optimizer step: its rollout (when it makes one), forward, backward and AdamW step."""
+    """Wall and CPU seconds of each optimizer step: its rollout (when it makes one), forward, backward, AdamW."""
 
     def __init__(self):
-        self.seconds: list[float] = []
+        self.steps: list[Clock] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        synchronize()
-        self._start = perf_counter()
+        self._start = Clock.now()
 
     def on_step_end(self, args, state, control, **kwargs):
-        synchronize()
-        self.seconds.append(perf_counter() - self._start)
+        self.steps.append(Clock.now() - self._start)
 
 
 def trl_config(work: Workload, output_dir: str) -> GRPOConfig:
@@ -130,7 +118,8 @@ def run_worker(work: Workload, out: str) -> None:
     per_rollout = work.minibatches * work.epochs  # optimizer steps per rollout
     steps = []
     for i, (rollout, mean) in enumerate(zip(trainer.rollouts, means)):
-        step = sum(clock.seconds[i * per_rollout:(i + 1) * per_rollout])
-        steps.append(rollout | dict(update=step - rollout["generation"] - rollout["scoring"], step=step,
-                                    reward=mean))
+        step = sum(clock.steps[i * per_rollout + 1:(i + 1) * per_rollout], clock.steps[i * per_rollout])
+        generation, scoring = rollout["generation"], rollout["scoring"]
+        steps.append(phase_times(generation, scoring, step - generation - scoring) | dict(
+            sampled_tokens=rollout["sampled_tokens"], tokens=rollout["tokens"], reward=mean))
     write_result(out, "trl", work, steps)

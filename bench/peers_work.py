@@ -14,6 +14,7 @@ import resource
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from time import perf_counter, process_time
 
 import torch
 
@@ -77,6 +78,35 @@ def boxed_answer(text: str, answer: str) -> float:
 
 
 REWARDS = {"hash": text_hash, "boxed": boxed_answer}
+
+
+@dataclass(frozen=True)
+class Clock:
+    """A wall time and this process's CPU time (user + system, every thread), or a difference of two. On a
+    shared machine the CPU seconds move less with the other jobs than the wall seconds."""
+    wall: float
+    cpu: float
+
+    @classmethod
+    def now(cls) -> "Clock":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's queued work belongs to the phase that queued it
+        return cls(perf_counter(), process_time())
+
+    def __sub__(self, other: "Clock") -> "Clock":
+        return Clock(self.wall - other.wall, self.cpu - other.cpu)
+
+    def __add__(self, other: "Clock") -> "Clock":
+        return Clock(self.wall + other.wall, self.cpu + other.cpu)
+
+    def named(self, phase: str) -> dict:
+        return {phase: self.wall, f"{phase}_cpu": self.cpu}
+
+
+def phase_times(generation: Clock, scoring: Clock, update: Clock) -> dict:
+    """A step's row: each phase's wall and CPU seconds, and the whole step's."""
+    return (generation.named("generation") | scoring.named("scoring") | update.named("update")
+            | (generation + scoring + update).named("step"))
 
 
 def peak_memory_gib(device: str) -> float:
