@@ -70,6 +70,16 @@ demo: install
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# README's real-checkpoint commands on a tiny random Qwen2.5-architecture checkpoint, outputs checked (CPU, minutes).
+# The kernels run their PyTorch references here, as on any CPU; make test checks them against the Triton kernels.
+rehearsal: install
+	OMP_NUM_THREADS=2 $(PY) tests/rehearsal.py
+	OUT=$$(mktemp -d) PY=$(PY) bash bench/gpu_session.sh --dry-run
+
+# The wheels bench/gpu_session.sh installs on a GPU machine that cannot reach PyPI (carry .whl/ with the run).
+gpu-wheels:
+	$(PY) -m pip download --no-deps -q -d .whl -c $(LOCK) math-verify latex2sympy2_extended antlr4-python3-runtime
+
 test-latest: install-latest
 	TRITON_INTERPRET=1 .venv-latest/bin/python -m pytest -q tests
 
@@ -90,4 +100,4 @@ lock:
 	    --no-header --no-annotate --no-emit-package torch -o .make/lock.txt
 	grep -vE '^(nvidia|cuda)-' .make/lock.txt > $(LOCK)
 
-.PHONY: install install-latest demo test test-latest test-gpu bench lock
+.PHONY: install install-latest demo test rehearsal gpu-wheels test-latest test-gpu bench lock

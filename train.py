@@ -8,13 +8,16 @@
     torchrun --standalone --nproc_per_node=2 train.py config/ufo_qwen2.5_3b.py --init_from=...   # TP=2
     torchrun --standalone --nproc_per_node=8 train.py config/ufo_qwen2.5_3b.py --init_from=...   # DP=4 x TP=2
     python -m nanoufo.logger out/demo/log.jsonl                        # redraw the plot at any time
-    python train.py config/ufo_qwen2.5_3b.py --help                   # this, then the config's reference table
+    python train.py config/ufo_qwen2.5_3b.py --help                   # this, the config's reference table, every key
+    python train.py --log_to=jsonl,tensorboard                         # also TensorBoard events in out_dir/tensorboard
 
 Each step samples episodes, scores them, keeps the groups with the largest reward spread, recomputes
 log-probs, computes advantages and runs PPO epochs (nanoufo/trainer.py). Every key of nanoufo/config.py
-can be set in a config file or as --key=value. Ctrl-C or SIGTERM saves a checkpoint and exits.
+can be set in a config file or as --key=value. Every checkpoint holds the run's config (run_config.json):
+`python sample.py --ckpt=OUT_DIR` evaluates it as this script does. Ctrl-C or SIGTERM saves a checkpoint and exits.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_train_cli.py tests/test_soak.py tests/test_reliability.py
 """
+import dataclasses
 import functools
 import resource
 import signal
@@ -28,20 +31,19 @@ from tqdm import tqdm
 
 from nanoufo import demo
 from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-from nanoufo.config import env_options, eval_sets, format_config, help_text, parse_args, save_config
-from nanoufo.data import error_line, load_problems
-from nanoufo.env import UFOEnv
+from nanoufo.config import format_config, help_text, parse_args, save_config
+from nanoufo.cuda_graphs import graphs_wanted
 from nanoufo.evaluate import held_out_metrics, with_spread
-from nanoufo.logger import JsonlLogger, plot_log
+from nanoufo.logger import RunLogger, check_sinks, plot_log
 from nanoufo.metrics import summarize
 from nanoufo.model import QwenConfig
 from nanoufo.parallel import all_ranks_true, average_gradients, init_parallel, print0
 from nanoufo.plan import make_plan, model_config
 from nanoufo.prm import PRMReward, PRMScorer
-from nanoufo.rollout import run_episodes
-from nanoufo.sampler import Decoders
+from nanoufo.rollout import Noise, run_episodes
+from nanoufo.sampler import Decoders, run_max_len
 from nanoufo.schedule import set_learning_rates
-from nanoufo.tokenizer import load_tokenizer
+from nanoufo.task import load_task
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update, score_rollout
 from nanoufo.weights import load_model
 
@@ -57,6 +59,7 @@ try:
         print(help_text([a for a in sys.argv[1:] if a not in ("-h", "--help")], __doc__))
         sys.exit(0)
     cfg = parse_args(sys.argv[1:])
+    check_sinks(cfg.log_to)
 except (KeyError, ValueError, TypeError, OSError) as error:
     fail(str(error.args[0] if isinstance(error, KeyError) else error))
 
@@ -72,50 +75,18 @@ if master:
     save_config(cfg, out_dir / "config.json")
 print0(f"config (saved to {out_dir / 'config.json'}):\n{format_config(cfg)}")
 
-# -------------------------------------------------------------------------- tokenizer, data, environment
-def read_data(cfg) -> tuple:
-    """(tokenizer, training problems, {name: held-out problems}) of a dataset run; a reading error is one
-    line naming the file, the columns and the --{train,eval}_* flag. Problems whose prompt leaves no room for
-    one whole attempt in the model's context are skipped and counted here, so the sampler never meets them."""
-    has_own = cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(cfg.tokenizer or (cfg.init_from if has_own else None))
-    prompts = UFOEnv(tokenizer, **env_options(cfg))  # the prompts' chat template
-    try:
-        context = model_config(cfg.init_from).max_position_embeddings
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    limit = context - cfg.max_new_tokens
-
-    def read(kind: str, source: str, format: str, question_key: str, answer_key: str, **options) -> list:
-        try:
-            problems, skipped = load_problems(source, format, question_key=question_key or None,
-                                              answer_key=answer_key or None, **options)
-        except (OSError, ValueError) as error:
-            fail(f"{kind}_data: " + error_line(error, lambda key: f"--{kind}_{key}="))
-        print0(f"{source}: {len(problems)} {kind} problems ({skipped} rows skipped)")
-        if not problems:
-            fail(f"{source}: no usable problems (every row lacks a question"
-                 + (" or a parsable answer)" if options.get("need_answers", True) else ")"))
-        kept = [p for p, fits in zip(problems, prompts.prompts_fit([p.question for p in problems], limit)) if fits]
-        if len(kept) < len(problems):
-            print0(f"{source}: skipped {len(problems) - len(kept)} problems whose prompt is longer than {limit} "
-                   f"tokens (max_position_embeddings {context} - max_new_tokens)")
-        if not kept:
-            fail(f"{source}: no problem fits the model's context")
-        return kept
-
-    # label-free training (self-certainty) needs only questions; evaluation always needs gold answers
-    train_problems = read("train", cfg.train_data, cfg.train_format, cfg.train_question_key, cfg.train_answer_key,
-                          need_answers=cfg.reward != "self_certainty")
-    eval_problems = {s.name: read("eval", s.source, s.format, s.question_key, s.answer_key, split="test",
-                                  limit=cfg.n_eval_problems or None) for s in eval_sets(cfg)}
-    return tokenizer, train_problems, eval_problems
-
-
+# -------------------------------------------------------------------------- task, environments, options
 start_dir = Path(cfg.init_from) if cfg.init_from else out_dir / "warmup"
-tokenizer, train_problems, eval_problems = demo.task(cfg) if cfg.is_demo else read_data(cfg)
-env = UFOEnv(tokenizer, max_turns=cfg.max_turns, **env_options(cfg))
-eval_env = UFOEnv(tokenizer, max_turns=cfg.eval_k, **env_options(cfg))  # Succ@k needs k turns, whatever training used
+try:  # a data set that cannot be read, or a checkpoint without config.json: one line, exit status 2
+    task = demo.demo_task(cfg) if cfg.is_demo else load_task(cfg, model_config(cfg.init_from).max_position_embeddings,
+                                                               report=print0)
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+env, eval_env = task.env(cfg), task.env(cfg, evaluation=True)  # Succ@k needs k turns, whatever training used
+eval_sampling, update = cfg.sampling(evaluation=True), cfg.update_options()
+train_problems = task.train
+if cfg.is_demo and not all(env.prompts_fit([p.question for p in train_problems], cfg.max_prompt_tokens)):
+    fail(f"config: max_prompt_tokens={cfg.max_prompt_tokens} is shorter than the demo's prompts")
 
 
 @functools.lru_cache(maxsize=2)
@@ -132,16 +103,21 @@ def problems_at(position: int, n: int) -> list:
 
 # -------------------------------------------------------------------------- memory plan (before any weight is read)
 try:  # the demo's tiny model is not written yet on its first run
-    shape = QwenConfig(vocab_size=len(tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
+    shape = QwenConfig(vocab_size=len(task.tokenizer), **demo.TINY_MODEL) if cfg.is_demo and not cfg.init_from \
         else model_config(str(start_dir))
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 gpu_mem_gib = cfg.gpu_mem_gib or (torch.cuda.get_device_properties(par.device).total_memory / 2**30
                                   if par.device.type == "cuda" else None)
-plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib)
+try:
+    graphs = graphs_wanted(cfg.cuda_graphs, par.device)
+except ValueError as e:
+    fail(f"config: {e}")
+plan = make_plan(cfg, shape, par.tp_size, gpu_mem_gib, env.max_feedback_tokens(), graphs)
 print0(plan.format())
 if plan.refusal():
     fail(plan.refusal())  # a config that cannot fit is the user's to change
+sampling = dataclasses.replace(cfg.sampling(), cuda_graphs=cfg.cuda_graphs if plan.graphs else "false")
 
 # -------------------------------------------------------------------------- models
 if cfg.is_demo and not cfg.init_from:
@@ -150,14 +126,17 @@ load = functools.partial(load_model, start_dir, device=par.device, dtype=dtype, 
 actor = load()
 critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
-prm = PRMReward(PRMScorer.load(cfg.prm, device=par.device, dtype=dtype, par=par), tokenizer, cfg.prm_aggregate,
+prm = PRMReward(PRMScorer.load(cfg.prm, device=par.device, dtype=dtype, par=par), task.tokenizer, cfg.prm_aggregate,
                 cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
-optimizers = make_optimizers(cfg, actor, critic)
+optimizers = make_optimizers(actor, critic, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                             weight_decay=cfg.weight_decay)
 models = {"actor": actor} | ({"critic": critic} if critic is not None else {})
 print0(f"actor: {actor.num_params() / 1e6:.2f}M parameters per rank from {start_dir}; critic: {critic is not None}; "
        f"reference: {ref is not None}; {par.world} ranks = DP {par.dp_size} x TP {par.tp_size}")
 grad_hook = (lambda model: average_gradients(model.parameters(), par)) if par.dp_size > 1 else None
-decoders = Decoders() if cfg.cuda_graphs else None  # the decoder and its CUDA graphs, kept from rollout to rollout
+decoders = Decoders(required=cfg.cuda_graphs == "true")  # with graphs: kept from rollout to rollout, and counted
+max_len = run_max_len(cfg.max_prompt_tokens, cfg.max_turns, cfg.max_new_tokens, env.max_feedback_tokens(),
+                      shape.max_position_embeddings)  # the sampler's, for the whole run: one capture per bucket
 
 
 # -------------------------------------------------------------------------- resume
@@ -168,11 +147,12 @@ if state is not None:
     print0(f"resumed from {out_dir} at step {step}")
 elif cfg.resume:
     print0(f"--resume: no checkpoint in {out_dir}, starting from step 0")
-logger = JsonlLogger(out_dir / "log.jsonl", resume_step=step if state is not None else None) if master else None
+logger = RunLogger(out_dir, cfg.log_to, resume_step=step if state is not None else None,
+                   config=dataclasses.asdict(cfg), wandb_project=cfg.wandb_project) if master else None
 
 
 def save(reason: str) -> None:  # every rank takes part (TP slices are gathered)
-    path = save_checkpoint(out_dir, step, models, optimizers, {"data_pos": data_pos})
+    path = save_checkpoint(out_dir, step, models, optimizers, {"data_pos": data_pos}, dataclasses.asdict(cfg))
     print0(f"checkpoint ({reason}): {path}")
 
 
@@ -180,9 +160,9 @@ def run_eval(tag: str) -> dict:
     """Succ@k, Pass@k and the failure modes on every held-out set (DP groups share the problems), the mean over
     the evaluation seeds with its spread; logged as eval/<set>/<metric> (and <metric>_sd)."""
     results, k, seeds = {}, cfg.eval_k, cfg.evaluation_seeds
-    for name, problems in eval_problems.items():
-        metrics = held_out_metrics(actor, eval_env, problems, k=k, seeds=seeds, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.eval_temperature, progress=False, par=par)
+    for name, problems in task.evals.items():
+        metrics = held_out_metrics(actor, eval_env, problems, eval_sampling, k=k, seeds=seeds, progress=False,
+                                   par=par)
         shown = {f"Succ@{k}": "succ_at_k", f"Pass@{k}": "pass_at_k", "no answer": "no_answer_rate",
                  "repeated answer": "repeat_rate", "invalid answer": "invalid_rate"}
         print0(f"eval {name} ({tag}, step {step}, {len(problems)} held-out problems x {len(seeds)} seeds): "
@@ -216,32 +196,34 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     problems = problems_at(data_pos + par.dp_rank * n, n)
     data_pos += n * par.dp_size
     episodes_per_rank = n * cfg.n_samples_per_problem  # ids unique over the run: every rollout draws new noise
-    graded = run_episodes(actor, env, problems, n_samples_per_problem=cfg.n_samples_per_problem,
-                           max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer,
-                           kv_budget_bytes=int(cfg.kv_budget_gb * 2**30) or None, cuda_graphs=cfg.cuda_graphs,
-                           first_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank, decoders=decoders)
-    scored, stats = score_rollout(cfg, actor, graded, prm)  # the env's rewards, or a reward model's
-    batch, batch_stats = build_batch(cfg, actor, critic, ref, scored)
+    noise = Noise(cfg.seed, next_episode=(step * par.dp_size + par.dp_rank) * episodes_per_rank)  # resumes exactly
+    graded = run_episodes(actor, env, problems, sampling, noise, n_samples_per_problem=cfg.n_samples_per_problem,
+                          max_len=max_len, decoders=decoders if plan.graphs else None)
+    scored, stats = score_rollout(update, actor, graded, prm)  # the env's rewards, or a reward model's
+    batch, batch_stats = build_batch(update, actor, critic, ref, scored)
     stats |= batch_stats
     stats |= set_learning_rates(optimizers, cfg, step)  # a function of the step: resumes exactly
-    update = ppo_update(cfg, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
+    updated = ppo_update(update, actor, critic, optimizers, batch, seed=cfg.seed + step, grad_hook=grad_hook)
     for opt in optimizers.values():  # no gradient lives into the next rollout (plan.py counts them in the update)
         opt.zero_grad(set_to_none=True)
     step += 1
-    bad_steps = bad_steps + 1 if update["skipped_updates"] else 0
+    bad_steps = bad_steps + 1 if updated["skipped_updates"] else 0
     elapsed = time.time() - t0
     summary = summarize(graded.episodes, k=cfg.max_turns)
     record = {"kind": "train", "step": step, "reward": float(np.mean(graded.scores.numpy())),  # the env's
-              "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **update,
+              "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **updated,
               "tokens_per_s": float(graded.rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,
+              "decode_steps": graded.rollout.n_decode_steps, "decode_graph_replays": graded.rollout.n_graph_replays,
+              **decoders.stats(),
               "peak_memory_mb": peak_memory_mb()}
     if logger:
         logger.log(record)
     bar.update(1)
     bar.set_postfix(reward=f"{record['reward']:.3f}", succ=f"{record['succ_at_k']:.2f}")
-    if update["skipped_updates"]:
-        print0(f"step {step}: {update['skipped_updates']} updates skipped (non-finite loss or gradients)")
+    if decoders.failure:  # on every rollout: a run that asked for graphs is decoding without them
+        print0(f"step {step}: decoded eagerly, the CUDA graph capture failed: {decoders.failure}")
+    if updated["skipped_updates"]:
+        print0(f"step {step}: {updated['skipped_updates']} updates skipped (non-finite loss or gradients)")
     if bad_steps >= cfg.max_bad_steps:
         sys.exit(f"aborting: {bad_steps} consecutive steps with non-finite loss or gradients "
                  f"(max_bad_steps={cfg.max_bad_steps}); the last good weights are in {out_dir}/latest")
@@ -256,9 +238,11 @@ bar.close()
 # -------------------------------------------------------------------------- the end (or a signal)
 stopped = step < cfg.max_steps  # only a signal ends the loop early
 save("signal" if stopped else "end")
+after = None if stopped else run_eval("end")
+if logger:
+    logger.close()
 if stopped:
     sys.exit(f"stopped by a signal at step {step}; continue with --resume")
-after = run_eval("end")
 if master:
     print(f"plot: {plot_log(out_dir / 'log.jsonl')}")
     if before is not None:

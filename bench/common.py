@@ -172,10 +172,11 @@ def synchronize() -> None:
 
 
 def mid_attempt_decoder(model: Qwen2, batch: int, context: int, steps: int, seed: int = 0,
-                        cuda_graphs: bool = False) -> Callable[[], None]:
+                        cuda_graphs: bool = False) -> tuple[Callable[[], None], bool]:
     """The sampler's decode step (nanoufo/decode.py) for `batch` rows in the middle of an attempt at `context`
-    tokens, runnable `steps` times: a CUDA graph replay with cuda_graphs (captured before any row is live, as
-    the sampler does), else the eager step. The cache holds zeros: attention reads the same slots anyway."""
+    tokens, runnable `steps` times, and whether it is a CUDA graph replay: with cuda_graphs on a GPU it is
+    (captured before any row is live, as the sampler does; a failed capture raises CaptureFailed), else the
+    eager step. The cache holds zeros: attention reads the same slots anyway."""
     from nanoufo.cuda_graphs import DecodeGraphs
     from nanoufo.decode import Decoder, Sampling
     max_len = context + steps + 2
@@ -184,7 +185,9 @@ def mid_attempt_decoder(model: Qwen2, batch: int, context: int, steps: int, seed
     rows = torch.arange(batch, device=decoder.batch.device)
     decoder.length[rows], decoder.live[rows] = context, True
     decoder.set_batch(list(range(batch)), batch)
-    return (lambda: graphs.replay(batch)) if graphs is not None else (lambda: decoder.step(batch))
+    if graphs is not None:
+        return (lambda: graphs.replay(batch)), True
+    return (lambda: decoder.step(batch)), False
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:

@@ -1,7 +1,8 @@
 """Every @triton.jit kernel of kernels/ compiled for sm_90 (H100/H200) and sm_80 (A100) on the CPU, with Triton's
 own compiler and its bundled ptxas (no GPU needed), at the launch geometry its launcher picks at real shapes:
 Qwen2.5-1.5B/3B/7B (nanoufo/plan.py SHAPES) at TP 1 and 2, the row counts of the two shipped configs
-(config/*.py: micro-batch tokens, the whole minibatch when micro_batch_tokens=0, the sampler's max_len).
+(config/*.py: micro-batch tokens, the whole minibatch when micro_batch_tokens=0, the sampler's max_len, the
+prompt limit).
 
 How: each launcher (`<name>_triton`) runs on meta tensors of the real shapes while JITFunction.run is replaced
 by a recorder, so the block sizes, num_warps and constexprs are the launcher's own choice (no second copy of
@@ -37,7 +38,6 @@ TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}  # arch, shared
 MODELS = ("Qwen2.5-1.5B", "Qwen2.5-3B", "Qwen2.5-7B")
 CONFIGS = ("config/ufo_qwen2.5_3b.py", "config/intuitor_qwen2.5_3b.py")
 DECODE_BATCH = 64  # a decode step's rows
-PROMPT_TOKENS = 512  # the memory plan's prompt allowance: one prefill's tokens, and part of the sampler's max_len
 META = torch.device("meta")
 
 
@@ -102,17 +102,19 @@ def workloads() -> dict:
     for path in CONFIGS:
         cfg = parse_args([str(ROOT / path)], check_paths=False)
         name = Path(path).stem.split("_")[0]
-        tokens = {cfg.micro_batch_tokens: f"{cfg.micro_batch_tokens} tokens",
-                  cfg.minibatch_size * episode_tokens(cfg, PROMPT_TOKENS): "micro_batch_tokens=0"}
         for model in MODELS:
             shape = SHAPES[model]
+            max_len = episode_tokens(cfg, shape["max_position_embeddings"])
+            tokens = {cfg.micro_batch_tokens: f"{cfg.micro_batch_tokens} tokens",
+                      cfg.minibatch_size * max_len: "micro_batch_tokens=0"}
             for tp in (1, 2):
                 v = -(-shape["vocab_size"] // tp)  # rank 0's slice, the larger of an uneven split
                 for n, what in tokens.items():
-                    jobs[f"train {name} {model} tp{tp} {what}"] = lambda n=n, v=v, tp=tp, cfg=cfg: train(n, v, tp, cfg)
+                    jobs[f"train {name} {model} tp{tp} {what}"] = lambda n=n, v=v, h=shape["hidden_size"], tp=tp, \
+                        cfg=cfg: train(n, v, h, tp, cfg)
                 for dtype in (torch.bfloat16, torch.float32):
                     jobs[f"decode {name} {model} tp{tp} {str(dtype)[6:]}"] = lambda shape=shape, tp=tp, dtype=dtype, \
-                        s=episode_tokens(cfg, PROMPT_TOKENS): decode(shape, tp, s, dtype)
+                        s=max_len, p=cfg.max_prompt_tokens: decode(shape, tp, s, p, dtype)
     jobs["token_stats bf16 16384 x 151936"] = lambda: token_stats_bf16(16384, SHAPES["Qwen2.5-3B"]["vocab_size"])
     jobs["ppo_loss 64 x 5760 (a padded minibatch)"] = lambda: ppo_loss((64, 5760), True, "k3", weights=False)
     for v in sorted({s["vocab_size"] for s in SHAPES.values()}):
@@ -120,11 +122,13 @@ def workloads() -> dict:
     return jobs
 
 
-def train(n_tokens: int, v: int, tp: int, cfg) -> None:
+def train(n_tokens: int, v: int, h: int, tp: int, cfg) -> None:
     """One micro-batch of the update (linear_ppo_loss: row chunks of fp32 logits, the statistics, their
-    gradient, the PPO loss on one row) and of scoring (linear_token_stats: vocab chunks, forward + backward)."""
+    gradient, the PPO loss on one row, the head's weight gradient added in place) and of scoring
+    (linear_token_stats: vocab chunks, forward + backward, the hidden gradient added in place)."""
     from nanoufo.kernels.linear_ppo_loss import default_chunk_rows
     from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
+    from nanoufo.kernels.mm_acc import mm_acc_triton
     from nanoufo.kernels.token_stats import (SliceConfig, token_stats_grad_triton, token_stats_partial_triton,
                                              token_stats_triton)
     stats_cfg = SliceConfig(impl="triton")
@@ -136,11 +140,13 @@ def train(n_tokens: int, v: int, tp: int, cfg) -> None:
         else:
             token_stats_partial_triton(logits, targets, stats_cfg)
         token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, None), v, stats_cfg, torch.bfloat16)
+        mm_acc_triton(meta(r, v, dtype=torch.bfloat16).T, meta(r, h, dtype=torch.bfloat16), meta(v, h))  # grad_W +=
     ppo_loss((1, n_tokens), cfg.kl_in == "loss", cfg.kl_estimator, cfg.kl_clamp or None)  # one row of tokens
     for c in {DEFAULT_CHUNK, v % DEFAULT_CHUNK} - {0}:  # scoring: vocab chunks of fp32 logits
         logits, targets, lse = meta(n_tokens, c), meta(n_tokens, dtype=torch.long), meta(n_tokens)
         token_stats_partial_triton(logits, targets, stats_cfg)
         token_stats_grad_triton(logits, targets, lse, lse, (lse, lse, lse), v, stats_cfg, torch.bfloat16)
+        mm_acc_triton(meta(n_tokens, c, dtype=torch.bfloat16), meta(c, h, dtype=torch.bfloat16), meta(n_tokens, h))
 
 
 def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, kl_clamp: float | None = None,
@@ -155,8 +161,8 @@ def ppo_loss(shape: tuple[int, int], with_ref: bool, kl_estimator: str, kl_clamp
     loss.backward()
 
 
-def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
-    """The cached path's kernels: a decode step of DECODE_BATCH rows and a prefill of PROMPT_TOKENS tokens."""
+def decode(shape: dict, tp: int, max_len: int, prompt_tokens: int, dtype: torch.dtype) -> None:
+    """The cached path's kernels: a decode step of DECODE_BATCH rows and a prefill of prompt_tokens tokens."""
     from nanoufo.kernels.decode_attention import decode_attention_triton
     from nanoufo.kernels.rms_norm import add_rms_norm_triton
     from nanoufo.kernels.rope_kv_append import rope_kv_append_triton
@@ -166,7 +172,7 @@ def decode(shape: dict, tp: int, max_len: int, dtype: torch.dtype) -> None:
     i = shape["intermediate_size"] // tp
     cache = meta(DECODE_BATCH + 1, max_len, hkv, d, dtype=dtype)
     rows = meta(DECODE_BATCH, dtype=torch.long)
-    for t in (1, PROMPT_TOKENS):
+    for t in (1, prompt_tokens):
         b = DECODE_BATCH if t == 1 else 1
         cos = meta(b, t, 1, d, dtype=dtype)
         pos = meta(b, t, dtype=torch.long)

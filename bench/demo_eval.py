@@ -15,8 +15,7 @@ import argparse
 import torch
 
 from nanoufo import demo
-from nanoufo.config import TrainConfig, env_options
-from nanoufo.env import UFOEnv
+from nanoufo.config import TrainConfig
 from nanoufo.evaluate import evaluate, mean_and_spread, with_spread
 from nanoufo.weights import load_model
 
@@ -33,13 +32,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     cfg = TrainConfig()
-    env = UFOEnv(demo.build_tokenizer(), max_turns=cfg.eval_k, **env_options(cfg))  # as train.py's eval_env
+    env = demo.demo_task(cfg).env(cfg, evaluation=True)  # as train.py's eval_env
     problems = demo.make_problems("test", args.n_problems, args.data_seed)
     rows = []
     for path in args.models:
         model = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
-        tables = [evaluate(model, env, problems, k=cfg.eval_k, mode="succ", max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.eval_temperature, seed=seed, progress=False) for seed in seeds]
+        tables = [evaluate(model, env, problems, cfg.sampling(evaluation=True), k=cfg.eval_k, mode="succ", seed=seed,
+                           progress=False) for seed in seeds]
         rows.append({"model": path, "per_seed": tables, **mean_and_spread(tables)})
         print(f"{path}: " + ", ".join(f"{label} {with_spread(rows[-1], key, 3)}" for label, key in SHOWN.items()),
               flush=True)

@@ -9,10 +9,20 @@
 #                        then bench/peers.py (TRL's GRPOTrainer beside nanoufo) at 1.5b
 #   summary.txt          one line per step: status (ok, FAILED, TIMEOUT, skipped; OOM noted), seconds
 #   results.jsonl        the final JSON line of each end-to-end script (for bench/RESULTS.md)
+# The results printed at the end say, for every figure, whether CUDA graphs were really replayed: a rollout row
+# counts the rollout's decode steps that were replays and says whether the alone-timed step was one (with
+# --cuda-graphs a failed capture fails its step instead of timing eager steps under the graphs' label).
 # Every log is written as it comes (tee), so what ran survives a kill.
 #
-#     OUT=/some/empty/dir bash bench/gpu_session.sh                  # on the GPU machine, repository root
-#     GPU_SESSION_DRY=1 OUT=$(mktemp -d) bash bench/gpu_session.sh   # CPU dry run: every step, tiny shapes
+#     make gpu-wheels                                                # here: .whl/ holds math-verify's wheels
+#     OUT=/some/empty/dir bash bench/gpu_session.sh                  # on the GPU machine (carry .whl), repo root
+#     OUT=$(mktemp -d) bash bench/gpu_session.sh --dry-run           # CPU dry run: every step, tiny shapes
+#
+# The GPU machines' image has neither datasets nor math-verify and installs nothing from the internet: the
+# first step installs the wheels carried in .whl/ (make gpu-wheels; 0.4 MB), without dependencies. The dry run
+# (make rehearsal runs it, so CI does) runs every step's Python on the CPU: the end-to-end scripts at the tiny
+# preset, the test steps collected only (make test runs them), limits x20 for the interpreter; it fails unless
+# every step is ok, so a GPU session cannot die on an import or a flag.
 #
 # Budget (limits estimated from the workload and the code before any GPU run; the first run, on an H200 on
 # 2026-11-26, took 350 s in all, every step inside its limit; bench/RESULTS.md): a step runs under
@@ -22,21 +32,23 @@
 # every turn and decodes 2,555 steps through eager generate: ~1.5 min on top of nanoufo's ~1 min).
 set -uo pipefail
 
+[[ ${1:-} == --dry-run ]] && export GPU_SESSION_DRY=1
 : "${OUT:?set OUT to the (empty) folder whose files come back}"
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 export PY=${PY:-python3} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 BUDGET=${GPU_SESSION_BUDGET:-480}
+[[ ${GPU_SESSION_DRY:-0} == 1 ]] && BUDGET=${GPU_SESSION_BUDGET:-3600}
 DEADLINE=$((SECONDS + BUDGET))
 STEP_LOG=$(mktemp)
 trap 'rm -f "$STEP_LOG"' EXIT
 
 if [[ ${GPU_SESSION_DRY:-0} == 1 ]]; then  # the CPU harness: Triton interpreted, the tiny preset everywhere
     export TRITON_INTERPRET=1
-    TEST_DEVICE=cpu SMALL=tiny LARGE=tiny BATCH=4 NEW=6 MINIBATCH=2 PEERS=tiny
+    TEST_DEVICE=cpu SMALL=tiny LARGE=tiny BATCH=4 NEW=6 MINIBATCH=2 SCALE=20 PEERS=tiny COLLECT=(--collect-only)
 else
     unset TRITON_INTERPRET
-    TEST_DEVICE=cuda SMALL=1.5b LARGE=3b BATCH=64 NEW=128 PEERS=1.5b
+    TEST_DEVICE=cuda SMALL=1.5b LARGE=3b BATCH=64 NEW=128 SCALE=1 PEERS=1.5b COLLECT=()
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n1 | tr -dc 0-9)
     # 1.5b update: 28 GB of weights (actor, critic, reference), gradients and AdamW moments, plus 3.1 MB of saved
     # activations per token for each of actor and critic (measured per layer on the CPU, x 28 layers), alive
@@ -47,7 +59,7 @@ fi
 # step NAME LOG LIMIT MIN CMD...: run CMD under timeout min(LIMIT, seconds left), its output appended to $OUT/LOG;
 # skipped when fewer than MIN seconds are left. One line per step goes to $OUT/summary.txt.
 step() {
-    local name=$1 log=$2 limit=$3 min=$4 left=$((DEADLINE - SECONDS)) start=$SECONDS rc status note
+    local name=$1 log=$2 limit=$(($3 * SCALE)) min=$4 left=$((DEADLINE - SECONDS)) start=$SECONDS rc status note
     shift 4
     ((left < limit)) && limit=$left
     if ((limit < min)); then
@@ -89,23 +101,29 @@ E2E=(--preset "$SMALL" --batch "$BATCH")
 
 # Each step: LIMIT and MIN in seconds, and the estimate behind them.
 step env env.txt 30 5 bash -c env_facts
+# math-verify (grading) from the wheels carried in .whl/; without them grading falls back to comparing
+# normalised spellings, and says so (nanoufo/grader.py).
+step wheels env.txt 30 5 bash -c 'shopt -s nullglob; w=(.whl/*.whl); ((${#w[@]})) || { echo "no .whl/"; exit 0; }
+    "$PY" -m pip install --no-deps --no-index -q "${w[@]}" && "$PY" -c "import math_verify" && echo "installed ${w[*]}"'
+
 # ~100 kernel variants at 0.1-0.6 s of compilation each (timed compiling them for sm_90 on the CPU), tiny
 # shapes, two spawned ranks for the vocab-parallel test: ~60 s. The decode file first: its bf16 cases are the
 # ones no CPU run can check.
-step kernel-tests tests.log 100 30 env NANOUFO_TEST_DEVICE="$TEST_DEVICE" "$PY" -m pytest -v --durations=10 \
+step kernel-tests tests.log 100 30 env NANOUFO_TEST_DEVICE="$TEST_DEVICE" "$PY" -m pytest -v --durations=10 "${COLLECT[@]}" \
     tests/test_kernels_decode.py tests/test_kernels_token_stats.py tests/test_kernels_linear.py \
     tests/test_kernels_ppo_loss.py tests/test_kernels_linear_ppo.py tests/test_kernel_counts.py
 # 42 rows x 12 timed calls of at most ~0.1 s (the 71-TFLOP fused head at N=16384, H=3584) + start-up and
 # compilation: ~70 s. The JSON is written at the end only, hence the high minimum.
-step microbench bench.log 150 60 "$PY" -m pytest -q bench --benchmark-only -k "not compile" \
+step microbench bench.log 150 60 "$PY" -m pytest -q bench --benchmark-only -k "not compile" "${COLLECT[@]}" \
     --benchmark-json="$OUT/bench.json" --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 # The documented workload (5 turns x 512 tokens): 2,555 decode steps, likely launch-bound at ~15 ms each
 # (28 layers x ~50 eager ops), so ~40 s, + model build, Triton compiles and the alone-timed decode step.
 step "rollout-$SMALL" e2e.log 120 60 "$PY" bench/rollout.py "${E2E[@]}" --skip-transformers
 # Issue 14: the sampler's decode step without host syncs (checked on the GPU) and as CUDA graph replays (graph
-# steps equal eager ones), then the workload above with graphs (15 bucket captures, then ~2,555 replays).
+# steps equal eager ones, a failed capture failing the test), then the workload above with graphs (one capture
+# of 9 buckets, 1 to 64, then ~2,555 replays). Issue 38: the capture bookkeeping on the GPU's tensors too.
 step sampler-tests tests.log 60 20 env NANOUFO_TEST_DEVICE="$TEST_DEVICE" "$PY" -m pytest -q tests/test_batching.py \
-    -k "sync or graph"
+    -k "sync or graph or capture" "${COLLECT[@]}"
 step "rollout-$SMALL-graphs" e2e.log 100 45 "$PY" bench/rollout.py "${E2E[@]}" --skip-transformers --cuda-graphs
 # ~5 PFLOP (9 forward-equivalents over 181k tokens) at 30-40% MFU: ~20 s, + three models and a warm-up.
 step "train-$SMALL-fused" e2e.log 100 50 "$PY" bench/train_step.py "${E2E[@]}" --impl fused --minibatch "$MINIBATCH"
@@ -134,6 +152,14 @@ for line in open(sys.argv[1]):
     print(r["bench"], r["preset"], r["device"], "turns", r.get("turns"), "max_new_tokens", r.get("max_new_tokens"))
     for row in r["rows"]:
         print("   ", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if "graph_replays" in row:  # what really ran, whatever the row was asked for
+            step = "a graph replay" if row["decode_step_graph"] else "eager"
+            print(f"    CUDA graphs (asked: {r.get('cuda_graphs')}): {row['graph_replays']} of {row['decode_steps']} "
+                  f"rollout decode steps replayed; the alone-timed decode step {step}")
+        else:
+            print("    CUDA graphs: none (no decode step in this figure, or eager: only bench/rollout.py captures)")
 EOF
 echo "===== summary after ${SECONDS}s ($OUT/summary.txt)"
 cat "$OUT/summary.txt"
+# a dry run fails unless every step was ok (a real session reports and goes on: its steps are independent)
+[[ ${GPU_SESSION_DRY:-0} != 1 ]] || ! grep -qE '(FAILED|TIMEOUT|skipped)' "$OUT/summary.txt"

@@ -6,6 +6,13 @@
   and backward, the PPO loss's forward and backward, and the vocab-parallel fused heads on two gloo ranks.
 - matmul FLOPs of the LM head fused with the PPO loss, every matmul counted (mm, addmm, addmm_, bmm ...),
   against 6 N H V.
+- bytes moved by one row chunk's weight-gradient step of that head, grad_W (V, H) fp32 += dz.T @ hidden
+  (kernels/mm_acc.py), on meta tensors of Qwen2.5-3B at TP=2: each aten op reads its tensor inputs and
+  writes its outputs (an in-place op reads and writes its self; a copy_ onto the same data moves nothing, as in
+  PyTorch's copy_), each Triton launch reads its tensor
+  arguments and writes those its kernel stores to (KERNEL_WRITES); against the GEMM's own bytes, its operands
+  read once and its fp32 accumulator read and written once (a GEMM's re-reads of operand tiles from cache are
+  counted for neither).
 - SASS instructions per logit in the main loop of the compiled statistics kernel (and of the backward's
   kernel): compiled for sm_90
   with Triton's bundled ptxas (no GPU needed), disassembled with the bundled cuobjdump; the loop is the
@@ -16,6 +23,7 @@
     python bench/kernel_counts.py --sass [--source FILE --kernel NAME]   # SASS only, e.g. of an old version
     python bench/kernel_counts.py --sass --constexpr BF16_PAIRS=0   # the loop with a constexpr switched
     TRITON_INTERPRET=1 python bench/kernel_counts.py --root DIR   # the counts of another checkout's kernels/
+    python bench/kernel_counts.py --bytes                    # only the weight gradient's bytes per row chunk
 
 Prints one JSON line per figure. tests/test_kernel_counts.py asserts the goals with the same functions.
 """
@@ -220,6 +228,74 @@ def head_flops(n: int = 16, h: int = 32, v: int = 300) -> list[dict]:
     return [dict(op=name, n=n, h=h, v=v, matmul_flops=c.flops, per_nhv=c.flops / (n * h * v)) for name, c in rows]
 
 
+KERNEL_WRITES = {"_mm_acc_kernel": (2,)}  # the positions of the arguments a Triton kernel stores to (out)
+
+
+class Bytes(TorchDispatchMode):
+    """Bytes read and written inside the block (see the module docstring); Triton launches are recorded, not run."""
+
+    def __init__(self):
+        super().__init__()
+        self.read = self.written = 0
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket not in NO_KERNEL and not _copy_onto_itself(func, args):
+            self.ops[str(func.overloadpacket)] += 1
+            self.read += sum(_nbytes(x) for x in (*args, *(kwargs or {}).values()))
+            self.written += sum(_nbytes(x) for x in (out if isinstance(out, (tuple, list)) else (out,)))
+        return out
+
+    def __enter__(self):
+        self._hook = on_triton_launch(self._triton_launch)
+        self._hook.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._hook.__exit__(*exc)
+        return super().__exit__(*exc)
+
+    def _triton_launch(self, name: str, args: tuple, kwargs: dict, launch) -> None:
+        self.ops[f"triton:{name}"] += 1
+        self.read += sum(_nbytes(x) for x in args)
+        self.written += sum(_nbytes(args[i]) for i in KERNEL_WRITES[name])
+
+
+def _copy_onto_itself(func, args) -> bool:
+    """A copy_ of a view onto the same data, which PyTorch's copy_ returns from at once (`out[rows] += x` ends
+    with one: Python writes the added slice back)."""
+    if func.overloadpacket is not aten.copy_:
+        return False
+    dst, src = args[0], args[1]
+    return (torch._C._is_alias_of(dst, src) and dst.storage_offset() == src.storage_offset()
+            and dst.stride() == src.stride() and dst.shape == src.shape and dst.dtype == src.dtype)
+
+
+def _nbytes(x) -> int:
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+def weight_grad_bytes(v: int = 75968, h: int = 2048, rows: int = 3533, mm_acc=None) -> dict:
+    """Bytes of grad_W (v, h) fp32 += dz.T @ hidden for one row chunk, dz (rows, v) and hidden (rows, h) bf16
+    (default: Qwen2.5-3B at TP=2, a full row chunk of linear_ppo_loss), the first chunk's (a fresh product)
+    and a later one's (added in place), against the GEMM's own. mm_acc: another checkout's, for a before."""
+    if mm_acc is None:
+        from nanoufo.kernels.mm_acc import mm_acc
+    dz, hidden = (torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in ((rows, v), (rows, h)))
+    grad_weight = torch.empty(v, h, device="meta")
+    with Bytes() as fresh:
+        mm_acc(dz.T, hidden)
+    with Bytes() as added:
+        mm_acc(dz.T, hidden, out=grad_weight)
+    operands, accumulator = _nbytes(dz) + _nbytes(hidden), _nbytes(grad_weight)
+    row = dict(op="weight_grad_bytes", v=v, h=h, rows=rows, operand_bytes=operands, accumulator_bytes=accumulator)
+    for name, counted, gemm in (("fresh", fresh, operands + accumulator), ("added", added, operands + 2 * accumulator)):
+        row[name] = dict(bytes=counted.read + counted.written, gemm_bytes=gemm,
+                         over_gemm=round((counted.read + counted.written) / gemm, 4), ops=dict(counted.ops))
+    return row
+
+
 VOCAB_PARALLEL = ("scoring", "stats_grad", "stats_grad_vocab_size", "ppo_head")
 
 
@@ -253,12 +329,22 @@ def vocab_parallel_counts(cases: tuple[str, ...] = VOCAB_PARALLEL, n: int = 16, 
                           v: int = 300) -> list[dict]:
     """Host syncs, collectives and launches per rank of the vocab-parallel fused heads on two gloo ranks (TP=2,
     the Triton path under the interpreter): scoring (linear_token_stats without grad, 6 vocab chunks), its
-    forward + backward (without and with vocab_size), and the head fused with the PPO loss (4 row chunks)."""
+    forward + backward (without and with vocab_size), and the head fused with the PPO loss (4 row chunks).
+    The ranks hold CPU tensors, so they interpret the Triton path also when this process runs on a GPU
+    machine (NANOUFO_TEST_DEVICE=cuda): the spawned ranks get TRITON_INTERPRET=1 whatever this process has."""
     import tempfile
     import torch.multiprocessing as mp
+    interpret = os.environ.get("TRITON_INTERPRET")
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "store")
-        mp.spawn(_vocab_parallel_rank, args=(store, cases, n, h, v), nprocs=2, join=True)
+        os.environ["TRITON_INTERPRET"] = "1"  # read by the spawned ranks as they import the kernels
+        try:
+            mp.spawn(_vocab_parallel_rank, args=(store, cases, n, h, v), nprocs=2, join=True)
+        finally:
+            if interpret is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = interpret
         ranks = [json.loads(Path(f"{store}.rank{r}.json").read_text()) for r in range(2)]
     return [dict(op=f"tp2 {case}", n=n, h=h, v=v, rank0=ranks[0][case], rank1=ranks[1][case]) for case in cases]
 
@@ -271,15 +357,19 @@ def main() -> None:
     parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
                         help="compile with these constexprs changed, e.g. BF16_PAIRS=0")
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose kernels/ package is counted")
+    parser.add_argument("--bytes", action="store_true", help="only the weight gradient's bytes per row chunk")
     args = parser.parse_args()
     sys.path.insert(0, args.root)
+    if args.bytes:
+        print(json.dumps(weight_grad_bytes()))
+        return
     if args.sass:
         overrides = {name: int(value) for name, value in (item.split("=") for item in args.constexpr)}
         print(json.dumps(sass_report(args.source, args.kernel, overrides)))
         return
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("the counts run the Triton path on the CPU: set TRITON_INTERPRET=1")
-    for row in (token_stats_counts(), ppo_loss_counts(), *head_flops(), *vocab_parallel_counts()):
+    for row in (token_stats_counts(), ppo_loss_counts(), *head_flops(), weight_grad_bytes(), *vocab_parallel_counts()):
         print(json.dumps(row))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for kernel in ("_token_stats_kernel", "_token_stats_grad_kernel"):

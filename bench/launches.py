@@ -331,7 +331,7 @@ def path_runners(model, critic, batch: int, context: int) -> dict:
             loss.backward()
         return run
 
-    return {"decode": lambda: mid_attempt_decoder(model, batch, context, steps=2),
+    return {"decode": lambda: mid_attempt_decoder(model, batch, context, steps=2)[0],
             "prefill": lambda: sampler_run(context).admit,
             "feedback_prefill": feedback_prefill,
             "scoring_packed": lambda: lambda: trainer.sequence_stats(model, tokens, 1.0, lengths),

@@ -36,7 +36,8 @@ def moves(preset, run: str, batch: int, seed: int) -> dict[str, torch.Tensor]:
         optimizers = {"actor": torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=0.0),
                       "critic": torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)}
     else:
-        optimizers = make_optimizers(cfg, actor, critic)
+        optimizers = make_optimizers(actor, critic, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                                     weight_decay=cfg.weight_decay)
     before = {name: trained_weights(opt) for name, opt in optimizers.items()}
     one_update(cfg, (actor, critic, ref), optimizers, synthetic_rollout(preset, batch, seed), seed)
     return {name: trained_weights(opt) - before[name] for name, opt in optimizers.items()}

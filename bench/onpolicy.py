@@ -15,6 +15,7 @@ import torch
 
 from common import all_wrong, build_model, feedback_ids, free_memory, parse_args, report, synthetic_prompts
 from nanoufo.model import Qwen2
+from nanoufo.options import SamplingOptions
 from nanoufo.sampler import Rollout, generate
 from nanoufo.trainer import sequence_stats
 
@@ -23,8 +24,9 @@ TEMPERATURE = 1.0
 
 
 def sample_rollout(model: Qwen2, preset, prompts: list[list[int]], seed: int) -> Rollout:
-    return generate(model, prompts, all_wrong(feedback_ids(preset)), max_turns=preset.turns,
-                    max_new_tokens=preset.max_new_tokens, stop_ids=[], temperature=TEMPERATURE, seed=seed)
+    sampling = SamplingOptions(max_new_tokens=preset.max_new_tokens, temperature=TEMPERATURE)
+    return generate(model, prompts, all_wrong(feedback_ids(preset)), sampling, max_turns=preset.turns, stop_ids=[],
+                    seed=seed)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from tempfile import TemporaryDirectory
 
 import torch
 
-from peers_nanoufo import load_actor, nanoufo_config, nanoufo_loss, nanoufo_prompt_ids
+from peers_nanoufo import load_actor, nanoufo_loss, nanoufo_prompt_ids
 from peers_trl import make_trainer
 from peers_work import Workload
 
@@ -100,7 +100,7 @@ def check_loss(work: Workload) -> dict:
         trl_value, trl_grads, old, clipped = trl_loss(trainer, batch)
     tokens, mask, old_logp = nanoufo_layout(batch, old)
     actor = load_actor(work)
-    ours, our_grads = nanoufo_loss(nanoufo_config(work), actor, tokens.to(work.device), mask.to(work.device),
+    ours, our_grads = nanoufo_loss(work, actor, tokens.to(work.device), mask.to(work.device),
                                    old_logp.to(work.device), batch["advantages"].to(work.device))
     loss_rel = abs(ours - trl_value) / max(abs(trl_value), 1e-12)
     grad_rel = relative_difference(our_grads, trl_grads)

@@ -4,7 +4,7 @@ each rollout's phases timed.
     pip install -e ".[peers]"                # trl, pinned in requirements-lock.txt
     python bench/peers.py --preset tiny      # runs run_worker in its own process
 
-How the workload maps onto TRL (nanoufo's side: bench/peers_nanoufo.py nanoufo_config):
+How the workload maps onto TRL (nanoufo's side: bench/peers_nanoufo.py nanoufo_options):
 - the group is num_generations; a rollout is steps_per_generation minibatches of per_device_train_batch_size
   completions (no gradient accumulation), each passed over num_iterations times: nanoufo's minibatch_size and
   ppo_epochs. With one minibatch and one pass TRL takes the old log-probs as the detached current ones and runs

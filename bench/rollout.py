@@ -12,8 +12,11 @@ sampler's wall time per decode step (whole rollout / decode steps: prefills and 
 and one decode step of the sampler timed alone (nanoufo/decode.py: model forward on the cache, LM head,
 sampling kernel, device-side bookkeeping; a CUDA graph replay with --cuda-graphs) at the episode's mean
 context, against its roofline: (weight bytes + KV bytes read) / HBM bandwidth; batch_fill = decoded rows per
-step / cache rows. --random-turns ends each episode at a random turn (seeded) instead of running all turns,
-the workload continuous batching is for; --kv-budget-gb bounds the sampler's KV cache (rows are reused).
+step / cache rows. With --cuda-graphs a row says what really ran: graph_replays of the rollout's decode_steps,
+and decode_step_graph (the alone-timed step a replay); a failed capture ends the run (CaptureFailed) instead
+of timing eager steps under the graphs' label. --random-turns ends each episode at a random turn (seeded)
+instead of running all turns, the workload continuous batching is for; --kv-budget-gb bounds the sampler's
+KV cache (rows are reused).
 Prints a table and a final JSON line. Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench_e2e.py
 """
 import torch
@@ -21,10 +24,12 @@ import torch
 from common import (all_wrong, build_model, feedback_ids, free_memory, hbm_and_flops, hf_twin, kv_bytes_per_token,
                     mid_attempt_decoder, parse_args, ratio, report, synthetic_prompts, timed)
 from nanoufo.model import Qwen2
+from nanoufo.options import SamplingOptions
 from nanoufo.sampler import generate
 
 COLUMNS = ["batch", "tokens_per_s", "hf_tokens_per_s", "speedup", "prefill_per_episode", "hf_prefill_per_episode",
-           "sampler_ms_per_step", "batch_fill", "decode_step_ms", "roofline_ms", "step_over_roofline"]
+           "sampler_ms_per_step", "batch_fill", "graph_replays", "decode_step_ms", "decode_step_graph", "roofline_ms",
+           "step_over_roofline"]
 
 
 def random_turns(feedback: list[int], turns: int, batch: int, seed: int):
@@ -41,11 +46,16 @@ def random_turns(feedback: list[int], turns: int, batch: int, seed: int):
 
 
 def run_nanoufo(model: Qwen2, prompts: list[list[int]], next_turn, turns: int, max_new_tokens: int, seed: int,
-                **options) -> dict:
-    rollout, seconds = timed(lambda: generate(model, prompts, next_turn, max_turns=turns, max_new_tokens=max_new_tokens,
-                                              stop_ids=[], temperature=1.0, seed=seed, **options))
+                cuda_graphs: bool, kv_budget_gb: float) -> dict:
+    """A rollout on the sampler; with cuda_graphs on CUDA a failed capture ends the run ("true": no eager
+    fallback), on the CPU (gpu_session.sh's dry run) the rollout decodes eagerly and its row says so."""
+    graphs = ("true" if torch.cuda.is_available() else "auto") if cuda_graphs else "false"
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=1.0, kv_budget_gb=kv_budget_gb,
+                               cuda_graphs=graphs)
+    rollout, seconds = timed(lambda: generate(model, prompts, next_turn, sampling, max_turns=turns, stop_ids=[],
+                                              seed=seed))
     return dict(seconds=seconds, sampled=int(rollout.loss_mask.sum()), prefill=rollout.n_prefill_tokens,
-                decode_steps=rollout.n_decode_steps,
+                decode_steps=rollout.n_decode_steps, graph_replays=rollout.n_graph_replays,
                 batch_fill=rollout.n_decode_rows / max(rollout.n_decode_steps * rollout.n_cache_rows, 1))
 
 
@@ -78,15 +88,17 @@ def run_transformers(hf, prompts: list[list[int]], feedback: list[int], turns: i
 
 
 @torch.no_grad()
-def decode_step_seconds(model: Qwen2, batch: int, context: int, steps: int, seed: int, cuda_graphs: bool) -> float:
-    """One decode step as the sampler runs it (bench/common.py mid_attempt_decoder), timed alone."""
-    step = mid_attempt_decoder(model, batch, context, steps + 1, seed, cuda_graphs)
+def decode_step_seconds(model: Qwen2, batch: int, context: int, steps: int, seed: int,
+                        cuda_graphs: bool) -> tuple[float, bool]:
+    """One decode step as the sampler runs it (bench/common.py mid_attempt_decoder), timed alone, and whether it
+    was a CUDA graph replay."""
+    step, replayed = mid_attempt_decoder(model, batch, context, steps + 1, seed, cuda_graphs)
     step()  # warm-up: kernel compilation and autotuning
 
     def run():
         for _ in range(steps):
             step()
-    return timed(run)[1] / steps
+    return timed(run)[1] / steps, replayed
 
 
 def decode_roofline_seconds(model: Qwen2, batch: int, context: int) -> float | None:
@@ -101,16 +113,16 @@ def decode_roofline_seconds(model: Qwen2, batch: int, context: int) -> float | N
 
 def bench_batch(model: Qwen2, preset, batch: int, seed: int, args) -> dict:
     prompts, feedback = synthetic_prompts(preset, batch, seed), feedback_ids(preset)
-    options = dict(cuda_graphs=args.cuda_graphs,
-                   kv_budget_bytes=int(args.kv_budget_gb * 2**30) if args.kv_budget_gb else None)
+    options = dict(cuda_graphs=args.cuda_graphs, kv_budget_gb=args.kv_budget_gb or 0.0)
     next_turn = random_turns(feedback, preset.turns, batch, seed) if args.random_turns else all_wrong(feedback)
-    generate(model, prompts[:2], all_wrong(feedback), max_turns=2, max_new_tokens=2, stop_ids=[])  # warm-up
+    generate(model, prompts[:2], all_wrong(feedback), SamplingOptions(max_new_tokens=2), max_turns=2,
+             stop_ids=[])  # warm-up
     ours = run_nanoufo(model, prompts, next_turn, preset.turns, preset.max_new_tokens, seed, **options)
     free_memory()
     row = dict(batch=batch, sampled_tokens=ours["sampled"], tokens_per_s=ours["sampled"] / ours["seconds"],
                prefill_per_episode=ours["prefill"] / batch, decode_steps=ours["decode_steps"],
                sampler_ms_per_step=1e3 * ours["seconds"] / ours["decode_steps"], seconds=ours["seconds"],
-               batch_fill=ours["batch_fill"])
+               batch_fill=ours["batch_fill"], graph_replays=ours["graph_replays"])
     if not args.skip_transformers:
         hf = hf_twin(model)
         theirs = run_transformers(hf, prompts, feedback, preset.turns, preset.max_new_tokens, seed)
@@ -121,10 +133,10 @@ def bench_batch(model: Qwen2, preset, batch: int, seed: int, args) -> dict:
         row["speedup"] = ratio(row["tokens_per_s"], row["hf_tokens_per_s"])
     mean_prompt = sum(map(len, prompts)) / batch
     context = round(mean_prompt + (preset.turns * preset.max_new_tokens + (preset.turns - 1) * len(feedback)) / 2)
-    step = decode_step_seconds(model, batch, context, args.decode_steps, seed, args.cuda_graphs)
+    step, replayed = decode_step_seconds(model, batch, context, args.decode_steps, seed, args.cuda_graphs)
     roof = decode_roofline_seconds(model, batch, context)
-    row |= dict(decode_context=context, decode_step_ms=1e3 * step, roofline_ms=None if roof is None else 1e3 * roof,
-                step_over_roofline=ratio(step, roof))
+    row |= dict(decode_context=context, decode_step_ms=1e3 * step, decode_step_graph=replayed,
+                roofline_ms=None if roof is None else 1e3 * roof, step_over_roofline=ratio(step, roof))
     return row
 
 

@@ -75,7 +75,7 @@ def with_rewards(rollout, seed: int) -> Graded:
     g = torch.Generator().manual_seed(seed)
     scores = REWARD_LEVELS[torch.randint(len(REWARD_LEVELS), (rollout.tokens.shape[0],), generator=g)].tolist()
     return Graded(rollout, [None] * len(scores),
-                  [[0.0] * (len(s) - 1) + [r] for s, r in zip(rollout.turn_spans, scores)])
+                  [[0.0] * (len(s) - 1) + [r] for s, r in zip(rollout.turn_spans, scores)], group_size=1)
 
 
 def _unfused_head_and_loss(*args, vocab_start: int = 0, group=None, **options):
@@ -147,7 +147,8 @@ def bench_impl(preset, impl: str, batch: int, minibatch: int, seed: int, micro_b
     models = build_models(preset, impl, seed)
     pack = impl != "transformers"
     cfg = train_config(batch, minibatch, micro_batch_tokens, pack)
-    optimizers = trainer.make_optimizers(cfg, models[0], models[1])
+    optimizers = trainer.make_optimizers(models[0], models[1], actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                                         weight_decay=cfg.weight_decay)
     rollout = synthetic_rollout(preset, batch, seed, mixed)
     with reference_losses() if impl != "fused" else nullcontext():
         one_update(train_config(minibatch, minibatch, micro_batch_tokens, pack), models, optimizers,

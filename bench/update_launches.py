@@ -93,7 +93,8 @@ def ufo_rollout(batch: int, max_new_tokens: int, seed: int) -> Rollout:
 def with_rewards(rollout: Rollout) -> Graded:
     """The rollout with an episode reward on its last attempt, as run_episodes returns it (records not read)."""
     return Graded(rollout, [None] * len(rollout.turn_spans),
-                  [[0.0] * (len(s) - 1) + [0.5 ** (len(s) - 1) if len(s) < 5 else 0.0] for s in rollout.turn_spans])
+                  [[0.0] * (len(s) - 1) + [0.5 ** (len(s) - 1) if len(s) < 5 else 0.0] for s in rollout.turn_spans],
+                  group_size=1)
 
 
 def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: int, seed: int = 0) -> dict:
@@ -105,7 +106,8 @@ def count(batch: int, minibatch: int, micro_batch_tokens: int, max_new_tokens: i
     torch.manual_seed(seed)
     actor, critic = Qwen2(SHAPE), Qwen2(SHAPE, value_head=True)
     ref = Qwen2(SHAPE).requires_grad_(False)
-    optimizers = trainer.make_optimizers(cfg, actor, critic)
+    optimizers = trainer.make_optimizers(actor, critic, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                                         weight_decay=cfg.weight_decay)
     rollout = ufo_rollout(batch, max_new_tokens, seed)
     host = launches.LaunchCounter()  # Tensor.tolist / cpu / numpy calls and blocking copies to the device
     with launches.watching_host(host), OpCounter() as scoring:

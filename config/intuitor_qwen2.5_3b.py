@@ -17,7 +17,7 @@ verl-intuitor/math_intuitor.sh with its configs, read 2026-12-06).
 | PPO | clip 0.2 / 0.2, dual clip 3 (clip_ratio_c), entropy 0 (trainer/config/actor/actor.yaml) | same | same |
 | KL | in the loss, low_var_kl (k3 clamped to [-10, 10]), coefficient 0.005 | kl_in loss, k3, kl_clamp 10, kl_coef 0.005 | same |
 | optimizer | AdamW lr 3e-6, cosine, 10% warm-up, weight decay 0.01, grad clip 1.0 | same | same |
-| lengths, temperature | 512 prompt tokens (longer filtered), 3,072 new tokens, temperature 1.0 | max_new_tokens 3072 | same; prompts longer than the context are skipped |
+| lengths, temperature | 512 prompt tokens (longer filtered), 3,072 new tokens, temperature 1.0 | max_prompt_tokens 512, max_new_tokens 3072 | same |
 | evaluation | MATH test, greedy (val_kwargs temperature 0) | MATH500 and GSM8K, greedy | the paper's tables' sets |
 
 Memory: python -m nanoufo.plan config/intuitor_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 says it fits.
@@ -47,6 +47,7 @@ format_penalty = 0.0
 problems_per_step = 128
 n_samples_per_problem = 8
 keep_groups = 0  # self-certainty always varies within a group: keep them all
+max_prompt_tokens = 512  # longer prompts are skipped, as verl's filter_overlong_prompts
 max_new_tokens = 3072
 temperature = 1.0
 eval_temperature = 0.0  # greedy

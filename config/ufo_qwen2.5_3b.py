@@ -9,6 +9,7 @@ read 2026-12-06), except where the paper's text or a held-out evaluation says ot
 |---|---|---|---|
 | model, data | Qwen2.5-3B-Instruct, MetaMathQA MATH_ rows (config/base.yaml, ragen/env/metamathqa/env.py) | same | same |
 | turns, tokens per turn | 5 (agent_proxy.max_turn), 400 (rollout.response_length) | max_turns 5, max_new_tokens 400 | same |
+| context | 8,192 tokens for a whole episode (rollout.max_model_len); no prompt limit (prompt_length "useless") | max_prompt_tokens 512: an episode is at most 512 + 5 x 400 + 4 x 32 = 2,640 tokens | bounded from the prompt up, so that the sampler's cache and CUDA graphs are sized once per run; longer prompts are skipped |
 | system prompt | "You're a helpful assistant. " (ragen/llm_agent/ctx_manager.py) | system_prompt | same |
 | user turn | env_instruction, then "Turn 1: State: <question> You have 5 actions left. Always output: <think> ..." (config/envs.yaml, ctx_manager.py) | instruction, user_template | same text |
 | answer format | <think>..</think><answer>..</answer>, "<think>" forced (enable_think, ctx_manager.py) | answer_format think_answer | same; an answer holding the action separator (two bars) stays one answer (the code splits it into actions) |
@@ -25,7 +26,8 @@ read 2026-12-06), except where the paper's text or a held-out evaluation says ot
 | evaluation | 128 questions of the training pool | MATH500 (500 held-out problems) | held out on purpose |
 
 Memory: python -m nanoufo.plan config/ufo_qwen2.5_3b.py --gpus=2 --gpu_mem_gib=80 (and --gpus=1 --tp=1
---gpu_mem_gib=141 for one H200) says both fit; an episode is at most 512 + 5 x 400 + 4 x 32 = 2,640 tokens.
+--gpu_mem_gib=141 for one H200) says both fit, with CUDA graphs at 2 x 80 GB (on one H200 cuda_graphs=auto leaves
+them off: the decoder they keep does not fit beside the update).
 Tests (every key valid, the plan fits): python -m pytest -q tests/test_config.py tests/test_plan.py
 """
 out_dir = "out/ufo_qwen2.5_3b"
@@ -57,6 +59,7 @@ reward_placement = "last"
 problems_per_step = 8
 n_samples_per_problem = 16
 keep_groups = 2  # the groups with the largest reward spread
+max_prompt_tokens = 512  # longer prompts are skipped
 max_new_tokens = 400
 temperature = 1.0
 eval_temperature = 0.5

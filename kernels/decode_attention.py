@@ -32,6 +32,22 @@ def block_s_of(dtype: torch.dtype) -> int:
     return BLOCK_S_FP32 if dtype == torch.float32 else BLOCK_S
 
 
+def block_d_of(head_dim: int) -> int:
+    """The head dimension a program holds: a power of two, at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def split_parts(queries: int, heads: int, slots: int, split_len: int = SPLIT_LEN) -> int:
+    """The partial results pass 1 writes: one per (query token, head, split), none with a single split."""
+    n_splits = triton.cdiv(slots, split_len)
+    return queries * heads * n_splits if n_splits > 1 else 0
+
+
+def partial_bytes_per_query(heads: int, slots: int, head_dim: int) -> int:
+    """fp32 bytes of one query token's partials over a cache of `slots` slots: each an output and (max, sum)."""
+    return split_parts(1, heads, slots) * (block_d_of(head_dim) + 2) * 4
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                position_ids: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
     """q (B, T, Hq, D); caches (B_cache, S, Hkv, D); position_ids (B, T); cache_rows (B,) -> (B, T, Hq, D)."""
@@ -137,9 +153,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if out.numel() == 0:
         return out
     n_splits = triton.cdiv(k_cache.shape[1], split_len)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = block_d_of(D)
     G = Hq // Hkv
-    n_parts = B * T * Hq * n_splits if n_splits > 1 else 0  # one split writes out directly
+    n_parts = split_parts(B * T, Hq, k_cache.shape[1], split_len)  # one split writes out directly
     part_out = torch.empty(n_parts, BLOCK_D, device=q.device, dtype=torch.float32)
     part_stat = torch.empty(n_parts, 2, device=q.device, dtype=torch.float32)  # (max, sum)
     _decode_attention_split_kernel[(B * T, Hkv, n_splits)](

@@ -13,7 +13,7 @@ the logits of its own row only through logp_t and H_t (the entropy). With the we
 are known as soon as row t's statistics are: the PPO loss's backward (kernels/ppo_loss.py, derivations
 there) on that row chunk. The token statistics' backward (kernels/token_stats.py) turns them into the
 logits gradient dz = d loss / d logits of the chunk, and then
-    grad_hidden[chunk] = dz @ W        grad_W += dz.T @ hidden[chunk]          (fp32 accumulation)
+    grad_hidden[chunk] = dz @ W        grad_W += dz.T @ hidden[chunk]   (fp32, added in place: kernels/mm_acc.py)
 So each row chunk is: one GEMM to fp32 logits, the statistics (one launch), the per-token derivatives,
 dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd backward only multiplies the
 saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
@@ -27,7 +27,8 @@ Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear_ppo.py
 import torch
 
 from nanoufo.kernels.dispatch import acc_dtype, debug_mode, pick_impl
-from nanoufo.kernels.linear_token_stats import check_head, mm_acc
+from nanoufo.kernels.linear_token_stats import check_head
+from nanoufo.kernels.mm_acc import mm_acc
 from nanoufo.kernels.ppo_loss import ppo_loss
 from nanoufo.kernels.token_stats import (SliceConfig, check_targets_shape, finished_stats, token_stats,
                                          token_stats_grad)
@@ -74,7 +75,7 @@ def _forward(hidden, weight, targets, per_token: list, cfg: SliceConfig, ppo: di
     acc = acc_dtype(hidden.dtype)
     logp = torch.empty(n, dtype=acc, device=hidden.device)  # (N,)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None  # (N, H)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None  # (V, H) fp32
+    grad_weight = None  # (V, H) fp32: the first chunk's product, then each chunk's added in place
     tokens = (per_token[2] != 0).sum().clamp(min=1).to(acc)  # the metrics are token-means over the mask
     loss, metrics = 0.0, {}
     for r0 in range(0, max(n, 1), chunk_rows):  # no rows: one empty chunk, for the (zero) loss and metrics
@@ -97,7 +98,7 @@ def _forward(hidden, weight, targets, per_token: list, cfg: SliceConfig, ppo: di
             if needs[0]:
                 grad_hidden[rows] = mm_acc(dz, weight)
             if needs[1]:
-                mm_acc(dz.T, h, out=grad_weight)
+                grad_weight = mm_acc(dz.T, h, out=grad_weight)
     return loss, metrics, logp, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 

@@ -5,8 +5,8 @@ logits. The vocabulary is cut into chunks of chunk_size columns; each chunk's lo
 statistics of a vocab slice (token_stats_partial) and dropped; chunks merge exactly as tensor-parallel ranks
 do (kernels/token_stats.py, steps 1-3). The backward recomputes each chunk, turns it into the logits gradient
 (in the input dtype, for the tensor cores) and feeds two matmuls: grad_hidden += dz @ W_chunk (fp32
-accumulator) and grad_W[chunk] = dz.T @ hidden (fp32 accumulation, one rounding). Cost: 8*N*H*V FLOPs
-forward+backward.
+accumulator, added in place: kernels/mm_acc.py) and grad_W[chunk] = dz.T @ hidden (fp32 accumulation, one
+rounding). Cost: 8*N*H*V FLOPs forward+backward.
 
     from nanoufo.kernels.linear_token_stats import linear_token_stats
     logp, entropy, sc = linear_token_stats(hidden, model.lm_head_weight, targets, temperature=1.0)
@@ -18,45 +18,21 @@ backward) sums it across ranks, as for any vocab-parallel head.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear.py
 """
 from dataclasses import replace
-from functools import partial
 
 import torch
 
 from nanoufo.kernels.dispatch import acc_dtype, debug_mode, pick_impl
+from nanoufo.kernels.mm_acc import mm_acc
 from nanoufo.kernels.token_stats import (RowStats, SliceConfig, check_targets_shape, finish_slice, merge_slices,
                                          token_stats, token_stats_grad, token_stats_partial)
 
 DEFAULT_CHUNK = 8192  # vocab columns per chunk: N=16384 gives a 0.5 GB fp32 chunk
-ACC_SLICE_ELEMENTS = 1 << 24  # fp32 products added into an accumulator in slices of 64 MiB (8192 x 2048 at 3B)
 
 
 def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  temperature: float = 1.0, **kwargs) -> tuple[torch.Tensor, ...]:
     """The unfused path: materialise the (N, V) logits in the input dtype, then the PyTorch statistics."""
     return token_stats(hidden @ weight.T, targets, temperature, impl="torch", **kwargs)
-
-
-def mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b with a float32 result (float64 for float64 inputs), added into out when given. On CUDA (and the
-    meta device) bf16/fp16 operands stay as they are and cuBLAS accumulates in fp32 (torch.mm's out_dtype,
-    torch >= 2.8); elsewhere they are upcast and multiplied in fp32."""
-    acc = acc_dtype(a.dtype)
-    if a.device.type in ("cuda", "meta") and a.dtype != acc:
-        product = partial(torch.mm, out_dtype=acc)
-        return product(a, b) if out is None else add_product(out, a, b, product)
-    a, b = a.to(acc), b.to(acc)
-    return a @ b if out is None else out.addmm_(a, b)
-
-
-def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product,
-                rows: int | None = None) -> torch.Tensor:
-    """out += product(a, b), slice by slice of rows (default: products of ACC_SLICE_ELEMENTS): the fp32 product
-    never exists whole (a (V, H) gradient of 1.2 GB at 3B), and no addmm takes an fp32 out with bf16 operands,
-    which some torch versions' CUDA addmm rejects (its self must have mat2's dtype)."""
-    rows = rows or max(1, ACC_SLICE_ELEMENTS // b.shape[1])
-    for r0 in range(0, a.shape[0], rows):
-        out[r0:r0 + rows] += product(a[r0:r0 + rows], b)  # (rows, b.shape[1])
-    return out
 
 
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, where: str) -> None:

@@ -9,17 +9,22 @@ Tests: python -m pytest -q tests/test_sample_cli.py -k chat (stdin scripted, in 
 """
 import sys
 
+from dataclasses import replace
+
 from nanoufo.env import UFOEnv
 from nanoufo.model import Qwen2
+from nanoufo.options import EnvOptions, SamplingOptions
 from nanoufo.sampler import generate
 
 CHAT_TURNS = 1000  # a chat ends on /new, /quit, end of input or the context limit, not on a turn count
 
 
-def chat(model: Qwen2, tokenizer, *, feedback: str, max_new_tokens: int, max_len: int, temperature: float,
-         top_p: float, seed: int) -> None:
-    """Conversations until /quit or the end of stdin; conversation n samples with seed + n."""
-    envs = {feedback: UFOEnv(tokenizer, feedback=feedback)}  # the feedback turn's tokens, per text
+def chat(model: Qwen2, tokenizer, env_options: EnvOptions, sampling: SamplingOptions, *, max_len: int,
+         seed: int) -> None:
+    """Conversations until /quit or the end of stdin, in the environment env_options describe (its prompts,
+    answer format and default feedback); conversation n samples with seed + n."""
+    feedback = env_options.feedback
+    envs = {feedback: UFOEnv(tokenizer, env_options)}  # the feedback turn's tokens, per text
     print(f"Ask a question. After each answer type feedback (empty line: {feedback!r}), /new <question> or /quit.")
     question, n_conversations = read_line("question> "), 0
     while question is not None:
@@ -36,12 +41,11 @@ def chat(model: Qwen2, tokenizer, *, feedback: str, max_new_tokens: int, max_len
                 ended.append(reply[len("/new"):].strip() or read_line("question> "))
                 return [None]
             text = reply.strip() or feedback
-            env = envs.setdefault(text, UFOEnv(tokenizer, feedback=text))
+            env = envs.setdefault(text, UFOEnv(tokenizer, replace(env_options, feedback=text)))
             return [env.feedback_ids(stopped[0] and response[-1] == env.turn_end_id)]
 
         prompt = envs[feedback].prompt_ids(question)
-        generate(model, [prompt], next_turn, max_turns=CHAT_TURNS, max_new_tokens=max_new_tokens,
-                 stop_ids=envs[feedback].stop_ids, temperature=temperature, top_p=top_p,
+        generate(model, [prompt], next_turn, sampling, max_turns=CHAT_TURNS, stop_ids=envs[feedback].stop_ids,
                  seed=seed + n_conversations, max_len=max(max_len, len(prompt)))
         n_conversations += 1
         if not ended:

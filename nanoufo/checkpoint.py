@@ -1,9 +1,11 @@
 """Atomic training checkpoints: out_dir/ckpt-<step>/ holds the actor (and critic) in Hugging Face format (in
 the compute dtype), the optimizer states (with a bf16 run's fp32 master weights, nanoufo/optim.py), the step,
-the data position and every RNG state; out_dir/latest names the newest.
+the data position and every RNG state, and the run's whole config (run_config.json, which sample.py reads to
+evaluate the checkpoint the way the run did); out_dir/latest names the newest.
 
-    save_checkpoint(out_dir, step, {"actor": actor, "critic": critic}, optimizers, {"data_pos": 96})
+    save_checkpoint(out_dir, step, {"actor": actor, "critic": critic}, optimizers, {"data_pos": 96}, config)
     state = load_checkpoint(out_dir, {"actor": actor, "critic": critic}, optimizers)  # None if none yet
+    ckpt, run_config = find_checkpoint("out/ufo")   # a run's latest (or ckpt-N, or its actor/): the actor's directory
 
 A checkpoint is written completely under a temporary name (files fsynced), renamed into place, and only
 then is `latest` replaced (tmp + os.replace), so a crash at any moment leaves `latest` pointing at a whole
@@ -31,6 +33,7 @@ from nanoufo.weights import atomic_write, fsync, load_model, save_model
 
 POINTER = "latest"
 MANIFEST = "manifest.json"
+RUN_CONFIG = "run_config.json"
 
 
 def rng_states() -> dict:
@@ -98,9 +101,11 @@ def optimizer_file(par: ParallelContext) -> str:
     return "optimizers.pt" if par.tp_size == 1 else f"optimizers-tp{par.tp_rank}.pt"
 
 
-def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: dict, extra: dict) -> Path:
-    """Write ckpt-<step> (models by name in HF format, optimizers, extra state, RNG), point `latest` at it,
-    remove the older ones. Returns the checkpoint directory once it is in place, on every rank."""
+def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: dict, extra: dict,
+                    run_config: dict | None = None) -> Path:
+    """Write ckpt-<step> (models by name in HF format, optimizers, extra state, RNG, the run's config as
+    JSON), point `latest` at it, remove the older ones. Returns the checkpoint directory once it is in place,
+    on every rank."""
     par = next(iter(models.values())).par
     out_dir = Path(out_dir)
     # a second save of one step (a resumed run that stops at once) takes a new name: the directory `latest`
@@ -119,6 +124,8 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict, optimizers: di
     barrier(par)
     if par.is_main:
         torch.save({"step": step, "rng": rng_states(), **extra}, tmp / "state.pt")
+        if run_config is not None:
+            (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
         _commit(tmp, final)
     barrier(par)  # no rank picks the next checkpoint's name before this one is committed
     return final
@@ -147,6 +154,19 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{pointer}: points at {path}, which is not a complete checkpoint")
     return path
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(the actor's Hugging Face directory, the run's config file or None) for a path that names a run's
+    out_dir (its latest checkpoint), a checkpoint ckpt-<step>, that checkpoint's actor/, or a plain Hugging
+    Face directory (no run config)."""
+    path = Path(path)
+    if (path / POINTER).is_file():
+        path = latest_checkpoint(path)
+    if (path / "actor" / "config.json").is_file():
+        path = path / "actor"
+    run_config = path.parent / RUN_CONFIG
+    return path, run_config if run_config.is_file() and (path.parent / MANIFEST).is_file() else None
 
 
 def load_checkpoint(out_dir: str | Path, models: dict, optimizers: dict) -> dict | None:

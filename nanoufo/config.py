@@ -2,10 +2,14 @@
 
     python train.py                                   # the built-in CPU demo (these defaults)
     python train.py config/ufo_qwen2.5_3b.py --max_steps=50 --actor_lr=2e-6
+    python train.py --help                            # every key with its default, section by section
 
-A config file is a small Python file that assigns known keys (`max_turns = 5`); it is run with runpy and
-every name it defines is checked against the fields below. Command-line values are converted with the
-field's type. Unknown keys, wrong types and impossible combinations fail before any work starts.
+TrainConfig inherits the option classes the library reads (nanoufo/options.py: EnvOptions, SamplingOptions,
+UpdateOptions), so each of their keys is declared once, with its default; the fields below are the run's own.
+A config file is a small Python file that assigns known keys (`max_turns = 5`); it is run with runpy and every
+name it defines is checked against the fields. Command-line values are converted with the field's type.
+Unknown keys, wrong types and impossible combinations fail before any work starts. train.py saves the run's
+config with every checkpoint (run_config.json), so that sample.py evaluates a trained model as train.py did.
 Tests: python -m pytest -q tests/test_config.py
 """
 import ast
@@ -18,26 +22,19 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoufo.options import (PRM_AGGREGATES, EnvOptions, LossOptions, SamplingOptions, UpdateOptions,
+                             check_env_options, check_sampling_options, check_update_options)
 from nanoufo.schedule import SCHEDULES as LR_SCHEDULES
 
-ALGORITHMS = ("ufo_ppo", "grpo")
-REWARDS = ("gold", "self_certainty", "prm")
-PLACEMENTS = ("last", "per_turn", "per_step")
-AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-mean")  # seq-mean: seq-mean-token-mean's short name
-KL_ESTIMATORS = ("k1", "k3")
-KL_PLACES = ("reward", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
-PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
-ANSWER_FORMATS = ("boxed", "think_answer")  # how an attempt is read (nanoufo/env.py)
-GRADINGS = ("math_verify", "exact")
-CHOICES = dict(algorithm=ALGORITHMS, reward=REWARDS, reward_placement=PLACEMENTS, aggregation=AGGREGATIONS,
-               kl_estimator=KL_ESTIMATORS, kl_in=KL_PLACES, lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES,
-               prm_aggregate=PRM_AGGREGATES, answer_format=ANSWER_FORMATS, grading=GRADINGS)
+LOG_SINKS = ("jsonl", "tensorboard", "wandb")  # where a run's metrics go (nanoufo/logger.py)
+CHOICES = dict(lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES, prm_aggregate=PRM_AGGREGATES)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(EnvOptions, SamplingOptions, UpdateOptions):
+    """A run: the library's options (inherited) and the run's own keys. The defaults are the built-in demo's."""
     # run
     out_dir: str = "out/demo"
     resume: bool = False
@@ -57,43 +54,27 @@ class TrainConfig:
     eval_question_key: str = ""
     eval_answer_key: str = ""
     n_eval_problems: int = 200  # 0 = the whole eval set
-    instruction: str = "auto"  # appended to every question; "auto": none for the demo, else the env's default
+    instruction: str = "auto"  # the user turn's {instruction}; "auto": the task's (none for the demo, else \\boxed{})
     system_prompt: str = "auto"  # "auto": the chat template's own default system message (Qwen's), if any
-    user_template: str = "{question} {instruction}"  # the user turn; also {actions_left} (= max_turns)
-    answer_format: str = "boxed"  # "boxed" (last \\boxed{}) or "think_answer" (UFO's code: forced <think>)
-    grading: str = "math_verify"  # math equivalence, or "exact" (UFO's code: lower-cased, whitespace removed)
     warmup_steps: int = 2500  # demo only: supervised steps before RL when init_from is ""
     warmup_lr: float = 3e-3
-    # environment
-    max_turns: int = 5
-    feedback: str = "Try again."  # may hold {reward}, {turn}, {actions_left} (UFO's code's feedback turn)
-    # the demo's reward: success at any attempt counts fully, an invalid answer costs 0.5 (README, "The built-in
-    # demo"); the UFO paper's values (0.5, 0.5, 0.1) are in config/ufo_qwen2.5_3b.py
-    turn_decay: float = 1.0
-    repetition_penalty: float = 0.5
-    format_penalty: float = 0.5
-    reward_placement: str = "last"
-    # sampling
+    # rollouts and evaluation
     problems_per_step: int = 32  # questions sampled per step, before the group filter
     n_samples_per_problem: int = 4  # episodes per question (the group)
-    keep_groups: int = 0  # groups kept by the reward-spread filter; 0 keeps all
-    max_new_tokens: int = 16  # per attempt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    eval_temperature: float = 0.5  # 0: greedy
-    kv_budget_gb: float = 0.0  # rollout KV cache per rank, GiB (an ended episode's row takes the next); 0: a row each
-    cuda_graphs: bool = False  # decode steps as CUDA graph replays, captured once per run (CUDA; keeps the KV cache)
-    eval_k: int = 5
+    eval_temperature: float = 0.5  # held-out evaluations sample with these, not temperature and top_p; 0: greedy
+    eval_top_p: float = 1.0
+    eval_k: int = 5  # attempts of a held-out episode (Succ@k), and samples of Pass@k
+    max_prompt_tokens: int = 512  # longer prompts are skipped; with the attempts it bounds the sampler's max_len
     eval_seeds: int = 0  # evaluations per held-out set (seeds seed, seed+1, ...), reported as mean and spread;
     # 0 = 4 for the demo (a second each), 1 for a dataset
-    # algorithm
-    algorithm: str = "ufo_ppo"
-    reward: str = "gold"
-    prm: str = ""  # reward = "prm": a process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)
+    # process reward model (reward = "prm")
+    prm: str = ""  # a process reward model directory (Qwen2.5-Math-PRM layout, with its tokenizer)
     prm_aggregate: str = "min"  # an attempt's PRM score from its steps' scores: "min" or "product"
     prm_gold_weight: float = 0.0  # reward = (1 - w) * PRM score (mean over attempts) + w * gold reward
-    ppo_epochs: int = 4
-    minibatch_size: int = 32  # episodes per optimizer step
+    # your own reward instead of the environment's: "file.py:function" or "module:function", given each graded
+    # nanoufo.env.Episode, returning its reward or one per attempt (nanoufo.task.load_reward)
+    reward_fn: str = ""
+    # optimizer
     actor_lr: float = 5e-4
     critic_lr: float = 1e-3
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (towards min_lr_ratio * lr at max_steps)
@@ -101,31 +82,24 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     lr_schedule_steps: int = 0  # the steps the schedule spans; 0 = max_steps (set it to extend a run unchanged)
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # bound on each model's whole gradient norm per optimizer step; 0 = no clipping
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float = 3.0  # caps the loss of a negative-advantage token at -A * dual_clip; 0 = none (UFO's actor)
-    value_clip: float = 0.5
-    entropy_coef: float = 0.001
-    kl_coef: float = 0.001
-    kl_estimator: str = "k1"
-    kl_clamp: float = 10.0  # k3's value capped here, as verl's low_var_kl (zero gradient past it); 0 = no cap
-    kl_in: str = "reward"  # "reward": a per-token penalty (UFO), "loss": a term of the policy loss (GRPO)
-    gamma: float = 1.0
-    lam: float = 1.0
-    whiten_advantages: bool = True
-    aggregation: str = "token-mean"
     # memory (nanoufo/plan.py predicts the peak per GPU from these and refuses a config that cannot fit)
-    micro_batch_tokens: int = 0  # tokens per forward/backward; gradients accumulate over a minibatch. 0 = no split
-    pack_sequences: bool = True  # micro-batches hold trajectories end to end (no padding) instead of padded rows
-    checkpoint_activations: bool = False  # recompute each transformer block in the backward
     gpu_mem_gib: float = 0.0  # the memory plan's budget per GPU; 0 = the device's own (no check on the CPU)
-    # loop
+    # loop and logging
     max_steps: int = 250
     eval_interval: int = 0  # 0 = only at the start and the end
     ckpt_interval: int = 20  # 0 = only at the end (and on Ctrl-C / SIGTERM)
     plot_interval: int = 0  # steps between plot refreshes; 0 = only at the end
     max_bad_steps: int = 3  # consecutive non-finite updates before the run aborts
+    log_to: str = "jsonl"  # comma-separated: jsonl (always, with the PNG plot), tensorboard, wandb
+    wandb_project: str = "nanoufo"  # log_to=wandb; WANDB_MODE=offline works without internet
+
+    def __post_init__(self):  # each option class's own checks; the run's combinations are validate()'s
+        for key, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"config: {key}=nan is not a number")
+        check_env_options(self)
+        check_sampling_options(self)
+        check_update_options(self)
 
     @property
     def batch_episodes(self) -> int:
@@ -140,6 +114,30 @@ class TrainConfig:
     def evaluation_seeds(self) -> list[int]:
         """The sampling seeds of each held-out evaluation (eval_seeds of them, from seed on)."""
         return [self.seed + i for i in range(self.eval_seeds or (4 if self.is_demo else 1))]
+
+    def env_options(self, task_instruction: str, evaluation: bool = False) -> EnvOptions:
+        """The environment of training (max_turns attempts) or of held-out evaluation (eval_k attempts);
+        task_instruction stands for instruction "auto" (nanoufo.task.Task.instruction)."""
+        return options_of(EnvOptions, self, max_turns=self.eval_k if evaluation else self.max_turns,
+                          instruction=task_instruction if self.instruction == "auto" else self.instruction,
+                          system_prompt=None if self.system_prompt == "auto" else self.system_prompt)
+
+    def sampling(self, evaluation: bool = False) -> SamplingOptions:
+        """The rollouts' sampling, or the held-out evaluations' (eval_temperature, eval_top_p, and eager: each
+        evaluation batch has its own seed, which a CUDA graph would hold)."""
+        if not evaluation:
+            return options_of(SamplingOptions, self)
+        return options_of(SamplingOptions, self, temperature=self.eval_temperature, top_p=self.eval_top_p,
+                          cuda_graphs="false")
+
+    def update_options(self) -> UpdateOptions:
+        return options_of(UpdateOptions, self)
+
+
+def options_of(cls: type, cfg: TrainConfig, **replaced):
+    """An option class (EnvOptions, SamplingOptions, UpdateOptions) as the run sets it: each field from the
+    config key of the same name, the ones in `replaced` replaced."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)} | replaced)
 
 
 def _close(name: str) -> str:
@@ -194,13 +192,25 @@ def read_config_file(path: str) -> dict:
 
 def help_text(argv: list[str], script_doc: str) -> str:
     """--help: the script's docstring, then the docstring of each config file named in argv (the paper configs'
-    tables: each setting, its reference value and source, and where this config departs from it)."""
+    tables: each setting, its reference value and source, and where this config departs from it), then every
+    key with the value it takes (the defaults, those files and the other flags applied), part by part."""
     docs = [script_doc.strip()]
-    for path in (arg for arg in argv if not arg.startswith("-")):
+    files = [arg for arg in argv if not arg.startswith("-")]
+    for path in files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: config file not found")
         docs.append(f"{path}:\n{ast.get_docstring(ast.parse(Path(path).read_text())) or '(no docstring)'}")
-    return "\n\n".join(docs)
+    cfg = parse_args(argv, check_paths=False)
+    docs.append(f"every key, as {' '.join(argv) or 'the defaults'} set it (--key=value to change one):\n"
+                + format_config(cfg))
+    return "\n\n".join(docs + [PER_ALGORITHM])
+
+
+PER_ALGORITHM = """per algorithm: algorithm='grpo' changes how advantages are made (group-normalised scores, no critic); the
+loss keys keep the values above, which are UFO's PPO's (clip_high 0.28, dual_clip 3.0, entropy_coef 0.001, kl_coef
+0.001 as k1 in the reward). Plain GRPO (DeepSeekMath's loss) is --algorithm=grpo --clip_high=0.2 --dual_clip=0
+--entropy_coef=0 --kl_in=loss --kl_estimator=k3 (--kl_coef=0: no KL and no reference model); Intuitor's is
+config/intuitor_qwen2.5_3b.py. A KL coefficient above 0 loads a frozen reference model."""
 
 
 def parse_args(argv: list[str], check_paths: bool = True) -> TrainConfig:
@@ -225,26 +235,24 @@ def parse_args(argv: list[str], check_paths: bool = True) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
-    """Reject impossible settings before any model is loaded."""
-    for key, value in dataclasses.asdict(cfg).items():
-        if isinstance(value, float) and math.isnan(value):
-            raise ValueError(f"config: {key}=nan is not a number")
+    """Reject impossible settings before any model is loaded: the run's combinations (the option classes' own
+    checks ran when cfg was made, TrainConfig.__post_init__)."""
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    sinks = cfg.log_to.split(",")
+    if not set(sinks) <= set(LOG_SINKS) or "jsonl" not in sinks:
+        raise ValueError(f"config: log_to={cfg.log_to!r} must list jsonl and any of {', '.join(LOG_SINKS[1:])}, "
+                         "comma-separated")
     if cfg.dtype == "float16":  # fp16 gradients underflow and overflow without dynamic loss scaling
         raise ValueError("config: dtype='float16' cannot train (no loss scaling); use bfloat16 or float32 "
                          "(sample.py --dtype=float16 still samples and evaluates in float16)")
-    positive = ("tp", "max_turns", "problems_per_step", "n_samples_per_problem", "max_new_tokens", "ppo_epochs",
-                "minibatch_size", "eval_k", "max_steps", "max_bad_steps")
-    for key in positive:
+    for key in ("tp", "problems_per_step", "n_samples_per_problem", "max_prompt_tokens", "eval_k", "max_steps",
+                "max_bad_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be at least 1")
-    non_negative = ("actor_lr", "critic_lr", "warmup_lr", "kv_budget_gb", "gpu_mem_gib", "micro_batch_tokens",
-                    "eval_seeds", "lr_schedule_steps", "repetition_penalty", "format_penalty",  # penalties: subtracted
-                    "kl_clamp", "grad_clip")  # 0 turns clipping off; a negative bound means nothing
-    for key in non_negative:  # an infinite rate would make Adam write inf/NaN weights
-        if not 0 <= getattr(cfg, key) < math.inf:
+    for key in ("actor_lr", "critic_lr", "warmup_lr", "gpu_mem_gib", "eval_seeds", "lr_schedule_steps"):
+        if not 0 <= getattr(cfg, key) < math.inf:  # an infinite rate would make Adam write inf/NaN weights
             raise ValueError(f"config: {key}={getattr(cfg, key)} must be a finite number >= 0")
     for key in ("lr_warmup_ratio", "min_lr_ratio", "prm_gold_weight"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
@@ -253,7 +261,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         raise ValueError(f"config: micro_batch_tokens={cfg.micro_batch_tokens} is smaller than an episode's "
                          f"attempts alone (max_turns x max_new_tokens = {cfg.max_turns * cfg.max_new_tokens}); "
                          f"a micro-batch must hold the longest episode")
-    if cfg.keep_groups < 0 or cfg.keep_groups > cfg.problems_per_step:
+    if cfg.keep_groups > cfg.problems_per_step:
         raise ValueError(f"config: keep_groups={cfg.keep_groups} must be between 0 and "
                          f"problems_per_step={cfg.problems_per_step}")
     if cfg.batch_episodes % cfg.minibatch_size:
@@ -261,18 +269,14 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                          f"n_samples_per_problem) is not divisible by minibatch_size={cfg.minibatch_size}")
     if cfg.algorithm == "grpo" and cfg.n_samples_per_problem < 2:
         raise ValueError("config: algorithm='grpo' normalizes within groups; n_samples_per_problem must be >= 2")
-    if cfg.reward_placement == "per_turn" and (cfg.algorithm != "ufo_ppo" or cfg.reward == "self_certainty"):
-        raise ValueError("config: reward_placement='per_turn' needs algorithm='ufo_ppo' and reward='gold' or 'prm' "
-                         "(GRPO and self-certainty give one score per episode)")
-    if cfg.reward_placement == "per_step" and (cfg.algorithm != "ufo_ppo" or cfg.reward != "prm"):
-        raise ValueError("config: reward_placement='per_step' needs algorithm='ufo_ppo' and reward='prm' "
-                         "(only a process reward model scores steps)")
+    if not (0.0 < cfg.temperature and 0.0 <= cfg.eval_temperature and 0.0 < cfg.eval_top_p <= 1.0):
+        raise ValueError("config: temperature must be > 0, eval_temperature >= 0 (0: greedy) and "
+                         "eval_top_p in (0, 1]")
+    if cfg.reward_fn and cfg.reward == "self_certainty":
+        raise ValueError("config: reward_fn replaces the environment's reward; reward='self_certainty' reads none "
+                         "(use reward='gold', or 'prm' whose gold part it replaces)")
     if cfg.reward == "prm" and not cfg.prm:
         raise ValueError("config: reward='prm' needs prm=<process reward model directory>")
-    if not (0.0 < cfg.temperature and 0.0 <= cfg.eval_temperature and 0.0 < cfg.top_p <= 1.0):
-        raise ValueError("config: temperature must be > 0, eval_temperature >= 0 (0: greedy) and top_p in (0, 1]")
-    if not (0.0 <= cfg.clip_low < 1.0 and cfg.clip_high >= 0.0 and (cfg.dual_clip > 1.0 or cfg.dual_clip == 0)):
-        raise ValueError("config: need 0 <= clip_low < 1, clip_high >= 0 and dual_clip > 1 (or 0: none)")
     if (cfg.train_data == "demo") != (cfg.eval_data == "demo"):
         raise ValueError("config: train_data and eval_data must both be 'demo' or both be datasets")
     if cfg.is_demo and cfg.tokenizer:
@@ -285,6 +289,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         path = getattr(cfg, key)
         if path and not Path(path).is_dir():
             raise FileNotFoundError(f"config: {key}={path!r}: directory not found")
+    reward_file = cfg.reward_fn.rpartition(":")[0]
+    if reward_file.endswith(".py") and not Path(reward_file).is_file():
+        raise FileNotFoundError(f"config: reward_fn={cfg.reward_fn!r}: {reward_file} not found")
     for key, path in [("train_data", cfg.train_data)] + [("eval_data", s.source) for s in eval_sets(cfg)]:
         looks_local = path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/"))
         if path != "demo" and looks_local and not Path(path).exists():
@@ -319,7 +326,7 @@ def _set_name(entry: str, bundled: dict) -> str:
 
 def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
     """cfg.eval_data's comma-separated sets; a bundled name (math500, gsm8k) reads the bundled file."""
-    from nanoufo.data import DEFAULT_EVAL_SETS  # here, not at the top: it imports the datasets library
+    from nanoufo.data import DEFAULT_EVAL_SETS  # here: the data readers need not load to check a config
     entries = [e.strip() for e in cfg.eval_data.split(",")]
     if not all(entries):
         raise ValueError(f"config: eval_data={cfg.eval_data!r} has an empty entry")
@@ -337,20 +344,17 @@ def eval_sets(cfg: TrainConfig) -> list[EvalSet]:
     return sets
 
 
-def env_options(cfg: TrainConfig) -> dict:
-    """nanoufo.env.UFOEnv's options from the config (max_turns apart: training and evaluation differ). The
-    instruction "auto" is none for the demo, whose questions need none, else the environment's default; the
-    demo accepts the digits of a question's range (nanoufo.demo.accepts), a dataset what math-verify parses."""
-    options = dict(feedback=cfg.feedback, turn_decay=cfg.turn_decay, repetition_penalty=cfg.repetition_penalty,
-                   format_penalty=cfg.format_penalty, answer_format=cfg.answer_format, grading=cfg.grading,
-                   user_template=cfg.user_template,
-                   system_prompt=None if cfg.system_prompt == "auto" else cfg.system_prompt)
-    if cfg.is_demo:
-        from nanoufo.demo import accepts  # here: nanoufo.demo imports this module
-        options["accepts"] = accepts
-    if cfg.instruction != "auto" or cfg.is_demo:
-        options["instruction"] = "" if cfg.instruction == "auto" else cfg.instruction
-    return options
+def load_run_config(path: str | Path) -> TrainConfig:
+    """A run's config as train.py saved it (config.json in out_dir, run_config.json in each checkpoint); a key
+    this version does not know, or a value it refuses, is a ValueError naming the file."""
+    try:
+        values = json.loads(Path(path).read_text())
+        unknown = sorted(set(values) - set(_field_types()))
+        if unknown:
+            raise ValueError(f"unknown keys {', '.join(unknown)} (a newer or older nanoufo wrote it)")
+        return TrainConfig(**values)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: not a run config this nanoufo can read: {error}") from None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -358,4 +362,10 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 
 def format_config(cfg: TrainConfig) -> str:
-    return "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items())
+    """Every key and its value, part by part: the options of nanoufo/options.py, then the run's own."""
+    parts = [(cls.__name__, [f.name for f in dataclasses.fields(cls)]) for cls in TrainConfig.__mro__[1:]
+             if dataclasses.is_dataclass(cls) and cls not in (LossOptions,)]
+    listed = {name for _, names in parts for name in names}
+    parts.append(("the run", [f.name for f in dataclasses.fields(TrainConfig) if f.name not in listed]))
+    return "\n".join(f"  {title}:\n" + "\n".join(f"    {k} = {getattr(cfg, k)!r}" for k in names)
+                     for title, names in parts)

@@ -1,13 +1,15 @@
-"""Math problem sets for UFO episodes: (question, gold answer) pairs read with the `datasets` library.
+"""Math problem sets for UFO episodes: (question, gold answer) pairs from local files, or with the `datasets`
+library from a hub name, a directory or a parquet file.
 
     from nanoufo.data import load_problems, DEFAULT_EVAL_SETS
     problems, n_skipped = load_problems(DEFAULT_EVAL_SETS["gsm8k"])              # format detected
     problems, n_skipped = load_problems("MetaMathQA-395K.json", format="metamath")
     problems, n_skipped = load_problems("my.parquet", format="generic", question_key="q", answer_key="a")
 
-Sources: a local .jsonl/.json/.parquet file, a directory of them (`split` picks the files), or a hub name
-when online. Formats: gsm8k (answer after the last "#### "), math500 (problem/answer fields), metamath
-(MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows), math (hendrycks MATH:
+Sources: a local .jsonl/.json file (read with the json module, so `datasets` is not needed for them), a
+.parquet file, a directory of files (`split` picks the files), or a hub name when online (those three with
+`datasets`, imported only then). Formats: gsm8k (answer after the last "#### "), math500 (problem/answer
+fields), metamath (MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows), math (hendrycks MATH:
 problem, and the gold is the last \\boxed{} of the solution) and generic. A row without a usable answer is
 skipped and counted, never a crash; with need_answers=False (label-free training) it is kept, answer None.
 Tests: `python -m pytest -q tests/test_data.py`.
@@ -20,19 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-
 from nanoufo.grader import last_boxed
 
 log = logging.getLogger(__name__)
-datasets.disable_progress_bars()  # arrow's per-split bars would bury the counts and errors printed here
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL_SETS = {  # held-out evaluation sets bundled with the project (attribution: data/SOURCES.md)
     "gsm8k": REPO_ROOT / "data" / "gsm8k" / "test.jsonl",
     "math500": REPO_ROOT / "data" / "math500" / "test.jsonl",
 }
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builder per suffix
 METAMATH_MARKER = re.compile(r"The answer is:?")
 THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
@@ -112,47 +111,86 @@ def _as_text(value) -> str | None:
     return None
 
 
-def _first_bad_line(path: Path) -> str | None:
-    """Where a jsonl file stops being UTF-8 JSON lines, for an error message that names the row (None for
-    another kind of file)."""
-    if path.suffix != ".jsonl":
-        return None
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, 1):
-            try:
-                if raw.strip():
-                    json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                return f"{path}: line {line_number}: {type(error).__name__}: {error}"
-    return None
+@dataclass
+class Rows:
+    """A source's rows as dicts, and its columns (every key any row has, in order of first appearance)."""
+    rows: list[dict]
+    columns: list[str]
+
+    @classmethod
+    def of(cls, rows: list[dict]) -> "Rows":
+        return cls(rows, list(dict.fromkeys(key for row in rows for key in row)))
 
 
-def _read(source: str | Path, split: str, name: str | None) -> tuple[datasets.Dataset, str]:
+def _read_json(path: Path) -> list[dict]:
+    """A .jsonl file's rows, or a .json file's (a list of objects, or JSON lines); a line or file that is not
+    UTF-8 JSON is a ValueError naming the file (and the line)."""
+    raw = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(raw.decode("utf-8"))
+            if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
+                return rows
+            raise ValueError(f"{path}: not a list of JSON objects (one per row) nor JSON lines")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # JSON lines in a .json file, as `datasets` reads them
+    rows = []
+    for line_number, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            row = json.loads(line.decode("utf-8")) if line.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: line {line_number}: {type(error).__name__}: {error}") from None
+        if row is not None and not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line_number}: not a JSON object")
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _with_datasets(what: str):
+    """The `datasets` library, which only hub names, directories and parquet files need."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{what} needs the `datasets` library (pip install datasets); .jsonl and .json files "
+                          "are read without it") from None
+    datasets.disable_progress_bars()  # arrow's per-split bars would bury the counts and errors printed here
+    return datasets
+
+
+def _read(source: str | Path, split: str, name: str | None) -> tuple[Rows, str]:
     """The rows and a short label for Problem ids: a file's last two path parts, else directory or hub name/split."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return datasets.load_dataset(str(path), split=split), f"{path.resolve().name}/{split}"
+        rows = _with_datasets(f"{path} (a directory)").load_dataset(str(path), split=split)
+        return Rows(rows.to_list(), rows.column_names), f"{path.resolve().name}/{split}"
     if path.exists():
         if path.suffix not in LOCAL_BUILDERS:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use one of {sorted(LOCAL_BUILDERS)})")
+        label = "/".join(path.resolve().parts[-2:])
+        if path.suffix in (".jsonl", ".json"):
+            return Rows.of(_read_json(path)), label
+        datasets = _with_datasets(str(path))
         try:
             rows = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as error:
-            raise ValueError(_first_bad_line(path) or f"{path}: could not be read: {error}") from error
-        return rows, "/".join(path.resolve().parts[-2:])
+            raise ValueError(f"{path}: could not be read: {error}") from error
+        return Rows(rows.to_list(), rows.column_names), label
     if path.suffix in LOCAL_BUILDERS or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{path}: no such file or directory")
+    datasets = _with_datasets(f"{source} (a Hugging Face hub name)")
     try:
-        return datasets.load_dataset(str(source), name, split=split), f"{source}/{split}"
+        rows = datasets.load_dataset(str(source), name, split=split)
     except Exception as error:
         raise FileNotFoundError(f"{source}: not a local file or directory, and loading it from the "
                                 f"Hugging Face hub failed ({type(error).__name__}: {error})") from error
+    return Rows(rows.to_list(), rows.column_names), f"{source}/{split}"
 
 
-def _detect_format(rows: datasets.Dataset, where: str, need_answers: bool, question_key: str | None) -> str:
+def _detect_format(rows: Rows, where: str, need_answers: bool, question_key: str | None) -> str:
     """The format whose columns the rows have; without need_answers a question column alone will do; rows
     of no known layout whose question field the caller named are generic."""
-    columns = set(rows.column_names)
+    columns = set(rows.columns)
     if {"query", "response", "type"} <= columns:
         return "metamath"
     if {"problem", "answer"} <= columns:
@@ -160,7 +198,7 @@ def _detect_format(rows: datasets.Dataset, where: str, need_answers: bool, quest
     if {"problem", "solution"} <= columns:
         return "math"
     if {"question", "answer"} <= columns:
-        answers = [_as_text(a) or "" for a in rows.select(range(min(len(rows), 20)))["answer"]]
+        answers = [_as_text(row.get("answer")) or "" for row in rows.rows[:20]]
         return "gsm8k" if any("#### " in a for a in answers) else "generic"
     if not need_answers and "problem" in columns:
         return "math"
@@ -170,10 +208,10 @@ def _detect_format(rows: datasets.Dataset, where: str, need_answers: bool, quest
                     sorted(columns), ("format", "question_key", "answer_key"))
 
 
-def _check_columns(rows: datasets.Dataset, where: str, format: str, question_key: str, answer_key: str,
+def _check_columns(rows: Rows, where: str, format: str, question_key: str, answer_key: str,
                    chosen: Format, need_answers: bool) -> None:
     """A DataError naming the missing columns before any row is read."""
-    columns = sorted(rows.column_names)
+    columns = sorted(rows.columns)
     missing = [key for key in (question_key, *chosen.extra_columns) if key not in columns]
     if missing:
         raise DataError(where, f"no column {', '.join(missing)} for the {format} format", columns,
@@ -183,23 +221,22 @@ def _check_columns(rows: datasets.Dataset, where: str, format: str, question_key
                         "rewards need answers", columns, ("answer_key",))
 
 
-def _problems_from_rows(rows: datasets.Dataset, label: str, where: str, format: str, limit: int | None,
+def _problems_from_rows(rows: Rows, label: str, where: str, format: str, limit: int | None,
                         question_key: str | None, answer_key: str | None,
                         need_answers: bool) -> tuple[list[Problem], Counter]:
     format = _detect_format(rows, where, need_answers, question_key) if format == "auto" else format
     chosen = FORMATS[format]
     question_key, answer_key = question_key or chosen.question_key, answer_key or chosen.answer_key
     _check_columns(rows, where, format, question_key, answer_key, chosen, need_answers)
-    has_answers = answer_key in rows.column_names
-    needed = [question_key, *([answer_key] if has_answers else []), *chosen.extra_columns]
+    has_answers = answer_key in rows.columns
     problems, skipped = [], Counter()
-    for index, row in enumerate(rows.select_columns(list(dict.fromkeys(needed)))):
+    for index, row in enumerate(rows.rows):
         if limit is not None and len(problems) >= limit:
             break
-        if not chosen.keep_row(row):
+        if not chosen.keep_row({key: row.get(key) for key in chosen.extra_columns}):
             continue
-        question = _as_text(row[question_key])
-        answer_field = _as_text(row[answer_key]) if has_answers else None
+        question = _as_text(row.get(question_key))
+        answer_field = _as_text(row.get(answer_key)) if has_answers else None
         answer = (chosen.parse_answer(answer_field) if answer_field is not None else None) or None
         if question is None or (need_answers and answer_field is None):
             skipped["missing field or wrong type"] += 1
@@ -225,11 +262,8 @@ def load_problems(source: str | Path, format: str = "auto", split: str = "train"
         raise DataError(str(source), f"unknown data format {format!r} (valid: auto, {', '.join(FORMATS)})",
                         fix=("format",))
     rows, label = _read(source, split, name)
-    try:  # arrow keeps a jsonl string's bytes unchecked, so bad UTF-8 may only show when rows are decoded
-        problems, skipped = _problems_from_rows(rows, label, str(source), format, limit, question_key, answer_key,
-                                                need_answers)
-    except UnicodeDecodeError as error:
-        raise ValueError(_first_bad_line(Path(source)) or f"{label}: text that is not valid UTF-8 ({error})") from error
+    problems, skipped = _problems_from_rows(rows, label, str(source), format, limit, question_key, answer_key,
+                                            need_answers)
     if skipped:
         log.warning("%s: skipped %d rows (%s)", label, sum(skipped.values()), dict(skipped))
     return problems, sum(skipped.values())

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoufo.kernels.linear_token_stats import mm_acc
+from nanoufo.kernels.mm_acc import mm_acc
 from nanoufo.kernels.sampling import sample
 from nanoufo.model import KVCache, Qwen2, QwenConfig
 from nanoufo.parallel import all_gather_vocab

@@ -1,8 +1,8 @@
 """The built-in CPU demo: a character tokenizer, a synthetic guessing task and a tiny Qwen2 model.
 
     python train.py                  # warm-up, then UFO PPO on this task (the default config)
-    tokenizer, train_problems, eval_problems = task(cfg)               # train.py's set-up of the demo
-    warm_up_once(cfg, warmup_dir, par, env, train_problems)           # after the memory plan
+    task = demo_task(cfg)                                             # train.py's set-up of the demo
+    warm_up_once(cfg, warmup_dir, par, task.env(cfg), task.train)     # after the memory plan
 
 The task, "Guess my number": the question names a range of 3 to 5 digits, e.g. "Game 417: guess my
 number from 3 to 6", and the gold answer is one digit of that range, picked at random when the problem is
@@ -41,6 +41,7 @@ from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.parallel import ParallelContext, barrier
+from nanoufo.task import Task
 from nanoufo.trainer import sft_loss
 from nanoufo.weights import save_model
 
@@ -160,10 +161,12 @@ def warmup(model: Qwen2, env: UFOEnv, problems: list[Problem], steps: int, lr: f
     return loss.item()
 
 
-def task(cfg: TrainConfig) -> tuple[PreTrainedTokenizerFast, list[Problem], dict[str, list[Problem]]]:
-    """The demo run's task: (tokenizer, training problems, {"demo": held-out problems})."""
-    return (build_tokenizer(), make_problems("train", N_TRAIN_PROBLEMS, cfg.seed),
-            {"demo": make_problems("test", cfg.n_eval_problems or N_TEST_PROBLEMS, cfg.seed)})
+def demo_task(cfg: TrainConfig) -> Task:
+    """The demo run's task: the character tokenizer, training problems, {"demo": held-out problems}; its
+    questions need no instruction, and it accepts one boxed digit of the range (accepts)."""
+    return Task(build_tokenizer(), make_problems("train", N_TRAIN_PROBLEMS, cfg.seed),
+                {"demo": make_problems("test", cfg.n_eval_problems or N_TEST_PROBLEMS, cfg.seed)},
+                instruction="", accepts=accepts)
 
 
 def warm_up_once(cfg: TrainConfig, warmup_dir: Path, par: ParallelContext, env: UFOEnv,

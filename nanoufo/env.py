@@ -1,8 +1,9 @@
 """The UFO environment: a math problem, up to `max_turns` attempts, and after each wrong
 attempt only the feedback text ("Try again."). It owns the chat-template token pieces the sampler needs,
-grades attempts and computes rewards.
+grades attempts and computes rewards. Its options travel as one EnvOptions (train.py builds it from the run's
+config, whose keys have the same names).
 
-    env = UFOEnv(tokenizer)
+    env = UFOEnv(tokenizer, EnvOptions(max_turns=5, answer_format="boxed"))
     ids = env.prompt_ids(problem.question)        # system + user turn + assistant header
     episode = Episode(problem)
     over, = env.step_batch([episode], [response_text])   # extract, grade, record; True when it ends
@@ -15,10 +16,10 @@ tokens are derived from the template itself. Tests: `python -m pytest -q tests/t
 from dataclasses import dataclass, field
 from typing import Callable
 
-from nanoufo.config import ANSWER_FORMATS, GRADINGS
 from nanoufo.data import Problem
 from nanoufo.grader import (count_distinct_answers, exact_match, extract_answer, extract_think_answer, grade_batch,
                             parse_batch)
+from nanoufo.options import ANSWER_FORMATS, EnvOptions
 
 TURN_END = "<|im_end|>"
 RESPONSE_SENTINEL = "<<nanoufo-response>>"  # stands in for an attempt while the template is rendered
@@ -51,44 +52,40 @@ class Episode:
 
 
 class UFOEnv:
-    def __init__(self, tokenizer, feedback: str = "Try again.", max_turns: int = 5, turn_decay: float = 0.5,
-                 repetition_penalty: float = 0.5, format_penalty: float = 0.0,
-                 instruction: str = "Please reason step by step, and put your final answer within \\boxed{}.",
-                 system_prompt: str | None = None, grade_timeout: float = 5.0,
-                 accepts: Callable[[Problem, str, str], bool] | None = None, answer_format: str = "boxed",
-                 grading: str = "math_verify", user_template: str = "{question} {instruction}"):
-        """`repetition_penalty` and `format_penalty` are magnitudes (>= 0) that are subtracted; UFO's code
-        uses 0.5 and 0.1. `system_prompt=None` keeps the template's own default system message. `accepts`
-        (problem, answer, attempt) says whether the task can accept an attempt's extracted answer at all, right
-        or wrong, given the attempt's text too (the demo: one digit of the question's range, and nothing but
-        its \\boxed{}); None: math-verify reads an expression in the answer (with exact grading: any answer).
-        answer_format "boxed" reads the last \\boxed{} (or <answer>); "think_answer", UFO's code's, starts every
-        attempt with a forced "<think>" and reads <think>..</think><answer>..</answer>.
-        grading "math_verify" (equivalence) or "exact" (UFO's code: lower-cased, whitespace removed).
-        user_template: the user turn, from {question}, {instruction} and {actions_left} (max_turns); feedback
-        may hold {reward} (0.0: an attempt that goes on was wrong), {turn} (the next attempt's number, from 1)
-        and {actions_left} (max_turns - the attempts that gave an answer), as UFO's code's feedback turn does."""
-        assert max_turns >= 1 and repetition_penalty >= 0 and format_penalty >= 0, "checked by the config"
-        assert answer_format in READERS and grading in GRADINGS, "checked by the config"
-        self.tokenizer, self.feedback, self.max_turns = tokenizer, feedback, max_turns
-        self.turn_decay, self.repetition_penalty, self.format_penalty = turn_decay, repetition_penalty, format_penalty
-        self.instruction, self.system_prompt, self.grade_timeout = instruction, system_prompt, grade_timeout
-        self.accepts, self.grading, self.user_template = accepts, grading, user_template
-        self.response_prefix, self.extract = READERS[answer_format]
+    def __init__(self, tokenizer, options: EnvOptions | None = None,
+                 accepts: Callable[[Problem, str, str], bool] | None = None,
+                 reward: Callable[[Episode], float | list[float]] | None = None):
+        """options: EnvOptions (default: the run's defaults). `accepts(problem, answer, attempt)` says whether
+        the task can accept an attempt's extracted answer at all, right or wrong, given the attempt's text too
+        (the demo: one digit of the question's range, and nothing but its \\boxed{}); None: math-verify reads
+        an expression in the answer (with exact grading: any answer). answer_format "think_answer", UFO's
+        code's, starts every attempt with a forced "<think>" and reads <think>..</think><answer>..</answer>.
+        The feedback may hold {reward} (0.0: an attempt that goes on was wrong), {turn} (the next attempt's
+        number, from 1) and {actions_left} (max_turns - the attempts that gave an answer), as UFO's code's
+        feedback turn does. `reward(episode)` replaces the environment's reward: a number for the episode, or a
+        list of one per attempt (turn_rewards); the episode holds every attempt, its answers and their grades."""
+        self.tokenizer, self.options, self.accepts, self.reward = tokenizer, options or EnvOptions(), accepts, reward
+        self.response_prefix, self.extract = READERS[self.options.answer_format]
         self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
         if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {TURN_END} token; UFOEnv needs a chat template with "
                              "<|im_start|>/<|im_end|> turns")
         self._between = self._derive_feedback_text()  # holds FEEDBACK_SENTINEL where the feedback text goes
+        feedback = self.options.feedback
         fixed = not any(f"{{{key}}}" in feedback for key in ("reward", "turn", "actions_left"))
         self._fixed_feedback = {stop: self._feedback_tokens(stop, feedback) for stop in (False, True)} \
             if fixed else None  # by ended_with_stop
 
+    @property
+    def max_turns(self) -> int:
+        return self.options.max_turns
+
     def _render(self, question: str, turns: tuple[dict, ...] = (), add_generation_prompt: bool = True) -> str:
         """The template's text of the opening ((system), user turn with question and instruction) and `turns`."""
-        system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
-        user = _fill(self.user_template, question=question.strip(), instruction=self.instruction,
-                     actions_left=self.max_turns).strip()
+        o = self.options
+        system = [] if o.system_prompt is None else [{"role": "system", "content": o.system_prompt}]
+        user = _fill(o.user_template, question=question.strip(), instruction=o.instruction,
+                     actions_left=o.max_turns).strip()
         messages = system + [{"role": "user", "content": user}, *turns]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -142,9 +139,9 @@ class UFOEnv:
         if self._fixed_feedback is not None:
             return list(self._fixed_feedback[ended_with_stop])
         if episode is None:
-            raise ValueError(f"the feedback {self.feedback!r} has placeholders: pass the episode")
+            raise ValueError(f"the feedback {self.options.feedback!r} has placeholders: pass the episode")
         answered = sum(answer is not None for answer in episode.answers)
-        text = _fill(self.feedback, reward=0.0, turn=episode.turns + 1, actions_left=self.max_turns - answered)
+        text = _fill(self.options.feedback, reward=0.0, turn=episode.turns + 1, actions_left=self.max_turns - answered)
         return self._feedback_tokens(ended_with_stop, text)
 
     def _feedback_tokens(self, ended_with_stop: bool, text: str) -> list[int]:
@@ -153,7 +150,7 @@ class UFOEnv:
 
     def max_feedback_tokens(self) -> int:
         """The longest feedback turn (with its placeholders at their widest), for the sampler's max_len."""
-        text = _fill(self.feedback, reward=0.0, turn=self.max_turns, actions_left=self.max_turns)
+        text = _fill(self.options.feedback, reward=0.0, turn=self.max_turns, actions_left=self.max_turns)
         return len(self._feedback_tokens(False, text))
 
     def step_batch(self, episodes: list[Episode], response_texts: list[str]) -> list[bool]:
@@ -166,10 +163,10 @@ class UFOEnv:
         answers = [self.extract(attempt) for attempt in attempts]
         labeled = [i for i, episode in enumerate(episodes) if episode.problem.answer is not None]
         golds = [episodes[i].problem.answer for i in labeled]
-        if self.grading == "exact":
+        if self.options.grading == "exact":
             graded = [exact_match(answers[i], gold) for i, gold in zip(labeled, golds)]
         else:
-            graded = grade_batch([answers[i] for i in labeled], golds, self.grade_timeout)
+            graded = grade_batch([answers[i] for i in labeled], golds, self.options.grade_timeout)
         verdicts = dict(zip(labeled, graded))  # an unlabeled problem (label-free training) is never correct
         acceptable = self._acceptable([episode.problem for episode in episodes], answers, attempts)
         for i, (episode, text, answer) in enumerate(zip(episodes, response_texts, answers)):
@@ -182,10 +179,10 @@ class UFOEnv:
     def _acceptable(self, problems: list[Problem], answers: list[str | None], attempts: list[str]) -> list[bool]:
         """Whether the task can accept each attempt (see __init__'s `accepts`); no answer is not acceptable."""
         given = [i for i, answer in enumerate(answers) if answer is not None]
-        if self.accepts is None and self.grading == "exact":  # UFO's code: any non-empty answer is an action
+        if self.accepts is None and self.options.grading == "exact":  # UFO's code: any non-empty answer is an action
             verdicts = [True] * len(given)
         elif self.accepts is None:
-            verdicts = parse_batch([answers[i] for i in given], self.grade_timeout)
+            verdicts = parse_batch([answers[i] for i in given], self.options.grade_timeout)
         else:
             verdicts = [self.accepts(problems[i], answers[i], attempts[i]) for i in given]
         found = dict(zip(given, verdicts))
@@ -195,7 +192,20 @@ class UFOEnv:
         return episode.solved or episode.turns >= self.max_turns
 
     def turn_rewards(self, episode: Episode) -> list[float]:
-        """Each attempt's share of the episode reward. As UFO's code counts it: turn_decay**t on the correct
+        """Each attempt's share of the episode reward: the task's own reward function when it has one (`reward`:
+        a float is the episode's, on its last attempt; a list has one reward per attempt), else the
+        environment's (env_rewards)."""
+        if self.reward is None:
+            return self.env_rewards(episode)
+        given = self.reward(episode)
+        rewards = [0.0] * (episode.turns - 1) + [given] if isinstance(given, (int, float)) else list(given)
+        if len(rewards) != episode.turns or not all(isinstance(r, (int, float)) for r in rewards):
+            raise ValueError(f"the reward function returned {given!r} for episode {episode.problem.id} of "
+                             f"{episode.turns} attempts: give a number, or a list of one number per attempt")
+        return [float(r) for r in rewards]
+
+    def env_rewards(self, episode: Episode) -> list[float]:
+        """Each attempt's share of the environment's reward. As UFO's code counts it: turn_decay**t on the correct
         attempt, t the attempts before it that gave an answer (one without an answer does not advance the
         decay); minus format_penalty on each attempt without an answer the task can accept (no answer, or
         one `accepts` rejects: UFO's code charges it for an action outside an environment's action set); and
@@ -203,13 +213,13 @@ class UFOEnv:
         gave an answer, E the distinct normalized answers among them. Unlike UFO's code, E counts acceptable
         answers only: an unacceptable one counts as a repeat, so a new invalid answer ("3433" for "from 1 to
         4") costs more than repeating a valid one, never less."""
-        rewards, t = [], 0  # t: the attempts so far that gave an answer
+        o, rewards, t = self.options, [], 0  # t: the attempts so far that gave an answer
         for answer, correct, ok in zip(episode.answers, episode.correct, episode.acceptable):
-            rewards.append((self.turn_decay ** t if correct else 0.0) - (0.0 if ok else self.format_penalty))
+            rewards.append((o.turn_decay ** t if correct else 0.0) - (0.0 if ok else o.format_penalty))
             t += answer is not None
         share = distinct_answer_share(episode)
         if share is not None:
-            rewards[-1] -= self.repetition_penalty * (1 - share)
+            rewards[-1] -= o.repetition_penalty * (1 - share)
         return rewards
 
 

@@ -3,8 +3,9 @@ Pass@k baseline (k independent single-turn samples), in batches with a progress 
 per episode; and Best-of-N with a process reward model next to majority vote over the same N samples.
 
     from nanoufo.evaluate import evaluate, best_of_n
-    table = evaluate(model, env, problems, k=5, mode="succ", temperature=0.5, out="eval.jsonl")
-    table = best_of_n(model, env, problems, scorer, n=8)     # pass@1, pass@N, maj@N, rm@N
+    sampling = SamplingOptions(max_new_tokens=1024, temperature=0.5)
+    table = evaluate(model, env, problems, sampling, k=5, mode="succ", out="eval.jsonl")
+    table = best_of_n(model, env, problems, scorer, sampling, n=8)     # pass@1, pass@N, maj@N, rm@N
 
 Under data parallelism (par=ParallelContext) the batches are dealt out to the DP groups and the episodes gathered, so
 every rank returns the table one process would (same batches, same seeds). held_out_metrics is train.py's
@@ -24,8 +25,9 @@ from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
 from nanoufo.metrics import maj_at_n, pass_at_k, rm_at_n, summarize, tokens_per_episode
 from nanoufo.model import Qwen2
+from nanoufo.options import SamplingOptions
 from nanoufo.parallel import ParallelContext
-from nanoufo.rollout import run_episodes
+from nanoufo.rollout import Noise, run_episodes
 
 def episode_record(episode: Episode, sample: int, sampled_tokens: int) -> dict:
     return {"id": episode.problem.id, "sample": sample, "question": episode.problem.question,
@@ -41,15 +43,18 @@ def write_episodes(path: str | Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, mode: str = "succ",
-             out: str | Path | None = None, par: ParallelContext | None = None, **sampling) -> dict[str, float]:
+def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: SamplingOptions, *, k: int = 5,
+             mode: str = "succ", out: str | Path | None = None, par: ParallelContext | None = None,
+             **options) -> dict[str, float]:
     """The metrics table. mode "succ": succ@1..k, mean turns, non-repetitive ratio, tokens per episode;
     mode "pass": pass@1..k over k single-turn samples per problem, and tokens per sample. `out` gets one
     JSON line per episode (written by global rank 0); `par` splits the batches across data-parallel groups;
-    `sampling`: sample_episodes' options."""
-    assert mode in ("succ", "pass"), mode
+    `options`: sample_episodes' (batch_size, seed, tokenizer, progress)."""
+    if mode not in ("succ", "pass"):
+        raise ValueError(f"evaluate: mode={mode!r} is not 'succ' or 'pass'")
     samples, turns = (1, k) if mode == "succ" else (k, 1)
-    episodes, lengths = sample_episodes(model, env, problems, samples, turns, desc=f"{mode}@{k}", par=par, **sampling)
+    episodes, lengths = sample_episodes(model, env, problems, sampling, samples, turns, desc=f"{mode}@{k}", par=par,
+                                        **options)
     if out is not None and (par is None or par.is_main):
         write_episodes(out, [episode_record(e, j % samples, n) for j, (e, n) in enumerate(zip(episodes, lengths))])
     if mode == "succ":
@@ -59,10 +64,9 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int = 5, 
             "tokens_per_episode": tokens_per_episode(lengths)}
 
 
-def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples: int, turns: int, *, desc: str,
-                    par: ParallelContext | None = None, batch_size: int = 64, max_new_tokens: int = 1024,
-                    temperature: float = 0.5, top_p: float = 1.0, seed: int = 0, tokenizer=None,
-                    progress: bool = True) -> tuple[list[Episode], list[int]]:
+def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: SamplingOptions, samples: int,
+                    turns: int, *, desc: str, par: ParallelContext | None = None, batch_size: int = 64, seed: int = 0,
+                    tokenizer=None, progress: bool = True) -> tuple[list[Episode], list[int]]:
     """`samples` episodes of up to `turns` attempts per problem, about batch_size episodes at a time:
     (episodes problem after problem, sampled tokens of each). `tokenizer` decodes attempts for grading
     (default env.tokenizer). A batch is seeded by its start, so with `par` every rank gets what one process would."""
@@ -71,9 +75,8 @@ def sample_episodes(model: Qwen2, env: UFOEnv, problems: list[Problem], samples:
     dp_rank, dp_size = (par.dp_rank, par.dp_size) if par is not None else (0, 1)
     done = {}  # batch start -> (episodes, sampled tokens per episode)
     for i in tqdm(starts[dp_rank::dp_size], desc=desc, unit="batch", disable=not progress):
-        graded = run_episodes(model, env, problems[i:i + per_batch], n_samples_per_problem=samples,
-                              max_turns=turns, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed + i, tokenizer=tokenizer)
+        graded = run_episodes(model, env, problems[i:i + per_batch], sampling, Noise(seed + i),
+                              n_samples_per_problem=samples, max_turns=turns, tokenizer=tokenizer)
         done[i] = (graded.episodes, graded.rollout.loss_mask.sum(dim=1).long().tolist())
     done = _gather_over_dp(done, par)
     return [e for i in starts for e in done[i][0]], [n for i in starts for n in done[i][1]]
@@ -83,14 +86,14 @@ def _per_problem(values: list, n: int) -> list[list]:
     return [values[j:j + n] for j in range(0, len(values), n)]
 
 
-def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, *, n: int = 8, aggregate: str = "min",
-              out: str | Path | None = None, **sampling) -> dict[str, float]:
+def best_of_n(model: Qwen2, env: UFOEnv, problems: list[Problem], scorer, sampling: SamplingOptions, *, n: int = 8,
+              aggregate: str = "min", out: str | Path | None = None, **options) -> dict[str, float]:
     """N single-turn samples per problem, each scored by the PRM `scorer` (nanoufo.prm.PRMScorer: its steps'
     scores aggregated by "min" or "product", the question without the instruction as context), then from
     the same samples: pass@1 and pass@N, maj@N (majority answer) and rm@N (the PRM's favourite). A sample
     without steps (or too long for the PRM) ranks below every scored one and is counted as `unscored`.
-    `sampling`: sample_episodes' options."""
-    episodes, lengths = sample_episodes(model, env, problems, n, 1, desc=f"bon@{n}", **sampling)
+    `options`: sample_episodes'."""
+    episodes, lengths = sample_episodes(model, env, problems, sampling, n, 1, desc=f"bon@{n}", **options)
     scores = scorer.response_scores([e.problem.question for e in episodes], [e.responses[0] for e in episodes],
                                     aggregate)
     if out is not None:
@@ -112,15 +115,15 @@ def _gather_over_dp(done: dict, par: ParallelContext | None) -> dict:
     return {start: result for part in parts for start, result in part.items()}
 
 
-def held_out_metrics(model: Qwen2, env: UFOEnv, problems: list[Problem], *, k: int, seeds: list[int],
-                     **options) -> dict[str, float]:
+def held_out_metrics(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: SamplingOptions, *, k: int,
+                     seeds: list[int], **options) -> dict[str, float]:
     """train.py's evaluation row: Succ@1..k (one episode, feedback between attempts) with its turn and failure
     metrics, Pass@1..k (k single-turn samples), and succ_at_k / pass_at_k for the plots; each the mean over one
     evaluation per seed, with its spread over the seeds (sample std) as <metric>_sd when there are several."""
     rows = []
     for seed in seeds:
-        succ = evaluate(model, env, problems, k=k, mode="succ", seed=seed, **options)
-        passk = evaluate(model, env, problems, k=k, mode="pass", seed=seed, **options)
+        succ = evaluate(model, env, problems, sampling, k=k, mode="succ", seed=seed, **options)
+        passk = evaluate(model, env, problems, sampling, k=k, mode="pass", seed=seed, **options)
         rows.append({**succ, **{key: v for key, v in passk.items() if key.startswith("pass@")},
                      "pass_tokens_per_sample": passk["tokens_per_episode"], "succ_at_k": succ[f"succ@{k}"],
                      "pass_at_k": passk[f"pass@{k}"]})

@@ -10,10 +10,14 @@
 Grading runs math-verify in one persistent worker process (started on first use, reused for every call).
 A pathological answer such as 9^{9^{9^9}} can hang sympy inside C code where no signal reaches it, so the
 parent waits at most `timeout` seconds per answer, then kills the worker, counts the answer as wrong and
-starts a fresh worker for the rest. Run `python -m pytest -q tests/test_grader.py` to test it.
+starts a fresh worker for the rest. Where math-verify is not installed (a GPU image that cannot install it),
+grading says so once on stderr and falls back to comparing normalize_answer's spellings, which misses
+equivalent forms (0.5 against \\frac{1}{2}). Run `python -m pytest -q tests/test_grader.py` to test it.
 """
 import atexit
 import contextlib
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -220,6 +224,8 @@ class Grader:
         are wrong without a look."""
         if len(answers) != len(golds):
             raise ValueError(f"grade: {len(answers)} answers but {len(golds)} gold answers")
+        if not has_math_verify():
+            return [_spelled_alike(answer, gold) for answer, gold in zip(answers, golds)]
         pairs = list(zip(answers, golds))
         verdicts = {pair: self._cache[pair] for pair in pairs if pair in self._cache}
         todo = list(dict.fromkeys(p for p in pairs if p[0] and p[0].strip() and p not in verdicts))
@@ -246,6 +252,26 @@ class Grader:
             self._cache.clear()
         self._cache.update(verdicts)
         return [verdicts.get(pair, False) for pair in pairs]
+
+
+@functools.cache
+def has_math_verify() -> bool:
+    """Whether math-verify can be imported; the first call without it says once how grading falls back."""
+    try:
+        found = importlib.util.find_spec("math_verify") is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked (sys.modules["math_verify"] = None)
+        found = False
+    if not found:
+        print("nanoufo.grader: math-verify is not installed: answers are graded by comparing normalize_answer's "
+              "spellings (no math equivalence); pip install math-verify", file=sys.stderr)
+    return found
+
+
+def _spelled_alike(answer: str | None, gold: str | None) -> bool:
+    """The fallback without math-verify: the same normalize_answer spelling (gold None: any non-blank answer)."""
+    if answer is None or not answer.strip():
+        return False
+    return gold is None or normalize_answer(answer) == normalize_answer(gold)
 
 
 _default_grader = Grader()

@@ -1,10 +1,14 @@
-"""Run logging: one JSON object per line in out_dir/log.jsonl, and a PNG plot of the curves.
+"""Run logging: one JSON object per line in out_dir/log.jsonl, and a PNG plot of the curves; with
+log_to=jsonl,tensorboard the same metrics as TensorBoard event files (out_dir/tensorboard), with wandb in Weights
+& Biases (offline with WANDB_MODE=offline).
 
     python -m nanoufo.logger out/demo/log.jsonl            # writes out/demo/log.png
     python -m nanoufo.logger out/demo/log.jsonl -o curves.png
+    tensorboard --logdir out/ufo_qwen2.5_3b/tensorboard
 
-Training steps are lines with "kind": "train"; evaluations on the held-out split are "kind": "eval".
-Tests: python -m pytest -q tests/test_reliability.py tests/test_train_cli.py
+Training steps are lines with "kind": "train" (TensorBoard tags train/<key>); evaluations on the held-out
+split are "kind": "eval" (tags eval/<set>/<key>, as in the JSON lines).
+Tests: python -m pytest -q tests/test_reliability.py tests/test_train_cli.py tests/test_logger.py
 """
 import argparse
 import json
@@ -34,6 +38,68 @@ class JsonlLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+class RunLogger:
+    """A run's metrics to every sink of `log_to` ("jsonl", "tensorboard", "wandb", comma-separated; JSON lines
+    always). On resume, each sink drops or overwrites what was logged past the checkpoint's step."""
+
+    def __init__(self, out_dir: str | Path, log_to: str = "jsonl", resume_step: int | None = None,
+                 config: dict | None = None, wandb_project: str = "nanoufo"):
+        out_dir, sinks = Path(out_dir), log_to.split(",")
+        self.jsonl = JsonlLogger(out_dir / "log.jsonl", resume_step)
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in sinks:
+            self.tensorboard = _needs("tensorboard", "torch.utils.tensorboard").SummaryWriter(
+                str(out_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+        if "wandb" in sinks:
+            self.wandb = _needs("wandb").init(project=wandb_project, dir=str(out_dir), config=config,
+                                              id=_wandb_run_id(out_dir), resume="allow")
+
+    def log(self, record: dict) -> None:
+        self.jsonl.log(record)
+        scalars = {key: float(v) for key, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and key != "step"}
+        tags = {key if key.startswith("eval/") else f"{record.get('kind', 'train')}/{key}": v
+                for key, v in scalars.items()}
+        if self.tensorboard is not None:
+            for tag, value in tags.items():
+                self.tensorboard.add_scalar(tag, value, record["step"])
+            self.tensorboard.flush()  # a run killed later keeps what it logged
+        if self.wandb is not None:
+            self.wandb.log(tags, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_sinks(log_to: str) -> None:
+    """ValueError naming the package a sink of log_to needs and is not installed (before any work starts)."""
+    import importlib.util
+    for sink in log_to.split(","):
+        if sink in ("tensorboard", "wandb") and importlib.util.find_spec(sink) is None:
+            raise ValueError(f"config: log_to={sink} needs the {sink} package (pip install {sink})")
+
+
+def _needs(package: str, module: str | None = None):
+    """The module that a log sink needs; ValueError naming the package when it is not installed."""
+    import importlib
+    try:
+        return importlib.import_module(module or package)
+    except ImportError:
+        raise ValueError(f"config: log_to={package} needs the {package} package (pip install {package})") from None
+
+
+def _wandb_run_id(out_dir: Path) -> str:
+    """One W&B run per out_dir: the id kept in out_dir/wandb_run_id, so a resumed run continues it."""
+    path = out_dir / "wandb_run_id"
+    if not path.is_file():
+        import uuid
+        path.write_text(uuid.uuid4().hex[:12] + "\n")
+    return path.read_text().strip()
 
 
 def read_log(path: str | Path, drop_torn_tail: bool = False) -> list[dict]:

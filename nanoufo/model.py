@@ -178,8 +178,10 @@ def sequence_layout(position_ids: torch.Tensor, seq_lens: list[int] | None = Non
                     groups: int = 1, unpacked: bool = False) -> SequenceLayout:
     """The layout of an uncached forward over position_ids (B, T): the sequences seq_lens (host ints) packed in
     one row; else one sequence per row when `unpacked` says so (no host sync) or when no row holds a position
-    0 after its start (one host sync); else sequences starting at each position 0 (packed by position ids).
-    groups: query heads per KV head (the mask's folding)."""
+    0 after its start (one host sync); else sequences starting at each position 0 (packed by position ids;
+    flash-attn's offsets cost two more syncs). groups: query heads per KV head (the mask's folding). Every
+    forward of the project's own passes seq_lens or unpacked (the trainer's micro-batches, the PRM's calls),
+    so the syncs are left to callers who pass bare position ids."""
     B, T = position_ids.shape
     device = position_ids.device
     if seq_lens is not None:
@@ -210,8 +212,10 @@ def cache_layout(position_ids: torch.Tensor, cache_rows: torch.Tensor, *, kind: 
                  cache_len: int | None = None) -> SequenceLayout:
     """The layout of a cached forward: each row of position_ids (B, T) holds consecutive positions (the slots
     its tokens fill) and sees every slot up to its own. cache_len, the furthest position + 1 when the caller
-    knows it on the host, spares sdpa a host sync; a call whose rows all start at slot 0 (a prompt's prefill)
-    is plain causal attention over its own tokens, with no mask."""
+    knows it on the host, spares sdpa a host sync: the sampler's prefills pass it, and its decode step needs
+    none (on a GPU the Triton decode kernel reads the positions itself; the CPU's reference reads them back,
+    which costs a CPU nothing). A call whose rows all start at slot 0 (a prompt's prefill) is plain causal
+    attention over its own tokens, with no mask."""
     B, T = position_ids.shape
     if kind != "sdpa":
         return SequenceLayout(kind) if kind == "decode" else SequenceLayout(

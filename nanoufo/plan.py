@@ -13,25 +13,30 @@ the same), in bytes; what is counted:
 
 - resident for the whole run: the weights of actor, critic and reference in the compute dtype, and per
   trained model two fp32 AdamW moments (8 B/param) plus fp32 master weights (4 B/param) when the dtype
-  is not float32 (with float32 params the params are the masters); with cuda_graphs=true also the
-  decoder (KV cache, its state, the logits in its graphs' pool), which nanoufo.sampler.Decoders keeps
-  between rollouts so that the graphs are captured once;
+  is not float32 (with float32 params the params are the masters); with CUDA graphs also the decoder (KV
+  cache, its state, and its graphs' memory pool: one decode step's transients at the largest bucket, the
+  logits among them), which nanoufo.sampler.Decoders keeps between rollouts so that the graphs are captured
+  once;
 - rollout: the sampler's KV cache at its max_len: the rows kv_budget_gb holds (an ended episode's row
   takes the next waiting one), else a row per episode of the step, plus the spare padding row, and the
   decoder's per-row state (nanoufo/decode.py's byte counts); the prompts' prefill through one layer (no
   grad) and, for PyTorch's SDPA (no flash-attn), one layer's K and V gathered for every row; the decode
-  step's full-vocabulary fp32 logits (with their all-gather's buffers under TP);
+  step's full-vocabulary fp32 logits (with their all-gather's buffers under TP), one layer's transients and
+  the decode attention's split partials for every row;
 - scoring (no-grad forwards): one micro-batch through one layer, the fused LM head's fp32 chunk, the
   batch's per-token arrays and GAE's (T, T) discount matrix;
 - update: the gradients of actor and critic (fp32: summed over micro-batches in fp32, nanoufo/optim.py;
   for bf16 parameters also the largest parameter's bf16 gradient before its hook folds it in), the saved
   activations of the largest micro-batch (activation_bytes_per_token), one layer's backward transient and
   the LM head fused with the PPO loss (a row chunk's fp32 logits and their gradient, the head's fp32 weight
-  gradient and its cast, mm_acc's slice); the actor's backward runs before the critic's forward, so the
-  larger model's activations count, not both. train.py frees the gradients after the update.
+  gradient and its cast); the actor's backward runs before the critic's forward, so the larger model's
+  activations count, not both. train.py frees the gradients after the update.
 
-Lengths: an episode is at most prompt_tokens (a planning figure, default 512: prompts are data) +
-max_turns x max_new_tokens + a 32-token feedback turn between attempts, the sampler's own max_len.
+CUDA graphs: cuda_graphs="true" plans them; "auto" (a GPU run) plans them when they fit, else plans without
+them and says so (train.py then decodes eagerly); "false" never. Lengths: an episode is at most
+max_prompt_tokens + max_turns x max_new_tokens + a feedback turn between attempts (32 tokens here;
+train.py passes its environment's longest), at most the model's context: the sampler's max_len
+(nanoufo.sampler.run_max_len).
 Not counted: a process reward model (reward="prm"), the CUDA context and allocator slack (RESERVE_GIB is
 kept free for them), the optimizer step's foreach temporaries, and fragmentation.
 Tests: python -m pytest -q tests/test_plan.py
@@ -39,19 +44,20 @@ Tests: python -m pytest -q tests/test_plan.py
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from nanoufo.config import TrainConfig, parse_args
 from nanoufo.decode import kv_bytes_per_token, logits_bytes_per_row, state_bytes_per_row
+from nanoufo.kernels.decode_attention import partial_bytes_per_query
 from nanoufo.kernels.linear_ppo_loss import default_chunk_rows
-from nanoufo.kernels.linear_token_stats import ACC_SLICE_ELEMENTS, DEFAULT_CHUNK
+from nanoufo.kernels.linear_token_stats import DEFAULT_CHUNK
 from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.optim import MAIN_DTYPE
 from nanoufo.parallel import ParallelContext
-from nanoufo.sampler import budget_rows, episode_max_len
+from nanoufo.sampler import FEEDBACK_TOKENS, budget_rows, run_max_len
 
 GIB = 2**30
 RESERVE_GIB = 2.0  # CUDA context, cuBLAS workspaces, allocator slack
@@ -115,9 +121,9 @@ def layer_transient_bytes_per_token(config: QwenConfig, tp: int, itemsize: int) 
     return 4 * H + itemsize * (2 * H + 2 * q + 2 * kv + 3 * (config.intermediate_size // tp))
 
 
-def episode_tokens(cfg: TrainConfig, prompt_tokens: int) -> int:
-    """The longest episode (the sampler's max_len): prompt, every attempt, a feedback turn between attempts."""
-    return episode_max_len(prompt_tokens, cfg.max_turns, cfg.max_new_tokens)
+def episode_tokens(cfg: TrainConfig, context: int, feedback_len: int = FEEDBACK_TOKENS) -> int:
+    """The longest episode, the sampler's max_len: prompt, every attempt, a feedback turn between attempts."""
+    return run_max_len(cfg.max_prompt_tokens, cfg.max_turns, cfg.max_new_tokens, feedback_len, context)
 
 
 @dataclass
@@ -125,6 +131,8 @@ class Plan:
     phases: dict[str, dict[str, int]]  # phase -> {component: bytes}
     budget: int | None  # bytes usable per GPU (GPU memory - RESERVE_GIB); None: no check
     knobs: dict[str, str]  # phase -> what to change when it does not fit
+    graphs: bool = False  # the rollout decodes with CUDA graphs (their decoder kept in every phase)
+    note: str = ""  # why cuda_graphs=auto plans without them
 
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -138,7 +146,8 @@ class Plan:
             detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items())
             lines.append(f"  {phase:>8}: {self.peak(phase) / GIB:7.2f} GiB  ({detail})")
         budget = "no limit (CPU)" if self.budget is None else f"{self.budget / GIB:.1f} GiB usable per GPU"
-        return f"memory plan per GPU, GiB ({budget}):\n" + "\n".join(lines)
+        graphs = "on (the decoder kept in every phase)" if self.graphs else f"off{self.note}"
+        return f"memory plan per GPU, GiB ({budget}; CUDA graphs {graphs}):\n" + "\n".join(lines)
 
     def refusal(self) -> str | None:
         """One line naming the phases over budget and the knobs to change; None when everything fits."""
@@ -151,8 +160,20 @@ class Plan:
 
 
 def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float | None,
-              prompt_tokens: int = 512) -> Plan:
-    """The per-GPU plan of one training step (see the module docstring for what each phase counts)."""
+              feedback_len: int = FEEDBACK_TOKENS, graphs: bool = True) -> Plan:
+    """The per-GPU plan of one training step (see the module docstring for what each phase counts). graphs:
+    whether the run may decode with CUDA graphs (False on the CPU); cfg.cuda_graphs says whether it will."""
+    plan = _plan(cfg, config, tp, gpu_mem_gib, feedback_len, graphs and cfg.cuda_graphs != "false")
+    if plan.graphs and cfg.cuda_graphs == "auto" and plan.refusal():
+        eager = _plan(cfg, config, tp, gpu_mem_gib, feedback_len, False)
+        if eager.refusal() is None:
+            return replace(eager, note=" (cuda_graphs=auto: the decoder they keep does not fit beside scoring "
+                                       "and the update)")
+    return plan
+
+
+def _plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float | None, feedback_len: int,
+          graphs: bool) -> Plan:
     s = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
     main = MAIN_DTYPE.itemsize
     actor, actor_largest = params_per_rank(config, tp)
@@ -162,18 +183,21 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     lower = cfg.dtype != "float32"  # then the optimizer holds fp32 masters and the gradients are summed in fp32
     resident = {"weights": (trained + ref) * s, "optimizer": trained * (2 * main + (main if lower else 0))}
 
-    length = min(episode_tokens(cfg, prompt_tokens), config.max_position_embeddings)
+    length = episode_tokens(cfg, config.max_position_embeddings, feedback_len)
     episodes = cfg.problems_per_step * cfg.n_samples_per_problem
     kv = kv_bytes_per_token(config, tp, s)
     rows = budget_rows(int(cfg.kv_budget_gb * GIB), length * kv)  # too small for one: the sampler refuses it
     wave = min(max(rows, 1), episodes) if cfg.kv_budget_gb else episodes  # rows decoding at once
     layer = layer_transient_bytes_per_token(config, tp, s)
     vocab_local = math.ceil(config.vocab_size / tp)
+    attention = partial_bytes_per_query(config.num_attention_heads // tp, length, config.head_dim)
     decoder = {"kv_cache": (wave + 1) * length * kv, "decoder_state": (wave + 1) * state_bytes_per_row(length),
-               "decode_logits": wave * logits_bytes_per_row(config.vocab_size, tp)}
-    rollout = resident | decoder | {"prefill": wave * prompt_tokens * layer,
+               "decode_logits": wave * logits_bytes_per_row(config.vocab_size, tp),
+               "decode_step": wave * (layer + attention)}  # with the logits: a graph pool's content
+    prompt = min(cfg.max_prompt_tokens, length)
+    rollout = resident | decoder | {"prefill": wave * prompt * layer,
                                     "prefill_kv_gather": wave * length * kv // config.num_hidden_layers}
-    if cfg.cuda_graphs:  # the decoder and its graphs' pool stay allocated from rollout to rollout
+    if graphs:  # the decoder and its graphs' pool stay allocated from rollout to rollout
         resident = resident | decoder
 
     kept = cfg.batch_episodes
@@ -192,15 +216,15 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
     if lower:  # a parameter's bf16 gradient until its hook adds it to the fp32 sum: the largest one at most
         gradients["gradient_transient"] = max(actor_largest, critic_largest) * s
     # the head fused with the PPO loss (kernels/linear_ppo_loss.py): a row chunk's fp32 logits and their gradient
-    # in the compute dtype, the head's fp32 weight gradient, its cast to the weight's dtype, and mm_acc's slice
+    # in the compute dtype, the head's fp32 weight gradient (accumulated in place) and its cast to the weight's dtype
     chunk_rows = min(micro, default_chunk_rows(vocab_local))
     fused_head = {"lm_head_chunk": chunk_rows * vocab_local * (4 + s),
-                  "lm_head_grad": vocab_local * config.hidden_size * (4 + s) + ACC_SLICE_ELEMENTS * 4}
+                  "lm_head_grad": vocab_local * config.hidden_size * (4 + s)}
     update = resident | gradients | fused_head | {"activations": micro * per_token,
                                                   "backward_transient": micro * layer,
                                                   "batch_arrays": kept * length * 4 * PER_TOKEN_ARRAYS}
-    kept_cache = f"; cuda_graphs=true keeps the KV cache: lower kv_budget_gb (now {cfg.kv_budget_gb or 'unset'})" \
-        if cfg.cuda_graphs else ""
+    kept_cache = (f"; CUDA graphs keep the decoder ({sum(decoder.values()) / GIB:.2f} GiB): lower kv_budget_gb "
+                  f"(now {cfg.kv_budget_gb or 'unset'}) or set cuda_graphs=false") if graphs else ""
     knobs = {
         "rollout": f"lower kv_budget_gb (now {cfg.kv_budget_gb or 'unset: a row per episode'}, {wave} of "
                    f"{episodes} episodes at once) or raise tp",
@@ -210,25 +234,24 @@ def make_plan(cfg: TrainConfig, config: QwenConfig, tp: int, gpu_mem_gib: float 
                   f"(now {tp}){kept_cache}",
     }
     budget = None if not gpu_mem_gib else int((gpu_mem_gib - RESERVE_GIB) * GIB)
-    return Plan({"rollout": rollout, "scoring": scoring, "update": update}, budget, knobs)
+    return Plan({"rollout": rollout, "scoring": scoring, "update": update}, budget, knobs, graphs)
 
 
 def main(argv: list[str]) -> int:
-    """`python -m nanoufo.plan [config.py ...] [--key=value ...] --gpus=N --gpu_mem_gib=G [--model=...]
-    [--prompt_tokens=512]`: prints the plan; exit status 1 when it does not fit, 2 on a
-    bad flag, key or model."""
+    """`python -m nanoufo.plan [config.py ...] [--key=value ...] --gpus=N --gpu_mem_gib=G [--model=...]`: prints
+    the plan (of a GPU run: cuda_graphs=auto plans CUDA graphs where they fit); exit status 1 when it does not
+    fit, 2 on a bad flag, key or model."""
     own = argparse.ArgumentParser(prog="python -m nanoufo.plan", allow_abbrev=False)
     own.add_argument("--gpus", type=int, default=1)
     own.add_argument("--model", default="")
-    own.add_argument("--prompt_tokens", type=int, default=512)
     args, rest = own.parse_known_args(argv)  # the rest are training config files and keys (gpu_mem_gib among them)
     cfg = parse_args(rest, check_paths=False)
     tp = cfg.tp if args.gpus > 1 else 1
     if args.gpus % tp:
         raise ValueError(f"plan: tp={tp} does not divide --gpus={args.gpus}")
     config = model_config(args.model or cfg.init_from)
-    plan = make_plan(cfg, config, tp, cfg.gpu_mem_gib or None, args.prompt_tokens)
-    longest = episode_tokens(cfg, args.prompt_tokens)
+    plan = make_plan(cfg, config, tp, cfg.gpu_mem_gib or None)
+    longest = episode_tokens(cfg, config.max_position_embeddings)
     print(f"{args.gpus} GPU(s) = DP {args.gpus // tp} x TP {tp}; longest episode {longest} tokens")
     print(plan.format())
     refusal = plan.refusal()

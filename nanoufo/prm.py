@@ -13,8 +13,9 @@ score is the softmax probability of label 1 of the `score` head at that step's s
 id is read from the checkpoint's tokenizer (Qwen2.5-Math-PRM's names id 151651 <extra_0>; the general
 Qwen2.5 tokenizer calls the same id <|quad_end|>, so it is refused rather than guessed).
 
-Inputs of different lengths are packed several to a row (a token at position 0 starts a new sequence,
-see nanoufo/model.py) and only the hidden states at separators go through the head: no (T, V) logits.
+Inputs of different lengths are packed several to a row, and a call's rows end to end in one forward whose
+sequence lengths are given (nanoufo/model.py seq_lens: no host sync to find them, no padding computed); only
+the hidden states at separators go through the head: no (T, V) logits.
 Tests: python -m pytest -q tests/test_prm.py
 """
 import bisect
@@ -27,11 +28,12 @@ from pathlib import Path
 import torch
 
 from nanoufo import rl
-from nanoufo.config import PRM_AGGREGATES
-from nanoufo.model import PRM_ARCHITECTURE, Qwen2
+from nanoufo.model import PRM_ARCHITECTURE, Qwen2, to_device
+from nanoufo.options import PRM_AGGREGATES
 from nanoufo.parallel import SINGLE, ParallelContext
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
+
 
 SEPARATOR = "<extra_0>"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -151,19 +153,18 @@ class PRMScorer:
         return results
 
     def _score_rows(self, rows: list[list[list[int]]]) -> list[torch.Tensor]:
-        """One forward over packed rows (each a list of inputs); the step probabilities of each input in order."""
+        """One forward over the rows' inputs packed end to end, each a sequence of its own (lengths known on the
+        host: no device read to find them); the step probabilities of each input in order."""
         device = self.model.model.norm.weight.device
-        width = max(sum(map(len, row)) for row in rows)
-        ids, positions, at_separators, counts = [], [], [], []
-        for r, row in enumerate(rows):
-            flat = sum(row, [])
-            ids.append(flat + [0] * (width - len(flat)))  # padding: one more sequence nobody reads
-            positions.append([p for item in row for p in range(len(item))] + list(range(width - len(flat))))
-            at_separators += [r * width + t for t, token in enumerate(flat) if token == self.separator]
-            counts += [item.count(self.separator) for item in row]
-        hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device))  # (R, W, H)
-        picked = hidden.flatten(0, 1)[torch.tensor(at_separators, device=device)]  # (N_steps, H)
-        return list(self.model.step_probs(picked).cpu().split(counts))
+        inputs = [item for row in rows for item in row]
+        lengths, flat = [len(item) for item in inputs], sum(inputs, [])
+        ids = torch.tensor([flat])  # (1, N)
+        positions = torch.tensor([[p for n in lengths for p in range(n)]])  # (1, N)
+        at_separators = torch.tensor([t for t, token in enumerate(flat) if token == self.separator])
+        ids, positions, at_separators = (to_device(x, device) for x in (ids, positions, at_separators))
+        hidden = self.model(ids, positions, seq_lens=lengths)[0]  # (N, H)
+        counts = [item.count(self.separator) for item in inputs]
+        return list(self.model.step_probs(hidden[at_separators]).cpu().split(counts))
 
     def response_scores(self, questions: list[str], responses: list[str], how: str) -> list[float | None]:
         """One score per response (its steps' scores aggregated); None where step_scores gives None."""

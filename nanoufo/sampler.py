@@ -1,9 +1,9 @@
 """KV-cached, batched, multi-turn sampling with continuous batching: each episode is one conversation on one
 row of a preallocated KV cache, and a row whose episode ends takes the next waiting episode.
 
-    from nanoufo.sampler import generate
-    rollout = generate(model, prompts, next_turn, max_turns=5, max_new_tokens=512, stop_ids=env.stop_ids,
-                       temperature=1.0, top_p=1.0, seed=0, kv_budget_bytes=40 * 2**30)
+    from nanoufo.sampler import SamplingOptions, generate
+    sampling = SamplingOptions(max_new_tokens=512, temperature=1.0, top_p=1.0, kv_budget_gb=40)
+    rollout = generate(model, prompts, next_turn, sampling, max_turns=5, stop_ids=env.stop_ids, seed=0)
 
 The number of cache rows comes from the KV budget (default: one per episode), so the KV memory is bounded
 whatever the number of episodes. Prompts are prefilled in right-padded batches as rows free up; a token's
@@ -31,9 +31,11 @@ from typing import Callable
 
 import torch
 
-from nanoufo.cuda_graphs import DecodeGraphs, bucket_for, buckets_for_rows
+from nanoufo.cuda_graphs import CaptureFailed, DecodeGraphs, bucket_for, buckets_for_rows, graphs_wanted
 from nanoufo.decode import MAX_EPISODE_TOKENS, Decoder, Sampling, kv_bytes_per_row
 from nanoufo.model import Qwen2, to_device
+from nanoufo.options import SamplingOptions
+from nanoufo.parallel import print0
 
 NextTurn = Callable[[list[int], list[list[int]], list[bool]], list[list[int] | None]]
 SYNC_EVERY = 8  # decode steps between two stop checks at most
@@ -57,6 +59,8 @@ class Rollout:
     n_decode_steps: int  # single-token forward calls
     n_decode_rows: int = 0  # rows decoded, summed over the decode steps (padding left out)
     n_cache_rows: int = 0  # KV-cache rows the episodes shared (the spare row left out)
+    n_graph_replays: int = 0  # decode steps that were CUDA graph replays (the rest ran eagerly)
+    temperature: float = 1.0  # the temperature `logprobs` are under, which the trainer's forwards use too
 
     def _map(self, tensor_fn, list_fn) -> "Rollout":
         """The same rollout (its own class) with tensor_fn applied to each tensor field, list_fn to each list."""
@@ -115,20 +119,29 @@ class _Conversation:
         self.logprobs += logprobs or [0.0] * len(tokens)
 
 
-def _rollout(conversations: list[_Conversation], *counts: int) -> Rollout:
+def _rollout(conversations: list[_Conversation], *counts: int, temperature: float) -> Rollout:
     width = max(len(c.tokens) for c in conversations)
     pad = lambda rows, value: [r + [value] * (width - len(r)) for r in rows]  # noqa: E731
     return Rollout(torch.tensor(pad([c.tokens for c in conversations], 0)),
                    torch.tensor([len(c.tokens) for c in conversations]),
                    torch.tensor(pad([c.sampled for c in conversations], 0.0)),
                    torch.tensor(pad([c.logprobs for c in conversations], 0.0)), [c.spans for c in conversations],
-                   *counts)
+                   *counts, temperature=temperature)
 
 
 def episode_max_len(prompt_len: int, max_turns: int, max_new_tokens: int,
                     feedback_len: int = FEEDBACK_TOKENS) -> int:
     """The longest an episode can grow: its prompt, every attempt, and a feedback turn between two attempts."""
     return prompt_len + max_turns * max_new_tokens + (max_turns - 1) * feedback_len
+
+
+def run_max_len(max_prompt_tokens: int, max_turns: int, max_new_tokens: int, feedback_len: int,
+                context: int) -> int:
+    """A run's max_len: the longest episode its limits allow (the longest prompt it admits, every attempt and
+    the feedback between them), at most the model's context. Fixed for the run, unlike the default of
+    generate(), which follows each batch's longest prompt: a longer cache would mean a new decoder and new
+    CUDA graphs whenever a longer prompt arrives."""
+    return min(episode_max_len(max_prompt_tokens, max_turns, max_new_tokens, feedback_len), context)
 
 
 def budget_rows(kv_budget_bytes: int, row_bytes: int) -> int:
@@ -153,15 +166,23 @@ class Decoders:
     generate() calls so that the graphs are captured once and every later rollout replays them. A call reuses
     them when its sampling (temperature, top-p, seed: values a graph holds) and stop ids are the same, its
     max_len fits the cache and the cache has the rows the call would get; otherwise the old decoder is dropped
-    and a new one built (and captured) with the longer of the two lengths. The cache stays allocated between
-    calls: with cuda_graphs, nanoufo/plan.py counts it in every phase of a step.
+    and a new one built (and captured) with the longer of the two lengths: a run passes one max_len to every
+    call (run_max_len) so that this never happens. The cache stays allocated between calls: with cuda_graphs,
+    nanoufo/plan.py counts it in every phase of a step.
 
-        decoders = Decoders()                               # train.py: one per run
-        generate(model, prompts, ..., cuda_graphs=True, decoders=decoders)
+    Counted for the run's log: captures (bucket graphs recorded) and capture_failures. A failed capture leaves
+    the decoder eager, says so once when it happens (failure holds the reason) and, with required=True (an
+    explicit cuda_graphs=true), raises CaptureFailed instead, on every tensor-parallel rank alike.
+
+        decoders = Decoders(required=cfg.cuda_graphs == "true")   # train.py: one per run
+        generate(model, prompts, next_turn, sampling, ..., max_len=run_max_len(...), decoders=decoders)
     """
 
-    def __init__(self):
-        self.decoder, self.graphs, self.buckets, self.key, self.captures = None, None, None, None, 0
+    def __init__(self, required: bool = False):
+        self.required = required
+        self.decoder, self.graphs, self.buckets, self.key = None, None, None, None
+        self.captures = self.capture_failures = 0
+        self.failure: str | None = None  # why the last capture failed
 
     def get(self, model: Qwen2, n_episodes: int, max_len: int, sampling: Sampling, stop_ids: list[int],
             max_new_tokens: int, kv_budget_bytes: int | None, cuda_graphs: bool,
@@ -177,14 +198,30 @@ class Decoders:
             self.buckets = buckets_for_rows(n_rows, buckets) if cuda_graphs or buckets is not None else None
             self.decoder = Decoder(model, n_rows, capacity, sampling, stop_ids, max_new_tokens,
                                    max(self.buckets or [0]))
-            if cuda_graphs:
-                self.graphs = DecodeGraphs.capture(self.decoder.step, self.buckets, self.decoder.batch.device,
-                                                   model.par.tp_group)
-                self.captures += 1
             self.key = key
+            if cuda_graphs:
+                self.capture(model)
         self.decoder.live.zero_()  # no row is open between calls, whatever ended the last one
         self.decoder.set_limits(max_len, max_new_tokens)
         return self.decoder, self.graphs, self.buckets
+
+    def capture(self, model: Qwen2) -> None:
+        """The graphs of the new decoder's buckets, or a counted failure (raised when required)."""
+        try:
+            self.graphs = DecodeGraphs.capture(self.decoder.step, self.buckets, self.decoder.batch.device,
+                                               model.par.tp_group)
+        except CaptureFailed as e:
+            self.capture_failures += 1
+            self.failure = str(e)
+            if self.required:
+                raise
+            print0(f"CUDA graph capture failed, decoding eagerly (cuda_graphs=auto): {e}")
+            return
+        self.captures += 0 if self.graphs is None else len(self.graphs.graphs)
+
+    def stats(self) -> dict:
+        """The run's graph counters for its log."""
+        return dict(graph_captures=self.captures, graph_capture_failures=self.capture_failures)
 
 
 class _Run:
@@ -201,7 +238,7 @@ class _Run:
         self.free = list(range(decoder.spare))  # cache rows without an episode, lowest first
         self.episode_of: dict[int, int] = {}  # row -> episode
         self.to_resume: list[int] = []  # rows whose next attempt starts after their feedback is prefilled
-        self.n_prefill_tokens = self.n_decode_steps = self.n_decode_rows = 0
+        self.n_prefill_tokens = self.n_decode_steps = self.n_decode_rows = self.n_graph_replays = 0
 
     def on(self, row: int) -> _Conversation:
         """The conversation of the episode on a cache row."""
@@ -214,7 +251,8 @@ class _Run:
             rows = sorted(self.episode_of)
             if not rows:
                 return _rollout(self.conversations, self.n_prefill_tokens, self.n_decode_steps, self.n_decode_rows,
-                                self.decoder.spare)
+                                self.decoder.spare, self.n_graph_replays,
+                                temperature=self.decoder.sampling.temperature or 1.0)
             live, lengths = self.decoder.poll(rows)  # the stop check
             ended = [(r, n) for r, n, is_live in zip(rows, lengths, live) if not is_live]
             if ended:
@@ -272,6 +310,7 @@ class _Run:
         for _ in range(min(self.sync_every, limit)):
             if self.graphs is not None:
                 self.graphs.replay(padded)
+                self.n_graph_replays += 1
             else:
                 self.decoder.step(padded)
             self.n_decode_steps += 1
@@ -330,31 +369,42 @@ def _check(prompts: list[list[int]], max_len: int, max_turns: int, max_new_token
 
 
 @torch.no_grad()
-def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, *, max_turns: int, max_new_tokens: int,
-             stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_len: int | None = None, feedback_len: int = FEEDBACK_TOKENS, episode_ids: list[int] | None = None,
-             kv_budget_bytes: int | None = None, cuda_graphs: bool = False, buckets: list[int] | None = None,
-             sync_every: int = SYNC_EVERY, decoders: Decoders | None = None) -> Rollout:
-    """Sample up to max_turns attempts per prompt (see the module docstring); greedy when temperature == 0.
+def generate(model: Qwen2, prompts: list[list[int]], next_turn: NextTurn, sampling: SamplingOptions, *,
+             max_turns: int, stop_ids: list[int], seed: int = 0, max_len: int | None = None,
+             feedback_len: int = FEEDBACK_TOKENS, episode_ids: list[int] | None = None,
+             buckets: list[int] | None = None, sync_every: int = SYNC_EVERY,
+             decoders: Decoders | None = None) -> Rollout:
+    """Sample up to max_turns attempts per prompt (see the module docstring) as `sampling` says: at most
+    max_new_tokens per attempt, greedy when temperature == 0, the KV cache bounded by kv_budget_gb (default:
+    a row per episode), and with cuda_graphs one CUDA graph replay per decode step (CUDA only; the CPU and any
+    failed capture decode eagerly).
 
     next_turn gets the episodes whose attempt just ended, each attempt's sampled tokens (its stop token
     included) and whether it ended on a stop token; it is called after every attempt, the last one
     included. max_len (default: the longest prompt + max_turns attempts + feedback_len tokens per feedback
-    turn, at most the model's max_position_embeddings) bounds each episode: an attempt that reaches it ends,
-    feedback that leaves no room ends the episode. episode_ids (default 0..B-1) key the sampling noise.
-    kv_budget_bytes bounds the KV cache (default: a row per episode). buckets (default with cuda_graphs: a
-    doubling list) pad each decode batch to a bucket's size with the spare row; cuda_graphs replays one
-    CUDA graph per bucket (CUDA only; the CPU and any failed capture decode eagerly). decoders (a Decoders)
-    keeps the decoder and its graphs for the next call: captured once per run, not once per call."""
+    turn, at most the model's max_position_embeddings; a run passes its own, run_max_len) bounds each
+    episode: an attempt that reaches it ends, feedback that leaves no room ends the episode. episode_ids
+    (default 0..B-1) key the sampling noise. buckets (default with graphs: a doubling list) pad each decode
+    batch to a bucket's size with the spare row. decoders (a Decoders) keeps the decoder and its CUDA graphs for
+    the next call: captured once per run, not once per call. Each decode step is one graph replay with
+    sampling.cuda_graphs "true", or "auto" on CUDA when decoders keeps them (a one-off call decodes eagerly
+    rather than capture graphs it would replay for one rollout); the CPU decodes eagerly, and so does a failed
+    capture unless decoders.required ("true" makes the call's own Decoders required). The rollout counts the
+    steps that were replays."""
     if not prompts:
         empty = torch.zeros(0, 0)
-        return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0)
-    max_len = max_len or min(episode_max_len(max(map(len, prompts)), max_turns, max_new_tokens, feedback_len),
-                             model.config.max_position_embeddings)  # never past the context the model knows
+        return Rollout(empty.long(), torch.zeros(0, dtype=torch.long), empty, empty, [], 0, 0,
+                       temperature=sampling.temperature or 1.0)
+    max_new_tokens = sampling.max_new_tokens
+    max_len = max_len or run_max_len(max(map(len, prompts)), max_turns, max_new_tokens, feedback_len,
+                                     model.config.max_position_embeddings)  # never past the context the model knows
     episode_ids = list(range(len(prompts))) if episode_ids is None else list(episode_ids)
     _check(prompts, max_len, max_turns, max_new_tokens, episode_ids, sync_every, model.config.vocab_size)
-    decoder, graphs, buckets = (decoders or Decoders()).get(model, len(prompts), max_len,
-                                                            Sampling(temperature, top_p, seed), stop_ids,
-                                                            max_new_tokens, kv_budget_bytes, cuda_graphs, buckets)
+    graphs = graphs_wanted(sampling.cuda_graphs, model.lm_head_weight.device) and (
+        decoders is not None or sampling.cuda_graphs == "true")
+    decoders = decoders or Decoders(required=sampling.cuda_graphs == "true")
+    decoder, graphs, buckets = decoders.get(model, len(prompts), max_len,
+                                            Sampling(sampling.temperature, sampling.top_p, seed), stop_ids,
+                                            max_new_tokens, sampling.kv_budget_bytes, graphs, buckets)
     return _Run(model, prompts, next_turn, decoder, max_turns=max_turns, stop_ids=stop_ids, episode_ids=episode_ids,
                 buckets=buckets, graphs=graphs, sync_every=sync_every).run()

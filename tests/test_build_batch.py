@@ -41,7 +41,7 @@ def rollout() -> Graded:
     sampled = Rollout(tokens=tokens, lengths=torch.tensor([6 if m == TWO_TURNS else 4 for m in MASKS]),
                       loss_mask=mask, logprobs=-0.1 * tokens * mask, turn_spans=spans, n_prefill_tokens=0,
                       n_decode_steps=0)
-    return Graded(sampled, [None] * len(TOKENS), TURN_REWARDS)
+    return Graded(sampled, [None] * len(TOKENS), TURN_REWARDS, group_size=2)
 
 
 def batch_of(cfg: TrainConfig, actor, critic, ref):
@@ -156,7 +156,7 @@ def test_grpo_kl_in_the_reward_counts_only_the_sampled_tokens(models):
     tokens = torch.tensor([[3, 5, 3, 2, 9, 2], [2, 2, 3, 3, 2, 3]])
     mask = torch.tensor([TWO_TURNS, TWO_TURNS], dtype=torch.float32)
     rows = Graded(Rollout(tokens, torch.tensor([6, 6]), mask, -0.1 * tokens * mask, [[(2, 4), (5, 6)]] * 2, 0, 0),
-                  [None, None], [[0.25, 0.25], [0.25, 0.25]])  # scores 0.5
+                  [None, None], [[0.25, 0.25], [0.25, 0.25]], group_size=2)  # scores 0.5
     cfg = config(algorithm="grpo", problems_per_step=1, keep_groups=0, minibatch_size=2)
     batch, stats = build_batch(cfg, actor, None, ref, trainer.score_rollout(cfg, actor, rows)[0])
     s = 1 / math.sqrt(2)

@@ -68,6 +68,10 @@ def test_wrong_type_in_file_and_on_command_line(tmp_path):
     (["--dual_clip=1.0"], "dual_clip > 1"),
     (["--eval_data=data/gsm8k/test.jsonl"], "both be 'demo'"),
     (["--dtype=float16"], "dtype='float16' cannot train (no loss scaling); use bfloat16 or float32"),
+    (["--reward=self_certainty", "--reward_fn=mine.py:reward"], "reward_fn replaces the environment's reward"),
+    (["--cuda_graphs=yes"], "cuda_graphs='yes' is not one of auto, true, false"),
+    (["--cuda_graphs=yes"], "cuda_graphs='yes' is not one of auto, true, false"),
+    (["--max_prompt_tokens=0"], "max_prompt_tokens=0 must be at least 1"),
 ])
 def test_impossible_combinations_are_rejected(args, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

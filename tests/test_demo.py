@@ -8,6 +8,7 @@ import pytest
 
 from nanoufo import demo
 from nanoufo.env import UFOEnv
+from nanoufo.options import EnvOptions
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_an_attempt_is_acceptable_when_it_is_one_boxed_digit_of_the_range():
 
 def test_feedback_and_boxed_are_single_tokens(tokenizer):
     assert tokenizer.tokenize("\\boxed{7}Try again.") == ["\\boxed{", "7", "}", "Try again."]
-    env = UFOEnv(tokenizer, instruction="")
+    env = UFOEnv(tokenizer, EnvOptions(instruction=""))
     feedback = "\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(env.feedback_ids(True)) == feedback
 
@@ -50,7 +51,7 @@ def test_warmup_episode(tokenizer, monkeypatch, forget):
     """forget 0: the careful guesser never repeats and always finds the gold within 5 turns (3-5 candidates);
     forget 1: the independent guesser repeats somewhere. The loss mask covers exactly the attempts."""
     monkeypatch.setattr(demo, "WARMUP_FORGET", forget)
-    env = UFOEnv(tokenizer, instruction="")
+    env = UFOEnv(tokenizer, EnvOptions(instruction=""))
     rng, repeated = random.Random(0), 0
     for problem in demo.make_problems("train", 50, seed=0):
         ids, mask = demo.warmup_episode(env, tokenizer, problem, rng, max_turns=5)

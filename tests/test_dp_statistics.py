@@ -9,6 +9,7 @@ import math
 import torch
 
 from distributed_utils import launch
+from nanoufo.options import EnvOptions, SamplingOptions
 
 # 8 groups of 2 episodes: the four with the largest spread are 0, 1, 2 (first half) and 5 (second half), so
 # the global filter moves group 2 to the second rank, where a per-rank filter would keep groups 4 and 5.
@@ -26,11 +27,11 @@ def _dp_checks() -> dict:
     from nanoufo.evaluate import evaluate
     from nanoufo.model import Qwen2
     from nanoufo.parallel import init_parallel
-    from nanoufo.rollout import run_episodes
+    from nanoufo.rollout import Noise, run_episodes
     from nanoufo.trainer import build_batch, score_rollout
     par = init_parallel(tp=1, timeout_s=60)
     tokenizer = demo.build_tokenizer()
-    env = UFOEnv(tokenizer, instruction="", max_turns=2)
+    env = UFOEnv(tokenizer, EnvOptions(instruction="", max_turns=2))
     single = demo.build_model(len(tokenizer), seed=0)
     models = {}
     for layout in (None, par):  # the same weights as one process and as a DP replica
@@ -43,10 +44,10 @@ def _dp_checks() -> dict:
             critic.value_head.bias.fill_(0.1)
         models[layout is not None] = actor, critic
     problems = demo.make_problems("train", 8, seed=0)
-    graded = run_episodes(single, env, problems, n_samples_per_problem=2, max_new_tokens=4,
-                          temperature=1.0, seed=0)  # every rank samples the same whole batch
-    cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4,
-                                       minibatch_size=8)
+    graded = run_episodes(single, env, problems, SamplingOptions(max_new_tokens=4, temperature=1.0), Noise(0),
+                          n_samples_per_problem=2)  # every rank samples the same whole batch
+    cfg = TrainConfig(max_turns=2, problems_per_step=8, n_samples_per_problem=2, keep_groups=4, minibatch_size=8,
+                      kl_coef=0.0)  # no reference model
     scored = dataclasses.replace(score_rollout(cfg, single, graded)[0], scores=torch.tensor(SCORES))
     whole, _ = build_batch(cfg, *models[False], None, scored)
     cfg_dp = dataclasses.replace(cfg, keep_groups=2, minibatch_size=4)
@@ -57,10 +58,11 @@ def _dp_checks() -> dict:
     errors = {f: (getattr(mine, f) - getattr(want, f)[:, :T]).abs().max().item()
               for f in ("advantages", "returns", "old_logp", "old_values")}
 
-    eval_options = dict(k=2, batch_size=2, max_new_tokens=3, temperature=1.0, seed=5, progress=False)
+    sampling, eval_options = SamplingOptions(max_new_tokens=3, temperature=1.0), dict(k=2, batch_size=2, seed=5,
+                                                                                       progress=False)
     for mode in ("succ", "pass"):  # 5 problems in batches of 1 or 2: the ranks take different numbers
-        alone = evaluate(models[False][0], env, problems[:5], mode=mode, **eval_options)
-        shared = evaluate(models[True][0], env, problems[:5], mode=mode, par=par, **eval_options)
+        alone = evaluate(models[False][0], env, problems[:5], sampling, mode=mode, **eval_options)
+        shared = evaluate(models[True][0], env, problems[:5], sampling, mode=mode, par=par, **eval_options)
         errors[f"eval_{mode}"] = 0.0 if _same(alone, shared) else 1.0
     return errors
 

@@ -7,6 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
+from nanoufo.options import EnvOptions
 
 QUESTION = "What is 3 * 6?"
 ATTEMPTS = [  # (response text, ended with <|im_end|>): the second one was cut off by the token limit
@@ -49,10 +50,10 @@ def rollout_ids(env: UFOEnv, tokenizer) -> tuple[list[int], list[int]]:
 
 @pytest.mark.parametrize("system_prompt", [None, "You are a careful mathematician."])
 def test_conversation_tokens_match_the_chat_template(tokenizer, system_prompt):
-    env = UFOEnv(tokenizer, system_prompt=system_prompt)
+    env = UFOEnv(tokenizer, EnvOptions(system_prompt=system_prompt))
     ids, mask = rollout_ids(env, tokenizer)
     system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    conversation = system + [{"role": "user", "content": f"{QUESTION} {env.instruction}"}]
+    conversation = system + [{"role": "user", "content": f"{QUESTION} {env.options.instruction}"}]
     for turn, (text, _) in enumerate(ATTEMPTS):
         feedback = [{"role": "user", "content": "Try again."}] if turn else []
         conversation += feedback + [{"role": "assistant", "content": text}]
@@ -66,7 +67,7 @@ def test_conversation_tokens_match_the_chat_template(tokenizer, system_prompt):
 
 
 def test_stop_ids_and_feedback_text(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, feedback="Wrong, think again.")
+    env = UFOEnv(qwen_tokenizer, EnvOptions(feedback="Wrong, think again."))
     assert env.stop_ids == qwen_tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert qwen_tokenizer.decode(env.feedback_ids(ended_with_stop=True)) == \
         "\n<|im_start|>user\nWrong, think again.<|im_end|>\n<|im_start|>assistant\n"
@@ -88,7 +89,7 @@ def test_solved_at_once(qwen_tokenizer):
 
 
 def test_decay_and_repetition_penalty(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, turn_decay=0.5, repetition_penalty=0.5)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(turn_decay=0.5, repetition_penalty=0.5))
     episode, over = play(env, [r"\boxed{3}", r"\boxed{\dfrac{6}{2}}", r"\boxed{18}"])
     assert over == [False, False, True] and episode.solved_turn == 2
     # solved at turn 2: 0.5**2 = 0.25; 3 and \frac{6}{2} are spelled differently, so E = 3 = T: no penalty
@@ -99,7 +100,7 @@ def test_decay_and_repetition_penalty(qwen_tokenizer):
 
 
 def test_unsolved_episode_with_format_penalty(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, max_turns=3, turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=3, turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1))
     episode, over = play(env, ["I do not know.", r"\boxed{17}", r"\boxed{17.0}"])
     assert over == [False, False, True] and episode.answers == [None, "17", "17.0"]
     assert (episode.solved, episode.solved_turn) == (False, None)
@@ -114,11 +115,11 @@ def test_unsolved_episode_with_format_penalty(qwen_tokenizer):
 
 
 def test_decay_counts_answered_attempts_and_an_unacceptable_answer_is_a_repeat(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(turn_decay=0.5, repetition_penalty=0.5, format_penalty=0.1))
     episode, _ = play(env, ["no answer here", r"\boxed{18}"])
     # as in UFO's code, the answerless attempt pays the format penalty and does not advance the decay
     assert env.turn_rewards(episode) == pytest.approx([-0.1, 1.0])
-    env = UFOEnv(qwen_tokenizer, max_turns=3, repetition_penalty=0.5, format_penalty=0.1,
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=3, repetition_penalty=0.5, format_penalty=0.1),
                  accepts=lambda problem, answer, attempt: len(answer) == 2 and attempt == rf"\boxed{{{answer}}}")
     episode, _ = play(env, [r"\boxed{3433}", r"\boxed{17}", r"\boxed{4}"])
     assert episode.acceptable == [False, True, False]
@@ -129,13 +130,13 @@ def test_decay_counts_answered_attempts_and_an_unacceptable_answer_is_a_repeat(q
 
 
 def test_by_default_an_answer_is_acceptable_when_math_verify_reads_an_expression(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, max_turns=4)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=4))
     episode, _ = play(env, [r"\boxed{x+}", r"\boxed{\frac{1}{2}}", "none", r"\boxed{18}"])
     assert episode.acceptable == [False, True, False, True]
 
 
 def test_step_batch_and_bad_settings(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, max_turns=2)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=2))
     episodes = [Episode(Problem("q", gold, f"test:{i}")) for i, gold in enumerate(["18", r"\frac{1}{2}"])]
     assert env.step_batch(episodes, [r"\boxed{17}", r"\boxed{0.5}"]) == [False, True]
     assert env.step_batch(episodes[:1], [r"\boxed{17}"]) == [True]
@@ -143,8 +144,8 @@ def test_step_batch_and_bad_settings(qwen_tokenizer):
     unlabeled = [Episode(Problem("q", None, "prompts:0")), Episode(Problem("q", "18", "test:2"))]
     assert env.step_batch(unlabeled, [r"\boxed{18}", r"\boxed{18}"]) == [False, True]  # no gold: never correct
     assert unlabeled[0].answers == ["18"] and unlabeled[0].correct == [False]
-    with pytest.raises(AssertionError):  # the config rejects it first (test_config.py)
-        UFOEnv(qwen_tokenizer, format_penalty=-0.1)
+    with pytest.raises(ValueError, match="format_penalty=-0.1 must be a finite number >= 0"):
+        UFOEnv(qwen_tokenizer, EnvOptions(format_penalty=-0.1))
 
 
 def test_prompts_fit_at_exactly_the_limit(tokenizer):
@@ -159,10 +160,10 @@ UFO_CODE_FEEDBACK = ("Reward:\n{reward}\n\nTurn {turn}:\nState:\nIncorrect. Plea
 
 
 def test_ufo_codes_format_forced_think_exact_grading_and_feedback_with_reward_and_actions(qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, max_turns=5, answer_format="think_answer", grading="exact",
-                 system_prompt="You're a helpful assistant. ", instruction="Only give the final answer.",
-                 user_template="{instruction}\nTurn 1:\nState:\n{question}\nYou have {actions_left} actions left.",
-                 feedback=UFO_CODE_FEEDBACK)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(
+        max_turns=5, answer_format="think_answer", grading="exact", system_prompt="You're a helpful assistant. ",
+        instruction="Only give the final answer.", feedback=UFO_CODE_FEEDBACK,
+        user_template="{instruction}\nTurn 1:\nState:\n{question}\nYou have {actions_left} actions left."))
     prompt = qwen_tokenizer.decode(env.prompt_ids("What is 6 x 3?"))
     assert prompt.startswith("<|im_start|>system\nYou're a helpful assistant. <|im_end|>\n<|im_start|>user\n")
     assert "Only give the final answer.\nTurn 1:\nState:\nWhat is 6 x 3?\nYou have 5 actions left." in prompt
@@ -180,3 +181,27 @@ def test_ufo_codes_format_forced_think_exact_grading_and_feedback_with_reward_an
     assert env.max_feedback_tokens() >= len(env.feedback_ids(False, second))
     with pytest.raises(ValueError, match="placeholders"):
         env.feedback_ids(True)
+
+
+def test_a_reward_function_replaces_the_environments_reward(qwen_tokenizer, tmp_path):
+    """UFOEnv's `reward`: a number lands on the last attempt, a list gives each attempt its own, anything else is an
+    error naming the episode; train.py's reward_fn loads the same function from a file (nanoufo.task.load_reward)."""
+    from nanoufo.config import TrainConfig
+    from nanoufo.task import Task, load_reward
+    responses = [r"\boxed{17}", r"\boxed{18}"]
+    by_episode = UFOEnv(qwen_tokenizer, reward=lambda episode: 10.0 * episode.solved - episode.turns)
+    assert by_episode.turn_rewards(play(by_episode, responses)[0]) == [0.0, 8.0]
+    by_attempt = UFOEnv(qwen_tokenizer, reward=lambda episode: [float(c) for c in episode.correct])
+    assert by_attempt.turn_rewards(play(by_attempt, responses)[0]) == [0.0, 1.0]
+    wrong = UFOEnv(qwen_tokenizer, reward=lambda episode: [1.0])
+    with pytest.raises(ValueError, match=r"returned \[1.0\] for episode test:0 of 2 attempts"):
+        wrong.turn_rewards(play(wrong, responses)[0])
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def solved(episode):\n    return 2.0 if episode.solved else -1.0\n")
+    cfg = TrainConfig(reward_fn=f"{rewards}:solved")
+    env = Task(qwen_tokenizer, [], {}).env(cfg)
+    assert env.turn_rewards(play(env, responses)[0]) == [0.0, 2.0]
+    with pytest.raises(ValueError, match="defines no function 'missing'"):
+        load_reward(f"{rewards}:missing")
+    with pytest.raises(ValueError, match="write it as file.py:function"):
+        load_reward("no_colon")

@@ -37,11 +37,11 @@ def _batch(actor: Qwen2) -> Batch:
     with torch.no_grad():
         old = sequence_stats(actor, tokens, 0.7)[0] + 0.2 * torch.randn(B, T, generator=g) * mask
     ref = old + 0.1 * torch.randn(B, T, generator=g) * mask
-    return Batch(tokens, mask, old, torch.randn(B, T, generator=g) * mask, ref_logp=ref)
+    return Batch(tokens, mask, old, torch.randn(B, T, generator=g) * mask, ref_logp=ref, temperature=0.7)
 
 
 def _unfused(cfg: TrainConfig, actor: Qwen2, mb: Batch, weights: torch.Tensor):
-    logp, entropy, _ = sequence_stats(actor, mb.tokens, cfg.temperature)
+    logp, entropy, _ = sequence_stats(actor, mb.tokens, mb.temperature)
     return ppo_loss(logp, mb.old_logp, mb.advantages, mb.mask, ref_logp=mb.ref_logp, entropy=entropy,
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=cfg.kl_coef,
                     kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, weights=weights)
@@ -56,8 +56,7 @@ def _grads(actor: Qwen2, loss: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
 def test_fused_policy_loss_equals_the_unfused_path(packed, aggregation):
-    cfg = TrainConfig(temperature=0.7, kl_in="loss", kl_coef=0.05, kl_estimator="k3",
-                                       entropy_coef=0.01, aggregation=aggregation)
+    cfg = TrainConfig(kl_in="loss", kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01, aggregation=aggregation)
     actor = _actor()
     mb = _batch(actor)
     weights = rl.loss_weights(mb.mask, aggregation)

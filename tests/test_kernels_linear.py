@@ -6,7 +6,10 @@ fused with the PPO loss: tests/test_kernels_linear_ppo.py).
 
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_linear.py
 """
+import importlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +17,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernel_device import DEVICE, needs_triton
-from nanoufo.kernels.linear_token_stats import (ACC_SLICE_ELEMENTS, add_product, linear_token_stats,
-                                                linear_token_stats_reference, mm_acc)
+from kernel_device import DEVICE, ON_GPU, gpu_only, needs_triton
+from nanoufo.kernels.linear_token_stats import linear_token_stats, linear_token_stats_reference
+from nanoufo.kernels.mm_acc import mm_acc, mm_acc_triton
 from nanoufo.kernels.token_stats import token_stats
 from test_kernels_linear_ppo import check_vocab_parallel
 from test_kernels_token_stats import IGNORE, oracle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+launches = importlib.import_module("launches")
 
 # Statistics: fp32 logits from the same rounded inputs, so fp32 accuracy for every dtype. Gradients:
 # the logits gradient is rounded to the input dtype before the two matmuls; compared by the
@@ -107,55 +113,87 @@ def test_gradcheck_float64_reference():
     assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_()))
 
 
-class _Ops(TorchDispatchMode):
-    """The aten ops run inside the block, with their outputs' shapes."""
+def mm_acc_case(dtype: torch.dtype, m: int = 70, k: int = 37, n: int = 45, seed: int = 0):
+    """a (m, k) as a transposed view (the head's dz.T), b (k, n), out (m, n) fp32, and the float64 oracle."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, m, generator=gen).to(dtype).to(DEVICE).T
+    b = torch.randn(k, n, generator=gen).to(dtype).to(DEVICE)
+    out = torch.randn(m, n, generator=gen).to(DEVICE)
+    return a, b, out, out.double() + a.double() @ b.double()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else []))
+def test_mm_acc_kernel_adds_the_product_into_out_in_fp32(dtype):
+    """Tiles of 32 x 32 in steps of 16: ragged in every dimension (70 x 37 @ 37 x 45), three tile rows in groups
+    of 2 (the last group short); out is written in place. bf16 on a GPU only: the interpreter's bf16 tl.dot is
+    wrong (triton-lang/triton#11584). fp32 operands go through tl.dot's TF32 on a GPU."""
+    a, b, out, want = mm_acc_case(dtype)
+    got = mm_acc_triton(a, b, out, block_m=32, block_n=32, block_k=16, group_m=2)
+    assert got is out
+    tol = 2e-2 if ON_GPU and dtype == torch.float32 else 1e-5  # TF32 rounds the fp32 operands on a GPU
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    fresh = mm_acc(a, b, impl="triton")  # from zeros, at the default tiles
+    torch.testing.assert_close(fresh.double(), a.double() @ b.double(), atol=tol, rtol=tol)
+
+
+@gpu_only
+def test_mm_acc_on_cuda_adds_bf16_products_in_fp32_through_the_kernel():
+    a, b, out, want = mm_acc_case(torch.bfloat16, m=4100, k=300, n=2048)
+    before = out.clone()
+    mm_acc(a, b, out=out)
+    assert (out - before).abs().max() > 0 and torch.allclose(out.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_mm_acc_on_the_cpu_is_the_upcast_reference():
+    a, b, out, want = mm_acc_case(torch.bfloat16)
+    a, b, out = a.cpu(), b.cpu(), out.cpu()
+    assert mm_acc(a, b).dtype == torch.float32
+    torch.testing.assert_close(mm_acc(a, b, out=out).double(), want.cpu(), atol=1e-5, rtol=1e-5)  # fp32 sums
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mm_acc(a, b, impl="cuda")
+
+
+class _Launches(TorchDispatchMode):
+    """The aten ops that run a kernel (views left out) and the Triton kernels launched (recorded, not run)."""
 
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.kernels = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.ops.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        if not func.is_view:
+            self.ops.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
         return out
 
+    def __enter__(self):
+        self._hook = launches.on_triton_launch(lambda name, args, kwargs, launch: self.kernels.append((name, args)))
+        self._hook.__enter__()
+        return super().__enter__()
 
-def test_mm_acc_adds_fp32_products_in_bounded_slices():
-    """The GPU branch of mm_acc on the CPU: add_product's slices, given the upcast product, add up to
-    out + a @ b (five slices of 8 rows, the last one short). The next test runs the branch itself on the meta
-    device: torch.mm with out_dtype only, never addmm (some torch versions' CUDA addmm rejects an fp32 out with
-    bf16 operands), each fp32 product at most ACC_SLICE_ELEMENTS, at the fused head's real shape."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(shape, generator=gen).bfloat16() for shape in ((37, 5), (5, 6)))
-    out = torch.randn(37, 6, generator=gen)
-    want = out + a.float() @ b.float()
-    torch.testing.assert_close(add_product(out.clone(), a, b, lambda x, y: x.float() @ y.float(), rows=8), want)
-    torch.testing.assert_close(mm_acc(a, b, out=out.clone()), want)  # the CPU branch: upcast, one addmm
+    def __exit__(self, *exc):
+        self._hook.__exit__(*exc)
+        return super().__exit__(*exc)
 
 
-def _meta_mm_takes_out_dtype() -> bool:
-    try:
-        torch.mm(*(torch.empty(2, 2, dtype=torch.bfloat16, device="meta") for _ in range(2)), out_dtype=torch.float32)
-    except TypeError:  # torch 2.9's meta kernel for mm has no out_dtype (its CUDA one has, from 2.8)
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _meta_mm_takes_out_dtype(), reason="this torch's meta mm has no out_dtype")
-def test_mm_acc_on_the_gpu_branch_only_calls_mm_with_out_dtype_in_bounded_slices():
-    v, r, h = 151936, 1766, 2048  # Qwen2.5-3B: grad_W (V, H) += dz.T (V, R) @ hidden (R, H)
+def test_mm_acc_on_the_gpu_branch_adds_in_one_kernel_and_multiplies_with_cublas():
+    """The GPU branch on the meta device at the fused head's real shape (Qwen2.5-3B, TP=2, a full row chunk):
+    grad_W (V, H) += dz.T (V, R) @ hidden (R, H) is one launch of the kernel and no aten op (no fp32 product,
+    no addmm, whose CUDA form some torch releases refuse for an fp32 out with bf16 operands); a fresh product
+    (the logits) is one torch.mm with out_dtype."""
+    v, r, h = 75968, 3533, 2048
     dz, hidden = (torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in ((r, v), (r, h)))
-    grad_weight = torch.zeros(v, h, device="meta")
-    with _Ops() as record:
-        mm_acc(dz.T, hidden, out=grad_weight)
-    products = [shape for func, shape in record.ops if func.overloadpacket == torch.ops.aten.mm]
-    assert not any(func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.addmm_) for func, _ in record.ops)
-    assert sum(rows for rows, _ in products) == v and max(rows * cols for rows, cols in products) <= ACC_SLICE_ELEMENTS
-    assert all(func == torch.ops.aten.mm.dtype for func, _ in record.ops if func.overloadpacket == torch.ops.aten.mm)
+    grad_weight = torch.empty(v, h, device="meta")
+    with _Launches() as record:
+        assert mm_acc(dz.T, hidden, out=grad_weight) is grad_weight
+    assert record.ops == [] and [name for name, _ in record.kernels] == ["_mm_acc_kernel"]
+    a, b, out, M, N, K = record.kernels[0][1][:6]
+    assert (a.shape, b.shape, out.shape, M, N, K) == ((v, r), (r, h), (v, h), v, h, r) and a.stride() == (1, v)
     chunk = torch.empty(v, h, dtype=torch.bfloat16, device="meta")[:8192].T
-    with _Ops() as record:
+    with _Launches() as record:
         assert mm_acc(hidden, chunk).dtype == torch.float32  # (R, C) fp32 logits of a chunk
-    assert record.ops == [(torch.ops.aten.mm.dtype, (r, 8192))]
+    assert record.ops == [(torch.ops.aten.mm.dtype, (r, 8192))] and record.kernels == []
 
 
 def test_bad_inputs_are_named():

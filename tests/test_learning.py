@@ -25,7 +25,8 @@ from nanoufo.config import TrainConfig
 from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
-from nanoufo.rollout import run_episodes
+from nanoufo.options import EnvOptions
+from nanoufo.rollout import Noise, run_episodes
 from nanoufo.trainer import build_batch, make_optimizers, ppo_update, score_rollout
 
 TASKS = {"revise": ("01", 2, None), "fixed": ("012", 1, "2")}  # digits, attempts, the gold (None: at random)
@@ -42,25 +43,25 @@ def train(algorithm: str, task: str, steps: int, seed: int = 0) -> tuple[list[fl
     """(training-batch success per step, held-out Succ@attempts at temperature 0.5 after the last step)."""
     digits, turns, _ = TASKS[task]
     tokenizer = demo.build_tokenizer(demo.WORDS + [f"\\boxed{{{d}}}" for d in digits])
-    env = UFOEnv(tokenizer, max_turns=turns, instruction="", turn_decay=1.0, repetition_penalty=0.0)
+    env = UFOEnv(tokenizer, EnvOptions(max_turns=turns, instruction="", turn_decay=1.0, repetition_penalty=0.0,
+                                       format_penalty=0.0))
     cfg = TrainConfig(algorithm=algorithm, max_turns=turns, max_new_tokens=1, problems_per_step=16,
                       n_samples_per_problem=4, minibatch_size=32, ppo_epochs=2, actor_lr=3e-3, critic_lr=3e-3,
                       kl_coef=0.0, entropy_coef=0.0)
     torch.manual_seed(seed)
     actor = demo.build_model(len(tokenizer), seed)
     critic = demo.build_model(len(tokenizer), seed, value_head=True) if algorithm == "ufo_ppo" else None
-    optimizers = make_optimizers(cfg, actor, critic)
+    optimizers = make_optimizers(actor, critic, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr)
     curve = []
     for step in range(steps):
-        graded = run_episodes(actor, env, problems(task, cfg.problems_per_step, seed * 1000 + step),
-                              n_samples_per_problem=cfg.n_samples_per_problem, max_new_tokens=1, temperature=1.0,
-                              seed=seed * 1000 + step)
+        graded = run_episodes(actor, env, problems(task, cfg.problems_per_step, seed * 1000 + step), cfg.sampling(),
+                              Noise(seed * 1000 + step), n_samples_per_problem=cfg.n_samples_per_problem)
         scored, _ = score_rollout(cfg, actor, graded)
         batch, _ = build_batch(cfg, actor, critic, None, scored)
         ppo_update(cfg, actor, critic, optimizers, batch, seed=step)
         curve.append(sum(e.solved for e in graded.episodes) / len(graded.episodes))
-    table = evaluate(actor, env, problems(task, 200, seed + 1), k=turns, max_new_tokens=1, temperature=0.5,
-                     seed=seed, progress=False)
+    table = evaluate(actor, env, problems(task, 200, seed + 1), cfg.sampling(evaluation=True), k=turns, seed=seed,
+                     progress=False)
     return curve, table[f"succ@{turns}"]
 
 

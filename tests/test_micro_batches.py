@@ -20,9 +20,9 @@ from nanoufo.model import Qwen2, QwenConfig
 from nanoufo.packing import micro_batches, split_rows
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, make_optimizers,
-                             minibatch_weights, ppo_update, sequence_stats, sequence_values)
-from trainer_utils import minibatch_losses
+from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, minibatch_weights, ppo_update,
+                             sequence_stats, sequence_values)
+from trainer_utils import minibatch_losses, optimizers_of
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -88,7 +88,7 @@ def test_micro_batch_split_and_a_budget_below_the_longest_trajectory():
     actor, critic = models()
     weights = {k: v.clone() for k, v in actor.state_dict().items()}
     with pytest.raises(ValueError, match="micro_batch_tokens=10"):  # before any forward: nothing changes
-        ppo_update(cfg, actor, critic, make_optimizers(cfg, actor, critic), uneven_batch(), seed=0)
+        ppo_update(cfg, actor, critic, optimizers_of(cfg, actor, critic), uneven_batch(), seed=0)
     assert all(torch.equal(v, weights[k]) for k, v in actor.state_dict().items())
 
 
@@ -164,7 +164,7 @@ def test_ppo_update_logs_the_padding_fraction(monkeypatch):
                       ppo_epochs=2)  # 2 epochs x 2 minibatches
     for pack, check in ((True, lambda f: f == 0.0), (False, lambda f: 0.0 < f < 1.0)):
         actor, critic = models()
-        out = ppo_update(replace(cfg, pack_sequences=pack), actor, critic, make_optimizers(cfg, actor, critic),
+        out = ppo_update(replace(cfg, pack_sequences=pack), actor, critic, optimizers_of(cfg, actor, critic),
                          uneven_batch(), seed=0)
         assert out["updates"] == 4 and check(out["padding_frac"])
 
@@ -231,7 +231,8 @@ def _scoring_peak(batch_size: int) -> int:
     mask = ((torch.arange(T) >= 4) & (torch.arange(T) < lengths[:, None])).float()
     rewards = torch.tensor([float(i % 3 == 0) for i in range(batch_size)])
     sampled = Rollout(tokens, lengths, mask, torch.zeros_like(mask), [[(4, int(n))] for n in lengths], 0, 0)
-    scored = Scored(**vars(sampled), scores=rewards, rewards=rl.place_rewards(mask, episode_rewards=rewards))
+    scored = Scored(**vars(sampled), scores=rewards, rewards=rl.place_rewards(mask, episode_rewards=rewards),
+                    group_size=1)
     cfg = TrainConfig(problems_per_step=batch_size, n_samples_per_problem=1,
                                        minibatch_size=batch_size, micro_batch_tokens=40, kl_coef=0.01)
     actor, critic = models()

@@ -16,7 +16,8 @@ import torch
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.optim import MasterWeightAdamW, adamw, grad_of
-from nanoufo.trainer import Batch, make_optimizers, ppo_update, sequence_stats
+from nanoufo.trainer import Batch, ppo_update, sequence_stats
+from trainer_utils import optimizers_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 grad_accumulation = importlib.import_module("grad_accumulation")
@@ -61,7 +62,7 @@ def ppo_run(dtype: torch.dtype, cfg: TrainConfig, poison: bool = False):
     batch = batch_for(actor)
     if poison:
         batch.advantages[0, 6] = float("nan")
-    optimizers = make_optimizers(cfg, actor, critic)
+    optimizers = optimizers_of(cfg, actor, critic)
     start = {name: trained_weights(opt) for name, opt in optimizers.items()}
     out = ppo_update(cfg, actor, critic, optimizers, batch, seed=0)
     deltas = {name: trained_weights(opt) - start[name] for name, opt in optimizers.items()}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed_utils import launch, run_ranks
+from nanoufo.options import SamplingOptions
 from nanoufo.parallel import ParallelContext, init_parallel, split_range
 
 TOL = 1e-5
@@ -106,8 +107,9 @@ def _sampling_differences(ckpt: str, par) -> float:
     from nanoufo.weights import load_model
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     feedback = lambda rows, responses, stopped: [[20, 21, 22]] * len(rows)  # "Try again." after every attempt
-    run = lambda model, **kw: generate(model, prompts, feedback, max_turns=3, max_new_tokens=5, stop_ids=[0],
-                                       **kw).tokens
+    run = lambda model, seed=0, **sampling: generate(  # noqa: E731
+        model, prompts, feedback, SamplingOptions(max_new_tokens=5, **sampling), max_turns=3, stop_ids=[0],
+        seed=seed).tokens
     want = run(load_model(ckpt), temperature=0.0)
     got = run(load_model(ckpt, par=par), temperature=0.0)
     assert got.shape == want.shape and got.shape[1] > 8 + 5  # a row went past its first attempt
@@ -129,7 +131,8 @@ def _tp_dp_checks(ckpts: list, out_dir: str) -> dict:
     """On each of 2 ranks: TP=2 checks, then DP=2 checks on the same processes. Returns the largest
     differences against one process holding the whole model and the whole batch."""
     from dataclasses import replace
-    from nanoufo.config import AGGREGATIONS, TrainConfig
+    from nanoufo.config import TrainConfig
+    from nanoufo.options import AGGREGATIONS
     from nanoufo.parallel import average_gradients
     from nanoufo.trainer import ppo_update
     from trainer_utils import minibatch_losses
@@ -174,12 +177,13 @@ def _tp_resume_difference(ckpt: str, cfg, batch, split, par, out_dir: str) -> fl
     """AdamW steps on the TP=2 pair, a checkpoint, a resume into fresh models: the largest difference in
     weights and in optimizer state (each TP rank's moments are its own slices' and must come back)."""
     from nanoufo.checkpoint import load_checkpoint, save_checkpoint
-    from nanoufo.trainer import make_optimizers, ppo_update
-    models, optimizers = {"actor": split[0], "critic": split[1]}, make_optimizers(cfg, *split)
+    from nanoufo.trainer import ppo_update
+    from trainer_utils import optimizers_of
+    models, optimizers = {"actor": split[0], "critic": split[1]}, optimizers_of(cfg, *split)
     ppo_update(cfg, *split, optimizers, batch, seed=1)
     save_checkpoint(f"{out_dir}/run", 1, models, optimizers, {"data_pos": 7})
     resumed = dict(zip(models, _load_pair(ckpt, par)))
-    resumed_optimizers = make_optimizers(cfg, *resumed.values())
+    resumed_optimizers = optimizers_of(cfg, *resumed.values())
     assert load_checkpoint(f"{out_dir}/run", resumed, resumed_optimizers)["data_pos"] == 7
     pairs = [(a, b) for k in models for a, b in zip(resumed[k].parameters(), models[k].parameters())]
     for name, opt in optimizers.items():
@@ -230,14 +234,15 @@ def _bf16_updates(ckpt: str, out_dir: str) -> dict:
     from nanoufo.checkpoint import load_checkpoint, save_checkpoint
     from nanoufo.config import TrainConfig
     from nanoufo.parallel import average_gradients
-    from nanoufo.trainer import make_optimizers, ppo_update
+    from nanoufo.trainer import ppo_update
+    from trainer_utils import optimizers_of
     cfg = TrainConfig(minibatch_size=4, ppo_epochs=2, kl_in="loss", kl_coef=0.05, actor_lr=1e-6,
                                        critic_lr=1e-6)
     batch, tp_par = _toy_batch(101), init_parallel(tp=2, timeout_s=60)
 
     def update(layout, rows, grad_hook=None, minibatch=4):
         models = dict(zip(("actor", "critic"), (m.to(torch.bfloat16) for m in _load_pair(ckpt, layout))))
-        opts = make_optimizers(cfg, *models.values())
+        opts = optimizers_of(cfg, *models.values())
         start = {name: [m.clone() for m in opt.masters] for name, opt in opts.items()}
         ppo_update(replace(cfg, minibatch_size=minibatch), *models.values(), opts, rows, seed=0, grad_hook=grad_hook)
         return models, opts, start
@@ -260,7 +265,7 @@ def _bf16_updates(ckpt: str, out_dir: str) -> dict:
     models, opts, _ = runs["tp"]  # each TP rank saves and restores its own slices' masters
     save_checkpoint(f"{out_dir}/bf16", 1, models, opts, {})
     fresh = dict(zip(models, (m.to(torch.bfloat16) for m in _load_pair(ckpt, tp_par))))
-    fresh_opts = make_optimizers(cfg, *fresh.values())
+    fresh_opts = optimizers_of(cfg, *fresh.values())
     load_checkpoint(f"{out_dir}/bf16", fresh, fresh_opts)
     out["tp_resumed_masters_equal"] = all(torch.equal(a, b) for name in opts
                                           for a, b in zip(opts[name].masters, fresh_opts[name].masters))

@@ -42,11 +42,12 @@ def test_activation_formula_equals_the_tensors_a_block_saves():
 
 def test_plan_figures_by_hand():
     cfg = TrainConfig(dtype="bfloat16", problems_per_step=4, n_samples_per_problem=2, keep_groups=2, minibatch_size=2,
-                      max_turns=2, max_new_tokens=100, micro_batch_tokens=400, kl_coef=0.1,
-                      kv_budget_gb=4.5 * 282 * 192 / GIB)  # 3 rows of 282 tokens x 192 bytes, + the spare
-    plan = make_plan(cfg, SMALL, tp=1, gpu_mem_gib=10.0, prompt_tokens=50)
+                      max_turns=2, max_new_tokens=100, micro_batch_tokens=400, kl_coef=0.1, max_prompt_tokens=50,
+                      kv_budget_gb=4.5 * 282 * 192 / GIB, cuda_graphs="false")  # 3 rows of 282 x 192 B, + the spare
+    plan = make_plan(cfg, SMALL, tp=1, gpu_mem_gib=10.0)
     length = 50 + 2 * 100 + 32
-    assert episode_tokens(cfg, 50) == length == 282
+    assert episode_tokens(cfg, SMALL.max_position_embeddings) == length == 282 and not plan.graphs
+    assert episode_tokens(cfg, 200) == 200  # at most the model's context
     params = 64 * 48 * 2 + 2 * (2 * 48 + 48 * 48 + 48 + 2 * (48 * 24 + 24) + 48 * 48 + 3 * 48 * 80) + 48  # untied
     assert plan.phases["rollout"]["weights"] == (3 * params + 49) * 2  # actor, reference, critic (+ value head)
     assert plan.phases["rollout"]["optimizer"] == (2 * params + 49) * 12  # fp32 moments and masters
@@ -55,18 +56,21 @@ def test_plan_figures_by_hand():
     assert plan.phases["update"]["activations"] == 400 * (2 * saved + 4 * 48 + 3 * 2 * 48)
     assert plan.phases["rollout"]["decoder_state"] == 4 * (283 * (8 + 4) + 6 * 8)  # tokens and log-probs per slot
     assert plan.phases["rollout"]["decode_logits"] == 3 * 64 * 4  # fp32, no copy of the head's weight
+    # one layer's transients (4*48 + 2 * (2*48 + 2*48 + 2*24 + 3*80)) and 2 splits' partials of 4 heads (16 + 2) * 4
+    assert plan.phases["rollout"]["decode_step"] == 3 * (1152 + 2 * 4 * 18 * 4)
     assert plan.phases["rollout"]["prefill_kv_gather"] == 3 * length * 2 * 2 * 12 * 2  # one layer's K and V
     assert "kv_cache" not in plan.phases["update"]  # the sampler's cache is gone by then
     assert plan.phases["update"]["gradients"] == (2 * params + 49) * 4  # summed in fp32
     assert plan.phases["update"]["gradient_transient"] == 2 * 80 * 48 * 2  # the merged gate/up's bf16 gradient
     assert plan.phases["update"]["lm_head_chunk"] == 400 * 64 * (4 + 2)  # all 400 rows in one chunk of fp32 logits
-    assert plan.phases["update"]["lm_head_grad"] == 64 * 48 * (4 + 2) + (1 << 24) * 4  # + its bf16 cast, the slice
+    assert plan.phases["update"]["lm_head_grad"] == 64 * 48 * (4 + 2)  # fp32, accumulated in place, + its bf16 cast
     assert plan.phases["scoring"]["lm_head_chunk"] == 400 * 64 * 4
-    graphs = make_plan(replace(cfg, cuda_graphs=True), SMALL, tp=1, gpu_mem_gib=10.0, prompt_tokens=50)
-    for phase in ("scoring", "update"):  # the decoder and its graphs stay between rollouts
+    graphs = make_plan(replace(cfg, cuda_graphs="true"), SMALL, tp=1, gpu_mem_gib=10.0)
+    for phase in ("scoring", "update"):  # the decoder and its graphs' pool stay between rollouts
         assert graphs.peak(phase) - plan.peak(phase) == sum(plan.phases["rollout"][k] for k in (
-            "kv_cache", "decoder_state", "decode_logits"))
-    tp2 = make_plan(cfg, SMALL, tp=2, gpu_mem_gib=10.0, prompt_tokens=50)  # half the KV: all 8 episodes at once
+            "kv_cache", "decoder_state", "decode_logits", "decode_step"))
+    assert graphs.graphs and make_plan(replace(cfg, cuda_graphs="true"), SMALL, 1, 10.0, graphs=False) == plan
+    tp2 = make_plan(cfg, SMALL, tp=2, gpu_mem_gib=10.0)  # half the KV: all 8 episodes at once
     assert tp2.phases["rollout"]["decode_logits"] == 8 * 4 * (32 + 32 + 2 * 32 + 64)  # with the all-gather's buffers
     assert plan.budget == int((10.0 - RESERVE_GIB) * GIB)
 
@@ -92,6 +96,26 @@ def test_a_plan_that_does_not_fit_names_the_knobs():
     assert checkpointed.phases["update"]["activations"] < make_plan(
         TrainConfig(micro_batch_tokens=8192, dtype="bfloat16", max_new_tokens=1024), big, 1, 80
     ).phases["update"]["activations"] / 5
+
+
+def test_cuda_graphs_auto_plans_them_where_they_fit_and_true_insists():
+    cfg = TrainConfig(dtype="bfloat16", max_new_tokens=100, max_turns=2, micro_batch_tokens=400, minibatch_size=32,
+                      max_prompt_tokens=50, kv_budget_gb=0.001)
+    fits = make_plan(cfg, SMALL, tp=1, gpu_mem_gib=10.0)
+    assert fits.graphs and "kv_cache" in fits.phases["update"] and "CUDA graphs on" in fits.format()
+    eager = make_plan(replace(cfg, cuda_graphs="false"), SMALL, tp=1, gpu_mem_gib=10.0)
+    tight = (max(eager.peak(p) for p in eager.phases) + RESERVE_GIB * GIB + 1) / GIB  # fits without the decoder only
+    auto = make_plan(cfg, SMALL, tp=1, gpu_mem_gib=tight)
+    assert not auto.graphs and auto.refusal() is None and auto.phases == eager.phases
+    assert "CUDA graphs off (cuda_graphs=auto: the decoder they keep does not fit" in auto.format()
+    insisted = make_plan(replace(cfg, cuda_graphs="true"), SMALL, tp=1, gpu_mem_gib=tight).refusal()
+    assert insisted and "CUDA graphs keep the decoder" in insisted and "cuda_graphs=false" in insisted
+
+
+@pytest.mark.parametrize("config", ["config/ufo_qwen2.5_3b.py", "config/intuitor_qwen2.5_3b.py"])
+def test_both_paper_configs_fit_two_80_gb_gpus_with_cuda_graphs(config, capsys):
+    assert main([config, "--gpus=2", "--gpu_mem_gib=80", "--cuda_graphs=true"]) == 0
+    assert "CUDA graphs on" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, status", [(["--gpus=2", "--gpu_mem_gib=80"], 0),

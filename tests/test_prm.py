@@ -6,8 +6,12 @@ tokenizers and rows.
 
     python -m pytest -q tests/test_prm.py
 """
+import importlib
 import json
 import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,9 @@ from nanoufo.prm import (PRMScorer, aggregate, evaluate_processbench, first_flag
                          processbench_metrics, split_steps, step_spans)
 from nanoufo.weights import load_model, save_model
 from prm_utils import write_prm_checkpoint, write_prm_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+launches = importlib.import_module("launches")
 
 TOL = 1e-5
 QUESTIONS = ["What is 2 + 3?", "Natalia sold 48 clips in April and half as many in May. How many in all?",
@@ -66,6 +73,21 @@ def test_step_scores_equal_the_transformers_reference(prm):
     assert scorer.response_scores(QUESTIONS[1:2], ["\n\n".join(STEPS[1])], "min") == [
         pytest.approx(float(want[1].min()), abs=TOL)]
     assert aggregate(torch.tensor([0.5, 0.2, 0.9]), "product") == pytest.approx(0.09)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["sdpa", "flash_attn"])
+def test_a_scoring_call_reads_back_only_its_scores(prm, flash):
+    """The call's inputs go to the device pinned and non-blocking, and the model gets their lengths from the
+    host: no host sync finds the packed sequences, with SDPA and with flash-attn (bench/launches.py's
+    stand-in); the one read is the scores coming back."""
+    scorer = PRMScorer.load(prm[0])
+    rows = [[scorer.input_ids(q, s) for q, s in zip(QUESTIONS[:2], STEPS[:2])], [scorer.input_ids(QUESTIONS[2],
+                                                                                                  STEPS[2])]]
+    with launches.fake_flash_attn() if flash else nullcontext() as fake:
+        counter = launches.count_launches(lambda: scorer._score_rows(rows), layers=[])
+    assert counter.copies == 0 and counter.syncs == 1 and all(site.startswith("nanoufo/prm.py") for site in
+                                                              counter.sites), counter.sites
+    assert not flash or [name for name, _, _ in fake.calls] == ["varlen"] * 2  # one call per layer
 
 
 def test_items_without_steps_or_too_long_score_none(prm):

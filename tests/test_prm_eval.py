@@ -14,6 +14,7 @@ import sample
 from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import best_of_n
+from nanoufo.options import EnvOptions, SamplingOptions
 from nanoufo.weights import load_model
 from conftest import TINY_QWEN
 from prm_utils import write_prm_checkpoint
@@ -54,11 +55,11 @@ class LongestIsBest:
 def test_best_of_n_majority_and_pass_over_the_same_samples(policy_dir, qwen_tokenizer, monkeypatch, tmp_path):
     # answers and verdicts as known functions of the sampled text: the answer is len(text) % 3, "0" is right
     monkeypatch.setattr(nanoufo.env, "grade_batch", lambda answers, golds, timeout=5.0: [a == "0" for a in answers])
-    env = UFOEnv(qwen_tokenizer, max_turns=1)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=1))
     env.extract = lambda text: str(len(text) % 3)  # the reader the env chose for its answer format
     out, n = tmp_path / "bon.jsonl", 4
-    table = best_of_n(load_model(policy_dir).eval(), env, PROBLEMS,
-                      LongestIsBest(), n=n, batch_size=8, max_new_tokens=6, temperature=1.0, out=out, progress=False)
+    table = best_of_n(load_model(policy_dir).eval(), env, PROBLEMS, LongestIsBest(),
+                      SamplingOptions(max_new_tokens=6, temperature=1.0), n=n, batch_size=8, out=out, progress=False)
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in records] == [p.id for p in PROBLEMS for _ in range(n)]
     groups = [records[i:i + n] for i in range(0, len(records), n)]
@@ -81,7 +82,7 @@ def test_sample_bon_prints_rm_maj_pass_for_each_set(policy_dir, prm_dir, capsys,
                  "--limit", "2", "--k", "3", "--max-new-tokens", "8", "--temperature", "1.0",
                  "--out", str(tmp_path / "bon")])
     out = capsys.readouterr().out
-    assert "gsm8k/test.jsonl: 2 problems" in out and "math500/test.jsonl: 2 problems" in out
+    assert "gsm8k/test.jsonl: 2 eval problems" in out and "math500/test.jsonl: 2 eval problems" in out
     for metric in ("pass@1", "pass@3", "maj@3", "rm@3", "unscored"):
         assert out.count(metric) == 2
     records = [json.loads(line) for line in (tmp_path / "bon.math500.jsonl").read_text().splitlines()]

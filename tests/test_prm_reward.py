@@ -45,7 +45,7 @@ def rollout_of(tokenizer, episodes: list[Episode], gold: list[list[float]]) -> G
         for start, end in row_spans:
             mask[b, start:end] = 1.0
     return Graded(Rollout(tokens, torch.tensor(list(map(len, rows))), mask, torch.zeros(tokens.shape), spans, 0, 0),
-                  episodes, gold)
+                  episodes, gold, group_size=1)
 
 
 def test_blend_by_hand():

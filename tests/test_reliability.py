@@ -24,6 +24,7 @@ from nanoufo.config import parse_args
 from nanoufo.grader import extract_answer
 from nanoufo.logger import JsonlLogger, read_log
 from nanoufo.model import QwenConfig, Qwen2
+from nanoufo.options import SamplingOptions
 from nanoufo.sampler import generate
 
 TINY = QwenConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -185,11 +186,12 @@ def test_the_sampler_never_runs_past_the_models_context(monkeypatch):
     model = Qwen2(dataclasses.replace(TINY, max_position_embeddings=12))
     model.init_weights(torch.Generator().manual_seed(0))
     feedback = lambda rows, responses, stopped: [[1, 2, 3] for _ in rows]  # never solved  # noqa: E731
-    rollout = generate(model, [[5, 6, 7], [4] * 9], feedback, max_turns=3, max_new_tokens=4, stop_ids=[])
+    rollout = generate(model, [[5, 6, 7], [4] * 9], feedback, SamplingOptions(max_new_tokens=4), max_turns=3,
+                       stop_ids=[])
     assert rollout.lengths.tolist() == [12, 12]  # each row sampled up to the context, then stopped cleanly
     assert [len(spans) for spans in rollout.turn_spans] == [2, 1]
     with pytest.raises(ValueError, match="prompt 1 has 13 tokens, more than max_len=12"):
-        generate(model, [[5], [4] * 13], feedback, max_turns=1, max_new_tokens=4, stop_ids=[])
+        generate(model, [[5], [4] * 13], feedback, SamplingOptions(max_new_tokens=4), max_turns=1, stop_ids=[])
 
 
 # ------------------------------------------------------------------------------------------- config, log

@@ -9,12 +9,14 @@ solves); the real grader runs in the first test. PyTorch paths (the kernels have
 import json
 
 import pytest
+import torch
 
 import nanoufo.env
 from nanoufo.data import Problem
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate, held_out_metrics
-from nanoufo.rollout import run_episodes
+from nanoufo.options import EnvOptions, SamplingOptions
+from nanoufo.rollout import Noise, run_episodes
 from nanoufo.weights import load_model
 
 PROBLEMS = [Problem("What is 2 + 3?", "5", "p0"), Problem("What is 10 / 4?", "2.5", "p1"),
@@ -51,9 +53,9 @@ def solve_at(monkeypatch):
 
 
 def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
-    env = UFOEnv(qwen_tokenizer, max_turns=3)
-    graded = run_episodes(qwen_tiny, env, PROBLEMS[:2], n_samples_per_problem=2, max_new_tokens=5,
-                          temperature=1.0, seed=3)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=3))
+    graded = run_episodes(qwen_tiny, env, PROBLEMS[:2], SamplingOptions(max_new_tokens=5, temperature=1.0), Noise(3),
+                          n_samples_per_problem=2)
     episodes, rollout = graded.episodes, graded.rollout
     assert [e.problem.id for e in episodes] == ["p0", "p0", "p1", "p1"]
     for b, episode in enumerate(episodes):
@@ -67,8 +69,8 @@ def test_episodes_follow_the_rollout_rows(qwen_tiny, qwen_tokenizer):
 
 def test_episodes_end_on_the_first_correct_attempt(qwen_tiny, qwen_tokenizer, solve_at):
     solve_at({"5": 0, "2.5": 2})  # p0 at once, p1 at its third attempt, p2 never
-    env = UFOEnv(qwen_tokenizer, max_turns=4)
-    graded = run_episodes(qwen_tiny, env, PROBLEMS, max_new_tokens=3, temperature=1.0)
+    env = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=4))
+    graded = run_episodes(qwen_tiny, env, PROBLEMS, SamplingOptions(max_new_tokens=3, temperature=1.0), Noise())
     episodes = graded.episodes
     assert [e.turns for e in episodes] == [1, 3, 4]
     assert graded.turn_rewards == [env.turn_rewards(e) for e in episodes]  # the rewards travel with the rows
@@ -81,8 +83,8 @@ def test_episodes_end_on_the_first_correct_attempt(qwen_tiny, qwen_tokenizer, so
 def test_evaluate_succ_at_k_and_jsonl(qwen_tiny, qwen_tokenizer, solve_at, tmp_path):
     solve_at({"5": 0, "2.5": 2})
     out = tmp_path / "eval.jsonl"
-    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, k=3, batch_size=2, max_new_tokens=3, out=out,
-                     progress=False)
+    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, SamplingOptions(max_new_tokens=3), k=3, batch_size=2,
+                     out=out, progress=False)
     assert table["succ@1"] == pytest.approx(1 / 3) and table["succ@2"] == pytest.approx(1 / 3)
     assert table["succ@3"] == pytest.approx(2 / 3)
     assert table["mean_turns"] == pytest.approx((1 + 3 + 3) / 3) and table["tokens_per_episode"] == 7.0
@@ -96,32 +98,45 @@ def test_evaluate_succ_at_k_and_jsonl(qwen_tiny, qwen_tokenizer, solve_at, tmp_p
 def test_no_two_draws_of_an_evaluation_share_a_noise_id(qwen_tiny, qwen_tokenizer, kept_draws, mode):
     """Every episode of every batch draws its own noise: (seed, noise id) never repeats over an evaluation
     (batches of other problems that reused one another's noise would err together)."""
-    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, k=2, mode=mode, batch_size=2, max_new_tokens=2,
-                     progress=False, temperature=1.0)
+    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, SamplingOptions(max_new_tokens=2, temperature=1.0),
+                     k=2, mode=mode, batch_size=2, progress=False)
     assert len(kept_draws) == table["tokens_per_episode"] * 3 * (2 if mode == "pass" else 1)
     assert len(set(kept_draws)) == len(kept_draws)
 
 
 def test_evaluate_pass_at_k_uses_single_turn_samples(qwen_tiny, qwen_tokenizer, solve_at):
     solve_at({"5": 1, "2.5": 0})  # p0's second sample, p1's first, none of p2's
-    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, k=2, mode="pass", batch_size=4, max_new_tokens=2,
-                     progress=False)
+    table = evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, SamplingOptions(max_new_tokens=2), k=2, mode="pass",
+                     batch_size=4, progress=False)
     assert table["problems"] == 3.0 and table["tokens_per_episode"] == 2.0  # one attempt per sample
     assert table["pass@1"] == pytest.approx((0.5 + 0.5 + 0) / 3) and table["pass@2"] == pytest.approx(2 / 3)
-    with pytest.raises(AssertionError):
-        evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, mode="best")
+    with pytest.raises(ValueError, match="mode='best'"):
+        evaluate(qwen_tiny, UFOEnv(qwen_tokenizer), PROBLEMS, SamplingOptions(), mode="best")
 
 
 def test_held_out_metrics_are_means_over_evaluation_seeds_with_their_spread():
     from nanoufo import demo  # its random tiny model stops now and then: lengths vary from seed to seed
     tokenizer = demo.build_tokenizer()
-    model, env = demo.build_model(len(tokenizer), seed=0), UFOEnv(tokenizer, max_turns=2, instruction="")
-    problems, options = demo.make_problems("test", 8, seed=0), dict(max_new_tokens=16, temperature=1.0, progress=False)
-    tables = [evaluate(model, env, problems, k=2, seed=seed, **options) for seed in (3, 4)]
+    model, env = demo.build_model(len(tokenizer), seed=0), UFOEnv(tokenizer, EnvOptions(max_turns=2, instruction=""))
+    problems, sampling = demo.make_problems("test", 8, seed=0), SamplingOptions(max_new_tokens=16, temperature=1.0)
+    tables = [evaluate(model, env, problems, sampling, k=2, seed=seed, progress=False) for seed in (3, 4)]
     lengths = [t["tokens_per_episode"] for t in tables]
     assert lengths[0] != lengths[1]
-    row = held_out_metrics(model, env, problems, k=2, seeds=[3, 4], **options)
+    row = held_out_metrics(model, env, problems, sampling, k=2, seeds=[3, 4], progress=False)
     assert row["tokens_per_episode"] == pytest.approx(sum(lengths) / 2)
     assert row["tokens_per_episode_sd"] == pytest.approx(abs(lengths[0] - lengths[1]) / 2 ** 0.5)
     assert row["invalid_rate"] == pytest.approx((tables[0]["invalid_rate"] + tables[1]["invalid_rate"]) / 2)
-    assert "succ_at_k_sd" not in held_out_metrics(model, env, problems, k=2, seeds=[3], **options)
+    assert "succ_at_k_sd" not in held_out_metrics(model, env, problems, sampling, k=2, seeds=[3], progress=False)
+
+
+def test_one_noise_per_run_never_draws_the_same_noise_twice(qwen_tiny, qwen_tokenizer, kept_draws):
+    """Two rollouts from one Noise take consecutive episode ids, so every token draws its own noise; a fresh Noise
+    with the same seed replays the first rollout's draws (and tokens), which is what a replay is for."""
+    env, sampling = UFOEnv(qwen_tokenizer, EnvOptions(max_turns=1)), SamplingOptions(max_new_tokens=3, temperature=1.0)
+    noise = Noise(seed=5)
+    first = run_episodes(qwen_tiny, env, PROBLEMS, sampling, noise)
+    second = run_episodes(qwen_tiny, env, PROBLEMS, sampling, noise)
+    assert noise.next_episode == 6 and len(set(kept_draws)) == len(kept_draws) == 18
+    replay = run_episodes(qwen_tiny, env, PROBLEMS, sampling, Noise(seed=5))
+    assert torch.equal(replay.rollout.tokens, first.rollout.tokens)
+    assert not torch.equal(second.rollout.tokens, first.rollout.tokens)

@@ -19,6 +19,7 @@ from conftest import TINY_QWEN
 from nanoufo.data import DEFAULT_EVAL_SETS, load_problems
 from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate
+from nanoufo.options import EnvOptions, SamplingOptions
 from nanoufo.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,9 @@ def printed_table(stdout: str, names) -> dict[str, float]:
 def evaluate_directly(ckpt, tokenizer, mode: str, k: int, max_new_tokens: int, limit: int) -> dict[str, float]:
     """evaluate() on what sample.py's defaults name: bundled GSM8K, the bundled tokenizer, temperature 0.5, seed 0."""
     problems, _ = load_problems(DEFAULT_EVAL_SETS["gsm8k"], limit=limit)
-    return evaluate(load_model(ckpt).eval(), UFOEnv(tokenizer, max_turns=k), problems, k=k, mode=mode,
-                    max_new_tokens=max_new_tokens, temperature=0.5, seed=0, tokenizer=tokenizer, progress=False)
+    return evaluate(load_model(ckpt).eval(), UFOEnv(tokenizer, EnvOptions(max_turns=k)), problems,
+                    SamplingOptions(max_new_tokens=max_new_tokens, temperature=0.5), k=k, mode=mode, seed=0,
+                    tokenizer=tokenizer, progress=False)
 
 
 def assert_same_table(printed: dict[str, float], expected: dict[str, float]) -> None:
@@ -64,7 +66,7 @@ def test_eval_prints_the_table_and_writes_jsonl(ckpt, qwen_tokenizer, tmp_path):
     done = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     stdout = done.stdout
-    assert "gsm8k/test.jsonl: 2 problems" in stdout
+    assert "gsm8k/test.jsonl: 2 eval problems" in stdout
     expected = evaluate_directly(ckpt, qwen_tokenizer, "succ", k=2, max_new_tokens=4, limit=2)
     assert {"succ@1", "succ@2", "mean_turns", "non_repetitive_ratio", "tokens_per_episode"} <= expected.keys()
     assert_same_table(printed_table(stdout, expected), expected)
@@ -102,7 +104,7 @@ def test_a_users_own_field_names_and_a_clear_error_without_them(ckpt, tmp_path, 
     data.write_text('{"prompt": "What is 2+3?", "gold": "5"}\n{"prompt": "What is 4*4?", "gold": "16"}\n')
     sample.main(["--ckpt", str(ckpt), f"--data={data}", "--question_key=prompt", "--answer_key=gold", "--k=1",
                  "--max_new_tokens=2"])
-    assert f"{data}: 2 problems" in capsys.readouterr().out
+    assert f"{data}: 2 eval problems" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         sample.main(["--ckpt", str(ckpt), f"--data={data}", "--format=generic", "--question_key=prompt"])
     err = capsys.readouterr().err.strip()

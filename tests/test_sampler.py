@@ -8,14 +8,18 @@ The decode kernels are checked against their references in test_kernels_decode.p
 sampler on them (under the interpreter; skipped without it) and the others take the PyTorch paths, which
 keeps this file fast.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from nanoufo.kernels.dispatch import interpreting
 from nanoufo.env import UFOEnv
+from nanoufo.options import SamplingOptions
 from nanoufo.sampler import generate
 from nanoufo.weights import load_model
 
+SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingOptions)}
 PROMPTS = [[5, 17, 3, 88, 41, 9, 12], [7, 2], [60, 61, 62, 63, 64], [33, 34, 35]]
 
 
@@ -72,10 +76,15 @@ def first_emitted_token(model, prompt):
     return ref[0][0][len(prompt) + 2]
 
 
+def sampling_of(kw: dict) -> SamplingOptions:
+    """The SamplingOptions keys of kw, taken out of it, as one SamplingOptions."""
+    return SamplingOptions(**{key: kw.pop(key) for key in list(kw) if key in SAMPLING_KEYS})
+
+
 def run(model, prompts, turns, **kw):
     script = Script(turns)
     kw = {"max_turns": 3, "max_new_tokens": 6, "temperature": 0.0, **kw}
-    return generate(model, prompts, script, **kw), script
+    return generate(model, prompts, script, sampling_of(kw), **kw), script
 
 
 def assert_matches_reference(model, rollout, turns, stop, max_len, max_new_tokens=6, prompts=PROMPTS):
@@ -155,8 +164,9 @@ def test_a_rows_samples_do_not_depend_on_the_other_rows(tiny, torch_paths):
 
 def test_the_noise_follows_the_episode_id_not_the_batch_row(tiny, torch_paths):
     model, _ = tiny
-    sample = lambda prompts, ids: generate(model, prompts, Script([1, 1]), max_turns=1, max_new_tokens=6,  # noqa: E731
-                                           stop_ids=[], temperature=1.0, seed=5, episode_ids=ids).tokens.tolist()
+    sampling = SamplingOptions(max_new_tokens=6, temperature=1.0)
+    sample = lambda prompts, ids: generate(model, prompts, Script([1, 1]), sampling, max_turns=1,  # noqa: E731
+                                           stop_ids=[], seed=5, episode_ids=ids).tokens.tolist()
     assert sample([PROMPTS[1], PROMPTS[3]], [5, 9]) == sample([PROMPTS[3], PROMPTS[1]], [9, 5])[::-1]
 
 
@@ -168,7 +178,7 @@ def test_no_two_kept_draws_share_a_noise_id(tiny, torch_paths, kept_draws):
     model, _ = tiny
     prompts, turns = PROMPTS + [PROMPTS[1], PROMPTS[1]], [3, 2, 1, 3, 3, 2]  # a group of three on prompt 1
     rollout, _ = run(model, prompts, turns, stop_ids=[7], temperature=1.0, seed=3, max_len=40,
-                     kv_budget_bytes=4 * kv_bytes_per_row(model, 40))  # 3 rows for 6 episodes
+                     kv_budget_gb=4 * kv_bytes_per_row(model, 40) / 2**30)  # 3 rows for 6 episodes
     assert len(kept_draws) == rollout.loss_mask.sum() and sum(len(s) for s in rollout.turn_spans) == sum(turns)
     assert len(set(kept_draws)) == len(kept_draws), f"{len(kept_draws) - len(set(kept_draws))} draws repeat one"
 
@@ -205,7 +215,8 @@ def test_prefill_grows_with_new_tokens_only_and_done_rows_leave(tiny, torch_path
         events.extend(("end", b) for b, reply in zip(rows, replies) if reply is None)
         return replies
 
-    rollout = generate(model, PROMPTS, next_turn, max_turns=3, max_new_tokens=5, stop_ids=[], temperature=0.0)
+    rollout = generate(model, PROMPTS, next_turn, SamplingOptions(max_new_tokens=5, temperature=0.0), max_turns=3,
+                       stop_ids=[])
     feedback = [1 + (b + t) % 3 for b in range(4) for t in range(1, script.turns[b])]  # Script's feedback lengths
     assert rollout.n_prefill_tokens == sum(map(len, PROMPTS)) + sum(n + 1 for n in feedback)  # + the token before
     forwards = [e for e in events if e[0] == "forward"]
@@ -266,8 +277,8 @@ def test_loss_mask_covers_exactly_the_sampled_tokens_with_qwen_template(qwen_tok
             out.append(None if seen[b] == turns[b] else env.feedback_ids(s and r[-1] == env.turn_end_id))
         return out
 
-    rollout = generate(model, prompts, next_turn, max_turns=3, max_new_tokens=6, stop_ids=env.stop_ids,
-                       temperature=1.0, seed=1)
+    rollout = generate(model, prompts, next_turn, SamplingOptions(max_new_tokens=6, temperature=1.0), max_turns=3,
+                       stop_ids=env.stop_ids, seed=1)
     for b, question in enumerate(questions):
         ids = rollout.tokens[b, :int(rollout.lengths[b])]
         mask = rollout.loss_mask[b, :len(ids)].bool()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -111,6 +112,37 @@ def test_paper_config_starts_on_a_tiny_random_checkpoint(tmp_path, tiny_qwen_run
     assert (out / "latest").is_file() and (out / "log.png").is_file()
 
 
+def test_a_run_captures_its_decode_graphs_once_while_its_prompts_grow(tmp_path, tiny_qwen_run, torch_paths,
+                                                                      monkeypatch):
+    """train.py itself (in this process) with a stand-in CUDA graph (tests/test_batching.py: a replay runs the
+    step eagerly, so the CPU can play the device): four steps of one problem each, whose prompts are four
+    lengths, capture each bucket's graph once in the first rollout and replay them in every decode step after,
+    as the log says (issue 38; the sampler's max_len used to follow each batch's longest prompt)."""
+    from test_batching import stand_in_graphs, EagerGraph
+    graphs = stand_in_graphs(monkeypatch, EagerGraph)
+    ckpt, data = tiny_qwen_run
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(1337)).tolist()  # train.py's first epoch
+    repeats = [0] * 4
+    for step, row in enumerate(order):  # step i's question repeated 1, 4, 9, 16 times: each prompt longer
+        repeats[row] = (step + 1) ** 2
+    rows = [dict(problem=" ".join(["What is 2+3?"] * k), solution=r"\boxed{5}", level="Level 1", type="Algebra")
+            for k in repeats]
+    (tmp_path / "growing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # train.py's Ctrl-C handler stays out of pytest
+    monkeypatch.setattr(sys, "argv", ["train.py", "config/ufo_qwen2.5_3b.py", f"--init_from={ckpt}",
+                                      f"--train_data={tmp_path / 'growing.jsonl'}", "--train_format=math",
+                                      f"--eval_data={data / 'math.jsonl'}", "--eval_format=math", f"--out_dir={out}",
+                                      *TINY_RUN, "--max_steps=4", "--problems_per_step=1", "--keep_groups=1",
+                                      "--eval_interval=0", "--max_turns=2", "--max_prompt_tokens=256", "--seed=1337"])
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    records = train_records(out)
+    assert [r["graph_captures"] for r in records] == [len(graphs)] * 4 and len(graphs) == 2  # buckets 1 and 2
+    assert all(r["graph_capture_failures"] == 0 and r["decode_graph_replays"] == r["decode_steps"] > 0
+               for r in records)
+
+
 def test_a_prm_reward_run_places_step_rewards(tmp_path, tiny_qwen_run):
     from prm_utils import write_prm_checkpoint
     ckpt, data = tiny_qwen_run
@@ -130,12 +162,13 @@ def test_a_prm_reward_run_places_step_rewards(tmp_path, tiny_qwen_run):
 
 @pytest.mark.parametrize("args, expected", [
     (["--train_data={d}/renamed.jsonl"],
-     "train_data: {d}/renamed.jsonl: cannot detect the format .* columns found: gold, prompt; set --train_format=..."),
+     "--train_data: {d}/renamed.jsonl: cannot detect the format .* columns found: gold, prompt; "
+     "set --train_format=..."),
     (["--train_data={d}/renamed.jsonl", "--train_question_key=prompt", "--train_format=generic"],
-     "train_data: {d}/renamed.jsonl: no answer column 'answer' .* columns found: gold, prompt; "
+     "--train_data: {d}/renamed.jsonl: no answer column 'answer' .* columns found: gold, prompt; "
      "set --train_answer_key="),
     (["--train_data={d}/math.jsonl", "--eval_data={d}/unlabeled.jsonl"],
-     "eval_data: {d}/unlabeled.jsonl: cannot detect the format .* columns found: question; set --eval_format="),
+     "--eval_data: {d}/unlabeled.jsonl: cannot detect the format .* columns found: question; set --eval_format="),
 ])
 def test_a_data_file_that_does_not_fit_is_one_line_and_exit_status_2(tiny_qwen_run, args, expected):
     ckpt, data = tiny_qwen_run

@@ -16,12 +16,13 @@ from nanoufo import demo, rl, trainer
 from nanoufo.config import TrainConfig
 from nanoufo.env import UFOEnv
 from nanoufo.model import QwenConfig, Qwen2
-from nanoufo.rollout import Graded, run_episodes
+from nanoufo.options import EnvOptions, SamplingOptions
+from nanoufo.rollout import Graded, Noise, run_episodes
 from nanoufo.sampler import Rollout
-from nanoufo.trainer import (Batch, build_batch, critic_loss, make_optimizers, ppo_update,
+from nanoufo.trainer import (Batch, build_batch, critic_loss, ppo_update,
                              score_rollout, sequence_stats, value_loss)
 from nanoufo.weights import load_model
-from trainer_utils import minibatch_losses, update_rows
+from trainer_utils import minibatch_losses, optimizers_of, update_rows
 
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -66,7 +67,7 @@ def test_ppo_step_lowers_the_loss_and_the_first_ratio_is_one(aggregation):
     actor, critic = tiny_models()
     batch = fixed_batch(actor)
     before, _, _ = minibatch_losses(cfg, actor, critic, batch)
-    out = ppo_update(cfg, actor, critic, make_optimizers(cfg, actor, critic), batch, seed=0)
+    out = ppo_update(cfg, actor, critic, optimizers_of(cfg, actor, critic), batch, seed=0)
     after, _, _ = minibatch_losses(cfg, actor, critic, batch)
     # old log-probs come from the trainer's own forward (the sampler's differ by ~1e-6 in fp32): the ratio is 1 up
     # to the rounding of the scoring kernel (linear_token_stats) against the fused head + loss's own sums
@@ -81,13 +82,13 @@ def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone():
     batch = fixed_batch(actor)
     batch.advantages[0, 6] = float("nan")  # poisons the minibatches that hold row 0
     weights = {k: v.clone() for k, v in actor.state_dict().items()}
-    optimizers = make_optimizers(cfg, actor, critic)
+    optimizers = optimizers_of(cfg, actor, critic)
     out = ppo_update(cfg, actor, critic, optimizers, batch, seed=0)
     assert out["skipped_updates"] == 2 and out["updates"] == 2  # one bad minibatch per epoch
     assert all(torch.isfinite(p).all() for p in actor.parameters())
     batch.advantages[:] = float("nan")
     fresh_actor, fresh_critic = tiny_models()
-    out = ppo_update(cfg, fresh_actor, fresh_critic, make_optimizers(cfg, fresh_actor, fresh_critic), batch, seed=0)
+    out = ppo_update(cfg, fresh_actor, fresh_critic, optimizers_of(cfg, fresh_actor, fresh_critic), batch, seed=0)
     assert out["updates"] == 0 and out["skipped_updates"] == 4
     assert all(torch.equal(v, weights[k]) for k, v in fresh_actor.state_dict().items())
 
@@ -217,9 +218,10 @@ def test_self_certainty_scores_equal_the_float64_formula_on_transformers_logits(
         tokens[b, n:] = 0
         mask[b, 3:n] = 1.0
     mask[0, 6:8] = 0.0  # feedback tokens between two attempts
-    rollout = Graded(Rollout(tokens, torch.tensor(lengths), mask, torch.zeros(B, T), [[(3, n)] for n in lengths], 0, 0),
-                     [None] * B, [[0.0]] * B)
-    cfg = TrainConfig(reward="self_certainty", temperature=0.7, micro_batch_tokens=20)
+    sampled = Rollout(tokens, torch.tensor(lengths), mask, torch.zeros(B, T), [[(3, n)] for n in lengths], 0, 0,
+                      temperature=0.7)
+    rollout = Graded(sampled, [None] * B, [[0.0]] * B, group_size=1)
+    cfg = TrainConfig(reward="self_certainty", micro_batch_tokens=20)
     scored, _ = score_rollout(cfg, actor, rollout)
     with torch.no_grad():
         z = hf.double()(tokens).logits / 0.7  # (B, T, V)
@@ -256,7 +258,7 @@ def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
         if model is actor:
             poisoned.append(next(model.parameters()).grad.view(-1)[0].fill_(float("inf")))
 
-    optimizers = make_optimizers(cfg, actor, critic)
+    optimizers = optimizers_of(cfg, actor, critic)
     out = ppo_update(cfg, actor, critic, optimizers, batch, seed=0, grad_hook=one_inf_gradient)
     assert len(poisoned) == 2 and out["skipped_updates"] == 2 and out["updates"] == 0
     assert all(torch.equal(v, weights[k]) for k, v in actor.state_dict().items())
@@ -266,11 +268,11 @@ def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
 @pytest.fixture(scope="module")
 def demo_rollout():
     tokenizer = demo.build_tokenizer()
-    env = UFOEnv(tokenizer, instruction="", max_turns=3)
+    env = UFOEnv(tokenizer, EnvOptions(instruction="", max_turns=3))
     actor = demo.build_model(len(tokenizer), seed=0)
     problems = demo.make_problems("train", 4, seed=0)
-    graded = run_episodes(actor, env, problems, n_samples_per_problem=2, max_turns=3, max_new_tokens=4,
-                          temperature=1.0, seed=0)
+    graded = run_episodes(actor, env, problems, SamplingOptions(max_new_tokens=4, temperature=1.0), Noise(0),
+                          n_samples_per_problem=2)
     return env, actor, graded
 
 

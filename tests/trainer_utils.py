@@ -5,13 +5,18 @@ micro-batches must add up to.
     loss, metrics, ratio_dev = minibatch_losses(cfg, actor, critic, batch)
     loss.backward()
     loss, metrics = policy_loss(cfg, actor, update_rows(batch, weights))   # one loss on every row
+    optimizers = optimizers_of(cfg, actor, critic)                           # make_optimizers with cfg's rates
 
 Not a test file; its users: python -m pytest -q tests/test_micro_batches.py tests/test_trainer.py
 tests/test_parallel.py
 """
 from nanoufo.config import TrainConfig
 from nanoufo.packing import one_forward
-from nanoufo.trainer import Batch, UpdateRows, critic_loss, minibatch_weights, policy_loss
+from nanoufo.trainer import Batch, UpdateRows, critic_loss, make_optimizers, minibatch_weights, policy_loss
+
+
+def optimizers_of(cfg: TrainConfig, actor, critic) -> dict:
+    return make_optimizers(actor, critic, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
 
 
 def update_rows(mb: Batch, weights, lengths: list[int] | None = None) -> UpdateRows:
