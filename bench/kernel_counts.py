@@ -13,6 +13,9 @@
   arguments and writes those its kernel stores to (KERNEL_WRITES); against the GEMM's own bytes, its operands
   read once and its fp32 accumulator read and written once (a GEMM's re-reads of operand tiles from cache are
   counted for neither).
+- rows the LM head runs on in the trainer's forwards (nanoufo/packing.py), before -> after keeping only the rows
+  that predict a sampled token, on the benchmarks' synthetic multi-turn rollout (bench/common.py) of a preset's
+  shapes, and the head's matmul FLOPs (forward and backward, 6 H V per row) that this saves.
 - SASS instructions per logit in the main loop of the compiled statistics kernel (and of the backward's
   kernel): compiled for sm_90
   with Triton's bundled ptxas (no GPU needed), disassembled with the bundled cuobjdump; the loop is the
@@ -24,6 +27,7 @@
     python bench/kernel_counts.py --sass --constexpr BF16_PAIRS=0   # the loop with a constexpr switched
     TRITON_INTERPRET=1 python bench/kernel_counts.py --root DIR   # the counts of another checkout's kernels/
     python bench/kernel_counts.py --bytes                    # only the weight gradient's bytes per row chunk
+    python bench/kernel_counts.py --head-rows                # only the LM head's rows, before -> after
 
 Prints one JSON line per figure. tests/test_kernel_counts.py asserts the goals with the same functions.
 """
@@ -299,6 +303,24 @@ def weight_grad_bytes(v: int = 75968, h: int = 2048, rows: int = 3533, mm_acc=No
 VOCAB_PARALLEL = ("scoring", "stats_grad", "stats_grad_vocab_size", "ppo_head")
 
 
+def head_rows(preset: str = "3b", batch: int = 64, budget: int = 16384, seed: int = 0) -> dict:
+    """The LM head's rows over one rollout's packed forwards: every hidden row (before) against the rows that
+    predict a sampled token (after), on the synthetic rollout with a UFO-like mix of attempts per row."""
+    from common import PRESETS, synthetic_rollout
+    from nanoufo.packing import micro_batches, span_lengths
+    shape = PRESETS[preset]
+    rollout = synthetic_rollout(shape, batch, seed, mixed=True)
+    lengths = span_lengths(rollout.turn_spans)
+    rows = {name: sum(len(forward.targets) for forward in micro_batches(rollout.tokens, lengths, budget, True, spans))
+            for name, spans in (("before", None), ("after", rollout.turn_spans))}
+    sampled = int(rollout.loss_mask.sum())
+    flops_per_row = 6 * shape.config.hidden_size * shape.config.vocab_size  # forward + backward of the head
+    return dict(figure="head_rows", preset=preset, batch=batch, micro_batch_tokens=budget,
+                rows_before=rows["before"], rows_after=rows["after"], sampled_tokens=sampled,
+                after_over_before=round(rows["after"] / rows["before"], 4),
+                head_tflops_saved=round((rows["before"] - rows["after"]) * flops_per_row / 1e12, 2))
+
+
 def _vocab_parallel_rank(rank: int, store: str, cases: tuple[str, ...], n: int, h: int, v: int) -> None:
     """One of two gloo ranks: counts each case on this rank's half of the vocabulary, into store.rank<r>.json."""
     import torch.distributed as dist
@@ -358,10 +380,15 @@ def main() -> None:
                         help="compile with these constexprs changed, e.g. BF16_PAIRS=0")
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose kernels/ package is counted")
     parser.add_argument("--bytes", action="store_true", help="only the weight gradient's bytes per row chunk")
+    parser.add_argument("--head-rows", action="store_true", help="only the LM head's rows, before -> after")
     args = parser.parse_args()
     sys.path.insert(0, args.root)
     if args.bytes:
         print(json.dumps(weight_grad_bytes()))
+        return
+    if args.head_rows:
+        for preset in ("1.5b", "3b"):
+            print(json.dumps(head_rows(preset)))
         return
     if args.sass:
         overrides = {name: int(value) for name, value in (item.split("=") for item in args.constexpr)}
@@ -369,7 +396,8 @@ def main() -> None:
         return
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("the counts run the Triton path on the CPU: set TRITON_INTERPRET=1")
-    for row in (token_stats_counts(), ppo_loss_counts(), *head_flops(), weight_grad_bytes(), *vocab_parallel_counts()):
+    for row in (token_stats_counts(), ppo_loss_counts(), *head_flops(), weight_grad_bytes(), head_rows(),
+                *vocab_parallel_counts()):
         print(json.dumps(row))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for kernel in ("_token_stats_kernel", "_token_stats_grad_kernel"):

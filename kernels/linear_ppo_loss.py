@@ -18,6 +18,10 @@ So each row chunk is: one GEMM to fp32 logits, the statistics (one launch), the 
 dz in the input dtype, two GEMMs; the logits chunk is dropped. The autograd backward only multiplies the
 saved gradients by the upstream gradient of the scalar loss (d(g loss) = g d loss).
 
+On-policy (old_logp None): the update's first and only optimizer step after a rollout, where the old policy is
+the current one, needs no forward of its own for the old log-probs: each token's is its own logp, detached (the
+ratio is 1, the clipped surrogate's gradient the plain policy gradient's), as TRL and verl do for one step.
+
 Vocab-parallel (group, vocab_start): as in kernels/linear_token_stats.py; each chunk's statistics are
 all-gathered (one small collective per chunk, no host sync), so logp, the loss and the metrics are those of
 the full vocabulary on every rank.
@@ -48,12 +52,13 @@ def _ppo_of_row(logp, entropy, old, adv, mask, ref, weights, **ppo) -> tuple[tor
 
 
 def linear_ppo_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                              old_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
                               weights: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
                               temperature: float = 1.0, **ppo) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The unfused path: materialised logits, the PyTorch statistics and PPO loss, autograd."""
     targets = torch.where(mask != 0, targets, -100)
     logp, entropy, _ = token_stats(hidden @ weight.T, targets, temperature, impl="torch")
+    old_logp = logp.detach() if old_logp is None else old_logp  # on-policy: ratio 1
     loss, metrics = _ppo_of_row(logp, entropy, old_logp, advantages, mask, ref_logp, weights, impl="torch", **ppo)
     return loss, metrics, logp.detach()
 
@@ -84,6 +89,7 @@ def _forward(hidden, weight, targets, per_token: list, cfg: SliceConfig, ppo: di
         logits = mm_acc(h, weight.T)  # (R, V) fp32
         (logp[rows], entropy, _), lse_mu, _ = finished_stats(logits, targets[rows], cfg, group)
         chunk = [None if x is None else x[rows] for x in per_token]
+        chunk[0] = logp[rows] if chunk[0] is None else chunk[0]  # on-policy: each token's old log-prob is its own
         chunk_loss, chunk_metrics, (d_logp, d_ent) = _ppo_of_chunk(logp[rows], entropy, chunk, ppo, any(needs))
         # the loss sum_t w_t loss_t adds up over the chunks, and each chunk's token-means weigh by its share of
         # the tokens (exactly 1 for a single chunk)
@@ -129,7 +135,7 @@ def _check(hidden, weight, per_token: dict, chunk_rows: int | None, vocab_start:
         raise ValueError(f"linear_ppo_loss: chunk_rows and temperature must be > 0, got {chunk_rows}, {temperature}")
 
 
-def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
+def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor | None,
                     advantages: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, *,
                     ref_logp: torch.Tensor | None = None, temperature: float = 1.0, clip_low: float = 0.2,
                     clip_high: float = 0.28, dual_clip: float | None = 3.0, kl_coef: float = 0.0,
@@ -141,7 +147,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     loss_t as in kernels/ppo_loss.py from logp_t and entropy_t of the logits hidden @ weight.T / temperature.
     Per token (N,): targets, old_logp, advantages, mask, weights, ref_logp. The loss is differentiable
     w.r.t. hidden and weight; logp (N,) fp32 comes detached (masked tokens 0); metrics as ppo_loss's,
-    entropy included. chunk_rows: rows per chunk (default: 2^28 logits)."""
+    entropy included. old_logp None: on-policy, each token's own logp (the module doc). chunk_rows: rows per
+    chunk (default: 2^28 logits)."""
     _check(hidden, weight, dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask,
                                 weights=weights, ref_logp=ref_logp), chunk_rows, vocab_start, group, temperature)
     targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)

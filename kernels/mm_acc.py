@@ -11,8 +11,9 @@ accumulated in fp32), and an accumulation is the Triton kernel below: each progr
 product with fp32 accumulators (tl.dot), reads that tile of out once, adds and writes it back. So the bytes an
 accumulation moves are the GEMM's own, the operands and the accumulator read and written once (the SM's
 re-reads of operand tiles aside, as for any GEMM), where adding a separate fp32 product moved the
-accumulator's size twice more (writing the product and reading it back): about 1.2 GB more per row chunk for
-the (75,968 x 2,048) weight gradient of Qwen2.5-3B at TP=2 (bench/kernel_counts.py, bench/RESULTS.md). cuBLAS
+accumulator's size twice more (writing the product and reading it back): nearly twice the GEMM's own bytes
+for the (75,968 x 2,048) weight gradient of Qwen2.5-3B at TP=2 (bench/kernel_counts.py --bytes; bench/RESULTS.md,
+"Fused LM head + loss"). cuBLAS
 could add into out itself, but the addmm of the supported torch releases (2.9 on) rejects an fp32 out with
 bf16 operands (pytorch/pytorch#154086). Tiles: 128 x 128 of out, steps of 64 over the shared dimension, and
 programs ordered in groups of 8 tile rows so that a row of a's tiles is read from L2 by every column of tiles.

@@ -28,10 +28,11 @@ In the kernels: x is a raw logit and c = log2(e) / T, so e^(z - z') = 2^((x - x'
 exponent; m, s, a, b are kept in these units (m = max x, s = sum 2^d, a = sum d 2^d with d = (x - m) c, b = sum
 x) and turned into natural ones at the end (m / T, s, a ln 2, b / T). Each thread owns lanes of K contiguous
 columns with their own running m, s, a, b; the lanes merge (step 2) once, after the loop.
-Speed tricks stay where they lower the SASS instructions per logit of the compiled loop (sm_90, bf16 logits,
-V = 151936, block 4096: `python bench/kernel_counts.py --sass`, with `--kernel _token_stats_grad_kernel` for the
-backward; 2026-12-06, Triton 3.7.1, on the CPU): 9.75 forward, 13.06 backward. Beside each trick, the count
-without it (a copy of this file with the trick undone, compiled by the same command with `--source COPY`).
+Speed tricks stay only where they lower the SASS instructions per logit of the compiled loop (sm_90, bf16
+logits, V = 151936: `python bench/kernel_counts.py --sass`, `--kernel _token_stats_grad_kernel` for the
+backward), the count this kernel is tuned against: a bf16 logit is 2 bytes, so a loop that spends many
+instructions on each cannot keep up with HBM. Each trick says its reason beside it; bench/RESULTS.md ("Fused
+token statistics") has the count with and without each.
 
 Paths: the whole vocabulary on the Triton path is one launch and no host sync (the kernel does steps 1 and 3).
 A slice's statistics (a fused head's chunk, a rank's slice) come from the partial kernel or reference, merge
@@ -202,8 +203,8 @@ def token_stats_grad_reference(logits, targets, lse, mu, grads, vocab_size: int,
 
 @triton.jit
 def _exp2(x, ACC: tl.constexpr):
-    # exp2 of exponents formed with log2(e) / T folded in: with tl.exp in its place, 14.0 per logit forward
-    # (9.75) and 17.06 backward (13.06)
+    # exp2 of exponents formed with log2(e) / T folded in: one FFMA forms each exponent, where tl.exp would
+    # multiply by log2(e) again per logit
     if ACC == tl.float64:  # fp64 (gradcheck): exact exp, as the GPU has no fp64 exp2
         return tl.exp(x * LN2)
     else:
@@ -239,8 +240,9 @@ def _row_stats(row_ptr, end, c, K: tl.constexpr, GROUPS: tl.constexpr, BF16_PAIR
     """Step 1 over the columns [0, end) of one row, in the kernels' units, merged across lanes. A block is two
     tiles of GROUPS lanes x K columns: lane g holds columns g K + [0, K) of each (with BF16_PAIRS, the low and
     high halves of K 32-bit words, 2 g K + [0, 2K)): which lane holds a column does not matter. Per-lane
-    statistics merged once after the loop: 9.75 per logit and no barrier in the loop; one running (m, s, a, b)
-    per row, reduced across the block every step as in the textbook online softmax: 17.31 and 15 barriers."""
+    statistics merged once after the loop keep every reduction inside a thread, so the loop has no barrier; one
+    running (m, s, a, b) per row, reduced across the block every step as in the textbook online softmax, needs
+    cross-thread reductions and barriers at every block."""
     HALF: tl.constexpr = K * GROUPS
     offs = tl.arange(0, GROUPS)[:, None] * K + tl.arange(0, K)[None, :]  # (G, K)
     m = tl.full([GROUPS], float("-inf"), ACC)
@@ -248,9 +250,9 @@ def _row_stats(row_ptr, end, c, K: tl.constexpr, GROUPS: tl.constexpr, BF16_PAIR
     a = tl.zeros([GROUPS], ACC)
     b = tl.zeros([GROUPS], ACC)
     full_end = end // (2 * HALF) * (2 * HALF)
-    for start in range(0, full_end, 2 * HALF):  # full blocks: no masks (every block masked: 11.94 per logit)
-        # one 32-bit word = two bf16 logits, each widened to fp32 in one integer op (`--constexpr BF16_PAIRS=0`,
-        # two bf16 loads: 10.25 per logit)
+    for start in range(0, full_end, 2 * HALF):  # full blocks: no masks, so no compare and select per logit
+        # one 32-bit word = two bf16 logits, each widened to fp32 in one integer op: half the load instructions
+        # of two bf16 loads (`--constexpr BF16_PAIRS=0`)
         if BF16_PAIRS:
             w = tl.load(row_ptr.to(tl.pointer_type(tl.uint32)) + start // 2 + offs)
             x0 = (w << 16).to(tl.float32, bitcast=True).to(ACC)
@@ -362,18 +364,17 @@ def _token_stats_grad_kernel(logits_ptr, targets_ptr, lse_ptr, mu_ptr, g_logp_pt
         g_sc_v = g_sc * inv_vocab
     if HAS_ENT:
         g_ent = tl.where(valid, tl.load(g_ent_ptr + row).to(ACC), 0.0)
-    # the row's coefficients divided by T once (dz formed, then divided by T per logit: 14.06 per logit)
+    # the row's coefficients divided by T once, so dz needs no division by T per logit
     coef, g_logp, g_ent, g_sc_v = coef * inv_temp, g_logp * inv_temp, g_ent * inv_temp, g_sc_v * inv_temp
-    # the target's column as int32 and compared as an offset in the tile, one 32-bit compare per logit (the int64
-    # column: 14.12 per logit; the column index compared, which the compiler widens to 64 bits with the loop
-    # counter: 15.06)
+    # the target's column as int32 and compared as an offset in the tile: one 32-bit compare per logit, where an
+    # int64 column, or the column index (widened to 64 bits with the loop counter), costs more
     local = tl.where((local >= 0) & (local < n_cols), local, -1).to(tl.int32)
     row_ptr = logits_ptr + row * row_stride
     grad_row_ptr = grad_ptr + row * grad_row_stride
     live_end = tl.where(valid, n_cols, 0)  # a masked row reads nothing and writes zeros
     full_end = live_end // BLOCK * BLOCK
     offs = tl.arange(0, BLOCK)
-    for start in range(0, full_end, BLOCK):  # full blocks: no masks (every block masked: 14.38 per logit)
+    for start in range(0, full_end, BLOCK):  # full blocks: no masks, so no compare and select per logit
         x = tl.load(row_ptr + start + offs).to(ACC)
         dz = _dlogits(x, offs, local - start, lse_c, mu, coef, g_logp, g_ent, g_sc_v, c, inv_temp, HAS_LOGP, HAS_ENT,
                       ACC)

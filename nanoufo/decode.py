@@ -95,7 +95,7 @@ class Decoder:
         """(N, V) fp32 over the whole vocabulary: under tensor parallelism every rank gathers all ranks' columns,
         so each rank's sampler draws the same token with the same seed. The logits come out in fp32 whatever
         the model's dtype, as the trainer's linear_token_stats makes them (bf16 logits put the sampler's
-        log-probs further from the trainer's: bench/RESULTS.md, issue 16 section): on CUDA a bf16 x bf16
+        log-probs further from the trainer's: bench/RESULTS.md, "On-policy gap"): on CUDA a bf16 x bf16
         product accumulated in fp32 (no fp32 copy of the head's weight), elsewhere an upcast (mm_acc)."""
         m = self.model
         local = mm_acc(m.lm_head_input(hidden), m.lm_head_weight.T)  # (N, V_local) fp32

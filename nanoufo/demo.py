@@ -10,7 +10,7 @@ made. One attempt can only guess (1/3 to 1/5 right), but every wrong answer rule
 that revises after "Try again." (a different digit each turn) solves every problem within 5 turns, while
 one that repeats itself does not. That is the behaviour UFO trains for. (An earlier version listed
 additions and hid one of their sums; the tiny model's warm-up did not learn to read the sums within the
-CPU budget: README.) Questions whose text hashes into the held-out quarter never appear in training (the
+CPU budget: docs/demo-history.md.) Questions whose text hashes into the held-out quarter never appear in training (the
 game number makes the texts many; the 21 ranges themselves occur in both splits).
 
 The tokenizer is a transformers PreTrainedTokenizerFast with one token per printable character (plus the
@@ -22,7 +22,7 @@ The warm-up is supervised on episodes of a forgetful guesser: at each turn it pi
 digits it has not tried, or, with probability WARMUP_FORGET, among all of them. It teaches the format, the
 range and a weak habit of not repeating, which RL then has to strengthen. Why not an independent guesser:
 from one the model never learns to look at its earlier attempts, and RL from there did not find that
-either (README). Even the careful guesser's habit only appears after about 1,500 warm-up steps.
+either (docs/demo-history.md). Even the careful guesser's habit only appears after about 1,500 warm-up steps.
 Tests: python -m pytest -q tests/test_demo.py
 """
 import random

@@ -41,7 +41,7 @@ class EnvOptions:
     grading: str = "math_verify"  # math equivalence, or "exact" (UFO's code: lower-cased, whitespace removed)
     grade_timeout: float = 5.0  # seconds of math-verify per answer before it counts as wrong
     # rewards (magnitudes; the penalties are subtracted). The demo's: a solve at any attempt counts fully and an
-    # invalid answer costs 0.5 (README, "The built-in demo"); UFO's code: 0.5, 0.5, 0.1
+    # invalid answer costs 0.5 (docs/demo-history.md); UFO's code: 0.5, 0.5, 0.1
     turn_decay: float = 1.0  # a solve after t answered attempts earns turn_decay ** t
     repetition_penalty: float = 0.5  # times (1 - distinct answers / answered attempts), at the end
     format_penalty: float = 0.5  # per attempt without an answer the task can accept

@@ -2,7 +2,7 @@
 the map between one forward's hidden rows and the batch's tokens. Every trainer forward goes through here:
 the no-grad scoring forwards (old log-probs, values, self-certainty) and the update's.
 
-    for forward in micro_batches(tokens, lengths, budget=4096, packed=True):
+    for forward in micro_batches(tokens, lengths, budget=4096, packed=True, spans=rollout.turn_spans):
         hidden = forward.hidden(model)     # (N, H): hidden row n predicts token forward.targets[n]
         old = forward.take(old_logp)       # a token-aligned (B, T) array at the predicted tokens, (N,)
         forward.put(logp, into=out)        # a per-row statistic (N,) onto the tokens it belongs to, out (B, T)
@@ -12,7 +12,11 @@ one sequence (positions restart at 0 in each, and attention stays within each), 
 computed; a trajectory's last token predicts nothing (target -100). Padded, a forward holds its rows cut to
 the longest of them and every position but the last predicts the next token, padding included (the loss
 mask is 0 there). The hidden state at position i-1 predicts token i, so a statistic lands on token i and
-each row's first token gets none.
+each row's first token gets none. Given the rows' spans of scored tokens (the rollout's turn spans: the sampled
+tokens, where every loss, old log-prob, value and KL is read), a forward keeps only the hidden rows that
+predict one: the trunk reads every token, the LM head (a V-column matmul, the costliest part of a small model's
+forward at Qwen's 151,936 columns) and the statistics run on the scored rows alone. The spans are host lists,
+so the rows are chosen without reading anything back from the device.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_micro_batches.py
 """
 from dataclasses import dataclass
@@ -56,6 +60,7 @@ class MicroBatch:
     following: torch.Tensor  # (N,) flat index into (B * T) of the token each hidden row predicts
     predicts: torch.Tensor  # (N,) bool, False where a hidden row predicts nothing (a packed trajectory's end)
     targets: torch.Tensor  # (N,) int64 token ids, IGNORE where nothing is predicted
+    keep: torch.Tensor | None = None  # (N,) the trunk's output rows kept (those predicting a scored token); None: all
 
     @property
     def n_computed(self) -> int:
@@ -65,8 +70,10 @@ class MicroBatch:
     def hidden(self, model: Qwen2) -> torch.Tensor:
         """The hidden states (N, H) that predict the targets."""
         if self.seq_lens is None:
-            return model(self.inputs)[:, :-1].flatten(0, 1)  # the model knows the layout without a device read
-        return model(self.inputs, self.positions, seq_lens=self.seq_lens)[0]
+            out = model(self.inputs)[:, :-1].flatten(0, 1)  # the model knows the layout without a device read
+        else:
+            out = model(self.inputs, self.positions, seq_lens=self.seq_lens)[0]
+        return out if self.keep is None else out[self.keep]
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A token-aligned (B, T) array's entries at the predicted tokens, (N,) (0 where nothing is predicted)."""
@@ -77,35 +84,52 @@ class MicroBatch:
         into.view(-1).index_put_((self.following,), stat.masked_fill(~self.predicts, 0))
 
 
-def micro_batches(tokens: torch.Tensor, lengths: list[int], budget: int, packed: bool = True) -> list[MicroBatch]:
+def micro_batches(tokens: torch.Tensor, lengths: list[int], budget: int, packed: bool = True,
+                  spans: list[list[tuple[int, int]]] | None = None) -> list[MicroBatch]:
     """The rows of tokens (B, T), in order, in forwards of at most budget tokens (split_rows; 0: one forward).
-    lengths are host ints: a packed forward's index arrays are built on the host and copied in one go, without
-    a sync; a padded one's on the device."""
-    return [_micro_batch(tokens, run, [lengths[b] for b in run], packed)
+    lengths are host ints, and so are spans (per row the [start, end) of its scored tokens, which keep only the
+    hidden rows that predict one: the module doc): a forward's index arrays are built on the host and copied in
+    one go, without a sync (a padded forward over every row builds its own on the device: no copy)."""
+    return [_micro_batch(tokens, run, [lengths[b] for b in run], packed, spans and [spans[b] for b in run])
             for run in split_rows(lengths, budget, padded=not packed)]
 
 
-def _micro_batch(tokens: torch.Tensor, rows: list[int], lengths: list[int], packed: bool) -> MicroBatch:
-    """The forward over consecutive rows (split_rows' runs) with their lengths."""
-    T, device = tokens.shape[1], tokens.device
-    if packed:  # a trajectory's last hidden row predicts nothing: it points at its row's first token, never a target
-        starts = [b * T for b in rows]
-        read = torch.cat([torch.arange(n) + s for s, n in zip(starts, lengths)])  # (N,) the tokens read
-        positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
-        following = torch.cat([torch.cat([torch.arange(1, n), torch.zeros(1, dtype=torch.long)]) + s
-                               for s, n in zip(starts, lengths)])  # (N,)
-        predicts = torch.cat([torch.arange(n) < n - 1 for n in lengths])  # (N,)
-        read, positions, following, predicts = to_device(torch.stack([read, positions, following, predicts]), device)
-        inputs, positions, seq_lens = tokens.reshape(-1)[read][None], positions[None], lengths  # (1, N) each
-        predicts = predicts.bool()
-    else:  # built on the device: no copy
-        t = max(lengths)
-        inputs, positions, seq_lens = tokens[rows[0]:rows[-1] + 1, :t], None, None  # (b, t)
-        following = (torch.arange(rows[0], rows[-1] + 1, device=device)[:, None] * T
-                     + torch.arange(1, t, device=device)).flatten()  # (b * (t - 1),)
-        predicts = torch.ones_like(following, dtype=torch.bool)
+def _micro_batch(tokens: torch.Tensor, rows: list[int], lengths: list[int], packed: bool,
+                 spans: list[list[tuple[int, int]]] | None) -> MicroBatch:
+    """The forward over consecutive rows (split_rows' runs) with their lengths (and spans of scored tokens)."""
+    T, t, device = tokens.shape[1], max(lengths), tokens.device
+    starts = [b * T for b in rows]  # each row's first token in the flat (B * T) tokens
+    host = {}  # index arrays built here, copied to the device in one go
+    if packed:
+        host["read"] = torch.cat([torch.arange(n) + s for s, n in zip(starts, lengths)])  # (N,) the tokens read
+        host["positions"] = torch.cat([torch.arange(n) for n in lengths])  # (N,)
+    if spans is not None:  # token p of a row is predicted by hidden row (the row's first hidden row) + p - 1
+        firsts = [sum(lengths[:j]) if packed else j * (t - 1) for j in range(len(rows))]
+        scored = [(s, first, torch.arange(a, e)) for s, first, row_spans in zip(starts, firsts, spans)
+                  for a, e in row_spans if e > a] or [(0, 0, torch.zeros(0, dtype=torch.long))]  # none: (0,)
+        host["keep"] = torch.cat([first + p - 1 for _, first, p in scored])  # (M,) hidden rows kept
+        host["following"] = torch.cat([s + p for s, _, p in scored])  # (M,)
+    elif packed:  # a trajectory's last hidden row predicts nothing: it points at its row's first token
+        host["following"] = torch.cat([torch.cat([torch.arange(1, n), torch.zeros(1, dtype=torch.long)]) + s
+                                       for s, n in zip(starts, lengths)])  # (N,)
+        host["predicts"] = torch.cat([torch.arange(n) < n - 1 for n in lengths]).long()  # (N,)
+    sizes = [len(x) for x in host.values()]
+    moved = dict(zip(host, to_device(torch.cat(list(host.values())), device).split(sizes))) if host else {}
+    if packed:
+        inputs, positions, seq_lens = tokens.reshape(-1)[moved["read"]][None], moved["positions"][None], lengths
+    else:  # (b, t): the rows cut to the longest
+        inputs, positions, seq_lens = tokens[rows[0]:rows[-1] + 1, :t], None, None
+    following = moved["following"] if "following" in moved else (
+        torch.arange(rows[0], rows[-1] + 1, device=device)[:, None] * T + torch.arange(1, t, device=device)).flatten()
+    predicts = moved["predicts"].bool() if "predicts" in moved else torch.ones_like(following, dtype=torch.bool)
     targets = tokens.reshape(-1)[following].masked_fill(~predicts, IGNORE)
-    return MicroBatch(inputs, positions, seq_lens, following, predicts, targets)
+    return MicroBatch(inputs, positions, seq_lens, following, predicts, targets, moved.get("keep"))
+
+
+def span_lengths(spans: list[list[tuple[int, int]]]) -> list[int]:
+    """Each row's tokens up to and including its last scored token (1 for a row without any), from its spans:
+    what rl.trajectory_lengths reads from a loss mask, without reading the device."""
+    return [max((e for a, e in row if e > a), default=1) for row in spans]
 
 
 def one_forward(tokens: torch.Tensor, lengths: list[int] | None) -> list[MicroBatch]:

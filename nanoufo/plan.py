@@ -102,8 +102,8 @@ def activation_bytes_per_token(config: QwenConfig, tp: int, itemsize: int) -> in
       + 4 * Hq / tp: the attention's fp32 log-sum-exp (SDPA's flash / memory-efficient kernels and the
                      CPU's flash kernel save q, k, v, out and it, never the T x T scores)
       + s * 4I: the merged gate/up output (2I), silu(gate) and the product (down_proj's input).
-    Qwen2.5-1.5B in bf16: 107,064 B per block, 3.00 MB per token over 28 blocks (bench/RESULTS.md measured
-    about 3.1 MB per token for the whole update, peak over weights). tests/test_plan.py checks the formula
+    Qwen2.5-1.5B in bf16: 107,064 B per block, 3.00 MB per token over 28 blocks (bench/RESULTS.md, "One PPO update",
+    measured about 3.1 MB per token for the whole update, peak over weights). tests/test_plan.py checks the formula
     exactly against the tensors a tiny fp32 block saves on the CPU (saved_tensors_hooks)."""
     H, D = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * D // tp, config.num_key_value_heads * D // tp

@@ -12,7 +12,11 @@ score_rollout places the rewards the update learns from: the environment's, Intu
 process reward model's step scores (nanoufo/prm.py). build_batch keeps the groups with the largest reward
 spread, recomputes the old log-probs (and values, reference log-probs) with the trainer's own forward so
 the first PPO ratio is 1 up to rounding (the update's fused head + loss sums in its own order), and
-computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores (GRPO). ppo_update
+computes advantages: GAE over the critic's values (UFO PPO) or group-normalized scores (GRPO). With one
+optimizer step per rollout (one epoch, one minibatch) the old policy is the current one, so build_batch runs
+no forward of the actor for them: the update's own forward gives each token's old log-prob, detached (ratio 1),
+and the sampler-vs-trainer gap, as TRL and verl do; the KL in the reward needs them first, so it keeps the
+forward. Every forward's LM head runs only on the rows that predict a sampled token (nanoufo/packing.py). ppo_update
 runs the PPO epochs over shuffled minibatches and steps the optimizers with gradient clipping, skipping any
 update whose loss or gradients are not finite so the weights never take a NaN. Every forward (scoring and
 update) runs in the micro-batches of nanoufo/packing.py, at most opts.micro_batch_tokens tokens each,
@@ -31,7 +35,7 @@ from nanoufo import rl
 from nanoufo.model import Qwen2, to_device
 from nanoufo.options import LossOptions, UpdateOptions
 from nanoufo.optim import adamw
-from nanoufo.packing import MicroBatch, micro_batches, on_tokens, one_forward, split_rows
+from nanoufo.packing import MicroBatch, micro_batches, on_tokens, one_forward, span_lengths, split_rows
 from nanoufo.parallel import ParallelContext, all_ranks_true, clip_grad_norm_, dp_mean_scale
 from nanoufo.rollout import Graded
 from nanoufo.sampler import Rollout, cat_rows
@@ -52,16 +56,25 @@ class Batch:
     """B trajectories of T tokens; every per-token array is aligned with `tokens` (entry i = token i)."""
     tokens: torch.Tensor  # (B, T) int64, right-padded
     mask: torch.Tensor  # (B, T) float, 1 on sampled tokens
-    old_logp: torch.Tensor  # (B, T) trainer's log-probs before the update
+    old_logp: torch.Tensor | None  # (B, T) trainer's log-probs before the update; None: on-policy (build_batch)
     advantages: torch.Tensor  # (B, T)
     ref_logp: torch.Tensor | None = None  # (B, T) frozen reference, when a KL term is used
     old_values: torch.Tensor | None = None  # (B, T) critic, UFO PPO only
     returns: torch.Tensor | None = None  # (B, T) GAE targets for the critic
     temperature: float = 1.0  # the rollout's (Rollout.temperature): the update's log-probs are under it too
+    sampler_logp: torch.Tensor | None = None  # (B, T) the sampler's, when the update measures their gap itself
+    spans: list[list[tuple[int, int]]] | None = None  # per row, [start, end) of the sampled tokens (host lists):
+    # where the mask is 1, known without a device read; the update's head runs only on them. None: read the mask
 
     def rows(self, index: torch.Tensor) -> "Batch":
-        """A minibatch: rows index, in that order."""
-        return Batch(**{k: x[index] if isinstance(x, torch.Tensor) else x for k, x in vars(self).items()})
+        """A minibatch: rows index (a CPU tensor), in that order."""
+        on_device = to_device(index, self.tokens.device)
+        return Batch(**{k: x[on_device] if isinstance(x, torch.Tensor) else
+                        [x[i] for i in index.tolist()] if isinstance(x, list) else x for k, x in vars(self).items()})
+
+    def lengths(self) -> list[int]:
+        """Each row's tokens up to its last sampled one: from the spans, or else from the mask (one host sync)."""
+        return span_lengths(self.spans) if self.spans is not None else rl.trajectory_lengths(self.mask).tolist()
 
 
 @dataclass
@@ -76,13 +89,15 @@ class UpdateRows:
     ref_logp: torch.Tensor | None  # (N,)
     old_values: torch.Tensor | None  # (N,)
     returns: torch.Tensor | None  # (N,)
+    sampler_logp: torch.Tensor | None  # (N,)
     temperature: float  # the rollout's: the log-probs are under it
 
     @classmethod
     def of(cls, batch: Batch, weights: torch.Tensor, forward: MicroBatch) -> "UpdateRows":
         at = lambda x: None if x is None else forward.take(x)  # noqa: E731  (B, T) -> (N,)
         return cls(forward, at(batch.mask), at(batch.old_logp), at(batch.advantages), at(weights),
-                   at(batch.ref_logp), at(batch.old_values), at(batch.returns), batch.temperature)
+                   at(batch.ref_logp), at(batch.old_values), at(batch.returns), at(batch.sampler_logp),
+                   batch.temperature)
 
 
 def token_stats(model: Qwen2, forward: MicroBatch, temperature: float) -> tuple[torch.Tensor, ...]:
@@ -122,8 +137,8 @@ def score_rollout(opts: UpdateOptions, actor: Qwen2, graded: Graded, prm=None) -
     mask, stats = rollout.loss_mask.float(), {}  # (B, T)
     scores, turn_rewards, step_points = graded.scores.to(mask.device).float(), graded.turn_rewards, None
     if opts.reward == "self_certainty":
-        forwards = micro_batches(rollout.tokens, rl.trajectory_lengths(mask).tolist(), opts.micro_batch_tokens,
-                                 opts.pack_sequences)
+        forwards = micro_batches(rollout.tokens, span_lengths(rollout.turn_spans), opts.micro_batch_tokens,
+                                 opts.pack_sequences, rollout.turn_spans)
         with torch.no_grad():
             sc, = on_tokens(lambda forward: token_stats(actor, forward, rollout.temperature)[2:], forwards,
                             mask.shape)
@@ -183,32 +198,40 @@ def build_batch(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None, ref: Qw
         scored = scored.rows(rl.group_filter(scored.scores, scored.group_size, opts.keep_groups).tolist())
     tokens, mask, scores = scored.tokens, scored.loss_mask.float(), scored.scores  # (B, T), (B, T), (B,)
     stats["kept_score"] = scores.mean().item()
-    lengths = rl.trajectory_lengths(mask).tolist()  # one host sync; every no-grad forward runs in micro-batches
-    forwards = micro_batches(tokens, lengths, opts.micro_batch_tokens, opts.pack_sequences)
+    spans = scored.turn_spans  # host lists: the rows' lengths and scored tokens without a device read
+    forwards = micro_batches(tokens, span_lengths(spans), opts.micro_batch_tokens, opts.pack_sequences, spans)
     temperature = scored.temperature
 
     def on_the_tokens(stat_of) -> torch.Tensor:  # (B, T): a per-row statistic of every forward, on its tokens
         return on_tokens(lambda forward: (stat_of(forward),), forwards, tokens.shape)[0]
 
+    # one optimizer step per rollout: the update's forward is the old policy's, so it gives the old log-probs
+    # (detached) and the sampler gap itself, unless the KL reward needs them before the advantages
+    kl_reward_needs_old = ref is not None and opts.kl_in == "reward"
+    on_policy = opts.ppo_epochs == 1 and opts.minibatch_size >= len(tokens) and not kl_reward_needs_old
     with torch.no_grad():
-        old_logp = on_the_tokens(lambda forward: token_stats(actor, forward, temperature)[0])
+        old_logp = None if on_policy else on_the_tokens(lambda forward: token_stats(actor, forward, temperature)[0])
         ref_logp = None if ref is None else on_the_tokens(lambda forward: token_stats(ref, forward, temperature)[0])
         values = None if critic is None else on_the_tokens(lambda forward: token_values(critic, forward))
-    stats["logp_diff_sampler"] = rl.masked_mean((scored.logprobs.float() - old_logp).abs(), mask).item()
+    sampler_logp = scored.logprobs.float() if on_policy else None  # (B, T)
+    if not on_policy:
+        stats["logp_diff_sampler"] = rl.masked_mean((scored.logprobs.float() - old_logp).abs(), mask).item()
     kl_reward = torch.zeros_like(mask)  # (B, T): kl_coef * KL(pi || ref) on the sampled tokens, if in the reward
-    if ref_logp is not None:
+    if ref_logp is not None and not on_policy:  # on-policy, the update's loss reports the KL (pg/kl)
         kl = rl.kl_penalty(old_logp, ref_logp, opts.kl_estimator, opts.kl_clamp or None)  # (B, T)
         stats["kl_ref"] = rl.masked_mean(kl, mask).item()
         if opts.kl_in == "reward":
             kl_reward = opts.kl_coef * kl * mask
     if opts.algorithm == "grpo":  # the KL lowers each episode's score by its sum over the tokens, as in verl
         advantages = rl.group_advantages(scores - kl_reward.sum(1), scored.group_size)[:, None] * mask
-        return Batch(tokens, mask, old_logp, advantages, ref_logp, temperature=temperature), stats
+        return Batch(tokens, mask, old_logp, advantages, ref_logp, temperature=temperature, spans=spans,
+                     sampler_logp=sampler_logp), stats
     rewards = scored.rewards - kl_reward
     advantages, returns = rl.gae(rewards, values, mask, opts.gamma, opts.lam)
     if opts.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask, group=actor.par.dp_group)  # moments of the whole DP batch
-    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns, temperature), stats
+    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns, temperature, spans,
+                 sampler_logp), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -245,7 +268,11 @@ def policy_loss(opts: LossOptions, actor: Qwen2, rows: UpdateRows):
         kl_coef=opts.kl_coef if kl_in_loss else 0.0, kl_estimator=opts.kl_estimator, kl_clamp=opts.kl_clamp or None,
         entropy_coef=opts.entropy_coef, vocab_start=actor.vocab_start, group=actor.par.tp_group)  # vocab-parallel
     metrics = {f"pg/{k}": v for k, v in metrics.items()}
-    return loss, metrics | {"ratio_dev": rl.masked_mean((logp - rows.old_logp).abs(), rows.mask).detach()}
+    gap = lambda other: rl.masked_mean((logp - other).abs(), rows.mask).detach()  # noqa: E731
+    metrics["ratio_dev"] = gap(logp if rows.old_logp is None else rows.old_logp)  # on-policy: 0
+    if rows.sampler_logp is not None:  # on-policy: this forward is the first after the rollout
+        metrics["logp_diff_sampler"] = gap(rows.sampler_logp)
+    return loss, metrics
 
 
 def critic_loss(opts: LossOptions, critic: Qwen2, rows: UpdateRows):
@@ -268,7 +295,8 @@ def accumulate_gradients(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None
     weights = minibatch_weights(minibatch.mask, opts.aggregation, actor.par)
     parts = [(actor, policy_loss)] + ([(critic, critic_loss)] if critic is not None else [])
     total, sums, computed = minibatch.mask.new_zeros(()), {}, 0
-    for forward in micro_batches(minibatch.tokens, lengths, opts.micro_batch_tokens, opts.pack_sequences):
+    for forward in micro_batches(minibatch.tokens, lengths, opts.micro_batch_tokens, opts.pack_sequences,
+                                 minibatch.spans):
         rows = UpdateRows.of(minibatch, weights, forward)
         computed += forward.n_computed
         n_tokens = rows.mask.sum()
@@ -296,7 +324,7 @@ def ppo_update(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None, optimize
     for model in models.values():
         model.checkpoint_activations = opts.checkpoint_activations
     generator = torch.Generator().manual_seed(seed)
-    lengths = rl.trajectory_lengths(batch.mask).tolist()  # one host sync for the whole update
+    lengths = batch.lengths()
     split_rows(lengths, opts.micro_batch_tokens)  # a budget below the longest trajectory fails before any forward
     max_norm = opts.grad_clip if opts.grad_clip > 0 else math.inf
     sums, n_updates, skipped, ratio_devs = {}, 0, 0, []
@@ -304,7 +332,7 @@ def ppo_update(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None, optimize
         for index in torch.randperm(len(batch.tokens), generator=generator).split(opts.minibatch_size):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            loss, metrics = accumulate_gradients(opts, actor, critic, batch.rows(to_device(index, batch.tokens.device)),
+            loss, metrics = accumulate_gradients(opts, actor, critic, batch.rows(index),
                                                  [lengths[i] for i in index.tolist()])
             metrics["loss"] = loss
             metrics = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # one sync per minibatch

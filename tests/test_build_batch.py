@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from nanoufo import rl, trainer
+from nanoufo import trainer
 from nanoufo.config import TrainConfig
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.rollout import Graded
@@ -67,11 +67,9 @@ def models(monkeypatch):
     return actor, critic, ref
 
 
-def on_computed(batch, x: torch.Tensor) -> torch.Tensor:
-    """x on the tokens a packed forward predicts (each row's second to its last sampled token), 0 elsewhere."""
-    T = x.shape[1]
-    ends = rl.trajectory_lengths(batch.mask)[:, None]
-    return x * ((torch.arange(T) >= 1) & (torch.arange(T) < ends))
+def on_sampled(batch, x: torch.Tensor) -> torch.Tensor:
+    """x on the sampled tokens, 0 elsewhere: the scoring forwards run the head only on the rows predicting them."""
+    return x * batch.mask
 
 
 def config(**overrides) -> TrainConfig:
@@ -107,8 +105,8 @@ def test_ufo_ppo_rewards_kl_and_gae_by_hand(models, placement, returns):
     batch, stats = batch_of(config(reward_placement=placement), actor, critic, ref)
     assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
     assert batch.mask.tolist() == [MASKS[i] for i in KEPT]
-    assert torch.allclose(batch.old_logp, on_computed(batch, -0.1 * batch.tokens.float()))  # the actor's, not the ref's
-    assert torch.allclose(batch.ref_logp, on_computed(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
+    assert torch.allclose(batch.old_logp, on_sampled(batch, -0.1 * batch.tokens.float()))  # the actor's, not the ref's
+    assert torch.allclose(batch.ref_logp, on_sampled(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
     assert stats["score"] == pytest.approx(3.25 / 6) and stats["kept_score"] == pytest.approx(2.25 / 4)
     assert stats["kl_ref"] == pytest.approx(0.1)  # KL 0.2 on 5 of the 10 sampled tokens
     advantages = [g - v for g, v in zip(returns, VALUES)]
@@ -132,7 +130,7 @@ def test_kl_in_the_loss_leaves_the_rewards_alone(models):
     # no KL in the rewards: row 2 G = 0.125, 0.25, 0.5; row 3 0.5, 1; row 4 0.5, 1; row 5 -0.0625, -0.125, -0.25
     returns = [0.125, 0.25, 0.5, 0.5, 1.0, 0.5, 1.0, -0.0625, -0.125, -0.25]
     assert torch.allclose(batch.returns, on_actions(returns), atol=1e-6)
-    assert torch.allclose(batch.ref_logp, on_computed(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
+    assert torch.allclose(batch.ref_logp, on_sampled(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
 
 
 def test_grpo_group_advantages_on_every_sampled_token(models):
@@ -144,7 +142,7 @@ def test_grpo_group_advantages_on_every_sampled_token(models):
     expected = torch.tensor(per_row)[:, None] * torch.tensor([MASKS[i] for i in KEPT], dtype=torch.float32)
     assert batch.tokens.tolist() == [TOKENS[i] for i in KEPT]
     assert torch.allclose(batch.advantages, expected, atol=1e-5)
-    assert torch.allclose(batch.ref_logp, on_computed(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
+    assert torch.allclose(batch.ref_logp, on_sampled(batch, -0.1 * batch.tokens.float() - 0.2 * (batch.tokens % 2)))
 
 
 def test_grpo_kl_in_the_reward_counts_only_the_sampled_tokens(models):

@@ -66,6 +66,13 @@ def test_the_head_weight_gradient_moves_the_gemm_s_own_bytes():
     assert row["fresh"]["ops"] == {"aten.mm": 1} and row["fresh"]["over_gemm"] <= 1.1, row
 
 
+def test_the_head_runs_only_on_the_rows_that_predict_a_sampled_token():
+    """The synthetic multi-turn rollout (prompts, attempts, feedback turns), packed: the head's rows fall from
+    every hidden row to exactly the sampled tokens."""
+    row = kernel_counts.head_rows("tiny", batch=6, budget=512)
+    assert row["rows_after"] == row["sampled_tokens"] < row["rows_before"], row
+
+
 def test_fused_head_and_ppo_loss_is_6nhv():
     rows = {row["op"]: row for row in kernel_counts.head_flops(n=8, h=8, v=60)}
     assert rows["linear_ppo_loss"]["per_nhv"] == 6

@@ -17,7 +17,8 @@ from distributed_utils import launch
 from nanoufo import rl
 from nanoufo.config import TrainConfig
 from nanoufo.model import Qwen2, QwenConfig
-from nanoufo.packing import micro_batches, split_rows
+from nanoufo import trainer
+from nanoufo.packing import micro_batches, on_tokens, span_lengths, split_rows
 from nanoufo.parallel import SINGLE
 from nanoufo.sampler import Rollout
 from nanoufo.trainer import (Batch, Scored, accumulate_gradients, build_batch, minibatch_weights, ppo_update,
@@ -110,6 +111,49 @@ def test_a_micro_batch_maps_its_hidden_rows_to_the_tokens_they_predict_by_hand()
     split = micro_batches(tokens, [3, 2], 3, packed=True)  # 5 tokens over a budget of 3: one row each
     assert [mb.targets.tolist() for mb in split] == [[6, 7, -100], [9, -100]]
     assert [mb.following.tolist() for mb in split] == [[1, 2, 0], [5, 4]]
+
+
+def test_with_spans_a_forward_keeps_only_the_rows_that_predict_a_scored_token_by_hand():
+    tokens = torch.tensor([[5, 6, 7, 3, 0], [8, 9, 4, 0, 0]])  # trajectories of 4 and 3 tokens, T = 5
+    spans = [[(1, 2), (3, 4)], [(2, 3)]]  # scored: tokens 6 and 3 of row 0, token 4 of row 1
+    packed, = micro_batches(tokens, [4, 3], 0, packed=True, spans=spans)
+    assert packed.inputs.tolist() == [[5, 6, 7, 3, 8, 9, 4]] and packed.n_computed == 7  # the trunk reads all
+    assert packed.keep.tolist() == [0, 2, 5]  # hidden rows 0 (-> 6), 2 (-> 3) and 4 + 1 (-> 4)
+    assert packed.following.tolist() == [1, 3, 7] and packed.targets.tolist() == [6, 3, 4]
+    padded, = micro_batches(tokens, [4, 3], 0, packed=False, spans=spans)
+    assert padded.keep.tolist() == [0, 2, 4] and padded.following.tolist() == [1, 3, 7]  # rows of width 4 - 1
+    assert padded.targets.tolist() == [6, 3, 4]
+    assert span_lengths(spans + [[(2, 2)]]) == [4, 3, 1]  # a row without scored tokens: 1, as trajectory_lengths
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_head_on_the_scored_rows_gives_the_same_statistics_loss_and_gradients(packed):
+    """Keeping only the rows that predict a sampled token changes nothing a loss reads: the statistics on the
+    sampled tokens, the minibatch's loss and metrics, and both models' gradients (the spans are where the mask is)."""
+    batch = uneven_batch()
+    spans = [[(3, 5), (6, n)] if n > 6 else [(3, n)] for n in LENGTHS]
+    assert all(batch.mask[b, a:e].all() for b, row in enumerate(spans) for a, e in row)
+    assert sum(e - a for row in spans for a, e in row) == batch.mask.sum()
+    cfg = TrainConfig(pack_sequences=packed, micro_batch_tokens=0, kl_in="loss", entropy_coef=0.01)
+    results = []
+    for with_spans in (False, True):
+        actor, critic = models()
+        forwards = micro_batches(batch.tokens, LENGTHS, 0, packed, spans if with_spans else None)
+        with torch.no_grad():
+            logp, = on_tokens(lambda forward: trainer.token_stats(actor, forward, 1.0)[:1], forwards,
+                              batch.tokens.shape)
+        mb = replace(batch, spans=spans if with_spans else None)
+        loss, metrics = accumulate_gradients(cfg, actor, critic, mb, LENGTHS)
+        grads = [p.grad.clone() for model in (actor, critic) for p in model.parameters() if p.grad is not None]
+        results.append((logp * batch.mask, loss, metrics, grads))
+    (logp, loss, metrics, grads), (logp_kept, loss_kept, metrics_kept, grads_kept) = results
+    torch.testing.assert_close(logp_kept, logp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_kept, loss, rtol=1e-5, atol=1e-7)
+    for key in ("pg/clip_frac", "pg/approx_kl", "pg/kl", "pg/entropy", "ratio_dev", "value_loss"):
+        torch.testing.assert_close(metrics_kept[key], metrics[key], rtol=1e-5, atol=1e-7)
+    assert len(grads_kept) == len(grads)
+    for got, want in zip(grads_kept, grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_budget_below_the_attempts_is_a_config_error():

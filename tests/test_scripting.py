@@ -33,7 +33,6 @@ def test_what_the_update_cannot_do_is_an_error(torch_paths):
 
     from nanoufo import demo
     from nanoufo.options import UpdateOptions
-    from nanoufo.sampler import Rollout
     from nanoufo.trainer import Scored, build_batch, check_models
     actor = demo.build_model(40, seed=0)
     with pytest.raises(ValueError, match="kl_coef=0.001 needs a reference model"):

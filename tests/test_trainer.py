@@ -294,6 +294,32 @@ def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
         assert all(len(u) == 1 for u in per_row)
 
 
+def test_one_step_per_rollout_takes_the_old_log_probs_from_the_update_itself(demo_rollout):
+    """ppo_epochs=1 and one minibatch (Intuitor's update): build_batch runs no forward of the actor (old_logp None),
+    and the update's own forward gives each token's old log-prob (ratio exactly 1) and the sampler gap; its step
+    equals the one from old log-probs recomputed by a scoring forward (ratio 1 up to rounding)."""
+    import copy
+    env, actor, graded = demo_rollout
+    cfg = TrainConfig(algorithm="grpo", kl_coef=0.0, max_turns=3, problems_per_step=4, n_samples_per_problem=2,
+                      minibatch_size=8, ppo_epochs=1, entropy_coef=0.01)
+    batch, stats = build_batch(cfg, actor, None, None, score_rollout(cfg, actor, graded)[0])
+    assert batch.old_logp is None and batch.sampler_logp is not None and "logp_diff_sampler" not in stats
+    with torch.no_grad():
+        old_logp = sequence_stats(actor, batch.tokens, batch.temperature)[0] * batch.mask  # the scoring forward's
+    steps = []
+    for old in (None, old_logp):
+        model = copy.deepcopy(actor)
+        out = ppo_update(cfg, model, None, optimizers_of(cfg, model, None), replace(batch, old_logp=old), seed=0)
+        steps.append((model.state_dict(), out))
+    (on_policy, out), (recomputed, out_recomputed) = steps
+    assert out["first_ratio_dev"] == 0.0 and out_recomputed["first_ratio_dev"] < 1e-5
+    assert out["logp_diff_sampler"] < 1e-4 and out["logp_diff_sampler"] == pytest.approx(
+        out_recomputed["logp_diff_sampler"], abs=1e-6)  # the sampler gap, measured by the update's forward
+    for name, value in on_policy.items():
+        torch.testing.assert_close(value, recomputed[name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(value, actor.state_dict()[name]) for name, value in on_policy.items())  # it moved
+
+
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, kl_in):
     """kl_in="reward" under GRPO: advantages are the group-normalized (score - kl_coef * sum of the token KL);
