@@ -8,7 +8,7 @@ How the workload maps onto TRL (nanoufo's side: bench/peers_nanoufo.py nanoufo_o
 - the group is num_generations; a rollout is steps_per_generation minibatches of per_device_train_batch_size
   completions (no gradient accumulation), each passed over num_iterations times: nanoufo's minibatch_size and
   ppo_epochs. With one minibatch and one pass TRL takes the old log-probs as the detached current ones and runs
-  no scoring forward (nanoufo runs one anyway).
+  no scoring forward (so does nanoufo: build_batch leaves the old log-probs to the update's own forward).
 - loss_type "dapo" (every completion token of the minibatch weighs the same) is nanoufo's token-mean; epsilon and
   epsilon_high are clip_low and clip_high; beta 0 (no KL, no reference model), entropy_coef 0.
 - scale_rewards "group": (r - group mean) / (group sample std + 1e-4); nanoufo divides by (std + 1e-6). The
