@@ -9,7 +9,8 @@ ProcessBench, or a chat where you play the environment.
     python sample.py --ckpt=out/ufo_qwen2.5_3b --mode=chat           # you type "Try again.", /new <q>, /quit
     python sample.py --ckpt=Qwen2.5-Math-1.5B-Instruct --mode=bon --prm=Qwen2.5-Math-PRM-7B --k=8 --data=gsm8k,math500
                                           # Pass@1, Pass@8, Maj@8 and RM@8 (Best-of-8 by the PRM) on both sets
-    python sample.py --mode=processbench --prm=Qwen2.5-Math-PRM-7B --data=processbench_gsm8k.jsonl --threshold=0.5
+    python sample.py --mode=processbench --prm=Qwen2.5-Math-PRM-7B --data=ProcessBench/ --threshold=0.5
+                                          # per subset (gsm8k, math, olympiadbench, omnimath) and their mean F1
     python sample.py --tiny                                          # no checkpoint: a tiny random model
     python sample.py --ckpt=Qwen2.5-3B-Instruct --data=mine.jsonl --question_key=prompt --answer_key=solution
 
@@ -24,9 +25,11 @@ the file, the columns found and the flag to set (exit status 2).
 
 The tokenizer is the checkpoint's own when it has one, else the run's (or the bundled Qwen2.5 tokenizer).
 CUDA + bf16 when available (a run's checkpoint: the run's dtype), else CPU + fp32. The chat is nanoufo/chat.py
-(one KV cache per conversation). A ProcessBench file has one JSON row per line with problem, steps (a list of
-strings) and label (the index of the earliest wrong step, -1 if none); rows that do not fit are skipped and
-counted. --data may name several sets, separated by commas.
+(one KV cache per conversation). A ProcessBench file has one JSON row per line (or a .json list) with problem,
+steps (a list of strings) and label (the index of the earliest wrong step, -1 if none); rows that do not fit
+are skipped, named and counted; rows too long for the PRM are counted as wrong. --data may name several sets,
+separated by commas; for --mode=processbench also a directory of the four subsets (gsm8k.jsonl, math.jsonl,
+olympiadbench.jsonl, omnimath.jsonl), reported each and then by their mean F1 (the paper's "Avg.").
 Tests: python -m pytest -q tests/test_sample_cli.py tests/test_prm_eval.py
 """
 import argparse
@@ -46,7 +49,7 @@ from nanoufo.data import DEFAULT_EVAL_SETS, FORMATS
 from nanoufo.evaluate import best_of_n, evaluate, mean_and_spread, write_episodes
 from nanoufo.model import QwenConfig, Qwen2
 from nanoufo.options import ANSWER_FORMATS, GRADINGS, PRM_AGGREGATES
-from nanoufo.prm import PRMScorer, evaluate_processbench, load_processbench
+from nanoufo.prm import PRMScorer, evaluate_processbench, load_processbench, mean_f1, processbench_files
 from nanoufo.task import Task, load_task
 from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
@@ -104,7 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.mode in ("bon", "processbench") and not args.prm:
         p.error(f"--mode={args.mode} needs --prm=DIR, a process reward model checkpoint")
     if args.mode == "processbench" and (args.data is None or args.data in DEFAULT_EVAL_SETS):
-        p.error("--mode=processbench reads a local ProcessBench file: --data=FILE.jsonl")
+        p.error("--mode=processbench reads local ProcessBench files: --data=DIR (the four subsets), "
+                "--data=FILE.jsonl or --data=A.jsonl,B.jsonl")
     if args.tiny:  # a smoke run: a few short episodes unless asked otherwise
         args.limit, args.max_new_tokens = args.limit or 4, args.max_new_tokens or 32
     if (args.k is not None and args.k < 1) or (args.max_new_tokens is not None and args.max_new_tokens < 1):
@@ -221,19 +225,34 @@ def run_bon(model: Qwen2, task: Task, cfg: TrainConfig, args: argparse.Namespace
 
 
 def run_processbench(args: argparse.Namespace) -> None:
-    """The PRM finds the earliest wrong step of each row: accuracy on erroneous and correct rows, F1."""
+    """The PRM finds the earliest wrong step of each row of each subset: per subset the accuracy on erroneous
+    and on correct rows and their F1, in percent as ProcessBench's code prints them (rows too long for the PRM
+    count as wrong, and how many there were is printed), then the mean F1 over the subsets."""
     try:
-        rows, skipped = load_processbench(args.data)
+        files = processbench_files(args.data)
+        subsets = [(name, path, *load_processbench(path)) for name, path in files]
     except (ValueError, FileNotFoundError) as error:
         user_error(error)
-    for message in skipped:
-        print(f"skipped {message}")
-    print(f"{args.data}: {len(rows)} rows" + (f", {len(skipped)} skipped" if skipped else ""))
-    table, records = evaluate_processbench(load_prm(args), rows[:args.limit], args.threshold, args.batch_size)
-    print_table(table)
-    if args.out:
-        write_episodes(args.out, records)
-        print(f"step scores written to {args.out}")
+    scorer, tables = load_prm(args), []
+    for name, path, rows, skipped in subsets:
+        for message in skipped:
+            print(f"skipped {message}")
+        print(f"{path}: {len(rows)} rows" + (f", {len(skipped)} skipped" if skipped else ""))
+        table, records = evaluate_processbench(scorer, rows[:args.limit], args.threshold, args.batch_size)
+        tables.append(table)
+        print(f"{name} error acc: {_percent(table['acc_erroneous'])}, correct acc: {_percent(table['acc_correct'])}, "
+              f"f1: {_percent(table['f1'])} ({table['samples']:.0f} rows, {table['erroneous']:.0f} erroneous; "
+              f"{table['unscored']:.0f} too long for the PRM, counted wrong)")
+        out = f"{args.out}.{name}.jsonl" if args.out and len(subsets) > 1 else args.out
+        if out:
+            write_episodes(out, records)
+            print(f"step scores written to {out}")
+    print(f"mean f1 over {len(tables)} subsets ({', '.join(name for name, *_ in subsets)}): "
+          f"{_percent(mean_f1(tables))}")
+
+
+def _percent(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}"
 
 
 def main(argv: list[str]) -> None:
@@ -250,7 +269,7 @@ def main(argv: list[str]) -> None:
     task = task_of(cfg, model, model_dir, args)
     if args.mode == "chat":
         chat(model, task.tokenizer, task.env(cfg, evaluation=True).options, cfg.sampling(evaluation=True),
-             max_len=args.max_len, seed=cfg.seed)
+             max_len=args.max_len, seed=cfg.seed, generation_eos_ids=task.generation_eos_ids)
     elif args.mode == "bon":
         run_bon(model, task, cfg, args)
     else:

@@ -124,7 +124,7 @@ if cfg.is_demo and not cfg.init_from:
     demo.warm_up_once(cfg, start_dir, par, env, train_problems)
 load = functools.partial(load_model, start_dir, device=par.device, dtype=dtype, par=par)  # this rank's TP slices
 actor = load()
-critic = load(value_head=True) if cfg.algorithm == "ufo_ppo" else None
+critic = load(value_head=True, head_init=cfg.critic_head_init, seed=cfg.seed) if cfg.algorithm == "ufo_ppo" else None
 ref = load().requires_grad_(False) if cfg.kl_coef > 0 else None
 prm = PRMReward(PRMScorer.load(cfg.prm, device=par.device, dtype=dtype, par=par), task.tokenizer, cfg.prm_aggregate,
                 cfg.prm_gold_weight) if cfg.reward == "prm" else None  # the PRM's trunk split like the actor's
@@ -209,7 +209,7 @@ while step < cfg.max_steps and all_ranks_true(not stop_signal, par):  # a signal
     step += 1
     bad_steps = bad_steps + 1 if updated["skipped_updates"] else 0
     elapsed = time.time() - t0
-    summary = summarize(graded.episodes, k=cfg.max_turns)
+    summary = summarize(graded.episodes, k=cfg.max_turns, distinct_by=cfg.distinct_by)
     record = {"kind": "train", "step": step, "reward": float(np.mean(graded.scores.numpy())),  # the env's
               "succ_at_k": summary[f"succ@{cfg.max_turns}"], **summary, **stats, **updated,
               "tokens_per_s": float(graded.rollout.lengths.sum()) / elapsed, "step_time_s": elapsed,

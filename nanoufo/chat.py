@@ -20,11 +20,12 @@ CHAT_TURNS = 1000  # a chat ends on /new, /quit, end of input or the context lim
 
 
 def chat(model: Qwen2, tokenizer, env_options: EnvOptions, sampling: SamplingOptions, *, max_len: int,
-         seed: int) -> None:
+         seed: int, generation_eos_ids: tuple[int, ...] = ()) -> None:
     """Conversations until /quit or the end of stdin, in the environment env_options describe (its prompts,
-    answer format and default feedback); conversation n samples with seed + n."""
+    answer format, default feedback and stop tokens, with the checkpoint's generation_eos_ids); conversation n
+    samples with seed + n."""
     feedback = env_options.feedback
-    envs = {feedback: UFOEnv(tokenizer, env_options)}  # the feedback turn's tokens, per text
+    envs = {feedback: UFOEnv(tokenizer, env_options, generation_eos_ids=generation_eos_ids)}  # per feedback text
     print(f"Ask a question. After each answer type feedback (empty line: {feedback!r}), /new <question> or /quit.")
     question, n_conversations = read_line("question> "), 0
     while question is not None:
@@ -41,7 +42,8 @@ def chat(model: Qwen2, tokenizer, env_options: EnvOptions, sampling: SamplingOpt
                 ended.append(reply[len("/new"):].strip() or read_line("question> "))
                 return [None]
             text = reply.strip() or feedback
-            env = envs.setdefault(text, UFOEnv(tokenizer, replace(env_options, feedback=text)))
+            env = envs.setdefault(text, UFOEnv(tokenizer, replace(env_options, feedback=text),
+                                                generation_eos_ids=generation_eos_ids))
             return [env.feedback_ids(stopped[0] and response[-1] == env.turn_end_id)]
 
         prompt = envs[feedback].prompt_ids(question)

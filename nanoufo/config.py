@@ -29,7 +29,9 @@ from nanoufo.schedule import SCHEDULES as LR_SCHEDULES
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_SINKS = ("jsonl", "tensorboard", "wandb")  # where a run's metrics go (nanoufo/logger.py)
-CHOICES = dict(lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES, prm_aggregate=PRM_AGGREGATES)
+VALUE_HEAD_INITS = ("zero", "normal")  # the critic's value head where its checkpoint has none (nanoufo/weights.py)
+CHOICES = dict(lr_schedule=LR_SCHEDULES, device=DEVICES, dtype=DTYPES, prm_aggregate=PRM_AGGREGATES,
+               critic_head_init=VALUE_HEAD_INITS)
 
 
 @dataclass
@@ -45,6 +47,9 @@ class TrainConfig(EnvOptions, SamplingOptions, UpdateOptions):
     # model, tokenizer, data ("" and "demo" mean the built-in tiny model, char tokenizer and synthetic task)
     init_from: str = ""  # HF checkpoint directory; "" = the demo's tiny model with a supervised warm-up
     tokenizer: str = ""  # tokenizer directory; "" = the checkpoint's own, else the bundled Qwen2.5 one
+    # the critic's scalar head (its trunk is init_from's): "zero", or "normal": weights N(0, initializer_range) drawn
+    # with the run's seed and a zero bias, as transformers initialises verl's token-classification critic head
+    critic_head_init: str = "zero"
     train_data: str = "demo"  # "demo", or a jsonl/parquet file or HF dataset for nanoufo.data.load_problems
     train_format: str = "auto"  # row format for load_problems (e.g. "metamath", "gsm8k", "math")
     train_question_key: str = ""  # the data's field names where they differ from the format's ("" = the format's)
@@ -78,7 +83,7 @@ class TrainConfig(EnvOptions, SamplingOptions, UpdateOptions):
     actor_lr: float = 5e-4
     critic_lr: float = 1e-3
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (towards min_lr_ratio * lr at max_steps)
-    lr_warmup_ratio: float = 0.0  # linear warm-up over this fraction of the schedule's steps (rounded to a whole step)
+    lr_warmup_ratio: float = 0.0  # linear warm-up from 0 over int(ratio x the schedule's steps) steps, as verl's
     min_lr_ratio: float = 0.0
     lr_schedule_steps: int = 0  # the steps the schedule spans; 0 = max_steps (set it to extend a run unchanged)
     weight_decay: float = 0.0

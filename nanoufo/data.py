@@ -9,7 +9,8 @@ library from a hub name, a directory or a parquet file.
 Sources: a local .jsonl/.json file (read with the json module, so `datasets` is not needed for them), a
 .parquet file, a directory of files (`split` picks the files), or a hub name when online (those three with
 `datasets`, imported only then). Formats: gsm8k (answer after the last "#### "), math500 (problem/answer
-fields), metamath (MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows), math (hendrycks MATH:
+fields), metamath (MetaMathQA: query, a response ending in "The answer is: ...", only MATH_ rows; metamath_first reads
+its gold as UFO's code does), math (hendrycks MATH:
 problem, and the gold is the last \\boxed{} of the solution) and generic. A row without a usable answer is
 skipped and counted, never a crash; with need_answers=False (label-free training) it is kept, answer None.
 Tests: `python -m pytest -q tests/test_data.py`.
@@ -33,6 +34,7 @@ DEFAULT_EVAL_SETS = {  # held-out evaluation sets bundled with the project (attr
 }
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' builder per suffix
 METAMATH_MARKER = re.compile(r"The answer is:?")
+METAMATH_FIRST = re.compile(r"The answer is: (.*)", re.DOTALL)
 THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
@@ -58,6 +60,14 @@ def _metamath_answer(response: str) -> str | None:
     return rest.split("\n", 1)[0].strip().removesuffix(".").strip() or None
 
 
+def _metamath_first_answer(response: str) -> str | None:
+    """UFO's code's gold (ragen/env/metamathqa/env.py, _extract_answer): everything after the FIRST "The answer
+    is: " (colon and space required) to the end of the response, stripped: a response that states its answer
+    twice keeps both statements, and "5." keeps its full stop (which exact grading then requires)."""
+    match = METAMATH_FIRST.search(response)
+    return match[1].strip() or None if match else None
+
+
 @dataclass(frozen=True)
 class Format:
     question_key: str
@@ -74,6 +84,9 @@ FORMATS = {
     "metamath": Format("query", "response", _metamath_answer,
                        keep_row=lambda row: isinstance(row["type"], str) and row["type"].startswith("MATH_"),
                        extra_columns=("type",)),
+    "metamath_first": Format("query", "response", _metamath_first_answer,
+                             keep_row=lambda row: isinstance(row["type"], str) and row["type"].startswith("MATH_"),
+                             extra_columns=("type",)),
     "generic": Format("question", "answer", str.strip),
 }
 
@@ -204,7 +217,8 @@ def _detect_format(rows: Rows, where: str, need_answers: bool, question_key: str
         return "math"
     if (not need_answers and "question" in columns) or (question_key and question_key in columns):
         return "generic"
-    raise DataError(where, f"cannot detect the format ({', '.join(FORMATS)}) from the columns",
+    detectable = [name for name in FORMATS if name != "metamath_first"]  # metamath_first: never guessed
+    raise DataError(where, f"cannot detect the format ({', '.join(detectable)}) from the columns",
                     sorted(columns), ("format", "question_key", "answer_key"))
 
 

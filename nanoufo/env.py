@@ -13,8 +13,8 @@ config, whose keys have the same names).
 Works with any Hugging Face tokenizer whose chat template uses <|im_start|>/<|im_end|> turns: the feedback
 tokens are derived from the template itself. Tests: `python -m pytest -q tests/test_env.py`.
 """
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 from nanoufo.data import Problem
 from nanoufo.grader import (count_distinct_answers, exact_match, extract_answer, extract_think_answer, grade_batch,
@@ -54,7 +54,7 @@ class Episode:
 class UFOEnv:
     def __init__(self, tokenizer, options: EnvOptions | None = None,
                  accepts: Callable[[Problem, str, str], bool] | None = None,
-                 reward: Callable[[Episode], float | list[float]] | None = None):
+                 reward: Callable[[Episode], float | list[float]] | None = None, generation_eos_ids: Sequence[int] = ()):
         """options: EnvOptions (default: the run's defaults). `accepts(problem, answer, attempt)` says whether
         the task can accept an attempt's extracted answer at all, right or wrong, given the attempt's text too
         (the demo: one digit of the question's range, and nothing but its \\boxed{}); None: math-verify reads
@@ -63,13 +63,19 @@ class UFOEnv:
         The feedback may hold {reward} (0.0: an attempt that goes on was wrong), {turn} (the next attempt's
         number, from 1) and {actions_left} (max_turns - the attempts that gave an answer), as UFO's code's
         feedback turn does. `reward(episode)` replaces the environment's reward: a number for the episode, or a
-        list of one per attempt (turn_rewards); the episode holds every attempt, its answers and their grades."""
+        list of one per attempt (turn_rewards); the episode holds every attempt, its answers and their grades.
+        generation_eos_ids: the checkpoint's generation_config.json eos_token_id(s), which end an attempt under
+        stop_tokens "generation_config" (nanoufo.task reads them)."""
         self.tokenizer, self.options, self.accepts, self.reward = tokenizer, options or EnvOptions(), accepts, reward
+        self.generation_eos_ids = tuple(generation_eos_ids)
         self.response_prefix, self.extract = READERS[self.options.answer_format]
         self.turn_end_id = tokenizer.convert_tokens_to_ids(TURN_END)
         if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {TURN_END} token; UFOEnv needs a chat template with "
                              "<|im_start|>/<|im_end|> turns")
+        if not self.stop_ids:
+            raise ValueError("the tokenizer has no eos token and the checkpoint's generation_config.json names "
+                             "none: nothing would end an attempt (stop_tokens='generation_config')")
         self._between = self._derive_feedback_text()  # holds FEEDBACK_SENTINEL where the feedback text goes
         feedback = self.options.feedback
         fixed = not any(f"{{{key}}}" in feedback for key in ("reward", "turn", "actions_left"))
@@ -84,8 +90,9 @@ class UFOEnv:
         """The template's text of the opening ((system), user turn with question and instruction) and `turns`."""
         o = self.options
         system = [] if o.system_prompt is None else [{"role": "system", "content": o.system_prompt}]
+        # an empty {instruction} leaves a space at an end; a template's own newlines stay (UFO's turn ends in one)
         user = _fill(o.user_template, question=question.strip(), instruction=o.instruction,
-                     actions_left=o.max_turns).strip()
+                     actions_left=o.max_turns).strip(" ")
         messages = system + [{"role": "user", "content": user}, *turns]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -125,9 +132,14 @@ class UFOEnv:
 
     @property
     def stop_ids(self) -> list[int]:
-        """Tokens that end an attempt: <|im_end|>, then the tokenizer's eos and <|endoftext|> where distinct."""
-        end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        candidates = [self.turn_end_id, self.tokenizer.eos_token_id, end_of_text]
+        """Tokens that end an attempt. stop_tokens "turn_end": <|im_end|>, then the tokenizer's eos and
+        <|endoftext|> where distinct; "generation_config": the tokenizer's eos and generation_eos_ids, as vLLM
+        stops a request that names no stop tokens (verl's rollouts)."""
+        if self.options.stop_tokens == "generation_config":
+            candidates = [self.tokenizer.eos_token_id, *self.generation_eos_ids]
+        else:
+            candidates = [self.turn_end_id, self.tokenizer.eos_token_id,
+                          self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
         return list(dict.fromkeys(i for i in candidates if i is not None and i != self.tokenizer.unk_token_id))
 
     def feedback_ids(self, ended_with_stop: bool, episode: Episode | None = None) -> list[int]:
@@ -210,25 +222,36 @@ class UFOEnv:
         decay); minus format_penalty on each attempt without an answer the task can accept (no answer, or
         one `accepts` rejects: UFO's code charges it for an action outside an environment's action set); and
         on the last attempt the repetition penalty repetition_penalty * (1 - E/T) over the T attempts that
-        gave an answer, E the distinct normalized answers among them. Unlike UFO's code, E counts acceptable
-        answers only: an unacceptable one counts as a repeat, so a new invalid answer ("3433" for "from 1 to
-        4") costs more than repeating a valid one, never less."""
+        gave an answer, E the distinct answers among them (spelled as distinct_by says), charged as
+        repetition_charged says. Unlike UFO's code, E counts acceptable answers only: an unacceptable one
+        counts as a repeat, so a new invalid answer ("3433" for "from 1 to 4") costs more than repeating a
+        valid one, never less."""
         o, rewards, t = self.options, [], 0  # t: the attempts so far that gave an answer
         for answer, correct, ok in zip(episode.answers, episode.correct, episode.acceptable):
             rewards.append((o.turn_decay ** t if correct else 0.0) - (0.0 if ok else o.format_penalty))
             t += answer is not None
-        share = distinct_answer_share(episode)
-        if share is not None:
+        share = distinct_answer_share(episode, o.distinct_by)
+        if share is not None and repetition_is_charged(episode, o):
             rewards[-1] -= o.repetition_penalty * (1 - share)
         return rewards
 
 
-def distinct_answer_share(episode: Episode) -> float | None:
-    """E / T of the repetition penalty: T the attempts that gave an answer, E the distinct normalized answers
-    among the acceptable ones (an unacceptable answer counts as a repeat); None without any answer."""
+def repetition_is_charged(episode: Episode, options: EnvOptions) -> bool:
+    """Whether the episode pays the repetition penalty: always under repetition_charged "any_answer"; under
+    "solved_or_all_answered" (UFO's code: its environment computes the penalty only on the step that ends it,
+    correct or its max_turns-th answer; a turn without an answer never steps it) only when solved or when
+    every one of its max_turns attempts gave an answer."""
+    answered = sum(answer is not None for answer in episode.answers)
+    return options.repetition_charged == "any_answer" or episode.solved or answered >= options.max_turns
+
+
+def distinct_answer_share(episode: Episode, distinct_by: str = "normalized") -> float | None:
+    """E / T of the repetition penalty: T the attempts that gave an answer, E the distinct answers among the
+    acceptable ones, spelled as grader.answer_key(answer, distinct_by) (an unacceptable answer counts as a
+    repeat); None without any answer."""
     answered = [answer for answer in episode.answers if answer is not None]
     accepted = [answer for answer, ok in zip(episode.answers, episode.acceptable) if ok]
-    return count_distinct_answers(accepted) / len(answered) if answered else None
+    return count_distinct_answers(accepted, distinct_by) / len(answered) if answered else None
 
 
 def _fill(template: str, **values) -> str:

@@ -58,7 +58,7 @@ def evaluate(model: Qwen2, env: UFOEnv, problems: list[Problem], sampling: Sampl
     if out is not None and (par is None or par.is_main):
         write_episodes(out, [episode_record(e, j % samples, n) for j, (e, n) in enumerate(zip(episodes, lengths))])
     if mode == "succ":
-        return summarize(episodes, k, lengths)
+        return summarize(episodes, k, lengths, env.options.distinct_by)
     correct = _per_problem([e.correct[0] for e in episodes], k)
     return {"problems": float(len(correct)), **{f"pass@{j}": pass_at_k(correct, j) for j in range(1, k + 1)},
             "tokens_per_episode": tokens_per_episode(lengths)}

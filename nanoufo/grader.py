@@ -119,10 +119,19 @@ def normalize_answer(answer: str) -> str:
     return answer
 
 
-def count_distinct_answers(answers: list[str | None]) -> int:
-    """Distinct normalized answers among attempts. Attempts with no extractable answer (None) all count
-    as ONE more value, so repeating "no answer" is repetition too (the format penalty is separate)."""
-    return len({None if answer is None else normalize_answer(answer) for answer in answers})
+def answer_key(answer: str, by: str = "normalized") -> str:
+    """The spelling under which answers count as one when repeats are counted: normalize_answer's ("normalized":
+    \\dfrac and \\frac one answer, X and x two) or squeeze_answer's ("squeezed", UFO's code's: X and x one answer,
+    \\dfrac and \\frac two)."""
+    assert by in ("normalized", "squeezed"), by  # checked by nanoufo.options (distinct_by)
+    return normalize_answer(answer) if by == "normalized" else squeeze_answer(answer)
+
+
+def count_distinct_answers(answers: list[str | None], by: str = "normalized") -> int:
+    """Distinct answers among attempts, spelled as answer_key(answer, by) spells them. Attempts with no
+    extractable answer (None) all count as ONE more value, so repeating "no answer" is repetition too (the
+    format penalty is separate)."""
+    return len({None if answer is None else answer_key(answer, by) for answer in answers})
 
 
 def _serve(memory_limit_mb: int) -> None:

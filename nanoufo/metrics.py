@@ -88,10 +88,11 @@ def non_repetitive_ratio(episodes: list[Episode]) -> float:
     return _mean([per_turn(e) for e in episodes if e.turns])
 
 
-def distinct_answer_ratio(episodes: list[Episode]) -> float:
-    """The share the repetition penalty measures, E / T (env.distinct_answer_share), averaged over the episodes
-    that gave an answer: below 1 exactly where the reward charged for repeating."""
-    shares = [distinct_answer_share(e) for e in episodes]
+def distinct_answer_ratio(episodes: list[Episode], distinct_by: str = "normalized") -> float:
+    """The share the repetition penalty measures, E / T (env.distinct_answer_share, answers spelled as
+    distinct_by says: the run's), averaged over the episodes that gave an answer: below 1 exactly where the
+    episode repeated itself by the reward's measure (which charges it as repetition_charged says)."""
+    shares = [distinct_answer_share(e, distinct_by) for e in episodes]
     return _mean([share for share in shares if share is not None])
 
 
@@ -100,10 +101,11 @@ def no_answer_rate(episodes: list[Episode]) -> float:
     return _mean([float(None in e.answers) for e in episodes])
 
 
-def repeat_rate(episodes: list[Episode]) -> float:
-    """Fraction of episodes that give one answer twice (normalized answers; attempts without one left out)."""
+def repeat_rate(episodes: list[Episode], distinct_by: str = "normalized") -> float:
+    """Fraction of episodes that give one answer twice (spelled as distinct_by says; attempts without an answer
+    left out)."""
     answered = [[a for a in e.answers if a is not None] for e in episodes]
-    return _mean([float(count_distinct_answers(a) < len(a)) for a in answered])
+    return _mean([float(count_distinct_answers(a, distinct_by) < len(a)) for a in answered])
 
 
 def invalid_rate(episodes: list[Episode]) -> float:
@@ -115,8 +117,8 @@ def invalid_rate(episodes: list[Episode]) -> float:
     return _mean([float(any(a is not None and not ok for a, ok in zip(e.answers, e.acceptable))) for e in episodes])
 
 
-def failure_modes(episodes: list[Episode]) -> dict[str, float]:
-    return {"no_answer_rate": no_answer_rate(episodes), "repeat_rate": repeat_rate(episodes),
+def failure_modes(episodes: list[Episode], distinct_by: str = "normalized") -> dict[str, float]:
+    return {"no_answer_rate": no_answer_rate(episodes), "repeat_rate": repeat_rate(episodes, distinct_by),
             "invalid_rate": invalid_rate(episodes)}
 
 
@@ -125,12 +127,15 @@ def tokens_per_episode(lengths: list[int]) -> float:
     return _mean([float(n) for n in lengths])
 
 
-def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None) -> dict[str, float]:
-    """All multi-turn metrics in one table row; tokens_per_episode given per-episode sampled token counts."""
+def summarize(episodes: list[Episode], k: int, lengths: list[int] | None = None,
+              distinct_by: str = "normalized") -> dict[str, float]:
+    """All multi-turn metrics in one table row; tokens_per_episode given per-episode sampled token counts;
+    repeats counted with the run's distinct_by (EnvOptions)."""
     table = {"episodes": float(len(episodes)), **{f"succ@{j}": succ_at_k(episodes, j) for j in range(1, k + 1)},
              "mean_turns": mean_turns(episodes), "mean_turns_to_solve": mean_turns_to_solve(episodes),
              "non_repetitive_ratio": non_repetitive_ratio(episodes),
-             "distinct_answer_ratio": distinct_answer_ratio(episodes), **failure_modes(episodes)}
+             "distinct_answer_ratio": distinct_answer_ratio(episodes, distinct_by),
+             **failure_modes(episodes, distinct_by)}
     if lengths is not None:
         table["tokens_per_episode"] = tokens_per_episode(lengths)
     return table

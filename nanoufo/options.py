@@ -18,13 +18,17 @@ from dataclasses import dataclass
 
 ANSWER_FORMATS = ("boxed", "think_answer")  # how an attempt is read (nanoufo/env.py READERS)
 GRADINGS = ("math_verify", "exact")
+STOP_TOKENS = ("turn_end", "generation_config")  # which tokens end an attempt (nanoufo/env.py UFOEnv.stop_ids)
+REPETITION_CHARGED = ("any_answer", "solved_or_all_answered")  # which episodes pay the repetition penalty
+DISTINCT_BY = ("normalized", "squeezed")  # the spelling under which two answers are one (nanoufo/grader.py answer_key)
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PRM_AGGREGATES = ("min", "product")  # how a response's step scores make one score (nanoufo/prm.py)
 CUDA_GRAPHS = ("auto", "true", "false")  # auto: on a CUDA device (nanoufo/cuda_graphs.py graphs_wanted)
 ALGORITHMS = ("ufo_ppo", "grpo")
 REWARDS = ("gold", "self_certainty", "prm")
 PLACEMENTS = ("last", "per_turn", "per_step")
-AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-mean")  # seq-mean: seq-mean-token-mean's short name
+# seq-mean: seq-mean-token-mean's short name; chunk-token-mean: verl's token-mean per micro-batch (nanoufo/rl.py)
+AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-mean", "chunk-token-mean")
 KL_ESTIMATORS = ("k1", "k3")
 KL_PLACES = ("reward", "loss")
 
@@ -40,10 +44,21 @@ class EnvOptions:
     answer_format: str = "boxed"  # "boxed" (last \\boxed{}, else <answer>) or "think_answer" (UFO's code)
     grading: str = "math_verify"  # math equivalence, or "exact" (UFO's code: lower-cased, whitespace removed)
     grade_timeout: float = 5.0  # seconds of math-verify per answer before it counts as wrong
+    # "turn_end": <|im_end|> and the end-of-text tokens (a multi-turn episode needs the turn's end);
+    # "generation_config": the tokenizer's eos and the checkpoint's generation_config.json eos_token_id, where
+    # vLLM stops (a base Qwen2.5: <|endoftext|> only, so an <|im_end|> inside a response does not end it)
+    stop_tokens: str = "turn_end"
     # rewards (magnitudes; the penalties are subtracted). The demo's: a solve at any attempt counts fully and an
     # invalid answer costs 0.5 (docs/demo-history.md); UFO's code: 0.5, 0.5, 0.1
     turn_decay: float = 1.0  # a solve after t answered attempts earns turn_decay ** t
     repetition_penalty: float = 0.5  # times (1 - distinct answers / answered attempts), at the end
+    # which episodes pay it: "any_answer" (every episode that gave an answer), or "solved_or_all_answered"
+    # (UFO's code: only one that ends solved or after max_turns answered attempts, so an episode that runs out
+    # of turns with an attempt without an answer is never charged)
+    repetition_charged: str = "any_answer"
+    # the spelling under which two answers are one repeat: "normalized" (nanoufo.grader.normalize_answer: LaTeX
+    # forms folded, case kept) or "squeezed" (UFO's code: lower-cased, whitespace removed, nothing else)
+    distinct_by: str = "normalized"
     format_penalty: float = 0.5  # per attempt without an answer the task can accept
 
     def __post_init__(self):
@@ -54,7 +69,9 @@ def check_env_options(options: EnvOptions) -> None:
     """ValueError naming the first option out of its range (config.validate calls it on the run's config)."""
     if options.max_turns < 1:
         raise ValueError(f"config: max_turns={options.max_turns} must be at least 1")
-    for key, allowed in (("answer_format", ANSWER_FORMATS), ("grading", GRADINGS)):
+    choices = (("answer_format", ANSWER_FORMATS), ("grading", GRADINGS), ("stop_tokens", STOP_TOKENS),
+               ("repetition_charged", REPETITION_CHARGED), ("distinct_by", DISTINCT_BY))
+    for key, allowed in choices:
         if getattr(options, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(options, key)!r} is not one of {', '.join(allowed)}")
     for key in ("turn_decay", "repetition_penalty", "format_penalty", "grade_timeout"):
@@ -109,6 +126,7 @@ class LossOptions:
     kl_clamp: float = 10.0  # k3's value capped here, as verl's low_var_kl (zero gradient past it); 0 = no cap
     kl_in: str = "reward"  # "reward": a per-token penalty (UFO), "loss": a term of the policy loss (GRPO)
     aggregation: str = "token-mean"
+    chunk_rows: int = 4  # chunk-token-mean's rows per chunk (verl's ppo_micro_batch_size_per_gpu)
 
 
 @dataclass
@@ -142,7 +160,7 @@ def check_update_options(o: UpdateOptions) -> None:
     for key, allowed in choices.items():
         if getattr(o, key) not in allowed:
             raise ValueError(f"config: {key}={getattr(o, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("ppo_epochs", "minibatch_size"):
+    for key in ("ppo_epochs", "minibatch_size", "chunk_rows"):
         if getattr(o, key) < 1:
             raise ValueError(f"config: {key}={getattr(o, key)} must be at least 1")
     for key in ("micro_batch_tokens", "keep_groups", "kl_coef", "kl_clamp", "grad_clip", "entropy_coef", "value_clip"):

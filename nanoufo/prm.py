@@ -306,9 +306,34 @@ def first_flagged(scores: torch.Tensor, threshold: float) -> int:
     return int(low[0]) if len(low) else -1
 
 
-def processbench_metrics(predicted: list[int], labels: list[int]) -> dict[str, float]:
+PROCESSBENCH_SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")  # the data set's four splits, in its order
+
+
+def processbench_files(data: str) -> list[tuple[str, Path]]:
+    """(subset name, file) for --data: a directory holding the four subsets (<name>.jsonl, or .json: the paper's
+    "Avg." is their mean, so all four must be there), a comma-separated list of files, or one file; a file's
+    subset is its name without the extension. A missing file is a FileNotFoundError naming it."""
+    if Path(data).is_dir():
+        files = []
+        for name in PROCESSBENCH_SUBSETS:
+            found = [Path(data) / f"{name}{suffix}" for suffix in (".jsonl", ".json")
+                     if (Path(data) / f"{name}{suffix}").is_file()]
+            if not found:
+                raise FileNotFoundError(f"{data}: no {name}.jsonl (or {name}.json): a ProcessBench directory holds "
+                                        f"the four subsets {', '.join(PROCESSBENCH_SUBSETS)}")
+            files.append((name, found[0]))
+        return files
+    files = [Path(entry.strip()) for entry in data.split(",")]
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ProcessBench file not found")
+    return [(path.stem, path) for path in files]
+
+
+def processbench_metrics(predicted: list[int | None], labels: list[int]) -> dict[str, float]:
     """Accuracy on erroneous samples (the earliest wrong step found exactly), on correct ones (none flagged),
-    and their harmonic mean (F1); NaN where a kind of sample is absent."""
+    and their harmonic mean (F1), as ProcessBench's code computes them; a prediction of None (a row the PRM
+    could not score) is wrong whatever the label. NaN where a kind of sample is absent."""
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
     erroneous = mean([p == y for p, y in zip(predicted, labels, strict=True) if y != -1])
     correct = mean([p == -1 for p, y in zip(predicted, labels) if y == -1])
@@ -320,14 +345,20 @@ def processbench_metrics(predicted: list[int], labels: list[int]) -> dict[str, f
 
 def evaluate_processbench(scorer: PRMScorer, rows: list[BenchRow], threshold: float = 0.5,
                           batch_size: int = 16) -> tuple[dict[str, float], list[dict]]:
-    """The metrics table and one record per scored row (id, label, prediction, step scores). A row the
-    PRM cannot read (longer than its context) is left out and counted as `unscored`."""
+    """The metrics table and one record per row (id, label, prediction, step scores). A row the PRM cannot
+    read (longer than its context) is predicted None, so it counts as wrong, as a critique without a readable
+    verdict does in ProcessBench's code; the table counts those rows as `unscored`."""
     records = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         for row, scores in zip(batch, scorer.step_scores([r.problem for r in batch], [r.steps for r in batch])):
-            if scores is not None:
-                records.append({"id": row.id, "label": row.label, "predicted": first_flagged(scores, threshold),
-                                "scores": scores.tolist()})
+            records.append({"id": row.id, "label": row.label,
+                            "predicted": None if scores is None else first_flagged(scores, threshold),
+                            "scores": None if scores is None else scores.tolist()})
     table = processbench_metrics([r["predicted"] for r in records], [r["label"] for r in records])
-    return table | {"unscored": float(len(rows) - len(records))}, records
+    return table | {"unscored": float(sum(r["predicted"] is None for r in records))}, records
+
+
+def mean_f1(tables: list[dict[str, float]]) -> float:
+    """The mean of the subsets' F1 (the ProcessBench paper's "Avg."); NaN if any subset's F1 is NaN."""
+    return sum(table["f1"] for table in tables) / len(tables)

@@ -60,20 +60,33 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
-def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def loss_weights(mask: torch.Tensor, aggregation: str, chunk_rows: int = 4) -> torch.Tensor:
     """Per-token weights (B, T) that turn per-token losses into the aggregated loss: sum(w * loss).
 
     Computed over a whole PPO minibatch and then split with its rows (nanoufo/packing.py), they make
     the sum of the micro-batches' losses equal the minibatch's loss, so accumulated gradients equal the
     one-shot ones. "token-mean": 1 / (tokens in the minibatch) on every token; "seq-mean-token-mean" (or its
     short name "seq-mean"): each row's token-mean averaged over the rows that hold tokens, i.e.
-    1 / (row's tokens * rows with tokens). Zero outside the mask; a mask without tokens gives zeros."""
-    assert aggregation in ("token-mean", "seq-mean", "seq-mean-token-mean"), aggregation
+    1 / (row's tokens * rows with tokens); "chunk-token-mean": the token-mean of each chunk of chunk_rows
+    consecutive rows (the last may be shorter) averaged over the chunks, i.e. 1 / (chunk's tokens * chunks),
+    as verl's token-mean over micro-batches of chunk_rows sequences divided by the accumulation steps (Intuitor's
+    runs: chunks of 4). Zero outside the mask; a mask without tokens gives zeros."""
+    assert aggregation in ("token-mean", "seq-mean", "seq-mean-token-mean", "chunk-token-mean"), aggregation
     m = (mask > 0).to(torch.float32)
     if aggregation == "token-mean":
         return m / m.sum().clamp(min=1)
+    if aggregation == "chunk-token-mean":
+        chunk = torch.arange(m.shape[0], device=m.device) // chunk_rows  # (B,) each row's chunk
+        n_chunks = chunk_count(m.shape[0], chunk_rows)
+        per_chunk = torch.zeros(n_chunks, device=m.device).index_add_(0, chunk, m.sum(1))  # (n_chunks,)
+        return m / per_chunk[chunk, None].clamp(min=1) / max(n_chunks, 1)
     per_row = m.sum(1, keepdim=True)  # (B, 1)
     return m / per_row.clamp(min=1) / (per_row > 0).sum().clamp(min=1)
+
+
+def chunk_count(rows: int, chunk_rows: int) -> int:
+    """The chunks of chunk-token-mean in a minibatch of `rows` rows (the DP scale of its weights counts them)."""
+    return -(-rows // chunk_rows)
 
 
 def trajectory_lengths(mask: torch.Tensor) -> torch.Tensor:

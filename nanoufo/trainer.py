@@ -230,8 +230,8 @@ def build_batch(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None, ref: Qw
     advantages, returns = rl.gae(rewards, values, mask, opts.gamma, opts.lam)
     if opts.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask, group=actor.par.dp_group)  # moments of the whole DP batch
-    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns, temperature, spans,
-                 sampler_logp), stats
+    return Batch(tokens, mask, old_logp, advantages, ref_logp, values, returns, temperature, spans=spans,
+                 sampler_logp=sampler_logp), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -244,13 +244,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, frac
 
 
-def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext) -> torch.Tensor:
+def minibatch_weights(mask: torch.Tensor, aggregation: str, par: ParallelContext, chunk_rows: int = 4) -> torch.Tensor:
     """Per-token loss weights (B, T) over a whole minibatch (rl.loss_weights), for the policy and the value loss
     alike (verl's critic, in micro-batches of one sequence as UFO runs it, averages like its actor), scaled so
-    that averaging gradients over the DP group gives the mean over every rank's tokens (or rows), as one
-    process with the whole minibatch would (parallel.dp_mean_scale)."""
-    count = mask.sum() if aggregation == "token-mean" else (mask.sum(1) > 0).sum()
-    return rl.loss_weights(mask, aggregation) * dp_mean_scale(count, par)
+    that averaging gradients over the DP group gives the mean over every rank's tokens (or rows, or chunks), as
+    one process with the whole minibatch would (parallel.dp_mean_scale)."""
+    count = (mask.sum() if aggregation == "token-mean" else
+             torch.tensor(rl.chunk_count(mask.shape[0], chunk_rows)) if aggregation == "chunk-token-mean" else
+             (mask.sum(1) > 0).sum())
+    return rl.loss_weights(mask, aggregation, chunk_rows) * dp_mean_scale(count, par)
 
 
 def policy_loss(opts: LossOptions, actor: Qwen2, rows: UpdateRows):
@@ -292,7 +294,7 @@ def accumulate_gradients(opts: UpdateOptions, actor: Qwen2, critic: Qwen2 | None
     model's activations are alive. Returns (the minibatch's total loss, 0-d detached; metrics as 0-d
     tensors, token-means over the minibatch, plus padding_frac), synchronising nothing: the caller reads
     them once."""
-    weights = minibatch_weights(minibatch.mask, opts.aggregation, actor.par)
+    weights = minibatch_weights(minibatch.mask, opts.aggregation, actor.par, opts.chunk_rows)
     parts = [(actor, policy_loss)] + ([(critic, critic_loss)] if critic is not None else [])
     total, sums, computed = minibatch.mask.new_zeros(()), {}, 0
     for forward in micro_batches(minibatch.tokens, lengths, opts.micro_batch_tokens, opts.pack_sequences,

@@ -63,9 +63,12 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
 
 @torch.no_grad()
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               value_head: bool = False, par: ParallelContext = SINGLE) -> Qwen2:
+               value_head: bool = False, par: ParallelContext = SINGLE, head_init: str = "zero",
+               seed: int = 0) -> Qwen2:
     """Build a Qwen2 from a HF checkpoint directory. With value_head=True (the critic) a checkpoint without
-    value_head.* tensors is accepted and the head starts at zero, so the critic starts from the actor.
+    value_head.* tensors is accepted and the head starts as head_init says: "zero" (the critic's first values
+    are 0), or "normal" (weights N(0, initializer_range) from a generator seeded with `seed`, the same on every
+    rank; a zero bias), as transformers initialises a token-classification head that its checkpoint lacks.
     With par.tp_size > 1 this rank's slices of the weights are read, and nothing else."""
     ckpt_dir = Path(ckpt_dir)
     config = QwenConfig.from_json(ckpt_dir / "config.json")
@@ -93,6 +96,10 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
     if value_head and all(n.startswith("value_head.") for n in missing):
         for n in missing:
             layout[n].local(params).zero_()
+        if head_init == "normal" and "value_head.weight" in missing:
+            drawn = torch.empty(model.value_head.weight.shape)  # drawn on the CPU in fp32: equal on every device
+            drawn.normal_(0.0, config.initializer_range, generator=torch.Generator().manual_seed(seed))
+            model.value_head.weight.copy_(drawn)
     elif missing:
         raise ValueError(f"{ckpt_dir}: tensor {missing[0]!r} missing from the checkpoint"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

@@ -156,7 +156,9 @@ def check(argv: list[str], stdout: str, runs: dict[str, Path], work: Path) -> st
         assert stdout.count("model> ") == 2, "the chat did not answer twice"
         return "two answers"
     if mode == "processbench":
-        assert re.search(r"^f1\s+\d", stdout, re.M), "no F1 printed"
+        assert re.search(r"^\S+ error acc: .*, f1: .* too long for the PRM, counted wrong\)$", stdout, re.M), \
+            "no subset's F1 printed"
+        assert re.search(r"^mean f1 over 1 subsets \(", stdout, re.M), "no mean F1 printed"
         return "F1 printed"
     tables = printed_tables(stdout)
     if mode == "bon":

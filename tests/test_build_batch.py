@@ -160,3 +160,14 @@ def test_grpo_kl_in_the_reward_counts_only_the_sampled_tokens(models):
     s = 1 / math.sqrt(2)
     assert torch.allclose(batch.advantages, torch.tensor([[s], [-s]]) * mask, atol=1e-5)
     assert stats["kl_ref"] == pytest.approx(0.8 / 6)  # KL 0.2 on 4 of the 6 sampled tokens
+
+
+def test_an_on_policy_ppo_batch_carries_the_samplers_log_probs_and_the_spans(models):
+    """One optimizer step per rollout (one epoch, one minibatch, no KL in the reward): no old-log-prob forward;
+    the batch holds the sampler's log-probs and the kept rows' spans, each in its own field."""
+    actor, critic, ref = models
+    batch, _ = batch_of(config(kl_in="loss", ppo_epochs=1), actor, critic, ref)
+    sampled = rollout().rollout
+    assert batch.old_logp is None
+    assert torch.equal(batch.sampler_logp, sampled.logprobs[KEPT].float())
+    assert batch.spans == [sampled.turn_spans[row] for row in KEPT]

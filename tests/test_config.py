@@ -72,6 +72,13 @@ def test_wrong_type_in_file_and_on_command_line(tmp_path):
     (["--cuda_graphs=yes"], "cuda_graphs='yes' is not one of auto, true, false"),
     (["--cuda_graphs=yes"], "cuda_graphs='yes' is not one of auto, true, false"),
     (["--max_prompt_tokens=0"], "max_prompt_tokens=0 must be at least 1"),
+    (["--stop_tokens=eos"], "stop_tokens='eos' is not one of turn_end, generation_config"),
+    (["--repetition_charged=never"], "repetition_charged='never' is not one of any_answer, solved_or_all_answered"),
+    (["--distinct_by=lower"], "distinct_by='lower' is not one of normalized, squeezed"),
+    (["--aggregation=micro-mean"], "aggregation='micro-mean' is not one of token-mean, seq-mean, seq-mean-token-mean, "
+                                   "chunk-token-mean"),
+    (["--chunk_rows=0"], "chunk_rows=0 must be at least 1"),
+    (["--critic_head_init=xavier"], "critic_head_init='xavier' is not one of zero, normal"),
 ])
 def test_impossible_combinations_are_rejected(args, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -118,6 +125,12 @@ def test_paper_configs_carry_the_papers_numbers():
     assert (intuitor.kl_estimator, intuitor.kl_clamp, intuitor.user_template, intuitor.eval_temperature) == (
         "k3", 10.0, "{question}", 0.0)
     assert intuitor.system_prompt.endswith("Please stop generation immediately after outputing the box.")
+    assert (intuitor.stop_tokens, intuitor.aggregation, intuitor.chunk_rows) == ("generation_config",
+                                                                               "chunk-token-mean", 4)
+    ufo_cfg = TrainConfig(**ufo)
+    assert (ufo_cfg.repetition_charged, ufo_cfg.distinct_by, ufo_cfg.critic_head_init, ufo_cfg.train_format) == (
+        "solved_or_all_answered", "squeezed", "normal", "metamath_first")
+    assert ufo_cfg.stop_tokens == "turn_end"  # multi-turn: an attempt ends at its turn's end
     assert [s.name for s in eval_sets(intuitor)] == ["math500", "gsm8k"]
     assert [s.name for s in eval_sets(replace(intuitor, eval_data="a/test.jsonl,b/test.jsonl,b/x.jsonl"))] == [
         "a", "b", "x"]
@@ -142,6 +155,8 @@ def test_help_prints_the_paper_configs_reference_table():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "train.py", "config/ufo_qwen2.5_3b.py", "--help"], cwd=root,
                           capture_output=True, text=True)
-    assert done.returncode == 0 and "| setting | UFO's code (file) | here | same, or why not |" in done.stdout
+    header = "| setting | UFO's code (file:line at commit b9eb4bd, 2025-08-15) | here |"
+    assert done.returncode == 0 and header in done.stdout
+    assert "| repetition penalty |" in done.stdout and "distinct_by = 'squeezed'" in done.stdout
     bad = subprocess.run([sys.executable, "train.py", "nosuch.py", "--help"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "nosuch.py: config file not found"

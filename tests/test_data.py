@@ -65,6 +65,16 @@ def test_math500_and_metamath_formats(tmp_path):
     assert [(p.question, p.answer) for p in problems] == [("What is x?", r"\frac{1}{2}"), ("Said twice", "7"),
                                                           ("Trailing text", "12")]
     assert skipped == 1  # the GSM_ row is left out by design, not counted as skipped
+    # UFO's code's reading: everything after the first "The answer is: " (colon and space), stripped
+    problems, skipped = load_problems(metamath, format="metamath_first")
+    assert [(p.question, p.answer) for p in problems] == [
+        ("What is x?", r"\frac{1}{2}"), ("Said twice", "7")]  # "The answer is 4," has no colon: not a marker
+    assert skipped == 2  # no "The answer is: " in the other two MATH_ rows
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps([{"query": "q", "response": "The answer is: 5.\nThe answer is: 5\n",
+                                  "type": "MATH_SV"}]))
+    assert load_problems(twice, format="metamath_first")[0][0].answer == "5.\nThe answer is: 5"
+    assert load_problems(twice, format="metamath")[0][0].answer == "5"
 
 
 def test_generic_format_from_parquet(tmp_path):
@@ -89,7 +99,7 @@ def test_directory_source_picks_the_split(tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_problems(tmp_path / "nowhere.jsonl")
-    with pytest.raises(ValueError, match="auto, gsm8k, math500, math, metamath, generic"):
+    with pytest.raises(ValueError, match="auto, gsm8k, math500, math, metamath, metamath_first, generic"):
         load_problems(DEFAULT_EVAL_SETS["gsm8k"], format="csv")
     good = {"question": "a", "answer": "#### 1"}
     latin1_line = b'{"question": "caf\xe9", "answer": "#### 2"}\n'

@@ -1,13 +1,21 @@
 """The UFO environment: chat-template token pieces (checked against the template's own rendering with the real
-Qwen2.5 tokenizer and a character-level one), episode stepping and hand-computed rewards.
+Qwen2.5 tokenizer and a character-level one), episode stepping and hand-computed rewards, the stop tokens
+(a turn's end, or the checkpoint's generation_config) and a task's prompt limit. UFO's reward against its code:
+tests/test_ufo_reward.py.
 Run: `python -m pytest -q tests/test_env.py`."""
+import json
+from pathlib import Path
+
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from nanoufo.config import TrainConfig, read_config_file
 from nanoufo.data import Problem
 from nanoufo.env import Episode, UFOEnv
 from nanoufo.options import EnvOptions
+from nanoufo.task import load_task
+from nanoufo.tokenizer import load_tokenizer
 
 QUESTION = "What is 3 * 6?"
 ATTEMPTS = [  # (response text, ended with <|im_end|>): the second one was cut off by the token limit
@@ -181,6 +189,53 @@ def test_ufo_codes_format_forced_think_exact_grading_and_feedback_with_reward_an
     assert env.max_feedback_tokens() >= len(env.feedback_ids(False, second))
     with pytest.raises(ValueError, match="placeholders"):
         env.feedback_ids(True)
+
+
+def test_the_ufo_presets_user_turn_is_the_codes_text_with_its_final_newline(qwen_tokenizer):
+    """ctx_manager.py:298-307 (UFO's code): the user turn ends "... Max response length: 1000 words (tokens).\\n";
+    an empty instruction leaves no stray space (the demo's template "{question} {instruction}")."""
+    preset = TrainConfig(**read_config_file(str(Path(__file__).resolve().parents[1] / "config" / "ufo_qwen2.5_3b.py")))
+    env = UFOEnv(qwen_tokenizer, preset.env_options(preset.instruction))
+    prompt = qwen_tokenizer.decode(env.prompt_ids(" What is 6 x 3? "))
+    assert ("<|im_start|>user\nYou are solving Math problems. Only give the final answer between <answer> and "
+            "</answer>.\nTurn 1:\nState:\nWhat is 6 x 3?\nYou have 5 actions left. Always output: <think> [Your "
+            "thoughts] </think> <answer> [your answer] </answer> with no extra text. Strictly follow this format. "
+            "Max response length: 1000 words (tokens).\n<|im_end|>\n") in prompt
+    bare = qwen_tokenizer.decode(UFOEnv(qwen_tokenizer, EnvOptions(instruction="")).prompt_ids("Q?"))
+    assert "<|im_start|>user\nQ?<|im_end|>" in bare
+
+
+def test_stop_tokens_from_the_generation_config():
+    """A base Qwen2.5 tokenizer (eos <|endoftext|>) with its generation_config's eos 151643: the attempt ends
+    there only, not also at <|im_end|> (stop_tokens="generation_config"); the default ends a turn at <|im_end|>."""
+    base = load_tokenizer()
+    base.eos_token = "<|endoftext|>"
+    end_of_text, im_end = base.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert UFOEnv(base).stop_ids == [im_end, end_of_text]
+    env = UFOEnv(base, EnvOptions(max_turns=1, stop_tokens="generation_config"), generation_eos_ids=[end_of_text])
+    assert env.stop_ids == [end_of_text]
+    other = UFOEnv(base, EnvOptions(stop_tokens="generation_config"), generation_eos_ids=[151646, 151647])
+    assert other.stop_ids == [end_of_text, 151646, 151647]  # the tokenizer's eos, then the config's, as vLLM
+
+
+def test_a_task_reads_the_generation_config_and_skips_training_prompts_over_max_prompt_tokens(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [{"question": "What is 2+3?", "answer": "5"},
+                                                            {"question": "What is 1+1? " * 30, "answer": "2"}]))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151646, 151643]}))
+    cfg = TrainConfig(init_from=str(tmp_path), train_data=str(data), eval_data=str(data), train_format="generic",
+                      eval_format="generic", stop_tokens="generation_config", max_prompt_tokens=60)
+    lines = []
+    task = load_task(cfg, context=4096, report=lines.append)
+    assert task.generation_eos_ids == (151646, 151643)
+    assert task.env(cfg).stop_ids == [151645, 151646, 151643]  # the bundled tokenizer's eos is <|im_end|>
+    assert len(task.train) == 1 and len(task.evals["rows"]) == 2  # held out: every prompt that fits the context
+    assert sum("skipped 1 problems whose prompt is longer than 60 tokens (max_prompt_tokens)" in line
+               for line in lines) == 1
+    assert any("an attempt ends at ['<|im_end|>', '<|object_ref_start|>', '<|endoftext|>']" in line for line in lines)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id '</s>' is not a token id"):
+        load_task(cfg, context=4096, report=lines.append)
 
 
 def test_a_reward_function_replaces_the_environments_reward(qwen_tokenizer, tmp_path):

@@ -1,7 +1,8 @@
 """Micro-batches with exact gradient accumulation, packed sequences and chunked scoring (nanoufo/packing.py,
-nanoufo/trainer.py): a micro-batch's map from hidden rows to tokens by hand; accumulated gradients equal the
-one-shot minibatch's for every aggregation, packed or padded, in one process and under DP=2 on gloo (and the
-DP weights by hand with an empty row); packed statistics equal the padded ones, the values read where the
+nanoufo/trainer.py): a micro-batch's map from hidden rows to tokens by hand; the loss weights by hand;
+accumulated gradients equal the one-shot minibatch's for every aggregation, packed or padded, in one process
+and under DP=2 on gloo (and the DP weights by hand with an empty row; chunk-token-mean's chunks are each rank's,
+as verl's micro-batches are each GPU's); packed statistics equal the padded ones, the values read where the
 critic's forward puts them; scoring's largest tensor does not grow with the batch; the vectorised GAE
 equals the step-by-step loop.
 
@@ -28,7 +29,7 @@ from trainer_utils import minibatch_losses, optimizers_of
 TINY = QwenConfig(vocab_size=41, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 LENGTHS = [12, 7, 16, 9, 5, 14]  # trajectory lengths: the mask's last token is each row's last
-AGGREGATIONS = ["token-mean", "seq-mean-token-mean"]
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "chunk-token-mean"]
 
 
 def models(seed: int = 0, par=SINGLE):
@@ -74,6 +75,15 @@ def test_loss_weights_by_hand():
     seq = rl.loss_weights(mask, "seq-mean-token-mean")  # two rows hold tokens: 1/(2*2) and 1/(3*2)
     assert torch.allclose(seq, torch.tensor([[0.25, 0.25, 0, 0], [0, 1 / 6, 1 / 6, 1 / 6], [0, 0, 0, 0]]))
     assert torch.equal(rl.loss_weights(mask, "seq-mean"), seq)
+    # verl's token-mean per micro-batch of 2 rows over the accumulation steps: rows 0-1 (5 tokens) and row 2 (none),
+    # 2 chunks: 1 / (5 x 2) on the first chunk's tokens; the empty chunk still counts among the steps
+    chunks = rl.loss_weights(mask, "chunk-token-mean", chunk_rows=2)
+    assert torch.allclose(chunks, mask / 10.0)
+    five = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 1]])  # chunks of 4, 1, 1, 0 and 3 tokens
+    assert torch.allclose(rl.loss_weights(five, "chunk-token-mean", chunk_rows=2),
+                          five / torch.tensor([[12.0], [12], [3], [1], [9]]))
+    assert torch.allclose(rl.loss_weights(five, "chunk-token-mean", chunk_rows=1), rl.loss_weights(five, "seq-mean")
+                          * 4 / 5)  # chunks of one row: the mean over all 5 rows, the empty one included
     with pytest.raises(AssertionError):
         rl.loss_weights(mask, "seq-sum")
 
@@ -220,7 +230,7 @@ def _dp_accumulation() -> dict:
     par = init_parallel(tp=1, timeout_s=60)
     batch, errors = uneven_batch(), {}
     rows = [0, 2, 4] if par.dp_rank == 0 else [1, 3, 5]  # uneven token counts per rank
-    for aggregation in AGGREGATIONS:
+    for aggregation in ("token-mean", "seq-mean-token-mean"):  # (chunk-token-mean's chunks are per rank: below)
         cfg = TrainConfig(aggregation=aggregation, micro_batch_tokens=20, kl_in="loss",
                                            kl_coef=0.05, entropy_coef=0.01)
         actor, critic = models()
@@ -233,6 +243,19 @@ def _dp_accumulation() -> dict:
         got = grads(actor, critic)
         assert len(got) == len(want)
         errors[aggregation] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item() for g, w in zip(got, want))
+    # chunk-token-mean: each rank chunks its own rows (verl's micro-batches of a GPU's share), so the one process
+    # holds the rows in the ranks' order: chunks of 3 are rows 0, 2, 4 and rows 1, 3, 5
+    cfg = TrainConfig(aggregation="chunk-token-mean", chunk_rows=3, micro_batch_tokens=20, kl_in="loss",
+                      kl_coef=0.05, entropy_coef=0.01)
+    actor, critic = models()
+    minibatch_losses(cfg, actor, critic, batch.rows(torch.tensor([0, 2, 4, 1, 3, 5])))[0].backward()
+    want = grads(actor, critic)
+    actor, critic = models(par=par)
+    accumulate_gradients(cfg, actor, critic, batch.rows(torch.tensor(rows)), [LENGTHS[i] for i in rows])
+    for model in (actor, critic):
+        average_gradients(model.parameters(), par)
+    errors["chunk-token-mean_by_rank"] = max(((g - w).abs().max() / max(1.0, w.abs().max())).item()
+                                             for g, w in zip(grads(actor, critic), want))
     # by hand, with an empty row on rank 0: rows of 3 and 0 tokens here, of 2 and 1 on rank 1. Averaged over
     # the 2 ranks the weights are, per token, 1 / (its row's tokens x 3 rows with tokens) for seq-mean and
     # 1 / 6 tokens for token-mean

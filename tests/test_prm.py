@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from distributed_utils import launch
 from nanoufo.model import param_shapes
 from nanoufo.parallel import init_parallel
-from nanoufo.prm import (PRMScorer, aggregate, evaluate_processbench, first_flagged, load_processbench, pack,
-                         processbench_metrics, split_steps, step_spans)
+from nanoufo.prm import (PRMScorer, aggregate, evaluate_processbench, first_flagged, load_processbench, mean_f1,
+                         pack, processbench_files, processbench_metrics, split_steps, step_spans)
 from nanoufo.weights import load_model, save_model
 from prm_utils import write_prm_checkpoint, write_prm_tokenizer
 
@@ -224,6 +224,46 @@ def test_processbench_file_rows_metrics_and_skipped_rows(tmp_path):
     assert (table["acc_erroneous"], table["acc_correct"], table["f1"], table["unscored"]) == (0.5, 0.5, 0.5, 0.0)
     table, _ = evaluate_processbench(FakeScorer(), good, threshold=0.95)  # everything flagged at step 0
     assert (table["acc_erroneous"], table["acc_correct"], table["f1"]) == (0.5, 0.0, 0.0)
+
+
+class TooLongScorer(FakeScorer):
+    """FakeScorer, except that it cannot read a row with a step saying "long" (as a PRM a row past its context)."""
+
+    def step_scores(self, questions, step_lists):
+        scores = super().step_scores(questions, step_lists)
+        return [None if any("long" in s for s in steps) else x for steps, x in zip(step_lists, scores)]
+
+
+def test_processbench_rows_too_long_for_the_prm_are_wrong_and_counted(tmp_path):
+    """As ProcessBench's code counts a critique without a readable verdict (code/run_eval.py:90-112, 117-129):
+    in the denominator, never a match, whatever its label."""
+    rows = [{"problem": "p0", "steps": ["a 0.9", "b 0.2"], "label": 1},  # found
+            {"problem": "p1", "steps": ["long 0.9"], "label": -1},  # unscored: wrong although nothing is flagged
+            {"problem": "p2", "steps": ["long 0.1"], "label": 0}]  # unscored: wrong although step 0 is low
+    path = tmp_path / "bench.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    table, records = evaluate_processbench(TooLongScorer(), load_processbench(path)[0], threshold=0.5)
+    assert [(r["predicted"], r["scores"]) for r in records] == [(1, pytest.approx([0.9, 0.2])), (None, None),
+                                                                (None, None)]
+    assert (table["samples"], table["unscored"], table["acc_erroneous"], table["acc_correct"], table["f1"]) == (
+        3.0, 2.0, 0.5, 0.0, 0.0)
+    assert mean_f1([table, {"f1": 0.5}, {"f1": 0.7}]) == pytest.approx(0.4)  # the paper's "Avg." over subsets
+
+
+def test_processbench_files_a_directory_of_the_four_subsets_a_list_or_one_file(tmp_path):
+    for name in ("gsm8k.jsonl", "math.jsonl", "olympiadbench.json", "omnimath.jsonl", "other.jsonl"):
+        (tmp_path / name).write_text("")
+    assert processbench_files(str(tmp_path)) == [(n, tmp_path / f) for n, f in (
+        ("gsm8k", "gsm8k.jsonl"), ("math", "math.jsonl"), ("olympiadbench", "olympiadbench.json"),
+        ("omnimath", "omnimath.jsonl"))]  # the data set's order; other files are not subsets
+    listed = f"{tmp_path / 'math.jsonl'}, {tmp_path / 'other.jsonl'}"
+    assert processbench_files(listed) == [("math", tmp_path / "math.jsonl"), ("other", tmp_path / "other.jsonl")]
+    assert processbench_files(str(tmp_path / "gsm8k.jsonl")) == [("gsm8k", tmp_path / "gsm8k.jsonl")]
+    (tmp_path / "omnimath.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="no omnimath.jsonl .*the four subsets gsm8k, math, olympiadbench"):
+        processbench_files(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="omnimath.jsonl: ProcessBench file not found"):
+        processbench_files(f"{tmp_path / 'math.jsonl'},{tmp_path / 'omnimath.jsonl'}")
 
 
 def test_a_processbench_line_that_is_not_json_is_named(tmp_path):

@@ -100,23 +100,46 @@ def test_sample_processbench_reports_accuracies_and_skipped_rows(prm_dir, capsys
     sample.main([*base, "--threshold", "0.0"])  # nothing scores below 0: every row is predicted correct
     out = capsys.readouterr().out
     assert f"skipped {data}:3: label 3 is out of range for 1 steps" in out and "2 rows, 1 skipped" in out
-    lines = table_lines(out)
-    assert (lines["samples"], lines["acc_erroneous"], lines["acc_correct"], lines["f1"]) == ("2", "0.0000", "1.0000",
-                                                                                          "0.0000")
+    assert ("bench error acc: 0.0, correct acc: 100.0, f1: 0.0 (2 rows, 1 erroneous; 0 too long for the PRM, "
+            "counted wrong)") in out
+    assert "mean f1 over 1 subsets (bench): 0.0" in out
     sample.main([*base, "--threshold", "1.0"])  # every first step is flagged
-    lines = table_lines(capsys.readouterr().out)
-    assert (lines["acc_erroneous"], lines["acc_correct"]) == ("1.0000", "0.0000")
+    assert "bench error acc: 100.0, correct acc: 0.0, f1: 0.0" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [(r["label"], r["predicted"], len(r["scores"])) for r in records] == [(-1, 0, 2), (0, 0, 2)]
 
 
-def table_lines(out: str) -> dict[str, str]:
-    return {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) == 2}
+def test_sample_processbench_on_the_four_subsets_counts_rows_too_long_for_the_prm(capsys, tmp_path):
+    """A directory of the four subsets, as ProcessBench's splits: per subset its accuracies and F1 (rows longer
+    than the PRM's 64-token context counted wrong, and counted), then their mean F1, the paper's "Avg."."""
+    prm = write_prm_checkpoint(tmp_path / "prm", max_position_embeddings=64)[0]
+    short = {"problem": "What is 2 + 3?", "steps": ["2 + 3 = 5.", "\\boxed{5}"], "label": -1}
+    long = {"problem": "What is 2 + 3? " * 20, "steps": ["2 + 3 = 5."], "label": -1}
+    bench = tmp_path / "ProcessBench"
+    bench.mkdir()
+    wrong = dict(short, label=1)
+    for name, rows in (("gsm8k", [short, wrong]), ("math", [short, long, wrong]), ("olympiadbench", [wrong]),
+                       ("omnimath", [long, wrong])):
+        (bench / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sample.main(["--mode", "processbench", "--prm", str(prm), "--data", str(bench), "--threshold", "0.0",
+                 "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    # threshold 0: every scored row is predicted -1, so correct rows are right, erroneous ones wrong
+    assert "gsm8k error acc: 0.0, correct acc: 100.0, f1: 0.0 (2 rows, 1 erroneous; 0 too long" in out
+    assert "math error acc: 0.0, correct acc: 50.0, f1: 0.0 (3 rows, 1 erroneous; 1 too long for the PRM" in out
+    assert "olympiadbench error acc: 0.0, correct acc: n/a, f1: n/a (1 rows, 1 erroneous; 0 too long" in out
+    assert "omnimath error acc: 0.0, correct acc: 0.0, f1: 0.0 (2 rows, 1 erroneous; 1 too long" in out
+    assert "mean f1 over 4 subsets (gsm8k, math, olympiadbench, omnimath): n/a" in out  # F1 undefined in one
+    records = [json.loads(line) for line in (tmp_path / "s.math.jsonl").read_text().splitlines()]
+    assert [r["predicted"] for r in records] == [-1, None, -1]
+    sample.main(["--mode", "processbench", "--prm", str(prm), "--threshold", "0.0",
+                 "--data", f"{bench / 'gsm8k.jsonl'},{bench / 'math.jsonl'}"])  # two files: their mean
+    assert "mean f1 over 2 subsets (gsm8k, math): 0.0" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "processbench", "--data", "x.jsonl"], "--mode=processbench needs --prm=DIR"),
-    (["--mode", "processbench", "--prm", "nowhere"], "reads a local ProcessBench file"),
+    (["--mode", "processbench", "--prm", "nowhere"], "reads local ProcessBench files"),
 ])
 def test_sample_prm_mode_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,5 +1,6 @@
 """nanoufo.rollout and nanoufo.evaluate on a tiny random model with the real Qwen2.5 tokenizer and template;
-an evaluation's draws never share a noise id.
+an evaluation's draws never share a noise id; an attempt ends where stop_tokens says (a checkpoint's
+generation_config.json under "generation_config").
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_rollout.py
 
@@ -17,6 +18,8 @@ from nanoufo.env import UFOEnv
 from nanoufo.evaluate import evaluate, held_out_metrics
 from nanoufo.options import EnvOptions, SamplingOptions
 from nanoufo.rollout import Noise, run_episodes
+from nanoufo.task import generation_eos_ids
+from nanoufo.tokenizer import load_tokenizer
 from nanoufo.weights import load_model
 
 PROBLEMS = [Problem("What is 2 + 3?", "5", "p0"), Problem("What is 10 / 4?", "2.5", "p1"),
@@ -34,6 +37,49 @@ def qwen_tiny(tmp_path_factory, qwen_tokenizer):
     path = tmp_path_factory.mktemp("qwen_tiny")
     hf.save_pretrained(path)
     return load_model(path).eval()
+
+
+def saying_only(path, token_id: int, vocab_size: int):
+    """A tiny checkpoint at `path` that greedily says token_id every step (every token embeds as the first unit
+    vector, the layers add nothing, only token_id's lm_head row reads it), with a base Qwen2.5's
+    generation_config.json (eos_token_id 151643); loaded as nanoufo's model."""
+    import torch
+    from conftest import TINY_QWEN, make_hf_model
+    hf = make_hf_model(seed=1, vocab_size=vocab_size, **TINY_QWEN)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf.model.embed_tokens.weight.zero_()
+        hf.model.embed_tokens.weight[:, 0] = 1.0
+        hf.lm_head.weight.zero_()
+        hf.lm_head.weight[token_id, 0] = 1.0
+    hf.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    return load_model(path).eval()
+
+
+@pytest.mark.parametrize("stop_tokens", ["turn_end", "generation_config"])
+@pytest.mark.parametrize("says", ["<|im_end|>", "<|endoftext|>"])
+def test_an_attempt_ends_where_stop_tokens_says(tmp_path, says, stop_tokens):
+    """A base Qwen2.5 (tokenizer eos <|endoftext|>, generation_config eos 151643): under "generation_config" an
+    <|im_end|> does not end the attempt, which runs to max_new_tokens, as vLLM runs Intuitor's base model; its
+    <|endoftext|> does, and the attempt (and its loss mask) holds that token. Under "turn_end" either ends it."""
+    base = load_tokenizer()
+    base.eos_token = "<|endoftext|>"
+    said = base.convert_tokens_to_ids(says)
+    model = saying_only(tmp_path, said, len(base))
+    assert generation_eos_ids(tmp_path) == (151643,)
+    env = UFOEnv(base, EnvOptions(max_turns=2, grading="exact", stop_tokens=stop_tokens),
+                 generation_eos_ids=generation_eos_ids(tmp_path))
+    graded = run_episodes(model, env, PROBLEMS[:1], SamplingOptions(max_new_tokens=5, temperature=0.0), Noise())
+    runs_on = stop_tokens == "generation_config" and says == "<|im_end|>"
+    rollout, length = graded.rollout, 5 if runs_on else 1
+    assert [e - s for s, e in rollout.turn_spans[0]] == [length, length]  # two wrong attempts
+    for s, e in rollout.turn_spans[0]:
+        assert rollout.tokens[0, s:e].tolist() == [said] * length
+        assert rollout.loss_mask[0, s:e].tolist() == [1.0] * length
+    assert rollout.loss_mask[0].sum().item() == 2 * length
 
 
 @pytest.fixture

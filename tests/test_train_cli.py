@@ -56,8 +56,8 @@ def test_resume_gives_the_same_run(tmp_path, dtype):
     train(*run, f"--out_dir={halves}", "--max_steps=4", "--resume")
     a, b = train_records(whole), train_records(halves)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and a == b
-    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # from the peak at step 0
-    assert [r["lr/actor"] for r in a] == pytest.approx(cosine)  # a warm-up of 1 step: the cosine's first
+    cosine = [0.0] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]  # the peak at step 1
+    assert [r["lr/actor"] for r in a] == pytest.approx(cosine)  # a warm-up of int(0.25 x 4) = 1 step, from 0
     wa, wb = final_actor(whole), final_actor(halves)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (halves / "log.png").is_file() and json.loads((halves / "config.json").read_text())["resume"]

@@ -64,6 +64,24 @@ def test_critic_starts_from_actor_checkpoint_and_round_trips(hf_checkpoint, tmp_
     assert torch.equal(load_model(tmp_path / "critic", value_head=True).value_head.weight, critic.value_head.weight)
 
 
+def test_a_critic_head_missing_from_the_checkpoint_starts_as_asked(hf_checkpoint, tmp_path):
+    """head_init "zero" (the default), or "normal": N(0, initializer_range) weights from the seed and a zero bias,
+    as transformers initialises the token-classification head verl's critic loads (UFO's code); a head the
+    checkpoint holds is loaded whatever head_init says."""
+    path, _ = hf_checkpoint(hidden_size=256, initializer_range=0.05)
+    zero = load_model(path, value_head=True).value_head
+    assert not zero.weight.any() and not zero.bias.any()
+    normal = load_model(path, value_head=True, head_init="normal", seed=3).value_head
+    assert normal.weight.shape == (1, 256) and not normal.bias.any()
+    assert 0.04 < normal.weight.std().item() < 0.06 and abs(normal.weight.mean().item()) < 0.015
+    head = lambda seed: load_model(path, value_head=True, head_init="normal", seed=seed).value_head.weight  # noqa: E731
+    assert torch.equal(normal.weight, head(3)) and not torch.equal(normal.weight, head(4))
+    critic = load_model(path, value_head=True, head_init="normal", seed=3)
+    save_model(critic, tmp_path / "critic")  # a checkpoint with its head: loaded as saved
+    loaded = load_model(tmp_path / "critic", value_head=True, head_init="normal", seed=9).value_head.weight
+    assert torch.equal(loaded, critic.value_head.weight)
+
+
 # --- bad input: each error names the file and the problem ---
 
 def test_missing_config(tmp_path):

@@ -26,7 +26,7 @@ def update_rows(mb: Batch, weights, lengths: list[int] | None = None) -> UpdateR
 
 def minibatch_losses(cfg: TrainConfig, actor, critic, mb: Batch):
     """(total loss, metrics as floats, max |logp - old|) for one minibatch, unpacked and unsplit."""
-    weights = minibatch_weights(mb.mask, cfg.aggregation, actor.par)
+    weights = minibatch_weights(mb.mask, cfg.aggregation, actor.par, cfg.chunk_rows)
     rows = update_rows(mb, weights)
     loss, metrics = policy_loss(cfg, actor, rows)
     if critic is not None:
