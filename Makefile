@@ -67,8 +67,14 @@ demo: install
 	OMP_NUM_THREADS=2 $(PY) train.py
 
 # Triton kernels run on the CPU under the interpreter, so CI checks them against their references.
+# The tests run in parallel, one pytest-xdist worker per core (TEST_WORKERS=0: in this process, one after another);
+# a test file goes whole to one worker (--dist loadscope), so a module fixture (a train.py run, the soak) is built
+# once, and each worker gets its share of the cores' threads (tests/conftest.py). (--dist loadgroup would not do:
+# with pytest 9.2 it silently stops grouping, pytest-xdist issue #1386.)
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) tests
 
 # README's real-checkpoint commands on a tiny random Qwen2.5-architecture checkpoint, outputs checked (CPU, minutes).
 # The kernels run their PyTorch references here, as on any CPU; make test checks them against the Triton kernels.
@@ -81,7 +87,7 @@ gpu-wheels:
 	$(PY) -m pip download --no-deps -q -d .whl -c $(LOCK) math-verify latex2sympy2_extended antlr4-python3-runtime
 
 test-latest: install-latest
-	TRITON_INTERPRET=1 .venv-latest/bin/python -m pytest -q tests
+	TRITON_INTERPRET=1 .venv-latest/bin/python -m pytest -q $(PYTEST_PARALLEL) tests
 
 # The kernel tests compiled on the GPU (needs torch with CUDA and a GPU).
 test-gpu: install

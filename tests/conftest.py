@@ -1,14 +1,21 @@
 """Shared fixtures: tiny random Qwen2 checkpoints written by transformers, the real Qwen2.5 tokenizer, and a
-recorder of the sampler's draws (kept_draws).
+recorder of the sampler's draws (kept_draws); under pytest-xdist, each worker's share of the CPU threads.
 pytest loads this file for every test under tests/; it runs nothing itself:
 
-    PYTHONPATH=. TRITON_INTERPRET=1 python -m pytest -q tests
+    PYTHONPATH=. TRITON_INTERPRET=1 python -m pytest -q -n auto --dist loadscope tests    # as make test
 """
+import os
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from nanoufo.tokenizer import load_tokenizer
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # an xdist worker: its share of the cores, for its subprocesses too
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)

@@ -56,7 +56,17 @@ def _child(fn, rank: int, world_size: int, port: int, results, args) -> None:
 def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 120.0,
               kill_on_error: bool = False) -> list[Outcome]:
     """Run fn(*args) on world_size processes; a process still running at the deadline is killed. With
-    kill_on_error, as under torchrun, the deadline moves to 5 s after the first rank reports an error."""
+    kill_on_error, as under torchrun, the deadline moves to 5 s after the first rank reports an error. A port
+    that another process took between free_port and rank 0's store (tests run in parallel under pytest-xdist)
+    is given up for a new one, up to three times."""
+    for _ in range(3):
+        outcomes = _run_ranks_once(fn, world_size, args, timeout_s, kill_on_error)
+        if not any(o.error and "EADDRINUSE" in o.error for o in outcomes):
+            break
+    return outcomes
+
+
+def _run_ranks_once(fn, world_size: int, args: tuple, timeout_s: float, kill_on_error: bool) -> list[Outcome]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port, start = free_port(), time.monotonic()

@@ -111,9 +111,20 @@ def _save_forever(out_dir: str) -> None:
 
 
 def _latest_step(out_dir: Path) -> int:
-    """The step `latest` names (0 before the first save)."""
-    path = latest_checkpoint(out_dir)
-    return 0 if path is None else int(path.name.split("-")[1])
+    """The step `latest` names (0 before the first save), read while the child saves. latest_checkpoint reads
+    the pointer, then the manifest it names: a save that moves the pointer and prunes the old checkpoint between
+    the two reads (a reader descheduled on a loaded machine) is read again; a pointer that stays on an
+    incomplete checkpoint still fails."""
+    pointer = out_dir / checkpoint.POINTER
+    while True:
+        before = pointer.read_text() if pointer.is_file() else None
+        try:
+            path = latest_checkpoint(out_dir)
+        except FileNotFoundError:
+            if pointer.read_text() == before:
+                raise
+            continue
+        return 0 if path is None else int(path.name.split("-")[1])
 
 
 def test_sigkill_at_random_moments_of_saving_leaves_a_whole_checkpoint(tmp_path):

@@ -267,6 +267,14 @@ def test_an_update_with_a_finite_loss_and_an_inf_gradient_is_skipped():
 
 @pytest.fixture(scope="module")
 def demo_rollout():
+    """Real episodes of the demo, sampled with the kernels' PyTorch references (as the tests that use them run:
+    their point is the batch built around the kernels; the interpreter would spend most of a minute here)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return demo_episodes()
+
+
+def demo_episodes():
     tokenizer = demo.build_tokenizer()
     env = UFOEnv(tokenizer, EnvOptions(instruction="", max_turns=3))
     actor = demo.build_model(len(tokenizer), seed=0)
@@ -277,7 +285,7 @@ def demo_rollout():
 
 
 @pytest.mark.parametrize("algorithm, placement", [("ufo_ppo", "last"), ("ufo_ppo", "per_turn"), ("grpo", "last")])
-def test_build_batch_from_real_episodes(demo_rollout, algorithm, placement):
+def test_build_batch_from_real_episodes(demo_rollout, torch_paths, algorithm, placement):
     env, actor, graded = demo_rollout
     cfg = TrainConfig(algorithm=algorithm, reward_placement=placement, max_turns=3,
                                        problems_per_step=4, n_samples_per_problem=2, keep_groups=2, minibatch_size=4)
@@ -321,7 +329,7 @@ def test_one_step_per_rollout_takes_the_old_log_probs_from_the_update_itself(dem
 
 
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
-def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, kl_in):
+def test_grpo_kl_in_the_reward_lowers_each_score_by_its_summed_kl(demo_rollout, torch_paths, kl_in):
     """kl_in="reward" under GRPO: advantages are the group-normalized (score - kl_coef * sum of the token KL);
     kl_in="loss" leaves the scores alone (the loss adds the KL). The reference differs from the actor."""
     from nanoufo import rl
