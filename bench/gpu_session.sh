@@ -5,7 +5,8 @@
 #   tests.log            every Triton kernel compiled on the GPU against its PyTorch reference, the bf16 decode
 #                        attention included (NANOUFO_TEST_DEVICE=cuda: tests/kernel_device.py)
 #   bench.log/.json      the kernel microbenchmarks (bench/bench_*.py) without the torch.compile rows
-#   e2e.log              bench/rollout.py, train_step.py, onpolicy.py at 1.5b batch 64, then the 3b fit check
+#   e2e.log              bench/rollout.py, train_step.py, onpolicy.py at 1.5b batch 64, then the 3b fit check,
+#                        then bench/peers.py (TRL's GRPOTrainer beside nanoufo) at 1.5b
 #   summary.txt          one line per step: status (ok, FAILED, TIMEOUT, skipped; OOM noted), seconds
 #   results.jsonl        the final JSON line of each end-to-end script (for bench/RESULTS.md)
 # The results printed at the end say, for every figure, whether CUDA graphs were really replayed: a rollout row
@@ -44,10 +45,10 @@ trap 'rm -f "$STEP_LOG"' EXIT
 
 if [[ ${GPU_SESSION_DRY:-0} == 1 ]]; then  # the CPU harness: Triton interpreted, the tiny preset everywhere
     export TRITON_INTERPRET=1
-    TEST_DEVICE=cpu SMALL=tiny LARGE=tiny BATCH=4 NEW=6 MINIBATCH=2 SCALE=20 COLLECT=(--collect-only)
+    TEST_DEVICE=cpu SMALL=tiny LARGE=tiny BATCH=4 NEW=6 MINIBATCH=2 SCALE=20 PEERS=tiny COLLECT=(--collect-only)
 else
     unset TRITON_INTERPRET
-    TEST_DEVICE=cuda SMALL=1.5b LARGE=3b BATCH=64 NEW=128 SCALE=1 COLLECT=()
+    TEST_DEVICE=cuda SMALL=1.5b LARGE=3b BATCH=64 NEW=128 SCALE=1 PEERS=1.5b COLLECT=()
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n1 | tr -dc 0-9)
     # 1.5b update: 28 GB of weights (actor, critic, reference), gradients and AdamW moments, plus 3.1 MB of saved
     # activations per token for each of actor and critic (measured per layer on the CPU, x 28 layers), alive
@@ -137,6 +138,10 @@ step "train-$LARGE-fused" e2e.log 100 30 "$PY" bench/train_step.py --preset "$LA
 # Expected OOM rows at batch 64 on any single GPU: build_batch's full bf16 logits alone are 55 GB.
 step "train-$SMALL-baselines" e2e.log 75 45 "$PY" bench/train_step.py "${E2E[@]}" --impl reference transformers \
     --minibatch "$MINIBATCH"
+# Issue 39, nanoufo against TRL's GRPOTrainer (needs `pip install -e ".[peers]"`): a random 1.5B checkpoint written
+# (~30 s), the fp32 loss check, then 4 GRPO steps of 8 prompts x 8 samples x 256 tokens per system, each ~15-25 s
+# (an estimate: HF generate at ~30 ms a token, a ~250 TFLOP update), plus two model loads: ~3 min.
+step "peers-$SMALL" e2e.log 240 150 "$PY" bench/peers.py --preset "$PEERS"
 
 echo
 echo "===== results ($OUT/results.jsonl)"

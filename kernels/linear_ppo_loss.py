@@ -38,11 +38,18 @@ from nanoufo.kernels.token_stats import (SliceConfig, check_targets_shape, finis
                                          token_stats_grad)
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits per row chunk (1 GiB): 1766 rows at V = 151936
+# The CPU's chunk is smaller: its PyTorch path holds several chunk-sized fp32 temporaries at once (the scaled
+# logits, their exponentials, dz), about 6 GiB at 2^28; at 2^26 (441 rows at V = 151936) the peak is a quarter
+# for the same CPU seconds, measured at hidden 64 and 896 (bench/RESULTS.md, "Peers"). Much smaller chunks
+# cost time: each re-reads the weight and re-writes its fp32 gradient.
+CPU_CHUNK_ELEMENTS = 1 << 26
 
 
-def default_chunk_rows(n_cols: int) -> int:
-    """Rows per chunk of fp32 logits over n_cols vocabulary columns: CHUNK_ELEMENTS logits."""
-    return max(1, CHUNK_ELEMENTS // n_cols)
+def default_chunk_rows(n_cols: int, device: torch.device | str = "cuda") -> int:
+    """Rows per chunk of fp32 logits over n_cols vocabulary columns: CHUNK_ELEMENTS logits on a GPU,
+    CPU_CHUNK_ELEMENTS on the CPU."""
+    elements = CPU_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else CHUNK_ELEMENTS
+    return max(1, elements // n_cols)
 
 
 def _ppo_of_row(logp, entropy, old, adv, mask, ref, weights, **ppo) -> tuple[torch.Tensor, dict]:
@@ -148,7 +155,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Per token (N,): targets, old_logp, advantages, mask, weights, ref_logp. The loss is differentiable
     w.r.t. hidden and weight; logp (N,) fp32 comes detached (masked tokens 0); metrics as ppo_loss's,
     entropy included. old_logp None: on-policy, each token's own logp (the module doc). chunk_rows: rows per
-    chunk (default: 2^28 logits)."""
+    chunk (default: default_chunk_rows of the weight's device)."""
     _check(hidden, weight, dict(targets=targets, old_logp=old_logp, advantages=advantages, mask=mask,
                                 weights=weights, ref_logp=ref_logp), chunk_rows, vocab_start, group, temperature)
     targets = check_targets_shape(targets, hidden.shape[0], "linear_ppo_loss", hidden.device)
@@ -156,7 +163,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     cfg = SliceConfig(temperature, vocab_start, -100, pick_impl(impl, hidden), block_size, debug_mode(debug))
     ppo = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef, impl=cfg.impl)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.device)
     per_token = [None if x is None else x.detach() for x in (old_logp, advantages, mask, ref_logp, weights)]
     needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))
     loss, metrics, logp, *grads = _forward(hidden, weight, targets, per_token, cfg, ppo, group, rows, needs)

@@ -131,3 +131,16 @@ def check_vocab_parallel(rank: int, impl: str) -> None:
     assert (gw[:start] == 0).all() and (gw[end:] == 0).all()
     dist.all_reduce(gh)  # the caller's column-parallel input function sums the hidden gradient
     torch.testing.assert_close(gh, want[3], atol=1e-6, rtol=1e-5)
+
+
+def test_the_cpu_default_chunk_is_its_own_budget(monkeypatch):
+    """Without chunk_rows the CPU takes CPU_CHUNK_ELEMENTS logits per row chunk (a GPU CHUNK_ELEMENTS)."""
+    import nanoufo.kernels.linear_ppo_loss as head
+    assert head.default_chunk_rows(151936, "cpu") == 441 and head.default_chunk_rows(151936, "cuda") == 1766
+    hidden, weight, targets, per_token, ref = make_case(10, 16, 77, torch.float32)
+    monkeypatch.setattr(head, "CPU_CHUNK_ELEMENTS", 4 * 77)  # 4 rows a chunk
+    rows, mm_acc = [], head.mm_acc
+    monkeypatch.setattr(head, "mm_acc", lambda a, b, out=None: rows.append(a.shape[0]) or mm_acc(a, b, out=out))
+    with torch.no_grad():  # the forward's logits GEMM only: one call a chunk
+        head.linear_ppo_loss(hidden.cpu(), weight.cpu(), targets.cpu(), *[x.cpu() for x in per_token], **OPTIONS)
+    assert rows == [4, 4, 2]
