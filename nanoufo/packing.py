@@ -20,6 +20,7 @@ so the rows are chosen without reading anything back from the device.
 Tests: TRITON_INTERPRET=1 python -m pytest -q tests/test_micro_batches.py
 """
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -104,7 +105,7 @@ def _micro_batch(tokens: torch.Tensor, rows: list[int], lengths: list[int], pack
         host["read"] = torch.cat([torch.arange(n) + s for s, n in zip(starts, lengths)])  # (N,) the tokens read
         host["positions"] = torch.cat([torch.arange(n) for n in lengths])  # (N,)
     if spans is not None:  # token p of a row is predicted by hidden row (the row's first hidden row) + p - 1
-        firsts = [sum(lengths[:j]) if packed else j * (t - 1) for j in range(len(rows))]
+        firsts = list(accumulate(lengths[:-1], initial=0)) if packed else [j * (t - 1) for j in range(len(rows))]
         scored = [(s, first, torch.arange(a, e)) for s, first, row_spans in zip(starts, firsts, spans)
                   for a, e in row_spans if e > a] or [(0, 0, torch.zeros(0, dtype=torch.long))]  # none: (0,)
         host["keep"] = torch.cat([first + p - 1 for _, first, p in scored])  # (M,) hidden rows kept
