@@ -195,8 +195,8 @@ def test_packed_statistics_and_values_equal_the_padded_ones():
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_accumulated_gradients_equal_the_one_shot_minibatch(aggregation, pack):
-    cfg = TrainConfig(aggregation=aggregation, micro_batch_tokens=24, pack_sequences=pack,
-                                       kl_in="loss", kl_coef=0.05, entropy_coef=0.01)
+    cfg = TrainConfig(aggregation=aggregation, micro_batch_tokens=24, pack_sequences=pack, chunk_rows=2,
+                      kl_in="loss", kl_coef=0.05, entropy_coef=0.01)  # chunk_rows 2 (not the default): 3 chunks
     batch = uneven_batch()
     actor, critic = models()
     loss, want_metrics, want_ratio_dev = minibatch_losses(cfg, actor, critic, batch)
