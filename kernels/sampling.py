@@ -15,8 +15,11 @@ the untempered (temperature 1) distribution.
     from nanoufo.kernels.sampling import sample
     tokens, logprobs = sample(logits, temperature=1.0, top_p=0.9, seed=step_seed, noise_ids=rows)  # (N,), (N,)
 
-`sample_reference` draws its uniforms from torch generators (the same distribution, other draws); given
-the kernel's own uniforms it replays a kernel draw exactly, as the test does.
+`sample_reference` is the kernel's definition in PyTorch: given the kernel's own uniforms it replays a kernel
+draw exactly, as the test does. Without a GPU, `sample` draws from the same distribution another way
+(`sample_inverse_cdf`): one uniform per row from a torch generator seeded by (seed, noise_id), and the token
+where the row's cumulative probability passes it. Gumbel-max on the CPU would draw V uniforms and take two
+logarithms of each per sampled token, about 10x the time of the rest of the draw at V = 151,936.
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch
@@ -29,6 +32,7 @@ SEARCH_WAYS = 16  # thresholds tested per pass over the row: each pass cuts the 
 SEARCH_ROUNDS = 8  # passes: the interval shrinks from 81 nats to 81 / 17^8 ~ 1e-8, below fp32 spacing
 SEARCH_SPAN = 80.0  # the search starts 80 nats below the max: tokens further down hold < V e^-80 ~ 1e-30 of the mass
 BLOCK_V = 1024  # vocab columns per loop step: 8 per thread at 4 warps; the search's (16, BLOCK_V) tile stays small
+INVERSE_CDF_BLOCK = 1024  # columns per block of the CPU path's two-level running sum (~sqrt(V) at V = 151,936)
 
 def top_p_keep(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean (N, V): the smallest set of most likely tokens whose probability reaches top_p."""
@@ -52,11 +56,51 @@ def sample_reference(logits: torch.Tensor, temperature: float, top_p: float,
     return tokens, torch.log_softmax(z, dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
-def torch_uniforms(seed: int, noise_ids: torch.Tensor, V: int, device) -> torch.Tensor:
-    """(N, V) uniforms, row i from a torch generator seeded by (seed, noise_ids[i])."""
-    rows = [torch.rand(V, device=device, generator=torch.Generator(device).manual_seed(hash((seed, i)) & (2**63 - 1)))
-            for i in noise_ids.tolist()]
-    return torch.stack(rows) if rows else torch.empty(0, V, device=device)
+def row_uniforms(seed: int, noise_ids: torch.Tensor, device) -> torch.Tensor:
+    """(N,) uniforms in [0, 1), row i's from a torch generator seeded by (seed, noise_ids[i])."""
+    draws = [torch.rand(1, generator=torch.Generator().manual_seed(hash((seed, i)) & (2**63 - 1)))
+             for i in noise_ids.tolist()]
+    return torch.cat(draws).to(device) if draws else torch.empty(0, device=device)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = INVERSE_CDF_BLOCK) -> torch.Tensor:
+    """(N,) int64: per row of weights (N, V) >= 0 (not all 0), the first column whose running sum exceeds
+    uniforms (N,) x the row's total, so column j comes up with probability weights[j] / total; a zero weight
+    never. The running sum is taken in two levels, over blocks of columns then within the one block that
+    holds the target, so no (N, V) prefix sum is written (block sums in fp32, running sums in fp64)."""
+    N, V = weights.shape
+    full = V - V % block
+    block_sums = torch.cat([weights[:, :full].reshape(N, full // block, block).sum(-1),  # (N, n_blocks)
+                            weights[:, full:].sum(-1, keepdim=True)], dim=1)[:, :-(-V // block)].double()
+    ends = block_sums.cumsum(-1)  # (N, n_blocks): the mass up to each block's end
+    target = uniforms.double() * ends[:, -1]  # (N,) below the total for a uniform below 1
+    chosen = torch.searchsorted(ends, target[:, None], right=True).clamp(max=ends.shape[1] - 1)  # (N, 1)
+    before = ends.gather(1, chosen) - block_sums.gather(1, chosen)  # (N, 1) the mass before the chosen block
+    cols = chosen * block + torch.arange(block, device=weights.device)  # (N, block)
+    inside = weights.gather(1, cols.clamp(max=V - 1)).double() * (cols < V)  # (N, block), 0 past the row's end
+    at = torch.searchsorted(inside.cumsum(-1) + before, target[:, None], right=True)  # (N, 1)
+    # the two levels' sums round differently: a target in that sliver past the block's cumsum takes its last
+    # column with weight (the block holds some: its sum exceeds the target's offset)
+    last = block - 1 - (inside.flip(-1) > 0).to(torch.int8).argmax(-1, keepdim=True)  # (N, 1)
+    return (chosen * block + torch.minimum(at, last))[:, 0]
+
+
+def sample_inverse_cdf(logits: torch.Tensor, temperature: float, top_p: float,
+                       uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (N,) int64, logprobs (N,) fp32) from logits (N, V) and one uniform per row (N,): the same
+    distribution as sample_reference, by the inverse of the cumulative distribution. Greedy at temperature 0."""
+    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
+    logits = logits.float()
+    top = logits.amax(dim=-1, keepdim=True)  # (N, 1)
+    weights = (logits - top).mul_(inv_temp).exp_()  # (N, V): the tempered probabilities x the row's sum, in place
+    lse = top[:, 0] * inv_temp + weights.sum(-1).log()  # (N,)
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        if top_p < 1:
+            weights.mul_(top_p_keep(logits * inv_temp, top_p))
+        tokens = inverse_cdf(weights, uniforms)
+    return tokens, logits.gather(-1, tokens[:, None])[:, 0] * inv_temp - lse
 
 
 @triton.jit
@@ -144,5 +188,4 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, s
         noise_ids = torch.arange(logits.shape[0], device=logits.device)
     if pick_impl(impl, logits) == "triton":
         return sample_triton(logits.contiguous(), temperature, top_p, seed, noise_ids)
-    uniforms = None if temperature == 0 else torch_uniforms(seed, noise_ids, logits.shape[1], logits.device)
-    return sample_reference(logits, temperature, top_p, uniforms)
+    return sample_inverse_cdf(logits, temperature, top_p, row_uniforms(seed, noise_ids, logits.device))

@@ -1,6 +1,7 @@
 """The decode kernels (RoPE + KV append, fused add + RMSNorm, SiLU-multiply, flash-decoding attention,
 sampling) against their PyTorch references; the sampling kernel's own token frequencies against the exact
-top-p distribution on both sides of a boundary, and the independence of its noise streams;
+top-p distribution on both sides of a boundary, and the independence of its noise streams; the CPU path's
+two-level inverse CDF against a whole float64 running sum;
 the bf16 decode attention only where the kernels are compiled (tests/kernel_device.py).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py               # CPU
@@ -17,7 +18,8 @@ from nanoufo.kernels.rms_norm import add_rms_norm_reference, add_rms_norm_triton
 from nanoufo.kernels.rope_kv_append import rope_kv_append_reference, rope_kv_append_triton
 from nanoufo.kernels.silu_mul import silu_mul_reference, silu_mul_triton
 from nanoufo.model import attention, rotary_cos_sin
-from nanoufo.kernels.sampling import sample, sample_reference, sample_triton, top_p_keep, torch_uniforms
+from nanoufo.kernels.sampling import (inverse_cdf, row_uniforms, sample, sample_inverse_cdf, sample_reference,
+                                      sample_triton, top_p_keep)
 
 pytestmark = needs_triton
 # fp32: IEEE dots, exact to rounding. bf16 (against the fp32 reference on the same bf16 inputs): the kernel
@@ -135,15 +137,15 @@ def test_sampling_kernel_replays_reference_exactly(temperature, top_p):
 
 def test_sampling_distribution_matches_truncated_softmax():
     """Many draws of one row: token frequencies follow the renormalized top-p distribution, for the
-    kernel's Philox uniforms and for the torch generator ones."""
+    kernel's Gumbel-max on its Philox uniforms and for the CPU path's inverse CDF on one uniform per row."""
     temperature, top_p, n = 0.8, 0.85, 4000
     logits = _logits(1, 11, seed=3).expand(n, 11)
     z = logits[0] / temperature
     target = torch.softmax(z, -1) * top_p_keep(z[None], top_p)[0]
     target = target / target.sum()
     ids = torch.arange(n, device=DEVICE)
-    for uniforms in (philox_uniforms(11, ids, 11), torch_uniforms(11, ids, 11, DEVICE)):
-        tokens, _ = sample_reference(logits, temperature, top_p, uniforms)
+    for tokens, _ in (sample_reference(logits, temperature, top_p, philox_uniforms(11, ids, 11)),
+                      sample_inverse_cdf(logits, temperature, top_p, row_uniforms(11, ids, DEVICE))):
         freq = torch.bincount(tokens, minlength=11).float() / n
         sigma = (target * (1 - target) / n).sqrt()
         assert torch.all((freq - target).abs() <= 4.5 * sigma + 1e-9), (freq, target)
@@ -187,6 +189,50 @@ def test_distinct_noise_ids_draw_independent_tokens():
     for shift in (0, 1, -1):
         same = int(((tokens[1:] - tokens[:-1] - shift) % V == 0).sum())
         assert abs(same - pairs * p) <= 4.5 * (pairs * p * (1 - p)) ** 0.5, (shift, same)
+
+
+def whole_running_sum_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The definition inverse_cdf computes in two levels: the first column whose float64 running sum over the
+    whole row exceeds uniform x the row's total."""
+    ends = weights.double().cumsum(-1)  # (N, V)
+    return torch.searchsorted(ends, (uniforms.double() * ends[:, -1])[:, None], right=True)[:, 0]
+
+
+@pytest.mark.parametrize("V,block", [(3000, 64), (1024, 64), (50, 64), (151936, 1024)])
+def test_inverse_cdf_equals_the_whole_running_sum(V, block):
+    """Rows with a quarter of their weights 0 (as top-p leaves them) and uniforms at both ends of [0, 1): the
+    same column as one float64 running sum over the row, never a column of weight 0, with the row's end
+    past a whole number of blocks or not."""
+    g = torch.Generator().manual_seed(V)
+    weights = torch.exp(torch.randn(64, V, generator=g) * 3) * (torch.rand(64, V, generator=g) > 0.25)
+    uniforms = torch.cat([torch.rand(60, generator=g), torch.tensor([0.0, 1e-9, 1 - 2**-24, 1 - 2**-23])])
+    tokens = inverse_cdf(weights, uniforms, block)
+    assert torch.equal(tokens, whole_running_sum_draw(weights, uniforms))
+    assert bool((weights.gather(1, tokens[:, None]) > 0).all())
+
+
+def test_inverse_cdf_past_the_running_sum_takes_the_last_column_with_weight():
+    """Where the target reaches the block's running sum (a uniform of 1 here; in use, the rounding between the
+    block sums and the running sum inside the block), the last column with weight of the row, never one past
+    its end. Whole-number weights: both levels' sums exact, so the target meets the sum exactly."""
+    weights = torch.tensor([[0.0, 3, 1, 0, 2] * 9 + [1, 0, 0, 2, 1], [2.0, 0, 1, 3, 0] * 10])  # V = 50: one block
+    tokens = inverse_cdf(weights, torch.ones(2), block=64)
+    assert tokens.tolist() == [49, 48]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 1.0), (0.7, 0.8)])
+def test_cpu_sampling_draws_by_the_inverse_cdf_with_exact_logprobs(temperature, top_p):
+    """sample's CPU path: the token of the tempered (top-p renormalised) distribution's inverse CDF at the
+    row's uniform; log-probs of the tempered, untruncated softmax (float64) at the vocabulary's size; greedy
+    at temperature 0."""
+    logits, ids = _logits(8, 151936, seed=6), torch.arange(8) + 40
+    tokens, logprobs = sample(logits, temperature, top_p, seed=13, noise_ids=ids, impl="torch")
+    z = logits.double() / (temperature or 1.0)
+    want = z.argmax(-1) if temperature == 0 else whole_running_sum_draw(
+        torch.softmax(z, -1) * top_p_keep(z, top_p), row_uniforms(13, ids, DEVICE))
+    assert torch.equal(tokens, want)
+    assert (logprobs.double() - torch.log_softmax(z, -1).gather(-1, tokens[:, None])[:, 0]).abs().max() < 1e-5
+    assert sample(logits[:0], temperature, top_p, seed=13, noise_ids=ids[:0], impl="torch")[0].shape == (0,)
 
 
 def test_top_p_keep_is_the_smallest_set_reaching_top_p():
