@@ -19,7 +19,8 @@ the untempered (temperature 1) distribution.
 draw exactly, as the test does. Without a GPU, `sample` draws from the same distribution another way
 (`sample_inverse_cdf`): one uniform per row from a torch generator seeded by (seed, noise_id), and the token
 where the row's cumulative probability passes it. Gumbel-max on the CPU would draw V uniforms and take two
-logarithms of each per sampled token, about 10x the time of the rest of the draw at V = 151,936.
+logarithms of each per sampled token: at V = 151,936 that was most of the CPU generation's time
+(bench/RESULTS.md, Peers).
 Test: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_decode.py
 """
 import torch
