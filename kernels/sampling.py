@@ -70,9 +70,9 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = INVE
     never. The running sum is taken in two levels, over blocks of columns then within the one block that
     holds the target, so no (N, V) prefix sum is written (block sums in fp32, running sums in fp64)."""
     N, V = weights.shape
-    full = V - V % block
+    full, n_blocks = V - V % block, -(-V // block)  # columns in whole blocks; blocks, the last one maybe partial
     block_sums = torch.cat([weights[:, :full].reshape(N, full // block, block).sum(-1),  # (N, n_blocks)
-                            weights[:, full:].sum(-1, keepdim=True)], dim=1)[:, :-(-V // block)].double()
+                            weights[:, full:].sum(-1, keepdim=True)], dim=1)[:, :n_blocks].double()  # no empty tail
     ends = block_sums.cumsum(-1)  # (N, n_blocks): the mass up to each block's end
     target = uniforms.double() * ends[:, -1]  # (N,) below the total for a uniform below 1
     chosen = torch.searchsorted(ends, target[:, None], right=True).clamp(max=ends.shape[1] - 1)  # (N, 1)
